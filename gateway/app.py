@@ -1,0 +1,197 @@
+"""create_app(settings) -> Starlette: routes, and the process-wide resources they share."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from urllib.parse import parse_qsl
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from .carriers import CARRIER_CLASSES, Carrier
+from .carriers.base import RequestRejected, Webhook
+from .flows.inbound import InboundFlow
+from .settings import Settings
+from .store import CallStore
+from .ultravox import UltravoxClient, create_http_client
+
+log = logging.getLogger("gateway")
+
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.webhooks = Counter(
+            "gateway_inbound_webhooks", "Inbound call webhooks by carrier and outcome",
+            ["carrier", "outcome"], registry=self.registry,
+        )
+        self.webhook_seconds = Histogram(
+            "gateway_inbound_webhook_seconds", "Time to answer an inbound call webhook",
+            ["carrier"], registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15),
+        )
+
+
+class Gateway:
+    """The shared resources (store, pooled HTTP client, carriers) and the HTTP handlers using them."""
+
+    def __init__(self, settings: Settings, clock=time.monotonic):
+        self.settings = settings
+        self.clock = clock
+        self.carriers: dict[str, Carrier] = {name: cls(settings) for name, cls in CARRIER_CLASSES.items()}
+        self.metrics = Metrics()
+        self.store: CallStore | None = None
+        self.http: httpx.AsyncClient | None = None
+        self.inbound: InboundFlow | None = None
+
+    async def start(self) -> None:
+        if self.settings.insecure_skip_signature_verification:
+            log.warning("=" * 72)
+            log.warning("INSECURE: carrier signature verification is OFF. Anyone can forge webhooks.")
+            log.warning("Use this for local development only.")
+            log.warning("=" * 72)
+        for note in self.settings.warnings():
+            log.warning("config: %s", note)
+        self.store = CallStore.open(self.settings.database_url)
+        await self.store.migrate()
+        self.http = create_http_client(self.settings.ultravox)
+        ultravox = UltravoxClient(self.http, self.settings.ultravox, clock=self.clock)
+        self.inbound = InboundFlow(self.settings, self.store, ultravox, clock=self.clock)
+
+    async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+        if self.store is not None:
+            await self.store.close()
+
+    # --- carrier webhooks -------------------------------------------------------------------------
+    def inbound_endpoint(self, carrier: Carrier):
+        async def endpoint(request: Request) -> Response:
+            return await self.handle_inbound(carrier, request)
+
+        endpoint.__name__ = f"{carrier.name}_inbound"
+        return endpoint
+
+    async def handle_inbound(self, carrier: Carrier, request: Request) -> Response:
+        started = self.clock()
+        deadline = started + self.settings.ultravox.inbound_deadline_seconds
+        try:
+            webhook = await self.read_webhook(request)
+            carrier.verify(webhook)
+            call = carrier.parse_inbound(webhook)
+        except RequestRejected as rejection:
+            self.metrics.webhooks.labels(carrier.name, f"http_{rejection.status}").inc()
+            log.warning("%s webhook refused (%d): %s", carrier.name, rejection.status, rejection.detail)
+            return PlainTextResponse(rejection.detail + "\n", status_code=rejection.status)
+        try:
+            # The hard stop: whatever happens below, the carrier gets XML before its own timeout.
+            answer = await asyncio.wait_for(
+                self.inbound.answer(carrier, call, deadline), timeout=max(0.0, deadline - self.clock())
+            )
+        except asyncio.TimeoutError:
+            log.warning("%s call %s: deadline reached, answering with the apology", carrier.name, call.call_id)
+            answer = self.inbound.apology(carrier)
+        except Exception:
+            log.exception("%s call %s: unexpected error, answering with the apology", carrier.name, call.call_id)
+            answer = self.inbound.apology(carrier)
+        self.metrics.webhooks.labels(carrier.name, answer.outcome).inc()
+        self.metrics.webhook_seconds.labels(carrier.name).observe(self.clock() - started)
+        return Response(answer.xml, media_type=carrier.xml_media_type)
+
+    async def read_webhook(self, request: Request) -> Webhook:
+        """The raw form as the carrier sent it, bounded in size, plus the URL it was sent to."""
+        content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if content_type != FORM_CONTENT_TYPE:
+            raise RequestRejected(f"expected {FORM_CONTENT_TYPE}, got {content_type or 'no content type'}", 415)
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise RequestRejected(f"body larger than {limit} bytes", 413)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise RequestRejected(f"body larger than {limit} bytes", 413)
+        try:
+            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True) if body else []
+        except (UnicodeDecodeError, ValueError):
+            raise RequestRejected("body is not a valid URL-encoded form") from None
+        params: dict[str, list[str]] = {}
+        for name, value in pairs:
+            params.setdefault(name, []).append(value)
+        return Webhook(
+            url=self.public_url(request),
+            method=request.method,
+            headers=request.headers,
+            body=bytes(body),
+            params=params,
+        )
+
+    def public_url(self, request: Request) -> str:
+        """The URL as the carrier addressed it: the configured public base, our path, the query."""
+        base = self.settings.public_url
+        if base is None:
+            url = f"{request.url.scheme}://{request.url.netloc}{request.url.path}"
+        else:
+            url = base + request.url.path
+        query = request.url.query
+        return f"{url}?{query}" if query else url
+
+    # --- operations -------------------------------------------------------------------------------
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        problems = []
+        try:
+            await asyncio.wait_for(self.store.ping(), timeout=2)
+        except Exception as error:
+            problems.append(f"store unavailable: {type(error).__name__}")
+        if not self.settings.ultravox.api_key:
+            problems.append("ULTRAVOX_API_KEY is not set")
+        if not self.settings.routes:
+            problems.append("no routes configured")
+        if problems:
+            return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def routes(self) -> list[Route]:
+        routes = [
+            Route(f"/{name}/inbound", self.inbound_endpoint(carrier), methods=["POST"])
+            for name, carrier in self.carriers.items()
+        ]
+        routes += [
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+        ]
+        return routes
+
+
+def create_app(settings: Settings) -> Starlette:
+    gateway = Gateway(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = Starlette(routes=gateway.routes(), lifespan=lifespan)
+    app.state.gateway = gateway
+    return app

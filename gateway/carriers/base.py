@@ -1,0 +1,121 @@
+"""The Carrier interface every flow uses. A carrier module owns its wire format; flows never see it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+from ..settings import Settings
+
+
+class RequestRejected(Exception):
+    """The request is not acceptable; answer `status` with `detail` and change nothing."""
+
+    status = 400
+
+    def __init__(self, detail: str, status: int | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        if status is not None:
+            self.status = status
+
+
+class SignatureRejected(RequestRejected):
+    status = 403
+
+
+class MalformedWebhook(RequestRejected):
+    status = 400
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """A carrier's HTTP request as the carrier sent it, before any interpretation."""
+
+    url: str  # the URL the carrier addressed: public base URL + path + query
+    method: str
+    headers: Mapping[str, str]  # case-insensitive
+    body: bytes
+    params: Mapping[str, list[str]] = field(default_factory=dict)  # form fields, all values
+
+    def param(self, name: str) -> str | None:
+        values = self.params.get(name)
+        return values[-1] if values else None
+
+    def flat_params(self) -> dict[str, str]:
+        return {name: values[-1] for name, values in self.params.items() if values}
+
+
+@dataclass(frozen=True)
+class InboundCall:
+    carrier: str
+    call_id: str
+    from_number: str
+    to_number: str
+    params: Mapping[str, str]  # every webhook parameter, for template context
+
+
+class Carrier(ABC):
+    """The shared flow once; each carrier states only what differs."""
+
+    name: ClassVar[str]
+    xml_media_type: ClassVar[str] = "application/xml"
+    call_id_param: ClassVar[str]
+    from_param: ClassVar[str] = "From"
+    to_param: ClassVar[str] = "To"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    # --- authenticity ---------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def can_verify(self) -> bool:
+        """Whether the secret needed to check this carrier's signatures is configured."""
+
+    @abstractmethod
+    def _verify(self, webhook: Webhook) -> None:
+        """Raise SignatureRejected unless the carrier signed this exact request."""
+
+    def verify(self, webhook: Webhook) -> None:
+        if self.settings.insecure_skip_signature_verification:
+            return
+        if not self.can_verify:
+            raise SignatureRejected(f"{self.name} signature secret is not configured on this gateway")
+        self._verify(webhook)
+
+    # --- parsing --------------------------------------------------------------------------------
+    def parse_inbound(self, webhook: Webhook) -> InboundCall:
+        params = webhook.flat_params()
+        missing = [p for p in (self.call_id_param, self.from_param, self.to_param) if not params.get(p)]
+        if missing:
+            raise MalformedWebhook(f"missing {', '.join(missing)} in {self.name} webhook")
+        return InboundCall(
+            carrier=self.name,
+            call_id=params[self.call_id_param],
+            from_number=self.normalize_number(params[self.from_param]),
+            to_number=self.normalize_number(params[self.to_param]),
+            params=params,
+        )
+
+    def normalize_number(self, number: str) -> str:
+        """E.164 where the carrier sent a phone number; SIP URIs and client names stay as they are."""
+        return number.strip()
+
+    # --- Ultravox -------------------------------------------------------------------------------
+    def ultravox_medium(self) -> dict[str, Any]:
+        return {self.name: {}}
+
+    # --- answers --------------------------------------------------------------------------------
+    @abstractmethod
+    def connect_xml(self, join_url: str) -> str:
+        """XML that connects the call's audio to the Ultravox join URL."""
+
+    @abstractmethod
+    def apology_xml(self, message: str, fallback_number: str | None) -> str:
+        """XML that speaks `message`, then dials `fallback_number` if given, then hangs up."""
+
+    @abstractmethod
+    def reject_xml(self, message: str) -> str:
+        """XML that politely turns the caller away."""

@@ -1,0 +1,67 @@
+"""Everything Telnyx (TeXML): ed25519 webhook signature and TeXML."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from functools import cached_property
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .base import SignatureRejected, Webhook
+from .twiml import TwimlCarrier
+
+# Ultravox's telnyx medium expects 16 kHz linear PCM both ways; both codecs must match.
+STREAM_CODEC = "L16"
+STREAM_SAMPLING_RATE = "16000"
+
+
+class TelnyxCarrier(TwimlCarrier):
+    name = "telnyx"
+    call_id_param = "CallSid"  # TeXML's CallSid is the call_control_id
+
+    def __init__(self, settings, clock=time.time):
+        super().__init__(settings)
+        self._clock = clock
+
+    @property
+    def can_verify(self) -> bool:
+        return bool(self.settings.telnyx.public_key)
+
+    @cached_property
+    def _public_key(self) -> Ed25519PublicKey:
+        # Base64 of the 32 raw key bytes, checked when the settings were loaded.
+        return Ed25519PublicKey.from_public_bytes(base64.b64decode(self.settings.telnyx.public_key or ""))
+
+    def _verify(self, webhook: Webhook) -> None:
+        signature_b64 = webhook.headers.get("telnyx-signature-ed25519")
+        timestamp = webhook.headers.get("telnyx-timestamp")
+        if not signature_b64 or not timestamp:
+            raise SignatureRejected("missing telnyx-signature-ed25519 or telnyx-timestamp header")
+        try:
+            sent_at = int(timestamp)
+        except ValueError:
+            raise SignatureRejected("telnyx-timestamp is not a Unix timestamp") from None
+        if abs(self._clock() - sent_at) > self.settings.telnyx.timestamp_tolerance_seconds:
+            raise SignatureRejected("telnyx-timestamp is outside the accepted window (stale or replayed)")
+        try:
+            signature = base64.b64decode(signature_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise SignatureRejected("telnyx-signature-ed25519 is not base64") from None
+        try:
+            # Signed bytes are exactly "{timestamp}|{raw body}", before any parsing.
+            self._public_key.verify(signature, timestamp.encode() + b"|" + webhook.body)
+        except InvalidSignature:
+            raise SignatureRejected("telnyx-signature-ed25519 does not match this request") from None
+
+    def stream_attributes(self, join_url: str) -> dict[str, Any]:
+        return {
+            "url": join_url,
+            "bidirectional_mode": "rtp",
+            "codec": STREAM_CODEC,
+            "bidirectional_codec": STREAM_CODEC,
+            "bidirectional_sampling_rate": STREAM_SAMPLING_RATE,
+        }

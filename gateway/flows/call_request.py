@@ -1,0 +1,69 @@
+"""What Ultravox call to create for a route: the request body, carrier-agnostic."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ..settings import RouteSettings
+
+
+@dataclass(frozen=True)
+class CallRequest:
+    agent_id: str | None  # None: an inline call (POST /api/calls)
+    body: dict[str, Any]
+
+
+def build_call_request(
+    route: RouteSettings,
+    *,
+    medium: dict[str, Any],
+    metadata: Mapping[str, str],
+    webhook_params: Mapping[str, str],
+    agent_speaks_first: bool = True,
+) -> CallRequest:
+    """Body for StartAgentCallRequest (agent routes) or StartCallRequest (inline routes).
+
+    `metadata` is the gateway's own (carrier, ids); the route's metadata is kept beside it.
+    """
+    body: dict[str, Any] = copy.deepcopy(route.call) if route.call is not None else {}
+    body["medium"] = medium
+    body["firstSpeakerSettings"] = _first_speaker(route, agent_speaks_first)
+    body["metadata"] = {**body.get("metadata", {}), **route.metadata, **metadata}
+    if route.max_duration_seconds is not None:
+        body["maxDuration"] = duration(route.max_duration_seconds)
+    if route.recording is not None:
+        body["recordingEnabled"] = route.recording
+    if route.voice is not None:
+        body["voice"] = route.voice
+    if route.agent_id is not None and route.template_context:
+        body["templateContext"] = template_context(route.template_context, webhook_params)
+    return CallRequest(agent_id=route.agent_id, body=body)
+
+
+def _first_speaker(route: RouteSettings, agent_speaks_first: bool) -> dict[str, Any]:
+    if not agent_speaks_first:
+        return {"user": {}}
+    return {"agent": {"text": route.greeting}} if route.greeting else {"agent": {}}
+
+
+def template_context(mapping: Mapping[str, str], params: Mapping[str, str]) -> dict[str, Any]:
+    """{"caller.number": "From"} and From=+1555… give {"caller": {"number": "+1555…"}}."""
+    context: dict[str, Any] = {}
+    for variable, source in mapping.items():
+        if source not in params:
+            continue
+        *parents, leaf = variable.split(".")
+        node = context
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = params[source]
+    return context
+
+
+def duration(seconds: float) -> str:
+    """Protobuf duration text, e.g. 600 -> "600s", 90.5 -> "90.5s"."""
+    if float(seconds).is_integer():
+        return f"{int(seconds)}s"
+    return f"{seconds:.3f}".rstrip("0") + "s"

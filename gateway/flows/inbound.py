@@ -1,0 +1,157 @@
+"""Inbound calls: route the called number, create the Ultravox call once, answer with XML."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass
+
+from ..carriers.base import Carrier, InboundCall
+from ..settings import RouteSettings, Settings
+from ..store import CONNECTED, CREATING, REJECTED, CallStore, Claim
+from ..ultravox import UltravoxClient, UltravoxError
+from .call_request import build_call_request
+
+log = logging.getLogger("gateway.inbound")
+
+# Time kept back from the deadline to render and send the XML.
+RESPONSE_MARGIN_SECONDS = 0.3
+# How often a delivery waiting on another replica's Ultravox call looks at the store.
+POLL_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class Answer:
+    xml: str
+    outcome: str  # connected | apology | no_route
+
+
+class InboundFlow:
+    def __init__(self, settings: Settings, store: CallStore, ultravox: UltravoxClient, clock=time.monotonic):
+        self.settings = settings
+        self.store = store
+        self.ultravox = ultravox
+        self._clock = clock
+        # Deliveries of the same carrier call in this process wait for the first one's result.
+        self._in_flight: dict[tuple[str, str], asyncio.Future[str | None]] = {}
+
+    def apology(self, carrier: Carrier) -> Answer:
+        fallback = self.settings.fallback
+        return Answer(carrier.apology_xml(fallback.message, fallback.dial_number), "apology")
+
+    async def answer(self, carrier: Carrier, call: InboundCall, deadline: float) -> Answer:
+        route = self.settings.route_for(call.to_number)
+        if route is None:
+            log.warning("%s call %s to %s: no route and no default route", carrier.name, call.call_id, call.to_number)
+            await self._record_without_route(call)
+            return Answer(carrier.reject_xml(self.settings.fallback.no_route_message), "no_route")
+        join_url = await self._join_url(carrier, call, route, deadline)
+        if join_url is None:
+            return self.apology(carrier)
+        return Answer(carrier.connect_xml(join_url), "connected")
+
+    async def _join_url(self, carrier: Carrier, call: InboundCall, route: RouteSettings, deadline: float) -> str | None:
+        key = (carrier.name, call.call_id)
+        pending = self._in_flight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        join_url = None
+        try:
+            join_url = await self._claim_and_create(carrier, call, route, deadline)
+            return join_url
+        finally:
+            future.set_result(join_url)
+            del self._in_flight[key]
+
+    async def _claim_and_create(
+        self, carrier: Carrier, call: InboundCall, route: RouteSettings, deadline: float
+    ) -> str | None:
+        claim = await self._claim(call, route)
+        if claim is not None and not claim.owned:
+            return await self._result_of_other_delivery(claim, deadline)
+        gateway_call_id = claim.record.id if claim else None
+        metadata = {"gateway.carrier": carrier.name, "gateway.carrier_call_id": call.call_id, "gateway.route": route.name}
+        if gateway_call_id:
+            metadata["gateway.call_id"] = gateway_call_id
+        request = build_call_request(
+            route,
+            medium=carrier.ultravox_medium(),
+            metadata=metadata,
+            webhook_params={
+                **call.params,
+                "carrier": carrier.name,
+                "carrier_call_id": call.call_id,
+                "from_number": call.from_number,
+                "to_number": call.to_number,
+            },
+        )
+        try:
+            created = await self.ultravox.create_call(
+                request.body, agent_id=request.agent_id, deadline=deadline - RESPONSE_MARGIN_SECONDS
+            )
+        except UltravoxError as error:
+            log.warning("%s call %s: apology, %s", carrier.name, call.call_id, error.reason)
+            if gateway_call_id:
+                await self._quietly(self.store.mark_failed(gateway_call_id, error.reason))
+            return None
+        log.info("%s call %s joined Ultravox call %s", carrier.name, call.call_id, created.call_id)
+        if gateway_call_id:
+            await self._quietly(
+                self.store.mark_connected(gateway_call_id, ultravox_call_id=created.call_id, join_url=created.join_url)
+            )
+        return created.join_url
+
+    async def _claim(self, call: InboundCall, route: RouteSettings) -> Claim | None:
+        try:
+            return await self.store.claim_inbound(
+                carrier=call.carrier,
+                carrier_call_id=call.call_id,
+                from_number=call.from_number,
+                to_number=call.to_number,
+                route=route.name,
+                stale_after=self._stale_after,
+            )
+        except Exception:
+            # A store outage must not take the phone line down with it: connect the caller unrecorded.
+            log.exception("%s call %s: store unavailable, creating the call without a record", call.carrier, call.call_id)
+            return None
+
+    async def _result_of_other_delivery(self, claim: Claim, deadline: float) -> str | None:
+        """Another delivery (maybe on another replica) owns this call: wait for its join URL."""
+        record = claim.record
+        while record.status == CREATING and self._clock() + POLL_SECONDS < deadline - RESPONSE_MARGIN_SECONDS:
+            await asyncio.sleep(POLL_SECONDS)
+            record = await self.store.get(record.id) or record
+        if record.status == CONNECTED and record.join_url:
+            return record.join_url
+        return None
+
+    async def _record_without_route(self, call: InboundCall) -> None:
+        await self._quietly(
+            self.store.claim_inbound(
+                carrier=call.carrier,
+                carrier_call_id=call.call_id,
+                from_number=call.from_number,
+                to_number=call.to_number,
+                route=None,
+                status=REJECTED,
+                failure_reason="no route for the called number",
+                stale_after=self._stale_after,
+            )
+        )
+
+    @property
+    def _stale_after(self) -> dt.timedelta:
+        # Past this, a `creating` record's owner is gone (its carrier stopped waiting long ago).
+        return dt.timedelta(seconds=self.settings.ultravox.inbound_deadline_seconds + 5)
+
+    @staticmethod
+    async def _quietly(operation) -> None:
+        try:
+            await operation
+        except Exception:
+            log.exception("store update failed")

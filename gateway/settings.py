@@ -1,0 +1,343 @@
+"""One typed Settings object: the TOML file, then environment variables on top (environment wins)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import tomllib
+import uuid
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+
+# Fields of [routes.call] that the gateway decides itself, per carrier and per call.
+GATEWAY_OWNED_CALL_FIELDS = {"medium", "firstSpeaker", "firstSpeakerSettings"}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` are sentences a person can act on."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class UltravoxSettings(_Section):
+    api_key: str | None = None
+    base_url: str = "https://api.ultravox.ai"
+    # Total time an inbound webhook may spend getting a join URL, retries included.
+    # Twilio gives up after 15 s, so the default leaves room for the network both ways.
+    inbound_deadline_seconds: float = Field(default=11.0, gt=0, le=60)
+    request_timeout_seconds: float = Field(default=8.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    pool_size: int = Field(default=100, ge=1)
+    webhook_secret: str | None = None
+
+
+class TwilioSettings(_Section):
+    account_sid: str | None = None
+    auth_token: str | None = None
+    api_base_url: str = "https://api.twilio.com"
+
+
+class TelnyxSettings(_Section):
+    api_key: str | None = None
+    public_key: str | None = None  # base64 ed25519 public key from the Telnyx portal
+    api_base_url: str = "https://api.telnyx.com"
+    timestamp_tolerance_seconds: int = Field(default=300, gt=0)
+
+    @field_validator("public_key")
+    @classmethod
+    def _ed25519_key(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                raw = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError("must be the base64 ed25519 public key from the Telnyx portal") from None
+            if len(raw) != 32:
+                raise ValueError(f"must decode to a 32-byte ed25519 key, got {len(raw)} bytes")
+        return value
+
+
+class PlivoSettings(_Section):
+    auth_id: str | None = None
+    auth_token: str | None = None
+    api_base_url: str = "https://api.plivo.com"
+
+
+class FallbackSettings(_Section):
+    # Spoken when Ultravox cannot be reached in time; the caller never hears silence.
+    message: str = "We're sorry, our assistant is unavailable right now. Please try again later."
+    # Optional number (E.164) dialled after the apology, e.g. a human front desk.
+    dial_number: str | None = None
+    # Spoken when the called number has no route and there is no default route.
+    no_route_message: str = "We're sorry, this number is not in service. Goodbye."
+
+    @field_validator("dial_number")
+    @classmethod
+    def _e164(cls, value: str | None) -> str | None:
+        if value is not None and not E164.match(value):
+            raise ValueError(f"must be an E.164 number like +15551234567, got {value!r}")
+        return value
+
+
+class RouteSettings(_Section):
+    number: str
+    name: str | None = None
+    agent_id: str | None = None
+    call: dict[str, Any] | None = None
+    template_context: dict[str, str] = Field(default_factory=dict)
+    greeting: str | None = None
+    max_duration_seconds: float | None = Field(default=None, gt=0)
+    recording: bool | None = None
+    voice: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("number")
+    @classmethod
+    def _number(cls, value: str) -> str:
+        if value != "*" and not E164.match(value):
+            raise ValueError(f"must be an E.164 number like +15551234567 or \"*\", got {value!r}")
+        return value
+
+    @field_validator("agent_id")
+    @classmethod
+    def _agent_id(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                uuid.UUID(value)
+            except ValueError:
+                raise ValueError(f"must be the agent's UUID from the Ultravox console, got {value!r}") from None
+        return value
+
+    @field_validator("template_context")
+    @classmethod
+    def _template_paths(cls, value: dict[str, str]) -> dict[str, str]:
+        for variable in value:
+            if any(other.startswith(variable + ".") for other in value):
+                raise ValueError(f"{variable!r} is both a value and a group of values")
+        return value
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata_as_strings(cls, value: Any) -> Any:
+        # Ultravox accepts only string metadata values; a TOML number is turned into its text.
+        if isinstance(value, Mapping):
+            return {k: v if isinstance(v, str) else _toml_scalar_text(v) for k, v in value.items()}
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key.startswith("ultravox.") or key.startswith("gateway."):
+                raise ValueError(f"key {key!r} uses a reserved prefix (ultravox. and gateway. are reserved)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "RouteSettings":
+        if (self.agent_id is None) == (self.call is None):
+            raise ValueError("set exactly one of agent_id (an Ultravox agent) or [routes.call] (an inline call)")
+        if self.call is not None:
+            owned = sorted(GATEWAY_OWNED_CALL_FIELDS & set(self.call))
+            if owned:
+                raise ValueError(
+                    f"[routes.call] must not set {', '.join(owned)}: the gateway sets the medium and first speaker per carrier"
+                )
+            if self.template_context:
+                raise ValueError("template_context only works with agent_id routes (Ultravox agent calls)")
+        if self.name is None:
+            self.name = self.number
+        return self
+
+
+class Settings(_Section):
+    public_url: str | None = None
+    database_url: str = "sqlite:///./gateway.db"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    # For local development only: accept webhooks without checking carrier signatures.
+    insecure_skip_signature_verification: bool = False
+    ultravox: UltravoxSettings = Field(default_factory=UltravoxSettings)
+    twilio: TwilioSettings = Field(default_factory=TwilioSettings)
+    telnyx: TelnyxSettings = Field(default_factory=TelnyxSettings)
+    plivo: PlivoSettings = Field(default_factory=PlivoSettings)
+    fallback: FallbackSettings = Field(default_factory=FallbackSettings)
+    routes: list[RouteSettings] = Field(default_factory=list)
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"must be an absolute http(s) URL like https://gateway.example.com, got {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _unique_routes(self) -> "Settings":
+        seen: set[str] = set()
+        for route in self.routes:
+            if route.number in seen:
+                raise ValueError(f"two routes are configured for {route.number}")
+            seen.add(route.number)
+        return self
+
+    def route_for(self, called_number: str) -> RouteSettings | None:
+        default = None
+        for route in self.routes:
+            if route.number == called_number:
+                return route
+            if route.number == "*":
+                default = route
+        return default
+
+    def warnings(self) -> list[str]:
+        """Things that do not stop the gateway but that a person should fix."""
+        notes = []
+        if not self.ultravox.api_key:
+            notes.append("ULTRAVOX_API_KEY is not set: every call will get the spoken apology")
+        if not self.routes:
+            notes.append("no [[routes]] are configured: every call will hear the no-route message")
+        if not self.public_url:
+            notes.append(
+                "GATEWAY_PUBLIC_URL is not set: Twilio and Plivo signatures are checked against the URL the request "
+                "arrived on, which is wrong behind a proxy"
+            )
+        if self.insecure_skip_signature_verification:
+            notes.append("insecure_skip_signature_verification is on: anyone can send forged carrier webhooks")
+        else:
+            if not self.twilio.auth_token:
+                notes.append("TWILIO_AUTH_TOKEN is not set: Twilio webhooks will be refused")
+            if not self.telnyx.public_key:
+                notes.append("TELNYX_PUBLIC_KEY is not set: Telnyx webhooks will be refused")
+            if not self.plivo.auth_token:
+                notes.append("PLIVO_AUTH_TOKEN is not set: Plivo webhooks will be refused")
+        return notes
+
+
+# Environment variable -> (section or None for top level, key). Environment wins over the file.
+ENVIRONMENT: dict[str, tuple[str | None, str]] = {
+    "GATEWAY_PUBLIC_URL": (None, "public_url"),
+    "GATEWAY_DATABASE_URL": (None, "database_url"),
+    "ULTRAVOX_API_KEY": ("ultravox", "api_key"),
+    "ULTRAVOX_BASE_URL": ("ultravox", "base_url"),
+    "ULTRAVOX_WEBHOOK_SECRET": ("ultravox", "webhook_secret"),
+    "TWILIO_ACCOUNT_SID": ("twilio", "account_sid"),
+    "TWILIO_AUTH_TOKEN": ("twilio", "auth_token"),
+    "TWILIO_API_BASE_URL": ("twilio", "api_base_url"),
+    "TELNYX_API_KEY": ("telnyx", "api_key"),
+    "TELNYX_PUBLIC_KEY": ("telnyx", "public_key"),
+    "TELNYX_API_BASE_URL": ("telnyx", "api_base_url"),
+    "PLIVO_AUTH_ID": ("plivo", "auth_id"),
+    "PLIVO_AUTH_TOKEN": ("plivo", "auth_token"),
+    "PLIVO_API_BASE_URL": ("plivo", "api_base_url"),
+}
+
+
+def load_settings(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file (if any) and apply the environment. Raises ConfigError with readable problems."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("GATEWAY_CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as handle:
+                data = tomllib.load(handle)
+        except FileNotFoundError:
+            raise ConfigError([f"config file {path} does not exist"]) from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError([f"config file {path} is not valid TOML: {error}"]) from None
+    data = _flatten_gateway_table(data)
+    for variable, (section, key) in ENVIRONMENT.items():
+        value = environ.get(variable)
+        if value:
+            target = data if section is None else data.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ConfigError([f"[{section}] in the config file must be a table"])
+            target[key] = value
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error, data)) from None
+
+
+def _flatten_gateway_table(data: dict[str, Any]) -> dict[str, Any]:
+    """Top-level keys live under [gateway] in the file, so the file reads as sections."""
+    data = dict(data)
+    gateway = data.pop("gateway", {})
+    if not isinstance(gateway, dict):
+        raise ConfigError(["[gateway] in the config file must be a table"])
+    for key, value in gateway.items():
+        data.setdefault(key, value)
+    return data
+
+
+def describe_validation_error(error: ValidationError, data: Mapping[str, Any]) -> list[str]:
+    problems = []
+    for item in error.errors():
+        where = _location(item["loc"], data)
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "is not a known setting (check the spelling against config/gateway.example.toml)"
+        elif item["type"] == "missing":
+            message = "is required"
+        problems.append(f"{where}: {message}" if where else message)
+    return problems
+
+
+def _location(loc: tuple, data: Mapping[str, Any]) -> str:
+    parts: list[str] = []
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            if loc[:i] == ("routes",):
+                routes = data.get("routes") or []
+                number = routes[part].get("number") if part < len(routes) and isinstance(routes[part], dict) else None
+                parts[-1] = f"routes[{part}]" + (f" (number {number})" if number else "")
+            else:
+                parts[-1] = f"{parts[-1]}[{part}]"
+        else:
+            parts.append(str(part))
+    if parts and parts[0] in Settings.model_fields and parts[0] not in {
+        "ultravox", "twilio", "telnyx", "plivo", "fallback", "routes"
+    }:
+        parts[0] = f"gateway.{parts[0]}"
+    return ".".join(parts)
+
+
+def _toml_scalar_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def is_e164(number: str) -> bool:
+    return bool(E164.match(number))
+
+
+def load_settings_or_exit(path: str | None) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as error:
+        raise SystemExit("The configuration has problems:\n" + "\n".join(f"  - {p}" for p in error.problems))
+
+
+__all__ = [
+    "ConfigError",
+    "FallbackSettings",
+    "RouteSettings",
+    "Settings",
+    "describe_validation_error",
+    "is_e164",
+    "load_settings",
+    "load_settings_or_exit",
+]

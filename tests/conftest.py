@@ -1,0 +1,197 @@
+"""Fixtures: a fake Ultravox and the real gateway, both real HTTP servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import pytest
+
+from gateway.app import create_app
+from gateway.settings import Settings, load_settings
+from gateway.store import CallRecord, CallStore
+from gateway.testing import FakeUltravox, ServerThread, TelnyxSigner, plivo_v3_headers, twilio_signature
+
+TWILIO_TOKEN = "twilio-test-auth-token"
+PLIVO_TOKEN = "plivo-test-auth-token"
+PUBLIC_URL = "https://gateway.example.test"
+AGENT_ID = "6f1c2d3e-4b5a-4c6d-8e7f-9a0b1c2d3e4f"
+SUPPORT_NUMBER = "+15550001111"
+INLINE_NUMBER = "+15550002222"
+
+BASE_CONFIG = f"""
+[gateway]
+max_body_bytes = 8192
+
+[ultravox]
+inbound_deadline_seconds = 2.0
+request_timeout_seconds = 1.5
+
+[fallback]
+message = "Sorry, our assistant is unavailable."
+no_route_message = "This number is not in service."
+
+[[routes]]
+number = "{SUPPORT_NUMBER}"
+name = "support"
+agent_id = "{AGENT_ID}"
+greeting = "Hello, thanks for calling."
+max_duration_seconds = 600
+recording = true
+
+[routes.template_context]
+"caller.number" = "from_number"
+"caller.city" = "FromCity"
+
+[routes.metadata]
+team = "support"
+
+[[routes]]
+number = "{INLINE_NUMBER}"
+name = "inline"
+
+[routes.call]
+systemPrompt = "You are a helpful receptionist."
+voice = "Mark"
+temperature = 0.3
+"""
+
+
+@pytest.fixture(scope="session")
+def telnyx_signer() -> TelnyxSigner:
+    return TelnyxSigner.generate()
+
+
+@pytest.fixture(scope="session")
+def _fake_ultravox_server():
+    fake = FakeUltravox()
+    with fake.serve() as server:
+        yield fake, server
+
+
+@pytest.fixture
+def fake_ultravox(_fake_ultravox_server) -> FakeUltravox:
+    fake, server = _fake_ultravox_server
+    fake.reset()
+    fake.base_url = server.url
+    yield fake
+    assert fake.schema_errors == [], "the gateway sent Ultravox a body that does not match its OpenAPI schema"
+
+
+@dataclass
+class Gateway:
+    """A running gateway plus a way to send it webhooks signed the way each carrier signs them."""
+
+    server: ServerThread
+    settings: Settings
+    telnyx_signer: TelnyxSigner
+    client: httpx.Client = field(default=None)
+
+    def __post_init__(self):
+        self.client = httpx.Client(base_url=self.server.url, timeout=30)
+
+    def records(self) -> list[CallRecord]:
+        """Every stored call, read through a store of our own (the server's lives on its own loop)."""
+        return stored_calls(self.settings.database_url)
+
+    def post(
+        self,
+        carrier: str,
+        form: dict[str, str],
+        *,
+        path: str | None = None,
+        query: str = "",
+        public_url: str | None = None,
+        headers: dict[str, str] | None = None,
+        sign: bool = True,
+        body: bytes | None = None,
+    ) -> httpx.Response:
+        path = path or f"/{carrier}/inbound"
+        target = path + (f"?{query}" if query else "")
+        raw = body if body is not None else urlencode(form).encode()
+        signed_url = (public_url or self.settings.public_url) + target
+        all_headers = {"content-type": "application/x-www-form-urlencoded"}
+        if sign:
+            all_headers.update(sign_headers(carrier, signed_url, form, raw, self.telnyx_signer))
+        all_headers.update(headers or {})
+        return self.client.post(target, content=raw, headers=all_headers)
+
+    def close(self):
+        self.client.close()
+        self.server.stop()
+
+
+def sign_headers(carrier: str, url: str, form: dict[str, str], raw: bytes, signer: TelnyxSigner) -> dict[str, str]:
+    if carrier == "twilio":
+        return {"X-Twilio-Signature": twilio_signature(TWILIO_TOKEN, url, form)}
+    if carrier == "telnyx":
+        return signer.headers(raw)
+    if carrier == "plivo":
+        return plivo_v3_headers(PLIVO_TOKEN, url, form)
+    raise ValueError(carrier)
+
+
+def gateway_environ(fake: FakeUltravox, signer: TelnyxSigner, database_url: str, **extra: str) -> dict[str, str]:
+    return {
+        "GATEWAY_PUBLIC_URL": PUBLIC_URL,
+        "GATEWAY_DATABASE_URL": database_url,
+        "ULTRAVOX_API_KEY": fake.api_key,
+        "ULTRAVOX_BASE_URL": fake.base_url,
+        "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
+        "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
+        "TELNYX_PUBLIC_KEY": signer.public_key_b64,
+        "PLIVO_AUTH_ID": "MA" + "0" * 18,
+        "PLIVO_AUTH_TOKEN": PLIVO_TOKEN,
+        **extra,
+    }
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path, fake_ultravox: FakeUltravox, telnyx_signer: TelnyxSigner):
+    started: list[Gateway] = []
+
+    def make(extra_config: str = "", *, database_url: str | None = None, config: str | None = None, **environ: str):
+        config_path = tmp_path / f"gateway-{uuid.uuid4().hex[:8]}.toml"
+        config_path.write_text((BASE_CONFIG if config is None else config) + extra_config)
+        database_url = database_url or f"sqlite:///{tmp_path / 'gateway.db'}"
+        settings = load_settings(config_path, gateway_environ(fake_ultravox, telnyx_signer, database_url, **environ))
+        server = ServerThread(create_app(settings)).start()
+        gateway = Gateway(server=server, settings=settings, telnyx_signer=telnyx_signer)
+        started.append(gateway)
+        return gateway
+
+    yield make
+    for gateway in started:
+        gateway.close()
+
+
+@pytest.fixture
+def gateway(make_gateway) -> Gateway:
+    return make_gateway()
+
+
+def stored_calls(database_url: str) -> list[CallRecord]:
+    async def read() -> list[CallRecord]:
+        store = CallStore.open(database_url)
+        try:
+            await store.migrate()
+            return await store.list_all()
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+def postgres_url() -> str:
+    return os.environ.get("GATEWAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True)

@@ -1,0 +1,421 @@
+"""Inbound calls end to end: real gateway, fake Ultravox, webhooks signed as each carrier signs them."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from gateway.testing import (
+    FakeResponse,
+    TelnyxSigner,
+    plivo_inbound_form,
+    telnyx_inbound_form,
+    twilio_inbound_form,
+)
+
+from .conftest import AGENT_ID, INLINE_NUMBER, PUBLIC_URL, SUPPORT_NUMBER
+
+FORMS = {"twilio": twilio_inbound_form, "telnyx": telnyx_inbound_form, "plivo": plivo_inbound_form}
+CALL_ID_PARAM = {"twilio": "CallSid", "telnyx": "CallSid", "plivo": "CallUUID"}
+CARRIERS = list(FORMS)
+
+
+def form_for(carrier: str, **kwargs) -> dict[str, str]:
+    kwargs.setdefault("to", SUPPORT_NUMBER)
+    return FORMS[carrier](**kwargs)
+
+
+def stream_of(carrier: str, xml: str) -> tuple[str, dict[str, str]]:
+    """The join URL the XML connects to, and the stream element's attributes."""
+    root = ET.fromstring(xml)
+    assert root.tag == "Response"
+    if carrier == "plivo":
+        (stream,) = root.findall("Stream")
+        return stream.text, stream.attrib
+    (connect,) = root.findall("Connect")
+    (stream,) = connect.findall("Stream")
+    return stream.attrib["url"], stream.attrib
+
+
+def spoken(xml: str) -> list[str]:
+    root = ET.fromstring(xml)
+    return [el.text for el in root if el.tag in ("Say", "Speak")]
+
+
+# --- happy paths -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_each_carrier_connects_the_call_to_the_join_url(gateway, fake_ultravox, carrier):
+    form = form_for(carrier, FromCity="SPRINGFIELD")
+    response = gateway.post(carrier, form)
+
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].split(";")[0] in ("text/xml", "application/xml")
+    join_url, attributes = stream_of(carrier, response.text)
+    (request,) = fake_ultravox.requests
+    assert request.agent_id == AGENT_ID
+    assert "&" in join_url  # the fake's join URLs carry a query: the XML must escape it
+    assert request.body["medium"] == {carrier: {}}
+    assert request.body["firstSpeakerSettings"] == {"agent": {"text": "Hello, thanks for calling."}}
+    assert request.body["maxDuration"] == "600s"
+    assert request.body["recordingEnabled"] is True
+    metadata = request.body["metadata"]
+    assert metadata["gateway.carrier"] == carrier
+    assert metadata["gateway.carrier_call_id"] == form[CALL_ID_PARAM[carrier]]
+    assert metadata["team"] == "support"
+    assert request.body["templateContext"] == {"caller": {"number": "+15551230001", "city": "SPRINGFIELD"}}
+
+    (record,) = gateway.records()
+    assert record.status == "connected"
+    assert record.join_url == join_url
+    assert record.carrier_call_id == form[CALL_ID_PARAM[carrier]]
+    assert (record.from_number, record.to_number) == ("+15551230001", SUPPORT_NUMBER)
+    assert metadata["gateway.call_id"] == record.id
+    assert record.ultravox_call_id and record.route == "support"
+
+    if carrier == "telnyx":
+        assert attributes["bidirectionalMode"] == "rtp"
+        assert attributes["codec"] == attributes["bidirectionalCodec"] == "L16"
+        assert attributes["bidirectionalSamplingRate"] == "16000"
+    if carrier == "plivo":
+        assert attributes == {
+            "bidirectional": "true",
+            "keepCallAlive": "true",
+            "contentType": "audio/x-l16;rate=16000",
+        }
+
+
+def test_inline_route_creates_a_call_with_the_configured_prompt(gateway, fake_ultravox):
+    response = gateway.post("twilio", form_for("twilio", to=INLINE_NUMBER))
+
+    assert response.status_code == 200
+    stream_of("twilio", response.text)
+    (request,) = fake_ultravox.requests
+    assert request.path == "/api/calls" and request.agent_id is None
+    assert request.body["systemPrompt"] == "You are a helpful receptionist."
+    assert request.body["voice"] == "Mark"
+    assert request.body["medium"] == {"twilio": {}}
+    assert request.body["firstSpeakerSettings"] == {"agent": {}}
+    assert "templateContext" not in request.body
+
+
+def test_default_route_catches_other_numbers(make_gateway, fake_ultravox):
+    gateway = make_gateway(f'\n[[routes]]\nnumber = "*"\nname = "main"\nagent_id = "{AGENT_ID}"\n')
+    response = gateway.post("plivo", form_for("plivo", to="+15559990000"))
+    stream_of("plivo", response.text)
+    assert fake_ultravox.requests[0].body["metadata"]["gateway.route"] == "main"
+
+
+# --- signatures ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_missing_signature_is_refused_and_changes_nothing(gateway, fake_ultravox, carrier):
+    response = gateway.post(carrier, form_for(carrier), sign=False)
+    assert response.status_code == 403
+    assert fake_ultravox.requests == []
+    assert gateway.records() == []
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_body_changed_after_signing_is_refused(gateway, fake_ultravox, carrier):
+    form = form_for(carrier)
+    signed = gateway.post  # sign the original form, then send a different one
+    from .conftest import sign_headers
+    from urllib.parse import urlencode
+
+    headers = sign_headers(carrier, PUBLIC_URL + f"/{carrier}/inbound", form, urlencode(form).encode(), gateway.telnyx_signer)
+    tampered = dict(form, From="+19005550000")
+    response = signed(carrier, tampered, sign=False, headers=headers)
+    assert response.status_code == 403
+    assert fake_ultravox.requests == [] and gateway.records() == []
+
+
+def test_twilio_signature_with_another_token_is_refused(gateway, fake_ultravox):
+    from gateway.testing import twilio_signature
+
+    form = form_for("twilio")
+    forged = twilio_signature("not-the-auth-token", PUBLIC_URL + "/twilio/inbound", form)
+    response = gateway.post("twilio", form, sign=False, headers={"X-Twilio-Signature": forged})
+    assert response.status_code == 403
+    assert fake_ultravox.requests == []
+
+
+def test_twilio_signature_over_the_wrong_scheme_is_refused(gateway, fake_ultravox):
+    response = gateway.post("twilio", form_for("twilio"), public_url="http://gateway.example.test")
+    assert response.status_code == 403
+
+
+def test_telnyx_stale_timestamp_is_refused(gateway, fake_ultravox):
+    from urllib.parse import urlencode
+
+    form = form_for("telnyx")
+    raw = urlencode(form).encode()
+    stale = gateway.telnyx_signer.headers(raw, timestamp=int(time.time()) - 301)
+    response = gateway.post("telnyx", form, sign=False, headers=stale, body=raw)
+    assert response.status_code == 403
+    assert "window" in response.text
+    assert fake_ultravox.requests == []
+
+
+def test_telnyx_signature_from_another_key_is_refused(gateway, fake_ultravox):
+    from urllib.parse import urlencode
+
+    form = form_for("telnyx")
+    raw = urlencode(form).encode()
+    response = gateway.post("telnyx", form, sign=False, headers=TelnyxSigner.generate().headers(raw), body=raw)
+    assert response.status_code == 403
+    assert fake_ultravox.requests == []
+
+
+def test_plivo_accepts_one_valid_signature_among_several(gateway, fake_ultravox):
+    from gateway.testing import plivo_v3_headers
+
+    from .conftest import PLIVO_TOKEN
+
+    form = form_for("plivo")
+    headers = plivo_v3_headers(PLIVO_TOKEN, PUBLIC_URL + "/plivo/inbound", form, nonce="n0nce")
+    headers["X-Plivo-Signature-V3"] = "c29tZXRoaW5nIGVsc2U=," + headers["X-Plivo-Signature-V3"]
+    assert gateway.post("plivo", form, sign=False, headers=headers).status_code == 200
+
+    forged = plivo_v3_headers("wrong-token", PUBLIC_URL + "/plivo/inbound", form, nonce="n0nce")
+    assert gateway.post("plivo", form_for("plivo"), sign=False, headers=forged).status_code == 403
+    assert len(fake_ultravox.requests) == 1
+
+
+@pytest.mark.parametrize("carrier", ["twilio", "plivo"])
+def test_proxy_style_public_url_with_port_path_and_query(make_gateway, fake_ultravox, carrier):
+    public = "https://voice.example.test:8443/gw"
+    gateway = make_gateway(GATEWAY_PUBLIC_URL=public)
+    response = gateway.post(carrier, form_for(carrier), query="tenant=acme&line=2")
+    assert response.status_code == 200, response.text
+    stream_of(carrier, response.text)
+    # Signed without the path prefix the proxy adds: not what the carrier requested.
+    response = gateway.post(carrier, form_for(carrier), query="tenant=acme&line=2", public_url="https://voice.example.test:8443")
+    assert response.status_code == 403
+
+
+def test_verification_can_be_switched_off_for_local_development(make_gateway, fake_ultravox):
+    gateway = make_gateway("\n", config=None)  # baseline: refused
+    assert gateway.post("twilio", form_for("twilio"), sign=False).status_code == 403
+    insecure = make_gateway(config="[gateway]\ninsecure_skip_signature_verification = true\n" + _routes_only())
+    response = insecure.post("twilio", form_for("twilio"), sign=False)
+    assert response.status_code == 200
+    stream_of("twilio", response.text)
+
+
+def _routes_only() -> str:
+    from .conftest import BASE_CONFIG
+
+    return BASE_CONFIG[BASE_CONFIG.index("[[routes]]"):]
+
+
+# --- carrier retries -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_a_retried_webhook_gets_the_same_join_url(gateway, fake_ultravox, carrier):
+    form = form_for(carrier)
+    first = stream_of(carrier, gateway.post(carrier, form).text)[0]
+    second = stream_of(carrier, gateway.post(carrier, form).text)[0]
+    assert first == second
+    assert fake_ultravox.calls_created == 1
+    assert len(gateway.records()) == 1
+
+
+def test_concurrent_deliveries_create_one_ultravox_call(gateway, fake_ultravox):
+    fake_ultravox.delay = 0.3
+    form = form_for("twilio")
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: gateway.post("twilio", form), range(6)))
+    urls = {stream_of("twilio", r.text)[0] for r in responses}
+    assert len(urls) == 1
+    assert fake_ultravox.calls_created == 1
+
+
+def test_deliveries_racing_on_two_replicas_create_one_ultravox_call(make_gateway, fake_ultravox, tmp_path):
+    """Two gateway processes sharing one database: the store, not process memory, decides."""
+    database_url = f"sqlite:///{tmp_path / 'shared.db'}"
+    replicas = [make_gateway(database_url=database_url), make_gateway(database_url=database_url)]
+    fake_ultravox.delay = 0.3
+    form = form_for("twilio")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda i: replicas[i % 2].post("twilio", form), range(4)))
+    urls = {stream_of("twilio", r.text)[0] for r in responses}
+    assert len(urls) == 1
+    assert fake_ultravox.calls_created == 1
+
+
+def test_a_retry_after_a_failed_attempt_tries_again(gateway, fake_ultravox):
+    fake_ultravox.script(FakeResponse(status=500))
+    form = form_for("twilio")
+    assert spoken(gateway.post("twilio", form).text) == ["Sorry, our assistant is unavailable."]
+    (record,) = gateway.records()
+    assert record.status == "failed" and "500" in record.failure_reason
+
+    stream_of("twilio", gateway.post("twilio", form).text)
+    (record,) = gateway.records()
+    assert record.status == "connected" and record.attempts == 2
+
+
+# --- Ultravox trouble ------------------------------------------------------------------------------
+
+
+def test_429_with_retry_after_is_retried_after_the_wait(gateway, fake_ultravox):
+    fake_ultravox.script(FakeResponse(status=429, retry_after="0.4"))
+    response = gateway.post("twilio", form_for("twilio"))
+    stream_of("twilio", response.text)
+    first, second = fake_ultravox.requests
+    assert second.received_at - first.received_at >= 0.4
+    assert fake_ultravox.calls_created == 1
+
+
+def test_503_with_retry_after_is_retried(gateway, fake_ultravox):
+    fake_ultravox.script(FakeResponse(status=503, retry_after="0"), FakeResponse(status=503, retry_after="0"))
+    stream_of("telnyx", gateway.post("telnyx", form_for("telnyx")).text)
+    assert len(fake_ultravox.requests) == 3
+
+
+def test_retry_after_beyond_the_deadline_gives_the_apology_at_once(gateway, fake_ultravox):
+    fake_ultravox.script(FakeResponse(status=429, retry_after="30"))
+    started = time.monotonic()
+    response = gateway.post("twilio", form_for("twilio"))
+    assert time.monotonic() - started < 1.0  # no point waiting: 30 s is past the 2 s deadline
+    assert spoken(response.text) == ["Sorry, our assistant is unavailable."]
+    assert len(fake_ultravox.requests) == 1
+    (record,) = gateway.records()
+    assert record.status == "failed" and "429" in record.failure_reason
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_hanging_ultravox_gets_the_apology_inside_the_deadline(gateway, fake_ultravox, carrier):
+    fake_ultravox.script(FakeResponse(hang=True))
+    started = time.monotonic()
+    response = gateway.post(carrier, form_for(carrier))
+    elapsed = time.monotonic() - started
+    assert response.status_code == 200
+    assert spoken(response.text) == ["Sorry, our assistant is unavailable."]
+    assert elapsed < gateway.settings.ultravox.inbound_deadline_seconds + 0.5
+
+
+def test_unreachable_ultravox_is_retried_then_apologised_for(make_gateway, fake_ultravox):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    gateway = make_gateway(ULTRAVOX_BASE_URL=f"http://127.0.0.1:{closed_port}")
+    started = time.monotonic()
+    response = gateway.post("plivo", form_for("plivo"))
+    assert time.monotonic() - started < gateway.settings.ultravox.inbound_deadline_seconds + 0.5
+    assert spoken(response.text) == ["Sorry, our assistant is unavailable."]
+    (record,) = gateway.records()
+    assert record.status == "failed" and "cannot reach Ultravox" in record.failure_reason
+
+
+@pytest.mark.parametrize(
+    "scripted, reason",
+    [
+        (FakeResponse(status=400, body={"detail": "bad request"}), "400"),
+        (FakeResponse(status=402, body={"detail": "out of credits"}), "402"),
+        (FakeResponse(status=500), "500"),
+        (FakeResponse(omit_join_url=True), "joinUrl"),
+    ],
+)
+def test_ultravox_errors_give_the_apology(gateway, fake_ultravox, scripted, reason):
+    fake_ultravox.script(scripted)
+    response = gateway.post("twilio", form_for("twilio"))
+    assert response.status_code == 200
+    assert spoken(response.text) == ["Sorry, our assistant is unavailable."]
+    (record,) = gateway.records()
+    assert record.status == "failed" and reason in record.failure_reason
+    assert len(fake_ultravox.requests) == 1  # errors that are not "try later" are not retried
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_apology_can_dial_a_fallback_number(make_gateway, fake_ultravox, carrier):
+    gateway = make_gateway(config=_config_with_fallback_dial())
+    fake_ultravox.script(FakeResponse(status=500))
+    root = ET.fromstring(gateway.post(carrier, form_for(carrier)).text)
+    tags = [el.tag for el in root]
+    assert tags[0] in ("Say", "Speak") and "Dial" in tags and tags[-1] == "Hangup"
+    dial = root.find("Dial")
+    number = dial.findtext("Number") if carrier == "plivo" else dial.text
+    assert number.lstrip("+") == "15557770000"
+
+
+def _config_with_fallback_dial() -> str:
+    from .conftest import BASE_CONFIG
+
+    return BASE_CONFIG.replace('[fallback]\n', '[fallback]\ndial_number = "+15557770000"\n')
+
+
+# --- routing and malformed input -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_unknown_number_without_default_route_is_politely_rejected(gateway, fake_ultravox, carrier):
+    response = gateway.post(carrier, form_for(carrier, to="+15559990000"))
+    assert response.status_code == 200
+    assert spoken(response.text) == ["This number is not in service."]
+    assert ET.fromstring(response.text)[-1].tag == "Hangup"
+    assert fake_ultravox.requests == []
+    (record,) = gateway.records()
+    assert record.status == "rejected" and record.route is None
+
+
+def test_wrong_content_type_is_415(gateway, fake_ultravox):
+    response = gateway.post("twilio", {}, body=b'{"CallSid": "CA1"}', headers={"content-type": "application/json"})
+    assert response.status_code == 415
+
+
+def test_oversized_body_is_413(gateway, fake_ultravox):
+    form = form_for("twilio", Padding="x" * 10_000)
+    assert gateway.post("twilio", form).status_code == 413
+    assert gateway.records() == []
+
+
+def test_body_that_is_not_a_form_is_400(gateway, fake_ultravox):
+    assert gateway.post("twilio", {}, body=b"\xff\xfe\x00garbage").status_code == 400
+    assert gateway.post("twilio", {}, body=b"CallSid").status_code in (400, 403)
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_signed_webhook_without_call_id_is_400(gateway, fake_ultravox, carrier):
+    form = form_for(carrier)
+    del form[CALL_ID_PARAM[carrier]]
+    response = gateway.post(carrier, form)
+    assert response.status_code == 400
+    assert CALL_ID_PARAM[carrier] in response.text
+    assert fake_ultravox.requests == [] and gateway.records() == []
+
+
+def test_get_is_not_allowed(gateway):
+    assert gateway.client.get("/twilio/inbound").status_code == 405
+
+
+# --- health ----------------------------------------------------------------------------------------
+
+
+def test_health_and_readiness(gateway):
+    assert gateway.client.get("/healthz").json() == {"status": "ok"}
+    assert gateway.client.get("/readyz").json() == {"status": "ready"}
+
+
+def test_not_ready_without_routes(make_gateway):
+    gateway = make_gateway(config="")
+    response = gateway.client.get("/readyz")
+    assert response.status_code == 503
+    assert "no routes configured" in response.json()["problems"]
+
+
+def test_metrics_count_outcomes(gateway, fake_ultravox):
+    gateway.post("twilio", form_for("twilio"))
+    gateway.post("twilio", form_for("twilio"), sign=False)
+    text = gateway.client.get("/metrics").text
+    assert 'gateway_inbound_webhooks_total{carrier="twilio",outcome="connected"} 1.0' in text
+    assert 'gateway_inbound_webhooks_total{carrier="twilio",outcome="http_403"} 1.0' in text
