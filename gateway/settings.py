@@ -307,9 +307,8 @@ def _location(loc: tuple, data: Mapping[str, Any]) -> str:
                 parts[-1] = f"{parts[-1]}[{part}]"
         else:
             parts.append(str(part))
-    if parts and parts[0] in Settings.model_fields and parts[0] not in {
-        "ultravox", "twilio", "telnyx", "plivo", "fallback", "routes"
-    }:
+    # Top-level settings are written under [gateway]; sections keep their own name.
+    if parts and not parts[0].startswith("routes[") and not isinstance(data.get(parts[0]), (dict, list)):
         parts[0] = f"gateway.{parts[0]}"
     return ".".join(parts)
 

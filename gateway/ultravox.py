@@ -36,9 +36,10 @@ class CreatedCall:
     join_url: str
 
 
-def create_http_client(settings: UltravoxSettings) -> httpx.AsyncClient:
+def create_http_client(settings: UltravoxSettings, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     """The process-wide client: keep-alive connections, never a connection per call."""
     return httpx.AsyncClient(
+        transport=transport,
         base_url=settings.base_url,
         headers={"X-API-Key": settings.api_key or "", "Content-Type": "application/json"},
         limits=httpx.Limits(max_connections=settings.pool_size, max_keepalive_connections=settings.pool_size),

@@ -195,3 +195,32 @@ def postgres_url() -> str:
 
 def pretty(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_database_url():
+    """A fresh PostgreSQL database for this test session, dropped afterwards.
+
+    Skipped when no PostgreSQL answers, unless GATEWAY_REQUIRE_POSTGRES=1 (as in .ci/run).
+    """
+    import asyncpg
+
+    admin_url = postgres_url()
+    name = f"gateway_test_{uuid.uuid4().hex[:12]}"
+
+    async def admin(statement: str) -> None:
+        connection = await asyncpg.connect(admin_url, timeout=5)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    try:
+        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    except (OSError, asyncpg.PostgresError) as error:
+        if os.environ.get("GATEWAY_REQUIRE_POSTGRES") == "1":
+            raise
+        pytest.skip(f"PostgreSQL not available at {admin_url}: {error}")
+    base, _, _ = admin_url.rpartition("/")
+    yield f"{base}/{name}"
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -419,3 +419,18 @@ def test_metrics_count_outcomes(gateway, fake_ultravox):
     text = gateway.client.get("/metrics").text
     assert 'gateway_inbound_webhooks_total{carrier="twilio",outcome="connected"} 1.0' in text
     assert 'gateway_inbound_webhooks_total{carrier="twilio",outcome="http_403"} 1.0' in text
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------------
+
+
+def test_replicas_on_postgresql_answer_retries_with_one_ultravox_call(make_gateway, fake_ultravox, postgres_database_url):
+    replicas = [make_gateway(database_url=postgres_database_url) for _ in range(2)]
+    fake_ultravox.delay = 0.3
+    form = form_for("telnyx")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda i: replicas[i % 2].post("telnyx", form), range(4)))
+    assert len({stream_of("telnyx", r.text)[0] for r in responses}) == 1
+    assert fake_ultravox.calls_created == 1
+    records = [r for r in replicas[0].records() if r.carrier_call_id == form["CallSid"]]
+    assert len(records) == 1 and records[0].status == "connected"

@@ -1,0 +1,143 @@
+"""The call store on SQLite and on PostgreSQL: one claim per carrier call, also under races."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import pytest
+
+from gateway.store import CONNECTED, CREATING, FAILED, REJECTED, CallStore
+from gateway.store.calls import async_database_url
+
+STALE = dt.timedelta(seconds=30)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    url = request.getfixturevalue("postgres_database_url")
+    # Each test starts from empty tables on the session's database.
+    async def clear():
+        store = CallStore.open(url)
+        await store.migrate()
+        async with store.engine.begin() as connection:
+            await connection.exec_driver_sql("DELETE FROM calls")
+        await store.close()
+
+    asyncio.run(clear())
+    return url
+
+
+def run(database_url, scenario):
+    async def main():
+        store = CallStore.open(database_url)
+        try:
+            await store.migrate()
+            return await scenario(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def claim(store, call_id="CA1", **kwargs):
+    values = dict(carrier="twilio", carrier_call_id=call_id, from_number="+15551230001",
+                  to_number="+15550001111", route="support", stale_after=STALE)
+    values.update(kwargs)
+    return store.claim_inbound(**values)
+
+
+def test_first_delivery_owns_the_call_and_retries_see_its_record(database_url):
+    async def scenario(store):
+        first = await claim(store)
+        assert first.owned and first.record.status == CREATING
+        await store.mark_connected(first.record.id, ultravox_call_id="uv-1", join_url="wss://x/1?a=1&b=2")
+        second = await claim(store)
+        assert not second.owned
+        assert second.record.id == first.record.id
+        assert second.record.status == CONNECTED and second.record.join_url == "wss://x/1?a=1&b=2"
+        assert second.record.created_at.tzinfo is not None
+        assert len(await store.list_all()) == 1
+
+    run(database_url, scenario)
+
+
+def test_racing_claims_have_exactly_one_owner(database_url):
+    async def scenario(store):
+        claims = await asyncio.gather(*(claim(store) for _ in range(12)))
+        assert sum(c.owned for c in claims) == 1
+        assert len({c.record.id for c in claims}) == 1
+
+    run(database_url, scenario)
+
+
+def test_a_failed_call_is_taken_over_by_one_retry(database_url):
+    async def scenario(store):
+        first = await claim(store)
+        await store.mark_failed(first.record.id, "Ultravox answered 500")
+        retries = await asyncio.gather(*(claim(store) for _ in range(5)))
+        owners = [c for c in retries if c.owned]
+        assert len(owners) == 1
+        assert owners[0].record.attempts == 2 and owners[0].record.status == CREATING
+        assert owners[0].record.failure_reason is None
+
+    run(database_url, scenario)
+
+
+def test_a_stale_creating_record_is_taken_over(database_url):
+    async def scenario(store):
+        first = await claim(store)
+        fresh = await claim(store)
+        assert not fresh.owned  # its owner may still be working on it
+        taken = await claim(store, stale_after=dt.timedelta(seconds=-1))
+        assert taken.owned and taken.record.id == first.record.id
+
+    run(database_url, scenario)
+
+
+def test_rejected_calls_are_recorded_once_and_never_taken_over(database_url):
+    async def scenario(store):
+        rejected = await claim(store, route=None, status=REJECTED, failure_reason="no route")
+        again = await claim(store, route=None, status=REJECTED, failure_reason="no route")
+        assert not again.owned and again.record.id == rejected.record.id
+        (record,) = await store.list_all()
+        assert record.status == REJECTED and record.failure_reason == "no route"
+
+    run(database_url, scenario)
+
+
+def test_same_call_id_on_two_carriers_is_two_calls(database_url):
+    async def scenario(store):
+        a = await claim(store, carrier="twilio")
+        b = await claim(store, carrier="plivo")
+        assert a.owned and b.owned and a.record.id != b.record.id
+
+    run(database_url, scenario)
+
+
+def test_migrations_run_once_and_are_recorded(database_url):
+    async def scenario(store):
+        assert await store.migrate() == await store.migrate()
+        async with store.engine.connect() as connection:
+            versions = (await connection.exec_driver_sql("SELECT version FROM schema_version")).all()
+        assert [v[0] for v in versions] == [1]
+
+    run(database_url, scenario)
+
+
+def test_failure_reason_is_bounded(database_url):
+    async def scenario(store):
+        record = (await claim(store)).record
+        await store.mark_failed(record.id, "x" * 5000)
+        stored = await store.get(record.id)
+        assert stored.status == FAILED and len(stored.failure_reason) == 500
+
+    run(database_url, scenario)
+
+
+def test_plain_database_urls_get_async_drivers():
+    assert async_database_url("sqlite:///./gateway.db") == "sqlite+aiosqlite:///./gateway.db"
+    assert async_database_url("postgresql://u@h/db") == "postgresql+asyncpg://u@h/db"
+    assert async_database_url("postgres://u@h/db") == "postgresql+asyncpg://u@h/db"
