@@ -3,20 +3,37 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import socket
+import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
+from urllib.parse import urlencode
 
+import httpx
 import pytest
 
 from gateway.testing import (
     FakeResponse,
     TelnyxSigner,
     plivo_inbound_form,
+    plivo_v3_headers,
     telnyx_inbound_form,
     twilio_inbound_form,
+    twilio_signature,
 )
 
-from .conftest import AGENT_ID, INLINE_NUMBER, PUBLIC_URL, SUPPORT_NUMBER
+from .conftest import (
+    AGENT_ID,
+    BASE_CONFIG,
+    INLINE_NUMBER,
+    PLIVO_TOKEN,
+    PUBLIC_URL,
+    SUPPORT_NUMBER,
+    gateway_environ,
+    sign_headers,
+)
 
 FORMS = {"twilio": twilio_inbound_form, "telnyx": telnyx_inbound_form, "plivo": plivo_inbound_form}
 CALL_ID_PARAM = {"twilio": "CallSid", "telnyx": "CallSid", "plivo": "CallUUID"}
@@ -124,20 +141,14 @@ def test_missing_signature_is_refused_and_changes_nothing(gateway, fake_ultravox
 @pytest.mark.parametrize("carrier", CARRIERS)
 def test_body_changed_after_signing_is_refused(gateway, fake_ultravox, carrier):
     form = form_for(carrier)
-    signed = gateway.post  # sign the original form, then send a different one
-    from .conftest import sign_headers
-    from urllib.parse import urlencode
-
+    # Signed for the original form, sent with another caller number.
     headers = sign_headers(carrier, PUBLIC_URL + f"/{carrier}/inbound", form, urlencode(form).encode(), gateway.telnyx_signer)
-    tampered = dict(form, From="+19005550000")
-    response = signed(carrier, tampered, sign=False, headers=headers)
+    response = gateway.post(carrier, dict(form, From="+19005550000"), sign=False, headers=headers)
     assert response.status_code == 403
     assert fake_ultravox.requests == [] and gateway.records() == []
 
 
 def test_twilio_signature_with_another_token_is_refused(gateway, fake_ultravox):
-    from gateway.testing import twilio_signature
-
     form = form_for("twilio")
     forged = twilio_signature("not-the-auth-token", PUBLIC_URL + "/twilio/inbound", form)
     response = gateway.post("twilio", form, sign=False, headers={"X-Twilio-Signature": forged})
@@ -151,8 +162,6 @@ def test_twilio_signature_over_the_wrong_scheme_is_refused(gateway, fake_ultravo
 
 
 def test_telnyx_stale_timestamp_is_refused(gateway, fake_ultravox):
-    from urllib.parse import urlencode
-
     form = form_for("telnyx")
     raw = urlencode(form).encode()
     stale = gateway.telnyx_signer.headers(raw, timestamp=int(time.time()) - 301)
@@ -163,8 +172,6 @@ def test_telnyx_stale_timestamp_is_refused(gateway, fake_ultravox):
 
 
 def test_telnyx_signature_from_another_key_is_refused(gateway, fake_ultravox):
-    from urllib.parse import urlencode
-
     form = form_for("telnyx")
     raw = urlencode(form).encode()
     response = gateway.post("telnyx", form, sign=False, headers=TelnyxSigner.generate().headers(raw), body=raw)
@@ -173,10 +180,6 @@ def test_telnyx_signature_from_another_key_is_refused(gateway, fake_ultravox):
 
 
 def test_plivo_accepts_one_valid_signature_among_several(gateway, fake_ultravox):
-    from gateway.testing import plivo_v3_headers
-
-    from .conftest import PLIVO_TOKEN
-
     form = form_for("plivo")
     headers = plivo_v3_headers(PLIVO_TOKEN, PUBLIC_URL + "/plivo/inbound", form, nonce="n0nce")
     headers["X-Plivo-Signature-V3"] = "c29tZXRoaW5nIGVsc2U=," + headers["X-Plivo-Signature-V3"]
@@ -209,8 +212,6 @@ def test_verification_can_be_switched_off_for_local_development(make_gateway, fa
 
 
 def _routes_only() -> str:
-    from .conftest import BASE_CONFIG
-
     return BASE_CONFIG[BASE_CONFIG.index("[[routes]]"):]
 
 
@@ -303,7 +304,6 @@ def test_hanging_ultravox_gets_the_apology_inside_the_deadline(gateway, fake_ult
 
 
 def test_unreachable_ultravox_is_retried_then_apologised_for(make_gateway, fake_ultravox):
-    import socket
 
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
@@ -349,8 +349,6 @@ def test_apology_can_dial_a_fallback_number(make_gateway, fake_ultravox, carrier
 
 
 def _config_with_fallback_dial() -> str:
-    from .conftest import BASE_CONFIG
-
     return BASE_CONFIG.replace('[fallback]\n', '[fallback]\ndial_number = "+15557770000"\n')
 
 
@@ -434,3 +432,49 @@ def test_replicas_on_postgresql_answer_retries_with_one_ultravox_call(make_gatew
     assert fake_ultravox.calls_created == 1
     records = [r for r in replicas[0].records() if r.carrier_call_id == form["CallSid"]]
     assert len(records) == 1 and records[0].status == "connected"
+
+
+def test_store_outage_still_connects_the_caller(gateway, fake_ultravox):
+    async def unavailable(**kwargs):
+        raise ConnectionError("database is down")
+
+    gateway.server.app.state.gateway.store.claim_inbound = unavailable
+    response = gateway.post("twilio", form_for("twilio"))
+    stream_of("twilio", response.text)
+    (request,) = fake_ultravox.requests
+    assert "gateway.call_id" not in request.body["metadata"]  # nothing was recorded to point at
+
+
+# --- the real command ------------------------------------------------------------------------------
+
+
+def test_gateway_serve_command_answers_a_signed_webhook(tmp_path, fake_ultravox, telnyx_signer):
+
+    config = tmp_path / "gateway.toml"
+    config.write_text(BASE_CONFIG)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, **gateway_environ(fake_ultravox, telnyx_signer, f"sqlite:///{tmp_path / 'cli.db'}")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port), "--log-level", "warning"],
+        env=env,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                if httpx.get(base + "/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        form = form_for("twilio")
+        raw = urlencode(form).encode()
+        headers = {"content-type": "application/x-www-form-urlencoded",
+                   **sign_headers("twilio", PUBLIC_URL + "/twilio/inbound", form, raw, telnyx_signer)}
+        response = httpx.post(base + "/twilio/inbound", content=raw, headers=headers)
+        assert response.status_code == 200
+        stream_of("twilio", response.text)
+    finally:
+        process.terminate()
+        process.wait(10)
