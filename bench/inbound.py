@@ -1,0 +1,576 @@
+"""Inbound webhook benchmark: the gateway against a minimal Starlette baseline.
+
+    python bench/inbound.py [--concurrency 100] [--requests 3000] [--warmup 200] [--delay-ms 50] [--pool-size 100]
+
+Each target (the real `gateway serve`, then the baseline app below) runs in its own process
+against its own fake Ultravox process, which answers every call after a fixed delay. The load
+generator in this process sends signed Twilio inbound webhooks on keep-alive connections, one
+in flight per connection, and prints figures. It never asserts timings; it exits 1 only when
+requests failed.
+
+The same file is also the entry point of the child processes (`_fake`, `_baseline`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlencode
+
+HERE = os.path.abspath(__file__)  # children re-run this file, whatever the working directory
+PUBLIC_URL = "https://bench.example.test"
+INBOUND_PATH = "/twilio/inbound"
+CALLED_NUMBER = "+15550001111"
+TWILIO_TOKEN = "bench-twilio-auth-token"
+ULTRAVOX_KEY = "bench-ultravox-key"
+EXPECTED = b"<Connect><Stream"
+
+# Targets from the issue, printed next to the figures.
+TARGET_OVERHEAD_P99_MS = 10.0
+TARGET_THROUGHPUT_RATIO = 0.60
+
+# Variables the gateway reads; removed from the children's environment so that a developer's
+# own settings cannot change what is measured.
+GATEWAY_VARIABLES = {
+    "GATEWAY_CONFIG", "GATEWAY_PUBLIC_URL", "GATEWAY_DATABASE_URL", "GATEWAY_API_KEYS", "GATEWAY_TOOL_SECRET",
+    "ULTRAVOX_API_KEY", "ULTRAVOX_BASE_URL", "ULTRAVOX_WEBHOOK_SECRET",
+    "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_API_BASE_URL",
+    "TELNYX_API_KEY", "TELNYX_PUBLIC_KEY", "TELNYX_API_BASE_URL",
+    "PLIVO_AUTH_ID", "PLIVO_AUTH_TOKEN", "PLIVO_API_BASE_URL",
+}
+
+
+# =============================================================================================
+# Child process: fake Ultravox
+# =============================================================================================
+
+
+def serve_fake(port: int, delay: float) -> None:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Mount, Route
+
+    from gateway.testing import FakeUltravox
+
+    # Validation off: it adds about a third to the fake's CPU, and the fake shares the machine with the server.
+    fake = FakeUltravox(ULTRAVOX_KEY, validate=False)
+    fake.delay = delay
+
+    async def stats(request):
+        return JSONResponse({
+            "connections_seen": fake.connections_seen,
+            "calls_created": fake.calls_created,
+        })
+
+    app = Starlette(routes=[Route("/_bench/stats", stats), Mount("/", app=fake.app)])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# =============================================================================================
+# Child process: baseline
+# =============================================================================================
+
+
+def baseline_app(fake_url: str, agent_id: str, pool_size: int):
+    """The least a webhook handler can do: read the body, create the call, answer with TwiML."""
+    from xml.sax.saxutils import quoteattr
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from gateway.settings import UltravoxSettings
+    from gateway.ultravox import create_http_client
+
+    # The gateway's own client factory, so both sides use the same pool limits, headers and timeouts.
+    http = create_http_client(UltravoxSettings(api_key=ULTRAVOX_KEY, base_url=fake_url, pool_size=pool_size))
+    path = f"/api/agents/{agent_id}/calls"
+
+    async def inbound(request):
+        await request.body()
+        created = await http.post(path, json={"medium": {"twilio": {}}})
+        # quoteattr because join URLs contain "&"; anything cheaper would be invalid XML.
+        xml = '<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url=%s /></Connect></Response>'
+        return Response(xml % quoteattr(created.json()["joinUrl"]), media_type="application/xml")
+
+    async def healthz(request):
+        return JSONResponse({"status": "ok"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await http.aclose()
+
+    return Starlette(
+        routes=[Route(INBOUND_PATH, inbound, methods=["POST"]), Route("/healthz", healthz)],
+        lifespan=lifespan,
+    )
+
+
+def serve_baseline(port: int, fake_url: str, agent_id: str, pool_size: int) -> None:
+    import uvicorn
+
+    # uvicorn.run's defaults, exactly as `gateway serve` calls it (loop and http "auto": uvloop and
+    # httptools when installed), so the server stack is the same on both sides.
+    uvicorn.run(
+        baseline_app(fake_url, agent_id, pool_size),
+        host="127.0.0.1", port=port, log_level="warning", proxy_headers=False,
+    )
+
+
+# =============================================================================================
+# Process management
+# =============================================================================================
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    # If the bench itself is killed with SIGKILL, its finally blocks never run: let Linux end the
+    # children instead of leaving servers behind.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+class Child:
+    """A server process with its output in a file, reachable on 127.0.0.1:port."""
+
+    def __init__(self, name: str, argv: list[str], port: int, workdir: Path, env: dict[str, str]):
+        self.name = name
+        self.port = port
+        self.log_path = workdir / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            # Own session: a Ctrl-C in the terminal reaches only the bench, which stops children in order.
+            start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, path: str, timeout: float = 30.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.url, timeout=2.0, trust_env=False) as client:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.output()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(path).status_code == 200:
+                        return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s:\n{self.output()}")
+                time.sleep(0.05)
+
+    def get_json(self, path: str) -> dict:
+        import httpx
+
+        return httpx.get(self.url + path, timeout=5.0, trust_env=False).json()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()  # uvicorn shuts down gracefully on SIGTERM
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in GATEWAY_VARIABLES}
+    # Everything is on loopback; a developer's HTTP(S)_PROXY must not be used by httpx.
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env.update(extra or {})
+    return env
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all its threads included (fields 14 and 15 of /proc/<pid>/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            # The command name (field 2) may contain spaces; the fields after its ")" are fixed.
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:  # the process died; its failures are reported instead
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# =============================================================================================
+# Load generator
+# =============================================================================================
+
+
+def build_requests(count: int, port: int) -> list[bytes]:
+    """Signed webhooks, built before the clock starts so that signing costs the client nothing."""
+    from gateway.testing import twilio_inbound_form, twilio_signature
+
+    requests = []
+    for _ in range(count):
+        form = twilio_inbound_form("CA" + uuid.uuid4().hex, to=CALLED_NUMBER)  # unique CallSid each
+        body = urlencode(form).encode()
+        signature = twilio_signature(TWILIO_TOKEN, PUBLIC_URL + INBOUND_PATH, form)
+        head = (
+            f"POST {INBOUND_PATH} HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{port}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\n"
+            f"X-Twilio-Signature: {signature}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        requests.append(head.encode() + body)
+    return requests
+
+
+@dataclasses.dataclass
+class Phase:
+    latencies: list[float] = dataclasses.field(default_factory=list)  # seconds, successes only
+    failures: list[str] = dataclasses.field(default_factory=list)
+    wall: float = 0.0
+    peak_upstream: int = 0  # most connections open to the fake at one sampling instant
+
+
+def open_connections(port: int) -> int:
+    """Established TCP connections to 127.0.0.1:`port`, counted on the listening side."""
+    suffix = f":{port:04X}"
+    count = 0
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            local, _, state = line.split(None, 4)[1:4]
+            if state == "01" and local.endswith(suffix):
+                count += 1
+    return count
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    """(status, body, keep_alive) of one HTTP/1.1 response; raw streams keep client CPU low."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
+        parts = []
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        await reader.readuntil(b"\r\n")  # last chunk's CRLF (no trailers expected)
+        body = b"".join(parts)
+    else:
+        body = await reader.read()  # delimited by the connection closing
+        return status, body, False
+    return status, body, headers.get("connection", "").lower() != "close"
+
+
+async def run_load(
+    port: int, requests: list[bytes], concurrency: int, upstream_port: int, timeout: float = 30.0
+) -> Phase:
+    """`concurrency` workers, each sending back-to-back on its own keep-alive connection."""
+    phase = Phase()
+    queue = iter(requests)  # one event loop: workers can share a plain iterator
+
+    async def worker() -> None:
+        reader = writer = None
+        for request in queue:
+            started = time.perf_counter()
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(request)  # one small request in flight: no need to drain
+                status, body, keep_alive = await asyncio.wait_for(read_response(reader), timeout)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
+                    ValueError) as error:
+                phase.failures.append(f"{type(error).__name__}: {error}"[:200])
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+                continue
+            elapsed = time.perf_counter() - started
+            if status == 200 and EXPECTED in body:
+                phase.latencies.append(elapsed)
+            else:
+                phase.failures.append(f"HTTP {status}: {body[:200].decode(errors='replace')}")
+            if not keep_alive:
+                writer.close()
+                reader = writer = None
+        if writer is not None:
+            writer.close()
+
+    async def sample_upstream() -> None:
+        # The fake counts distinct connections over the run; this catches how many were open at once.
+        while True:
+            phase.peak_upstream = max(phase.peak_upstream, open_connections(upstream_port))
+            await asyncio.sleep(0.25)  # reading /proc/net/tcp is not free; pooled connections live long
+
+    sampler = asyncio.create_task(sample_upstream())
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    phase.wall = time.perf_counter() - started
+    sampler.cancel()
+    return phase
+
+
+# =============================================================================================
+# One run: a target, its fake, warm-up, measured phase
+# =============================================================================================
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    requests: int
+    failures: list[str]
+    throughput: float
+    latency_ms: dict[str, float]
+    overhead_ms: dict[str, float]
+    server_cpu_ms: float
+    fake_cpu_ms: float
+    client_cpu_ms: float
+    connections_seen: int
+    peak_upstream: int
+    calls_created: int
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    rank = math.ceil(fraction * len(sorted_values))  # nearest rank
+    return sorted_values[min(len(sorted_values), max(1, rank)) - 1]
+
+
+def start_gateway(workdir: Path, fake: Child, agent_id: str, pool_size: int) -> Child:
+    config = workdir / "gateway.toml"
+    config.write_text(
+        f'[ultravox]\npool_size = {pool_size}\n\n[[routes]]\nnumber = "{CALLED_NUMBER}"\nagent_id = "{agent_id}"\n'
+    )
+    port = free_port()
+    env = child_env({
+        "GATEWAY_PUBLIC_URL": PUBLIC_URL,
+        "GATEWAY_DATABASE_URL": f"sqlite:///{workdir / 'bench.db'}",
+        "ULTRAVOX_API_KEY": ULTRAVOX_KEY,
+        "ULTRAVOX_BASE_URL": fake.url,
+        "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
+    })
+    argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port),
+            "--log-level", "warning"]
+    return Child("gateway", argv, port, workdir, env)
+
+
+def start_baseline(workdir: Path, fake: Child, agent_id: str, pool_size: int) -> Child:
+    port = free_port()
+    argv = [sys.executable, HERE, "_baseline", str(port), fake.url, agent_id, str(pool_size)]
+    return Child("baseline", argv, port, workdir, child_env())
+
+
+def measure(name: str, args, workdir: Path, children: list[Child]) -> Result:
+    agent_id = str(uuid.uuid4())
+    fake_port = free_port()
+    fake = Child(f"fake-for-{name}", [sys.executable, HERE, "_fake", str(fake_port), str(args.delay_ms / 1000)],
+                 fake_port, workdir, child_env())
+    children.append(fake)
+    fake.wait_ready("/_bench/stats")
+    start = start_gateway if name == "gateway" else start_baseline
+    server = start(workdir, fake, agent_id, args.pool_size)
+    children.append(server)
+    server.wait_ready("/healthz")
+
+    warmup = build_requests(args.warmup, server.port)
+    measured = build_requests(args.requests, server.port)
+    warm = run_async(run_load(server.port, warmup, args.concurrency, fake.port))
+    if warm.failures:
+        print(f"  {name}: {len(warm.failures)} warm-up request(s) failed, first: {warm.failures[0]}")
+
+    server_cpu, fake_cpu, client_cpu = cpu_seconds(server.pid), cpu_seconds(fake.pid), time.process_time()
+    phase = run_async(run_load(server.port, measured, args.concurrency, fake.port))
+    server_cpu = cpu_seconds(server.pid) - server_cpu
+    fake_cpu = cpu_seconds(fake.pid) - fake_cpu
+    client_cpu = time.process_time() - client_cpu
+
+    stats = fake.get_json("/_bench/stats")
+    server.stop()
+    fake.stop()
+
+    delay = args.delay_ms / 1000
+    latencies = sorted(phase.latencies)
+    per_request = 1000 / max(1, args.requests)
+    return Result(
+        name=name,
+        requests=args.requests,
+        failures=phase.failures,
+        throughput=args.requests / phase.wall,
+        latency_ms={k: 1000 * percentile(latencies, f) for k, f in (("p50", 0.50), ("p99", 0.99), ("max", 1.0))},
+        overhead_ms={k: 1000 * (percentile(latencies, f) - delay) for k, f in (("p50", 0.50), ("p99", 0.99))},
+        server_cpu_ms=server_cpu * per_request,
+        fake_cpu_ms=fake_cpu * per_request,
+        client_cpu_ms=client_cpu * per_request,
+        connections_seen=stats["connections_seen"],
+        peak_upstream=max(warm.peak_upstream, phase.peak_upstream),
+        calls_created=stats["calls_created"],
+    )
+
+
+def run_async(coroutine):
+    # uvloop, when installed, keeps the load generator's own CPU use down.
+    try:
+        import uvloop
+    except ImportError:
+        factory = None
+    else:
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:  # asyncio.run has loop_factory only from 3.12
+        return runner.run(coroutine)
+
+
+# =============================================================================================
+# Report
+# =============================================================================================
+
+
+def server_stack() -> str:
+    import uvicorn
+
+    def installed(module: str) -> bool:
+        try:
+            __import__(module)
+        except ImportError:
+            return False
+        return True
+
+    loop = "uvloop" if installed("uvloop") else "asyncio"
+    http = "httptools" if installed("httptools") else "h11"
+    return f"uvicorn {uvicorn.__version__}, loop={loop}, http={http} (uvicorn's 'auto' choice, both targets)"
+
+
+def report(args, gateway: Result, baseline: Result) -> None:
+    def row(label: str, g: str, b: str, target: str = "") -> None:
+        print(f"  {label:<32}{g:>12}{b:>12}   {target}")
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    overhead_ok = gateway.overhead_ms["p99"] <= TARGET_OVERHEAD_P99_MS
+    ratio = gateway.throughput / baseline.throughput
+    pool_ok = gateway.peak_upstream <= args.pool_size
+
+    print()
+    row("", "gateway", "baseline", "target (gateway)")
+    row("requests", str(gateway.requests), str(baseline.requests))
+    row("failures", str(len(gateway.failures)), str(len(baseline.failures)), "0")
+    row("throughput (req/s)", f"{gateway.throughput:.0f}", f"{baseline.throughput:.0f}")
+    for key in ("p50", "p99", "max"):
+        row(f"latency {key} (ms)", f"{gateway.latency_ms[key]:.1f}", f"{baseline.latency_ms[key]:.1f}")
+    row("overhead p50 (ms)", f"{gateway.overhead_ms['p50']:.1f}", f"{baseline.overhead_ms['p50']:.1f}")
+    row("overhead p99 (ms)", f"{gateway.overhead_ms['p99']:.1f}", f"{baseline.overhead_ms['p99']:.1f}",
+        f"<= {TARGET_OVERHEAD_P99_MS:.0f} ms at {args.concurrency} concurrent: {verdict(overhead_ok)}")
+    row("server CPU (ms/req)", f"{gateway.server_cpu_ms:.2f}", f"{baseline.server_cpu_ms:.2f}")
+    row("fake Ultravox CPU (ms/req)", f"{gateway.fake_cpu_ms:.2f}", f"{baseline.fake_cpu_ms:.2f}")
+    row("load generator CPU (ms/req)", f"{gateway.client_cpu_ms:.2f}", f"{baseline.client_cpu_ms:.2f}")
+    row("connections the fake saw", str(gateway.connections_seen), str(baseline.connections_seen),
+        "(distinct, over the run)")
+    row("  most open at once (sampled)", str(gateway.peak_upstream), str(baseline.peak_upstream),
+        f"<= pool size {args.pool_size}: {verdict(pool_ok)}")
+    row("calls the fake created", str(gateway.calls_created), str(baseline.calls_created),
+        f"= warm-up + requests = {args.warmup + args.requests}")
+    print()
+    print(f"  gateway/baseline throughput: {100 * ratio:.0f} %   target >= {100 * TARGET_THROUGHPUT_RATIO:.0f} %: "
+          f"{verdict(ratio >= TARGET_THROUGHPUT_RATIO)}")
+    print("  (overhead = latency - fake delay; CPU from /proc/<pid>/stat over the measured phase;"
+          " connections include warm-up)")
+
+    for result in (gateway, baseline):
+        if result.failures:
+            print()
+            print("!" * 78)
+            print(f"!!! {result.name.upper()}: {len(result.failures)} OF {result.requests} REQUESTS FAILED"
+                  " - its figures are not comparable")
+            print("!" * 78)
+            kinds: dict[str, int] = {}
+            for failure in result.failures:
+                kinds[failure] = kinds.get(failure, 0) + 1
+            for failure, count in sorted(kinds.items(), key=lambda item: -item[1])[:10]:
+                print(f"  {count:>6} x {failure}")
+
+
+# =============================================================================================
+# Entry points
+# =============================================================================================
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, default=100, help="webhooks in flight (default 100)")
+    parser.add_argument("--requests", type=int, default=3000, help="measured requests per target (default 3000)")
+    parser.add_argument("--warmup", type=int, default=200, help="uncounted requests first (default 200)")
+    parser.add_argument("--delay-ms", type=float, default=50, help="fake Ultravox answer delay (default 50)")
+    parser.add_argument("--pool-size", type=int, default=100, help="[ultravox] pool_size (default 100)")
+    args = parser.parse_args(argv)
+
+    print(f"inbound webhook benchmark: {args.requests} requests (+{args.warmup} warm-up) per target, "
+          f"concurrency {args.concurrency}, fake Ultravox delay {args.delay_ms:g} ms, pool size {args.pool_size}")
+    print(f"server: {server_stack()}; {os.cpu_count()} CPUs shared by servers, fakes and load generator")
+    delay = args.delay_ms / 1000
+    print(f"ceiling set by the delay alone: {args.concurrency / delay:.0f} req/s; workers send back-to-back, so "
+          f"overhead p99 <= {TARGET_OVERHEAD_P99_MS:g} ms needs about "
+          f"{args.concurrency / (delay + TARGET_OVERHEAD_P99_MS / 1000):.0f} req/s")
+
+    children: list[Child] = []
+    # SIGTERM takes the same way out as Ctrl-C, through the finally below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    with tempfile.TemporaryDirectory(prefix="bench-inbound-") as tmp:
+        try:
+            results = [measure(name, args, Path(tmp), children) for name in ("gateway", "baseline")]
+        except KeyboardInterrupt:
+            print("\ninterrupted")
+            return 130
+        finally:
+            for child in children:
+                child.stop()
+    report(args, *results)
+    return 1 if any(result.failures for result in results) else 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["_fake"]:
+        serve_fake(int(sys.argv[2]), float(sys.argv[3]))
+    elif sys.argv[1:2] == ["_baseline"]:
+        serve_baseline(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    else:
+        sys.exit(main())
