@@ -319,24 +319,11 @@ def _toml_scalar_text(value: Any) -> str:
     return str(value)
 
 
-def is_e164(number: str) -> bool:
-    return bool(E164.match(number))
-
-
-def load_settings_or_exit(path: str | None) -> Settings:
-    try:
-        return load_settings(path)
-    except ConfigError as error:
-        raise SystemExit("The configuration has problems:\n" + "\n".join(f"  - {p}" for p in error.problems))
-
-
 __all__ = [
     "ConfigError",
     "FallbackSettings",
     "RouteSettings",
     "Settings",
     "describe_validation_error",
-    "is_e164",
     "load_settings",
-    "load_settings_or_exit",
 ]

@@ -17,9 +17,13 @@ log = logging.getLogger("gateway.ultravox")
 
 # Statuses that mean "not processed, try again later" (Ultravox sends Retry-After with them).
 RETRYABLE_STATUSES = {429, 503}
-# Errors raised before the request could have been processed, so a retry cannot create a second call.
-RETRYABLE_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.RemoteProtocolError)
+# Errors raised before the request was sent, so a retry cannot create a second call. (A server
+# that disconnects mid-request may already have created the call: that is not retried.)
+RETRYABLE_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 FIRST_BACKOFF_SECONDS = 0.2
+# An attempt with less time than this left would likely time out after Ultravox created the call,
+# leaving it without a caller; the apology is better said at once.
+MIN_ATTEMPT_SECONDS = 0.5
 
 
 class UltravoxError(Exception):
@@ -69,9 +73,11 @@ class UltravoxClient:
                 break
             wait = None
             try:
-                response = await self._http.post(
-                    path, json=body, timeout=min(remaining, self._settings.request_timeout_seconds)
-                )
+                # httpx's timeout bounds each phase (connect, write, read); this bounds the whole attempt.
+                async with asyncio.timeout(min(remaining, self._settings.request_timeout_seconds)):
+                    response = await self._http.post(path, json=body)
+            except TimeoutError:
+                raise UltravoxError("Ultravox did not answer in time") from None
             except RETRYABLE_ERRORS as error:
                 last_problem = f"cannot reach Ultravox ({type(error).__name__})"
                 wait = backoff
@@ -92,7 +98,7 @@ class UltravoxClient:
                     return _created_call(response)
             if attempt == self._settings.max_attempts:
                 break
-            if self._clock() + wait >= deadline:
+            if self._clock() + wait + MIN_ATTEMPT_SECONDS >= deadline:
                 last_problem += f"; retrying after {wait:.2f}s would miss the deadline"
                 break
             log.info("ultravox attempt %d failed (%s); retrying in %.2fs", attempt, last_problem, wait)

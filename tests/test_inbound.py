@@ -120,6 +120,14 @@ def test_inline_route_creates_a_call_with_the_configured_prompt(gateway, fake_ul
     assert "templateContext" not in request.body
 
 
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_withheld_caller_id_is_still_connected(gateway, fake_ultravox, carrier):
+    response = gateway.post(carrier, form_for(carrier, from_=""))
+    stream_of(carrier, response.text)
+    (record,) = gateway.records()
+    assert record.from_number == "" and record.status == "connected"
+
+
 def test_default_route_catches_other_numbers(make_gateway, fake_ultravox):
     gateway = make_gateway(f'\n[[routes]]\nnumber = "*"\nname = "main"\nagent_id = "{AGENT_ID}"\n')
     response = gateway.post("plivo", form_for("plivo", to="+15559990000"))
@@ -301,6 +309,9 @@ def test_hanging_ultravox_gets_the_apology_inside_the_deadline(gateway, fake_ult
     assert response.status_code == 200
     assert spoken(response.text) == ["Sorry, our assistant is unavailable."]
     assert elapsed < gateway.settings.ultravox.inbound_deadline_seconds + 0.5
+    (record,) = gateway.records()
+    # Not left `creating`: a carrier retry must get a fresh attempt, not wait on a dead one.
+    assert record.status == "failed" and "in time" in record.failure_reason
 
 
 def test_unreachable_ultravox_is_retried_then_apologised_for(make_gateway, fake_ultravox):

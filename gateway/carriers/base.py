@@ -88,13 +88,14 @@ class Carrier(ABC):
     # --- parsing --------------------------------------------------------------------------------
     def parse_inbound(self, webhook: Webhook) -> InboundCall:
         params = webhook.flat_params()
-        missing = [p for p in (self.call_id_param, self.from_param, self.to_param) if not params.get(p)]
+        # From may be empty for a withheld caller id; that caller still deserves an answer.
+        missing = [p for p in (self.call_id_param, self.to_param) if not params.get(p)]
         if missing:
             raise MalformedWebhook(f"missing {', '.join(missing)} in {self.name} webhook")
         return InboundCall(
             carrier=self.name,
             call_id=params[self.call_id_param],
-            from_number=self.normalize_number(params[self.from_param]),
+            from_number=self.normalize_number(params.get(self.from_param, "")),
             to_number=self.normalize_number(params[self.to_param]),
             params=params,
         )

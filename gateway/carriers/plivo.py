@@ -8,7 +8,7 @@ import hmac
 import re
 
 from plivo import plivoxml
-from plivo.utils.signature_v3 import construct_get_url, construct_post_url
+from plivo.utils.signature_v3 import construct_post_url
 
 from .base import Carrier, SignatureRejected, Webhook
 
@@ -48,10 +48,7 @@ class PlivoCarrier(Carrier):
     def v3_signature(self, webhook: Webhook) -> bytes:
         """base64(HMAC-SHA256(auth token, signed URL + "." + nonce)); the URL is built by Plivo's SDK."""
         params = {k: v[0] if len(v) == 1 else list(v) for k, v in webhook.params.items()}
-        if webhook.method.upper() == "GET":
-            signed_url = construct_get_url(webhook.url, params)
-        else:
-            signed_url = construct_post_url(webhook.url, params)
+        signed_url = construct_post_url(webhook.url, params)  # webhooks are POSTed forms
         nonce = webhook.headers.get("x-plivo-signature-v3-nonce", "")
         message = signed_url + b"." + nonce.encode()
         digest = hmac.new((self.settings.plivo.auth_token or "").encode(), message, hashlib.sha256).digest()

@@ -98,11 +98,19 @@ class InboundFlow:
             if gateway_call_id:
                 await self._quietly(self.store.mark_failed(gateway_call_id, error.reason))
             return None
+        except BaseException as error:
+            # Cancelled at the deadline, or a bug: the record must not stay `creating`, or carrier
+            # retries would wait on it instead of trying again.
+            if gateway_call_id:
+                reason = "deadline reached" if isinstance(error, asyncio.CancelledError) else type(error).__name__
+                await asyncio.shield(self._quietly(self.store.mark_failed(gateway_call_id, reason)))
+            raise
         log.info("%s call %s joined Ultravox call %s", carrier.name, call.call_id, created.call_id)
         if gateway_call_id:
-            await self._quietly(
+            # Shielded: the Ultravox call exists now, and retries must find its join URL.
+            await asyncio.shield(self._quietly(
                 self.store.mark_connected(gateway_call_id, ultravox_call_id=created.call_id, join_url=created.join_url)
-            )
+            ))
         return created.join_url
 
     async def _claim(self, call: InboundCall, route: RouteSettings) -> Claim | None:

@@ -12,6 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .schema import MIGRATIONS, calls, schema_version
 
+MIGRATION_LOCK_KEY = 0x6761_7465  # any constant shared by every replica of this gateway
+
 # Inbound call statuses.
 CREATING = "creating"  # the Ultravox call is being created for this carrier call
 CONNECTED = "connected"  # the carrier got XML joining the Ultravox call
@@ -86,7 +88,7 @@ class CallStore:
         if url.startswith("sqlite"):
             # One connection per task would contend on SQLite's single writer; WAL plus a busy
             # timeout lets readers and the writer overlap.
-            options["connect_args"] = {"timeout": 15}
+            options["connect_args"] = {"timeout": 5}
         else:
             options.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
         engine = create_async_engine(url, **options)
@@ -102,6 +104,9 @@ class CallStore:
     async def migrate(self) -> int:
         """Create or upgrade the schema; returns the version now in place."""
         async with self.engine.begin() as connection:
+            if self.engine.dialect.name == "postgresql":
+                # Replicas starting together must not both run the same migration.
+                await connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
             return await connection.run_sync(_migrate)
 
     async def ping(self) -> None:
@@ -167,7 +172,8 @@ class CallStore:
                 .values(status=CREATING, failure_reason=None, attempts=calls.c.attempts + 1, updated_at=now)
             )
             if taken.rowcount != 1:
-                return Claim(existing, owned=False)
+                # Another delivery took it over just now: hand back its state, not the stale one.
+                return Claim(await self._get(connection, existing.id), owned=False)
             return Claim(await self._get(connection, existing.id), owned=True)
 
     async def mark_connected(self, call_id: str, *, ultravox_call_id: str, join_url: str) -> None:
@@ -179,13 +185,6 @@ class CallStore:
     async def get(self, call_id: str) -> CallRecord | None:
         async with self.engine.connect() as connection:
             return await self._get(connection, call_id)
-
-    async def find_by_carrier_call(self, carrier: str, carrier_call_id: str) -> CallRecord | None:
-        async with self.engine.connect() as connection:
-            row = (await connection.execute(
-                sa.select(calls).where(calls.c.carrier == carrier, calls.c.carrier_call_id == carrier_call_id)
-            )).first()
-        return _record(row) if row else None
 
     async def list_all(self) -> list[CallRecord]:
         async with self.engine.connect() as connection:

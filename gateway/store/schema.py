@@ -12,9 +12,10 @@ calls = sa.Table(
     sa.Column("id", sa.String(36), primary_key=True),
     sa.Column("direction", sa.String(16), nullable=False),
     sa.Column("carrier", sa.String(16), nullable=False),
-    sa.Column("carrier_call_id", sa.String(128), nullable=False),
-    sa.Column("from_number", sa.String(128), nullable=False),
-    sa.Column("to_number", sa.String(128), nullable=False),
+    sa.Column("carrier_call_id", sa.String(255), nullable=False),
+    # Text: SIP URIs can be long, and PostgreSQL (unlike SQLite) enforces lengths.
+    sa.Column("from_number", sa.Text, nullable=False),
+    sa.Column("to_number", sa.Text, nullable=False),
     sa.Column("route", sa.String(128)),
     sa.Column("ultravox_call_id", sa.String(64)),
     sa.Column("join_url", sa.Text),
