@@ -9,7 +9,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
 from .settings import UltravoxSettings
 
@@ -17,9 +19,6 @@ log = logging.getLogger("gateway.ultravox")
 
 # Statuses that mean "not processed, try again later" (Ultravox sends Retry-After with them).
 RETRYABLE_STATUSES = {429, 503}
-# Errors raised before the request was sent, so a retry cannot create a second call. (A server
-# that disconnects mid-request may already have created the call: that is not retried.)
-RETRYABLE_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 FIRST_BACKOFF_SECONDS = 0.2
 # An attempt with less time than this left would likely time out after Ultravox created the call,
 # leaving it without a caller; the apology is better said at once.
@@ -41,14 +40,35 @@ class CreatedCall:
 
 
 def create_http_client(settings: UltravoxSettings, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
-    """The process-wide client: keep-alive connections, never a connection per call."""
+    """The process-wide client: keep-alive connections, never a connection per call.
+
+    The connections are aiohttp's: httpcore's pool (httpx's default transport, 1.0.9) spends time
+    quadratic in the number of open connections on every request, which at a pool of 100 costs
+    more CPU than everything else the gateway does (see bench/README.md).
+    """
+    limits = httpx.Limits(max_connections=settings.pool_size, max_keepalive_connections=settings.pool_size)
     return httpx.AsyncClient(
-        transport=transport,
+        transport=transport or AiohttpTransport(limits=limits, trust_env=False),
         base_url=settings.base_url,
         headers={"X-API-Key": settings.api_key or "", "Content-Type": "application/json"},
-        limits=httpx.Limits(max_connections=settings.pool_size, max_keepalive_connections=settings.pool_size),
         timeout=httpx.Timeout(settings.request_timeout_seconds),
     )
+
+
+def request_never_sent(error: httpx.HTTPError) -> bool:
+    """True when the request cannot have reached Ultravox, so retrying cannot create a second call.
+
+    httpx_aiohttp maps every aiohttp connection error to ConnectTimeout, also a disconnect after
+    the request was written; the aiohttp exception it chains tells the two apart.
+    """
+    if isinstance(error, httpx.PoolTimeout):
+        return True
+    if not isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return False
+    cause = error.__cause__
+    if isinstance(cause, aiohttp.ClientConnectionError):
+        return isinstance(cause, aiohttp.ClientConnectorError)
+    return True
 
 
 class UltravoxClient:
@@ -78,15 +98,13 @@ class UltravoxClient:
                     response = await self._http.post(path, json=body)
             except TimeoutError:
                 raise UltravoxError("Ultravox did not answer in time") from None
-            except RETRYABLE_ERRORS as error:
+            except httpx.HTTPError as error:
+                if not request_never_sent(error):
+                    # The request may have been processed: retrying could create a second call.
+                    raise UltravoxError(f"request to Ultravox failed ({type(error).__name__})") from None
                 last_problem = f"cannot reach Ultravox ({type(error).__name__})"
                 wait = backoff
                 backoff *= 2
-            except httpx.TimeoutException:
-                # The request may have been processed: retrying could create a second call.
-                raise UltravoxError("Ultravox did not answer in time") from None
-            except httpx.HTTPError as error:
-                raise UltravoxError(f"request to Ultravox failed ({type(error).__name__})") from None
             else:
                 if response.status_code in RETRYABLE_STATUSES:
                     last_problem = f"Ultravox answered {response.status_code}"

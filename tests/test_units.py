@@ -137,7 +137,7 @@ def test_read_timeouts_are_not_retried_because_the_call_may_exist():
         attempts.append(1)
         raise httpx.ReadTimeout("slow")
 
-    with pytest.raises(UltravoxError, match="did not answer in time"):
+    with pytest.raises(UltravoxError, match="ReadTimeout"):
         asyncio.run(client_with(handler).create_call({}, agent_id=None, deadline=time.monotonic() + 5))
     assert len(attempts) == 1
 
@@ -171,3 +171,24 @@ def test_no_api_key_fails_without_a_request():
     client = UltravoxClient(httpx.AsyncClient(transport=httpx.MockTransport(lambda r: 1 / 0)), config)
     with pytest.raises(UltravoxError, match="ULTRAVOX_API_KEY"):
         asyncio.run(client.create_call({}, agent_id=None, deadline=time.monotonic() + 5))
+
+
+def test_only_errors_before_sending_count_as_never_sent():
+    import aiohttp
+
+    from gateway.ultravox import request_never_sent
+
+    def mapped(httpx_error, aiohttp_error):
+        try:
+            raise httpx_error("x") from aiohttp_error
+        except httpx.HTTPError as error:
+            return error
+
+    refused = aiohttp.ClientConnectorError(None, OSError(111, "refused"))
+    assert request_never_sent(mapped(httpx.ConnectTimeout, refused))
+    # httpx_aiohttp reports a disconnect after sending as ConnectTimeout too: the call may exist.
+    assert not request_never_sent(mapped(httpx.ConnectTimeout, aiohttp.ServerDisconnectedError()))
+    assert request_never_sent(httpx.ConnectError("refused"))
+    assert request_never_sent(httpx.PoolTimeout("pool full"))
+    assert not request_never_sent(httpx.ReadTimeout("slow"))
+    assert not request_never_sent(httpx.RemoteProtocolError("disconnected"))
