@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import uuid
 from dataclasses import dataclass, fields
@@ -78,6 +80,7 @@ class CallStore:
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
         self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        self._writer = _GroupCommit(self._apply)
 
     @classmethod
     def open(cls, database_url: str) -> "CallStore":
@@ -114,6 +117,7 @@ class CallStore:
             await connection.execute(sa.text("SELECT 1"))
 
     async def close(self) -> None:
+        await self._writer.close()
         await self.engine.dispose()
 
     # --- inbound calls ------------------------------------------------------------------------------
@@ -149,38 +153,69 @@ class CallStore:
             created_at=now,
             updated_at=now,
         )
-        insert = self._insert(calls).values(**values).on_conflict_do_nothing(
-            index_elements=["carrier", "carrier_call_id"]
-        )
-        async with self.engine.begin() as connection:
-            inserted = (await connection.execute(insert)).rowcount == 1
-            if inserted:
-                return Claim(CallRecord(join_url=None, ultravox_call_id=None, **values), owned=True)
-            row = (await connection.execute(
-                sa.select(calls).where(calls.c.carrier == carrier, calls.c.carrier_call_id == carrier_call_id)
-            )).one()
-            existing = _record(row)
-            retryable = existing.status == FAILED or (
-                existing.status == CREATING and now - existing.updated_at > stale_after
-            )
-            if status != CREATING or not retryable:
-                return Claim(existing, owned=False)
-            # Compare-and-set on the attempt count: of two racing retries only one takes it over.
-            taken = await connection.execute(
-                sa.update(calls)
-                .where(calls.c.id == existing.id, calls.c.attempts == existing.attempts)
-                .values(status=CREATING, failure_reason=None, attempts=calls.c.attempts + 1, updated_at=now)
-            )
-            if taken.rowcount != 1:
-                # Another delivery took it over just now: hand back its state, not the stale one.
-                return Claim(await self._get(connection, existing.id), owned=False)
-            return Claim(await self._get(connection, existing.id), owned=True)
+        return await self._writer.submit(_Write("claim", values, stale_after))
 
     async def mark_connected(self, call_id: str, *, ultravox_call_id: str, join_url: str) -> None:
-        await self._update(call_id, status=CONNECTED, ultravox_call_id=ultravox_call_id, join_url=join_url)
+        await self._set_outcome(call_id, CONNECTED, ultravox_call_id=ultravox_call_id, join_url=join_url)
 
     async def mark_failed(self, call_id: str, reason: str) -> None:
-        await self._update(call_id, status=FAILED, failure_reason=reason[:500])
+        await self._set_outcome(call_id, FAILED, failure_reason=reason[:500])
+
+    async def _set_outcome(self, call_id: str, status: str, **values: str) -> None:
+        outcome = {"call_id": call_id, "new_status": status, "now": utcnow()}
+        outcome.update({f"new_{name}": values.get(name) for name in ("ultravox_call_id", "join_url", "failure_reason")})
+        await self._writer.submit(_Write("outcome", outcome))
+
+    # --- group commit ---------------------------------------------------------------------------------
+    async def _apply(self, batch: list["_Write"]) -> list[Claim | None]:
+        """One transaction for a batch: outcomes first (a retry in the same batch then sees them)."""
+        outcomes = [write.values for write in batch if write.kind == "outcome"]
+        claims = [write for write in batch if write.kind == "claim"]
+        async with self.engine.begin() as connection:
+            if outcomes:
+                await connection.execute(_SET_OUTCOME, outcomes)
+            results = await self._claim_all(connection, claims) if claims else {}
+        return [results.get(id(write)) for write in batch]
+
+    async def _claim_all(self, connection, claims: list["_Write"]) -> dict[int, Claim]:
+        insert = (
+            self._insert(calls)
+            .on_conflict_do_nothing(index_elements=["carrier", "carrier_call_id"])
+            .returning(calls.c.id)
+        )
+        inserted = {row.id for row in await connection.execute(insert, [write.values for write in claims])}
+        results = {}
+        for write in claims:
+            if write.values["id"] in inserted:
+                record = CallRecord(join_url=None, ultravox_call_id=None, **write.values)
+                results[id(write)] = Claim(record, owned=True)
+            else:
+                results[id(write)] = await self._claim_existing(connection, write)
+        return results
+
+    async def _claim_existing(self, connection, write: "_Write") -> Claim:
+        """The carrier call is known already: a retry, or a race with another delivery."""
+        values = write.values
+        row = (await connection.execute(
+            sa.select(calls).where(
+                calls.c.carrier == values["carrier"], calls.c.carrier_call_id == values["carrier_call_id"]
+            )
+        )).one()
+        existing = _record(row)
+        now = values["updated_at"]
+        retryable = existing.status == FAILED or (
+            existing.status == CREATING and now - existing.updated_at > write.stale_after
+        )
+        if values["status"] != CREATING or not retryable:
+            return Claim(existing, owned=False)
+        # Compare-and-set on the attempt count: of two racing retries only one takes it over.
+        taken = await connection.execute(
+            sa.update(calls)
+            .where(calls.c.id == existing.id, calls.c.attempts == existing.attempts)
+            .values(status=CREATING, failure_reason=None, attempts=calls.c.attempts + 1, updated_at=now)
+        )
+        # Whoever won, hand back the record as it is now, not the stale one.
+        return Claim(await self._get(connection, existing.id), owned=taken.rowcount == 1)
 
     async def get(self, call_id: str) -> CallRecord | None:
         async with self.engine.connect() as connection:
@@ -191,16 +226,88 @@ class CallStore:
             rows = (await connection.execute(sa.select(calls).order_by(calls.c.created_at))).all()
         return [_record(row) for row in rows]
 
-    async def _update(self, call_id: str, **values) -> None:
-        async with self.engine.begin() as connection:
-            await connection.execute(
-                sa.update(calls).where(calls.c.id == call_id).values(updated_at=utcnow(), **values)
-            )
-
     @staticmethod
     async def _get(connection, call_id: str) -> CallRecord | None:
         row = (await connection.execute(sa.select(calls).where(calls.c.id == call_id))).first()
         return _record(row) if row else None
+
+
+# One statement for every outcome in a batch (executemany); NULL keeps what is stored.
+_SET_OUTCOME = (
+    sa.update(calls)
+    .where(calls.c.id == sa.bindparam("call_id"))
+    .values(
+        status=sa.bindparam("new_status"),
+        ultravox_call_id=sa.func.coalesce(sa.bindparam("new_ultravox_call_id", type_=sa.String), calls.c.ultravox_call_id),
+        join_url=sa.func.coalesce(sa.bindparam("new_join_url", type_=sa.Text), calls.c.join_url),
+        failure_reason=sa.func.coalesce(sa.bindparam("new_failure_reason", type_=sa.Text), calls.c.failure_reason),
+        updated_at=sa.bindparam("now"),
+    )
+)
+
+
+@dataclass
+class _Write:
+    kind: str  # "claim" or "outcome"
+    values: dict
+    stale_after: dt.timedelta | None = None
+    future: asyncio.Future | None = None
+
+
+class _GroupCommit:
+    """Writes queue up while a transaction runs and go together in the next one.
+
+    Under load this turns a transaction (and its round trips to the database thread or server)
+    per write into one per batch; alone, a write goes at once, with no added wait.
+    """
+
+    MAX_BATCH = 256
+
+    def __init__(self, apply):
+        self._apply = apply
+        self._queue: asyncio.Queue[_Write] | None = None
+        self._task: asyncio.Task | None = None
+
+    async def submit(self, write: _Write):
+        if self._task is None:
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="call-store-writer")
+        write.future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(write)
+        return await write.future
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+            while not self._queue.empty():
+                write = self._queue.get_nowait()
+                if not write.future.done():
+                    write.future.set_exception(RuntimeError("the call store is closed"))
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty() and len(batch) < self.MAX_BATCH:
+                batch.append(self._queue.get_nowait())
+            try:
+                self._settle(batch, await self._apply(batch))
+            except Exception:
+                # One bad write must not fail its neighbours: apply them one by one.
+                for write in batch:
+                    try:
+                        self._settle([write], await self._apply([write]))
+                    except Exception as error:
+                        if not write.future.done():
+                            write.future.set_exception(error)
+
+    @staticmethod
+    def _settle(batch: list[_Write], results: list) -> None:
+        for write, result in zip(batch, results):
+            if not write.future.done():  # its caller may have given up (cancelled)
+                write.future.set_result(result)
 
 
 def _migrate(connection: sa.Connection) -> int:
