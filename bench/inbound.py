@@ -1,6 +1,6 @@
 """Inbound webhook benchmark: the gateway against a minimal Starlette baseline.
 
-    python bench/inbound.py [--concurrency 100] [--requests 3000] [--warmup 200] [--delay-ms 50] [--pool-size 100]
+    python bench/inbound.py [--concurrency 100] [--requests 3000] [--warmup 200] [--delay-ms 250] [--pool-size 100]
 
 Each target (the real `gateway serve`, then the baseline app below) runs in its own process
 against its own fake Ultravox process, which answers every call after a fixed delay. The load
@@ -301,13 +301,20 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]
 
 
 async def run_load(
-    port: int, requests: list[bytes], concurrency: int, upstream_port: int, timeout: float = 30.0
+    port: int, requests: list[bytes], concurrency: int, upstream_port: int, stagger: float, timeout: float = 30.0
 ) -> Phase:
-    """`concurrency` workers, each sending back-to-back on its own keep-alive connection."""
+    """`concurrency` workers, each sending back-to-back on its own keep-alive connection.
+
+    Worker i starts i * `stagger` seconds late. Started together, workers that all wait the same
+    fake delay would stay in lockstep and hit the server in bursts of `concurrency` requests,
+    which carriers' webhooks (one per ringing call) do not; the burst would then be measured as
+    overhead.
+    """
     phase = Phase()
     queue = iter(requests)  # one event loop: workers can share a plain iterator
 
-    async def worker() -> None:
+    async def worker(index: int) -> None:
+        await asyncio.sleep(index * stagger)
         reader = writer = None
         for request in queue:
             started = time.perf_counter()
@@ -342,7 +349,7 @@ async def run_load(
 
     sampler = asyncio.create_task(sample_upstream())
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(index) for index in range(concurrency)))
     phase.wall = time.perf_counter() - started
     sampler.cancel()
     return phase
@@ -376,7 +383,7 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[min(len(sorted_values), max(1, rank)) - 1]
 
 
-def start_gateway(workdir: Path, fake: Child, agent_id: str, pool_size: int) -> Child:
+def start_gateway(workdir: Path, fake: Child, agent_id: str, pool_size: int, database_url: str | None) -> Child:
     config = workdir / "gateway.toml"
     config.write_text(
         f'[ultravox]\npool_size = {pool_size}\n\n[[routes]]\nnumber = "{CALLED_NUMBER}"\nagent_id = "{agent_id}"\n'
@@ -384,7 +391,7 @@ def start_gateway(workdir: Path, fake: Child, agent_id: str, pool_size: int) -> 
     port = free_port()
     env = child_env({
         "GATEWAY_PUBLIC_URL": PUBLIC_URL,
-        "GATEWAY_DATABASE_URL": f"sqlite:///{workdir / 'bench.db'}",
+        "GATEWAY_DATABASE_URL": database_url or f"sqlite:///{workdir / 'bench.db'}",
         "ULTRAVOX_API_KEY": ULTRAVOX_KEY,
         "ULTRAVOX_BASE_URL": fake.url,
         "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
@@ -407,19 +414,23 @@ def measure(name: str, args, workdir: Path, children: list[Child]) -> Result:
                  fake_port, workdir, child_env())
     children.append(fake)
     fake.wait_ready("/_bench/stats")
-    start = start_gateway if name == "gateway" else start_baseline
-    server = start(workdir, fake, agent_id, args.pool_size)
+    if name == "gateway":
+        server = start_gateway(workdir, fake, agent_id, args.pool_size, args.database_url)
+    else:
+        server = start_baseline(workdir, fake, agent_id, args.pool_size)
     children.append(server)
     server.wait_ready("/healthz")
 
     warmup = build_requests(args.warmup, server.port)
     measured = build_requests(args.requests, server.port)
-    warm = run_async(run_load(server.port, warmup, args.concurrency, fake.port))
+    # Spread the workers' first requests over one fake delay (see run_load).
+    stagger = args.delay_ms / 1000 / args.concurrency
+    warm = run_async(run_load(server.port, warmup, args.concurrency, fake.port, stagger))
     if warm.failures:
         print(f"  {name}: {len(warm.failures)} warm-up request(s) failed, first: {warm.failures[0]}")
 
     server_cpu, fake_cpu, client_cpu = cpu_seconds(server.pid), cpu_seconds(fake.pid), time.process_time()
-    phase = run_async(run_load(server.port, measured, args.concurrency, fake.port))
+    phase = run_async(run_load(server.port, measured, args.concurrency, fake.port, stagger))
     server_cpu = cpu_seconds(server.pid) - server_cpu
     fake_cpu = cpu_seconds(fake.pid) - fake_cpu
     client_cpu = time.process_time() - client_cpu
@@ -539,8 +550,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=100, help="webhooks in flight (default 100)")
     parser.add_argument("--requests", type=int, default=3000, help="measured requests per target (default 3000)")
     parser.add_argument("--warmup", type=int, default=200, help="uncounted requests first (default 200)")
-    parser.add_argument("--delay-ms", type=float, default=50, help="fake Ultravox answer delay (default 50)")
+    parser.add_argument("--delay-ms", type=float, default=250,
+                        help="fake Ultravox answer delay (default 250, near a real call creation)")
     parser.add_argument("--pool-size", type=int, default=100, help="[ultravox] pool_size (default 100)")
+    parser.add_argument("--database-url", help="the gateway's store (default: SQLite in a temporary directory)")
     args = parser.parse_args(argv)
 
     print(f"inbound webhook benchmark: {args.requests} requests (+{args.warmup} warm-up) per target, "
