@@ -8,7 +8,7 @@ import datetime as dt
 import pytest
 
 from gateway.store import CONNECTED, CREATING, FAILED, REJECTED, CallStore
-from gateway.store.calls import async_database_url
+from gateway.store.database import engine_url
 
 STALE = dt.timedelta(seconds=30)
 
@@ -22,8 +22,7 @@ def database_url(request, tmp_path):
     async def clear():
         store = CallStore.open(url)
         await store.migrate()
-        async with store.engine.begin() as connection:
-            await connection.exec_driver_sql("DELETE FROM calls")
+        await store.database.transaction(lambda connection: connection.exec_driver_sql("DELETE FROM calls"))
         await store.close()
 
     asyncio.run(clear())
@@ -120,8 +119,9 @@ def test_same_call_id_on_two_carriers_is_two_calls(database_url):
 def test_migrations_run_once_and_are_recorded(database_url):
     async def scenario(store):
         assert await store.migrate() == await store.migrate()
-        async with store.engine.connect() as connection:
-            versions = (await connection.exec_driver_sql("SELECT version FROM schema_version")).all()
+        versions = await store.database.transaction(
+            lambda connection: connection.exec_driver_sql("SELECT version FROM schema_version").all()
+        )
         assert [v[0] for v in versions] == [1]
 
     run(database_url, scenario)
@@ -137,7 +137,7 @@ def test_failure_reason_is_bounded(database_url):
     run(database_url, scenario)
 
 
-def test_plain_database_urls_get_async_drivers():
-    assert async_database_url("sqlite:///./gateway.db") == "sqlite+aiosqlite:///./gateway.db"
-    assert async_database_url("postgresql://u@h/db") == "postgresql+asyncpg://u@h/db"
-    assert async_database_url("postgres://u@h/db") == "postgresql+asyncpg://u@h/db"
+def test_plain_database_urls_pick_the_drivers():
+    assert engine_url("sqlite:///./gateway.db") == "sqlite:///./gateway.db"
+    assert engine_url("postgresql://u@h/db") == "postgresql+asyncpg://u@h/db"
+    assert engine_url("postgres://u@h/db") == "postgresql+asyncpg://u@h/db"

@@ -1,4 +1,4 @@
-"""Call records in SQLite (default) or PostgreSQL, through SQLAlchemy's async engine."""
+"""Call records in SQLite (default) or PostgreSQL: the async API flows use, the SQL it runs."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ from dataclasses import dataclass, fields
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from .database import MIGRATION_LOCK_KEY, Database
 from .schema import MIGRATIONS, calls, schema_version
-
-MIGRATION_LOCK_KEY = 0x6761_7465  # any constant shared by every replica of this gateway
 
 # Inbound call statuses.
 CREATING = "creating"  # the Ultravox call is being created for this carrier call
@@ -50,16 +48,6 @@ class Claim:
     owned: bool  # True: this caller must create the Ultravox call; False: someone else did or is
 
 
-def async_database_url(url: str) -> str:
-    """Accept the plain URLs people write and pick the async driver for them."""
-    if url.startswith("sqlite:///"):
-        return "sqlite+aiosqlite:///" + url.removeprefix("sqlite:///")
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url.removeprefix(prefix)
-    return url
-
-
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -77,48 +65,24 @@ def _record(row: sa.Row) -> CallRecord:
 
 
 class CallStore:
-    def __init__(self, engine: AsyncEngine):
-        self.engine = engine
-        self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+    def __init__(self, database: Database):
+        self.database = database
         self._writer = _GroupCommit(self._apply)
 
     @classmethod
     def open(cls, database_url: str) -> "CallStore":
-        url = async_database_url(database_url)
-        # Every use ends its own transaction (begin() commits, connect() rolls back on close), so
-        # the pool's extra rollback on check-in is a wasted round trip per statement.
-        options: dict = {"pool_reset_on_return": None}
-        if url.startswith("sqlite"):
-            # One connection per task would contend on SQLite's single writer; WAL plus a busy
-            # timeout lets readers and the writer overlap.
-            options["connect_args"] = {"timeout": 5}
-        else:
-            options.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
-        engine = create_async_engine(url, **options)
-        if url.startswith("sqlite"):
-            @sa.event.listens_for(engine.sync_engine, "connect")
-            def _sqlite_pragmas(dbapi_connection, _record):
-                cursor = dbapi_connection.cursor()
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute("PRAGMA synchronous=NORMAL")
-                cursor.close()
-        return cls(engine)
+        return cls(Database.open(database_url))
 
     async def migrate(self) -> int:
         """Create or upgrade the schema; returns the version now in place."""
-        async with self.engine.begin() as connection:
-            if self.engine.dialect.name == "postgresql":
-                # Replicas starting together must not both run the same migration.
-                await connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-            return await connection.run_sync(_migrate)
+        return await self.database.transaction(_migrate)
 
     async def ping(self) -> None:
-        async with self.engine.connect() as connection:
-            await connection.execute(sa.text("SELECT 1"))
+        await self.database.transaction(lambda connection: connection.execute(sa.text("SELECT 1")))
 
     async def close(self) -> None:
         await self._writer.close()
-        await self.engine.dispose()
+        await self.database.close()
 
     # --- inbound calls ------------------------------------------------------------------------------
     async def claim_inbound(
@@ -166,70 +130,76 @@ class CallStore:
         outcome.update({f"new_{name}": values.get(name) for name in ("ultravox_call_id", "join_url", "failure_reason")})
         await self._writer.submit(_Write("outcome", outcome))
 
-    # --- group commit ---------------------------------------------------------------------------------
-    async def _apply(self, batch: list["_Write"]) -> list[Claim | None]:
-        """One transaction for a batch: outcomes first (a retry in the same batch then sees them)."""
-        outcomes = [write.values for write in batch if write.kind == "outcome"]
-        claims = [write for write in batch if write.kind == "claim"]
-        async with self.engine.begin() as connection:
-            if outcomes:
-                await connection.execute(_SET_OUTCOME, outcomes)
-            results = await self._claim_all(connection, claims) if claims else {}
-        return [results.get(id(write)) for write in batch]
-
-    async def _claim_all(self, connection, claims: list["_Write"]) -> dict[int, Claim]:
-        insert = (
-            self._insert(calls)
-            .on_conflict_do_nothing(index_elements=["carrier", "carrier_call_id"])
-            .returning(calls.c.id)
-        )
-        inserted = {row.id for row in await connection.execute(insert, [write.values for write in claims])}
-        results = {}
-        for write in claims:
-            if write.values["id"] in inserted:
-                record = CallRecord(join_url=None, ultravox_call_id=None, **write.values)
-                results[id(write)] = Claim(record, owned=True)
-            else:
-                results[id(write)] = await self._claim_existing(connection, write)
-        return results
-
-    async def _claim_existing(self, connection, write: "_Write") -> Claim:
-        """The carrier call is known already: a retry, or a race with another delivery."""
-        values = write.values
-        row = (await connection.execute(
-            sa.select(calls).where(
-                calls.c.carrier == values["carrier"], calls.c.carrier_call_id == values["carrier_call_id"]
-            )
-        )).one()
-        existing = _record(row)
-        now = values["updated_at"]
-        retryable = existing.status == FAILED or (
-            existing.status == CREATING and now - existing.updated_at > write.stale_after
-        )
-        if values["status"] != CREATING or not retryable:
-            return Claim(existing, owned=False)
-        # Compare-and-set on the attempt count: of two racing retries only one takes it over.
-        taken = await connection.execute(
-            sa.update(calls)
-            .where(calls.c.id == existing.id, calls.c.attempts == existing.attempts)
-            .values(status=CREATING, failure_reason=None, attempts=calls.c.attempts + 1, updated_at=now)
-        )
-        # Whoever won, hand back the record as it is now, not the stale one.
-        return Claim(await self._get(connection, existing.id), owned=taken.rowcount == 1)
-
     async def get(self, call_id: str) -> CallRecord | None:
-        async with self.engine.connect() as connection:
-            return await self._get(connection, call_id)
+        return await self.database.transaction(_get, call_id)
 
     async def list_all(self) -> list[CallRecord]:
-        async with self.engine.connect() as connection:
-            rows = (await connection.execute(sa.select(calls).order_by(calls.c.created_at))).all()
-        return [_record(row) for row in rows]
+        return await self.database.transaction(_list_all)
 
-    @staticmethod
-    async def _get(connection, call_id: str) -> CallRecord | None:
-        row = (await connection.execute(sa.select(calls).where(calls.c.id == call_id))).first()
-        return _record(row) if row else None
+    # --- group commit ---------------------------------------------------------------------------------
+    async def _apply(self, batch: list["_Write"]) -> list[Claim | None]:
+        return await self.database.transaction(_apply_batch, batch)
+
+
+# --- the SQL, run by Database.transaction on a sync Connection ---------------------------------------
+
+
+def _get(connection: sa.Connection, call_id: str) -> CallRecord | None:
+    row = connection.execute(sa.select(calls).where(calls.c.id == call_id)).first()
+    return _record(row) if row else None
+
+
+def _list_all(connection: sa.Connection) -> list[CallRecord]:
+    return [_record(row) for row in connection.execute(sa.select(calls).order_by(calls.c.created_at))]
+
+
+def _apply_batch(connection: sa.Connection, batch: list["_Write"]) -> list[Claim | None]:
+    """One transaction for a batch: outcomes first (a retry in the same batch then sees them)."""
+    outcomes = [write.values for write in batch if write.kind == "outcome"]
+    claims = [write for write in batch if write.kind == "claim"]
+    if outcomes:
+        connection.execute(_SET_OUTCOME, outcomes)
+    results = _claim_all(connection, claims) if claims else {}
+    return [results.get(id(write)) for write in batch]
+
+
+def _claim_all(connection: sa.Connection, claims: list["_Write"]) -> dict[int, Claim]:
+    insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+    statement = (
+        insert(calls).on_conflict_do_nothing(index_elements=["carrier", "carrier_call_id"]).returning(calls.c.id)
+    )
+    inserted = {row.id for row in connection.execute(statement, [write.values for write in claims])}
+    results = {}
+    for write in claims:
+        if write.values["id"] in inserted:
+            record = CallRecord(join_url=None, ultravox_call_id=None, **write.values)
+            results[id(write)] = Claim(record, owned=True)
+        else:
+            results[id(write)] = _claim_existing(connection, write)
+    return results
+
+
+def _claim_existing(connection: sa.Connection, write: "_Write") -> Claim:
+    """The carrier call is known already: a retry, or a race with another delivery."""
+    values = write.values
+    row = connection.execute(
+        sa.select(calls).where(calls.c.carrier == values["carrier"], calls.c.carrier_call_id == values["carrier_call_id"])
+    ).one()
+    existing = _record(row)
+    now = values["updated_at"]
+    retryable = existing.status == FAILED or (
+        existing.status == CREATING and now - existing.updated_at > write.stale_after
+    )
+    if values["status"] != CREATING or not retryable:
+        return Claim(existing, owned=False)
+    # Compare-and-set on the attempt count: of two racing retries only one takes it over.
+    taken = connection.execute(
+        sa.update(calls)
+        .where(calls.c.id == existing.id, calls.c.attempts == existing.attempts)
+        .values(status=CREATING, failure_reason=None, attempts=calls.c.attempts + 1, updated_at=now)
+    )
+    # Whoever won, hand back the record as it is now, not the stale one.
+    return Claim(_get(connection, existing.id), owned=taken.rowcount == 1)
 
 
 # One statement for every outcome in a batch (executemany); NULL keeps what is stored.
@@ -311,6 +281,9 @@ class _GroupCommit:
 
 
 def _migrate(connection: sa.Connection) -> int:
+    if connection.dialect.name == "postgresql":
+        # Replicas starting together must not both run the same migration.
+        connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
     schema_version.create(connection, checkfirst=True)
     applied = connection.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
     for version, migration in enumerate(MIGRATIONS, start=1):
