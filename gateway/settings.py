@@ -8,7 +8,7 @@ import os
 import re
 import tomllib
 import uuid
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -50,6 +50,9 @@ class TwilioSettings(_Section):
 
 class TelnyxSettings(_Section):
     api_key: str | None = None
+    # Outbound TeXML calls: the account id in the Calls URL and the TeXML application that owns them.
+    account_sid: str | None = None
+    texml_application_id: str | None = None
     public_key: str | None = None  # base64 ed25519 public key from the Telnyx portal
     api_base_url: str = "https://api.telnyx.com"
     timestamp_tolerance_seconds: int = Field(default=300, gt=0)
@@ -86,6 +89,52 @@ class FallbackSettings(_Section):
     def _e164(cls, value: str | None) -> str | None:
         if value is not None and not E164.match(value):
             raise ValueError(f"must be an E.164 number like +15551234567, got {value!r}")
+        return value
+
+
+class DialPolicySettings(_Section):
+    """Toll-fraud guard for outbound calls: where the gateway may dial at all."""
+
+    # E.164 prefixes a destination must start with (country codes like "+1", "+44", or narrower).
+    allowed_prefixes: list[str] = Field(default_factory=lambda: ["+1"])
+    # Prefixes never dialled, even inside an allowed country: US premium-rate (900, 976) and the
+    # Caribbean NANP codes most used for toll fraud.
+    denied_prefixes: list[str] = Field(default_factory=lambda: [
+        "+1900", "+1976", "+1268", "+1284", "+1473", "+1649", "+1664", "+1767", "+1809", "+1829", "+1849", "+1876",
+    ])
+    # Dial requests accepted per API key per minute.
+    calls_per_minute_per_key: int = Field(default=30, ge=1)
+
+    @field_validator("allowed_prefixes", "denied_prefixes")
+    @classmethod
+    def _prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            if not re.match(r"^\+[1-9]\d{0,14}$", prefix):
+                raise ValueError(f"prefixes look like +1 or +4420, got {prefix!r}")
+        return value
+
+
+CarrierName = Literal["twilio", "telnyx", "plivo"]
+
+
+class OutboundSettings(_Section):
+    default_carrier: CarrierName = "twilio"
+    # "carrier": the gateway dials through the carrier's REST API and creates the Ultravox call
+    # when the callee answers. "ultravox": Ultravox dials with the carrier credentials imported
+    # into the Ultravox account.
+    default_via: Literal["carrier", "ultravox"] = "carrier"
+    ring_timeout_seconds: int = Field(default=30, ge=5, le=120)
+    # Numbers this deployment owns, per carrier; a dial request's `from` must be one of them.
+    numbers: dict[CarrierName, list[str]] = Field(default_factory=dict)
+    policy: DialPolicySettings = Field(default_factory=DialPolicySettings)
+
+    @field_validator("numbers")
+    @classmethod
+    def _numbers(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for carrier, numbers in value.items():
+            for number in numbers:
+                if not E164.match(number):
+                    raise ValueError(f"{carrier} number {number!r} is not E.164 (like +15551234567)")
         return value
 
 
@@ -172,7 +221,25 @@ class Settings(_Section):
     telnyx: TelnyxSettings = Field(default_factory=TelnyxSettings)
     plivo: PlivoSettings = Field(default_factory=PlivoSettings)
     fallback: FallbackSettings = Field(default_factory=FallbackSettings)
+    outbound: OutboundSettings = Field(default_factory=OutboundSettings)
+    # Keys accepted as `Authorization: Bearer KEY` on /v1/* (env GATEWAY_API_KEYS, comma-separated).
+    api_keys: list[str] = Field(default_factory=list)
     routes: list[RouteSettings] = Field(default_factory=list)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _long_keys(cls, value: list[str]) -> list[str]:
+        for key in value:
+            if len(key) < 16:
+                raise ValueError("API keys must be at least 16 characters (they guard who may place calls)")
+        return value
 
     @field_validator("public_url")
     @classmethod
@@ -191,6 +258,9 @@ class Settings(_Section):
                 raise ValueError(f"two routes are configured for {route.number}")
             seen.add(route.number)
         return self
+
+    def route_named(self, name: str) -> RouteSettings | None:
+        return next((route for route in self.routes if route.name == name), None)
 
     def route_for(self, called_number: str) -> RouteSettings | None:
         default = None
@@ -229,6 +299,7 @@ class Settings(_Section):
 ENVIRONMENT: dict[str, tuple[str | None, str]] = {
     "GATEWAY_PUBLIC_URL": (None, "public_url"),
     "GATEWAY_DATABASE_URL": (None, "database_url"),
+    "GATEWAY_API_KEYS": (None, "api_keys"),
     "ULTRAVOX_API_KEY": ("ultravox", "api_key"),
     "ULTRAVOX_BASE_URL": ("ultravox", "base_url"),
     "ULTRAVOX_WEBHOOK_SECRET": ("ultravox", "webhook_secret"),

@@ -87,7 +87,7 @@ def test_each_carrier_connects_the_call_to_the_join_url(gateway, fake_ultravox, 
     assert request.body["templateContext"] == {"caller": {"number": "+15551230001", "city": "SPRINGFIELD"}}
 
     (record,) = gateway.records()
-    assert record.status == "connected"
+    assert record.status == "in-progress"
     assert record.join_url == join_url
     assert record.carrier_call_id == form[CALL_ID_PARAM[carrier]]
     assert (record.from_number, record.to_number) == ("+15551230001", SUPPORT_NUMBER)
@@ -125,7 +125,7 @@ def test_withheld_caller_id_is_still_connected(gateway, fake_ultravox, carrier):
     response = gateway.post(carrier, form_for(carrier, from_=""))
     stream_of(carrier, response.text)
     (record,) = gateway.records()
-    assert record.from_number == "" and record.status == "connected"
+    assert record.from_number == "" and record.status == "in-progress"
 
 
 def test_default_route_catches_other_numbers(make_gateway, fake_ultravox):
@@ -268,7 +268,7 @@ def test_a_retry_after_a_failed_attempt_tries_again(gateway, fake_ultravox):
 
     stream_of("twilio", gateway.post("twilio", form).text)
     (record,) = gateway.records()
-    assert record.status == "connected" and record.attempts == 2
+    assert record.status == "in-progress" and record.attempts == 2
 
 
 # --- Ultravox trouble ------------------------------------------------------------------------------
@@ -442,7 +442,7 @@ def test_replicas_on_postgresql_answer_retries_with_one_ultravox_call(make_gatew
     assert len({stream_of("telnyx", r.text)[0] for r in responses}) == 1
     assert fake_ultravox.calls_created == 1
     records = [r for r in replicas[0].records() if r.carrier_call_id == form["CallSid"]]
-    assert len(records) == 1 and records[0].status == "connected"
+    assert len(records) == 1 and records[0].status == "in-progress"
 
 
 def test_store_outage_still_connects_the_caller(gateway, fake_ultravox):

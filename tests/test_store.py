@@ -7,7 +7,7 @@ import datetime as dt
 
 import pytest
 
-from gateway.store import CONNECTED, CREATING, FAILED, REJECTED, CallStore
+from gateway.store import IN_PROGRESS, CREATING, FAILED, REJECTED, CallStore
 from gateway.store.database import engine_url
 
 STALE = dt.timedelta(seconds=30)
@@ -56,7 +56,7 @@ def test_first_delivery_owns_the_call_and_retries_see_its_record(database_url):
         second = await claim(store)
         assert not second.owned
         assert second.record.id == first.record.id
-        assert second.record.status == CONNECTED and second.record.join_url == "wss://x/1?a=1&b=2"
+        assert second.record.status == IN_PROGRESS and second.record.join_url == "wss://x/1?a=1&b=2"
         assert second.record.created_at.tzinfo is not None
         assert len(await store.list_all()) == 1
 

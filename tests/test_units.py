@@ -13,7 +13,8 @@ from gateway.cli import main as cli_main
 from gateway.flows.call_request import build_call_request, duration, template_context
 from gateway.settings import ConfigError, RouteSettings, UltravoxSettings, load_settings
 from gateway.testing import validate_ultravox_request
-from gateway.ultravox import UltravoxClient, UltravoxError, create_http_client, retry_after_seconds
+from gateway.http import request_never_sent, retry_after_seconds
+from gateway.ultravox import UltravoxClient, UltravoxError, create_http_client
 
 AGENT = "6f1c2d3e-4b5a-4c6d-8e7f-9a0b1c2d3e4f"
 
@@ -175,8 +176,6 @@ def test_no_api_key_fails_without_a_request():
 
 def test_only_errors_before_sending_count_as_never_sent():
     import aiohttp
-
-    from gateway.ultravox import request_never_sent
 
     def mapped(httpx_error, aiohttp_error):
         try:

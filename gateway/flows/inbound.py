@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..carriers.base import Carrier, InboundCall
 from ..settings import RouteSettings, Settings
-from ..store import CONNECTED, CREATING, REJECTED, CallStore, Claim
+from ..store import IN_PROGRESS, CREATING, REJECTED, CallStore, Claim
 from ..ultravox import UltravoxClient, UltravoxError
 from .call_request import build_call_request
 
@@ -134,7 +134,7 @@ class InboundFlow:
         while record.status == CREATING and self._clock() + POLL_SECONDS < deadline - RESPONSE_MARGIN_SECONDS:
             await asyncio.sleep(POLL_SECONDS)
             record = await self.store.get(record.id) or record
-        if record.status == CONNECTED and record.join_url:
+        if record.status == IN_PROGRESS and record.join_url:
             return record.join_url
         return None
 

@@ -14,11 +14,24 @@ from sqlalchemy.dialects import postgresql, sqlite
 from .database import MIGRATION_LOCK_KEY, Database
 from .schema import MIGRATIONS, calls, schema_version
 
-# Inbound call statuses.
-CREATING = "creating"  # the Ultravox call is being created for this carrier call
-CONNECTED = "connected"  # the carrier got XML joining the Ultravox call
-FAILED = "failed"  # the caller got the apology
-REJECTED = "rejected"  # no route for the called number
+# Call statuses, inbound and outbound, in the order a call goes through them.
+QUEUED = "queued"  # outbound: accepted, being placed
+CREATING = "creating"  # inbound: the Ultravox call is being created for this carrier call
+RINGING = "ringing"
+ANSWERED = "answered"  # outbound: the callee picked up; the agent is being connected
+IN_PROGRESS = "in-progress"  # the caller or callee is talking with the agent
+COMPLETED = "completed"
+NO_ANSWER = "no-answer"
+BUSY = "busy"
+CANCELED = "canceled"
+FAILED = "failed"  # inbound: the caller got the apology; outbound: could not be placed or connected
+MACHINE_DETECTED = "machine-detected"
+REJECTED = "rejected"  # inbound: no route for the called number
+
+STATUS_RANK = {QUEUED: 0, CREATING: 0, RINGING: 1, ANSWERED: 2, IN_PROGRESS: 3}
+FINAL_STATUSES = {COMPLETED, NO_ANSWER, BUSY, CANCELED, FAILED, MACHINE_DETECTED, REJECTED}
+STATUS_RANK.update({status: 9 for status in FINAL_STATUSES})
+STATUSES = list(STATUS_RANK)
 
 
 @dataclass(frozen=True)
@@ -26,7 +39,7 @@ class CallRecord:
     id: str
     direction: str
     carrier: str
-    carrier_call_id: str
+    carrier_call_id: str | None
     from_number: str
     to_number: str
     route: str | None
@@ -37,6 +50,21 @@ class CallRecord:
     attempts: int
     created_at: dt.datetime
     updated_at: dt.datetime
+    via: str | None = None
+    end_reason: str | None = None
+    answered_by: str | None = None
+    duration_seconds: int | None = None
+    summary: str | None = None
+    api_key_id: str | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    request_json: str | None = None
+    answered_at: dt.datetime | None = None
+    ended_at: dt.datetime | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
 
 
 _COLUMNS = [f.name for f in fields(CallRecord)]
@@ -59,8 +87,9 @@ def _as_utc(value: dt.datetime) -> dt.datetime:
 
 def _record(row: sa.Row) -> CallRecord:
     data = dict(row._mapping)
-    data["created_at"] = _as_utc(data["created_at"])
-    data["updated_at"] = _as_utc(data["updated_at"])
+    for name in ("created_at", "updated_at", "answered_at", "ended_at"):
+        if data[name] is not None:
+            data[name] = _as_utc(data[name])
     return CallRecord(**{name: data[name] for name in _COLUMNS})
 
 
@@ -112,6 +141,7 @@ class CallStore:
             to_number=to_number,
             route=route,
             status=status,
+            status_rank=STATUS_RANK[status],
             failure_reason=failure_reason,
             attempts=1,
             created_at=now,
@@ -120,18 +150,38 @@ class CallStore:
         return await self._writer.submit(_Write("claim", values, stale_after))
 
     async def mark_connected(self, call_id: str, *, ultravox_call_id: str, join_url: str) -> None:
-        await self._set_outcome(call_id, CONNECTED, ultravox_call_id=ultravox_call_id, join_url=join_url)
+        await self._set_outcome(call_id, IN_PROGRESS, ultravox_call_id=ultravox_call_id, join_url=join_url)
 
     async def mark_failed(self, call_id: str, reason: str) -> None:
         await self._set_outcome(call_id, FAILED, failure_reason=reason[:500])
 
     async def _set_outcome(self, call_id: str, status: str, **values: str) -> None:
-        outcome = {"call_id": call_id, "new_status": status, "now": utcnow()}
+        outcome = {"call_id": call_id, "new_status": status, "new_rank": STATUS_RANK[status], "now": utcnow()}
         outcome.update({f"new_{name}": values.get(name) for name in ("ultravox_call_id", "join_url", "failure_reason")})
         await self._writer.submit(_Write("outcome", outcome))
 
     async def get(self, call_id: str) -> CallRecord | None:
         return await self.database.transaction(_get, call_id)
+
+    # --- outbound calls and call tracking ---------------------------------------------------------------
+    async def create_outbound(self, values: dict, *, max_recent: int, window: dt.timedelta) -> "OutboundInsert":
+        """Record a dial request once per idempotency key, within the key's dialling rate."""
+        now = utcnow()
+        values = dict(values, id=str(uuid.uuid4()), direction="outbound", status=QUEUED,
+                      status_rank=STATUS_RANK[QUEUED], attempts=1, created_at=now, updated_at=now)
+        return await self.database.transaction(_create_outbound, values, max_recent, now - window)
+
+    async def update(self, call_id: str, status: str | None = None, **details) -> CallRecord | None:
+        """Fill in what is known; move the status forward only (events come late and twice)."""
+        details = {name: value for name, value in details.items() if value is not None}
+        return await self.database.transaction(_update, call_id, status, details, utcnow())
+
+    async def find_by_ultravox_call_id(self, ultravox_call_id: str) -> CallRecord | None:
+        return await self.database.transaction(_find_by_ultravox_call_id, ultravox_call_id)
+
+    async def list(self, *, filters: "CallFilters", limit: int, cursor: tuple[dt.datetime, str] | None):
+        """Newest first; the cursor is the (created_at, id) of the last record of the previous page."""
+        return await self.database.transaction(_list, filters, limit, cursor)
 
     async def list_all(self) -> list[CallRecord]:
         return await self.database.transaction(_list_all)
@@ -141,7 +191,90 @@ class CallStore:
         return await self.database.transaction(_apply_batch, batch)
 
 
+@dataclass(frozen=True)
+class OutboundInsert:
+    record: CallRecord | None
+    created: bool  # False: an earlier request with the same idempotency key made `record`
+    rate_limited: bool = False
+
+
+@dataclass(frozen=True)
+class CallFilters:
+    status: str | None = None
+    carrier: str | None = None
+    direction: str | None = None
+    created_after: dt.datetime | None = None
+    created_before: dt.datetime | None = None
+
+
 # --- the SQL, run by Database.transaction on a sync Connection ---------------------------------------
+
+
+def _insert_for(connection: sa.Connection):
+    return postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+
+
+def _create_outbound(connection: sa.Connection, values: dict, max_recent: int, since: dt.datetime) -> OutboundInsert:
+    key = values.get("idempotency_key")
+    by_key = sa.select(calls).where(calls.c.api_key_id == values["api_key_id"], calls.c.idempotency_key == key)
+    if key:
+        existing = connection.execute(by_key).first()
+        if existing:
+            return OutboundInsert(_record(existing), created=False)
+    recent = connection.execute(
+        sa.select(sa.func.count()).select_from(calls)
+        .where(calls.c.api_key_id == values["api_key_id"], calls.c.created_at >= since)
+    ).scalar_one()
+    if recent >= max_recent:
+        return OutboundInsert(None, created=False, rate_limited=True)
+    # Two racing requests with one key: the unique index lets one in, the other reads it back.
+    inserted = connection.execute(
+        _insert_for(connection)(calls).values(**values)
+        .on_conflict_do_nothing(index_elements=["api_key_id", "idempotency_key"]).returning(calls.c.id)
+    ).first()
+    if inserted is None:
+        return OutboundInsert(_record(connection.execute(by_key).one()), created=False)
+    return OutboundInsert(_get(connection, values["id"]), created=True)
+
+
+def _update(connection: sa.Connection, call_id: str, status: str | None, details: dict, now: dt.datetime):
+    if details:
+        connection.execute(sa.update(calls).where(calls.c.id == call_id).values(updated_at=now, **details))
+    if status:
+        rank = STATUS_RANK[status]
+        values = {"status": status, "status_rank": rank, "updated_at": now}
+        if status in FINAL_STATUSES:
+            values["ended_at"] = sa.func.coalesce(calls.c.ended_at, now)
+        elif rank >= STATUS_RANK[ANSWERED]:
+            values["answered_at"] = sa.func.coalesce(calls.c.answered_at, now)
+        connection.execute(
+            sa.update(calls).where(calls.c.id == call_id, calls.c.status_rank < rank).values(**values)
+        )
+    return _get(connection, call_id)
+
+
+def _find_by_ultravox_call_id(connection: sa.Connection, ultravox_call_id: str) -> CallRecord | None:
+    row = connection.execute(sa.select(calls).where(calls.c.ultravox_call_id == ultravox_call_id)).first()
+    return _record(row) if row else None
+
+
+def _list(connection: sa.Connection, filters: CallFilters, limit: int, cursor):
+    query = sa.select(calls)
+    for column, value in (("status", filters.status), ("carrier", filters.carrier), ("direction", filters.direction)):
+        if value is not None:
+            query = query.where(calls.c[column] == value)
+    if filters.created_after is not None:
+        query = query.where(calls.c.created_at >= filters.created_after)
+    if filters.created_before is not None:
+        query = query.where(calls.c.created_at < filters.created_before)
+    if cursor is not None:
+        created_at, call_id = cursor
+        query = query.where(sa.or_(
+            calls.c.created_at < created_at, sa.and_(calls.c.created_at == created_at, calls.c.id < call_id)
+        ))
+    rows = connection.execute(query.order_by(calls.c.created_at.desc(), calls.c.id.desc()).limit(limit + 1)).all()
+    records = [_record(row) for row in rows[:limit]]
+    return records, len(rows) > limit
 
 
 def _get(connection: sa.Connection, call_id: str) -> CallRecord | None:
@@ -164,15 +297,15 @@ def _apply_batch(connection: sa.Connection, batch: list["_Write"]) -> list[Claim
 
 
 def _claim_all(connection: sa.Connection, claims: list["_Write"]) -> dict[int, Claim]:
-    insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
     statement = (
-        insert(calls).on_conflict_do_nothing(index_elements=["carrier", "carrier_call_id"]).returning(calls.c.id)
+        _insert_for(connection)(calls).on_conflict_do_nothing(index_elements=["carrier", "carrier_call_id"]).returning(calls.c.id)
     )
     inserted = {row.id for row in connection.execute(statement, [write.values for write in claims])}
     results = {}
     for write in claims:
         if write.values["id"] in inserted:
-            record = CallRecord(join_url=None, ultravox_call_id=None, **write.values)
+            values = {k: v for k, v in write.values.items() if k != "status_rank"}
+            record = CallRecord(join_url=None, ultravox_call_id=None, **values)
             results[id(write)] = Claim(record, owned=True)
         else:
             results[id(write)] = _claim_existing(connection, write)
@@ -196,7 +329,8 @@ def _claim_existing(connection: sa.Connection, write: "_Write") -> Claim:
     taken = connection.execute(
         sa.update(calls)
         .where(calls.c.id == existing.id, calls.c.attempts == existing.attempts)
-        .values(status=CREATING, failure_reason=None, attempts=calls.c.attempts + 1, updated_at=now)
+        .values(status=CREATING, status_rank=STATUS_RANK[CREATING], failure_reason=None,
+                attempts=calls.c.attempts + 1, updated_at=now)
     )
     # Whoever won, hand back the record as it is now, not the stale one.
     return Claim(_get(connection, existing.id), owned=taken.rowcount == 1)
@@ -205,9 +339,10 @@ def _claim_existing(connection: sa.Connection, write: "_Write") -> Claim:
 # One statement for every outcome in a batch (executemany); NULL keeps what is stored.
 _SET_OUTCOME = (
     sa.update(calls)
-    .where(calls.c.id == sa.bindparam("call_id"))
+    .where(calls.c.id == sa.bindparam("call_id"), calls.c.status_rank < sa.bindparam("new_rank"))
     .values(
         status=sa.bindparam("new_status"),
+        status_rank=sa.bindparam("new_rank"),
         ultravox_call_id=sa.func.coalesce(sa.bindparam("new_ultravox_call_id", type_=sa.String), calls.c.ultravox_call_id),
         join_url=sa.func.coalesce(sa.bindparam("new_join_url", type_=sa.Text), calls.c.join_url),
         failure_reason=sa.func.coalesce(sa.bindparam("new_failure_reason", type_=sa.Text), calls.c.failure_reason),

@@ -12,7 +12,9 @@ calls = sa.Table(
     sa.Column("id", sa.String(36), primary_key=True),
     sa.Column("direction", sa.String(16), nullable=False),
     sa.Column("carrier", sa.String(16), nullable=False),
-    sa.Column("carrier_call_id", sa.String(255), nullable=False),
+    # Unknown until the carrier (or Ultravox) has placed an outbound call.
+    sa.Column("carrier_call_id", sa.String(255)),
+    sa.Column("via", sa.String(16)),  # outbound: "carrier" or "ultravox"
     # Text: SIP URIs can be long, and PostgreSQL (unlike SQLite) enforces lengths.
     sa.Column("from_number", sa.Text, nullable=False),
     sa.Column("to_number", sa.Text, nullable=False),
@@ -20,14 +22,30 @@ calls = sa.Table(
     sa.Column("ultravox_call_id", sa.String(64)),
     sa.Column("join_url", sa.Text),
     sa.Column("status", sa.String(32), nullable=False),
+    # Order of statuses; a status update only ever moves forward (events arrive out of order).
+    sa.Column("status_rank", sa.Integer, nullable=False, server_default="0"),
     sa.Column("failure_reason", sa.Text),
+    sa.Column("end_reason", sa.Text),
+    sa.Column("answered_by", sa.String(32)),
+    sa.Column("duration_seconds", sa.Integer),
+    sa.Column("summary", sa.Text),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="1"),
+    # Outbound requests: who asked, their idempotency key, and what they asked for.
+    sa.Column("api_key_id", sa.String(16)),
+    sa.Column("idempotency_key", sa.String(255)),
+    sa.Column("request_hash", sa.String(64)),
+    sa.Column("request_json", sa.Text),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("answered_at", sa.DateTime(timezone=True)),
+    sa.Column("ended_at", sa.DateTime(timezone=True)),
     # A carrier retry of the same call must find the first record, also across replicas.
     sa.UniqueConstraint("carrier", "carrier_call_id", name="uq_calls_carrier_call"),
-    sa.Index("ix_calls_created_at", "created_at"),
+    # A retried dial request must find the first call instead of dialling twice.
+    sa.UniqueConstraint("api_key_id", "idempotency_key", name="uq_calls_idempotency"),
+    sa.Index("ix_calls_created_at", "created_at", "id"),
     sa.Index("ix_calls_ultravox_call_id", "ultravox_call_id"),
+    sa.Index("ix_calls_key_created", "api_key_id", "created_at"),
 )
 
 schema_version = sa.Table(
@@ -42,5 +60,6 @@ def _create_v1(connection: sa.Connection) -> None:
     metadata.create_all(connection, tables=[calls])
 
 
-# Append new migrations; never edit one that has shipped.
+# Append new migrations; never edit one that has shipped. (Version 1 grew the outbound columns
+# before the first release.)
 MIGRATIONS = [_create_v1]
