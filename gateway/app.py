@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from urllib.parse import parse_qsl
@@ -16,9 +17,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from .api import CallsApi, _read_limited
 from .carriers import CARRIER_CLASSES, Carrier
 from .carriers.base import RequestRejected, Webhook
 from .flows.inbound import InboundFlow
+from .flows.outbound import OutboundFlow
+from .flows.tracking import CallTracking
+from .http import create_client
+from .security import WebhookRejected, verify_ultravox_webhook
 from .settings import Settings
 from .store import CallStore
 from .ultravox import UltravoxClient, create_http_client
@@ -52,7 +58,11 @@ class Gateway:
         self.metrics = Metrics()
         self.store: CallStore | None = None
         self.http: httpx.AsyncClient | None = None
+        self.carrier_http: httpx.AsyncClient | None = None
         self.inbound: InboundFlow | None = None
+        self.outbound: OutboundFlow | None = None
+        self.tracking: CallTracking | None = None
+        self.api: CallsApi | None = None
 
     async def start(self) -> None:
         if self.settings.insecure_skip_signature_verification:
@@ -65,34 +75,77 @@ class Gateway:
         self.store = CallStore.open(self.settings.database_url)
         await self.store.migrate()
         self.http = create_http_client(self.settings.ultravox)
+        # Carrier REST calls (placing calls) share one client; each request carries its own auth.
+        self.carrier_http = create_client(pool_size=20, timeout=10.0)
         ultravox = UltravoxClient(self.http, self.settings.ultravox, clock=self.clock)
         self.inbound = InboundFlow(self.settings, self.store, ultravox, clock=self.clock)
+        self.outbound = OutboundFlow(
+            self.settings, self.store, ultravox, self.carriers, self.carrier_http, clock=self.clock
+        )
+        self.tracking = CallTracking(self.store)
+        self.api = CallsApi(self.settings, self.store, self.outbound)
 
     async def stop(self) -> None:
-        if self.http is not None:
-            await self.http.aclose()
+        for client in (self.http, self.carrier_http):
+            if client is not None:
+                await client.aclose()
         if self.store is not None:
             await self.store.close()
 
     # --- carrier webhooks -------------------------------------------------------------------------
-    def inbound_endpoint(self, carrier: Carrier):
+    @staticmethod
+    def carrier_endpoint(carrier: Carrier, handler):
         async def endpoint(request: Request) -> Response:
-            return await self.handle_inbound(carrier, request)
+            return await handler(carrier, request)
 
-        endpoint.__name__ = f"{carrier.name}_inbound"
+        endpoint.__name__ = f"{carrier.name}_{handler.__name__}"
         return endpoint
+
+    async def verified_webhook(self, carrier: Carrier, request: Request) -> Webhook:
+        webhook = await self.read_webhook(request)
+        carrier.verify(webhook)
+        return webhook
+
+    async def handle_outbound_answer(self, carrier: Carrier, request: Request) -> Response:
+        """The callee picked up a call the gateway placed: connect the agent."""
+        deadline = self.clock() + self.settings.ultravox.inbound_deadline_seconds
+        try:
+            webhook = await self.verified_webhook(carrier, request)
+        except RequestRejected as rejection:
+            return self._refused(carrier, rejection)
+        call_id = request.query_params.get("call", "")
+        try:
+            xml = await asyncio.wait_for(
+                self.outbound.answer(carrier, webhook, call_id, deadline), timeout=max(0.0, deadline - self.clock())
+            )
+        except Exception:  # the deadline, or a bug: the callee hears the apology either way
+            log.exception("%s answer for outbound call %s failed", carrier.name, call_id)
+            xml = carrier.apology_xml(self.settings.fallback.message, None)
+        return Response(xml, media_type=carrier.xml_media_type)
+
+    async def handle_status(self, carrier: Carrier, request: Request) -> Response:
+        """Call progress callbacks: the call named in the URL, or an inbound call by its carrier id."""
+        try:
+            webhook = await self.verified_webhook(carrier, request)
+        except RequestRejected as rejection:
+            return self._refused(carrier, rejection)
+        record = await self.tracking.carrier_status(carrier, webhook, request.query_params.get("call"))
+        if record is None:
+            log.info("%s status callback for a call this gateway does not know", carrier.name)
+        return Response(status_code=204)
+
+    def _refused(self, carrier: Carrier, rejection: RequestRejected) -> Response:
+        self.metrics.webhooks.labels(carrier.name, f"http_{rejection.status}").inc()
+        log.warning("%s webhook refused (%d): %s", carrier.name, rejection.status, rejection.detail)
+        return PlainTextResponse(rejection.detail + "\n", status_code=rejection.status)
 
     async def handle_inbound(self, carrier: Carrier, request: Request) -> Response:
         started = self.clock()
         deadline = started + self.settings.ultravox.inbound_deadline_seconds
         try:
-            webhook = await self.read_webhook(request)
-            carrier.verify(webhook)
-            call = carrier.parse_inbound(webhook)
+            call = carrier.parse_inbound(await self.verified_webhook(carrier, request))
         except RequestRejected as rejection:
-            self.metrics.webhooks.labels(carrier.name, f"http_{rejection.status}").inc()
-            log.warning("%s webhook refused (%d): %s", carrier.name, rejection.status, rejection.detail)
-            return PlainTextResponse(rejection.detail + "\n", status_code=rejection.status)
+            return self._refused(carrier, rejection)
         try:
             # The hard stop: whatever happens below, the carrier gets XML before its own timeout.
             answer = await asyncio.wait_for(
@@ -165,15 +218,57 @@ class Gateway:
             return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    def _api(self, name: str):
+        async def endpoint(request: Request) -> Response:
+            return await getattr(self.api, name)(request)  # the API exists once the app has started
+
+        endpoint.__name__ = f"api_{name}"
+        return endpoint
+
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # --- Ultravox call events ---------------------------------------------------------------------
+    async def ultravox_events(self, request: Request) -> Response:
+        secret = self.settings.ultravox.webhook_secret
+        if not secret:
+            return PlainTextResponse("ULTRAVOX_WEBHOOK_SECRET is not configured on this gateway\n", status_code=403)
+        body = await _read_limited(request, self.settings.max_body_bytes)
+        if body is None:
+            return PlainTextResponse("body too large\n", status_code=413)
+        try:
+            verify_ultravox_webhook(
+                secret, body, request.headers.get("x-ultravox-webhook-timestamp"),
+                request.headers.get("x-ultravox-webhook-signature"),
+                tolerance_seconds=self.settings.ultravox.webhook_tolerance_seconds,
+            )
+        except WebhookRejected as rejection:
+            log.warning("Ultravox event refused: %s", rejection)
+            return PlainTextResponse(f"{rejection}\n", status_code=403)
+        try:
+            event = json.loads(body)
+            name, call = event["event"], event["call"]
+            call["callId"]
+        except (ValueError, KeyError, TypeError):
+            return PlainTextResponse("expected {\"event\": …, \"call\": {\"callId\": …}}\n", status_code=400)
+        await self.tracking.ultravox_event(name, call)
+        return Response(status_code=204)
+
     def routes(self) -> list[Route]:
-        routes = [
-            Route(f"/{name}/inbound", self.inbound_endpoint(carrier), methods=["POST"])
-            for name, carrier in self.carriers.items()
-        ]
+        routes = []
+        for name, carrier in self.carriers.items():
+            routes += [
+                Route(f"/{name}/inbound", self.carrier_endpoint(carrier, self.handle_inbound), methods=["POST"]),
+                Route(f"/{name}/outbound/answer", self.carrier_endpoint(carrier, self.handle_outbound_answer),
+                      methods=["POST"]),
+                Route(f"/{name}/status", self.carrier_endpoint(carrier, self.handle_status), methods=["POST"]),
+            ]
         routes += [
+            Route("/v1/calls", self._api("create"), methods=["POST"]),
+            Route("/v1/calls", self._api("list"), methods=["GET"]),
+            Route("/v1/calls/{call_id}", self._api("get"), methods=["GET"]),
+            Route("/v1/openapi.json", self._api("openapi"), methods=["GET"]),
+            Route("/ultravox/events", self.ultravox_events, methods=["POST"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),

@@ -1,10 +1,12 @@
-"""`gateway serve | check`."""
+"""`gateway serve | check | dial`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 
 from .settings import ConfigError, load_settings
 
@@ -23,9 +25,27 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--config", help="TOML config file (default: $GATEWAY_CONFIG)")
     check.add_argument("config_path", nargs="?", help="same as --config")
 
+    dial = commands.add_parser("dial", help="phone someone through the running gateway and follow the call")
+    dial.add_argument("to", help="number to call, E.164 (+15551234567)")
+    agent = dial.add_mutually_exclusive_group(required=True)
+    agent.add_argument("--route", help="name of a configured route")
+    agent.add_argument("--agent-id", help="an Ultravox agent id")
+    dial.add_argument("--carrier", choices=["twilio", "telnyx", "plivo"])
+    dial.add_argument("--from", dest="from_", help="one of the deployment's numbers (default: the first)")
+    dial.add_argument("--via", choices=["carrier", "ultravox"])
+    dial.add_argument("--greeting", help="what the agent says if the callee stays silent")
+    dial.add_argument("--url", default=os.environ.get("GATEWAY_URL", "http://127.0.0.1:8080"),
+                      help="the gateway's base URL (default $GATEWAY_URL or http://127.0.0.1:8080)")
+    dial.add_argument("--api-key", help="default $GATEWAY_API_KEY, else the first of $GATEWAY_API_KEYS")
+    dial.add_argument("--idempotency-key", help="retrying with the same key never dials twice")
+    dial.add_argument("--no-follow", action="store_true", help="print the new call and exit")
+    dial.add_argument("--poll-seconds", type=float, default=1.0, help=argparse.SUPPRESS)
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_command(args)
+    if args.command == "dial":
+        return dial_command(args)
     return check_command(args)
 
 
@@ -57,6 +77,50 @@ def serve_command(args) -> int:
         proxy_headers=False,
     )
     return 0
+
+
+def dial_command(args) -> int:
+    import httpx
+
+    from .statuses import FINAL_STATUSES
+
+    key = args.api_key or os.environ.get("GATEWAY_API_KEY") or os.environ.get("GATEWAY_API_KEYS", "").split(",")[0]
+    if not key:
+        print("No API key: pass --api-key or set GATEWAY_API_KEY.", file=sys.stderr)
+        return 2
+    body = {"to": args.to, "route": args.route, "agent_id": args.agent_id, "carrier": args.carrier,
+            "from": args.from_, "via": args.via, "greeting": args.greeting}
+    headers = {"Authorization": f"Bearer {key.strip()}"}
+    if args.idempotency_key:
+        headers["Idempotency-Key"] = args.idempotency_key
+    with httpx.Client(base_url=args.url, headers=headers, timeout=30) as client:
+        try:
+            response = client.post("/v1/calls", json={k: v for k, v in body.items() if v is not None})
+        except httpx.HTTPError as error:
+            print(f"Cannot reach the gateway at {args.url}: {error}", file=sys.stderr)
+            return 2
+        if response.status_code != 201:
+            print(f"Refused ({response.status_code}): {response.text}", file=sys.stderr)
+            return 2
+        call = response.json()
+        print(f"call {call['id']}: {call['status']}" + _why(call), flush=True)
+        if args.no_follow:
+            return 0
+        status = call["status"]
+        while status not in FINAL_STATUSES:
+            time.sleep(args.poll_seconds)
+            call = client.get(f"/v1/calls/{call['id']}").json()
+            if call["status"] != status:
+                status = call["status"]
+                print(f"call {call['id']}: {status}" + _why(call), flush=True)
+    return 0 if status == "completed" else 1
+
+
+def _why(call: dict) -> str:
+    details = [call.get(k) for k in ("failure_reason", "end_reason") if call.get(k)]
+    if call.get("duration_seconds") is not None:
+        details.append(f"{call['duration_seconds']} s")
+    return f" ({'; '.join(details)})" if details else ""
 
 
 def check_command(args) -> int:

@@ -40,6 +40,8 @@ class UltravoxSettings(_Section):
     max_attempts: int = Field(default=5, ge=1, le=20)
     pool_size: int = Field(default=100, ge=1)
     webhook_secret: str | None = None
+    # Ultravox's own advice: refuse webhooks whose timestamp is older than a minute.
+    webhook_tolerance_seconds: float = Field(default=60.0, gt=0)
 
 
 class TwilioSettings(_Section):

@@ -628,3 +628,666 @@ def plivo_inbound_form(
     }
     form.update(extra)
     return form
+
+
+# ---------------------------------------------------------------------------
+# Fake carrier REST APIs
+# ---------------------------------------------------------------------------
+
+import email.utils as _email_utils  # noqa: E402  (kept with the code that needs it)
+from urllib.parse import parse_qsl as _parse_qsl, urlencode as _urlencode, urlsplit as _urlsplit  # noqa: E402
+
+import httpx  # noqa: E402
+
+__all__ += [
+    "CarrierRequest",
+    "FakeCarrier",
+    "FakePlivo",
+    "FakeTelnyx",
+    "FakeTwilio",
+    "PlacedCarrierCall",
+]
+
+
+@dataclasses.dataclass
+class CarrierRequest:
+    """One request a fake carrier received, whatever its path or outcome."""
+
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names
+    # Decoded by content type: JSON object, or form fields (a field sent more
+    # than once, like Twilio's StatusCallbackEvent, becomes a list).
+    form_or_json: dict[str, Any]
+    received_at: float  # time.monotonic()
+
+
+@dataclasses.dataclass
+class PlacedCarrierCall:
+    """A call the fake carrier accepted, with the callback URLs the gateway gave it."""
+
+    call_id: str  # Twilio CallSid, Telnyx CallSid (call_control_id), Plivo request_uuid
+    to: str
+    from_: str
+    answer_url: str | None
+    status_url: str | None
+    params: dict[str, Any]  # the create-call parameters as the carrier understood them
+    call_uuid: str | None = None  # Plivo only: the CallUUID, which differs from request_uuid
+
+
+class _Invalid(Exception):
+    """A create-call request the carrier would reject; ``code`` is carrier-specific."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+_HTTP_METHODS = ("GET", "POST")
+_STATUS_EVENTS = frozenset({"initiated", "ringing", "answered", "completed"})
+_ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+def _decode_form(raw: bytes) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name, value in _parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True):
+        if name in fields:
+            previous = fields[name]
+            fields[name] = (previous if isinstance(previous, list) else [previous]) + [value]
+        else:
+            fields[name] = value
+    return fields
+
+
+def _decode_body(raw: bytes, content_type: str) -> dict[str, Any]:
+    """What was sent, decoded by its declared content type (for the record only)."""
+    if not raw:
+        return {}
+    if "json" in content_type:
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return {}
+        return body if isinstance(body, dict) else {}
+    return _decode_form(raw)
+
+
+def _one(params: dict[str, Any], name: str) -> Any:
+    value = params.get(name)
+    return value[0] if isinstance(value, list) and value else value
+
+
+def _is_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())
+
+
+def _basic_auth(request: Request) -> tuple[str, str] | None:
+    scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, sep, password = base64.b64decode(encoded, validate=True).decode("utf-8").partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return (user, password) if sep else None
+
+
+def _rfc2822_now() -> str:
+    return _email_utils.format_datetime(_dt.datetime.now(_dt.timezone.utc))
+
+
+class FakeCarrier:
+    """Shared machinery of the fake carrier REST APIs.
+
+    Subclasses state the create-call route, how the carrier authenticates,
+    validates and answers, and what its callbacks look like. The n-th
+    create-call request consumes the n-th `FakeResponse` queued with `script`
+    (a scripted status below 300 means success, answered with the carrier's own
+    success status); a 401 or a validation error takes precedence over the
+    scripted status, as in `FakeUltravox`. Every request, to any path, is
+    recorded in ``requests``; unknown paths answer 404.
+
+    Callbacks (`answer`, `send_status`) sign the URL the gateway handed over
+    but are delivered to ``deliver_to`` (the gateway's loopback base URL): the
+    ``public_url`` prefix of the target is swapped for it. Without
+    ``public_url`` the target's scheme and host are swapped.
+    """
+
+    create_path: str = ""  # Starlette route template of the create-call endpoint
+    create_status: int = 201  # the carrier's status for a created call
+    body_kind: str = "form"  # what the carrier parses: "form" or "json"
+    invalid_status: int = 400  # status for a request the carrier rejects as malformed
+
+    def __init__(
+        self,
+        *,
+        public_url: str | None = None,
+        deliver_to: str | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self.public_url = public_url
+        self.deliver_to = deliver_to
+        self.timeout = timeout
+        self.base_url: str | None = None
+        self.requests: list[CarrierRequest] = []
+        self.calls: list[PlacedCarrierCall] = []
+        self._script: deque[FakeResponse] = deque()
+        self._sequence: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._release = threading.Event()
+        self._client: httpx.Client | None = None
+        self.app = Starlette(
+            routes=[
+                Route(self.create_path, self._create_call, methods=["POST"]),
+                Route("/{path:path}", self._unknown_path, methods=_ALL_METHODS),
+            ]
+        )
+
+    # -- configuration (called from the test thread) -----------------------
+
+    def script(self, *responses: FakeResponse) -> None:
+        """Queue per-request overrides, consumed by create-call requests in arrival order."""
+        with self._lock:
+            self._script.extend(responses)
+
+    def reset(self) -> None:
+        """Forget requests, calls and the script; keep credentials and URLs."""
+        with self._lock:
+            self._script.clear()
+            self.requests.clear()
+            self.calls.clear()
+            self._sequence.clear()
+
+    def serve(self, **kwargs: Any) -> ServerThread:
+        """Start the fake on a free local port and set ``base_url``; use as a context manager."""
+        self._release.clear()
+        server = _FakeServerThread(self, **kwargs).start()  # type: ignore[arg-type]
+        self.base_url = server.url
+        return server
+
+    def close(self) -> None:
+        """Close the HTTP client used for callbacks (reopened on next use)."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    # -- request handling (runs on the server thread) -----------------------
+
+    def _record(self, request: Request, raw: bytes) -> None:
+        with self._lock:
+            self.requests.append(
+                CarrierRequest(
+                    method=request.method,
+                    path=request.url.path,
+                    headers=dict(request.headers),
+                    form_or_json=_decode_body(raw, request.headers.get("content-type", "")),
+                    received_at=time.monotonic(),
+                )
+            )
+
+    async def _unknown_path(self, request: Request) -> JSONResponse:
+        self._record(request, await request.body())
+        return JSONResponse(
+            self._error_body(404, f"no such resource: {request.url.path}"), status_code=404
+        )
+
+    def _parse(self, request: Request, raw: bytes) -> dict[str, Any]:
+        # Parse the way the carrier does, regardless of what the client declared:
+        # a JSON body sent to Twilio simply lacks every form field.
+        content_type = request.headers.get("content-type", "")
+        if self.body_kind == "json":
+            if "json" not in content_type:
+                raise _Invalid(f"expected a JSON body, got content-type {content_type!r}")
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError as exc:
+                raise _Invalid(f"invalid JSON: {exc}") from None
+            if not isinstance(body, dict):
+                raise _Invalid("the request body must be a JSON object")
+            return body
+        if "application/x-www-form-urlencoded" not in content_type:
+            return {}
+        return _decode_form(raw)
+
+    async def _create_call(self, request: Request) -> JSONResponse:
+        raw = await request.body()
+        self._record(request, raw)
+        with self._lock:
+            scripted = self._script.popleft() if self._script else FakeResponse()
+
+        await asyncio.sleep(scripted.delay)
+        if scripted.hang:
+            # Polls so that stopping the server can release the request.
+            deadline = time.monotonic() + _HANG_SECONDS
+            while not self._release.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            return JSONResponse(self._error_body(503, "fake carrier shutting down"), status_code=503)
+
+        if not self._authorized(request):
+            return JSONResponse(self._error_body(401, "Authentication failed"), status_code=401)
+        try:
+            params = self._parse(request, raw)
+            self._validate(params)
+        except _Invalid as invalid:
+            return JSONResponse(
+                self._error_body(self.invalid_status, invalid.message, invalid.code),
+                status_code=self.invalid_status,
+            )
+
+        headers = {"Retry-After": scripted.retry_after} if scripted.retry_after else None
+        if scripted.status >= 300:
+            content = scripted.body
+            if content is None:
+                content = self._error_body(
+                    scripted.status, _ERROR_DETAILS.get(scripted.status, "Error.")
+                )
+            return JSONResponse(content, status_code=scripted.status, headers=headers)
+
+        call = self._place(params)
+        with self._lock:
+            self.calls.append(call)
+            self._sequence[call.call_id] = 0
+        content = scripted.body if scripted.body is not None else self._created_body(call)
+        return JSONResponse(content, status_code=self.create_status, headers=headers)
+
+    # -- carrier specifics (overridden) -------------------------------------
+
+    def _authorized(self, request: Request) -> bool:
+        raise NotImplementedError
+
+    def _validate(self, params: dict[str, Any]) -> None:
+        """Raise `_Invalid` for a request the carrier would reject."""
+
+    def _place(self, params: dict[str, Any]) -> PlacedCarrierCall:
+        raise NotImplementedError
+
+    def _created_body(self, call: PlacedCarrierCall) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _error_body(self, status: int, message: str, code: int | None = None) -> dict[str, Any]:
+        return {"error": message}
+
+    def _answer_form(self, call: PlacedCarrierCall) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _status_callback(self, call: PlacedCarrierCall, status: str) -> tuple[str | None, dict[str, str]]:
+        """The URL and form of the status callback for ``status``."""
+        raise NotImplementedError
+
+    def _signature_headers(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
+        raise NotImplementedError
+
+    # -- acting as the carrier calling the gateway back ----------------------
+
+    def answer(self, call: PlacedCarrierCall, **extra: Any) -> httpx.Response:
+        """POST the carrier's answer webhook for ``call`` to its answer URL, signed."""
+        if not call.answer_url:
+            raise ValueError(f"call {call.call_id} has no answer URL")
+        return self._deliver(call.answer_url, {**self._answer_form(call), **extra})
+
+    def send_status(self, call: PlacedCarrierCall, status: str, **extra: Any) -> httpx.Response:
+        """POST a status callback for ``call`` the way the carrier does, signed."""
+        url, form = self._status_callback(call, status)
+        if not url:
+            raise ValueError(f"call {call.call_id} has no callback URL for status {status!r}")
+        return self._deliver(url, {**form, **extra})
+
+    def _next_sequence(self, call: PlacedCarrierCall) -> str:
+        with self._lock:
+            n = self._sequence.get(call.call_id, 0)
+            self._sequence[call.call_id] = n + 1
+        return str(n)
+
+    def _delivery_target(self, url: str) -> tuple[str, str]:
+        """(URL to sign, URL to send to)."""
+        # A fragment never reaches the server (carriers read connection options
+        # from it), so it is neither signed nor sent.
+        signed = url.split("#", 1)[0]
+        if self.deliver_to is None:
+            return signed, signed
+        if self.public_url:
+            prefix = self.public_url.rstrip("/")
+        else:
+            parts = _urlsplit(signed)
+            prefix = f"{parts.scheme}://{parts.netloc}"
+        rest = signed[len(prefix):]
+        if not signed.startswith(prefix) or rest[:1] not in ("", "/", "?"):
+            raise ValueError(f"{signed!r} does not start with public_url {prefix!r}")
+        return signed, self.deliver_to.rstrip("/") + rest
+
+    def _deliver(self, url: str, form: dict[str, Any]) -> httpx.Response:
+        form = {name: str(value) for name, value in form.items()}
+        signed, target = self._delivery_target(url)
+        raw = _urlencode(form).encode("ascii")
+        headers = {"content-type": "application/x-www-form-urlencoded"}
+        headers.update(self._signature_headers(signed, form, raw))
+        return self._http().post(target, content=raw, headers=headers)
+
+    def _http(self) -> httpx.Client:
+        with self._lock:
+            if self._client is None:
+                # trust_env=False: a proxy from the environment must not see loopback traffic.
+                self._client = httpx.Client(timeout=self.timeout, trust_env=False)
+            return self._client
+
+
+class FakeTwilio(FakeCarrier):
+    """Twilio's ``POST /2010-04-01/Accounts/{AccountSid}/Calls.json`` (form, HTTP Basic)."""
+
+    create_path = "/2010-04-01/Accounts/{account_sid}/Calls.json"
+
+    def __init__(
+        self,
+        account_sid: str = "AC" + "0" * 32,
+        auth_token: str = "twilio-test-auth-token",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.account_sid = account_sid
+        self.auth_token = auth_token
+
+    def _authorized(self, request: Request) -> bool:
+        # The path's account must be the one whose credentials are presented.
+        return (
+            _basic_auth(request) == (self.account_sid, self.auth_token)
+            and request.path_params.get("account_sid") == self.account_sid
+        )
+
+    def _validate(self, params: dict[str, Any]) -> None:
+        if not _one(params, "To"):
+            raise _Invalid("No 'To' number is specified", 21201)
+        if not _one(params, "From"):
+            raise _Invalid("No 'From' number is specified", 21213)
+        # Twilio takes the call's instructions from one of these.
+        if not any(_one(params, name) for name in ("Url", "Twiml", "ApplicationSid")):
+            raise _Invalid("Url parameter is required", 21205)
+        for name in ("Method", "StatusCallbackMethod"):
+            if name in params and str(_one(params, name)).upper() not in _HTTP_METHODS:
+                raise _Invalid(f"{name} must be GET or POST")
+        events = params.get("StatusCallbackEvent", [])
+        for event in events if isinstance(events, list) else [events]:
+            if event not in _STATUS_EVENTS:
+                raise _Invalid(f"StatusCallbackEvent {event!r} is not one of {sorted(_STATUS_EVENTS)}")
+        if "Timeout" in params and not _is_int(_one(params, "Timeout")):
+            raise _Invalid("Timeout must be an integer")
+        if "MachineDetection" in params and _one(params, "MachineDetection") not in (
+            "Enable",
+            "DetectMessageEnd",
+        ):
+            raise _Invalid("MachineDetection must be Enable or DetectMessageEnd")
+
+    def _place(self, params: dict[str, Any]) -> PlacedCarrierCall:
+        understood = {name: _one(params, name) for name in params}
+        if "StatusCallbackEvent" in params:
+            events = params["StatusCallbackEvent"]
+            understood["StatusCallbackEvent"] = events if isinstance(events, list) else [events]
+        return PlacedCarrierCall(
+            call_id="CA" + secrets.token_hex(16),
+            to=understood["To"],
+            from_=understood["From"],
+            answer_url=understood.get("Url"),
+            status_url=understood.get("StatusCallback"),
+            params=understood,
+        )
+
+    def _created_body(self, call: PlacedCarrierCall) -> dict[str, Any]:
+        return {
+            "sid": call.call_id,
+            "account_sid": self.account_sid,
+            "status": "queued",
+            "to": call.to,
+            "from": call.from_,
+            "direction": "outbound-api",
+            "api_version": "2010-04-01",
+        }
+
+    def _error_body(self, status: int, message: str, code: int | None = None) -> dict[str, Any]:
+        code = code or {401: 20003, 404: 20404, 429: 20429}.get(status, status)
+        return {
+            "code": code,
+            "message": "Authenticate" if status == 401 else message,
+            "more_info": f"https://www.twilio.com/docs/errors/{code}",
+            "status": status,
+        }
+
+    def _common_form(self, call: PlacedCarrierCall) -> dict[str, str]:
+        return {
+            "CallSid": call.call_id,
+            "AccountSid": self.account_sid,
+            "From": call.from_,
+            "To": call.to,
+            "Caller": call.from_,
+            "Called": call.to,
+            "Direction": "outbound-api",
+            "ApiVersion": "2010-04-01",
+        }
+
+    def _answer_form(self, call: PlacedCarrierCall) -> dict[str, str]:
+        return {**self._common_form(call), "CallStatus": "in-progress"}
+
+    def _status_callback(self, call: PlacedCarrierCall, status: str) -> tuple[str | None, dict[str, str]]:
+        form = {
+            **self._common_form(call),
+            "CallStatus": status,
+            "CallbackSource": "call-progress-events",
+            "SequenceNumber": self._next_sequence(call),
+            "Timestamp": _rfc2822_now(),
+        }
+        if status in ("completed", "busy", "failed", "no-answer", "canceled"):
+            form["CallDuration"] = "0"  # Twilio reports a duration on final events
+        return call.status_url, form
+
+    def _signature_headers(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
+        return {"X-Twilio-Signature": twilio_signature(self.auth_token, url, form)}
+
+
+class FakeTelnyx(FakeCarrier):
+    """Telnyx TeXML's ``POST /v2/texml/Accounts/{account_sid}/Calls`` (JSON, Bearer key).
+
+    The real endpoint answers only ``from``, ``to`` and ``status``; the fake
+    still mints a call_control_id ("v3:…") that its callbacks carry as CallSid.
+    """
+
+    create_path = "/v2/texml/Accounts/{account_sid}/Calls"
+    create_status = 200
+    body_kind = "json"
+    invalid_status = 422
+
+    def __init__(
+        self,
+        api_key: str = "test-telnyx-key",
+        signer: TelnyxSigner | None = None,
+        account_sid: str = "f5586561-8ff0-4291-a0ac-84fe544797bd",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.api_key = api_key
+        self.signer = signer or TelnyxSigner.generate()
+        self.account_sid = account_sid
+
+    def _authorized(self, request: Request) -> bool:
+        return (
+            request.headers.get("authorization") == f"Bearer {self.api_key}"
+            and request.path_params.get("account_sid") == self.account_sid
+        )
+
+    def _validate(self, params: dict[str, Any]) -> None:
+        for name in ("ApplicationSid", "To", "From"):
+            if not isinstance(params.get(name), str) or not params[name]:
+                raise _Invalid(f"{name} is required")
+        for name in ("UrlMethod", "StatusCallbackMethod"):
+            if name in params and str(params[name]).upper() not in _HTTP_METHODS:
+                raise _Invalid(f"{name} must be GET or POST")
+        if "StatusCallbackEvent" in params:
+            events = params["StatusCallbackEvent"]
+            # Telnyx wants one space-separated string, not a list.
+            if not isinstance(events, str) or not set(events.split()) <= _STATUS_EVENTS:
+                raise _Invalid(
+                    "StatusCallbackEvent must be a space-separated string of "
+                    f"{sorted(_STATUS_EVENTS)}, got {events!r}"
+                )
+        if "Timeout" in params:
+            timeout = params["Timeout"]
+            if not _is_int(timeout) or not 5 <= int(timeout) <= 120:
+                raise _Invalid(f"Timeout must be an integer from 5 to 120, got {timeout!r}")
+        if "MachineDetection" in params and params["MachineDetection"] not in (
+            "Enable",
+            "Disable",
+            "DetectMessageEnd",
+        ):
+            raise _Invalid("MachineDetection must be Enable, Disable or DetectMessageEnd")
+
+    def _place(self, params: dict[str, Any]) -> PlacedCarrierCall:
+        return PlacedCarrierCall(
+            call_id="v3:" + secrets.token_urlsafe(24),
+            to=params["To"],
+            from_=params["From"],
+            answer_url=params.get("Url"),
+            status_url=params.get("StatusCallback"),
+            params=dict(params),
+        )
+
+    def _created_body(self, call: PlacedCarrierCall) -> dict[str, Any]:
+        return {"from": call.from_, "to": call.to, "status": "queued"}
+
+    def _error_body(self, status: int, message: str, code: int | None = None) -> dict[str, Any]:
+        error: dict[str, Any] = {"title": _ERROR_DETAILS.get(status, "Error"), "detail": message}
+        if status == 401:
+            error = {"code": "10009", "title": "Authentication failed", "detail": message}
+        return {"errors": [error]}
+
+    def _common_form(self, call: PlacedCarrierCall) -> dict[str, str]:
+        return {
+            "CallSid": call.call_id,
+            "AccountSid": self.account_sid,
+            "From": call.from_,
+            "To": call.to,
+            "Direction": "outbound-api",
+            # The TeXML application (ApplicationSid) is the call's connection.
+            "ConnectionId": call.params["ApplicationSid"],
+        }
+
+    def _answer_form(self, call: PlacedCarrierCall) -> dict[str, str]:
+        return {**self._common_form(call), "CallStatus": "in-progress"}
+
+    def _status_callback(self, call: PlacedCarrierCall, status: str) -> tuple[str | None, dict[str, str]]:
+        return call.status_url, {
+            **self._common_form(call),
+            "CallStatus": status,
+            "CallbackSource": "call-progress-events",
+            "SequenceNumber": self._next_sequence(call),
+            "Timestamp": _rfc2822_now(),
+        }
+
+    def _signature_headers(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
+        return self.signer.headers(raw)
+
+
+class FakePlivo(FakeCarrier):
+    """Plivo's ``POST /v1/Account/{auth_id}/Call/`` (JSON, HTTP Basic).
+
+    ``PlacedCarrierCall.call_id`` is the ``request_uuid`` the API returns;
+    callbacks also carry a CallUUID the fake mints (``call.call_uuid``).
+    """
+
+    create_path = "/v1/Account/{auth_id}/Call/"
+    body_kind = "json"
+
+    # Plivo's hangup_url gets these CallStatus values.
+    FINAL_STATUSES = ("completed", "busy", "failed", "timeout", "no-answer", "cancel")
+    _HANGUP_CAUSES = {
+        "completed": "NORMAL_CLEARING",
+        "busy": "USER_BUSY",
+        "failed": "CALL_REJECTED",
+        "timeout": "NO_ANSWER",
+        "no-answer": "NO_ANSWER",
+        "cancel": "ORIGINATOR_CANCEL",
+    }
+
+    def __init__(
+        self,
+        auth_id: str = "MA" + "0" * 18,
+        auth_token: str = "plivo-test-auth-token",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.auth_id = auth_id
+        self.auth_token = auth_token
+
+    def _authorized(self, request: Request) -> bool:
+        return (
+            _basic_auth(request) == (self.auth_id, self.auth_token)
+            and request.path_params.get("auth_id") == self.auth_id
+        )
+
+    def _validate(self, params: dict[str, Any]) -> None:
+        for name in ("from", "to", "answer_url"):
+            if not isinstance(params.get(name), str) or not params[name]:
+                raise _Invalid(f"{name} is required")
+        for name in ("answer_method", "ring_method", "hangup_method"):
+            if name in params and str(params[name]).upper() not in _HTTP_METHODS:
+                raise _Invalid(f"{name} must be GET or POST")
+        if "ring_timeout" in params and not _is_int(params["ring_timeout"]):
+            raise _Invalid("ring_timeout must be an integer")
+        if "machine_detection" in params and params["machine_detection"] not in ("true", "hangup"):
+            raise _Invalid("machine_detection must be 'true' or 'hangup'")
+
+    def _place(self, params: dict[str, Any]) -> PlacedCarrierCall:
+        return PlacedCarrierCall(
+            call_id=str(uuid.uuid4()),
+            to=params["to"],
+            from_=params["from"],
+            answer_url=params["answer_url"],
+            status_url=params.get("hangup_url"),
+            params=dict(params),
+            call_uuid=str(uuid.uuid4()),
+        )
+
+    def _created_body(self, call: PlacedCarrierCall) -> dict[str, Any]:
+        return {"api_id": str(uuid.uuid4()), "message": "call fired", "request_uuid": call.call_id}
+
+    def _error_body(self, status: int, message: str, code: int | None = None) -> dict[str, Any]:
+        return {"api_id": str(uuid.uuid4()), "error": message}
+
+    def _common_form(self, call: PlacedCarrierCall) -> dict[str, str]:
+        # Plivo reports numbers as bare digits.
+        return {
+            "CallUUID": call.call_uuid or "",
+            "ALegUUID": call.call_uuid or "",
+            "ALegRequestUUID": call.call_id,
+            "RequestUUID": call.call_id,
+            "From": call.from_.lstrip("+"),
+            "To": call.to.lstrip("+"),
+            "Direction": "outbound",
+        }
+
+    def _answer_form(self, call: PlacedCarrierCall) -> dict[str, str]:
+        return {**self._common_form(call), "CallStatus": "in-progress", "Event": "StartApp"}
+
+    def _status_callback(self, call: PlacedCarrierCall, status: str) -> tuple[str | None, dict[str, str]]:
+        if status == "ringing":
+            return call.params.get("ring_url"), {
+                **self._common_form(call),
+                "CallStatus": "ringing",
+                "Event": "Ring",
+            }
+        if status in self.FINAL_STATUSES:
+            return call.status_url, {
+                **self._common_form(call),
+                "CallStatus": status,
+                "Event": "Hangup",
+                "HangupCause": self._HANGUP_CAUSES[status],
+                "Duration": "0",
+                "BillDuration": "0",
+            }
+        raise ValueError(
+            f"Plivo sends no callback for status {status!r}; use 'ringing' or one of "
+            f"{self.FINAL_STATUSES} (answer() covers in-progress)"
+        )
+
+    def _signature_headers(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
+        return plivo_v3_headers(self.auth_token, url, form)

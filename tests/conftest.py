@@ -17,9 +17,25 @@ import pytest
 from gateway.app import create_app
 from gateway.settings import Settings, load_settings
 from gateway.store import CallRecord, CallStore
-from gateway.testing import FakeUltravox, ServerThread, TelnyxSigner, plivo_v3_headers, twilio_signature
+from gateway.testing import (
+    FakePlivo,
+    FakeTelnyx,
+    FakeTwilio,
+    FakeUltravox,
+    ServerThread,
+    TelnyxSigner,
+    plivo_v3_headers,
+    twilio_signature,
+)
 
 TWILIO_TOKEN = "twilio-test-auth-token"
+TWILIO_ACCOUNT = "AC" + "0" * 32
+TELNYX_API_KEY = "test-telnyx-key"
+TELNYX_ACCOUNT = "0b2f3c4d-1111-4222-8333-444455556666"
+PLIVO_AUTH_ID = "MA" + "0" * 18
+API_KEY = "test-api-key-0123456789"
+OTHER_API_KEY = "other-api-key-9876543210"
+WEBHOOK_SECRET = "ultravox-webhook-secret"
 PLIVO_TOKEN = "plivo-test-auth-token"
 PUBLIC_URL = "https://gateway.example.test"
 AGENT_ID = "6f1c2d3e-4b5a-4c6d-8e7f-9a0b1c2d3e4f"
@@ -37,6 +53,22 @@ request_timeout_seconds = 1.5
 [fallback]
 message = "Sorry, our assistant is unavailable."
 no_route_message = "This number is not in service."
+
+[telnyx]
+account_sid = "0b2f3c4d-1111-4222-8333-444455556666"
+texml_application_id = "1234567890"
+
+[outbound]
+ring_timeout_seconds = 25
+
+[outbound.numbers]
+twilio = ["+15550001111"]
+telnyx = ["+15550003333"]
+plivo = ["+15550004444"]
+
+[outbound.policy]
+allowed_prefixes = ["+1", "+44"]
+calls_per_minute_per_key = 5
 
 [[routes]]
 number = "{SUPPORT_NUMBER}"
@@ -138,32 +170,67 @@ def sign_headers(carrier: str, url: str, form: dict[str, str], raw: bytes, signe
     raise ValueError(carrier)
 
 
-def gateway_environ(fake: FakeUltravox, signer: TelnyxSigner, database_url: str, **extra: str) -> dict[str, str]:
+def gateway_environ(
+    fake: FakeUltravox, signer: TelnyxSigner, database_url: str, carriers: dict | None = None, **extra: str
+) -> dict[str, str]:
+    carriers = carriers or {}
     return {
         "GATEWAY_PUBLIC_URL": PUBLIC_URL,
         "GATEWAY_DATABASE_URL": database_url,
+        "GATEWAY_API_KEYS": f"{API_KEY},{OTHER_API_KEY}",
         "ULTRAVOX_API_KEY": fake.api_key,
         "ULTRAVOX_BASE_URL": fake.base_url,
-        "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
+        "ULTRAVOX_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "TWILIO_ACCOUNT_SID": TWILIO_ACCOUNT,
         "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
+        "TWILIO_API_BASE_URL": getattr(carriers.get("twilio"), "base_url", None) or "http://127.0.0.1:9",
+        "TELNYX_API_KEY": TELNYX_API_KEY,
         "TELNYX_PUBLIC_KEY": signer.public_key_b64,
-        "PLIVO_AUTH_ID": "MA" + "0" * 18,
+        "TELNYX_API_BASE_URL": getattr(carriers.get("telnyx"), "base_url", None) or "http://127.0.0.1:9",
+        "PLIVO_AUTH_ID": PLIVO_AUTH_ID,
         "PLIVO_AUTH_TOKEN": PLIVO_TOKEN,
+        "PLIVO_API_BASE_URL": getattr(carriers.get("plivo"), "base_url", None) or "http://127.0.0.1:9",
         **extra,
     }
 
 
+@pytest.fixture(scope="session")
+def _fake_carrier_servers(telnyx_signer):
+    fakes = {
+        "twilio": FakeTwilio(TWILIO_ACCOUNT, TWILIO_TOKEN),
+        "telnyx": FakeTelnyx(TELNYX_API_KEY, telnyx_signer, TELNYX_ACCOUNT),
+        "plivo": FakePlivo(PLIVO_AUTH_ID, PLIVO_TOKEN),
+    }
+    servers = [fake.serve() for fake in fakes.values()]
+    yield fakes
+    for fake, server in zip(fakes.values(), servers):
+        fake.close()
+        server.stop()
+
+
 @pytest.fixture
-def make_gateway(tmp_path: Path, fake_ultravox: FakeUltravox, telnyx_signer: TelnyxSigner):
+def fake_carriers(_fake_carrier_servers) -> dict:
+    """Fake Twilio, Telnyx and Plivo REST APIs that call the gateway back as the carriers do."""
+    for fake in _fake_carrier_servers.values():
+        fake.reset()
+        fake.public_url = PUBLIC_URL
+    return _fake_carrier_servers
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path, fake_ultravox: FakeUltravox, telnyx_signer: TelnyxSigner, _fake_carrier_servers):
     started: list[Gateway] = []
 
     def make(extra_config: str = "", *, database_url: str | None = None, config: str | None = None, **environ: str):
         config_path = tmp_path / f"gateway-{uuid.uuid4().hex[:8]}.toml"
         config_path.write_text((BASE_CONFIG if config is None else config) + extra_config)
         database_url = database_url or f"sqlite:///{tmp_path / 'gateway.db'}"
-        settings = load_settings(config_path, gateway_environ(fake_ultravox, telnyx_signer, database_url, **environ))
+        environ = gateway_environ(fake_ultravox, telnyx_signer, database_url, _fake_carrier_servers, **environ)
+        settings = load_settings(config_path, environ)
         server = ServerThread(create_app(settings)).start()
         gateway = Gateway(server=server, settings=settings, telnyx_signer=telnyx_signer)
+        for fake in _fake_carrier_servers.values():
+            fake.deliver_to = server.url  # the carriers call back the gateway started last
         started.append(gateway)
         return gateway
 

@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
+import httpx
+
 from ..settings import Settings
 
 
@@ -45,6 +47,35 @@ class Webhook:
 
     def flat_params(self) -> dict[str, str]:
         return {name: values[-1] for name, values in self.params.items() if values}
+
+
+@dataclass(frozen=True)
+class OutboundDial:
+    """An outbound call for the carrier to place; the URLs point back at the gateway."""
+
+    to: str
+    from_: str
+    answer_url: str  # fetched when the callee answers; answers with the connect XML
+    status_url: str  # call progress callbacks
+    ring_timeout_seconds: int
+    machine_detection: bool = False
+
+
+@dataclass(frozen=True)
+class AnsweredCall:
+    carrier_call_id: str | None
+    machine: bool  # an answering machine (or fax) picked up, as far as the carrier could tell
+
+
+@dataclass(frozen=True)
+class StatusUpdate:
+    """A carrier's call progress callback in the gateway's words."""
+
+    status: str | None  # one of gateway.store's statuses; None when the carrier's is not one we track
+    carrier_call_id: str | None
+    duration_seconds: int | None = None
+    end_reason: str | None = None
+    answered_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +138,44 @@ class Carrier(ABC):
     # --- Ultravox -------------------------------------------------------------------------------
     def ultravox_medium(self) -> dict[str, Any]:
         return {self.name: {}}
+
+    def outgoing_medium(self, to: str, from_: str, status_url: str) -> dict[str, Any]:
+        """Medium for Ultravox to place the call itself, with progress callbacks to the gateway."""
+        outgoing = {"to": to, "from": from_, "additionalParams": self.outgoing_status_params(status_url)}
+        return {self.name: {"outgoing": outgoing}}
+
+    @abstractmethod
+    def outgoing_status_params(self, status_url: str) -> dict[str, Any]:
+        """The carrier's create-call parameters that send progress callbacks to `status_url`."""
+
+    # --- outbound calls ---------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def can_dial(self) -> bool:
+        """Whether the REST credentials needed to place calls are configured."""
+
+    @abstractmethod
+    async def place_call(self, http: httpx.AsyncClient, dial: OutboundDial, *, deadline: float) -> str | None:
+        """Ask the carrier to place the call; returns its call id when the answer carries one.
+
+        Raises gateway.http.RemoteError; retries only what cannot dial twice.
+        """
+
+    def parse_answer(self, webhook: Webhook) -> AnsweredCall:
+        params = webhook.flat_params()
+        return AnsweredCall(carrier_call_id=params.get(self.call_id_param), machine=self.answered_by_machine(params))
+
+    @abstractmethod
+    def answered_by_machine(self, params: Mapping[str, str]) -> bool:
+        """Whether the answer webhook says a machine picked up."""
+
+    @abstractmethod
+    def parse_status(self, webhook: Webhook) -> StatusUpdate:
+        """The call progress callback, in the gateway's statuses."""
+
+    @abstractmethod
+    def hangup_xml(self) -> str:
+        """XML that ends the call at once."""
 
     # --- answers --------------------------------------------------------------------------------
     @abstractmethod

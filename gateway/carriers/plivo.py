@@ -7,10 +7,29 @@ import hashlib
 import hmac
 import re
 
+from typing import Any, Mapping
+
+import httpx
 from plivo import plivoxml
 from plivo.utils.signature_v3 import construct_post_url
 
-from .base import Carrier, SignatureRejected, Webhook
+from .. import statuses
+from ..http import RemoteError, RetryPolicy, post_with_retries
+from .base import Carrier, OutboundDial, SignatureRejected, StatusUpdate, Webhook
+
+# Plivo's 429 (300 requests / 5 s) means "not processed"; nothing else is retried.
+REST_POLICY = RetryPolicy(max_attempts=3, attempt_timeout=10.0)
+# CallStatus values sent to ring_url and hangup_url.
+CALL_STATUSES = {
+    "ringing": statuses.RINGING,
+    "in-progress": statuses.IN_PROGRESS,
+    "completed": statuses.COMPLETED,
+    "busy": statuses.BUSY,
+    "failed": statuses.FAILED,
+    "timeout": statuses.NO_ANSWER,
+    "no-answer": statuses.NO_ANSWER,
+    "cancel": statuses.CANCELED,
+}
 
 # Ultravox's plivo medium speaks 16 kHz linear PCM.
 STREAM_CONTENT_TYPE = "audio/x-l16;rate=16000"
@@ -72,6 +91,58 @@ class PlivoCarrier(Carrier):
             response.add(dial)
         response.add(plivoxml.HangupElement())
         return response.to_string()
+
+    def hangup_xml(self) -> str:
+        response = plivoxml.ResponseElement()
+        response.add(plivoxml.HangupElement())
+        return response.to_string()
+
+    # --- outbound ---------------------------------------------------------------------------------
+    @property
+    def can_dial(self) -> bool:
+        return bool(self.settings.plivo.auth_id and self.settings.plivo.auth_token)
+
+    async def place_call(self, http: httpx.AsyncClient, dial: OutboundDial, *, deadline: float) -> str | None:
+        plivo = self.settings.plivo
+        body = {
+            # Plivo's own examples write numbers as bare digits.
+            "from": dial.from_.lstrip("+"),
+            "to": dial.to.lstrip("+"),
+            "answer_url": dial.answer_url,
+            "answer_method": "POST",
+            "ring_url": dial.status_url,
+            "ring_method": "POST",
+            "hangup_url": dial.status_url,
+            "hangup_method": "POST",
+            "ring_timeout": dial.ring_timeout_seconds,
+        }
+        if dial.machine_detection:
+            body["machine_detection"] = "true"
+        response = await post_with_retries(
+            http, f"{plivo.api_base_url}/v1/Account/{plivo.auth_id}/Call/",
+            service="Plivo", policy=REST_POLICY, deadline=deadline,
+            json=body, auth=(plivo.auth_id, plivo.auth_token),
+        )
+        if not 200 <= response.status_code < 300:
+            raise RemoteError(f"Plivo answered {response.status_code}: {response.text[:200]}")
+        return response.json().get("request_uuid")
+
+    def outgoing_status_params(self, status_url: str) -> dict[str, Any]:
+        return {"ring_url": status_url, "ring_method": "POST", "hangup_url": status_url, "hangup_method": "POST"}
+
+    def answered_by_machine(self, params: Mapping[str, str]) -> bool:
+        return params.get("Machine", "").lower() == "true"
+
+    def parse_status(self, webhook: Webhook) -> StatusUpdate:
+        params = webhook.flat_params()
+        duration = params.get("Duration", "")
+        return StatusUpdate(
+            status=CALL_STATUSES.get(params.get("CallStatus", "")),
+            carrier_call_id=params.get("CallUUID"),
+            duration_seconds=int(duration) if duration.isdigit() else None,
+            end_reason=params.get("HangupCause") or None,
+            answered_by="machine" if self.answered_by_machine(params) else None,
+        )
 
     def reject_xml(self, message: str) -> str:
         response = plivoxml.ResponseElement()

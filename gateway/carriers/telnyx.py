@@ -8,11 +8,16 @@ import time
 from functools import cached_property
 from typing import Any
 
+import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .base import SignatureRejected, Webhook
-from .twiml import TwimlCarrier
+from ..http import RemoteError, RetryPolicy, post_with_retries
+from .base import OutboundDial, SignatureRejected, Webhook
+from .twiml import STATUS_CALLBACK_EVENTS, TwimlCarrier
+
+# Telnyx's 429 (code 90103, dials per second) means "not processed"; nothing else is retried.
+REST_POLICY = RetryPolicy(max_attempts=3, attempt_timeout=10.0)
 
 # Ultravox's telnyx medium expects 16 kHz linear PCM both ways; both codecs must match.
 STREAM_CODEC = "L16"
@@ -56,6 +61,44 @@ class TelnyxCarrier(TwimlCarrier):
             self._public_key.verify(signature, timestamp.encode() + b"|" + webhook.body)
         except InvalidSignature:
             raise SignatureRejected("telnyx-signature-ed25519 does not match this request") from None
+
+    @property
+    def can_dial(self) -> bool:
+        telnyx = self.settings.telnyx
+        return bool(telnyx.api_key and telnyx.account_sid and telnyx.texml_application_id)
+
+    async def place_call(self, http: httpx.AsyncClient, dial: OutboundDial, *, deadline: float) -> str | None:
+        telnyx = self.settings.telnyx
+        body = {
+            "ApplicationSid": telnyx.texml_application_id,
+            "To": dial.to,
+            "From": dial.from_,
+            "Url": dial.answer_url,
+            "UrlMethod": "POST",
+            "StatusCallback": dial.status_url,
+            "StatusCallbackMethod": "POST",
+            "StatusCallbackEvent": " ".join(STATUS_CALLBACK_EVENTS),
+            "Timeout": dial.ring_timeout_seconds,
+        }
+        if dial.machine_detection:
+            body["MachineDetection"] = "Enable"
+        response = await post_with_retries(
+            http, f"{telnyx.api_base_url}/v2/texml/Accounts/{telnyx.account_sid}/Calls",
+            service="Telnyx", policy=REST_POLICY, deadline=deadline,
+            json=body, headers={"Authorization": f"Bearer {telnyx.api_key}"},
+        )
+        if not 200 <= response.status_code < 300:
+            raise RemoteError(f"Telnyx answered {response.status_code}: {response.text[:200]}")
+        # The account-scoped endpoint answers without a call id; callbacks bring CallSid.
+        payload = response.json()
+        return payload.get("call_sid") or payload.get("sid") if isinstance(payload, dict) else None
+
+    def outgoing_status_params(self, status_url: str) -> dict[str, Any]:
+        return {
+            "StatusCallback": status_url,
+            "StatusCallbackMethod": "POST",
+            "StatusCallbackEvent": " ".join(STATUS_CALLBACK_EVENTS),
+        }
 
     def stream_attributes(self, join_url: str) -> dict[str, Any]:
         return {

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Any
+from urllib.parse import urlencode
 
+import httpx
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 
-from .base import SignatureRejected, Webhook
-from .twiml import TwimlCarrier
+from ..http import RemoteError, RetryPolicy, post_with_retries
+from .base import OutboundDial, SignatureRejected, Webhook
+from .twiml import STATUS_CALLBACK_EVENTS, TwimlCarrier
+
+# Twilio's 429 means "not processed"; the only other retries are errors before sending.
+REST_POLICY = RetryPolicy(max_attempts=3, attempt_timeout=10.0)
 
 
 class _FormFields(dict):
@@ -37,3 +44,36 @@ class TwilioCarrier(TwimlCarrier):
         algorithm = get_signature_algorithm(webhook.headers.get("x-twilio-webhooks-signature-settings"))
         if not self._validator.validate(webhook.url, _FormFields(webhook.params), signature, algorithm):
             raise SignatureRejected("X-Twilio-Signature does not match this request")
+
+    @property
+    def can_dial(self) -> bool:
+        return bool(self.settings.twilio.account_sid and self.settings.twilio.auth_token)
+
+    async def place_call(self, http: httpx.AsyncClient, dial: OutboundDial, *, deadline: float) -> str | None:
+        account = self.settings.twilio.account_sid
+        form: list[tuple[str, str]] = [
+            ("To", dial.to), ("From", dial.from_), ("Url", dial.answer_url), ("Method", "POST"),
+            ("StatusCallback", dial.status_url), ("StatusCallbackMethod", "POST"),
+            ("Timeout", str(dial.ring_timeout_seconds)),
+        ]
+        form += [("StatusCallbackEvent", event) for event in STATUS_CALLBACK_EVENTS]
+        if dial.machine_detection:
+            form.append(("MachineDetection", "Enable"))
+        response = await post_with_retries(
+            http, f"{self.settings.twilio.api_base_url}/2010-04-01/Accounts/{account}/Calls.json",
+            service="Twilio", policy=REST_POLICY, deadline=deadline,
+            # Encoded here: StatusCallbackEvent repeats, which httpx's `data=` cannot express.
+            content=urlencode(form), headers={"Content-Type": "application/x-www-form-urlencoded"},
+            auth=(account, self.settings.twilio.auth_token),
+        )
+        if response.status_code not in (200, 201):
+            raise RemoteError(f"Twilio answered {response.status_code}: {response.text[:200]}")
+        return response.json().get("sid")
+
+    def outgoing_status_params(self, status_url: str) -> dict[str, Any]:
+        # Ultravox's documented example spells Twilio's parameters in camelCase.
+        return {
+            "statusCallback": status_url,
+            "statusCallbackMethod": "POST",
+            "statusCallbackEvent": STATUS_CALLBACK_EVENTS,
+        }

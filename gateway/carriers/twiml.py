@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from twilio.twiml.voice_response import VoiceResponse
 
-from .base import Carrier
+from .. import statuses
+from .base import Carrier, StatusUpdate, Webhook
+
+# CallStatus values of Twilio and of Telnyx's TwiML-compatible callbacks.
+CALL_STATUSES = {
+    "queued": statuses.QUEUED,
+    "initiated": statuses.QUEUED,
+    "ringing": statuses.RINGING,
+    "in-progress": statuses.IN_PROGRESS,
+    "answered": statuses.IN_PROGRESS,
+    "completed": statuses.COMPLETED,
+    "busy": statuses.BUSY,
+    "no-answer": statuses.NO_ANSWER,
+    "failed": statuses.FAILED,
+    "canceled": statuses.CANCELED,
+}
+STATUS_CALLBACK_EVENTS = ["initiated", "ringing", "answered", "completed"]
 
 
 class TwimlCarrier(Carrier):
@@ -34,3 +50,24 @@ class TwimlCarrier(Carrier):
         response.say(message)
         response.hangup()
         return response.to_xml()
+
+    def hangup_xml(self) -> str:
+        response = VoiceResponse()
+        response.hangup()
+        return response.to_xml()
+
+    def answered_by_machine(self, params: Mapping[str, str]) -> bool:
+        # AnsweredBy: human, machine_start, machine_end_beep|silence|other, fax, unknown.
+        answered_by = params.get("AnsweredBy", "")
+        return answered_by.startswith("machine") or answered_by == "fax"
+
+    def parse_status(self, webhook: Webhook) -> StatusUpdate:
+        params = webhook.flat_params()
+        duration = params.get("CallDuration", "")
+        return StatusUpdate(
+            status=CALL_STATUSES.get(params.get("CallStatus", "")),
+            carrier_call_id=params.get(self.call_id_param),
+            duration_seconds=int(duration) if duration.isdigit() else None,
+            end_reason=params.get("HangupCause") or params.get("ErrorMessage") or None,
+            answered_by=params.get("AnsweredBy") or None,
+        )

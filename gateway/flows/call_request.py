@@ -22,6 +22,8 @@ def build_call_request(
     metadata: Mapping[str, str],
     webhook_params: Mapping[str, str],
     agent_speaks_first: bool = True,
+    extra_template_context: Mapping[str, Any] | None = None,
+    callbacks: dict[str, Any] | None = None,
 ) -> CallRequest:
     """Body for StartAgentCallRequest (agent routes) or StartCallRequest (inline routes).
 
@@ -37,9 +39,21 @@ def build_call_request(
         body["recordingEnabled"] = route.recording
     if route.voice is not None:
         body["voice"] = route.voice
-    if route.agent_id is not None and route.template_context:
-        body["templateContext"] = template_context(route.template_context, webhook_params)
+    if route.agent_id is not None and (route.template_context or extra_template_context):
+        body["templateContext"] = {
+            **template_context(route.template_context, webhook_params), **(extra_template_context or {})
+        }
+    if callbacks:
+        body["callbacks"] = callbacks
     return CallRequest(agent_id=route.agent_id, body=body)
+
+
+def ultravox_callbacks(url: str | None, secret: str | None) -> dict[str, Any] | None:
+    """Per-call lifecycle callbacks to the gateway, signed with the webhook secret."""
+    if not url or not secret:
+        return None
+    callback = {"url": url, "secrets": [secret]}
+    return {"joined": callback, "ended": callback}
 
 
 def _first_speaker(route: RouteSettings, agent_speaks_first: bool) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from ..carriers.base import Carrier, InboundCall
 from ..settings import RouteSettings, Settings
 from ..store import IN_PROGRESS, CREATING, REJECTED, CallStore, Claim
 from ..ultravox import UltravoxClient, UltravoxError
-from .call_request import build_call_request
+from .call_request import build_call_request, ultravox_callbacks
 
 log = logging.getLogger("gateway.inbound")
 
@@ -81,6 +81,10 @@ class InboundFlow:
             route,
             medium=carrier.ultravox_medium(),
             metadata=metadata,
+            callbacks=ultravox_callbacks(
+                f"{self.settings.public_url}/ultravox/events" if self.settings.public_url else None,
+                self.settings.ultravox.webhook_secret,
+            ),
             webhook_params={
                 **call.params,
                 "carrier": carrier.name,

@@ -1,8 +1,6 @@
 """Persistence of calls (SQLite by default, PostgreSQL for several replicas)."""
 
-from .calls import (
-    CallFilters,
-    OutboundInsert,
+from ..statuses import (
     ANSWERED,
     BUSY,
     CANCELED,
@@ -17,12 +15,10 @@ from .calls import (
     REJECTED,
     RINGING,
     STATUSES,
-    CallRecord,
-    CallStore,
-    Claim,
 )
+from .calls import CallFilters, CallRecord, CallStore, Claim, OutboundInsert, Updated
 
 __all__ = [
     "ANSWERED", "BUSY", "CANCELED", "COMPLETED", "CREATING", "FAILED", "FINAL_STATUSES", "IN_PROGRESS",
-    "MACHINE_DETECTED", "NO_ANSWER", "QUEUED", "REJECTED", "RINGING", "STATUSES", "CallFilters", "OutboundInsert", "CallRecord", "CallStore", "Claim",
+    "MACHINE_DETECTED", "NO_ANSWER", "QUEUED", "REJECTED", "RINGING", "STATUSES", "CallFilters", "OutboundInsert", "Updated", "CallRecord", "CallStore", "Claim",
 ]

@@ -11,27 +11,9 @@ from dataclasses import dataclass, fields
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from ..statuses import ANSWERED, CREATING, FAILED, FINAL_STATUSES, IN_PROGRESS, QUEUED, STATUS_RANK
 from .database import MIGRATION_LOCK_KEY, Database
 from .schema import MIGRATIONS, calls, schema_version
-
-# Call statuses, inbound and outbound, in the order a call goes through them.
-QUEUED = "queued"  # outbound: accepted, being placed
-CREATING = "creating"  # inbound: the Ultravox call is being created for this carrier call
-RINGING = "ringing"
-ANSWERED = "answered"  # outbound: the callee picked up; the agent is being connected
-IN_PROGRESS = "in-progress"  # the caller or callee is talking with the agent
-COMPLETED = "completed"
-NO_ANSWER = "no-answer"
-BUSY = "busy"
-CANCELED = "canceled"
-FAILED = "failed"  # inbound: the caller got the apology; outbound: could not be placed or connected
-MACHINE_DETECTED = "machine-detected"
-REJECTED = "rejected"  # inbound: no route for the called number
-
-STATUS_RANK = {QUEUED: 0, CREATING: 0, RINGING: 1, ANSWERED: 2, IN_PROGRESS: 3}
-FINAL_STATUSES = {COMPLETED, NO_ANSWER, BUSY, CANCELED, FAILED, MACHINE_DETECTED, REJECTED}
-STATUS_RANK.update({status: 9 for status in FINAL_STATUSES})
-STATUSES = list(STATUS_RANK)
 
 
 @dataclass(frozen=True)
@@ -171,13 +153,18 @@ class CallStore:
                       status_rank=STATUS_RANK[QUEUED], attempts=1, created_at=now, updated_at=now)
         return await self.database.transaction(_create_outbound, values, max_recent, now - window)
 
-    async def update(self, call_id: str, status: str | None = None, **details) -> CallRecord | None:
+    async def update(self, call_id: str, status: str | None = None, **details) -> "Updated":
         """Fill in what is known; move the status forward only (events come late and twice)."""
         details = {name: value for name, value in details.items() if value is not None}
         return await self.database.transaction(_update, call_id, status, details, utcnow())
 
     async def find_by_ultravox_call_id(self, ultravox_call_id: str) -> CallRecord | None:
-        return await self.database.transaction(_find_by_ultravox_call_id, ultravox_call_id)
+        return await self.database.transaction(_find_by, calls.c.ultravox_call_id == ultravox_call_id)
+
+    async def find_by_carrier_call(self, carrier: str, carrier_call_id: str) -> CallRecord | None:
+        return await self.database.transaction(
+            _find_by, sa.and_(calls.c.carrier == carrier, calls.c.carrier_call_id == carrier_call_id)
+        )
 
     async def list(self, *, filters: "CallFilters", limit: int, cursor: tuple[dt.datetime, str] | None):
         """Newest first; the cursor is the (created_at, id) of the last record of the previous page."""
@@ -196,6 +183,12 @@ class OutboundInsert:
     record: CallRecord | None
     created: bool  # False: an earlier request with the same idempotency key made `record`
     rate_limited: bool = False
+
+
+@dataclass(frozen=True)
+class Updated:
+    record: CallRecord | None  # None: no such call
+    advanced: bool  # the status moved forward with this update (only one racing update gets True)
 
 
 @dataclass(frozen=True)
@@ -238,6 +231,7 @@ def _create_outbound(connection: sa.Connection, values: dict, max_recent: int, s
 
 
 def _update(connection: sa.Connection, call_id: str, status: str | None, details: dict, now: dt.datetime):
+    advanced = False
     if details:
         connection.execute(sa.update(calls).where(calls.c.id == call_id).values(updated_at=now, **details))
     if status:
@@ -247,14 +241,14 @@ def _update(connection: sa.Connection, call_id: str, status: str | None, details
             values["ended_at"] = sa.func.coalesce(calls.c.ended_at, now)
         elif rank >= STATUS_RANK[ANSWERED]:
             values["answered_at"] = sa.func.coalesce(calls.c.answered_at, now)
-        connection.execute(
+        advanced = connection.execute(
             sa.update(calls).where(calls.c.id == call_id, calls.c.status_rank < rank).values(**values)
-        )
-    return _get(connection, call_id)
+        ).rowcount == 1
+    return Updated(_get(connection, call_id), advanced)
 
 
-def _find_by_ultravox_call_id(connection: sa.Connection, ultravox_call_id: str) -> CallRecord | None:
-    row = connection.execute(sa.select(calls).where(calls.c.ultravox_call_id == ultravox_call_id)).first()
+def _find_by(connection: sa.Connection, condition) -> CallRecord | None:
+    row = connection.execute(sa.select(calls).where(condition)).first()
     return _record(row) if row else None
 
 

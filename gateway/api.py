@@ -1,0 +1,241 @@
+"""The dialer API under /v1: place calls, read them back. JSON in, JSON out, Bearer keys."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .flows.outbound import DialRejected, DialRequest, OutboundFlow
+from .security import api_key_id, match_api_key
+from .settings import Settings
+from .statuses import STATUSES
+from .store import CallFilters, CallRecord, CallStore
+
+MAX_PAGE = 200
+DEFAULT_PAGE = 50
+
+
+class CallView(BaseModel):
+    """A call as the API shows it (inbound and outbound)."""
+
+    id: str
+    direction: str
+    carrier: str
+    via: str | None
+    status: str
+    from_: str | None
+    to: str
+    route: str | None
+    carrier_call_id: str | None
+    ultravox_call_id: str | None
+    failure_reason: str | None
+    end_reason: str | None
+    answered_by: str | None
+    duration_seconds: int | None
+    summary: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    answered_at: dt.datetime | None
+    ended_at: dt.datetime | None
+
+    @classmethod
+    def of(cls, record: CallRecord) -> dict[str, Any]:
+        view = cls(
+            from_=record.from_number,
+            to=record.to_number,
+            **{name: getattr(record, name) for name in cls.model_fields if name not in ("from_", "to")},
+        )
+        data = view.model_dump(mode="json")
+        data["from"] = data.pop("from_")
+        return data
+
+
+def problem(status: int, detail: Any, **headers: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers or None)
+
+
+class CallsApi:
+    def __init__(self, settings: Settings, store: CallStore, outbound: OutboundFlow):
+        self.settings = settings
+        self.store = store
+        self.outbound = outbound
+
+    def _key_id(self, request: Request) -> str | None:
+        key = match_api_key(request.headers.get("authorization"), self.settings.api_keys)
+        return api_key_id(key) if key else None
+
+    async def create(self, request: Request) -> Response:
+        key_id = self._key_id(request)
+        if key_id is None:
+            return _unauthorized()
+        content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if content_type != "application/json":
+            return problem(415, "send the dial request as application/json")
+        body = await _read_limited(request, self.settings.max_body_bytes)
+        if body is None:
+            return problem(413, f"body larger than {self.settings.max_body_bytes} bytes")
+        try:
+            dial = DialRequest.model_validate_json(body)
+        except ValidationError as error:
+            return problem(422, [
+                {"field": ".".join(str(p) for p in e["loc"]) or None, "problem": e["msg"].removeprefix("Value error, ")}
+                for e in error.errors()
+            ])
+        idempotency_key = request.headers.get("idempotency-key")
+        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+            return problem(400, "Idempotency-Key must be 1 to 255 characters")
+        try:
+            record, created = await self.outbound.dial(dial, api_key_id=key_id, idempotency_key=idempotency_key)
+        except DialRejected as rejection:
+            headers = {"Retry-After": "60"} if rejection.status == 429 else {}
+            return problem(rejection.status, rejection.reason, **headers)
+        headers = {"Location": f"/v1/calls/{record.id}"}
+        if not created:
+            headers["Idempotent-Replayed"] = "true"
+        return JSONResponse(CallView.of(record), status_code=201, headers=headers)
+
+    async def get(self, request: Request) -> Response:
+        if self._key_id(request) is None:
+            return _unauthorized()
+        record = await self.store.get(request.path_params["call_id"])
+        if record is None:
+            return problem(404, "no such call")
+        return JSONResponse(CallView.of(record))
+
+    async def list(self, request: Request) -> Response:
+        if self._key_id(request) is None:
+            return _unauthorized()
+        query = request.query_params
+        try:
+            filters = CallFilters(
+                status=_choice(query.get("status"), STATUSES, "status"),
+                carrier=_choice(query.get("carrier"), ["twilio", "telnyx", "plivo"], "carrier"),
+                direction=_choice(query.get("direction"), ["inbound", "outbound"], "direction"),
+                created_after=_time(query.get("created_after"), "created_after"),
+                created_before=_time(query.get("created_before"), "created_before"),
+            )
+            limit = int(query.get("limit", DEFAULT_PAGE))
+            if not 1 <= limit <= MAX_PAGE:
+                raise ValueError(f"limit must be 1 to {MAX_PAGE}")
+            cursor = _decode_cursor(query.get("cursor"))
+        except ValueError as error:
+            return problem(400, str(error))
+        records, more = await self.store.list(filters=filters, limit=limit, cursor=cursor)
+        next_cursor = _encode_cursor(records[-1]) if more and records else None
+        return JSONResponse({"calls": [CallView.of(r) for r in records], "next_cursor": next_cursor})
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
+
+def _unauthorized() -> JSONResponse:
+    return problem(401, "send Authorization: Bearer <one of GATEWAY_API_KEYS>", **{"WWW-Authenticate": "Bearer"})
+
+
+async def _read_limited(request: Request, limit: int) -> bytes | None:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def _choice(value: str | None, allowed: list[str], name: str) -> str | None:
+    if value is not None and value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}")
+    return value
+
+
+def _time(value: str | None, name: str) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{name} must be an ISO-8601 time like 2026-11-20T10:00:00Z") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def _encode_cursor(record: CallRecord) -> str:
+    raw = json.dumps([record.created_at.isoformat(), record.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(value: str | None) -> tuple[dt.datetime, str] | None:
+    if not value:
+        return None
+    try:
+        created_at, call_id = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+        return dt.datetime.fromisoformat(created_at), str(call_id)
+    except (ValueError, TypeError, binascii.Error):
+        raise ValueError("cursor is not one this API handed out") from None
+
+
+def openapi_document() -> dict[str, Any]:
+    dial_schema = DialRequest.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")
+    call_schema = CallView.model_json_schema(ref_template="#/components/schemas/{model}")
+    call_schema["properties"]["from"] = call_schema["properties"].pop("from_")
+    errors = {
+        "401": {"description": "missing or unknown API key"},
+        "403": {"description": "refused by the dial policy (destination, from number)"},
+        "422": {"description": "invalid request, unknown route, or carrier not configured"},
+        "429": {"description": "dial rate for this API key exceeded"},
+    }
+    call_ref = {"$ref": "#/components/schemas/Call"}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Ultravox telephony gateway dialer API", "version": "1"},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"DialRequest": dial_schema, "Call": call_schema},
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/calls": {
+                "post": {
+                    "summary": "Phone someone with an agent",
+                    "parameters": [{
+                        "name": "Idempotency-Key", "in": "header", "required": False,
+                        "schema": {"type": "string", "maxLength": 255},
+                        "description": "A retried request with the same key returns the first call",
+                    }],
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/DialRequest"}}}},
+                    "responses": {"201": {"description": "call accepted", "content": {"application/json": {
+                        "schema": call_ref}}}, **errors},
+                },
+                "get": {
+                    "summary": "List calls, newest first",
+                    "parameters": [
+                        {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+                        for name in ("status", "carrier", "direction", "created_after", "created_before", "cursor")
+                    ] + [{"name": "limit", "in": "query", "required": False,
+                          "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}}],
+                    "responses": {"200": {"description": "a page of calls", "content": {"application/json": {
+                        "schema": {"type": "object", "properties": {
+                            "calls": {"type": "array", "items": call_ref},
+                            "next_cursor": {"type": ["string", "null"]},
+                        }}}}}, "401": errors["401"]},
+                },
+            },
+            "/v1/calls/{call_id}": {
+                "get": {
+                    "summary": "One call",
+                    "parameters": [{"name": "call_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {"200": {"description": "the call", "content": {"application/json": {
+                        "schema": call_ref}}}, "401": errors["401"], "404": {"description": "no such call"}},
+                },
+            },
+        },
+    }

@@ -1,0 +1,305 @@
+"""Outbound calls: check the dial policy, place the call once, connect the agent when answered."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .. import statuses
+from ..carriers.base import Carrier, OutboundDial, Webhook
+from ..http import RemoteError
+from ..settings import E164, RouteSettings, Settings
+from ..store import CallRecord, CallStore
+from ..ultravox import UltravoxClient, UltravoxError
+from .call_request import build_call_request, ultravox_callbacks
+
+log = logging.getLogger("gateway.outbound")
+
+RATE_WINDOW_SECONDS = 60
+# Time to place the call with the carrier or Ultravox before the API request gives up.
+PLACE_DEADLINE_SECONDS = 10.0
+# An answer webhook is the carrier's request like an inbound one: same budget.
+POLL_SECONDS = 0.05
+
+
+class DialRequest(BaseModel):
+    """Body of POST /v1/calls."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    to: str = Field(description="Number to call, E.164 (+15551234567)")
+    from_: str | None = Field(default=None, alias="from", description="One of the deployment's numbers for the carrier")
+    carrier: Literal["twilio", "telnyx", "plivo"] | None = None
+    via: Literal["carrier", "ultravox"] | None = Field(
+        default=None, description="carrier: the gateway dials; ultravox: Ultravox dials with its imported credentials"
+    )
+    route: str | None = Field(default=None, description="Name of a configured route whose agent takes the call")
+    agent_id: str | None = Field(default=None, description="An Ultravox agent id")
+    call: dict[str, Any] | None = Field(default=None, description="Inline Ultravox StartCallRequest fields")
+    template_context: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    answering_machine_detection: bool = False
+    max_duration: float | None = Field(default=None, gt=0, description="Seconds")
+    greeting: str | None = Field(default=None, description="Said by the agent if the callee stays silent")
+
+    @field_validator("to", "from_")
+    @classmethod
+    def _e164(cls, value: str | None) -> str | None:
+        if value is not None and not E164.match(value):
+            raise ValueError("must be an E.164 number like +15551234567")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key.startswith(("ultravox.", "gateway.")):
+                raise ValueError(f"key {key!r} uses a reserved prefix (ultravox. and gateway. are reserved)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_agent(self) -> "DialRequest":
+        if sum(x is not None for x in (self.route, self.agent_id, self.call)) != 1:
+            raise ValueError("give exactly one of route, agent_id or call")
+        return self
+
+    def fingerprint(self) -> str:
+        canonical = json.dumps(self.model_dump(by_alias=True), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class AnswerOutcome:
+    join_url: str | None = None  # connect the callee to this Ultravox call
+    hang_up: bool = False  # a machine answered; no agent, no apology
+
+
+class DialRejected(Exception):
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class OutboundFlow:
+    def __init__(
+        self,
+        settings: Settings,
+        store: CallStore,
+        ultravox: UltravoxClient,
+        carriers: dict[str, Carrier],
+        carrier_http: httpx.AsyncClient,
+        clock=time.monotonic,
+    ):
+        self.settings = settings
+        self.store = store
+        self.ultravox = ultravox
+        self.carriers = carriers
+        self.http = carrier_http
+        self._clock = clock
+        self._answering: dict[str, asyncio.Future[str | None]] = {}
+
+    # --- placing the call ---------------------------------------------------------------------------
+    async def dial(self, request: DialRequest, *, api_key_id: str, idempotency_key: str | None) -> tuple[CallRecord, bool]:
+        """Record and place the call; a repeat of an idempotent request returns the first call."""
+        carrier_name = request.carrier or self.settings.outbound.default_carrier
+        carrier = self.carriers[carrier_name]
+        via = request.via or self.settings.outbound.default_via
+        from_number = self._check_policy(request, carrier_name, carrier, via)
+        route = self._route(request)
+        inserted = await self.store.create_outbound(
+            dict(
+                carrier=carrier_name,
+                via=via,
+                from_number=from_number,
+                to_number=request.to,
+                route=route.name,
+                api_key_id=api_key_id,
+                idempotency_key=idempotency_key,
+                request_hash=request.fingerprint(),
+                request_json=request.model_dump_json(by_alias=True),
+            ),
+            max_recent=self.settings.outbound.policy.calls_per_minute_per_key,
+            window=dt.timedelta(seconds=RATE_WINDOW_SECONDS),
+        )
+        if inserted.rate_limited:
+            raise DialRejected(429, "too many calls for this API key; try again in a minute")
+        record = inserted.record
+        if not inserted.created:
+            if record.request_hash != request.fingerprint():
+                raise DialRejected(422, "Idempotency-Key was already used for a different request")
+            return record, False
+        deadline = self._clock() + PLACE_DEADLINE_SECONDS
+        if via == "carrier":
+            record = await self._place_with_carrier(carrier, record, request, deadline)
+        else:
+            record = await self._place_with_ultravox(carrier, record, request, route, deadline)
+        return record, True
+
+    def _check_policy(self, request: DialRequest, carrier_name: str, carrier: Carrier, via: str) -> str:
+        outbound = self.settings.outbound
+        owned = outbound.numbers.get(carrier_name, [])
+        from_number = request.from_ or (owned[0] if owned else None)
+        if from_number is None or from_number not in owned:
+            raise DialRejected(403, f"from must be one of this deployment's {carrier_name} numbers")
+        policy = outbound.policy
+        if not any(request.to.startswith(prefix) for prefix in policy.allowed_prefixes):
+            raise DialRejected(403, "the destination is outside the allowed countries/prefixes")
+        denied = next((prefix for prefix in policy.denied_prefixes if request.to.startswith(prefix)), None)
+        if denied:
+            raise DialRejected(403, f"destinations starting {denied} are denied by the dial policy")
+        if via == "carrier" and not carrier.can_dial:
+            raise DialRejected(422, f"{carrier_name} REST credentials are not configured on this gateway")
+        if not self.settings.ultravox.api_key:
+            raise DialRejected(422, "ULTRAVOX_API_KEY is not configured on this gateway")
+        if not self.settings.public_url:
+            raise DialRejected(422, "GATEWAY_PUBLIC_URL is not configured: carriers could not call back")
+        return from_number
+
+    def _route(self, request: DialRequest) -> RouteSettings:
+        if request.route is not None:
+            route = self.settings.route_named(request.route)
+            if route is None:
+                raise DialRejected(422, f"no route named {request.route!r}")
+            overrides = {}
+        else:
+            route = None
+            overrides = {"agent_id": request.agent_id, "call": request.call}
+        try:
+            base = route.model_dump() if route else {"number": "*", "name": "api"}
+            base.update({k: v for k, v in overrides.items() if v is not None})
+            if request.greeting is not None:
+                base["greeting"] = request.greeting
+            if request.max_duration is not None:
+                base["max_duration_seconds"] = request.max_duration
+            return RouteSettings.model_validate(base)
+        except ValueError as error:
+            raise DialRejected(422, str(error)) from None
+
+    async def _place_with_carrier(
+        self, carrier: Carrier, record: CallRecord, request: DialRequest, deadline: float
+    ) -> CallRecord:
+        dial = OutboundDial(
+            to=record.to_number,
+            from_=record.from_number,
+            answer_url=self._url(f"/{carrier.name}/outbound/answer", record.id),
+            status_url=self._url(f"/{carrier.name}/status", record.id),
+            ring_timeout_seconds=self.settings.outbound.ring_timeout_seconds,
+            machine_detection=request.answering_machine_detection,
+        )
+        try:
+            carrier_call_id = await carrier.place_call(self.http, dial, deadline=deadline)
+        except RemoteError as error:
+            log.warning("outbound %s via %s: not placed, %s", record.id, carrier.name, error.reason)
+            return (await self.store.update(record.id, statuses.FAILED, failure_reason=error.reason)).record
+        log.info("outbound %s placed with %s (%s)", record.id, carrier.name, carrier_call_id)
+        return (await self.store.update(record.id, carrier_call_id=carrier_call_id)).record
+
+    async def _place_with_ultravox(
+        self, carrier: Carrier, record: CallRecord, request: DialRequest, route: RouteSettings, deadline: float
+    ) -> CallRecord:
+        medium = carrier.outgoing_medium(
+            record.to_number, record.from_number, self._url(f"/{carrier.name}/status", record.id)
+        )
+        call_request = self._call_request(carrier, record, request, route, medium)
+        try:
+            created = await self.ultravox.create_call(call_request.body, agent_id=call_request.agent_id, deadline=deadline)
+        except UltravoxError as error:
+            log.warning("outbound %s via Ultravox: not placed, %s", record.id, error.reason)
+            return (await self.store.update(record.id, statuses.FAILED, failure_reason=error.reason)).record
+        return (await self.store.update(record.id, ultravox_call_id=created.call_id)).record
+
+    def _call_request(self, carrier: Carrier, record: CallRecord, request: DialRequest, route: RouteSettings, medium):
+        metadata = {
+            **request.metadata,
+            "gateway.carrier": carrier.name,
+            "gateway.call_id": record.id,
+            "gateway.route": route.name,
+        }
+        if record.carrier_call_id:
+            metadata["gateway.carrier_call_id"] = record.carrier_call_id
+        return build_call_request(
+            route,
+            medium=medium,
+            metadata=metadata,
+            webhook_params={"carrier": carrier.name, "from_number": record.from_number, "to_number": record.to_number},
+            agent_speaks_first=False,
+            extra_template_context=request.template_context,
+            callbacks=ultravox_callbacks(self._url("/ultravox/events"), self.settings.ultravox.webhook_secret),
+        )
+
+    def _url(self, path: str, call_id: str | None = None) -> str:
+        url = (self.settings.public_url or "") + path
+        return f"{url}?call={quote(call_id)}" if call_id else url
+
+    # --- carrier callbacks --------------------------------------------------------------------------
+    async def answer(self, carrier: Carrier, webhook: Webhook, call_id: str, deadline: float) -> str:
+        """XML for the callee who just picked up: the agent, a hangup for a machine, or the apology."""
+        record = await self.store.get(call_id)
+        if record is None or record.direction != "outbound" or record.carrier != carrier.name:
+            log.warning("%s answer webhook for unknown call %r", carrier.name, call_id)
+            return carrier.hangup_xml()
+        pending = self._answering.get(call_id)
+        if pending is not None:  # the carrier retried while the first delivery is still working
+            join_url = await asyncio.shield(pending)
+            return carrier.connect_xml(join_url) if join_url else self._apology(carrier)
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._answering[call_id] = future
+        outcome = AnswerOutcome()
+        try:
+            outcome = await self._connect_answered(carrier, webhook, record, deadline)
+        finally:
+            future.set_result(outcome.join_url)
+            del self._answering[call_id]
+        if outcome.hang_up:
+            return carrier.hangup_xml()
+        return carrier.connect_xml(outcome.join_url) if outcome.join_url else self._apology(carrier)
+
+    async def _connect_answered(
+        self, carrier: Carrier, webhook: Webhook, record: CallRecord, deadline: float
+    ) -> AnswerOutcome:
+        answered = carrier.parse_answer(webhook)
+        request = DialRequest.model_validate_json(record.request_json)
+        if request.answering_machine_detection and answered.machine:
+            await self.store.update(record.id, statuses.MACHINE_DETECTED, answered_by="machine",
+                                    carrier_call_id=answered.carrier_call_id)
+            return AnswerOutcome(hang_up=True)
+        claimed = await self.store.update(record.id, statuses.ANSWERED, carrier_call_id=answered.carrier_call_id)
+        if not claimed.advanced:
+            # A repeated answer webhook, maybe on another replica: hand back the same join URL.
+            return AnswerOutcome(join_url=await self._join_url_of(record.id, deadline))
+        record = claimed.record
+        call_request = self._call_request(carrier, record, request, self._route(request), carrier.ultravox_medium())
+        try:
+            created = await self.ultravox.create_call(
+                call_request.body, agent_id=call_request.agent_id, deadline=deadline - 0.3
+            )
+        except UltravoxError as error:
+            log.warning("outbound %s answered but not connected: %s", record.id, error.reason)
+            await self.store.update(record.id, statuses.FAILED, failure_reason=error.reason)
+            return AnswerOutcome()
+        await self.store.update(
+            record.id, statuses.IN_PROGRESS, ultravox_call_id=created.call_id, join_url=created.join_url
+        )
+        return AnswerOutcome(join_url=created.join_url)
+
+    async def _join_url_of(self, call_id: str, deadline: float) -> str | None:
+        while self._clock() + POLL_SECONDS < deadline:
+            record = await self.store.get(call_id)
+            if record.join_url or record.is_final:
+                return record.join_url
+            await asyncio.sleep(POLL_SECONDS)
+        return None
+
+    def _apology(self, carrier: Carrier) -> str:
+        return carrier.apology_xml(self.settings.fallback.message, None)

@@ -1,0 +1,55 @@
+"""Secrets the gateway checks that are not a carrier's: API keys and Ultravox webhook signatures."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+
+
+def api_key_id(key: str) -> str:
+    """A stable, non-secret name for a key, stored with the calls it placed."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def match_api_key(authorization: str | None, keys: list[str]) -> str | None:
+    """The key behind `Authorization: Bearer KEY` if it is one of `keys`, compared in constant time."""
+    if not authorization or not keys:
+        return None
+    scheme, _, presented = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        return None
+    found = None
+    for key in keys:  # no early exit: every key is compared, matching or not
+        if hmac.compare_digest(presented.strip().encode(), key.encode()):
+            found = key
+    return found
+
+
+class WebhookRejected(Exception):
+    pass
+
+
+def verify_ultravox_webhook(
+    secret: str, body: bytes, timestamp: str | None, signatures: str | None, *, tolerance_seconds: float,
+    now: dt.datetime | None = None,
+) -> None:
+    """Ultravox signs hex(HMAC-SHA256(secret, body + timestamp)); one header may carry several."""
+    if not timestamp or not signatures:
+        raise WebhookRejected("missing X-Ultravox-Webhook-Timestamp or X-Ultravox-Webhook-Signature")
+    try:
+        sent_at = dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        raise WebhookRejected("X-Ultravox-Webhook-Timestamp is not an ISO-8601 time") from None
+    if sent_at.tzinfo is None:
+        sent_at = sent_at.replace(tzinfo=dt.timezone.utc)
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if abs((now - sent_at).total_seconds()) > tolerance_seconds:
+        raise WebhookRejected("X-Ultravox-Webhook-Timestamp is outside the accepted window (stale or replayed)")
+    expected = sign_ultravox_webhook(secret, body, timestamp)
+    if not any(hmac.compare_digest(expected, candidate.strip()) for candidate in signatures.split(",")):
+        raise WebhookRejected("X-Ultravox-Webhook-Signature does not match this request")
+
+
+def sign_ultravox_webhook(secret: str, body: bytes, timestamp: str) -> str:
+    return hmac.new(secret.encode(), body + timestamp.encode(), hashlib.sha256).hexdigest()

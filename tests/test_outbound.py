@@ -1,0 +1,391 @@
+"""The dialer API end to end: real gateway, fake carrier REST APIs and fake Ultravox on loopback."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import json
+import threading
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from urllib.parse import parse_qs, urlencode, urlparse
+
+import pytest
+
+from gateway.cli import main as cli_main
+from gateway.security import sign_ultravox_webhook
+from gateway.testing import FakeResponse, validate_ultravox_request
+
+from .conftest import AGENT_ID, API_KEY, OTHER_API_KEY, PUBLIC_URL, SUPPORT_NUMBER, WEBHOOK_SECRET, sign_headers
+
+CARRIERS = ["twilio", "telnyx", "plivo"]
+OWN_NUMBER = {"twilio": "+15550001111", "telnyx": "+15550003333", "plivo": "+15550004444"}
+CALLEE = "+15557654321"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def dial(gateway, key=API_KEY, idempotency_key=None, **body):
+    body.setdefault("to", CALLEE)
+    body.setdefault("route", "support")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if idempotency_key:
+        headers["Idempotency-Key"] = idempotency_key
+    return gateway.client.post("/v1/calls", json=body, headers=headers)
+
+
+def call_of(gateway, call_id):
+    response = gateway.client.get(f"/v1/calls/{call_id}", headers=AUTH)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def joined_url(carrier, xml):
+    root = ET.fromstring(xml)
+    stream = root.find("Stream") if carrier == "plivo" else root.find("Connect/Stream")
+    assert stream is not None, xml
+    return stream.text if carrier == "plivo" else stream.attrib["url"]
+
+
+def ultravox_event(gateway, event, call, *, secret=WEBHOOK_SECRET, timestamp=None):
+    body = json.dumps({"event": event, "call": call}).encode()
+    timestamp = timestamp or dt.datetime.now(dt.timezone.utc).isoformat()
+    headers = {
+        "content-type": "application/json",
+        "X-Ultravox-Webhook-Timestamp": timestamp,
+        "X-Ultravox-Webhook-Signature": sign_ultravox_webhook(secret, body, timestamp),
+    }
+    return gateway.client.post("/ultravox/events", content=body, headers=headers)
+
+
+# --- via carrier: the gateway dials, Ultravox joins when the callee answers ---------------------------
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_carrier_mode_places_the_call_and_connects_the_agent_on_answer(gateway, fake_ultravox, fake_carriers, carrier):
+    response = dial(gateway, carrier=carrier, template_context={"customer": {"name": "Ada"}}, metadata={"crm": "42"})
+    assert response.status_code == 201, response.text
+    call = response.json()
+    assert call["status"] == "queued" and call["direction"] == "outbound" and call["via"] == "carrier"
+    assert call["from"] == OWN_NUMBER[carrier] and call["to"] == CALLEE
+    assert response.headers["location"] == f"/v1/calls/{call['id']}"
+
+    fake = fake_carriers[carrier]
+    (placed,) = fake.calls
+    assert placed.answer_url == f"{PUBLIC_URL}/{carrier}/outbound/answer?call={call['id']}"
+    assert placed.status_url == f"{PUBLIC_URL}/{carrier}/status?call={call['id']}"
+    assert placed.to.lstrip("+") == CALLEE.lstrip("+")
+    assert fake_ultravox.requests == []  # nothing is created while the phone rings
+
+    answer = fake.answer(placed)
+    assert answer.status_code == 200, answer.text
+    join_url = joined_url(carrier, answer.text)
+    (created,) = fake_ultravox.requests
+    assert created.agent_id == AGENT_ID
+    assert created.body["medium"] == {carrier: {}}
+    assert created.body["firstSpeakerSettings"] == {"user": {}}
+    assert created.body["templateContext"]["customer"] == {"name": "Ada"}
+    assert created.body["metadata"]["gateway.call_id"] == call["id"]
+    assert created.body["metadata"]["crm"] == "42"
+    assert created.body["callbacks"]["ended"]["url"] == f"{PUBLIC_URL}/ultravox/events"
+    tracked = call_of(gateway, call["id"])
+    assert tracked["status"] == "in-progress" and tracked["answered_at"]
+    assert join_url and tracked["ultravox_call_id"]
+
+    assert fake.send_status(placed, "completed", **_duration(carrier, 42)).status_code in (200, 204)
+    tracked = call_of(gateway, call["id"])
+    assert tracked["status"] == "completed" and tracked["duration_seconds"] == 42 and tracked["ended_at"]
+
+
+def _duration(carrier, seconds):
+    return {"Duration": str(seconds)} if carrier == "plivo" else {"CallDuration": str(seconds)}
+
+
+def test_carrier_mode_asks_for_machine_detection_and_hangs_up_on_a_machine(gateway, fake_ultravox, fake_carriers):
+    call = dial(gateway, carrier="twilio", answering_machine_detection=True).json()
+    (placed,) = fake_carriers["twilio"].calls
+    assert placed.params["MachineDetection"] == "Enable"
+    answer = fake_carriers["twilio"].answer(placed, AnsweredBy="machine_start")
+    assert [el.tag for el in ET.fromstring(answer.text)] == ["Hangup"]
+    assert fake_ultravox.requests == []
+    tracked = call_of(gateway, call["id"])
+    assert tracked["status"] == "machine-detected" and tracked["answered_by"] == "machine"
+
+
+def test_a_repeated_answer_webhook_joins_the_same_ultravox_call(gateway, fake_ultravox, fake_carriers):
+    dial(gateway, carrier="plivo")
+    (placed,) = fake_carriers["plivo"].calls
+    fake_ultravox.delay = 0.3
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: fake_carriers["plivo"].answer(placed), range(3)))
+    assert len({joined_url("plivo", a.text) for a in answers}) == 1
+    assert fake_ultravox.calls_created == 1
+
+
+def test_ultravox_failure_at_answer_gives_the_callee_the_apology(gateway, fake_ultravox, fake_carriers):
+    call = dial(gateway, carrier="telnyx").json()
+    fake_ultravox.script(FakeResponse(status=500))
+    (placed,) = fake_carriers["telnyx"].calls
+    root = ET.fromstring(fake_carriers["telnyx"].answer(placed).text)
+    assert root.findtext("Say") == "Sorry, our assistant is unavailable."
+    tracked = call_of(gateway, call["id"])
+    assert tracked["status"] == "failed" and "500" in tracked["failure_reason"]
+
+
+def test_carrier_refusing_the_call_marks_it_failed(gateway, fake_ultravox, fake_carriers):
+    fake_carriers["twilio"].script(FakeResponse(status=400, body={"code": 21215, "message": "geo permissions"}))
+    response = dial(gateway, carrier="twilio")
+    assert response.status_code == 201
+    assert response.json()["status"] == "failed" and "400" in response.json()["failure_reason"]
+    assert len(fake_carriers["twilio"].requests) == 1  # a refusal is final: never dial twice
+
+
+def test_carrier_rate_limit_is_retried_after_retry_after(gateway, fake_carriers):
+    fake_carriers["plivo"].script(FakeResponse(status=429, retry_after="0.2"))
+    response = dial(gateway, carrier="plivo")
+    assert response.json()["status"] == "queued"
+    assert len(fake_carriers["plivo"].requests) == 2 and len(fake_carriers["plivo"].calls) == 1
+
+
+def test_carrier_timing_out_after_the_request_is_not_retried(gateway, fake_carriers):
+    fake_carriers["telnyx"].script(FakeResponse(hang=True))
+    response = dial(gateway, carrier="telnyx")
+    assert response.json()["status"] == "failed"
+    assert len(fake_carriers["telnyx"].requests) == 1  # it may have dialled: one attempt only
+
+
+# --- via Ultravox: Ultravox dials with the credentials imported into the account ----------------------
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_ultravox_mode_creates_an_outgoing_call(gateway, fake_ultravox, fake_carriers, carrier):
+    response = dial(gateway, carrier=carrier, via="ultravox", greeting="Hi, it's Example Co.")
+    assert response.status_code == 201, response.text
+    call = response.json()
+    (created,) = fake_ultravox.requests
+    outgoing = created.body["medium"][carrier]["outgoing"]
+    assert outgoing["to"] == CALLEE and outgoing["from"] == OWN_NUMBER[carrier]
+    assert f"{PUBLIC_URL}/{carrier}/status?call={call['id']}" in json.dumps(outgoing["additionalParams"])
+    assert created.body["firstSpeakerSettings"] == {"user": {}}
+    assert not any(fake.calls for fake in fake_carriers.values())
+    uuid.UUID(call["ultravox_call_id"])  # the id the fake Ultravox answered with
+
+    ended = ultravox_event(gateway, "call.ended", {
+        "callId": call["ultravox_call_id"], "endReason": "hangup", "summary": "Booked a table for two.",
+        "joined": "2026-11-20T10:00:00Z", "ended": "2026-11-20T10:01:30Z",
+    })
+    assert ended.status_code == 204
+    tracked = call_of(gateway, call["id"])
+    assert tracked["status"] == "completed" and tracked["summary"] == "Booked a table for two."
+    assert tracked["end_reason"] == "hangup" and tracked["duration_seconds"] == 90
+
+
+def test_unjoined_ultravox_call_is_failed(gateway, fake_ultravox):
+    call = dial(gateway, carrier="twilio", via="ultravox").json()
+    ultravox_event(gateway, "call.ended", {"callId": call["ultravox_call_id"], "endReason": "unjoined"})
+    assert call_of(gateway, call["id"])["status"] == "failed"
+
+
+# --- authentication, idempotency, dial policy --------------------------------------------------------
+
+
+def test_api_requires_a_known_key(gateway, fake_carriers):
+    assert dial(gateway, key=None).status_code == 401
+    assert dial(gateway, key="not-a-key-of-this-gateway").status_code == 401
+    response = gateway.client.post("/v1/calls", json={"to": CALLEE, "route": "support"},
+                                   headers={"Authorization": f"Basic {API_KEY}"})
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    assert gateway.client.get("/v1/calls").status_code == 401
+    assert gateway.client.get("/v1/calls/x").status_code == 401
+    assert not fake_carriers["twilio"].calls
+
+
+def test_concurrent_retries_with_one_idempotency_key_dial_once(gateway, fake_carriers):
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: dial(gateway, idempotency_key="order-1234"), range(6)))
+    assert {r.status_code for r in responses} == {201}
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert sum(r.headers.get("idempotent-replayed") == "true" for r in responses) == 5
+    assert len(fake_carriers["twilio"].calls) == 1
+
+    # The same key from another API key is another request; the same key with another body is an error.
+    assert dial(gateway, key=OTHER_API_KEY, idempotency_key="order-1234").json()["id"] != responses[0].json()["id"]
+    reused = dial(gateway, idempotency_key="order-1234", to="+15557650000")
+    assert reused.status_code == 422 and "Idempotency-Key" in reused.text
+    assert len(fake_carriers["twilio"].calls) == 2
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"to": "+447700900123", "carrier": "twilio", "from": "+15550009999"}, 403, "from must be one"),
+        ({"to": "+33612345678"}, 403, "outside the allowed"),
+        ({"to": "+19005551234"}, 403, "+1900"),
+        ({"to": "+18095551234"}, 403, "+1809"),
+        ({"to": "555-1234"}, 422, "E.164"),
+        ({"route": "nope"}, 422, "no route named"),
+        ({"route": None, "agent_id": AGENT_ID, "call": {"systemPrompt": "x"}}, 422, "exactly one"),
+        ({"metadata": {"ultravox.x": "1"}}, 422, "reserved"),
+        ({"surprise": 1}, 422, "surprise"),
+    ],
+)
+def test_dial_policy_rejections_dial_nothing(gateway, fake_ultravox, fake_carriers, body, status, words):
+    response = dial(gateway, **body)
+    assert response.status_code == status, response.text
+    assert words in response.text
+    assert not any(fake.calls for fake in fake_carriers.values())
+    assert fake_ultravox.requests == []
+    assert gateway.records() == []
+
+
+def test_dialling_rate_is_limited_per_key(gateway, fake_carriers):
+    assert all(dial(gateway).status_code == 201 for _ in range(5))
+    limited = dial(gateway)
+    assert limited.status_code == 429 and limited.headers["retry-after"] == "60"
+    assert dial(gateway, key=OTHER_API_KEY).status_code == 201  # another key has its own budget
+    assert len(fake_carriers["twilio"].calls) == 6
+
+
+def test_malformed_api_requests(gateway):
+    assert gateway.client.post("/v1/calls", content=b"to=+1555", headers={
+        **AUTH, "content-type": "application/x-www-form-urlencoded"}).status_code == 415
+    assert gateway.client.post("/v1/calls", content=b"{not json", headers={
+        **AUTH, "content-type": "application/json"}).status_code == 422
+    big = json.dumps({"to": CALLEE, "route": "support", "metadata": {"x": "y" * 10_000}})
+    assert gateway.client.post("/v1/calls", content=big, headers={**AUTH, "content-type": "application/json"}).status_code == 413
+    assert gateway.records() == []
+
+
+def test_carrier_without_rest_credentials_is_refused(make_gateway, fake_carriers):
+    gateway = make_gateway(TWILIO_ACCOUNT_SID="")  # an empty variable leaves the setting unset
+    assert gateway.settings.twilio.account_sid is None
+    response = dial(gateway, carrier="twilio")
+    assert response.status_code == 422 and "credentials" in response.text
+
+
+# --- call tracking -----------------------------------------------------------------------------------
+
+
+def test_status_callbacks_out_of_order_and_duplicated_never_go_backwards(gateway, fake_carriers):
+    call = dial(gateway, carrier="twilio").json()
+    fake = fake_carriers["twilio"]
+    (placed,) = fake.calls
+    fake.send_status(placed, "ringing")
+    assert call_of(gateway, call["id"])["status"] == "ringing"
+    fake.send_status(placed, "busy")
+    fake.send_status(placed, "busy")
+    fake.send_status(placed, "ringing")  # late
+    fake.send_status(placed, "in-progress")  # later still
+    tracked = call_of(gateway, call["id"])
+    assert tracked["status"] == "busy" and tracked["carrier_call_id"] == placed.call_id
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_forged_callbacks_are_refused_and_change_nothing(gateway, fake_ultravox, fake_carriers, carrier):
+    call = dial(gateway, carrier=carrier).json()
+    form = {"CallSid": "CA1", "CallUUID": "u", "CallStatus": "completed", "From": CALLEE, "To": CALLEE}
+    for path in (f"/{carrier}/status?call={call['id']}", f"/{carrier}/outbound/answer?call={call['id']}"):
+        headers = sign_headers(carrier, PUBLIC_URL + path, form, urlencode(form).encode(), gateway.telnyx_signer)
+        forged = dict(form, CallStatus="no-answer")  # signed one thing, sent another
+        response = gateway.client.post(path, content=urlencode(forged), headers={
+            **headers, "content-type": "application/x-www-form-urlencoded"})
+        assert response.status_code == 403
+    assert call_of(gateway, call["id"])["status"] == "queued"
+    assert fake_ultravox.requests == []
+
+
+def test_forged_and_stale_ultravox_events_are_refused(gateway, fake_ultravox):
+    call = dial(gateway, carrier="twilio", via="ultravox").json()
+    event = {"callId": call["ultravox_call_id"], "endReason": "hangup"}
+    assert ultravox_event(gateway, "call.ended", event, secret="wrong-secret").status_code == 403
+    stale = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)).isoformat()
+    assert ultravox_event(gateway, "call.ended", event, timestamp=stale).status_code == 403
+    assert call_of(gateway, call["id"])["status"] == "queued"
+    # Several signatures in one header (secret rotation): one valid is enough.
+    body = json.dumps({"event": "call.ended", "call": event}).encode()
+    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    both = sign_ultravox_webhook("old-secret", body, now) + "," + sign_ultravox_webhook(WEBHOOK_SECRET, body, now)
+    response = gateway.client.post("/ultravox/events", content=body, headers={
+        "X-Ultravox-Webhook-Timestamp": now, "X-Ultravox-Webhook-Signature": both})
+    assert response.status_code == 204
+    assert call_of(gateway, call["id"])["status"] == "completed"
+
+
+def test_inbound_calls_are_tracked_too(gateway, fake_ultravox):
+    from gateway.testing import twilio_inbound_form
+
+    form = twilio_inbound_form(to=SUPPORT_NUMBER)
+    gateway.post("twilio", form)
+    (inbound,) = gateway.client.get("/v1/calls?direction=inbound", headers=AUTH).json()["calls"]
+    assert inbound["status"] == "in-progress" and inbound["carrier_call_id"] == form["CallSid"]
+    assert fake_ultravox.requests[0].body["callbacks"]["ended"]["url"] == f"{PUBLIC_URL}/ultravox/events"
+    # A status callback configured on the number, without ?call=, finds the call by CallSid.
+    status = dict(form, CallStatus="completed", CallDuration="61")
+    gateway.post("twilio", status, path="/twilio/status")
+    tracked = call_of(gateway, inbound["id"])
+    assert tracked["status"] == "completed" and tracked["duration_seconds"] == 61
+
+
+def test_listing_filters_and_pages_with_a_cursor(gateway, fake_carriers):
+    ids = [dial(gateway, key=key).json()["id"] for key in (API_KEY, API_KEY, API_KEY, OTHER_API_KEY)]
+    dial(gateway, carrier="plivo")
+    first = gateway.client.get("/v1/calls?carrier=twilio&limit=3", headers=AUTH).json()
+    second = gateway.client.get(f"/v1/calls?carrier=twilio&limit=3&cursor={first['next_cursor']}", headers=AUTH).json()
+    assert second["next_cursor"] is None
+    listed = [c["id"] for c in first["calls"] + second["calls"]]
+    assert sorted(listed) == sorted(ids) and len(set(listed)) == 4
+    assert all(c["carrier"] == "twilio" for c in first["calls"] + second["calls"])
+    assert len(gateway.client.get("/v1/calls?status=queued", headers=AUTH).json()["calls"]) == 5
+    assert gateway.client.get("/v1/calls?status=bogus", headers=AUTH).status_code == 400
+    assert gateway.client.get("/v1/calls?cursor=%%%", headers=AUTH).status_code == 400
+    later = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)).isoformat()
+    assert gateway.client.get("/v1/calls", params={"created_after": later}, headers=AUTH).json()["calls"] == []
+    assert gateway.client.get("/v1/calls/nope", headers=AUTH).status_code == 404
+
+
+def test_openapi_document_describes_the_api(gateway):
+    document = gateway.client.get("/v1/openapi.json").json()
+    assert set(document["paths"]) == {"/v1/calls", "/v1/calls/{call_id}"}
+    assert "to" in document["components"]["schemas"]["DialRequest"]["properties"]
+    assert "from" in document["components"]["schemas"]["Call"]["properties"]
+
+
+def test_requests_to_ultravox_validate_against_its_schema(gateway, fake_ultravox, fake_carriers):
+    dial(gateway, carrier="telnyx", via="ultravox", call={"systemPrompt": "Call to confirm.", "voice": "Mark"},
+         route=None, max_duration=300)
+    (created,) = fake_ultravox.requests
+    assert created.path == "/api/calls"
+    assert created.body["maxDuration"] == "300s"
+    assert validate_ultravox_request(created.body, agent=False) == []
+
+
+# --- the CLI -----------------------------------------------------------------------------------------
+
+
+def test_gateway_dial_follows_the_call_until_it_ends(gateway, fake_carriers, capsys, monkeypatch):
+    monkeypatch.setenv("GATEWAY_API_KEY", API_KEY)
+    result = {}
+
+    def run():
+        result["code"] = cli_main(["dial", CALLEE, "--route", "support", "--carrier", "twilio",
+                                   "--url", gateway.server.url, "--poll-seconds", "0.1"])
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    fake = fake_carriers["twilio"]
+    for _ in range(100):
+        if fake.calls:
+            break
+        time.sleep(0.05)
+    (placed,) = fake.calls
+    fake.send_status(placed, "ringing")
+    time.sleep(0.3)
+    fake.answer(placed)
+    time.sleep(0.3)
+    fake.send_status(placed, "completed", CallDuration="12")
+    thread.join(10)
+    output = capsys.readouterr().out
+    assert result["code"] == 0
+    for status in ("queued", "ringing", "in-progress", "completed"):
+        assert status in output
+    assert parse_qs(urlparse(placed.answer_url).query)["call"][0] in output
