@@ -78,7 +78,7 @@ class CallsApi:
         content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if content_type != "application/json":
             return problem(415, "send the dial request as application/json")
-        body = await _read_limited(request, self.settings.max_body_bytes)
+        body = await read_limited(request, self.settings.max_body_bytes)
         if body is None:
             return problem(413, f"body larger than {self.settings.max_body_bytes} bytes")
         try:
@@ -139,7 +139,8 @@ def _unauthorized() -> JSONResponse:
     return problem(401, "send Authorization: Bearer <one of GATEWAY_API_KEYS>", **{"WWW-Authenticate": "Bearer"})
 
 
-async def _read_limited(request: Request, limit: int) -> bytes | None:
+async def read_limited(request: Request, limit: int) -> bytes | None:
+    """The request body, or None when it is (or says it is) larger than `limit` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         return None

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from .api import CallsApi, _read_limited
+from .api import CallsApi, read_limited
 from .carriers import CARRIER_CLASSES, Carrier
 from .carriers.base import RequestRejected, Webhook
 from .flows.inbound import InboundFlow
@@ -166,15 +166,9 @@ class Gateway:
         content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if content_type != FORM_CONTENT_TYPE:
             raise RequestRejected(f"expected {FORM_CONTENT_TYPE}, got {content_type or 'no content type'}", 415)
-        limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            raise RequestRejected(f"body larger than {limit} bytes", 413)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise RequestRejected(f"body larger than {limit} bytes", 413)
+        body = await read_limited(request, self.settings.max_body_bytes)
+        if body is None:
+            raise RequestRejected(f"body larger than {self.settings.max_body_bytes} bytes", 413)
         try:
             pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=True) if body else []
         except (UnicodeDecodeError, ValueError):
@@ -186,7 +180,7 @@ class Gateway:
             url=self.public_url(request),
             method=request.method,
             headers=request.headers,
-            body=bytes(body),
+            body=body,
             params=params,
         )
 
@@ -233,7 +227,7 @@ class Gateway:
         secret = self.settings.ultravox.webhook_secret
         if not secret:
             return PlainTextResponse("ULTRAVOX_WEBHOOK_SECRET is not configured on this gateway\n", status_code=403)
-        body = await _read_limited(request, self.settings.max_body_bytes)
+        body = await read_limited(request, self.settings.max_body_bytes)
         if body is None:
             return PlainTextResponse("body too large\n", status_code=413)
         try:

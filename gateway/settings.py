@@ -285,6 +285,12 @@ class Settings(_Section):
                 "GATEWAY_PUBLIC_URL is not set: Twilio and Plivo signatures are checked against the URL the request "
                 "arrived on, which is wrong behind a proxy"
             )
+        if not self.api_keys:
+            notes.append("GATEWAY_API_KEYS is not set: the /v1 dialer API refuses every request")
+        if not self.ultravox.webhook_secret:
+            notes.append(
+                "ULTRAVOX_WEBHOOK_SECRET is not set: calls are not told when they end (POST /ultravox/events refuses)"
+            )
         if self.insecure_skip_signature_verification:
             notes.append("insecure_skip_signature_verification is on: anyone can send forged carrier webhooks")
         else:

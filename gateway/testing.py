@@ -23,6 +23,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime as _dt
+import email.utils as _email_utils
 import importlib.resources
 import json
 import secrets
@@ -32,7 +33,11 @@ import time
 import uuid
 from collections import deque
 from typing import Any, Iterator
+from urllib.parse import parse_qsl as _parse_qsl
+from urllib.parse import urlencode as _urlencode
+from urllib.parse import urlsplit as _urlsplit
 
+import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -634,10 +639,6 @@ def plivo_inbound_form(
 # Fake carrier REST APIs
 # ---------------------------------------------------------------------------
 
-import email.utils as _email_utils  # noqa: E402  (kept with the code that needs it)
-from urllib.parse import parse_qsl as _parse_qsl, urlencode as _urlencode, urlsplit as _urlsplit  # noqa: E402
-
-import httpx  # noqa: E402
 
 __all__ += [
     "CarrierRequest",
