@@ -165,7 +165,8 @@ def _time(value: str | None, name: str) -> dt.datetime | None:
         parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(f"{name} must be an ISO-8601 time like 2026-11-20T10:00:00Z") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+    # Stored times are UTC; SQLite compares them as text, so the bound value must be UTC too.
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
 
 
 def _encode_cursor(record: CallRecord) -> str:
@@ -178,7 +179,7 @@ def _decode_cursor(value: str | None) -> tuple[dt.datetime, str] | None:
         return None
     try:
         created_at, call_id = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
-        return dt.datetime.fromisoformat(created_at), str(call_id)
+        return _time(created_at, "cursor"), str(call_id)
     except (ValueError, TypeError, binascii.Error):
         raise ValueError("cursor is not one this API handed out") from None
 

@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from .api import CallsApi, read_limited
 from .carriers import CARRIER_CLASSES, Carrier
-from .carriers.base import RequestRejected, Webhook
+from .carriers.base import RequestRejected, SignatureRejected, Webhook
 from .flows.inbound import InboundFlow
 from .flows.outbound import OutboundFlow
 from .flows.tracking import CallTracking
@@ -101,16 +101,21 @@ class Gateway:
         endpoint.__name__ = f"{carrier.name}_{handler.__name__}"
         return endpoint
 
-    async def verified_webhook(self, carrier: Carrier, request: Request) -> Webhook:
+    async def verified_webhook(self, carrier: Carrier, request: Request, *, call_token: bool = False) -> Webhook:
+        """The carrier's signed form; with `call_token`, also the gateway's own token for `?call=`."""
         webhook = await self.read_webhook(request)
         carrier.verify(webhook)
+        if call_token:
+            query = request.query_params
+            if not self.outbound.valid_callback(query.get("call", ""), query.get("t")):
+                raise SignatureRejected("this callback URL was not issued by this gateway")
         return webhook
 
     async def handle_outbound_answer(self, carrier: Carrier, request: Request) -> Response:
         """The callee picked up a call the gateway placed: connect the agent."""
         deadline = self.clock() + self.settings.ultravox.inbound_deadline_seconds
         try:
-            webhook = await self.verified_webhook(carrier, request)
+            webhook = await self.verified_webhook(carrier, request, call_token=True)
         except RequestRejected as rejection:
             return self._refused(carrier, rejection)
         call_id = request.query_params.get("call", "")
@@ -125,11 +130,12 @@ class Gateway:
 
     async def handle_status(self, carrier: Carrier, request: Request) -> Response:
         """Call progress callbacks: the call named in the URL, or an inbound call by its carrier id."""
+        call_id = request.query_params.get("call")
         try:
-            webhook = await self.verified_webhook(carrier, request)
+            webhook = await self.verified_webhook(carrier, request, call_token=call_id is not None)
         except RequestRejected as rejection:
             return self._refused(carrier, rejection)
-        record = await self.tracking.carrier_status(carrier, webhook, request.query_params.get("call"))
+        record = await self.tracking.carrier_status(carrier, webhook, call_id)
         if record is None:
             log.info("%s status callback for a call this gateway does not know", carrier.name)
         return Response(status_code=204)

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 
 from .settings import ConfigError, load_settings
 
@@ -37,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     dial.add_argument("--url", default=os.environ.get("GATEWAY_URL", "http://127.0.0.1:8080"),
                       help="the gateway's base URL (default $GATEWAY_URL or http://127.0.0.1:8080)")
     dial.add_argument("--api-key", help="default $GATEWAY_API_KEY, else the first of $GATEWAY_API_KEYS")
-    dial.add_argument("--idempotency-key", help="retrying with the same key never dials twice")
+    dial.add_argument("--idempotency-key", help="retrying with the same key never dials twice (default: a new key)")
     dial.add_argument("--no-follow", action="store_true", help="print the new call and exit")
+    dial.add_argument("--timeout", type=float, default=3600, help="stop following after this many seconds")
     dial.add_argument("--poll-seconds", type=float, default=1.0, help=argparse.SUPPRESS)
 
     args = parser.parse_args(argv)
@@ -90,14 +92,19 @@ def dial_command(args) -> int:
         return 2
     body = {"to": args.to, "route": args.route, "agent_id": args.agent_id, "carrier": args.carrier,
             "from": args.from_, "via": args.via, "greeting": args.greeting}
-    headers = {"Authorization": f"Bearer {key.strip()}"}
-    if args.idempotency_key:
-        headers["Idempotency-Key"] = args.idempotency_key
+    # Always idempotent: if the answer to the POST is lost, sending it again cannot dial twice.
+    headers = {"Authorization": f"Bearer {key.strip()}", "Idempotency-Key": args.idempotency_key or uuid.uuid4().hex}
+    payload = {k: v for k, v in body.items() if v is not None}
     with httpx.Client(base_url=args.url, headers=headers, timeout=30) as client:
-        try:
-            response = client.post("/v1/calls", json={k: v for k, v in body.items() if v is not None})
-        except httpx.HTTPError as error:
-            print(f"Cannot reach the gateway at {args.url}: {error}", file=sys.stderr)
+        response = None
+        for _ in range(3):
+            try:
+                response = client.post("/v1/calls", json=payload)
+                break
+            except httpx.TransportError as error:
+                print(f"Cannot reach the gateway at {args.url} ({error}); retrying", file=sys.stderr)
+                time.sleep(1)
+        if response is None:
             return 2
         if response.status_code != 201:
             print(f"Refused ({response.status_code}): {response.text}", file=sys.stderr)
@@ -107,9 +114,19 @@ def dial_command(args) -> int:
         if args.no_follow:
             return 0
         status = call["status"]
+        give_up = time.monotonic() + args.timeout
         while status not in FINAL_STATUSES:
+            if time.monotonic() > give_up:
+                print(f"call {call['id']}: still {status} after {args.timeout:g} s; stopped following", file=sys.stderr)
+                return 1
             time.sleep(args.poll_seconds)
-            call = client.get(f"/v1/calls/{call['id']}").json()
+            try:
+                response = client.get(f"/v1/calls/{call['id']}")
+            except httpx.TransportError:
+                continue  # the gateway restarting, say: keep following
+            if response.status_code != 200:
+                continue
+            call = response.json()
             if call["status"] != status:
                 status = call["status"]
                 print(f"call {call['id']}: {status}" + _why(call), flush=True)

@@ -26,6 +26,19 @@ def match_api_key(authorization: str | None, keys: list[str]) -> str | None:
     return found
 
 
+def callback_token(key: str, call_id: str) -> str:
+    """A token for URLs the gateway hands to carriers, naming one call.
+
+    Twilio and Plivo sign the URL they call, Telnyx does not: without this, a Telnyx-signed body
+    could be replayed against another call's URL.
+    """
+    return hmac.new(key.encode(), f"callback:{call_id}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def valid_callback_token(key: str, call_id: str, token: str | None) -> bool:
+    return bool(token) and hmac.compare_digest(callback_token(key, call_id), token)
+
+
 class WebhookRejected(Exception):
     pass
 

@@ -102,7 +102,9 @@ class DialPolicySettings(_Section):
     # Prefixes never dialled, even inside an allowed country: US premium-rate (900, 976) and the
     # Caribbean NANP codes most used for toll fraud.
     denied_prefixes: list[str] = Field(default_factory=lambda: [
-        "+1900", "+1976", "+1268", "+1284", "+1473", "+1649", "+1664", "+1767", "+1809", "+1829", "+1849", "+1876",
+        "+1900", "+1976", "+1242", "+1246", "+1264", "+1268", "+1284", "+1345", "+1441", "+1473", "+1649",
+        "+1658", "+1664", "+1721", "+1758", "+1767", "+1784", "+1809", "+1829", "+1849", "+1868", "+1869",
+        "+1876",
     ])
     # Dial requests accepted per API key per minute.
     calls_per_minute_per_key: int = Field(default=30, ge=1)

@@ -26,6 +26,7 @@ import datetime as _dt
 import email.utils as _email_utils
 import importlib.resources
 import json
+import re
 import secrets
 import socket
 import threading
@@ -42,10 +43,11 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 __all__ = [
+    "DATA_MESSAGE_TYPES",
     "FakeResponse",
     "FakeUltravox",
     "RecordedRequest",
@@ -174,7 +176,8 @@ _SCHEMA_NAMES = {
 }
 _schema_lock = threading.Lock()
 _schema_doc: dict[str, Any] | None = None
-_validators: dict[tuple[bool, bool], Any] = {}  # (agent, strict) -> validator
+_registries: dict[bool, Any] = {}  # strict -> referencing.Registry over the document
+_validators: dict[tuple[str, bool], Any] = {}  # (component schema name, strict) -> validator
 
 
 def _load_schema_doc() -> dict[str, Any]:
@@ -211,11 +214,13 @@ def _close_objects(schema: Any) -> None:
             _close_objects(sub)
 
 
-def _validator(agent: bool, strict: bool) -> Any:
-    key = (agent, strict)
-    with _schema_lock:
-        if key not in _validators:
-            from openapi_schema_validator import OAS30WriteValidator
+def _schema_validator(schema_name: str, strict: bool) -> Any:
+    """A cached validator for ``#/components/schemas/<schema_name>``; call with _schema_lock held."""
+    key = (schema_name, strict)
+    if key not in _validators:
+        from openapi_schema_validator import OAS30WriteValidator
+
+        if strict not in _registries:
             from referencing import Registry
             from referencing.jsonschema import DRAFT4
 
@@ -226,14 +231,32 @@ def _validator(agent: bool, strict: bool) -> Any:
                     _close_objects(schema)
             # OpenAPI 3.0 schemas are draft-4 flavoured; register the whole
             # document so "#/components/schemas/..." refs resolve inside it.
-            registry = Registry().with_resource(_SCHEMA_URI, DRAFT4.create_resource(doc))
-            root = {"$ref": f"{_SCHEMA_URI}#/components/schemas/{_SCHEMA_NAMES[agent]}"}
-            _validators[key] = OAS30WriteValidator(
-                root,
-                registry=registry,
-                format_checker=OAS30WriteValidator.FORMAT_CHECKER,
-            )
-        return _validators[key]
+            _registries[strict] = Registry().with_resource(_SCHEMA_URI, DRAFT4.create_resource(doc))
+        root = {"$ref": f"{_SCHEMA_URI}#/components/schemas/{schema_name}"}
+        _validators[key] = OAS30WriteValidator(
+            root,
+            registry=_registries[strict],
+            format_checker=OAS30WriteValidator.FORMAT_CHECKER,
+        )
+    return _validators[key]
+
+
+def _validator(agent: bool, strict: bool) -> Any:
+    with _schema_lock:
+        return _schema_validator(_SCHEMA_NAMES[agent], strict)
+
+
+def _schema_errors(body: Any, schema_name: str, *, strict: bool, prefix: str = "") -> list[str]:
+    """Messages for ``body`` against a component schema, each led by its JSON path."""
+    with _schema_lock:
+        validator = _schema_validator(schema_name, strict)
+    errors = sorted(validator.iter_errors(body), key=lambda e: [str(p) for p in e.absolute_path])
+    messages = []
+    for error in errors:
+        path = "/".join(str(p) for p in error.absolute_path)
+        where = "/".join(part for part in (prefix, path) if part) or "<root>"
+        messages.append(f"{where}: {error.message}")
+    return messages
 
 
 def _extra_rules(body: dict[str, Any]) -> list[str]:
@@ -262,13 +285,44 @@ def validate_ultravox_request(
     """
     if not isinstance(body, dict):
         return [f"<root>: request body must be a JSON object, got {type(body).__name__}"]
-    validator = _validator(agent, strict)
-    errors = sorted(validator.iter_errors(body), key=lambda e: [str(p) for p in e.absolute_path])
-    messages = [
-        f"{'/'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}" for e in errors
-    ]
+    messages = _schema_errors(body, _SCHEMA_NAMES[agent], strict=strict)
     if strict:
         messages.extend(_extra_rules(body))
+    return messages
+
+
+_TOOL_DEFINITION_SCHEMA = "ultravox.v1.BaseToolDefinition"
+_MODEL_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_TOOL_IMPLEMENTATIONS = ("http", "client", "dataConnection")
+
+
+def _tool_definition_errors(definition: Any, *, strict: bool = True) -> list[str]:
+    """Validate a durable tool's ``definition`` against ``BaseToolDefinition``.
+
+    ``strict`` closes every object, as for calls, and adds the rules Ultravox
+    states only in the schema's descriptions. Messages are led by
+    ``definition/...`` paths.
+    """
+    if not isinstance(definition, dict):
+        return [f"definition: must be a JSON object, got {type(definition).__name__}"]
+    messages = _schema_errors(definition, _TOOL_DEFINITION_SCHEMA, strict=strict, prefix="definition")
+    if strict:
+        name = definition.get("modelToolName")
+        if isinstance(name, str) and not _MODEL_TOOL_NAME.fullmatch(name):
+            messages.append(
+                f"definition/modelToolName: {name!r} does not match ^[a-zA-Z0-9_-]{{1,64}}$"
+            )
+        implementations = [key for key in _TOOL_IMPLEMENTATIONS if key in definition]
+        if len(implementations) != 1:
+            messages.append(
+                "definition: exactly one implementation (http, client or dataConnection) "
+                f"must be set, got {implementations}"
+            )
+        http = definition.get("http")
+        if isinstance(http, dict):
+            for key in ("baseUrlPattern", "httpMethod"):
+                if not http.get(key):
+                    messages.append(f"definition/http: {key} is required")
     return messages
 
 
@@ -284,6 +338,8 @@ class RecordedRequest:
     headers: dict[str, str]  # lower-case names, as Starlette gives them
     body: dict[str, Any]
     received_at: float  # time.monotonic()
+    query: dict[str, str] = dataclasses.field(default_factory=dict)
+    method: str = "POST"
 
 
 @dataclasses.dataclass
@@ -299,6 +355,7 @@ class FakeResponse:
 
 
 _HANG_SECONDS = 3600.0
+_ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 _ERROR_DETAILS = {
     429: "Request was throttled.",
     500: "Internal server error.",
@@ -306,6 +363,14 @@ _ERROR_DETAILS = {
     503: "Service unavailable.",
     504: "Gateway timeout.",
 }
+# Query parameters each start-call endpoint documents (strict mode rejects others:
+# Ultravox would silently ignore them).
+_CALL_QUERY_PARAMS = {
+    False: frozenset({"enableGreetingPrompt", "priorCallId", "throttle"}),
+    True: frozenset({"throttle"}),
+}
+DATA_MESSAGE_TYPES = frozenset({"forced_agent_message", "hang_up", "user_text_message"})
+_TOOL_READ_ONLY = frozenset({"toolId", "created", "ownership"})
 
 
 class _ConnectionCounter:
@@ -333,13 +398,41 @@ class _FakeServerThread(ServerThread):
         super().stop(timeout)
 
 
-class FakeUltravox:
-    """A fake of Ultravox's ``POST /api/calls`` and ``POST /api/agents/{id}/calls``.
+async def _hold(scripted: FakeResponse, release: threading.Event, extra_delay: float = 0.0) -> bool:
+    """Sleep out a scripted delay; for a scripted hang, wait until released. True if it hung."""
+    await asyncio.sleep(extra_delay + scripted.delay)
+    if not scripted.hang:
+        return False
+    # Polls so that stopping the server can release the request.
+    deadline = time.monotonic() + _HANG_SECONDS
+    while not release.is_set() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return True
 
-    Requests are checked for ``X-API-Key`` and validated against the OpenAPI
-    schema (unless ``validate=False``); every request is recorded. The n-th
-    request (whatever its outcome) consumes the n-th `FakeResponse` queued with
-    `script`; a 401 or 400 takes precedence over the scripted status.
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class FakeUltravox:
+    """A fake of the parts of Ultravox's REST API the gateway uses.
+
+    * ``POST /api/calls`` (optional ``?priorCallId=<uuid>``) and
+      ``POST /api/agents/{id}/calls``: bodies validated against the OpenAPI
+      schema (unless ``validate=False``); each created call's JSON is kept in
+      ``created_calls``.
+    * ``POST /api/calls/{call_id}/send_data_message``: kept in
+      ``data_messages`` as ``(call_id, body)``; 404 for a call the fake did not
+      create, 422 for one in ``ended_calls``.
+    * ``GET``/``POST /api/tools`` and ``GET``/``PUT /api/tools/{tool_id}``:
+      durable tools, kept in ``tools`` (tool id -> Tool JSON).
+
+    Every request is checked for ``X-API-Key`` and recorded in ``requests``;
+    validation failures are also collected in ``schema_errors``. The n-th
+    start-call request (whatever its outcome) consumes the n-th `FakeResponse`
+    queued with `script`, and the n-th data message the n-th one queued with
+    `script_data_messages`; a 401 or 400 takes precedence over the scripted
+    status.
     """
 
     def __init__(
@@ -354,14 +447,27 @@ class FakeUltravox:
         self._lock = threading.Lock()
         self._release = threading.Event()
         self._script: deque[FakeResponse] = deque()
+        self._data_script: deque[FakeResponse] = deque()
         self._clients: set[tuple[Any, ...]] = set()
         self.requests: list[RecordedRequest] = []
         self.schema_errors: list[str] = []
         self.calls_created = 0
+        self.created_calls: list[dict[str, Any]] = []  # the Call JSON of each 201
+        self.data_messages: list[tuple[str, dict[str, Any]]] = []  # (call_id, body)
+        self.ended_calls: set[str] = set()  # call ids whose data messages get 422
+        self.tools: dict[str, dict[str, Any]] = {}  # tool id -> Tool JSON
         self.app = Starlette(
             routes=[
                 Route("/api/calls", self._start_call, methods=["POST"]),
                 Route("/api/agents/{agent_id}/calls", self._start_call, methods=["POST"]),
+                Route(
+                    "/api/calls/{call_id}/send_data_message",
+                    self._send_data_message,
+                    methods=["POST"],
+                ),
+                Route("/api/tools", self._tools, methods=["GET", "POST"]),
+                Route("/api/tools/{tool_id}", self._tool, methods=["GET", "PUT"]),
+                Route("/{path:path}", self._unknown_path, methods=_ALL_METHODS),
             ],
             middleware=[Middleware(_ConnectionCounter, fake=self)],
         )
@@ -369,23 +475,39 @@ class FakeUltravox:
     # -- configuration (called from the test thread) -----------------------
 
     def script(self, *responses: FakeResponse) -> None:
-        """Queue per-request overrides, consumed in arrival order."""
+        """Queue per-request overrides for start-call requests, consumed in arrival order."""
         with self._lock:
             self._script.extend(responses)
+
+    def script_data_messages(self, *responses: FakeResponse) -> None:
+        """Queue overrides for ``send_data_message`` requests (a status below 300 means 204)."""
+        with self._lock:
+            self._data_script.extend(responses)
 
     def reset(self) -> None:
         with self._lock:
             self._script.clear()
+            self._data_script.clear()
             self._clients.clear()
             self.requests.clear()
             self.schema_errors.clear()
             self.calls_created = 0
+            self.created_calls.clear()
+            self.data_messages.clear()
+            self.ended_calls.clear()
+            self.tools.clear()
             self.delay = 0.0
 
     @property
     def connections_seen(self) -> int:
         with self._lock:
             return len(self._clients)
+
+    @property
+    def call_ids(self) -> set[str]:
+        """Ids of the calls the fake created."""
+        with self._lock:
+            return {call["callId"] for call in self.created_calls if "callId" in call}
 
     def serve(self, **kwargs: Any) -> ServerThread:
         """Start the fake on a free local port; use the result as a context manager."""
@@ -394,8 +516,10 @@ class FakeUltravox:
 
     # -- request handling (runs on the server thread) -----------------------
 
-    async def _start_call(self, request: Request) -> JSONResponse:
-        agent_id = request.path_params.get("agent_id")
+    async def _receive(
+        self, request: Request, *, agent_id: str | None = None
+    ) -> tuple[Any, str | None]:
+        """Read, record and decode a request: (JSON body or None, parse error)."""
         raw = await request.body()
         parse_error = None
         try:
@@ -410,36 +534,65 @@ class FakeUltravox:
                     headers=dict(request.headers),
                     body=body if isinstance(body, dict) else {},
                     received_at=time.monotonic(),
+                    query=dict(request.query_params),
+                    method=request.method,
                 )
             )
+        return body, parse_error
+
+    def _unauthorized(self, request: Request) -> JSONResponse | None:
+        if request.headers.get("x-api-key") == self.api_key:
+            return None
+        return JSONResponse(
+            {"detail": "Authentication credentials were not provided or are invalid."},
+            status_code=401,
+        )
+
+    def _rejected(self, errors: list[str]) -> JSONResponse:
+        with self._lock:
+            self.schema_errors.extend(errors)
+        return JSONResponse({"detail": "; ".join(errors)}, status_code=400)
+
+    def _query_errors(self, request: Request, agent: bool, body: Any) -> list[str]:
+        errors = []
+        query = request.query_params
+        prior = query.get("priorCallId")
+        if prior is not None and not _is_uuid(prior):
+            errors.append(f"?priorCallId: {prior!r} is not a UUID")
+        if self.strict:
+            for name in sorted(set(query) - _CALL_QUERY_PARAMS[agent]):
+                errors.append(f"?{name}: not a query parameter of {request.url.path}")
+            greeting = query.get("enableGreetingPrompt")
+            if greeting is not None and greeting not in ("true", "false"):
+                errors.append(f"?enableGreetingPrompt: {greeting!r} is not a boolean")
+            if prior is not None and isinstance(body, dict) and "initialMessages" in body:
+                errors.append("initialMessages: must not be set together with ?priorCallId")
+        return errors
+
+    async def _start_call(self, request: Request) -> JSONResponse:
+        agent_id = request.path_params.get("agent_id")
+        body, parse_error = await self._receive(request, agent_id=agent_id)
+        with self._lock:
             scripted = self._script.popleft() if self._script else FakeResponse()
 
-        await asyncio.sleep(self.delay + scripted.delay)
-        if scripted.hang:
-            # Polls so that stopping the server can release the request.
-            deadline = time.monotonic() + _HANG_SECONDS
-            while not self._release.is_set() and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+        if await _hold(scripted, self._release, self.delay):
             return JSONResponse({"detail": "fake Ultravox shutting down"}, status_code=503)
 
-        if request.headers.get("x-api-key") != self.api_key:
-            return JSONResponse(
-                {"detail": "Authentication credentials were not provided or are invalid."},
-                status_code=401,
-            )
+        unauthorized = self._unauthorized(request)
+        if unauthorized is not None:
+            return unauthorized
         if agent_id is not None and not _is_uuid(agent_id):
             return JSONResponse({"detail": f"agent id {agent_id!r} is not a UUID"}, status_code=400)
 
+        errors = self._query_errors(request, agent_id is not None, body)
         if parse_error:
-            errors = [parse_error]
+            errors.append(parse_error)
         elif self.validate:
-            errors = validate_ultravox_request(body, agent=agent_id is not None, strict=self.strict)
-        else:
-            errors = []
+            errors.extend(
+                validate_ultravox_request(body, agent=agent_id is not None, strict=self.strict)
+            )
         if errors:
-            with self._lock:
-                self.schema_errors.extend(errors)
-            return JSONResponse({"detail": "; ".join(errors)}, status_code=400)
+            return self._rejected(errors)
 
         headers = {"Retry-After": scripted.retry_after} if scripted.retry_after else None
         if scripted.status != 201:
@@ -452,22 +605,145 @@ class FakeUltravox:
             self.calls_created += 1
             n = self.calls_created
         if scripted.body is not None:
-            return JSONResponse(scripted.body, status_code=201, headers=headers)
-        return JSONResponse(
-            self._call_json(body, agent_id, n, scripted.omit_join_url),
-            status_code=201,
-            headers=headers,
-        )
+            call = scripted.body
+        else:
+            call = self._call_json(body, agent_id, n, scripted.omit_join_url)
+        with self._lock:
+            self.created_calls.append(call)
+        return JSONResponse(call, status_code=201, headers=headers)
+
+    async def _send_data_message(self, request: Request) -> Response:
+        call_id = request.path_params["call_id"]
+        body, parse_error = await self._receive(request)
+        with self._lock:
+            scripted = self._data_script.popleft() if self._data_script else FakeResponse()
+
+        if await _hold(scripted, self._release, self.delay):
+            return JSONResponse({"detail": "fake Ultravox shutting down"}, status_code=503)
+        unauthorized = self._unauthorized(request)
+        if unauthorized is not None:
+            return unauthorized
+
+        if parse_error:
+            return self._rejected([parse_error])
+        if not isinstance(body, dict):
+            return self._rejected(["<root>: request body must be a JSON object"])
+        kind = body.get("type")
+        if not isinstance(kind, str) or kind not in DATA_MESSAGE_TYPES:
+            return self._rejected(
+                [f"type: {kind!r} is not one of {sorted(DATA_MESSAGE_TYPES)}"]
+            )
+
+        with self._lock:
+            ended = call_id in self.ended_calls
+        if ended:
+            return JSONResponse({"detail": "Call is not active."}, status_code=422)
+        if call_id not in self.call_ids:
+            return JSONResponse({"detail": "Not found."}, status_code=404)
+
+        if scripted.status >= 300:
+            headers = {"Retry-After": scripted.retry_after} if scripted.retry_after else None
+            content = scripted.body
+            if content is None:
+                content = {"detail": _ERROR_DETAILS.get(scripted.status, "Error.")}
+            return JSONResponse(content, status_code=scripted.status, headers=headers)
+        with self._lock:
+            self.data_messages.append((call_id, body))
+        return Response(status_code=204)
+
+    def _tool_errors(self, body: Any) -> list[str]:
+        if not isinstance(body, dict):
+            return ["<root>: request body must be a JSON object"]
+        errors = []
+        name = body.get("name")
+        if not isinstance(name, str) or not 1 <= len(name) <= 40:
+            errors.append(f"name: must be a string of 1 to 40 characters, got {name!r}")
+        if self.strict:
+            for key in sorted(set(body) - {"name", "definition"} - _TOOL_READ_ONLY):
+                errors.append(f"{key}: not a field of Tool")
+        if "definition" not in body:
+            errors.append("definition: is required")
+        elif self.validate:
+            errors.extend(_tool_definition_errors(body["definition"], strict=self.strict))
+        return errors
+
+    def _name_taken(self, name: str, tool_id: str | None) -> bool:
+        with self._lock:
+            return any(
+                tool["name"] == name and other != tool_id for other, tool in self.tools.items()
+            )
+
+    async def _tools(self, request: Request) -> JSONResponse:
+        body, parse_error = await self._receive(request)
+        unauthorized = self._unauthorized(request)
+        if unauthorized is not None:
+            return unauthorized
+        if request.method == "GET":
+            search = request.query_params.get("search", "").lower()
+            ownership = request.query_params.get("ownership")
+            with self._lock:
+                tools = [
+                    copy.deepcopy(tool)
+                    for tool in self.tools.values()
+                    if search in tool["name"].lower() and ownership in (None, "private")
+                ]
+            return JSONResponse(
+                {"results": tools, "next": None, "previous": None, "total": len(tools)}
+            )
+
+        errors = [parse_error] if parse_error else self._tool_errors(body)
+        if errors:
+            return self._rejected(errors)
+        if self._name_taken(body["name"], None):
+            return JSONResponse(
+                {"name": ["A tool with this name already exists."]}, status_code=400
+            )
+        tool = {
+            "toolId": str(uuid.uuid4()),
+            "name": body["name"],
+            "created": _now_iso(),
+            "definition": copy.deepcopy(body["definition"]),
+            "ownership": "private",
+        }
+        with self._lock:
+            self.tools[tool["toolId"]] = tool
+        return JSONResponse(copy.deepcopy(tool), status_code=201)
+
+    async def _tool(self, request: Request) -> JSONResponse:
+        tool_id = request.path_params["tool_id"]
+        body, parse_error = await self._receive(request)
+        unauthorized = self._unauthorized(request)
+        if unauthorized is not None:
+            return unauthorized
+        with self._lock:
+            tool = self.tools.get(tool_id)
+        if tool is None:
+            return JSONResponse({"detail": "Not found."}, status_code=404)
+        if request.method == "GET":
+            return JSONResponse(copy.deepcopy(tool))
+
+        errors = [parse_error] if parse_error else self._tool_errors(body)
+        if errors:
+            return self._rejected(errors)
+        if self._name_taken(body["name"], tool_id):
+            return JSONResponse(
+                {"name": ["A tool with this name already exists."]}, status_code=400
+            )
+        with self._lock:
+            tool["name"] = body["name"]
+            tool["definition"] = copy.deepcopy(body["definition"])
+            return JSONResponse(copy.deepcopy(tool))
+
+    async def _unknown_path(self, request: Request) -> JSONResponse:
+        await self._receive(request)
+        return JSONResponse({"detail": "Not found."}, status_code=404)
 
     @staticmethod
     def _call_json(
         body: dict[str, Any], agent_id: str | None, n: int, omit_join_url: bool
     ) -> dict[str, Any]:
         call_id = str(uuid.uuid4())
-        call: dict[str, Any] = {
-            "callId": call_id,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z"),
-        }
+        call: dict[str, Any] = {"callId": call_id, "created": _now_iso()}
         if not omit_join_url:
             call["joinUrl"] = (
                 f"wss://voice.fake-ultravox.test/calls/{call_id}/telephony"
@@ -641,6 +917,7 @@ def plivo_inbound_form(
 
 
 __all__ += [
+    "CallUpdate",
     "CarrierRequest",
     "FakeCarrier",
     "FakePlivo",
@@ -676,6 +953,15 @@ class PlacedCarrierCall:
     call_uuid: str | None = None  # Plivo only: the CallUUID, which differs from request_uuid
 
 
+@dataclasses.dataclass
+class CallUpdate:
+    """A live-call update the fake carrier accepted (redirect, new TwiML/XML, hang-up)."""
+
+    call_id: str  # Twilio CallSid, Telnyx CallSid, Plivo CallUUID
+    params: dict[str, Any]  # the update parameters as the carrier understood them
+    action: str = "update"  # "update", or "hangup" for Plivo's DELETE
+
+
 class _Invalid(Exception):
     """A create-call request the carrier would reject; ``code`` is carrier-specific."""
 
@@ -687,7 +973,6 @@ class _Invalid(Exception):
 
 _HTTP_METHODS = ("GET", "POST")
 _STATUS_EVENTS = frozenset({"initiated", "ringing", "answered", "completed"})
-_ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
 def _decode_form(raw: bytes) -> dict[str, Any]:
@@ -740,6 +1025,22 @@ def _rfc2822_now() -> str:
     return _email_utils.format_datetime(_dt.datetime.now(_dt.timezone.utc))
 
 
+def _validate_texml_update(params: dict[str, Any], markup: str) -> None:
+    """The rules Twilio's and Telnyx's update-call endpoints share (``markup``: Twiml or Texml)."""
+    status = _one(params, "Status")
+    if status is not None and status not in ("completed", "canceled"):
+        raise _Invalid(f"Status must be completed or canceled, got {status!r}")
+    for name in ("Method", "FallbackMethod", "StatusCallbackMethod"):
+        if name in params and str(_one(params, name)).upper() not in _HTTP_METHODS:
+            raise _Invalid(f"{name} must be GET or POST")
+    given = [name for name in ("Url", markup, "Status") if _one(params, name)]
+    if not given:
+        raise _Invalid(f"one of Url, {markup} or Status is required")
+    if "Url" in given and markup in given:
+        # The fake refuses the ambiguity rather than guess which one the carrier obeys.
+        raise _Invalid(f"Url and {markup} are mutually exclusive")
+
+
 class FakeCarrier:
     """Shared machinery of the fake carrier REST APIs.
 
@@ -751,16 +1052,25 @@ class FakeCarrier:
     scripted status, as in `FakeUltravox`. Every request, to any path, is
     recorded in ``requests``; unknown paths answer 404.
 
-    Callbacks (`answer`, `send_status`) sign the URL the gateway handed over
-    but are delivered to ``deliver_to`` (the gateway's loopback base URL): the
-    ``public_url`` prefix of the target is swapped for it. Without
-    ``public_url`` the target's scheme and host are swapped.
+    Live-call updates (the ``update_path`` endpoint) are accepted for the
+    calls the fake placed and for the ids tests add to ``live_calls``; others
+    answer 404. Accepted updates are kept in ``updates``; `script_updates`
+    queues their overrides separately from `script`.
+
+    Callbacks (`callback`, `answer`, `send_status`) sign the URL the gateway
+    handed over but are delivered to ``deliver_to`` (the gateway's loopback
+    base URL): the ``public_url`` prefix of the target is swapped for it.
+    Without ``public_url`` the target's scheme and host are swapped.
+    `form_for` gives the identity fields of a call leg for such callbacks.
     """
 
     create_path: str = ""  # Starlette route template of the create-call endpoint
     create_status: int = 201  # the carrier's status for a created call
     body_kind: str = "form"  # what the carrier parses: "form" or "json"
     invalid_status: int = 400  # status for a request the carrier rejects as malformed
+    update_path: str = ""  # Starlette route template of the live-call update endpoint
+    update_status: int = 200  # the carrier's status for an accepted update
+    update_fields: frozenset[str] = frozenset()  # the parameters the update endpoint takes
 
     def __init__(
         self,
@@ -775,7 +1085,10 @@ class FakeCarrier:
         self.base_url: str | None = None
         self.requests: list[CarrierRequest] = []
         self.calls: list[PlacedCarrierCall] = []
+        self.updates: list[CallUpdate] = []
+        self.live_calls: set[str] = set()  # ids of calls the fake did not place (e.g. inbound)
         self._script: deque[FakeResponse] = deque()
+        self._update_script: deque[FakeResponse] = deque()
         self._sequence: dict[str, int] = {}
         self._lock = threading.Lock()
         self._release = threading.Event()
@@ -783,9 +1096,15 @@ class FakeCarrier:
         self.app = Starlette(
             routes=[
                 Route(self.create_path, self._create_call, methods=["POST"]),
+                *self._update_routes(),
                 Route("/{path:path}", self._unknown_path, methods=_ALL_METHODS),
             ]
         )
+
+    def _update_routes(self) -> list[Route]:
+        if not self.update_path:
+            return []
+        return [Route(self.update_path, self._update_call, methods=["POST"])]
 
     # -- configuration (called from the test thread) -----------------------
 
@@ -794,12 +1113,20 @@ class FakeCarrier:
         with self._lock:
             self._script.extend(responses)
 
+    def script_updates(self, *responses: FakeResponse) -> None:
+        """Queue overrides for live-call update requests, consumed in arrival order."""
+        with self._lock:
+            self._update_script.extend(responses)
+
     def reset(self) -> None:
-        """Forget requests, calls and the script; keep credentials and URLs."""
+        """Forget requests, calls, updates, live calls and scripts; keep credentials and URLs."""
         with self._lock:
             self._script.clear()
+            self._update_script.clear()
             self.requests.clear()
             self.calls.clear()
+            self.updates.clear()
+            self.live_calls.clear()
             self._sequence.clear()
 
     def serve(self, **kwargs: Any) -> ServerThread:
@@ -860,12 +1187,7 @@ class FakeCarrier:
         with self._lock:
             scripted = self._script.popleft() if self._script else FakeResponse()
 
-        await asyncio.sleep(scripted.delay)
-        if scripted.hang:
-            # Polls so that stopping the server can release the request.
-            deadline = time.monotonic() + _HANG_SECONDS
-            while not self._release.is_set() and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+        if await _hold(scripted, self._release):
             return JSONResponse(self._error_body(503, "fake carrier shutting down"), status_code=503)
 
         if not self._authorized(request):
@@ -879,21 +1201,100 @@ class FakeCarrier:
                 status_code=self.invalid_status,
             )
 
-        headers = {"Retry-After": scripted.retry_after} if scripted.retry_after else None
-        if scripted.status >= 300:
-            content = scripted.body
-            if content is None:
-                content = self._error_body(
-                    scripted.status, _ERROR_DETAILS.get(scripted.status, "Error.")
-                )
-            return JSONResponse(content, status_code=scripted.status, headers=headers)
+        failure = self._scripted_failure(scripted)
+        if failure is not None:
+            return failure
 
         call = self._place(params)
         with self._lock:
             self.calls.append(call)
             self._sequence[call.call_id] = 0
+        headers = {"Retry-After": scripted.retry_after} if scripted.retry_after else None
         content = scripted.body if scripted.body is not None else self._created_body(call)
         return JSONResponse(content, status_code=self.create_status, headers=headers)
+
+    def _scripted_failure(self, scripted: FakeResponse) -> JSONResponse | None:
+        if scripted.status < 300:
+            return None
+        headers = {"Retry-After": scripted.retry_after} if scripted.retry_after else None
+        content = scripted.body
+        if content is None:
+            content = self._error_body(scripted.status, _ERROR_DETAILS.get(scripted.status, "Error."))
+        return JSONResponse(content, status_code=scripted.status, headers=headers)
+
+    # -- live-call updates ----------------------------------------------------
+
+    def _live_id(self, call: PlacedCarrierCall) -> str:
+        """The id a placed call is addressed by once live (Plivo: its CallUUID)."""
+        return call.call_id
+
+    def _placed(self, call_id: str) -> PlacedCarrierCall | None:
+        with self._lock:
+            for call in self.calls:
+                if self._live_id(call) == call_id:
+                    return call
+        return None
+
+    def _leg(self, call_id: str) -> PlacedCarrierCall | None:
+        """The placed call ``form_for`` describes for ``call_id``, if any."""
+        return self._placed(call_id)
+
+    def is_live(self, call_id: str) -> bool:
+        """Whether the update endpoint knows ``call_id`` (placed here, or in ``live_calls``)."""
+        with self._lock:
+            if call_id in self.live_calls:
+                return True
+        return self._placed(call_id) is not None
+
+    def _parse_update(self, request: Request, raw: bytes) -> dict[str, Any]:
+        return self._parse(request, raw)
+
+    async def _update_call(self, request: Request) -> JSONResponse:
+        raw = await request.body()
+        self._record(request, raw)
+        with self._lock:
+            scripted = self._update_script.popleft() if self._update_script else FakeResponse()
+
+        if await _hold(scripted, self._release):
+            return JSONResponse(self._error_body(503, "fake carrier shutting down"), status_code=503)
+        if not self._authorized(request):
+            return JSONResponse(self._error_body(401, "Authentication failed"), status_code=401)
+        call_id = request.path_params["call_id"]
+        if not self.is_live(call_id):
+            return self._not_found(request)
+        try:
+            params = self._parse_update(request, raw)
+            unknown = sorted(set(params) - self.update_fields)
+            if unknown:
+                raise _Invalid(f"unknown parameters {unknown}; this endpoint takes {sorted(self.update_fields)}")
+            self._validate_update(params)
+        except _Invalid as invalid:
+            return JSONResponse(
+                self._error_body(self.invalid_status, invalid.message, invalid.code),
+                status_code=self.invalid_status,
+            )
+
+        failure = self._scripted_failure(scripted)
+        if failure is not None:
+            return failure
+        params = {name: _one(params, name) for name in params}
+        with self._lock:
+            self.updates.append(CallUpdate(call_id, params))
+        headers = {"Retry-After": scripted.retry_after} if scripted.retry_after else None
+        content = scripted.body if scripted.body is not None else self._updated_body(call_id, params)
+        return JSONResponse(content, status_code=self.update_status, headers=headers)
+
+    def _not_found(self, request: Request) -> JSONResponse:
+        return JSONResponse(
+            self._error_body(404, f"The requested resource {request.url.path} was not found"),
+            status_code=404,
+        )
+
+    def _validate_update(self, params: dict[str, Any]) -> None:
+        """Raise `_Invalid` for an update the carrier would reject."""
+
+    def _updated_body(self, call_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
 
     # -- carrier specifics (overridden) -------------------------------------
 
@@ -922,20 +1323,55 @@ class FakeCarrier:
     def _signature_headers(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
         raise NotImplementedError
 
+    def _common_form(self, call: PlacedCarrierCall) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _unplaced_form(self, call_id: str) -> dict[str, str]:
+        """Identity fields of a leg the fake did not place (an inbound call)."""
+        raise NotImplementedError
+
     # -- acting as the carrier calling the gateway back ----------------------
+
+    def form_for(self, call_id: str, **fields: Any) -> dict[str, str]:
+        """The carrier's identity fields for the call leg ``call_id``, updated with ``fields``.
+
+        A leg the fake placed gets its own numbers and direction; any other id
+        (an inbound call, a leg a ``<Dial>`` placed) is described as an inbound
+        call. ``CallStatus`` defaults to "in-progress". Feed the result to
+        `callback`.
+        """
+        call = self._leg(call_id)
+        form = self._common_form(call) if call is not None else self._unplaced_form(call_id)
+        form["CallStatus"] = "in-progress"
+        form.update({name: str(value) for name, value in fields.items()})
+        return form
+
+    def callback(self, url: str, form: dict[str, Any]) -> httpx.Response:
+        """POST ``form`` to the gateway ``url`` as the carrier would: signed over ``url``.
+
+        The request is delivered to ``deliver_to`` (see the class docs). Use it
+        to play the carrier fetching a redirect URL, or posting a ``<Dial>``
+        or ``<Gather>`` action or a conference status callback.
+        """
+        form = {name: str(value) for name, value in form.items()}
+        signed, target = self._delivery_target(url)
+        raw = _urlencode(form).encode("ascii")
+        headers = {"content-type": "application/x-www-form-urlencoded"}
+        headers.update(self._signature_headers(signed, form, raw))
+        return self._http().post(target, content=raw, headers=headers)
 
     def answer(self, call: PlacedCarrierCall, **extra: Any) -> httpx.Response:
         """POST the carrier's answer webhook for ``call`` to its answer URL, signed."""
         if not call.answer_url:
             raise ValueError(f"call {call.call_id} has no answer URL")
-        return self._deliver(call.answer_url, {**self._answer_form(call), **extra})
+        return self.callback(call.answer_url, {**self._answer_form(call), **extra})
 
     def send_status(self, call: PlacedCarrierCall, status: str, **extra: Any) -> httpx.Response:
         """POST a status callback for ``call`` the way the carrier does, signed."""
         url, form = self._status_callback(call, status)
         if not url:
             raise ValueError(f"call {call.call_id} has no callback URL for status {status!r}")
-        return self._deliver(url, {**form, **extra})
+        return self.callback(url, {**form, **extra})
 
     def _next_sequence(self, call: PlacedCarrierCall) -> str:
         with self._lock:
@@ -960,14 +1396,6 @@ class FakeCarrier:
             raise ValueError(f"{signed!r} does not start with public_url {prefix!r}")
         return signed, self.deliver_to.rstrip("/") + rest
 
-    def _deliver(self, url: str, form: dict[str, Any]) -> httpx.Response:
-        form = {name: str(value) for name, value in form.items()}
-        signed, target = self._delivery_target(url)
-        raw = _urlencode(form).encode("ascii")
-        headers = {"content-type": "application/x-www-form-urlencoded"}
-        headers.update(self._signature_headers(signed, form, raw))
-        return self._http().post(target, content=raw, headers=headers)
-
     def _http(self) -> httpx.Client:
         with self._lock:
             if self._client is None:
@@ -980,6 +1408,20 @@ class FakeTwilio(FakeCarrier):
     """Twilio's ``POST /2010-04-01/Accounts/{AccountSid}/Calls.json`` (form, HTTP Basic)."""
 
     create_path = "/2010-04-01/Accounts/{account_sid}/Calls.json"
+    update_path = "/2010-04-01/Accounts/{account_sid}/Calls/{call_id}.json"
+    update_fields = frozenset(
+        {
+            "Url",
+            "Method",
+            "Twiml",
+            "Status",
+            "FallbackUrl",
+            "FallbackMethod",
+            "StatusCallback",
+            "StatusCallbackMethod",
+            "TimeLimit",
+        }
+    )
 
     def __init__(
         self,
@@ -1085,6 +1527,34 @@ class FakeTwilio(FakeCarrier):
     def _signature_headers(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
         return {"X-Twilio-Signature": twilio_signature(self.auth_token, url, form)}
 
+    def _validate_update(self, params: dict[str, Any]) -> None:
+        _validate_texml_update(params, "Twiml")
+        if "TimeLimit" in params and not _is_int(_one(params, "TimeLimit")):
+            raise _Invalid("TimeLimit must be an integer")
+
+    def _updated_body(self, call_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        call = self._placed(call_id)
+        return {
+            "sid": call_id,
+            "account_sid": self.account_sid,
+            "status": params.get("Status", "in-progress"),
+            "to": call.to if call else None,
+            "from": call.from_ if call else None,
+            "direction": "outbound-api" if call else "inbound",
+            "api_version": "2010-04-01",
+        }
+
+    def _unplaced_form(self, call_id: str) -> dict[str, str]:
+        return twilio_inbound_form(call_id, account_sid=self.account_sid)
+
+    def form_for(self, call_id: str, **fields: Any) -> dict[str, str]:
+        form = super().form_for(call_id, **fields)
+        # Twilio repeats the numbers as Caller and Called.
+        for number, alias in (("From", "Caller"), ("To", "Called")):
+            if number in fields and alias not in fields:
+                form[alias] = form[number]
+        return form
+
 
 class FakeTelnyx(FakeCarrier):
     """Telnyx TeXML's ``POST /v2/texml/Accounts/{account_sid}/Calls`` (JSON, Bearer key).
@@ -1097,6 +1567,19 @@ class FakeTelnyx(FakeCarrier):
     create_status = 200
     body_kind = "json"
     invalid_status = 422
+    update_path = "/v2/texml/Accounts/{account_sid}/Calls/{call_id}"
+    update_fields = frozenset(
+        {
+            "Url",
+            "Method",
+            "Texml",
+            "Status",
+            "FallbackUrl",
+            "FallbackMethod",
+            "StatusCallback",
+            "StatusCallbackMethod",
+        }
+    )
 
     def __init__(
         self,
@@ -1159,7 +1642,36 @@ class FakeTelnyx(FakeCarrier):
         error: dict[str, Any] = {"title": _ERROR_DETAILS.get(status, "Error"), "detail": message}
         if status == 401:
             error = {"code": "10009", "title": "Authentication failed", "detail": message}
+        elif status == 404:
+            error = {"code": "10005", "title": "Resource not found", "detail": message}
         return {"errors": [error]}
+
+    def _parse_update(self, request: Request, raw: bytes) -> dict[str, Any]:
+        # Telnyx documents this endpoint with a form body and its SDKs send JSON;
+        # either way the keys must be CamelCase (update_fields catches others).
+        if "application/x-www-form-urlencoded" in request.headers.get("content-type", ""):
+            return _decode_form(raw)
+        return self._parse(request, raw)
+
+    def _validate_update(self, params: dict[str, Any]) -> None:
+        _validate_texml_update(params, "Texml")
+
+    def _updated_body(self, call_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        call = self._placed(call_id)
+        return {
+            "account_sid": self.account_sid,
+            "sid": call_id,
+            "status": params.get("Status", "in-progress"),
+            "from": call.from_ if call else None,
+            "to": call.to if call else None,
+            "direction": "outbound-api" if call else "inbound",
+            "uri": f"/v2/texml/Accounts/{self.account_sid}/Calls/{call_id}.json",
+        }
+
+    def _unplaced_form(self, call_id: str) -> dict[str, str]:
+        form = telnyx_inbound_form(call_id, account_sid=self.account_sid)
+        del form["ConnectionId"]  # unknown here; pass ConnectionId=... to form_for
+        return form
 
     def _common_form(self, call: PlacedCarrierCall) -> dict[str, str]:
         return {
@@ -1197,6 +1709,9 @@ class FakePlivo(FakeCarrier):
 
     create_path = "/v1/Account/{auth_id}/Call/"
     body_kind = "json"
+    update_path = "/v1/Account/{auth_id}/Call/{call_id}/"
+    update_status = 202
+    update_fields = frozenset({"legs", "aleg_url", "aleg_method", "bleg_url", "bleg_method", "blegs"})
 
     # Plivo's hangup_url gets these CallStatus values.
     FINAL_STATUSES = ("completed", "busy", "failed", "timeout", "no-answer", "cancel")
@@ -1292,3 +1807,68 @@ class FakePlivo(FakeCarrier):
 
     def _signature_headers(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
         return plivo_v3_headers(self.auth_token, url, form)
+
+    # A live Plivo call is addressed by its CallUUID, not the request_uuid.
+    def _live_id(self, call: PlacedCarrierCall) -> str:
+        return call.call_uuid or ""
+
+    def _leg(self, call_id: str) -> PlacedCarrierCall | None:
+        with self._lock:
+            for call in self.calls:
+                if call_id in (call.call_uuid, call.call_id):
+                    return call
+        return None
+
+    def _update_routes(self) -> list[Route]:
+        return [Route(self.update_path, self._update_or_hangup, methods=["POST", "DELETE"])]
+
+    async def _update_or_hangup(self, request: Request) -> Response:
+        if request.method == "POST":
+            return await self._update_call(request)
+        # DELETE hangs the call up.
+        self._record(request, await request.body())
+        with self._lock:
+            scripted = self._update_script.popleft() if self._update_script else FakeResponse()
+        if await _hold(scripted, self._release):
+            return JSONResponse(self._error_body(503, "fake carrier shutting down"), status_code=503)
+        if not self._authorized(request):
+            return JSONResponse(self._error_body(401, "Authentication failed"), status_code=401)
+        call_id = request.path_params["call_id"]
+        if not self.is_live(call_id):
+            return self._not_found(request)
+        failure = self._scripted_failure(scripted)
+        if failure is not None:
+            return failure
+        with self._lock:
+            self.updates.append(CallUpdate(call_id, {}, action="hangup"))
+        return Response(status_code=204)
+
+    def _not_found(self, request: Request) -> JSONResponse:
+        return JSONResponse({"api_id": str(uuid.uuid4()), "error": "not found"}, status_code=404)
+
+    def _validate_update(self, params: dict[str, Any]) -> None:
+        legs = params.get("legs")
+        if legs not in ("aleg", "bleg", "both"):
+            raise _Invalid(f"legs must be aleg, bleg or both, got {legs!r}")
+        for leg in ("aleg", "bleg"):
+            if legs in (leg, "both") and not (
+                isinstance(params.get(f"{leg}_url"), str) and params[f"{leg}_url"]
+            ):
+                raise _Invalid(f"{leg}_url is required when legs is {legs}")
+            method = f"{leg}_method"
+            if method in params and str(params[method]).upper() not in _HTTP_METHODS:
+                raise _Invalid(f"{method} must be GET or POST")
+
+    def _updated_body(self, call_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        return {"api_id": str(uuid.uuid4()), "message": "call transferred"}
+
+    def _unplaced_form(self, call_id: str) -> dict[str, str]:
+        form = plivo_inbound_form(call_id)
+        del form["Event"]  # not an identity field; pass Event=... to form_for
+        return form
+
+    def form_for(self, call_id: str, **fields: Any) -> dict[str, str]:
+        form = super().form_for(call_id, **fields)
+        for name in ("From", "To"):  # Plivo reports numbers as bare digits
+            form[name] = form[name].lstrip("+")
+        return form

@@ -478,3 +478,224 @@ def test_plivo_rejects_status_it_never_sends(plivo):
     plivo_create(plivo)
     with pytest.raises(ValueError):
         plivo.send_status(plivo.calls[0], "answered")
+
+
+# -- live-call updates ------------------------------------------------------------
+
+
+def twilio_update(fake, call_sid, data, auth=(TWILIO_SID, TWILIO_TOKEN)):
+    path = f"/2010-04-01/Accounts/{TWILIO_SID}/Calls/{call_sid}.json"
+    return httpx.post(fake.base_url + path, data=data, auth=auth)
+
+
+def test_twilio_update_redirects_a_placed_call(twilio):
+    sid = twilio_create(twilio).json()["sid"]
+
+    response = twilio_update(twilio, sid, {"Url": f"{PUBLIC}/twilio/transfer?call=abc", "Method": "POST"})
+
+    assert response.status_code == 200, response.text
+    assert response.json() | {"sid": sid, "status": "in-progress", "to": "+15557654321"} == response.json()
+    [update] = twilio.updates
+    assert (update.call_id, update.action) == (sid, "update")
+    assert update.params == {"Url": f"{PUBLIC}/twilio/transfer?call=abc", "Method": "POST"}
+    assert twilio.requests[-1].path.endswith(f"/Calls/{sid}.json")
+
+
+def test_twilio_update_of_inbound_call_and_hang_up(twilio):
+    inbound = "CA" + "7" * 32
+    twilio.live_calls.add(inbound)
+
+    twiml = twilio_update(twilio, inbound, {"Twiml": "<Response><Dial>+15550009999</Dial></Response>"})
+    hangup = twilio_update(twilio, inbound, {"Status": "completed"})
+
+    assert (twiml.status_code, hangup.status_code) == (200, 200)
+    assert hangup.json()["status"] == "completed"
+    assert [u.params for u in twilio.updates] == [
+        {"Twiml": "<Response><Dial>+15550009999</Dial></Response>"},
+        {"Status": "completed"},
+    ]
+
+
+def test_twilio_update_errors(twilio):
+    sid = twilio_create(twilio).json()["sid"]
+
+    unknown = twilio_update(twilio, "CA" + "9" * 32, {"Status": "completed"})
+    assert unknown.status_code == 404
+    assert unknown.json() | {"code": 20404, "status": 404} == unknown.json()
+    assert "was not found" in unknown.json()["message"]
+    assert twilio_update(twilio, sid, {"Status": "completed"}, auth=(TWILIO_SID, "x")).status_code == 401
+    for bad in ({"Status": "busy"}, {"Method": "PUT", "Url": f"{PUBLIC}/x"}, {"Uri": f"{PUBLIC}/x"}, {}):
+        response = twilio_update(twilio, sid, bad)
+        assert response.status_code == 400, bad
+    assert twilio.updates == []
+
+
+def test_update_script_is_separate_from_create_script(twilio):
+    twilio.script_updates(FakeResponse(status=503, retry_after="1"))
+    sid = twilio_create(twilio).json()["sid"]  # does not consume the update script
+
+    first = twilio_update(twilio, sid, {"Status": "completed"})
+    second = twilio_update(twilio, sid, {"Status": "completed"})
+
+    assert (first.status_code, first.headers["retry-after"]) == (503, "1")
+    assert second.status_code == 200
+    assert len(twilio.updates) == 1
+
+
+def telnyx_update(fake, call_sid, body, key=TELNYX_KEY, form=False):
+    url = f"{fake.base_url}/v2/texml/Accounts/{TELNYX_ACCOUNT}/Calls/{call_sid}"
+    headers = {"Authorization": f"Bearer {key}"}
+    if form:
+        return httpx.post(url, data=body, headers=headers)
+    return httpx.post(url, json=body, headers=headers)
+
+
+def test_telnyx_update(telnyx):
+    telnyx_create(telnyx)
+    [call] = telnyx.calls
+
+    redirect = telnyx_update(telnyx, call.call_id, {"Url": f"{PUBLIC}/telnyx/transfer", "Method": "POST"})
+    texml = telnyx_update(telnyx, call.call_id, {"Texml": "<Response><Hangup/></Response>"}, form=True)
+
+    assert (redirect.status_code, texml.status_code) == (200, 200)
+    assert redirect.json()["sid"] == call.call_id
+    assert [u.params for u in telnyx.updates] == [
+        {"Url": f"{PUBLIC}/telnyx/transfer", "Method": "POST"},
+        {"Texml": "<Response><Hangup/></Response>"},
+    ]
+
+
+def test_telnyx_update_errors(telnyx):
+    telnyx_create(telnyx)
+    [call] = telnyx.calls
+
+    unknown = telnyx_update(telnyx, "v3:unknown", {"Status": "completed"})
+    assert unknown.status_code == 404
+    assert unknown.json()["errors"][0]["code"] == "10005"
+    assert telnyx_update(telnyx, call.call_id, {"Status": "completed"}, key="wrong").status_code == 401
+    assert telnyx_update(telnyx, call.call_id, {"url": f"{PUBLIC}/x"}).status_code == 422  # not CamelCase
+    assert telnyx_update(telnyx, call.call_id, {"Status": "ended"}).status_code == 422
+    telnyx.live_calls.add("v3:inbound")
+    assert telnyx_update(telnyx, "v3:inbound", {"Status": "completed"}).status_code == 200
+    assert [u.call_id for u in telnyx.updates] == ["v3:inbound"]
+
+
+def plivo_update(fake, call_uuid, body, auth=(PLIVO_ID, PLIVO_TOKEN), method="POST"):
+    url = f"{fake.base_url}/v1/Account/{PLIVO_ID}/Call/{call_uuid}/"
+    if method == "DELETE":
+        return httpx.delete(url, auth=auth)
+    return httpx.post(url, json=body, auth=auth)
+
+
+def test_plivo_transfer_uses_call_uuid(plivo):
+    plivo_create(plivo)
+    [call] = plivo.calls
+    body = {"legs": "aleg", "aleg_url": f"{PUBLIC}/plivo/transfer", "aleg_method": "POST"}
+
+    response = plivo_update(plivo, call.call_uuid, body)
+
+    assert response.status_code == 202, response.text
+    assert response.json()["message"] == "call transferred"
+    assert [(u.call_id, u.params) for u in plivo.updates] == [(call.call_uuid, body)]
+    # The request_uuid is not a live call's id.
+    not_found = plivo_update(plivo, call.call_id, body)
+    assert not_found.status_code == 404
+    assert not_found.json()["error"] == "not found"
+
+
+def test_plivo_update_errors_and_hangup(plivo):
+    inbound = "b3a7c6e2-0000-4000-8000-000000000001"
+    plivo.live_calls.add(inbound)
+
+    assert plivo_update(plivo, inbound, {"legs": "aleg"}).status_code == 400  # no aleg_url
+    assert plivo_update(plivo, inbound, {"legs": "cleg", "aleg_url": "x"}).status_code == 400
+    assert plivo_update(plivo, inbound, {"legs": "aleg", "aleg_url": "x"}, auth=(PLIVO_ID, "no")).status_code == 401
+    assert plivo_update(plivo, inbound, None, method="DELETE").status_code == 204
+    assert [(u.call_id, u.action) for u in plivo.updates] == [(inbound, "hangup")]
+
+
+# -- form_for and callback -------------------------------------------------------------
+
+
+def test_twilio_form_for_and_callback(twilio, echo):
+    twilio_create(twilio)
+    [call] = twilio.calls
+
+    placed = twilio.form_for(call.call_id, DialCallStatus="no-answer")
+    inbound = twilio.form_for("CA" + "5" * 32, From="+15551112222")
+    response = twilio.callback(f"{PUBLIC}/twilio/dial-action?call=abc", placed)
+
+    assert placed | {
+        "CallSid": call.call_id,
+        "AccountSid": TWILIO_SID,
+        "From": "+15550001111",
+        "To": "+15557654321",
+        "Direction": "outbound-api",
+        "CallStatus": "in-progress",
+        "DialCallStatus": "no-answer",
+    } == placed
+    assert inbound | {
+        "CallSid": "CA" + "5" * 32,
+        "AccountSid": TWILIO_SID,
+        "From": "+15551112222",
+        "Caller": "+15551112222",
+        "Direction": "inbound",
+    } == inbound
+    assert response.status_code == 200
+    [received] = echo.received
+    assert (received["path"], received["query"]) == ("/twilio/dial-action", "call=abc")
+    assert received["form"] == placed
+    assert RequestValidator(TWILIO_TOKEN).validate(
+        f"{PUBLIC}/twilio/dial-action?call=abc", received["form"], received["headers"]["x-twilio-signature"]
+    )
+
+
+def test_telnyx_form_for_and_callback(telnyx, echo, telnyx_signer):
+    telnyx_create(telnyx)
+    [call] = telnyx.calls
+
+    placed = telnyx.form_for(call.call_id)
+    inbound = telnyx.form_for("v3:inbound", ConnectionId="42")
+    telnyx.callback(f"{PUBLIC}/telnyx/conference-status", {**inbound, "StatusCallbackEvent": "participant-join"})
+
+    assert placed["ConnectionId"] == "1293384261075731499"
+    assert (placed["CallSid"], placed["Direction"]) == (call.call_id, "outbound-api")
+    assert inbound | {"CallSid": "v3:inbound", "AccountSid": TELNYX_ACCOUNT, "ConnectionId": "42"} == inbound
+    [received] = echo.received
+    assert received["path"] == "/telnyx/conference-status"
+    assert received["form"]["StatusCallbackEvent"] == "participant-join"
+    public_key = Ed25519PublicKey.from_public_bytes(base64.b64decode(telnyx_signer.public_key_b64))
+    headers = received["headers"]
+    public_key.verify(
+        base64.b64decode(headers["telnyx-signature-ed25519"]),
+        f"{headers['telnyx-timestamp']}|".encode() + received["raw"],
+    )
+
+
+def test_plivo_form_for_and_callback(plivo, echo):
+    plivo_create(plivo)
+    [call] = plivo.calls
+
+    placed = plivo.form_for(call.call_uuid)
+    inbound = plivo.form_for("b3a7c6e2-0000-4000-8000-000000000002", From="+15551112222")
+    plivo.callback(f"{PUBLIC}/plivo/transfer?call=abc", inbound)
+
+    assert (placed["CallUUID"], placed["RequestUUID"], placed["Direction"]) == (call.call_uuid, call.call_id, "outbound")
+    assert plivo.form_for(call.call_id)["CallUUID"] == call.call_uuid  # request_uuid finds the leg too
+    assert inbound | {
+        "CallUUID": "b3a7c6e2-0000-4000-8000-000000000002",
+        "From": "15551112222",
+        "Direction": "inbound",
+        "CallStatus": "in-progress",
+    } == inbound
+    [received] = echo.received
+    assert (received["path"], received["query"]) == ("/plivo/transfer", "call=abc")
+    headers = received["headers"]
+    assert validate_v3_signature(
+        "POST",
+        f"{PUBLIC}/plivo/transfer?call=abc",
+        headers["x-plivo-signature-v3-nonce"],
+        PLIVO_TOKEN,
+        headers["x-plivo-signature-v3"],
+        received["form"],
+    )

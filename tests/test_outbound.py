@@ -72,8 +72,8 @@ def test_carrier_mode_places_the_call_and_connects_the_agent_on_answer(gateway, 
 
     fake = fake_carriers[carrier]
     (placed,) = fake.calls
-    assert placed.answer_url == f"{PUBLIC_URL}/{carrier}/outbound/answer?call={call['id']}"
-    assert placed.status_url == f"{PUBLIC_URL}/{carrier}/status?call={call['id']}"
+    assert placed.answer_url.startswith(f"{PUBLIC_URL}/{carrier}/outbound/answer?call={call['id']}&t=")
+    assert placed.status_url.startswith(f"{PUBLIC_URL}/{carrier}/status?call={call['id']}&t=")
     assert placed.to.lstrip("+") == CALLEE.lstrip("+")
     assert fake_ultravox.requests == []  # nothing is created while the phone rings
 
@@ -83,7 +83,8 @@ def test_carrier_mode_places_the_call_and_connects_the_agent_on_answer(gateway, 
     (created,) = fake_ultravox.requests
     assert created.agent_id == AGENT_ID
     assert created.body["medium"] == {carrier: {}}
-    assert created.body["firstSpeakerSettings"] == {"user": {}}
+    # The callee speaks first; the route's greeting is said only if they stay silent.
+    assert created.body["firstSpeakerSettings"] == {"user": {"fallback": {"delay": "4s", "text": "Hello, thanks for calling."}}}
     assert created.body["templateContext"]["customer"] == {"name": "Ada"}
     assert created.body["metadata"]["gateway.call_id"] == call["id"]
     assert created.body["metadata"]["crm"] == "42"
@@ -165,8 +166,8 @@ def test_ultravox_mode_creates_an_outgoing_call(gateway, fake_ultravox, fake_car
     (created,) = fake_ultravox.requests
     outgoing = created.body["medium"][carrier]["outgoing"]
     assert outgoing["to"] == CALLEE and outgoing["from"] == OWN_NUMBER[carrier]
-    assert f"{PUBLIC_URL}/{carrier}/status?call={call['id']}" in json.dumps(outgoing["additionalParams"])
-    assert created.body["firstSpeakerSettings"] == {"user": {}}
+    assert f"{PUBLIC_URL}/{carrier}/status?call={call['id']}&t=" in json.dumps(outgoing["additionalParams"])
+    assert created.body["firstSpeakerSettings"]["user"]["fallback"]["text"] == "Hi, it's Example Co."
     assert not any(fake.calls for fake in fake_carriers.values())
     uuid.UUID(call["ultravox_call_id"])  # the id the fake Ultravox answered with
 
@@ -218,6 +219,9 @@ def test_concurrent_retries_with_one_idempotency_key_dial_once(gateway, fake_car
 @pytest.mark.parametrize(
     "body, status, words",
     [
+        ({"route": None, "call": {"systemPrompt": "x", "selectedTools": [{"toolName": "coldTransfer"}]}}, 422,
+         "selectedTools"),
+        ({"via": "ultravox", "answering_machine_detection": True}, 422, "via=carrier"),
         ({"to": "+447700900123", "carrier": "twilio", "from": "+15550009999"}, 403, "from must be one"),
         ({"to": "+33612345678"}, 403, "outside the allowed"),
         ({"to": "+19005551234"}, 403, "+1900"),
@@ -292,6 +296,42 @@ def test_forged_callbacks_are_refused_and_change_nothing(gateway, fake_ultravox,
         assert response.status_code == 403
     assert call_of(gateway, call["id"])["status"] == "queued"
     assert fake_ultravox.requests == []
+
+
+def test_a_signed_callback_replayed_to_another_calls_url_is_refused(gateway, fake_ultravox, fake_carriers):
+    """Telnyx signs only timestamp|body, not the URL: the gateway's own token names the call."""
+    first = dial(gateway, carrier="telnyx").json()
+    second = dial(gateway, carrier="telnyx").json()
+    placed = fake_carriers["telnyx"].calls[0]
+    stolen = placed.answer_url.replace(first["id"], second["id"])  # the first call's token, the second's id
+    response = fake_carriers["telnyx"].callback(stolen, fake_carriers["telnyx"].form_for(placed.call_id))
+    assert response.status_code == 403
+    assert fake_ultravox.requests == []
+    assert call_of(gateway, second["id"])["status"] == "queued"
+
+
+def test_status_answered_before_the_answer_webhook_still_connects_the_agent(gateway, fake_ultravox, fake_carriers):
+    """Twilio holds the answer webhook until machine detection is done; its `answered` callback wins the race."""
+    call = dial(gateway, carrier="twilio", answering_machine_detection=True).json()
+    (placed,) = fake_carriers["twilio"].calls
+    fake_carriers["twilio"].send_status(placed, "in-progress")
+    answer = fake_carriers["twilio"].answer(placed, AnsweredBy="human")
+    joined_url("twilio", answer.text)
+    assert call_of(gateway, call["id"])["status"] == "in-progress"
+
+
+def test_carrier_final_status_corrects_an_unjoined_ultravox_call(gateway, fake_ultravox, fake_carriers):
+    call = dial(gateway, carrier="twilio", via="ultravox").json()
+    ultravox_event(gateway, "call.ended", {"callId": call["ultravox_call_id"], "endReason": "unjoined"})
+    assert call_of(gateway, call["id"])["status"] == "failed"
+    # Ultravox placed the call through Twilio, which reports to the status URL the gateway gave it.
+    status_url = fake_ultravox.requests[0].body["medium"]["twilio"]["outgoing"]["additionalParams"]["statusCallback"]
+    twilio = fake_carriers["twilio"]
+    twilio.callback(status_url, {**twilio.form_for("CA" + "1" * 32), "CallStatus": "busy"})
+    tracked = call_of(gateway, call["id"])
+    assert tracked["status"] == "busy" and tracked["end_reason"] == "unjoined"
+    ultravox_event(gateway, "call.ended", {"callId": call["ultravox_call_id"], "endReason": "unjoined"})
+    assert call_of(gateway, call["id"])["status"] == "busy"  # a repeated event changes nothing
 
 
 def test_forged_and_stale_ultravox_events_are_refused(gateway, fake_ultravox):

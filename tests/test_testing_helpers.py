@@ -307,3 +307,187 @@ def test_validation_can_be_switched_off_for_benchmarks():
         )
     assert response.status_code == 201
     assert fake.schema_errors == []
+
+
+# -- FakeUltravox: priorCallId and created calls --------------------------------
+
+
+def test_prior_call_id_is_accepted_and_recorded(fake, client):
+    first = client.post("/api/calls", json={"systemPrompt": "hi"}, headers=KEY).json()
+
+    response = client.post(
+        "/api/calls", params={"priorCallId": first["callId"]}, json={"medium": {"twilio": {}}}, headers=KEY
+    )
+
+    assert response.status_code == 201, response.text
+    assert fake.requests[0].query == {}
+    assert fake.requests[1].query == {"priorCallId": first["callId"]}
+    assert [call["callId"] for call in fake.created_calls] == [first["callId"], response.json()["callId"]]
+    assert fake.created_calls[1]["joinUrl"] == response.json()["joinUrl"]
+    assert fake.call_ids == {first["callId"], response.json()["callId"]}
+    assert fake.schema_errors == []
+
+
+@pytest.mark.parametrize(
+    "path, params, body",
+    [
+        ("/api/calls", {"priorCallId": "CA123"}, {}),
+        ("/api/calls", {"priorCallId": AGENT_ID}, {"initialMessages": []}),
+        (f"/api/agents/{AGENT_ID}/calls", {"priorCallId": AGENT_ID}, {}),
+        ("/api/calls", {"priorcallid": AGENT_ID}, {}),
+    ],
+)
+def test_bad_prior_call_id_is_rejected(fake, client, path, params, body):
+    response = client.post(path, params=params, json=body, headers=KEY)
+
+    assert response.status_code == 400
+    assert len(fake.schema_errors) == 1
+    assert fake.created_calls == []
+
+
+def test_scripted_call_body_is_kept_in_created_calls(fake, client):
+    fake.script(FakeResponse(body={"callId": AGENT_ID, "joinUrl": "wss://x.test/"}))
+    client.post("/api/calls", json={}, headers=KEY)
+    assert fake.created_calls == [{"callId": AGENT_ID, "joinUrl": "wss://x.test/"}]
+
+
+def test_unknown_path_is_recorded_and_404(fake, client):
+    assert client.get("/api/nope", headers=KEY).status_code == 404
+    assert (fake.requests[0].method, fake.requests[0].path) == ("GET", "/api/nope")
+
+
+# -- FakeUltravox: send_data_message --------------------------------------------
+
+
+def _new_call(client) -> str:
+    return client.post("/api/calls", json={}, headers=KEY).json()["callId"]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": "hang_up", "message": "Goodbye."},
+        {"type": "forced_agent_message", "content": "Transferring you now."},
+        {"type": "user_text_message", "text": "the operator did not answer"},
+    ],
+)
+def test_data_message_is_accepted_and_recorded(fake, client, message):
+    call_id = _new_call(client)
+
+    response = client.post(f"/api/calls/{call_id}/send_data_message", json=message, headers=KEY)
+
+    assert response.status_code == 204, response.text
+    assert fake.data_messages == [(call_id, message)]
+    recorded = fake.requests[-1]
+    assert (recorded.path, recorded.body) == (f"/api/calls/{call_id}/send_data_message", message)
+    assert fake.schema_errors == []
+
+
+def test_data_message_errors(fake, client):
+    call_id = _new_call(client)
+    path = f"/api/calls/{call_id}/send_data_message"
+
+    assert client.post(path, json={"type": "hang_up"}).status_code == 401
+    assert client.post(path, json={"type": "hangup"}, headers=KEY).status_code == 400
+    assert client.post(path, json={"message": "bye"}, headers=KEY).status_code == 400
+    assert len(fake.schema_errors) == 2 and "hangup" in fake.schema_errors[0]
+    unknown = f"/api/calls/{uuid.uuid4()}/send_data_message"
+    assert client.post(unknown, json={"type": "hang_up"}, headers=KEY).status_code == 404
+    fake.ended_calls.add(call_id)
+    assert client.post(path, json={"type": "hang_up"}, headers=KEY).status_code == 422
+    assert fake.data_messages == []
+    assert len(fake.requests) == 1 + 5
+
+
+def test_data_messages_have_their_own_script(fake, client):
+    fake.script_data_messages(FakeResponse(status=503))
+    call_id = _new_call(client)  # does not consume the data-message script
+    path = f"/api/calls/{call_id}/send_data_message"
+
+    assert client.post(path, json={"type": "hang_up"}, headers=KEY).status_code == 503
+    assert client.post(path, json={"type": "hang_up"}, headers=KEY).status_code == 204
+    assert fake.data_messages == [(call_id, {"type": "hang_up"})]
+
+
+# -- FakeUltravox: durable tools -------------------------------------------------
+
+TRANSFER_DEFINITION = {
+    "modelToolName": "transferToOperator",
+    "description": "Transfer the caller to a human operator.",
+    "dynamicParameters": [
+        {
+            "name": "reason",
+            "location": "PARAMETER_LOCATION_BODY",
+            "schema": {"type": "string"},
+            "required": True,
+        }
+    ],
+    "automaticParameters": [
+        {"name": "callId", "location": "PARAMETER_LOCATION_BODY", "knownValue": "KNOWN_PARAM_CALL_ID"}
+    ],
+    "http": {"baseUrlPattern": "https://gateway.example.test/tools/transfer", "httpMethod": "POST"},
+}
+
+
+def test_tools_create_list_search_and_update(fake, client):
+    created = client.post(
+        "/api/tools", json={"name": "gateway-transfer", "definition": TRANSFER_DEFINITION}, headers=KEY
+    )
+    other = client.post(
+        "/api/tools",
+        json={"name": "lookup", "definition": {**TRANSFER_DEFINITION, "modelToolName": "lookup"}},
+        headers=KEY,
+    )
+
+    assert created.status_code == 201, created.text
+    assert other.status_code == 201, other.text
+    tool = created.json()
+    uuid.UUID(tool["toolId"])
+    assert (tool["name"], tool["definition"]) == ("gateway-transfer", TRANSFER_DEFINITION)
+    assert tool["created"].endswith("Z")
+    assert fake.tools[tool["toolId"]] == tool
+
+    listed = client.get("/api/tools", headers=KEY).json()
+    assert (len(listed["results"]), listed["next"]) == (2, None)
+    found = client.get("/api/tools", params={"search": "Transfer"}, headers=KEY).json()
+    assert [t["toolId"] for t in found["results"]] == [tool["toolId"]]
+    assert fake.requests[-1].query == {"search": "Transfer"}
+
+    changed = {**TRANSFER_DEFINITION, "description": "Hand the caller to a person."}
+    updated = client.put(
+        f"/api/tools/{tool['toolId']}", json={"name": "gateway-transfer", "definition": changed}, headers=KEY
+    )
+    assert updated.status_code == 200, updated.text
+    assert updated.json() | {"definition": None} == tool | {"definition": None}
+    assert fake.tools[tool["toolId"]]["definition"] == changed
+    assert client.get(f"/api/tools/{tool['toolId']}", headers=KEY).json()["definition"] == changed
+    assert fake.schema_errors == []
+
+
+def test_tools_errors(fake, client):
+    body = {"name": "gateway-transfer", "definition": TRANSFER_DEFINITION}
+    assert client.post("/api/tools", json=body).status_code == 401
+    assert client.put(f"/api/tools/{uuid.uuid4()}", json=body, headers=KEY).status_code == 404
+    assert client.post("/api/tools", json=body, headers=KEY).status_code == 201
+    assert client.post("/api/tools", json=body, headers=KEY).status_code == 400  # name taken
+    assert fake.schema_errors == []
+    assert len(fake.tools) == 1
+
+
+@pytest.mark.parametrize(
+    "definition, expected",
+    [
+        ({**TRANSFER_DEFINITION, "timeout": "ten seconds"}, "definition/timeout"),
+        ({**TRANSFER_DEFINITION, "httpp": {}}, "httpp"),
+        ({**TRANSFER_DEFINITION, "modelToolName": "transfer to operator"}, "modelToolName"),
+        ({k: v for k, v in TRANSFER_DEFINITION.items() if k != "http"}, "exactly one implementation"),
+        ({**TRANSFER_DEFINITION, "http": {"baseUrlPattern": "https://x.test"}}, "httpMethod"),
+        ({**TRANSFER_DEFINITION, "dynamicParameters": [{"nam": "x"}]}, "nam"),
+    ],
+)
+def test_tool_definition_is_validated_strictly(fake, client, definition, expected):
+    response = client.post("/api/tools", json={"name": "t", "definition": definition}, headers=KEY)
+
+    assert response.status_code == 400
+    assert fake.schema_errors and expected in fake.schema_errors[0]
+    assert fake.tools == {}

@@ -22,7 +22,7 @@ REST_POLICY = RetryPolicy(max_attempts=3, attempt_timeout=10.0)
 # CallStatus values sent to ring_url and hangup_url.
 CALL_STATUSES = {
     "ringing": statuses.RINGING,
-    "in-progress": statuses.IN_PROGRESS,
+    "in-progress": statuses.ANSWERED,
     "completed": statuses.COMPLETED,
     "busy": statuses.BUSY,
     "failed": statuses.FAILED,
@@ -125,7 +125,9 @@ class PlivoCarrier(Carrier):
         )
         if not 200 <= response.status_code < 300:
             raise RemoteError(f"Plivo answered {response.status_code}: {response.text[:200]}")
-        return response.json().get("request_uuid")
+        # Plivo answers with a request_uuid; the call's own CallUUID (what its call-control API
+        # wants) arrives with the first callback.
+        return None
 
     def outgoing_status_params(self, status_url: str) -> dict[str, Any]:
         return {"ring_url": status_url, "ring_method": "POST", "hangup_url": status_url, "hangup_method": "POST"}

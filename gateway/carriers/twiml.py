@@ -14,8 +14,9 @@ CALL_STATUSES = {
     "queued": statuses.QUEUED,
     "initiated": statuses.QUEUED,
     "ringing": statuses.RINGING,
-    "in-progress": statuses.IN_PROGRESS,
-    "answered": statuses.IN_PROGRESS,
+    # Answered: the agent joins once the gateway has handled the answer webhook.
+    "in-progress": statuses.ANSWERED,
+    "answered": statuses.ANSWERED,
     "completed": statuses.COMPLETED,
     "busy": statuses.BUSY,
     "no-answer": statuses.NO_ANSWER,

@@ -56,8 +56,14 @@ def ultravox_callbacks(url: str | None, secret: str | None) -> dict[str, Any] | 
     return {"joined": callback, "ended": callback}
 
 
+# How long a silent callee gets before the agent says the greeting itself.
+USER_FIRST_FALLBACK_DELAY = "4s"
+
+
 def _first_speaker(route: RouteSettings, agent_speaks_first: bool) -> dict[str, Any]:
     if not agent_speaks_first:
+        if route.greeting:
+            return {"user": {"fallback": {"delay": USER_FIRST_FALLBACK_DELAY, "text": route.greeting}}}
         return {"user": {}}
     return {"agent": {"text": route.greeting}} if route.greeting else {"agent": {}}
 

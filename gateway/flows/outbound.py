@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .. import statuses
 from ..carriers.base import Carrier, OutboundDial, Webhook
 from ..http import RemoteError
+from ..security import callback_token, valid_callback_token
 from ..settings import E164, RouteSettings, Settings
 from ..store import CallRecord, CallStore
 from ..ultravox import UltravoxClient, UltravoxError
@@ -26,6 +27,12 @@ from .call_request import build_call_request, ultravox_callbacks
 log = logging.getLogger("gateway.outbound")
 
 RATE_WINDOW_SECONDS = 60
+# Inline `call` fields an API client may set. Anything else (tools, callbacks, data connections,
+# media) could let a call reach numbers or hosts outside the dial policy.
+INLINE_CALL_FIELDS = {
+    "systemPrompt", "model", "voice", "temperature", "languageHint", "timeExceededMessage",
+    "inactivityMessages", "recordingEnabled", "vadSettings",
+}
 # Time to place the call with the carrier or Ultravox before the API request gives up.
 PLACE_DEADLINE_SECONDS = 10.0
 # An answer webhook is the carrier's request like an inbound one: same budget.
@@ -67,10 +74,23 @@ class DialRequest(BaseModel):
                 raise ValueError(f"key {key!r} uses a reserved prefix (ultravox. and gateway. are reserved)")
         return value
 
+    @field_validator("call")
+    @classmethod
+    def _safe_inline_call(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            refused = sorted(set(value) - INLINE_CALL_FIELDS)
+            if refused:
+                raise ValueError(
+                    f"call may not set {', '.join(refused)}; allowed: {', '.join(sorted(INLINE_CALL_FIELDS))}"
+                )
+        return value
+
     @model_validator(mode="after")
     def _one_agent(self) -> "DialRequest":
         if sum(x is not None for x in (self.route, self.agent_id, self.call)) != 1:
             raise ValueError("give exactly one of route, agent_id or call")
+        if self.answering_machine_detection and self.via == "ultravox":
+            raise ValueError("answering_machine_detection needs via=carrier (the gateway decides on answer)")
         return self
 
     def fingerprint(self) -> str:
@@ -127,7 +147,8 @@ class OutboundFlow:
                 api_key_id=api_key_id,
                 idempotency_key=idempotency_key,
                 request_hash=request.fingerprint(),
-                request_json=request.model_dump_json(by_alias=True),
+                # The route as it is now: answering must not depend on a config reloaded meanwhile.
+                request_json=json.dumps({"request": request.model_dump(by_alias=True), "route": route.model_dump()}),
             ),
             max_recent=self.settings.outbound.policy.calls_per_minute_per_key,
             window=dt.timedelta(seconds=RATE_WINDOW_SECONDS),
@@ -135,16 +156,31 @@ class OutboundFlow:
         if inserted.rate_limited:
             raise DialRejected(429, "too many calls for this API key; try again in a minute")
         record = inserted.record
+        deadline = self._clock() + PLACE_DEADLINE_SECONDS
         if not inserted.created:
             if record.request_hash != request.fingerprint():
                 raise DialRejected(422, "Idempotency-Key was already used for a different request")
-            return record, False
-        deadline = self._clock() + PLACE_DEADLINE_SECONDS
-        if via == "carrier":
-            record = await self._place_with_carrier(carrier, record, request, deadline)
-        else:
-            record = await self._place_with_ultravox(carrier, record, request, route, deadline)
+            return await self._placed(record, deadline), False
+        try:
+            if via == "carrier":
+                record = await self._place_with_carrier(carrier, record, request, deadline)
+            else:
+                record = await self._place_with_ultravox(carrier, record, request, route, deadline)
+        except BaseException as error:
+            # Never leave a call `queued` forever; a retry with the key would return it forever.
+            log.exception("outbound %s: placing failed unexpectedly", record.id)
+            await asyncio.shield(self.store.update(record.id, statuses.FAILED, failure_reason=type(error).__name__))
+            raise
         return record, True
+
+    async def _placed(self, record: CallRecord, deadline: float) -> CallRecord:
+        """A retried request while the first one is still placing the call: wait for its outcome."""
+        while record.status == statuses.QUEUED and not (record.carrier_call_id or record.ultravox_call_id):
+            if record.agent_claimed_at or self._clock() + POLL_SECONDS >= deadline:
+                break
+            await asyncio.sleep(POLL_SECONDS)
+            record = await self.store.get(record.id)
+        return record
 
     def _check_policy(self, request: DialRequest, carrier_name: str, carrier: Carrier, via: str) -> str:
         outbound = self.settings.outbound
@@ -192,8 +228,8 @@ class OutboundFlow:
         dial = OutboundDial(
             to=record.to_number,
             from_=record.from_number,
-            answer_url=self._url(f"/{carrier.name}/outbound/answer", record.id),
-            status_url=self._url(f"/{carrier.name}/status", record.id),
+            answer_url=self.callback_url(carrier, "outbound/answer", record.id),
+            status_url=self.callback_url(carrier, "status", record.id),
             ring_timeout_seconds=self.settings.outbound.ring_timeout_seconds,
             machine_detection=request.answering_machine_detection,
         )
@@ -202,15 +238,13 @@ class OutboundFlow:
         except RemoteError as error:
             log.warning("outbound %s via %s: not placed, %s", record.id, carrier.name, error.reason)
             return (await self.store.update(record.id, statuses.FAILED, failure_reason=error.reason)).record
-        log.info("outbound %s placed with %s (%s)", record.id, carrier.name, carrier_call_id)
+        log.info("outbound %s placed with %s (%s)", record.id, carrier.name, carrier_call_id or "id on callback")
         return (await self.store.update(record.id, carrier_call_id=carrier_call_id)).record
 
     async def _place_with_ultravox(
         self, carrier: Carrier, record: CallRecord, request: DialRequest, route: RouteSettings, deadline: float
     ) -> CallRecord:
-        medium = carrier.outgoing_medium(
-            record.to_number, record.from_number, self._url(f"/{carrier.name}/status", record.id)
-        )
+        medium = carrier.outgoing_medium(record.to_number, record.from_number, self.callback_url(carrier, "status", record.id))
         call_request = self._call_request(carrier, record, request, route, medium)
         try:
             created = await self.ultravox.create_call(call_request.body, agent_id=call_request.agent_id, deadline=deadline)
@@ -235,19 +269,23 @@ class OutboundFlow:
             webhook_params={"carrier": carrier.name, "from_number": record.from_number, "to_number": record.to_number},
             agent_speaks_first=False,
             extra_template_context=request.template_context,
-            callbacks=ultravox_callbacks(self._url("/ultravox/events"), self.settings.ultravox.webhook_secret),
+            callbacks=ultravox_callbacks(f"{self.settings.public_url}/ultravox/events", self.settings.ultravox.webhook_secret),
         )
 
-    def _url(self, path: str, call_id: str | None = None) -> str:
-        url = (self.settings.public_url or "") + path
-        return f"{url}?call={quote(call_id)}" if call_id else url
+    def callback_url(self, carrier: Carrier, path: str, call_id: str) -> str:
+        """A URL for the carrier to call back about one call, with a token only the gateway can make."""
+        token = callback_token(self.settings.ultravox.api_key or "", call_id)
+        return f"{self.settings.public_url}/{carrier.name}/{path}?call={quote(call_id)}&t={token}"
+
+    def valid_callback(self, call_id: str, token: str | None) -> bool:
+        return valid_callback_token(self.settings.ultravox.api_key or "", call_id, token)
 
     # --- carrier callbacks --------------------------------------------------------------------------
     async def answer(self, carrier: Carrier, webhook: Webhook, call_id: str, deadline: float) -> str:
         """XML for the callee who just picked up: the agent, a hangup for a machine, or the apology."""
         record = await self.store.get(call_id)
-        if record is None or record.direction != "outbound" or record.carrier != carrier.name:
-            log.warning("%s answer webhook for unknown call %r", carrier.name, call_id)
+        if record is None or record.via != "carrier" or record.carrier != carrier.name:
+            log.warning("%s answer webhook for a call the gateway did not place: %r", carrier.name, call_id)
             return carrier.hangup_xml()
         pending = self._answering.get(call_id)
         if pending is not None:  # the carrier retried while the first delivery is still working
@@ -258,6 +296,11 @@ class OutboundFlow:
         outcome = AnswerOutcome()
         try:
             outcome = await self._connect_answered(carrier, webhook, record, deadline)
+        except BaseException as error:
+            # The deadline or a bug: the callee hears the apology, the record says why.
+            reason = "deadline reached" if isinstance(error, asyncio.CancelledError) else type(error).__name__
+            await asyncio.shield(self.store.update(record.id, statuses.FAILED, failure_reason=reason))
+            raise
         finally:
             future.set_result(outcome.join_url)
             del self._answering[call_id]
@@ -269,17 +312,20 @@ class OutboundFlow:
         self, carrier: Carrier, webhook: Webhook, record: CallRecord, deadline: float
     ) -> AnswerOutcome:
         answered = carrier.parse_answer(webhook)
-        request = DialRequest.model_validate_json(record.request_json)
+        stored = json.loads(record.request_json)
+        request = DialRequest.model_validate(stored["request"])
         if request.answering_machine_detection and answered.machine:
             await self.store.update(record.id, statuses.MACHINE_DETECTED, answered_by="machine",
                                     carrier_call_id=answered.carrier_call_id)
             return AnswerOutcome(hang_up=True)
-        claimed = await self.store.update(record.id, statuses.ANSWERED, carrier_call_id=answered.carrier_call_id)
-        if not claimed.advanced:
+        record = (await self.store.update(record.id, statuses.ANSWERED, carrier_call_id=answered.carrier_call_id)).record
+        if record.is_final:  # canceled or failed meanwhile: nobody to connect
+            return AnswerOutcome(hang_up=True)
+        if not await self.store.claim_agent(record.id):
             # A repeated answer webhook, maybe on another replica: hand back the same join URL.
             return AnswerOutcome(join_url=await self._join_url_of(record.id, deadline))
-        record = claimed.record
-        call_request = self._call_request(carrier, record, request, self._route(request), carrier.ultravox_medium())
+        route = RouteSettings.model_validate(stored["route"])
+        call_request = self._call_request(carrier, record, request, route, carrier.ultravox_medium())
         try:
             created = await self.ultravox.create_call(
                 call_request.body, agent_id=call_request.agent_id, deadline=deadline - 0.3

@@ -22,9 +22,11 @@ class CallTracking:
         update = carrier.parse_status(webhook)
         if call_id is None:
             record = update.carrier_call_id and await self.store.find_by_carrier_call(carrier.name, update.carrier_call_id)
-            if not record:
-                return None
-            call_id = record.id
+        else:
+            record = await self.store.get(call_id)
+        if not record or record.carrier != carrier.name:
+            return None
+        call_id = record.id
         result = await self.store.update(
             call_id,
             update.status,
@@ -45,10 +47,12 @@ class CallTracking:
         if event != "call.ended":
             return record
         end_reason = call.get("endReason")
+        unjoined = end_reason == "unjoined"  # the carrier never connected the stream
         return (await self.store.update(
             record.id,
-            # "unjoined": nobody ever joined the call (the carrier never connected the stream).
-            statuses.FAILED if end_reason == "unjoined" else statuses.COMPLETED,
+            statuses.FAILED if unjoined else statuses.COMPLETED,
+            # The carrier knows better why (busy, no answer): its final status may still correct ours.
+            provisional=unjoined,
             end_reason=end_reason if isinstance(end_reason, str) else None,
             summary=_text(call.get("summary")) or _text(call.get("shortSummary")),
             duration_seconds=_seconds_between(call.get("joined"), call.get("ended")),

@@ -43,6 +43,7 @@ class CallRecord:
     request_json: str | None = None
     answered_at: dt.datetime | None = None
     ended_at: dt.datetime | None = None
+    agent_claimed_at: dt.datetime | None = None
 
     @property
     def is_final(self) -> bool:
@@ -69,7 +70,7 @@ def _as_utc(value: dt.datetime) -> dt.datetime:
 
 def _record(row: sa.Row) -> CallRecord:
     data = dict(row._mapping)
-    for name in ("created_at", "updated_at", "answered_at", "ended_at"):
+    for name in ("created_at", "updated_at", "answered_at", "ended_at", "agent_claimed_at"):
         if data[name] is not None:
             data[name] = _as_utc(data[name])
     return CallRecord(**{name: data[name] for name in _COLUMNS})
@@ -153,10 +154,24 @@ class CallStore:
                       status_rank=STATUS_RANK[QUEUED], attempts=1, created_at=now, updated_at=now)
         return await self.database.transaction(_create_outbound, values, max_recent, now - window)
 
-    async def update(self, call_id: str, status: str | None = None, **details) -> "Updated":
-        """Fill in what is known; move the status forward only (events come late and twice)."""
-        details = {name: value for name, value in details.items() if value is not None}
-        return await self.database.transaction(_update, call_id, status, details, utcnow())
+    async def update(
+        self, call_id: str, status: str | None = None, *, provisional: bool = False,
+        replace: dict | None = None, **details,
+    ) -> "Updated":
+        """Move the status forward only, and fill in details not yet known (events come late and twice).
+
+        `provisional`: a final status that a carrier's own final status may still correct (Ultravox
+        saying nobody joined, while the carrier knows it was busy). `replace`: details to overwrite.
+        """
+        fill = {name: value for name, value in details.items() if value is not None}
+        rank = None
+        if status is not None:
+            rank = STATUS_RANK[status] - (1 if provisional and status in FINAL_STATUSES else 0)
+        return await self.database.transaction(_update, call_id, status, rank, fill, replace or {}, utcnow())
+
+    async def claim_agent(self, call_id: str) -> bool:
+        """Whether this caller is the one to create the Ultravox call for an answered outbound call."""
+        return await self.database.transaction(_claim_agent, call_id, utcnow())
 
     async def find_by_ultravox_call_id(self, ultravox_call_id: str) -> CallRecord | None:
         return await self.database.transaction(_find_by, calls.c.ultravox_call_id == ultravox_call_id)
@@ -214,6 +229,9 @@ def _create_outbound(connection: sa.Connection, values: dict, max_recent: int, s
         existing = connection.execute(by_key).first()
         if existing:
             return OutboundInsert(_record(existing), created=False)
+    if connection.dialect.name == "postgresql":
+        # Count-then-insert is only a limit if requests of one key take turns (several replicas).
+        connection.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": values["api_key_id"]})
     recent = connection.execute(
         sa.select(sa.func.count()).select_from(calls)
         .where(calls.c.api_key_id == values["api_key_id"], calls.c.created_at >= since)
@@ -230,12 +248,18 @@ def _create_outbound(connection: sa.Connection, values: dict, max_recent: int, s
     return OutboundInsert(_get(connection, values["id"]), created=True)
 
 
-def _update(connection: sa.Connection, call_id: str, status: str | None, details: dict, now: dt.datetime):
+def _update(
+    connection: sa.Connection, call_id: str, status: str | None, rank: int | None, fill: dict, replace: dict,
+    now: dt.datetime,
+):
     advanced = False
-    if details:
-        connection.execute(sa.update(calls).where(calls.c.id == call_id).values(updated_at=now, **details))
+    if fill or replace:
+        # A late or repeated event must not overwrite what an earlier one established.
+        values = {name: sa.func.coalesce(calls.c[name], value) for name, value in fill.items()}
+        connection.execute(
+            sa.update(calls).where(calls.c.id == call_id).values(updated_at=now, **values, **replace)
+        )
     if status:
-        rank = STATUS_RANK[status]
         values = {"status": status, "status_rank": rank, "updated_at": now}
         if status in FINAL_STATUSES:
             values["ended_at"] = sa.func.coalesce(calls.c.ended_at, now)
@@ -245,6 +269,12 @@ def _update(connection: sa.Connection, call_id: str, status: str | None, details
             sa.update(calls).where(calls.c.id == call_id, calls.c.status_rank < rank).values(**values)
         ).rowcount == 1
     return Updated(_get(connection, call_id), advanced)
+
+
+def _claim_agent(connection: sa.Connection, call_id: str, now: dt.datetime) -> bool:
+    return connection.execute(
+        sa.update(calls).where(calls.c.id == call_id, calls.c.agent_claimed_at.is_(None)).values(agent_claimed_at=now)
+    ).rowcount == 1
 
 
 def _find_by(connection: sa.Connection, condition) -> CallRecord | None:

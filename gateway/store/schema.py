@@ -39,6 +39,8 @@ calls = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("answered_at", sa.DateTime(timezone=True)),
     sa.Column("ended_at", sa.DateTime(timezone=True)),
+    # Outbound: set by the one answer webhook delivery that creates the Ultravox call.
+    sa.Column("agent_claimed_at", sa.DateTime(timezone=True)),
     # A carrier retry of the same call must find the first record, also across replicas.
     sa.UniqueConstraint("carrier", "carrier_call_id", name="uq_calls_carrier_call"),
     # A retried dial request must find the first call instead of dialling twice.
