@@ -16,7 +16,7 @@ from .flows.outbound import DialRejected, DialRequest, OutboundFlow
 from .security import api_key_id, match_api_key
 from .settings import Settings
 from .statuses import STATUSES
-from .store import CallFilters, CallRecord, CallStore
+from .store import CallFilters, CallRecord, CallStore, TransferRecord, TransferStore
 
 MAX_PAGE = 200
 DEFAULT_PAGE = 50
@@ -61,11 +61,35 @@ def problem(status: int, detail: Any, **headers: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers or None)
 
 
+class TransferView(BaseModel):
+    id: str
+    kind: str
+    operator: str
+    operators_tried: list[str]
+    reason: str
+    status: str
+    outcome: str | None
+    created_at: dt.datetime
+    answered_at: dt.datetime | None
+    ended_at: dt.datetime | None
+    duration_seconds: float | None
+
+    @classmethod
+    def of(cls, transfer: TransferRecord) -> dict[str, Any]:
+        end = transfer.ended_at or transfer.answered_at
+        return cls(
+            operators_tried=transfer.tried,
+            duration_seconds=(end - transfer.created_at).total_seconds() if end else None,
+            **{name: getattr(transfer, name) for name in cls.model_fields if name not in ("operators_tried", "duration_seconds")},
+        ).model_dump(mode="json")
+
+
 class CallsApi:
-    def __init__(self, settings: Settings, store: CallStore, outbound: OutboundFlow):
+    def __init__(self, settings: Settings, store: CallStore, outbound: OutboundFlow, transfers: TransferStore):
         self.settings = settings
         self.store = store
         self.outbound = outbound
+        self.transfers = transfers
 
     def _key_id(self, request: Request) -> str | None:
         key = match_api_key(request.headers.get("authorization"), self.settings.api_keys)
@@ -107,7 +131,9 @@ class CallsApi:
         record = await self.store.get(request.path_params["call_id"])
         if record is None:
             return problem(404, "no such call")
-        return JSONResponse(CallView.of(record))
+        view = CallView.of(record)
+        view["transfers"] = [TransferView.of(t) for t in await self.transfers.for_call(record.id)]
+        return JSONResponse(view)
 
     async def list(self, request: Request) -> Response:
         if self._key_id(request) is None:

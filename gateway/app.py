@@ -23,15 +23,19 @@ from .carriers.base import RequestRejected, SignatureRejected, Webhook
 from .flows.inbound import InboundFlow
 from .flows.outbound import OutboundFlow
 from .flows.tracking import CallTracking
+from .flows.transfer import TransferFlow
 from .http import create_client
-from .security import WebhookRejected, verify_ultravox_webhook
+from .security import WebhookRejected, tool_secret_matches, verify_ultravox_webhook
 from .settings import Settings
-from .store import CallStore
+from .store import CallStore, TransferStore
+from .tools import SECRET_HEADER
 from .ultravox import UltravoxClient, create_http_client
 
 log = logging.getLogger("gateway")
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+# Carrier callbacks of a transfer: XML to fetch (dial, hold, return, whisper) and events.
+TRANSFER_STEPS = {"dial", "hold", "return", "whisper", "result", "accept", "operator-status"}
 
 
 class Metrics:
@@ -40,6 +44,10 @@ class Metrics:
         self.webhooks = Counter(
             "gateway_inbound_webhooks", "Inbound call webhooks by carrier and outcome",
             ["carrier", "outcome"], registry=self.registry,
+        )
+        self.transfers = Counter(
+            "gateway_transfers", "Finished operator transfers by operator, kind and result",
+            ["operator", "kind", "result"], registry=self.registry,
         )
         self.webhook_seconds = Histogram(
             "gateway_inbound_webhook_seconds", "Time to answer an inbound call webhook",
@@ -62,6 +70,8 @@ class Gateway:
         self.inbound: InboundFlow | None = None
         self.outbound: OutboundFlow | None = None
         self.tracking: CallTracking | None = None
+        self.transfer: TransferFlow | None = None
+        self.transfer_store: TransferStore | None = None
         self.api: CallsApi | None = None
 
     async def start(self) -> None:
@@ -83,9 +93,16 @@ class Gateway:
             self.settings, self.store, ultravox, self.carriers, self.carrier_http, clock=self.clock
         )
         self.tracking = CallTracking(self.store)
-        self.api = CallsApi(self.settings, self.store, self.outbound)
+        self.transfer_store = TransferStore(self.store.database)
+        self.transfer = TransferFlow(
+            self.settings, self.store, self.transfer_store, ultravox, self.carriers, self.carrier_http,
+            on_outcome=lambda t: self.metrics.transfers.labels(t.operator, t.kind, t.status).inc(),
+        )
+        self.api = CallsApi(self.settings, self.store, self.outbound, self.transfer_store)
 
     async def stop(self) -> None:
+        if self.transfer is not None:
+            await self.transfer.drain()
         for client in (self.http, self.carrier_http):
             if client is not None:
                 await client.aclose()
@@ -228,6 +245,66 @@ class Gateway:
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # --- operator transfers -----------------------------------------------------------------------
+    def transfer_tool(self, kind: str):
+        async def endpoint(request: Request) -> Response:
+            if not self.settings.tool_secret:
+                return PlainTextResponse("GATEWAY_TOOL_SECRET is not configured on this gateway\n", status_code=403)
+            if not tool_secret_matches(request.headers.get(SECRET_HEADER), self.settings.tool_secret):
+                log.warning("transfer tool call refused: wrong or missing %s", SECRET_HEADER)
+                return PlainTextResponse("wrong or missing tool secret\n", status_code=403)
+            body = await read_limited(request, self.settings.max_body_bytes)
+            try:
+                payload = json.loads(body or b"")
+                if not isinstance(payload, dict):
+                    raise ValueError
+            except ValueError:
+                return PlainTextResponse("expected a JSON object\n", status_code=400)
+            reply = await self.transfer.invoke(kind, payload)
+            return PlainTextResponse(reply.text, status_code=reply.status, headers={
+                "X-Ultravox-Agent-Reaction": reply.reaction,
+            })
+
+        endpoint.__name__ = f"{kind}_transfer_tool"
+        return endpoint
+
+    async def handle_transfer_callback(self, carrier: Carrier, request: Request) -> Response:
+        """The carrier fetching transfer XML, or reporting a dial, a key press or the operator's leg."""
+        step = request.path_params["step"]
+        if step not in TRANSFER_STEPS:
+            return PlainTextResponse("not found\n", status_code=404)
+        transfer_id = request.query_params.get("transfer", "")
+        try:
+            webhook = await self.read_webhook(request)
+            carrier.verify(webhook)
+            if not self.transfer.valid_url(transfer_id, request.query_params.get("t")):
+                raise SignatureRejected("this transfer URL was not issued by this gateway")
+        except RequestRejected as rejection:
+            return self._refused(carrier, rejection)
+        transfer = await self.transfer_store.get(transfer_id)
+        if transfer is None:
+            return Response(carrier.hangup_xml(), media_type=carrier.xml_media_type)
+        leg_text = request.query_params.get("leg", "0")
+        leg = int(leg_text) if leg_text.isdigit() else -1
+        flow = self.transfer
+        try:
+            if step == "result":
+                xml = await flow.dial_result(carrier, transfer, webhook)
+            elif step == "whisper":
+                xml = flow.whisper(carrier, transfer, leg, webhook)
+            elif step == "accept":
+                xml = await flow.accept(carrier, transfer, leg, webhook)
+            elif step == "operator-status":
+                await flow.operator_status(carrier, transfer, leg, webhook)
+                return Response(status_code=204)
+            else:
+                xml = await flow.xml(carrier, transfer, step)
+        except Exception:
+            # Never silence: the caller hears the apology (and the fallback number, if any).
+            log.exception("transfer %s: %s failed", transfer_id, step)
+            xml = carrier.apology_xml(self.settings.fallback.message, self.settings.fallback.dial_number)
+        return Response(xml, media_type=carrier.xml_media_type)
+
     # --- Ultravox call events ---------------------------------------------------------------------
     async def ultravox_events(self, request: Request) -> Response:
         secret = self.settings.ultravox.webhook_secret
@@ -262,6 +339,8 @@ class Gateway:
                 Route(f"/{name}/outbound/answer", self.carrier_endpoint(carrier, self.handle_outbound_answer),
                       methods=["POST"]),
                 Route(f"/{name}/status", self.carrier_endpoint(carrier, self.handle_status), methods=["POST"]),
+                Route("/%s/transfer/{step:str}" % name, self.carrier_endpoint(carrier, self.handle_transfer_callback),
+                      methods=["POST"]),
             ]
         routes += [
             Route("/v1/calls", self._api("create"), methods=["POST"]),
@@ -269,6 +348,8 @@ class Gateway:
             Route("/v1/calls/{call_id}", self._api("get"), methods=["GET"]),
             Route("/v1/openapi.json", self._api("openapi"), methods=["GET"]),
             Route("/ultravox/events", self.ultravox_events, methods=["POST"]),
+            Route("/tools/transfer", self.transfer_tool("cold"), methods=["POST"]),
+            Route("/tools/warm-transfer", self.transfer_tool("warm"), methods=["POST"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),

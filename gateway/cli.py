@@ -1,4 +1,4 @@
-"""`gateway serve | check | dial`."""
+"""`gateway serve | check | dial | tools sync`."""
 
 from __future__ import annotations
 
@@ -43,7 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     dial.add_argument("--timeout", type=float, default=3600, help="stop following after this many seconds")
     dial.add_argument("--poll-seconds", type=float, default=1.0, help=argparse.SUPPRESS)
 
+    tools = commands.add_parser("tools", help="Ultravox tools the gateway serves")
+    tools_commands = tools.add_subparsers(dest="tools_command", required=True)
+    sync = tools_commands.add_parser("sync", help="create or update the transfer tools as durable Ultravox tools")
+    sync.add_argument("--config", help="TOML config file (default: $GATEWAY_CONFIG)")
+
     args = parser.parse_args(argv)
+    if args.command == "tools":
+        return tools_sync_command(args)
     if args.command == "serve":
         return serve_command(args)
     if args.command == "dial":
@@ -138,6 +145,43 @@ def _why(call: dict) -> str:
     if call.get("duration_seconds") is not None:
         details.append(f"{call['duration_seconds']} s")
     return f" ({'; '.join(details)})" if details else ""
+
+
+def tools_sync_command(args) -> int:
+    import asyncio
+
+    from .http import RemoteError
+    from .tools import DURABLE_NAMES, SECRET_REQUIREMENT, sync_tools
+    from .ultravox import create_http_client
+
+    settings = _load(args.config)
+    if settings is None:
+        return 2
+    missing = [name for name, value in (
+        ("ULTRAVOX_API_KEY", settings.ultravox.api_key), ("GATEWAY_PUBLIC_URL", settings.public_url),
+        ("[operators]", settings.operators),
+    ) if not value]
+    if missing:
+        print(f"Cannot sync tools without {', '.join(missing)}.", file=sys.stderr)
+        return 2
+
+    async def run() -> list[str]:
+        async with create_http_client(settings.ultravox) as http:
+            return await sync_tools(settings, http)
+
+    try:
+        report = asyncio.run(run())
+    except RemoteError as error:
+        print(f"Ultravox refused: {error.reason}", file=sys.stderr)
+        return 1
+    for line in report:
+        print(line)
+    print(
+        "Attach them to an agent with their names ("
+        + ", ".join(DURABLE_NAMES.values())
+        + f") and authTokens {{\"{SECRET_REQUIREMENT}\": <GATEWAY_TOOL_SECRET>}}."
+    )
+    return 0
 
 
 def check_command(args) -> int:

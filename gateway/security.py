@@ -26,6 +26,10 @@ def match_api_key(authorization: str | None, keys: list[str]) -> str | None:
     return found
 
 
+def tool_secret_matches(presented: str | None, secret: str | None) -> bool:
+    return bool(presented and secret) and hmac.compare_digest(presented.encode(), secret.encode())
+
+
 def callback_token(key: str, call_id: str) -> str:
     """A token for URLs the gateway hands to carriers, naming one call.
 

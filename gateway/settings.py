@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import os
 import re
 import tomllib
 import uuid
+import zoneinfo
+from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -142,6 +145,108 @@ class OutboundSettings(_Section):
         return value
 
 
+WEEKDAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+OPERATOR_NAME = re.compile(r"^[a-z0-9_-]{1,40}$")
+_HOURS = re.compile(r"^(?P<days>[a-z,-]+)\s+(?P<start>\d\d:\d\d)-(?P<end>\d\d:\d\d)$")
+
+
+@dataclass(frozen=True)
+class OpeningSpan:
+    weekdays: frozenset[int]  # Monday is 0
+    start: dt.time
+    end: dt.time
+
+
+def parse_hours(text: str) -> OpeningSpan:
+    """"mon-fri 09:00-17:00", "sat,sun 10:00-14:00", "mon 00:00-24:00"."""
+    match = _HOURS.match(text.strip().lower())
+    if not match:
+        raise ValueError(f"hours look like \"mon-fri 09:00-17:00\", got {text!r}")
+    weekdays: set[int] = set()
+    for part in match["days"].split(","):
+        first, _, last = part.partition("-")
+        if first not in WEEKDAYS or (last and last not in WEEKDAYS):
+            raise ValueError(f"unknown day in {text!r}; days are {', '.join(WEEKDAYS)}")
+        a, b = WEEKDAYS.index(first), WEEKDAYS.index(last or first)
+        weekdays.update(range(a, b + 1) if a <= b else [*range(a, 7), *range(0, b + 1)])
+    start = dt.time.fromisoformat(match["start"])
+    end = dt.time.max if match["end"] == "24:00" else dt.time.fromisoformat(match["end"])
+    if end <= start:
+        raise ValueError(f"in {text!r} the end of the day's hours comes before the start")
+    return OpeningSpan(frozenset(weekdays), start, end)
+
+
+class OperatorSettings(_Section):
+    """A person (or team) the agent may hand the caller to. The model names it, never its number."""
+
+    number: str | None = None
+    sip: str | None = None
+    description: str
+    caller_id: str | None = None  # the number the operator sees; default: the called number
+    ring_timeout_seconds: int = Field(default=20, ge=5, le=120)
+    hours: list[str] = Field(default_factory=list)  # empty: always open
+    timezone: str = "UTC"
+    fallback: str | None = None  # another operator to try when this one does not answer
+
+    @field_validator("number", "caller_id")
+    @classmethod
+    def _e164(cls, value: str | None) -> str | None:
+        if value is not None and not E164.match(value):
+            raise ValueError(f"must be an E.164 number like +15551234567, got {value!r}")
+        return value
+
+    @field_validator("sip")
+    @classmethod
+    def _sip(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^sips?:[^@\s]+@[^\s]+$", value):
+            raise ValueError(f"must be a SIP URI like sip:desk@pbx.example.com, got {value!r}")
+        return value
+
+    @field_validator("hours")
+    @classmethod
+    def _hours(cls, value: list[str]) -> list[str]:
+        for text in value:
+            parse_hours(text)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use names like Europe/Paris)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "OperatorSettings":
+        if (self.number is None) == (self.sip is None):
+            raise ValueError("set exactly one of number or sip")
+        return self
+
+    @property
+    def target(self) -> str:
+        return self.number or self.sip or ""
+
+    def is_open(self, now: dt.datetime) -> bool:
+        if not self.hours:
+            return True
+        local = now.astimezone(zoneinfo.ZoneInfo(self.timezone))
+        return any(
+            local.weekday() in span.weekdays and span.start <= local.time() <= span.end
+            for span in map(parse_hours, self.hours)
+        )
+
+
+class TransferSettings(_Section):
+    # Said to the caller while the operator's phone rings (cold) or before the hold music (warm).
+    connecting_message: str = "Please hold while I connect you."
+    # Music for a caller waiting in a warm transfer; empty: the carrier's default.
+    hold_music_url: str | None = None
+    # Seconds an operator has to press 1 after hearing the briefing.
+    accept_timeout_seconds: int = Field(default=10, ge=3, le=60)
+
+
 class RouteSettings(_Section):
     number: str
     name: str | None = None
@@ -153,6 +258,8 @@ class RouteSettings(_Section):
     recording: bool | None = None
     voice: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    # Operators this route's agent may transfer to (names of [operators.NAME]).
+    operators: list[str] = Field(default_factory=list)
 
     @field_validator("number")
     @classmethod
@@ -228,7 +335,27 @@ class Settings(_Section):
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
     # Keys accepted as `Authorization: Bearer KEY` on /v1/* (env GATEWAY_API_KEYS, comma-separated).
     api_keys: list[str] = Field(default_factory=list)
+    # What Ultravox presents when it invokes the gateway's transfer tools (env GATEWAY_TOOL_SECRET).
+    tool_secret: str | None = None
+    transfer: TransferSettings = Field(default_factory=TransferSettings)
+    operators: dict[str, OperatorSettings] = Field(default_factory=dict)
     routes: list[RouteSettings] = Field(default_factory=list)
+
+    @field_validator("operators")
+    @classmethod
+    def _operator_names(cls, value: dict[str, OperatorSettings]) -> dict[str, OperatorSettings]:
+        for name, operator in value.items():
+            if not OPERATOR_NAME.match(name):
+                raise ValueError(f"operator name {name!r} must be lower-case letters, digits, - or _ (the model says it)")
+            seen = {name}
+            while operator.fallback is not None:
+                if operator.fallback not in value:
+                    raise ValueError(f"operator {name!r} falls back to {operator.fallback!r}, which is not configured")
+                if operator.fallback in seen:
+                    raise ValueError(f"operator fallbacks loop: {' -> '.join([*seen, operator.fallback])}")
+                seen.add(operator.fallback)
+                operator = value[operator.fallback]
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -261,6 +388,9 @@ class Settings(_Section):
             if route.number in seen:
                 raise ValueError(f"two routes are configured for {route.number}")
             seen.add(route.number)
+            unknown = [name for name in route.operators if name not in self.operators]
+            if unknown:
+                raise ValueError(f"route {route.name} names operators that are not configured: {', '.join(unknown)}")
         return self
 
     def route_named(self, name: str) -> RouteSettings | None:
@@ -287,6 +417,8 @@ class Settings(_Section):
                 "GATEWAY_PUBLIC_URL is not set: Twilio and Plivo signatures are checked against the URL the request "
                 "arrived on, which is wrong behind a proxy"
             )
+        if any(route.operators for route in self.routes) and not self.tool_secret:
+            notes.append("GATEWAY_TOOL_SECRET is not set: routes name operators, but no transfer tool is attached")
         if not self.api_keys:
             notes.append("GATEWAY_API_KEYS is not set: the /v1 dialer API refuses every request")
         if not self.ultravox.webhook_secret:
@@ -310,6 +442,7 @@ ENVIRONMENT: dict[str, tuple[str | None, str]] = {
     "GATEWAY_PUBLIC_URL": (None, "public_url"),
     "GATEWAY_DATABASE_URL": (None, "database_url"),
     "GATEWAY_API_KEYS": (None, "api_keys"),
+    "GATEWAY_TOOL_SECRET": (None, "tool_secret"),
     "ULTRAVOX_API_KEY": ("ultravox", "api_key"),
     "ULTRAVOX_BASE_URL": ("ultravox", "base_url"),
     "ULTRAVOX_WEBHOOK_SECRET": ("ultravox", "webhook_secret"),

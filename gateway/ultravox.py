@@ -38,21 +38,37 @@ class UltravoxClient:
         self._settings = settings
         self._policy = RetryPolicy(settings.max_attempts, settings.request_timeout_seconds, clock)
 
-    async def create_call(self, body: dict[str, Any], *, agent_id: str | None, deadline: float) -> CreatedCall:
+    async def create_call(
+        self, body: dict[str, Any], *, agent_id: str | None, deadline: float, prior_call_id: str | None = None
+    ) -> CreatedCall:
         """Create an Ultravox call, retrying 429/503 and connection failures while `deadline` allows.
 
-        `deadline` is a value of the client's monotonic clock.
+        `deadline` is a value of the client's monotonic clock. `prior_call_id` continues that call's
+        conversation (its settings and messages) in the new call.
         """
         if not self._settings.api_key:
             raise UltravoxError("ULTRAVOX_API_KEY is not configured")
         path = f"/api/agents/{agent_id}/calls" if agent_id else "/api/calls"
+        params = {"priorCallId": prior_call_id} if prior_call_id else None
         try:
             response = await post_with_retries(
-                self._http, path, service="Ultravox", policy=self._policy, deadline=deadline, json=body
+                self._http, path, service="Ultravox", policy=self._policy, deadline=deadline, json=body, params=params
             )
         except RemoteError as error:
             raise UltravoxError(error.reason) from None
         return _created_call(response)
+
+    async def send_data_message(self, call_id: str, message: dict[str, Any], *, deadline: float) -> None:
+        """Inject a message into a live call (204), e.g. to tell the agent what happened meanwhile."""
+        try:
+            response = await post_with_retries(
+                self._http, f"/api/calls/{call_id}/send_data_message", service="Ultravox", policy=self._policy,
+                deadline=deadline, json=message,
+            )
+        except RemoteError as error:
+            raise UltravoxError(error.reason) from None
+        if response.status_code != 204:
+            raise UltravoxError(f"Ultravox answered {response.status_code} to a data message")
 
 
 def _created_call(response: httpx.Response) -> CreatedCall:

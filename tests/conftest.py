@@ -36,6 +36,7 @@ PLIVO_AUTH_ID = "MA" + "0" * 18
 API_KEY = "test-api-key-0123456789"
 OTHER_API_KEY = "other-api-key-9876543210"
 WEBHOOK_SECRET = "ultravox-webhook-secret"
+TOOL_SECRET = "gateway-tool-secret-for-tests"
 PLIVO_TOKEN = "plivo-test-auth-token"
 PUBLIC_URL = "https://gateway.example.test"
 AGENT_ID = "6f1c2d3e-4b5a-4c6d-8e7f-9a0b1c2d3e4f"
@@ -58,6 +59,26 @@ no_route_message = "This number is not in service."
 account_sid = "0b2f3c4d-1111-4222-8333-444455556666"
 texml_application_id = "1234567890"
 
+[operators.sales]
+number = "+15557770001"
+description = "Sales team: pricing and new orders"
+ring_timeout_seconds = 15
+fallback = "frontdesk"
+
+[operators.frontdesk]
+number = "+15557770002"
+description = "Front desk"
+
+[operators.billing]
+sip = "sip:billing@pbx.example.com"
+description = "Billing questions"
+hours = ["mon 00:00-00:01"]
+timezone = "Pacific/Kiritimati"
+
+[operators.nightowl]
+number = "+15557770003"
+description = "After-hours line"
+
 [outbound]
 ring_timeout_seconds = 25
 
@@ -77,6 +98,7 @@ agent_id = "{AGENT_ID}"
 greeting = "Hello, thanks for calling."
 max_duration_seconds = 600
 recording = true
+operators = ["sales", "frontdesk", "billing"]
 
 [routes.template_context]
 "caller.number" = "from_number"
@@ -181,6 +203,7 @@ def gateway_environ(
         "ULTRAVOX_API_KEY": fake.api_key,
         "ULTRAVOX_BASE_URL": fake.base_url,
         "ULTRAVOX_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "GATEWAY_TOOL_SECRET": TOOL_SECRET,
         "TWILIO_ACCOUNT_SID": TWILIO_ACCOUNT,
         "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
         "TWILIO_API_BASE_URL": getattr(carriers.get("twilio"), "base_url", None) or "http://127.0.0.1:9",

@@ -22,7 +22,7 @@ def database_url(request, tmp_path):
     async def clear():
         store = CallStore.open(url)
         await store.migrate()
-        await store.database.transaction(lambda connection: connection.exec_driver_sql("DELETE FROM calls"))
+        await store.database.transaction(lambda connection: (connection.exec_driver_sql("DELETE FROM transfers"), connection.exec_driver_sql("DELETE FROM calls")))
         await store.close()
 
     asyncio.run(clear())
@@ -122,7 +122,7 @@ def test_migrations_run_once_and_are_recorded(database_url):
         versions = await store.database.transaction(
             lambda connection: connection.exec_driver_sql("SELECT version FROM schema_version").all()
         )
-        assert [v[0] for v in versions] == [1]
+        assert [v[0] for v in versions] == [1, 2]
 
     run(database_url, scenario)
 

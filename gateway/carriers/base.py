@@ -79,6 +79,14 @@ class StatusUpdate:
 
 
 @dataclass(frozen=True)
+class DialResult:
+    """How a <Dial> to an operator ended, from its action callback."""
+
+    answered: bool
+    status: str  # the carrier's own word (no-answer, busy, failed, …), for the record
+
+
+@dataclass(frozen=True)
 class InboundCall:
     carrier: str
     call_id: str
@@ -176,6 +184,34 @@ class Carrier(ABC):
     @abstractmethod
     def hangup_xml(self) -> str:
         """XML that ends the call at once."""
+
+    # --- live call control and transfers ------------------------------------------------------------
+    @abstractmethod
+    async def redirect(self, http: httpx.AsyncClient, carrier_call_id: str, url: str, *, deadline: float) -> None:
+        """Make the live call fetch and run new XML from `url` (which ends its current stream).
+
+        Raises gateway.http.RemoteError, also when the call has already ended.
+        """
+
+    @abstractmethod
+    def dial_xml(self, *, say: str | None, target: str, action_url: str, ring_timeout: int, caller_id: str | None) -> str:
+        """Say `say`, then ring `target` (E.164 or SIP URI); `action_url` hears how it ended."""
+
+    @abstractmethod
+    def parse_dial_result(self, webhook: Webhook) -> DialResult:
+        """The action callback of dial_xml's <Dial>."""
+
+    @abstractmethod
+    def conference_xml(self, name: str, *, say: str | None, starts: bool, ends: bool, hold_music_url: str | None) -> str:
+        """Join conference `name`; `starts`: the conference begins when this leg joins (others hear
+        hold music until then); `ends`: it ends when this leg leaves."""
+
+    @abstractmethod
+    def whisper_xml(self, briefing: str, *, accept_url: str, timeout: int) -> str:
+        """Brief an operator and ask for a key press; the digits go to `accept_url`."""
+
+    def pressed_digits(self, webhook: Webhook) -> str:
+        return webhook.param("Digits") or ""
 
     # --- answers --------------------------------------------------------------------------------
     @abstractmethod

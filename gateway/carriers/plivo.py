@@ -15,7 +15,7 @@ from plivo.utils.signature_v3 import construct_post_url
 
 from .. import statuses
 from ..http import RemoteError, RetryPolicy, post_with_retries
-from .base import Carrier, OutboundDial, SignatureRejected, StatusUpdate, Webhook
+from .base import Carrier, DialResult, OutboundDial, SignatureRejected, StatusUpdate, Webhook
 
 # Plivo's 429 (300 requests / 5 s) means "not processed"; nothing else is retried.
 REST_POLICY = RetryPolicy(max_attempts=3, attempt_timeout=10.0)
@@ -128,6 +128,52 @@ class PlivoCarrier(Carrier):
         # Plivo answers with a request_uuid; the call's own CallUUID (what its call-control API
         # wants) arrives with the first callback.
         return None
+
+    async def redirect(self, http: httpx.AsyncClient, carrier_call_id: str, url: str, *, deadline: float) -> None:
+        plivo = self.settings.plivo
+        response = await post_with_retries(
+            http, f"{plivo.api_base_url}/v1/Account/{plivo.auth_id}/Call/{carrier_call_id}/",
+            service="Plivo", policy=REST_POLICY, deadline=deadline,
+            json={"legs": "aleg", "aleg_url": url, "aleg_method": "POST"}, auth=(plivo.auth_id, plivo.auth_token),
+        )
+        if response.status_code == 404:
+            raise RemoteError("Plivo no longer has this call (it ended)")
+        if not 200 <= response.status_code < 300:
+            raise RemoteError(f"Plivo answered {response.status_code}: {response.text[:200]}")
+
+    def dial_xml(self, *, say: str | None, target: str, action_url: str, ring_timeout: int, caller_id: str | None) -> str:
+        response = plivoxml.ResponseElement()
+        if say:
+            response.add(plivoxml.SpeakElement(say))
+        dial = plivoxml.DialElement(
+            action=action_url, method="POST", timeout=ring_timeout, caller_id=caller_id.lstrip("+") if caller_id else None,
+        )
+        dial.add(plivoxml.UserElement(target) if target.startswith("sip") else plivoxml.NumberElement(target.lstrip("+")))
+        response.add(dial)
+        return response.to_string()
+
+    def parse_dial_result(self, webhook: Webhook) -> DialResult:
+        # DialStatus: completed | busy | failed | timeout | no-answer
+        status = webhook.param("DialStatus") or "failed"
+        return DialResult(answered=status in ("completed", "answered"), status=status)
+
+    def conference_xml(self, name: str, *, say: str | None, starts: bool, ends: bool, hold_music_url: str | None) -> str:
+        response = plivoxml.ResponseElement()
+        if say:
+            response.add(plivoxml.SpeakElement(say))
+        response.add(plivoxml.ConferenceElement(
+            name, start_conference_on_enter=starts, end_conference_on_exit=ends, wait_sound=hold_music_url,
+        ))
+        return response.to_string()
+
+    def whisper_xml(self, briefing: str, *, accept_url: str, timeout: int) -> str:
+        response = plivoxml.ResponseElement()
+        digits = plivoxml.GetDigitsElement(action=accept_url, method="POST", timeout=timeout, num_digits=1, retries=1)
+        digits.add(plivoxml.SpeakElement(briefing))
+        response.add(digits)
+        response.add(plivoxml.SpeakElement("No key was pressed. Goodbye."))
+        response.add(plivoxml.HangupElement())
+        return response.to_string()
 
     def outgoing_status_params(self, status_url: str) -> dict[str, Any]:
         return {"ring_url": status_url, "ring_method": "POST", "hangup_url": status_url, "hangup_method": "POST"}

@@ -93,6 +93,18 @@ class TelnyxCarrier(TwimlCarrier):
         payload = response.json()
         return payload.get("call_sid") or payload.get("sid") if isinstance(payload, dict) else None
 
+    async def redirect(self, http: httpx.AsyncClient, carrier_call_id: str, url: str, *, deadline: float) -> None:
+        telnyx = self.settings.telnyx
+        response = await post_with_retries(
+            http, f"{telnyx.api_base_url}/v2/texml/Accounts/{telnyx.account_sid}/Calls/{carrier_call_id}",
+            service="Telnyx", policy=REST_POLICY, deadline=deadline,
+            json={"Url": url, "Method": "POST"}, headers={"Authorization": f"Bearer {telnyx.api_key}"},
+        )
+        if response.status_code == 404:
+            raise RemoteError("Telnyx no longer has this call (it ended)")
+        if not 200 <= response.status_code < 300:
+            raise RemoteError(f"Telnyx answered {response.status_code}: {response.text[:200]}")
+
     def outgoing_status_params(self, status_url: str) -> dict[str, Any]:
         return {
             "StatusCallback": status_url,

@@ -70,6 +70,18 @@ class TwilioCarrier(TwimlCarrier):
             raise RemoteError(f"Twilio answered {response.status_code}: {response.text[:200]}")
         return response.json().get("sid")
 
+    async def redirect(self, http: httpx.AsyncClient, carrier_call_id: str, url: str, *, deadline: float) -> None:
+        account = self.settings.twilio.account_sid
+        response = await post_with_retries(
+            http, f"{self.settings.twilio.api_base_url}/2010-04-01/Accounts/{account}/Calls/{carrier_call_id}.json",
+            service="Twilio", policy=REST_POLICY, deadline=deadline,
+            data={"Url": url, "Method": "POST"}, auth=(account, self.settings.twilio.auth_token),
+        )
+        if response.status_code == 404:
+            raise RemoteError("Twilio no longer has this call (it ended)")
+        if response.status_code != 200:
+            raise RemoteError(f"Twilio answered {response.status_code}: {response.text[:200]}")
+
     def outgoing_status_params(self, status_url: str) -> dict[str, Any]:
         # Ultravox's documented example spells Twilio's parameters in camelCase.
         return {

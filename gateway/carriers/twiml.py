@@ -7,7 +7,7 @@ from typing import Any, Mapping
 from twilio.twiml.voice_response import VoiceResponse
 
 from .. import statuses
-from .base import Carrier, StatusUpdate, Webhook
+from .base import Carrier, DialResult, StatusUpdate, Webhook
 
 # CallStatus values of Twilio and of Telnyx's TwiML-compatible callbacks.
 CALL_STATUSES = {
@@ -54,6 +54,38 @@ class TwimlCarrier(Carrier):
 
     def hangup_xml(self) -> str:
         response = VoiceResponse()
+        response.hangup()
+        return response.to_xml()
+
+    def dial_xml(self, *, say: str | None, target: str, action_url: str, ring_timeout: int, caller_id: str | None) -> str:
+        response = VoiceResponse()
+        if say:
+            response.say(say)
+        dial = response.dial(action=action_url, method="POST", timeout=ring_timeout, caller_id=caller_id)
+        if target.startswith("sip"):
+            dial.sip(target)
+        else:
+            dial.number(target)
+        return response.to_xml()
+
+    def parse_dial_result(self, webhook: Webhook) -> DialResult:
+        # DialCallStatus: completed | answered | busy | no-answer | failed | canceled
+        status = webhook.param("DialCallStatus") or "failed"
+        return DialResult(answered=status in ("completed", "answered"), status=status)
+
+    def conference_xml(self, name: str, *, say: str | None, starts: bool, ends: bool, hold_music_url: str | None) -> str:
+        response = VoiceResponse()
+        if say:
+            response.say(say)
+        response.dial().conference(
+            name, start_conference_on_enter=starts, end_conference_on_exit=ends, beep=False, wait_url=hold_music_url,
+        )
+        return response.to_xml()
+
+    def whisper_xml(self, briefing: str, *, accept_url: str, timeout: int) -> str:
+        response = VoiceResponse()
+        response.gather(num_digits=1, action=accept_url, method="POST", timeout=timeout).say(briefing)
+        response.say("No key was pressed. Goodbye.")
         response.hangup()
         return response.to_xml()
 

@@ -24,6 +24,7 @@ def build_call_request(
     agent_speaks_first: bool = True,
     extra_template_context: Mapping[str, Any] | None = None,
     callbacks: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> CallRequest:
     """Body for StartAgentCallRequest (agent routes) or StartCallRequest (inline routes).
 
@@ -45,6 +46,12 @@ def build_call_request(
         }
     if callbacks:
         body["callbacks"] = callbacks
+    if tools:
+        # Inline calls list their tools; agent calls add to the agent's own.
+        if route.agent_id is None:
+            body["selectedTools"] = [*body.get("selectedTools", []), *tools]
+        else:
+            body["toolOverrides"] = {"add": tools}
     return CallRequest(agent_id=route.agent_id, body=body)
 
 

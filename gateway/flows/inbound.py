@@ -12,6 +12,7 @@ from ..carriers.base import Carrier, InboundCall
 from ..settings import RouteSettings, Settings
 from ..store import IN_PROGRESS, CREATING, REJECTED, CallStore, Claim
 from ..ultravox import UltravoxClient, UltravoxError
+from ..tools import transfer_tools
 from .call_request import build_call_request, ultravox_callbacks
 
 log = logging.getLogger("gateway.inbound")
@@ -85,6 +86,7 @@ class InboundFlow:
                 f"{self.settings.public_url}/ultravox/events" if self.settings.public_url else None,
                 self.settings.ultravox.webhook_secret,
             ),
+            tools=transfer_tools(self.settings, route.operators),
             webhook_params={
                 **call.params,
                 "carrier": carrier.name,

@@ -22,6 +22,7 @@ from ..security import callback_token, valid_callback_token
 from ..settings import E164, RouteSettings, Settings
 from ..store import CallRecord, CallStore
 from ..ultravox import UltravoxClient, UltravoxError
+from ..tools import transfer_tools
 from .call_request import build_call_request, ultravox_callbacks
 
 log = logging.getLogger("gateway.outbound")
@@ -270,6 +271,7 @@ class OutboundFlow:
             agent_speaks_first=False,
             extra_template_context=request.template_context,
             callbacks=ultravox_callbacks(f"{self.settings.public_url}/ultravox/events", self.settings.ultravox.webhook_secret),
+            tools=transfer_tools(self.settings, route.operators),
         )
 
     def callback_url(self, carrier: Carrier, path: str, call_id: str) -> str:

@@ -17,8 +17,9 @@ from ..statuses import (
     STATUSES,
 )
 from .calls import CallFilters, CallRecord, CallStore, Claim, OutboundInsert, Updated
+from .transfers import TransferRecord, TransferStore
 
 __all__ = [
     "ANSWERED", "BUSY", "CANCELED", "COMPLETED", "CREATING", "FAILED", "FINAL_STATUSES", "IN_PROGRESS",
-    "MACHINE_DETECTED", "NO_ANSWER", "QUEUED", "REJECTED", "RINGING", "STATUSES", "CallFilters", "OutboundInsert", "Updated", "CallRecord", "CallStore", "Claim",
+    "MACHINE_DETECTED", "NO_ANSWER", "QUEUED", "REJECTED", "RINGING", "STATUSES", "CallFilters", "OutboundInsert", "Updated", "CallRecord", "CallStore", "Claim", "TransferRecord", "TransferStore",
 ]

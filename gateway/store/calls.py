@@ -63,7 +63,7 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _as_utc(value: dt.datetime) -> dt.datetime:
+def as_utc(value: dt.datetime) -> dt.datetime:
     # SQLite hands back naive datetimes; everything stored is UTC.
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
@@ -72,7 +72,7 @@ def _record(row: sa.Row) -> CallRecord:
     data = dict(row._mapping)
     for name in ("created_at", "updated_at", "answered_at", "ended_at", "agent_claimed_at"):
         if data[name] is not None:
-            data[name] = _as_utc(data[name])
+            data[name] = as_utc(data[name])
     return CallRecord(**{name: data[name] for name in _COLUMNS})
 
 
@@ -218,7 +218,7 @@ class CallFilters:
 # --- the SQL, run by Database.transaction on a sync Connection ---------------------------------------
 
 
-def _insert_for(connection: sa.Connection):
+def insert_for(connection: sa.Connection):
     return postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
 
 
@@ -240,7 +240,7 @@ def _create_outbound(connection: sa.Connection, values: dict, max_recent: int, s
         return OutboundInsert(None, created=False, rate_limited=True)
     # Two racing requests with one key: the unique index lets one in, the other reads it back.
     inserted = connection.execute(
-        _insert_for(connection)(calls).values(**values)
+        insert_for(connection)(calls).values(**values)
         .on_conflict_do_nothing(index_elements=["api_key_id", "idempotency_key"]).returning(calls.c.id)
     ).first()
     if inserted is None:
@@ -322,7 +322,7 @@ def _apply_batch(connection: sa.Connection, batch: list["_Write"]) -> list[Claim
 
 def _claim_all(connection: sa.Connection, claims: list["_Write"]) -> dict[int, Claim]:
     statement = (
-        _insert_for(connection)(calls).on_conflict_do_nothing(index_elements=["carrier", "carrier_call_id"]).returning(calls.c.id)
+        insert_for(connection)(calls).on_conflict_do_nothing(index_elements=["carrier", "carrier_call_id"]).returning(calls.c.id)
     )
     inserted = {row.id for row in connection.execute(statement, [write.values for write in claims])}
     results = {}

@@ -58,10 +58,43 @@ schema_version = sa.Table(
 )
 
 
+transfers = sa.Table(
+    "transfers",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("call_id", sa.String(36), sa.ForeignKey("calls.id"), nullable=False),
+    sa.Column("kind", sa.String(8), nullable=False),  # cold | warm
+    sa.Column("operator", sa.String(40), nullable=False),  # the one being tried now
+    sa.Column("operators_tried", sa.Text, nullable=False, server_default=""),  # comma-separated
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("summary", sa.Text),
+    # requested -> dialing -> connected (to a person) | returned (to the agent) | failed
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("outcome", sa.Text),  # why it ended: answered, no-answer, busy, declined, closed, carrier error…
+    sa.Column("operator_leg_id", sa.String(255)),  # warm: the carrier call id of the operator's leg
+    # Warm: which operator leg is current (0, 1, … as fallbacks are tried); events of older legs are stale.
+    sa.Column("leg", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("prior_ultravox_call_id", sa.String(64)),
+    sa.Column("new_ultravox_call_id", sa.String(64)),
+    # The call's id while this transfer is under way, NULL after: one transfer at a time per call,
+    # enforced by the database across replicas.
+    sa.Column("active_call_id", sa.String(36), unique=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("answered_at", sa.DateTime(timezone=True)),
+    sa.Column("ended_at", sa.DateTime(timezone=True)),
+    sa.Index("ix_transfers_call_id", "call_id"),
+)
+
+
 def _create_v1(connection: sa.Connection) -> None:
     metadata.create_all(connection, tables=[calls])
 
 
+def _create_transfers(connection: sa.Connection) -> None:
+    metadata.create_all(connection, tables=[transfers])
+
+
 # Append new migrations; never edit one that has shipped. (Version 1 grew the outbound columns
 # before the first release.)
-MIGRATIONS = [_create_v1]
+MIGRATIONS = [_create_v1, _create_transfers]

@@ -1,0 +1,142 @@
+"""Transfer records: one active transfer per call, and what became of each."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, fields
+
+import sqlalchemy as sa
+
+from .calls import as_utc, insert_for, utcnow
+from .database import Database
+from .schema import transfers
+
+REQUESTED = "requested"
+DIALING = "dialing"
+CONNECTED = "connected"  # the caller is talking with a person
+RETURNED = "returned"  # the caller is back with the agent
+FAILED = "failed"  # the caller could not be moved (the agent still has them) or was lost
+FINAL = {CONNECTED, RETURNED, FAILED}
+
+
+@dataclass(frozen=True)
+class TransferRecord:
+    id: str
+    call_id: str
+    kind: str
+    operator: str
+    operators_tried: str
+    reason: str
+    summary: str | None
+    status: str
+    outcome: str | None
+    operator_leg_id: str | None
+    leg: int
+    prior_ultravox_call_id: str | None
+    new_ultravox_call_id: str | None
+    active_call_id: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    answered_at: dt.datetime | None
+    ended_at: dt.datetime | None
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL
+
+    @property
+    def tried(self) -> list[str]:
+        return [name for name in self.operators_tried.split(",") if name]
+
+
+_COLUMNS = [f.name for f in fields(TransferRecord)]
+
+
+def _transfer(row: sa.Row) -> TransferRecord:
+    data = dict(row._mapping)
+    for name in ("created_at", "updated_at", "answered_at", "ended_at"):
+        if data[name] is not None:
+            data[name] = as_utc(data[name])
+    return TransferRecord(**{name: data[name] for name in _COLUMNS})
+
+
+class TransferStore:
+    def __init__(self, database: Database):
+        self.database = database
+
+    async def start(
+        self, *, call_id: str, kind: str, operator: str, reason: str, summary: str | None, prior_ultravox_call_id: str | None
+    ) -> TransferRecord | None:
+        """A new transfer, or None when the call already has one under way."""
+        now = utcnow()
+        values = dict(
+            id=str(uuid.uuid4()), call_id=call_id, kind=kind, operator=operator, operators_tried=operator,
+            reason=reason, summary=summary, status=REQUESTED, leg=0, prior_ultravox_call_id=prior_ultravox_call_id,
+            active_call_id=call_id, created_at=now, updated_at=now,
+        )
+        return await self.database.transaction(_start, values)
+
+    async def get(self, transfer_id: str) -> TransferRecord | None:
+        return await self.database.transaction(_get, transfer_id)
+
+    async def for_call(self, call_id: str) -> list[TransferRecord]:
+        return await self.database.transaction(_for_call, call_id)
+
+    async def update(self, transfer_id: str, *, only_if_active: bool = True, **values) -> TransferRecord | None:
+        """Change a transfer; once it has ended (final), nothing changes it again unless asked.
+
+        Returns the record after the change, or None when the change was refused.
+        """
+        return await self.database.transaction(_update, transfer_id, only_if_active, values, utcnow())
+
+    async def release_leg(self, transfer_id: str, leg: int) -> TransferRecord | None:
+        """Move past operator leg `leg`; None if another event did first, or the transfer ended."""
+        return await self.database.transaction(_release_leg, transfer_id, leg, utcnow())
+
+    async def finish(self, transfer_id: str, status: str, outcome: str, **values) -> TransferRecord | None:
+        """End a transfer once; None when it had already ended (a repeated or late event)."""
+        values.update(status=status, outcome=outcome, active_call_id=None, ended_at=utcnow())
+        if status == CONNECTED:
+            values["answered_at"] = values["ended_at"]
+            values.pop("ended_at")
+        return await self.update(transfer_id, **values)
+
+
+def _start(connection: sa.Connection, values: dict) -> TransferRecord | None:
+    inserted = connection.execute(
+        insert_for(connection)(transfers).values(**values)
+        .on_conflict_do_nothing(index_elements=["active_call_id"]).returning(transfers.c.id)
+    ).first()
+    # Nothing inserted: another transfer of this call holds active_call_id.
+    return _get(connection, values["id"]) if inserted else None
+
+
+def _get(connection: sa.Connection, transfer_id: str) -> TransferRecord | None:
+    row = connection.execute(sa.select(transfers).where(transfers.c.id == transfer_id)).first()
+    return _transfer(row) if row else None
+
+
+def _for_call(connection: sa.Connection, call_id: str) -> list[TransferRecord]:
+    rows = connection.execute(
+        sa.select(transfers).where(transfers.c.call_id == call_id).order_by(transfers.c.created_at)
+    )
+    return [_transfer(row) for row in rows]
+
+
+def _release_leg(connection: sa.Connection, transfer_id: str, leg: int, now: dt.datetime):
+    released = connection.execute(
+        sa.update(transfers)
+        .where(transfers.c.id == transfer_id, transfers.c.leg == leg, transfers.c.active_call_id.is_not(None))
+        .values(leg=leg + 1, operator_leg_id=None, updated_at=now)
+    ).rowcount == 1
+    return _get(connection, transfer_id) if released else None
+
+
+def _update(connection: sa.Connection, transfer_id: str, only_if_active: bool, values: dict, now: dt.datetime):
+    statement = sa.update(transfers).where(transfers.c.id == transfer_id)
+    if only_if_active:
+        statement = statement.where(transfers.c.active_call_id.is_not(None))
+    if connection.execute(statement.values(updated_at=now, **values)).rowcount != 1:
+        return None
+    return _get(connection, transfer_id)

@@ -1,0 +1,96 @@
+"""The transfer tools the gateway serves, as Ultravox tool definitions.
+
+The model picks an operator by name from an enum; numbers never reach it. Ultravox adds the call
+id itself (an automatic parameter) and the tool secret as a header (a security requirement
+satisfied by authTokens), so neither is visible to the model either.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from .http import RemoteError
+from .settings import Settings
+
+COLD_TOOL = "transferToOperator"
+WARM_TOOL = "warmTransferToOperator"
+SECRET_HEADER = "X-Gateway-Tool-Secret"
+SECRET_REQUIREMENT = "gatewayToolSecret"
+# Durable tool names for `gateway tools sync`.
+DURABLE_NAMES = {COLD_TOOL: "gateway-transfer", WARM_TOOL: "gateway-warm-transfer"}
+TOOL_PATHS = {COLD_TOOL: "/tools/transfer", WARM_TOOL: "/tools/warm-transfer"}
+
+
+def _body(name: str, description: str, schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
+    return {"name": name, "location": "PARAMETER_LOCATION_BODY", "schema": {**schema, "description": description},
+            "required": required}
+
+
+def tool_definition(settings: Settings, tool: str, operators: list[str]) -> dict[str, Any]:
+    """A BaseToolDefinition for the cold or warm transfer tool, limited to `operators`."""
+    listing = "; ".join(f"{name}: {settings.operators[name].description}" for name in operators)
+    parameters = [
+        _body("operator", "Who to transfer to", {"type": "string", "enum": list(operators)}),
+        _body("reason", "Why the caller needs a person, in one sentence", {"type": "string"}),
+    ]
+    if tool == WARM_TOOL:
+        description = (
+            "Hand the caller to a person after briefing them: the caller waits on hold, the person hears "
+            f"your summary and accepts. Operators: {listing}. Tell the caller you are connecting them first."
+        )
+        parameters.append(_body("summary", "What the person should know, two or three sentences", {"type": "string"}))
+    else:
+        description = (
+            f"Transfer the caller to a person. Operators: {listing}. "
+            "Tell the caller you are connecting them before you use this."
+        )
+    return {
+        "modelToolName": tool,
+        "description": description,
+        "dynamicParameters": parameters,
+        "automaticParameters": [
+            {"name": "callId", "location": "PARAMETER_LOCATION_BODY", "knownValue": "KNOWN_PARAM_CALL_ID"}
+        ],
+        "requirements": {"httpSecurityOptions": {"options": [
+            {"requirements": {SECRET_REQUIREMENT: {"headerApiKey": {"name": SECRET_HEADER}}}}
+        ]}},
+        "http": {"baseUrlPattern": f"{settings.public_url}{TOOL_PATHS[tool]}", "httpMethod": "POST"},
+        "timeout": "5s",
+    }
+
+
+def transfer_tools(settings: Settings, operators: list[str]) -> list[dict[str, Any]]:
+    """SelectedTools to attach to a call whose route may use `operators` (none if not configured)."""
+    if not operators or not settings.tool_secret or not settings.public_url:
+        return []
+    return [
+        {"temporaryTool": tool_definition(settings, tool, operators), "authTokens": {SECRET_REQUIREMENT: settings.tool_secret}}
+        for tool in (COLD_TOOL, WARM_TOOL)
+    ]
+
+
+async def sync_tools(settings: Settings, http: httpx.AsyncClient) -> list[str]:
+    """Create or update the durable versions of the tools, naming every configured operator.
+
+    Returns one line per tool saying what was done. Raises RemoteError when Ultravox refuses.
+    """
+    operators = sorted(settings.operators)
+    report = []
+    for tool, name in DURABLE_NAMES.items():
+        definition = tool_definition(settings, tool, operators)
+        listing = await http.get("/api/tools", params={"search": name})
+        if listing.status_code != 200:
+            raise RemoteError(f"Ultravox answered {listing.status_code} listing tools: {listing.text[:200]}")
+        existing = next((t for t in listing.json().get("results", []) if t.get("name") == name), None)
+        if existing:
+            response = await http.put(f"/api/tools/{existing['toolId']}", json={"name": name, "definition": definition})
+            done = "updated"
+        else:
+            response = await http.post("/api/tools", json={"name": name, "definition": definition})
+            done = "created"
+        if response.status_code not in (200, 201):
+            raise RemoteError(f"Ultravox answered {response.status_code} for tool {name}: {response.text[:200]}")
+        report.append(f"{done} {name} ({response.json().get('toolId')})")
+    return report

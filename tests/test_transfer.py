@@ -1,0 +1,311 @@
+"""Operator transfers end to end on the three carriers: real gateway, fake carrier REST APIs, fake Ultravox."""
+
+from __future__ import annotations
+
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from gateway.testing import FakeResponse, plivo_inbound_form, telnyx_inbound_form, twilio_inbound_form
+
+from .conftest import API_KEY, SUPPORT_NUMBER, TOOL_SECRET
+
+CARRIERS = ["twilio", "telnyx", "plivo"]
+FORMS = {"twilio": twilio_inbound_form, "telnyx": telnyx_inbound_form, "plivo": plivo_inbound_form}
+CALL_ID = {"twilio": "CallSid", "telnyx": "CallSid", "plivo": "CallUUID"}
+DIAL_STATUS = {"twilio": "DialCallStatus", "telnyx": "DialCallStatus", "plivo": "DialStatus"}
+SALES, FRONTDESK = "+15557770001", "+15557770002"
+
+
+class LiveCall:
+    """An inbound call connected to the agent, and the carrier and Ultravox fakes around it."""
+
+    def __init__(self, gateway, fake_ultravox, fake_carriers, carrier):
+        self.gateway, self.ultravox, self.carrier = gateway, fake_ultravox, carrier
+        self.fake = fake_carriers[carrier]
+        self.form = FORMS[carrier](to=SUPPORT_NUMBER)
+        self.carrier_call_id = self.form[CALL_ID[carrier]]
+        self.fake.live_calls.add(self.carrier_call_id)  # the carrier knows this call: it can be redirected
+        response = gateway.post(carrier, self.form)
+        assert response.status_code == 200, response.text
+        (self.record,) = [r for r in gateway.records() if r.carrier_call_id == self.carrier_call_id]
+        self.ultravox_call_id = self.record.ultravox_call_id
+
+    def tool(self, operator, *, warm=False, secret=TOOL_SECRET, **extra):
+        body = {"callId": self.ultravox_call_id, "operator": operator, "reason": "Wants a quote for 40 seats", **extra}
+        if warm:
+            body.setdefault("summary", "Ada from Acme, 40 seats, wants a discount.")
+        headers = {"X-Gateway-Tool-Secret": secret} if secret else {}
+        path = "/tools/warm-transfer" if warm else "/tools/transfer"
+        return self.gateway.client.post(path, json=body, headers=headers)
+
+    def redirects(self, count=1, timeout=5.0):
+        """The URLs the gateway redirected the caller's live call to, once `count` have happened."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            updates = [u for u in self.fake.updates if u.call_id == self.carrier_call_id]
+            if len(updates) >= count:
+                return [u.params.get("Url") or u.params.get("aleg_url") for u in updates]
+            time.sleep(0.02)
+        raise AssertionError(f"expected {count} redirect(s), saw {self.fake.updates}")
+
+    def fetch(self, url, **fields):
+        """The carrier requesting `url` for the caller's leg (after a redirect or a <Dial> ending)."""
+        response = self.fake.callback(url, self.fake.form_for(self.carrier_call_id, **fields))
+        assert response.status_code == 200, response.text
+        return ET.fromstring(response.text)
+
+    def view(self):
+        response = self.gateway.client.get(f"/v1/calls/{self.record.id}", headers={"Authorization": f"Bearer {API_KEY}"})
+        return response.json()
+
+    def operator_legs(self, count=1, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.fake.calls) >= count:
+                return self.fake.calls
+            time.sleep(0.02)
+        raise AssertionError(f"expected {count} operator call(s), saw {self.fake.calls}")
+
+
+@pytest.fixture
+def live(gateway, fake_ultravox, fake_carriers):
+    return lambda carrier: LiveCall(gateway, fake_ultravox, fake_carriers, carrier)
+
+
+def dialled(carrier, root):
+    """(number, action URL) of the <Dial> in a transfer XML."""
+    dial = root.find("Dial")
+    assert dial is not None, ET.tostring(root)
+    number = dial.findtext("Number") or dial.findtext("Sip") or dial.findtext("User")
+    return ("+" + number if carrier == "plivo" and not number.startswith(("+", "sip")) else number), dial.get("action")
+
+
+def joined(carrier, root):
+    stream = root.find("Stream") if carrier == "plivo" else root.find("Connect/Stream")
+    assert stream is not None, ET.tostring(root)
+    return stream.text if carrier == "plivo" else stream.get("url")
+
+
+# --- the tools are attached ---------------------------------------------------------------------------
+
+
+def test_calls_get_the_transfer_tools_with_only_their_routes_operators(live):
+    call = live("twilio")
+    (created,) = call.ultravox.requests
+    added = created.body["toolOverrides"]["add"]
+    assert [t["temporaryTool"]["modelToolName"] for t in added] == ["transferToOperator", "warmTransferToOperator"]
+    cold = added[0]["temporaryTool"]
+    operator = next(p for p in cold["dynamicParameters"] if p["name"] == "operator")
+    assert operator["schema"]["enum"] == ["sales", "frontdesk", "billing"]  # not nightowl: not this route's
+    assert "+1555" not in str(cold)  # the model never sees a number
+    assert cold["automaticParameters"][0]["knownValue"] == "KNOWN_PARAM_CALL_ID"
+    assert added[0]["authTokens"] == {"gatewayToolSecret": TOOL_SECRET}
+    assert cold["http"]["baseUrlPattern"].endswith("/tools/transfer")
+
+
+# --- cold -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_cold_transfer_reaches_the_operator(live, carrier):
+    call = live(carrier)
+    reply = call.tool("sales")
+    assert reply.status_code == 200 and "sales" in reply.text
+    assert reply.headers["x-ultravox-agent-reaction"] == "listens"
+    (url,) = call.redirects()
+    root = call.fetch(url)
+    assert root[0].tag in ("Say", "Speak")
+    number, action = dialled(carrier, root)
+    assert number == SALES
+    assert int(root.find("Dial").get("timeout")) == 15
+    assert [el.tag for el in call.fetch(action, **{DIAL_STATUS[carrier]: "completed"})] == ["Hangup"]
+    (transfer,) = call.view()["transfers"]
+    assert transfer["status"] == "connected" and transfer["operator"] == "sales" and transfer["kind"] == "cold"
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_cold_no_answer_tries_the_fallback_then_returns_to_the_agent(live, carrier):
+    call = live(carrier)
+    call.tool("sales")
+    (url,) = call.redirects()
+    _, action = dialled(carrier, call.fetch(url))
+    number, action = dialled(carrier, call.fetch(action, **{DIAL_STATUS[carrier]: "no-answer"}))
+    assert number == FRONTDESK  # sales falls back to the front desk
+    root = call.fetch(action, **{DIAL_STATUS[carrier]: "busy"})
+    join_url = joined(carrier, root)
+    back = call.ultravox.requests[-1]
+    assert back.path == "/api/calls" and back.query["priorCallId"] == call.ultravox_call_id
+    prompt = back.body["firstSpeakerSettings"]["agent"]["prompt"]
+    assert "frontdesk did not answer (busy)" in prompt
+    assert back.body["medium"] == {carrier: {}}
+    view = call.view()
+    (transfer,) = view["transfers"]
+    assert transfer["status"] == "returned" and transfer["operators_tried"] == ["sales", "frontdesk"]
+    assert view["ultravox_call_id"] == call.ultravox.created_calls[-1]["callId"] != call.ultravox_call_id
+    assert join_url == call.ultravox.created_calls[-1]["joinUrl"]
+    # The carrier asking again gets the same call, not a third one.
+    assert joined(carrier, call.fetch(action, **{DIAL_STATUS[carrier]: "busy"})) == join_url
+    assert len(call.ultravox.requests) == 2
+
+
+# --- warm -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_warm_transfer_briefs_the_operator_who_accepts(live, carrier):
+    call = live(carrier)
+    assert call.tool("sales", warm=True).status_code == 200
+    (url,) = call.redirects()
+    hold = call.fetch(url)
+    conference = hold.find("Dial/Conference") if carrier != "plivo" else hold.find("Conference")
+    assert conference.get("startConferenceOnEnter") == "false" and conference.get("endConferenceOnExit") == "true"
+    (leg,) = call.operator_legs()
+    assert leg.to.lstrip("+") == SALES.lstrip("+")
+    whisper = ET.fromstring(call.fake.answer(leg).text)
+    gather = whisper.find("Gather") if carrier != "plivo" else whisper.find("GetDigits")
+    briefing = "".join(gather.itertext())
+    assert "40 seats" in briefing and "Ada from Acme" in briefing and "Press 1" in briefing
+    accepted = ET.fromstring(call.fake.callback(gather.get("action"), call.fake.form_for(leg.call_uuid or leg.call_id, Digits="1")).text)
+    joined_conference = accepted.find("Dial/Conference") if carrier != "plivo" else accepted.find("Conference")
+    assert joined_conference.text == conference.text and joined_conference.get("startConferenceOnEnter") == "true"
+    (transfer,) = call.view()["transfers"]
+    assert transfer["status"] == "connected" and transfer["kind"] == "warm" and transfer["outcome"] == "accepted"
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_warm_decline_and_no_answer_return_the_caller_to_the_agent(live, carrier):
+    call = live(carrier)
+    call.tool("sales", warm=True)
+    (hold_url,) = call.redirects()
+    call.fetch(hold_url)
+    (sales,) = call.operator_legs()
+    whisper = ET.fromstring(call.fake.answer(sales).text)
+    gather = whisper.find("Gather") if carrier != "plivo" else whisper.find("GetDigits")
+    declined = call.fake.callback(gather.get("action"), call.fake.form_for(sales.call_uuid or sales.call_id, Digits="9"))
+    assert [el.tag for el in ET.fromstring(declined.text)] == ["Hangup"]
+    _, frontdesk = call.operator_legs(2)  # the fallback operator is called; the caller stays on hold
+    assert frontdesk.to.lstrip("+") == FRONTDESK.lstrip("+")
+    call.fake.send_status(sales, "completed")  # sales hanging up after declining changes nothing now
+    call.fake.send_status(frontdesk, "no-answer")
+    _, return_url = call.redirects(2)
+    join_url = joined(carrier, call.fetch(return_url))
+    back = call.ultravox.requests[-1]
+    assert back.query["priorCallId"] == call.ultravox_call_id
+    assert "did not take the call (no-answer)" in back.body["firstSpeakerSettings"]["agent"]["prompt"]
+    assert join_url == call.ultravox.created_calls[-1]["joinUrl"]
+    (transfer,) = call.view()["transfers"]
+    assert transfer["status"] == "returned" and transfer["operators_tried"] == ["sales", "frontdesk"]
+
+
+def test_warm_transfer_to_voicemail_counts_as_no(live):
+    call = live("twilio")
+    call.tool("frontdesk", warm=True)
+    call.fetch(call.redirects()[0])
+    (leg,) = call.operator_legs()
+    assert leg.params["MachineDetection"] == "Enable"
+    assert [el.tag for el in ET.fromstring(call.fake.answer(leg, AnsweredBy="machine_end_beep").text)] == ["Hangup"]
+    _, return_url = call.redirects(2)
+    joined("twilio", call.fetch(return_url))
+    assert "voicemail" in call.view()["transfers"][0]["outcome"]
+
+
+# --- refusals: nothing is dialled -------------------------------------------------------------------
+
+
+def test_a_second_transfer_while_one_is_under_way_is_refused(live):
+    call = live("twilio")
+    assert "Transferring" in call.tool("sales").text
+    second = call.tool("frontdesk")
+    assert second.status_code == 200 and "already under way" in second.text
+    assert len(call.redirects()) == 1
+    time.sleep(0.2)
+    assert len(call.fake.updates) == 1 and len(call.view()["transfers"]) == 1
+
+
+@pytest.mark.parametrize("secret", [None, "guessed-secret"])
+def test_forged_tool_calls_are_refused(live, secret):
+    call = live("telnyx")
+    response = call.tool("sales", secret=secret)
+    assert response.status_code == 403
+    time.sleep(0.2)
+    assert call.fake.updates == [] and call.view()["transfers"] == []
+
+
+@pytest.mark.parametrize("operator", ["nightowl", "+15551234567", "ceo", None])
+def test_operators_outside_the_routes_list_are_refused(live, operator):
+    call = live("plivo")
+    reply = call.tool(operator)
+    assert reply.status_code == 200 and "I can only transfer to: sales, frontdesk, billing" in reply.text
+    assert reply.headers["x-ultravox-agent-reaction"] == "speaks"
+    time.sleep(0.2)
+    assert call.fake.updates == [] and call.view()["transfers"] == []
+
+
+def test_an_operator_outside_business_hours_is_refused(live):
+    call = live("twilio")
+    reply = call.tool("billing")
+    assert "not available at the moment" in reply.text and "mon 00:00-00:01" in reply.text
+    time.sleep(0.2)
+    assert call.fake.updates == []
+
+
+def test_unknown_or_ended_calls_are_refused(live, gateway):
+    call = live("twilio")
+    call.ultravox_call_id = "00000000-0000-4000-8000-000000000000"
+    assert "doesn't know" in call.tool("sales").text
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_carrier_refusing_the_redirect_leaves_the_caller_with_the_agent(live, carrier):
+    call = live(carrier)
+    call.fake.script_updates(FakeResponse(status=500))
+    assert call.tool("sales").status_code == 200
+    deadline = time.monotonic() + 5
+    while not call.ultravox.data_messages and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ((ultravox_call, message),) = call.ultravox.data_messages
+    assert ultravox_call == call.ultravox_call_id
+    assert message["type"] == "user_text_message" and "could not be started" in message["text"]
+    (transfer,) = call.view()["transfers"]
+    assert transfer["status"] == "failed" and "carrier error" in transfer["outcome"]
+    assert call.tool("frontdesk").text.startswith("Transferring")  # a new attempt is allowed
+
+
+def test_forged_transfer_callbacks_are_refused(live, gateway):
+    call = live("twilio")
+    call.tool("sales")
+    (url,) = call.redirects()
+    forged = url.replace("t=", "t=0")
+    response = call.fake.callback(forged, call.fake.form_for(call.carrier_call_id))
+    assert response.status_code == 403
+
+
+def test_transfer_metrics_count_outcomes(live, gateway):
+    call = live("twilio")
+    call.tool("sales")
+    (url,) = call.redirects()
+    _, action = dialled("twilio", call.fetch(url))
+    call.fetch(action, DialCallStatus="completed")
+    metrics = gateway.client.get("/metrics").text
+    assert 'gateway_transfers_total{kind="cold",operator="sales",result="connected"} 1.0' in metrics
+
+
+def test_tools_sync_creates_then_updates_durable_tools(tmp_path, fake_ultravox, telnyx_signer, monkeypatch, capsys):
+    from gateway.cli import main as cli_main
+
+    from .conftest import BASE_CONFIG, gateway_environ
+
+    config = tmp_path / "gateway.toml"
+    config.write_text(BASE_CONFIG)
+    for name, value in gateway_environ(fake_ultravox, telnyx_signer, f"sqlite:///{tmp_path / 'x.db'}").items():
+        monkeypatch.setenv(name, value)
+    assert cli_main(["tools", "sync", "--config", str(config)]) == 0
+    assert cli_main(["tools", "sync", "--config", str(config)]) == 0
+    output = capsys.readouterr().out
+    assert output.count("created gateway-") == 2 and output.count("updated gateway-") == 2
+    tools = {tool["name"]: tool for tool in fake_ultravox.tools.values()}
+    assert set(tools) == {"gateway-transfer", "gateway-warm-transfer"}
+    operator = tools["gateway-transfer"]["definition"]["dynamicParameters"][0]
+    assert operator["schema"]["enum"] == ["billing", "frontdesk", "nightowl", "sales"]
