@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import time
+from pathlib import Path
 from urllib.parse import parse_qsl
 
 import httpx
@@ -15,7 +16,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from .api import CallsApi, read_limited
 from .carriers import CARRIER_CLASSES, Carrier
@@ -25,7 +27,8 @@ from .flows.outbound import OutboundFlow
 from .flows.tracking import CallTracking
 from .flows.transfer import TransferFlow
 from .http import create_client
-from .security import WebhookRejected, tool_secret_matches, verify_ultravox_webhook
+from .media.bridge import MediaBridge, bridged
+from .security import WebhookRejected, media_token_problem, tool_secret_matches, verify_ultravox_webhook
 from .settings import Settings
 from .store import CallStore, TransferStore
 from .tools import SECRET_HEADER
@@ -35,7 +38,8 @@ log = logging.getLogger("gateway")
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 # Carrier callbacks of a transfer: XML to fetch (dial, hold, return, whisper) and events.
-TRANSFER_STEPS = {"dial", "hold", "return", "whisper", "result", "accept", "operator-status"}
+TRANSFER_STEPS = {"dial", "hold", "music", "return", "caller-left", "whisper", "result", "accept", "operator-status"}
+OPERATOR_LEG_STEPS = {"whisper", "accept", "operator-status"}
 
 
 class Metrics:
@@ -49,11 +53,25 @@ class Metrics:
             "gateway_transfers", "Finished operator transfers by operator, kind and result",
             ["operator", "kind", "result"], registry=self.registry,
         )
+        self.media_frames = Counter(
+            "gateway_media_frames", "Audio frames relayed in bridge mode", ["direction"], registry=self.registry,
+        )
+        self.media_events = Counter(
+            "gateway_media_events", "Bridge-mode events: gaps, late frames, clears (barge-ins), dtmf, malformed frames",
+            ["event"], registry=self.registry,
+        )
         self.webhook_seconds = Histogram(
             "gateway_inbound_webhook_seconds", "Time to answer an inbound call webhook",
             ["carrier"], registry=self.registry,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15),
         )
+
+
+    def add_media_stats(self, stats) -> None:
+        self.media_frames.labels("caller_to_agent").inc(stats.frames_in)
+        self.media_frames.labels("agent_to_caller").inc(stats.frames_out)
+        for event in ("gaps", "late_frames", "clears", "dtmf", "malformed"):
+            self.media_events.labels(event).inc(getattr(stats, event))
 
 
 class Gateway:
@@ -71,6 +89,8 @@ class Gateway:
         self.outbound: OutboundFlow | None = None
         self.tracking: CallTracking | None = None
         self.transfer: TransferFlow | None = None
+        self.bridge: MediaBridge | None = None
+        self._media_tokens: dict[str, int] = {}  # used media tokens -> expiry
         self.transfer_store: TransferStore | None = None
         self.api: CallsApi | None = None
 
@@ -92,13 +112,16 @@ class Gateway:
         self.outbound = OutboundFlow(
             self.settings, self.store, ultravox, self.carriers, self.carrier_http, clock=self.clock
         )
-        self.tracking = CallTracking(self.store)
         self.transfer_store = TransferStore(self.store.database)
+        self.tracking = CallTracking(self.store, self.transfer_store)
         self.transfer = TransferFlow(
             self.settings, self.store, self.transfer_store, ultravox, self.carriers, self.carrier_http,
             on_outcome=lambda t: self.metrics.transfers.labels(t.operator, t.kind, t.status).inc(),
         )
         self.api = CallsApi(self.settings, self.store, self.outbound, self.transfer_store)
+        self.bridge = MediaBridge(
+            self.store, self.carrier_http, recordings=self._recording_path, on_stats=self.metrics.add_media_stats,
+        )
 
     async def stop(self) -> None:
         if self.transfer is not None:
@@ -207,7 +230,7 @@ class Gateway:
             params=params,
         )
 
-    def public_url(self, request: Request) -> str:
+    def public_url(self, request: Request | WebSocket) -> str:
         """The URL as the carrier addressed it: the configured public base, our path, the query."""
         base = self.settings.public_url
         if base is None:
@@ -234,6 +257,10 @@ class Gateway:
         if problems:
             return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready"})
+
+    def _recording_path(self, record) -> Path | None:
+        route = self.settings.route_named(record.route) if record.route else None
+        return Path(route.recording_dir) / f"{record.id}.wav" if route and route.recording_dir else None
 
     def _api(self, name: str):
         async def endpoint(request: Request) -> Response:
@@ -274,24 +301,24 @@ class Gateway:
         if step not in TRANSFER_STEPS:
             return PlainTextResponse("not found\n", status_code=404)
         transfer_id = request.query_params.get("transfer", "")
+        leg_text = request.query_params.get("leg")
+        leg = int(leg_text) if leg_text is not None and leg_text.isdigit() else None
         try:
             webhook = await self.read_webhook(request)
             carrier.verify(webhook)
-            if not self.transfer.valid_url(transfer_id, request.query_params.get("t")):
+            if not self.transfer.valid_url(transfer_id, step, leg, request.query_params.get("t")):
                 raise SignatureRejected("this transfer URL was not issued by this gateway")
         except RequestRejected as rejection:
             return self._refused(carrier, rejection)
         transfer = await self.transfer_store.get(transfer_id)
         if transfer is None:
             return Response(carrier.hangup_xml(), media_type=carrier.xml_media_type)
-        leg_text = request.query_params.get("leg", "0")
-        leg = int(leg_text) if leg_text.isdigit() else -1
         flow = self.transfer
         try:
             if step == "result":
-                xml = await flow.dial_result(carrier, transfer, webhook)
+                xml = await flow.dial_result(carrier, transfer, leg, webhook)
             elif step == "whisper":
-                xml = flow.whisper(carrier, transfer, leg, webhook)
+                xml = await flow.whisper(carrier, transfer, leg, webhook)
             elif step == "accept":
                 xml = await flow.accept(carrier, transfer, leg, webhook)
             elif step == "operator-status":
@@ -300,10 +327,48 @@ class Gateway:
             else:
                 xml = await flow.xml(carrier, transfer, step)
         except Exception:
-            # Never silence: the caller hears the apology (and the fallback number, if any).
             log.exception("transfer %s: %s failed", transfer_id, step)
-            xml = carrier.apology_xml(self.settings.fallback.message, self.settings.fallback.dial_number)
+            if step in OPERATOR_LEG_STEPS:
+                # The operator's phone: hang it up; the caller, still on hold, goes on to the next
+                # operator or back to the agent.
+                flow.operator_failed(carrier, transfer, leg)
+                xml = carrier.hangup_xml()
+            else:
+                # The caller's phone: never silence, the apology (and the fallback number, if any).
+                xml = carrier.apology_xml(self.settings.fallback.message, self.settings.fallback.dial_number)
+        if step == "operator-status":
+            return Response(status_code=204)
         return Response(xml, media_type=carrier.xml_media_type)
+
+    # --- bridge mode: the carrier's media socket --------------------------------------------------
+    async def media_socket(self, websocket: WebSocket) -> None:
+        carrier = self.carriers.get(websocket.path_params["carrier"])
+        if carrier is None:
+            await websocket.close(code=1008)
+            return
+        query = websocket.query_params
+        carrier_call_id, token = query.get("call", ""), query.get("token", "")
+        now = time.time()
+        problem = media_token_problem(self.settings.ultravox.api_key or "", carrier.name, carrier_call_id, token, now)
+        if problem is None and self._media_tokens.get(token, 0) > 0:
+            problem = "media token already used"
+        if problem is None and not self.settings.insecure_skip_signature_verification:
+            problem = carrier.upgrade_problem(self.public_url(websocket), websocket.headers)
+        record = None
+        if problem is None:
+            record = await self.store.find_by_carrier_call(carrier.name, carrier_call_id)
+            if record is None or not record.join_url or not bridged(self.settings, record):
+                problem = "no bridged call waiting for this media stream"
+        if problem is not None:
+            log.warning("%s media socket refused: %s", carrier.name, problem)
+            self.metrics.webhooks.labels(carrier.name, "media_refused").inc()
+            await websocket.close(code=1008)  # before accepting: the carrier sees HTTP 403
+            return
+        # Single use: remembered until it expires anyway.
+        self._media_tokens = {t: e for t, e in self._media_tokens.items() if e > now}
+        self._media_tokens[token] = int(token.partition(".")[0])
+        await websocket.accept()
+        await self.bridge.run(carrier, websocket, record)
 
     # --- Ultravox call events ---------------------------------------------------------------------
     async def ultravox_events(self, request: Request) -> Response:
@@ -348,6 +413,7 @@ class Gateway:
             Route("/v1/calls/{call_id}", self._api("get"), methods=["GET"]),
             Route("/v1/openapi.json", self._api("openapi"), methods=["GET"]),
             Route("/ultravox/events", self.ultravox_events, methods=["POST"]),
+            WebSocketRoute("/media/{carrier}", self.media_socket),
             Route("/tools/transfer", self.transfer_tool("cold"), methods=["POST"]),
             Route("/tools/warm-transfer", self.transfer_tool("warm"), methods=["POST"]),
             Route("/healthz", self.healthz, methods=["GET"]),

@@ -260,6 +260,11 @@ class RouteSettings(_Section):
     metadata: dict[str, str] = Field(default_factory=dict)
     # Operators this route's agent may transfer to (names of [operators.NAME]).
     operators: list[str] = Field(default_factory=list)
+    # "direct": the carrier streams to Ultravox itself. "bridge": the carrier streams to the gateway,
+    # which relays the audio to Ultravox (recording, keypad handling, audio counters).
+    mode: Literal["direct", "bridge"] = "direct"
+    # Bridge mode: write a stereo WAV of each call (caller left, agent right) into this directory.
+    recording_dir: str | None = None
 
     @field_validator("number")
     @classmethod
@@ -314,6 +319,8 @@ class RouteSettings(_Section):
                 )
             if self.template_context:
                 raise ValueError("template_context only works with agent_id routes (Ultravox agent calls)")
+        if self.recording_dir is not None and self.mode != "bridge":
+            raise ValueError("recording_dir needs mode = \"bridge\" (only then does the audio pass the gateway)")
         if self.name is None:
             self.name = self.number
         return self

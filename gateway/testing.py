@@ -44,7 +44,8 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 __all__ = [
     "DATA_MESSAGE_TYPES",
@@ -426,6 +427,10 @@ class FakeUltravox:
       create, 422 for one in ``ended_calls``.
     * ``GET``/``POST /api/tools`` and ``GET``/``PUT /api/tools/{tool_id}``:
       durable tools, kept in ``tools`` (tool id -> Tool JSON).
+    * A call created with ``medium.serverWebSocket`` gets a ``joinUrl`` on the
+      fake itself (``ws://127.0.0.1:{port}/calls/{callId}/server?apiVersion=1``);
+      the socket behind it plays Ultravox's side of the medium (see
+      `FakeUltravoxSession`, ``sessions``, ``media_mode`` and ``greeting``).
 
     Every request is checked for ``X-API-Key`` and recorded in ``requests``;
     validation failures are also collected in ``schema_errors``. The n-th
@@ -456,8 +461,16 @@ class FakeUltravox:
         self.data_messages: list[tuple[str, dict[str, Any]]] = []  # (call_id, body)
         self.ended_calls: set[str] = set()  # call ids whose data messages get 422
         self.tools: dict[str, dict[str, Any]] = {}  # tool id -> Tool JSON
+        # serverWebSocket medium: see the "serverWebSocket side" section below.
+        self.base_url: str | None = None  # http://host:port, set by serve()
+        self.sessions: dict[str, FakeUltravoxSession] = {}  # call id -> its socket session
+        self.media_mode: str = "echo"  # "echo" or "silent"
+        self.greeting: bytes | None = None  # PCM sent (paced) right after a socket connects
+        self._socket_calls: dict[str, dict[str, Any]] = {}  # call id -> serverWebSocket medium
+        self._sessions_changed = threading.Condition(self._lock)
         self.app = Starlette(
             routes=[
+                WebSocketRoute("/calls/{call_id}/server", self._server_socket),
                 Route("/api/calls", self._start_call, methods=["POST"]),
                 Route("/api/agents/{agent_id}/calls", self._start_call, methods=["POST"]),
                 Route(
@@ -497,6 +510,10 @@ class FakeUltravox:
             self.ended_calls.clear()
             self.tools.clear()
             self.delay = 0.0
+            self.sessions.clear()
+            self._socket_calls.clear()
+            self.media_mode = "echo"
+            self.greeting = None
 
     @property
     def connections_seen(self) -> int:
@@ -512,7 +529,9 @@ class FakeUltravox:
     def serve(self, **kwargs: Any) -> ServerThread:
         """Start the fake on a free local port; use the result as a context manager."""
         self._release.clear()
-        return _FakeServerThread(self, **kwargs).start()
+        server = _FakeServerThread(self, **kwargs).start()
+        self.base_url = server.url
+        return server
 
     # -- request handling (runs on the server thread) -----------------------
 
@@ -587,10 +606,12 @@ class FakeUltravox:
         errors = self._query_errors(request, agent_id is not None, body)
         if parse_error:
             errors.append(parse_error)
-        elif self.validate:
-            errors.extend(
-                validate_ultravox_request(body, agent=agent_id is not None, strict=self.strict)
-            )
+        else:
+            if self.validate:
+                errors.extend(
+                    validate_ultravox_request(body, agent=agent_id is not None, strict=self.strict)
+                )
+            errors.extend(_server_websocket_errors(body))
         if errors:
             return self._rejected(errors)
 
@@ -608,6 +629,12 @@ class FakeUltravox:
             call = scripted.body
         else:
             call = self._call_json(body, agent_id, n, scripted.omit_join_url)
+            socket_medium = _server_websocket_medium(body)
+            if socket_medium is not None:
+                if "joinUrl" in call:
+                    call["joinUrl"] = self._socket_join_url(request, call["callId"])
+                with self._lock:
+                    self._socket_calls[call["callId"]] = socket_medium
         with self._lock:
             self.created_calls.append(call)
         return JSONResponse(call, status_code=201, headers=headers)
@@ -737,6 +764,55 @@ class FakeUltravox:
     async def _unknown_path(self, request: Request) -> JSONResponse:
         await self._receive(request)
         return JSONResponse({"detail": "Not found."}, status_code=404)
+
+    # -- serverWebSocket medium (see FakeUltravoxSession) -------------------
+
+    def wait_for_session(
+        self, call_id: str | None = None, *, timeout: float = 5.0
+    ) -> "FakeUltravoxSession":
+        """The session of ``call_id`` (or the first one to connect) once a client has connected."""
+        deadline = time.monotonic() + timeout
+        with self._sessions_changed:
+            while True:
+                if call_id is not None:
+                    session = self.sessions.get(call_id)
+                else:
+                    session = next(iter(self.sessions.values()), None)
+                if session is not None:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"no client connected to the serverWebSocket of {call_id or 'any call'}"
+                    )
+                self._sessions_changed.wait(remaining)
+        if not session.connected.wait(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"the serverWebSocket of {session.call_id} was not accepted in time")
+        return session
+
+    def _socket_join_url(self, request: Request, call_id: str) -> str:
+        base = self.base_url or f"http://{request.url.netloc}"
+        return "ws" + base[len("http"):] + f"/calls/{call_id}/server?apiVersion=1"
+
+    async def _server_socket(self, websocket: WebSocket) -> None:
+        call_id = websocket.path_params["call_id"]
+        with self._sessions_changed:
+            medium = self._socket_calls.get(call_id)
+            taken = call_id in self.sessions
+            session = None
+            if medium is not None and not taken:
+                session = FakeUltravoxSession(
+                    self, call_id, medium, asyncio.get_running_loop(),
+                    query=dict(websocket.query_params),
+                )
+                self.sessions[call_id] = session
+                self._sessions_changed.notify_all()
+        await websocket.accept()
+        if session is None:
+            # Join URLs are single-use: a second client is refused, as is an unknown call.
+            await websocket.close(code=4409 if taken else 4404)
+            return
+        await session._run(websocket)
 
     @staticmethod
     def _call_json(
@@ -1872,3 +1948,257 @@ class FakePlivo(FakeCarrier):
         for name in ("From", "To"):  # Plivo reports numbers as bare digits
             form[name] = form[name].lstrip("+")
         return form
+
+
+# ---------------------------------------------------------------------------
+# FakeUltravox: the serverWebSocket side
+# ---------------------------------------------------------------------------
+
+__all__ += ["FakeUltravoxSession"]
+
+_SOCKET_CALL_TIMEOUT = 5.0  # seconds a test-thread control call waits for the fake's loop
+
+
+def _server_websocket_medium(body: Any) -> dict[str, Any] | None:
+    medium = body.get("medium") if isinstance(body, dict) else None
+    if isinstance(medium, dict) and "serverWebSocket" in medium:
+        socket_medium = medium["serverWebSocket"]
+        return socket_medium if isinstance(socket_medium, dict) else {}
+    return None
+
+
+def _server_websocket_errors(body: Any) -> list[str]:
+    """What Ultravox requires of ``medium.serverWebSocket`` beyond the schema's types."""
+    medium = body.get("medium") if isinstance(body, dict) else None
+    if not isinstance(medium, dict) or "serverWebSocket" not in medium:
+        return []
+    socket_medium = medium["serverWebSocket"]
+    where = "medium/serverWebSocket"
+    if not isinstance(socket_medium, dict):
+        return [f"{where}: must be an object"]
+    errors = []
+    for name, required in (
+        ("inputSampleRate", True),
+        ("outputSampleRate", False),
+        ("clientBufferSizeMs", False),
+    ):
+        if name not in socket_medium:
+            if required:
+                errors.append(f"{where}/{name}: is required")
+            continue
+        value = socket_medium[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            errors.append(f"{where}/{name}: must be a positive integer, got {value!r}")
+    return errors
+
+
+class FakeUltravoxSession:
+    """Ultravox's side of one ``serverWebSocket`` connection to the fake.
+
+    Recorded (written on the fake's server thread, read from the test thread):
+    ``audio_in`` (the binary frames received, concatenated), ``frames_in``,
+    ``messages_in`` (text frames decoded as JSON; a frame that is not a JSON
+    object is kept as ``{"_invalid": text}``), ``frames_out``, ``connected``,
+    ``closed`` and ``close_code`` (the code the client closed with, or the one
+    `hang_up` used).
+
+    Behaviour follows the fake's ``media_mode`` (read per frame: ``"echo"``
+    sends every binary frame straight back, ``"silent"`` sends nothing) and
+    its ``greeting`` (read at connect: PCM sent as 20 ms frames in real time).
+    A ``ping`` is answered with ``pong``, as Ultravox does.
+
+    `send_audio`, `send_json` and `hang_up` are called from the test thread:
+    each runs on the fake's event loop and returns once done.
+    """
+
+    def __init__(
+        self,
+        fake: FakeUltravox,
+        call_id: str,
+        medium: dict[str, Any],
+        loop: asyncio.AbstractEventLoop,
+        *,
+        query: dict[str, str] | None = None,
+    ) -> None:
+        self.fake = fake
+        self.call_id = call_id
+        self.input_sample_rate: int = int(medium.get("inputSampleRate") or 16000)
+        self.output_sample_rate: int = int(medium.get("outputSampleRate") or self.input_sample_rate)
+        self.client_buffer_size_ms: int | None = medium.get("clientBufferSizeMs")
+        self.query: dict[str, str] = query or {}
+        self.audio_in = bytearray()
+        self.frames_in = 0
+        self.frames_out = 0
+        self.messages_in: list[dict[str, Any]] = []
+        self.connected = threading.Event()
+        self.closed = threading.Event()
+        self.close_code: int | None = None
+        self.connected_at: float | None = None  # time.monotonic()
+        self._loop = loop
+        self._changed = threading.Condition()
+        self._websocket: WebSocket | None = None
+        self._send_lock: asyncio.Lock | None = None
+        self._closing = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes in 20 ms of agent audio (s16le mono at the output sample rate)."""
+        return self.output_sample_rate // 50 * 2
+
+    # -- control from the test thread ------------------------------------
+
+    def _call(self, coro: Any, timeout: float) -> Any:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            coro.close()
+            raise RuntimeError("FakeUltravoxSession controls block; call them from another thread")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def send_audio(
+        self, pcm: bytes, *, realtime: bool = False, timeout: float = _SOCKET_CALL_TIMEOUT
+    ) -> None:
+        """Send agent audio: one binary frame, or 20 ms frames in real time with ``realtime``."""
+        if realtime:
+            duration = len(pcm) / (2 * self.output_sample_rate)
+            self._call(self._paced(bytes(pcm)), timeout + duration)
+        else:
+            self._call(self._send(bytes(pcm), strict=True), timeout)
+
+    def send_json(self, message: dict[str, Any], *, timeout: float = _SOCKET_CALL_TIMEOUT) -> None:
+        """Send one text frame, e.g. ``{"type": "playback_clear_buffer"}``."""
+        self._call(self._send(json.dumps(message), strict=True), timeout)
+
+    def hang_up(self, code: int = 1000, *, timeout: float = _SOCKET_CALL_TIMEOUT) -> None:
+        """Close the socket from Ultravox's side and wait until the closing is recorded."""
+        self._call(self._hang_up(code), timeout)
+        if not self.closed.wait(timeout):
+            raise TimeoutError(f"the client did not complete the close of {self.call_id}")
+
+    def wait_for_audio(self, nbytes: int, *, timeout: float = _SOCKET_CALL_TIMEOUT) -> bytes:
+        """Block until at least ``nbytes`` of caller audio arrived; return all received so far."""
+        with self._changed:
+            if not self._changed.wait_for(
+                lambda: len(self.audio_in) >= nbytes or self.closed.is_set(), timeout
+            ) or len(self.audio_in) < nbytes:
+                raise TimeoutError(
+                    f"{len(self.audio_in)} of {nbytes} audio bytes arrived on {self.call_id}"
+                )
+            return bytes(self.audio_in)
+
+    def wait_for_message(
+        self, type_: str, *, count: int = 1, timeout: float = _SOCKET_CALL_TIMEOUT
+    ) -> list[dict[str, Any]]:
+        """Block until ``count`` JSON messages of ``type_`` arrived; return all of that type."""
+
+        def matching() -> list[dict[str, Any]]:
+            return [m for m in self.messages_in if m.get("type") == type_]
+
+        with self._changed:
+            self._changed.wait_for(
+                lambda: len(matching()) >= count or self.closed.is_set(), timeout
+            )
+            found = matching()
+        if len(found) < count:
+            raise TimeoutError(f"{len(found)} of {count} {type_!r} messages arrived on {self.call_id}")
+        return found
+
+    # -- on the fake's loop -------------------------------------------------
+
+    async def _send(self, data: bytes | str, *, strict: bool = False) -> bool:
+        websocket = self._websocket
+        if websocket is None or self._closing or self.closed.is_set():
+            if strict:
+                raise ConnectionError(f"the serverWebSocket of {self.call_id} is not open")
+            return False
+        assert self._send_lock is not None
+        try:
+            async with self._send_lock:
+                if isinstance(data, bytes):
+                    await websocket.send_bytes(data)
+                    self.frames_out += 1
+                else:
+                    await websocket.send_text(data)
+        except Exception:
+            if strict:
+                raise
+            return False
+        return True
+
+    async def _paced(self, pcm: bytes) -> None:
+        """Send ``pcm`` as 20 ms frames on an absolute schedule (no drift)."""
+        size = self.frame_bytes
+        start = self._loop.time()
+        for k, offset in enumerate(range(0, len(pcm), size)):
+            delay = start + k * 0.02 - self._loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if not await self._send(pcm[offset : offset + size]):
+                return
+
+    async def _hang_up(self, code: int) -> None:
+        websocket = self._websocket
+        if websocket is None or self._closing or self.closed.is_set():
+            return
+        self._closing = True
+        self.close_code = code
+        assert self._send_lock is not None
+        with contextlib.suppress(Exception):
+            async with self._send_lock:
+                await websocket.close(code=code)
+
+    def _spawn(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, websocket: WebSocket) -> None:
+        self._websocket = websocket
+        self._send_lock = asyncio.Lock()
+        self.connected_at = time.monotonic()
+        self.connected.set()
+        greeting = self.fake.greeting
+        if greeting:
+            self._spawn(self._paced(bytes(greeting)))
+        try:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    if self.close_code is None:
+                        self.close_code = message.get("code", 1000)
+                    break
+                data, text = message.get("bytes"), message.get("text")
+                if data is not None:
+                    with self._changed:
+                        self.audio_in.extend(data)
+                        self.frames_in += 1
+                        self._changed.notify_all()
+                    if self.fake.media_mode == "echo":
+                        await self._send(data)
+                elif text is not None:
+                    await self._on_text(text)
+        except Exception:  # the client vanished mid-receive
+            if self.close_code is None:
+                self.close_code = 1006
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            with self._changed:
+                self.closed.set()
+                self._changed.notify_all()
+
+    async def _on_text(self, text: str) -> None:
+        try:
+            message = json.loads(text)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict):
+            message = {"_invalid": text}
+        with self._changed:
+            self.messages_in.append(message)
+            self._changed.notify_all()
+        if message.get("type") == "ping":
+            await self._send(json.dumps({"type": "pong", "timestamp": message.get("timestamp")}))

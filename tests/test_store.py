@@ -122,7 +122,7 @@ def test_migrations_run_once_and_are_recorded(database_url):
         versions = await store.database.transaction(
             lambda connection: connection.exec_driver_sql("SELECT version FROM schema_version").all()
         )
-        assert [v[0] for v in versions] == [1, 2]
+        assert [v[0] for v in versions] == [1, 2, 3]
 
     run(database_url, scenario)
 
@@ -141,3 +141,28 @@ def test_plain_database_urls_pick_the_drivers():
     assert engine_url("sqlite:///./gateway.db") == "sqlite:///./gateway.db"
     assert engine_url("postgresql://u@h/db") == "postgresql+asyncpg://u@h/db"
     assert engine_url("postgres://u@h/db") == "postgresql+asyncpg://u@h/db"
+
+
+def test_a_database_from_before_the_media_columns_is_upgraded(tmp_path):
+    """Version 1 and 2 as first released (no media columns), then today's migrations."""
+    import sqlalchemy as sa
+
+    path = tmp_path / "old.db"
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE TABLE calls (id VARCHAR(36) PRIMARY KEY, direction VARCHAR(16) NOT NULL, carrier VARCHAR(16) NOT NULL,"
+            " carrier_call_id VARCHAR(255), status VARCHAR(32) NOT NULL)"
+        )
+        connection.exec_driver_sql("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at DATETIME NOT NULL)")
+        connection.exec_driver_sql("INSERT INTO schema_version VALUES (1, '2026-11-20 00:00:00'), (2, '2026-11-20 00:00:00')")
+    engine.dispose()
+
+    async def scenario(store):
+        assert await store.migrate() == 3
+        columns = await store.database.transaction(
+            lambda connection: {c["name"] for c in sa.inspect(connection).get_columns("calls")}
+        )
+        assert {"media_stats", "recording_path"} <= columns
+
+    run(f"sqlite:///{path}", scenario)

@@ -309,3 +309,82 @@ def test_tools_sync_creates_then_updates_durable_tools(tmp_path, fake_ultravox, 
     assert set(tools) == {"gateway-transfer", "gateway-warm-transfer"}
     operator = tools["gateway-transfer"]["definition"]["dynamicParameters"][0]
     assert operator["schema"]["enum"] == ["billing", "frontdesk", "nightowl", "sales"]
+
+
+# --- the caller must never be stranded (review findings) ---------------------------------------------
+
+
+def test_a_repeated_no_answer_callback_does_not_skip_an_operator(live):
+    call = live("twilio")
+    call.tool("sales")
+    (url,) = call.redirects()
+    _, action = dialled("twilio", call.fetch(url))
+    first = dialled("twilio", call.fetch(action, DialCallStatus="no-answer"))
+    again = dialled("twilio", call.fetch(action, DialCallStatus="no-answer"))  # Twilio retrying
+    assert first[0] == again[0] == FRONTDESK
+    assert call.view()["transfers"][0]["operators_tried"] == ["sales", "frontdesk"]
+
+
+def test_caller_hanging_up_while_the_operator_rings_ends_the_transfer(live):
+    call = live("twilio")
+    call.tool("sales")
+    (url,) = call.redirects()
+    _, action = dialled("twilio", call.fetch(url))
+    root = call.fetch(action, DialCallStatus="canceled", CallStatus="completed")
+    assert [el.tag for el in root] == ["Hangup"]
+    assert len(call.ultravox.requests) == 1  # no agent call for nobody
+    view = call.view()
+    assert view["status"] == "completed" and view["transfers"][0]["status"] == "failed"
+
+
+def test_caller_hanging_up_on_hold_hangs_up_the_ringing_operator(live):
+    call = live("twilio")
+    call.tool("sales", warm=True)
+    (hold_url,) = call.redirects()
+    hold = call.fetch(hold_url)
+    left_url = hold.find("Dial").get("action")
+    (leg,) = call.operator_legs()
+    call.fake.live_calls.add(leg.call_id)
+    call.fetch(left_url, CallStatus="completed")
+    (transfer,) = call.view()["transfers"]
+    assert transfer["status"] == "failed" and "hung up while on hold" in transfer["outcome"]
+    deadline = time.monotonic() + 5
+    while not (hung_up := [u for u in call.fake.updates if u.call_id == leg.call_id]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert hung_up and hung_up[0].params.get("Status") == "completed"
+
+
+def test_the_agents_call_ending_at_the_transfer_does_not_end_the_phone_call(live, gateway):
+    import datetime as dt
+    import json
+
+    from gateway.security import sign_ultravox_webhook
+
+    from .conftest import WEBHOOK_SECRET
+
+    call = live("telnyx")
+    call.tool("sales")
+    call.redirects()
+    body = json.dumps({"event": "call.ended", "call": {"callId": call.ultravox_call_id, "endReason": "hangup"}}).encode()
+    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    gateway.client.post("/ultravox/events", content=body, headers={
+        "X-Ultravox-Webhook-Timestamp": now, "X-Ultravox-Webhook-Signature": sign_ultravox_webhook(WEBHOOK_SECRET, body, now)})
+    assert call.view()["status"] == "in-progress"
+
+
+def test_a_token_for_one_step_does_not_open_another(live):
+    call = live("twilio")
+    call.tool("sales", warm=True)
+    (hold_url,) = call.redirects()
+    stolen = hold_url.replace("/transfer/hold?", "/transfer/return?")
+    response = call.fake.callback(stolen, call.fake.form_for(call.carrier_call_id))
+    assert response.status_code == 403
+
+
+def test_plivo_hold_music_is_served_as_xml(live):
+    call = live("plivo")
+    call.tool("sales", warm=True)
+    (hold_url,) = call.redirects()
+    conference = call.fetch(hold_url).find("Conference")
+    music = call.fetch(conference.get("waitSound"))
+    assert [el.tag for el in music] in (["Play"], ["Speak", "Wait"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
@@ -84,6 +87,75 @@ class DialResult:
 
     answered: bool
     status: str  # the carrier's own word (no-answer, busy, failed, …), for the record
+    caller_gone: bool = False  # the caller hung up while the operator's phone rang
+
+
+# --- media stream events (bridge mode), in the gateway's words -------------------------------------
+
+
+class MalformedFrame(ValueError):
+    """A media-stream message that cannot be understood; logged and skipped, never fatal."""
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    stream_id: str
+    carrier_call_id: str | None
+    encoding: str  # the carrier's name for it, checked against what the gateway asked for
+    rate: int
+
+
+@dataclass(frozen=True)
+class StreamAudio:
+    payload: bytes  # in the carrier's encoding
+    timestamp_ms: float | None  # the carrier's media timestamp, for gap detection
+
+
+@dataclass(frozen=True)
+class StreamDtmf:
+    digit: str
+
+
+@dataclass(frozen=True)
+class StreamMark:
+    name: str
+
+
+@dataclass(frozen=True)
+class StreamStop:
+    pass
+
+
+@dataclass(frozen=True)
+class StreamOther:
+    event: str
+
+
+StreamEvent = StreamStart | StreamAudio | StreamDtmf | StreamMark | StreamStop | StreamOther
+
+
+def json_message(text: str | bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(text)
+    except ValueError:
+        raise MalformedFrame("not JSON") from None
+    if not isinstance(message, dict) or not isinstance(message.get("event"), str):
+        raise MalformedFrame("no event")
+    return message
+
+
+def number_or_none(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def b64_payload(value: Any) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise MalformedFrame("payload is not base64") from None
 
 
 @dataclass(frozen=True)
@@ -201,10 +273,20 @@ class Carrier(ABC):
     def parse_dial_result(self, webhook: Webhook) -> DialResult:
         """The action callback of dial_xml's <Dial>."""
 
+    # Whether the conference's hold music must be a URL of XML that plays it (else the audio itself).
+    hold_music_is_xml: ClassVar[bool] = False
+
     @abstractmethod
-    def conference_xml(self, name: str, *, say: str | None, starts: bool, ends: bool, hold_music_url: str | None) -> str:
+    def conference_xml(
+        self, name: str, *, say: str | None, starts: bool, ends: bool, wait_url: str | None, action_url: str | None
+    ) -> str:
         """Join conference `name`; `starts`: the conference begins when this leg joins (others hear
-        hold music until then); `ends`: it ends when this leg leaves."""
+        `wait_url` until then); `ends`: it ends when this leg leaves; `action_url` hears when this
+        leg leaves the conference."""
+
+    def hold_music_xml(self, music_url: str | None) -> str:
+        """XML playing hold music in a loop (carriers whose hold music is XML)."""
+        raise NotImplementedError
 
     @abstractmethod
     def whisper_xml(self, briefing: str, *, accept_url: str, timeout: int) -> str:
@@ -212,6 +294,34 @@ class Carrier(ABC):
 
     def pressed_digits(self, webhook: Webhook) -> str:
         return webhook.param("Digits") or ""
+
+    # --- media stream (bridge mode) ---------------------------------------------------------------
+    # The encoding and rate the gateway asks the carrier to stream (and Ultravox to speak).
+    media_encoding: ClassVar[str]  # gateway.media.codecs encoding name
+    media_rate: ClassVar[int]
+
+    def upgrade_problem(self, url: str, headers: Mapping[str, str]) -> str | None:
+        """Why the carrier's media-socket upgrade request is not authentic, or None.
+
+        Carriers that sign nothing on the upgrade rely on the gateway's media token alone.
+        """
+        return None
+
+    @abstractmethod
+    def parse_media(self, message: str | bytes) -> StreamEvent:
+        """One message from the carrier's media socket. Raises MalformedFrame."""
+
+    @abstractmethod
+    def media_audio(self, stream_id: str, payload: bytes) -> str:
+        """A message playing `payload` (carrier encoding) to the caller."""
+
+    @abstractmethod
+    def media_clear(self, stream_id: str) -> str:
+        """A message dropping every queued, unplayed audio at once (barge-in)."""
+
+    @abstractmethod
+    async def hang_up(self, http: httpx.AsyncClient, carrier_call_id: str, *, deadline: float) -> None:
+        """End the live call. A call that has already ended counts as success."""
 
     # --- answers --------------------------------------------------------------------------------
     @abstractmethod

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
+import json
 import re
+import time
 
 from typing import Any, Mapping
 
@@ -15,7 +18,24 @@ from plivo.utils.signature_v3 import construct_post_url
 
 from .. import statuses
 from ..http import RemoteError, RetryPolicy, post_with_retries
-from .base import Carrier, DialResult, OutboundDial, SignatureRejected, StatusUpdate, Webhook
+from .base import (
+    Carrier,
+    DialResult,
+    MalformedFrame,
+    OutboundDial,
+    SignatureRejected,
+    StatusUpdate,
+    StreamAudio,
+    StreamDtmf,
+    StreamEvent,
+    StreamMark,
+    StreamOther,
+    StreamStart,
+    StreamStop,
+    Webhook,
+    b64_payload,
+    json_message,
+)
 
 # Plivo's 429 (300 requests / 5 s) means "not processed"; nothing else is retried.
 REST_POLICY = RetryPolicy(max_attempts=3, attempt_timeout=10.0)
@@ -155,15 +175,31 @@ class PlivoCarrier(Carrier):
     def parse_dial_result(self, webhook: Webhook) -> DialResult:
         # DialStatus: completed | busy | failed | timeout | no-answer
         status = webhook.param("DialStatus") or "failed"
-        return DialResult(answered=status in ("completed", "answered"), status=status)
+        caller_gone = webhook.param("CallStatus") in ("completed", "cancel")
+        return DialResult(answered=status in ("completed", "answered"), status=status, caller_gone=caller_gone)
 
-    def conference_xml(self, name: str, *, say: str | None, starts: bool, ends: bool, hold_music_url: str | None) -> str:
+    # Plivo fetches waitSound as XML (Play / Speak / Wait), not as audio.
+    hold_music_is_xml = True
+
+    def conference_xml(
+        self, name: str, *, say: str | None, starts: bool, ends: bool, wait_url: str | None, action_url: str | None
+    ) -> str:
         response = plivoxml.ResponseElement()
         if say:
             response.add(plivoxml.SpeakElement(say))
         response.add(plivoxml.ConferenceElement(
-            name, start_conference_on_enter=starts, end_conference_on_exit=ends, wait_sound=hold_music_url,
+            name, start_conference_on_enter=starts, end_conference_on_exit=ends, wait_sound=wait_url,
+            action=action_url, method="POST" if action_url else None,
         ))
+        return response.to_string()
+
+    def hold_music_xml(self, music_url: str | None) -> str:
+        response = plivoxml.ResponseElement()
+        if music_url:
+            response.add(plivoxml.PlayElement(music_url, loop=0))
+        else:
+            response.add(plivoxml.SpeakElement("Please stay on the line."))
+            response.add(plivoxml.WaitElement(length=8))
         return response.to_string()
 
     def whisper_xml(self, briefing: str, *, accept_url: str, timeout: int) -> str:
@@ -174,6 +210,53 @@ class PlivoCarrier(Carrier):
         response.add(plivoxml.SpeakElement("No key was pressed. Goodbye."))
         response.add(plivoxml.HangupElement())
         return response.to_string()
+
+    async def hang_up(self, http: httpx.AsyncClient, carrier_call_id: str, *, deadline: float) -> None:
+        plivo = self.settings.plivo
+        try:
+            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                response = await http.delete(
+                    f"{plivo.api_base_url}/v1/Account/{plivo.auth_id}/Call/{carrier_call_id}/",
+                    auth=(plivo.auth_id, plivo.auth_token),
+                )
+        except (TimeoutError, httpx.HTTPError) as error:
+            raise RemoteError(f"Plivo hang-up failed ({type(error).__name__})") from None
+        if not (200 <= response.status_code < 300 or response.status_code == 404):  # 404: already ended
+            raise RemoteError(f"Plivo answered {response.status_code}: {response.text[:200]}")
+
+    # Audio streams: we ask for audio/x-l16 at 16 kHz (little-endian) both ways.
+    media_encoding = "l16-le"
+    media_rate = 16000
+
+    def parse_media(self, message: str | bytes) -> StreamEvent:
+        data = json_message(message)
+        event = data["event"]
+        if event == "media":
+            media = data.get("media") or {}
+            return StreamAudio(b64_payload(media.get("payload")), None)  # Plivo's timestamp is wall-clock
+        if event == "start":
+            start = data.get("start") or {}
+            media_format = start.get("mediaFormat") or {}
+            stream_id = start.get("streamId") or data.get("streamId")
+            if not stream_id:
+                raise MalformedFrame("start without streamId")
+            return StreamStart(stream_id, start.get("callId"), str(media_format.get("encoding", "audio/x-l16")),
+                               int(media_format.get("sampleRate") or self.media_rate))
+        if event == "dtmf":
+            return StreamDtmf(str((data.get("dtmf") or {}).get("digit", "")))
+        if event in ("playedStream", "played"):
+            return StreamMark(str(data.get("name", "")))
+        if event == "stop":
+            return StreamStop()
+        return StreamOther(event)
+
+    def media_audio(self, stream_id: str, payload: bytes) -> str:
+        return json.dumps({"event": "playAudio", "media": {
+            "contentType": "audio/x-l16", "sampleRate": self.media_rate, "payload": base64.b64encode(payload).decode(),
+        }})
+
+    def media_clear(self, stream_id: str) -> str:
+        return json.dumps({"event": "clearAudio", "streamId": stream_id})
 
     def outgoing_status_params(self, status_url: str) -> dict[str, Any]:
         return {"ring_url": status_url, "ring_method": "POST", "hangup_url": status_url, "hangup_method": "POST"}

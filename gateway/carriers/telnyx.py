@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import time
 from functools import cached_property
 from typing import Any
@@ -13,7 +14,22 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..http import RemoteError, RetryPolicy, post_with_retries
-from .base import OutboundDial, SignatureRejected, Webhook
+from .base import (
+    MalformedFrame,
+    OutboundDial,
+    SignatureRejected,
+    StreamAudio,
+    StreamDtmf,
+    StreamEvent,
+    StreamMark,
+    StreamOther,
+    StreamStart,
+    StreamStop,
+    Webhook,
+    b64_payload,
+    json_message,
+    number_or_none,
+)
 from .twiml import STATUS_CALLBACK_EVENTS, TwimlCarrier
 
 # Telnyx's 429 (code 90103, dials per second) means "not processed"; nothing else is retried.
@@ -104,6 +120,48 @@ class TelnyxCarrier(TwimlCarrier):
             raise RemoteError("Telnyx no longer has this call (it ended)")
         if not 200 <= response.status_code < 300:
             raise RemoteError(f"Telnyx answered {response.status_code}: {response.text[:200]}")
+
+    async def hang_up(self, http: httpx.AsyncClient, carrier_call_id: str, *, deadline: float) -> None:
+        telnyx = self.settings.telnyx
+        response = await post_with_retries(
+            http, f"{telnyx.api_base_url}/v2/texml/Accounts/{telnyx.account_sid}/Calls/{carrier_call_id}",
+            service="Telnyx", policy=REST_POLICY, deadline=deadline,
+            json={"Status": "completed"}, headers={"Authorization": f"Bearer {telnyx.api_key}"},
+        )
+        if not (200 <= response.status_code < 300 or response.status_code == 404):  # 404: already ended
+            raise RemoteError(f"Telnyx answered {response.status_code}: {response.text[:200]}")
+
+    # Media streaming: we ask for L16 at 16 kHz both ways; RTP's L16 is big-endian (network order).
+    media_encoding = "l16-be"
+    media_rate = int(STREAM_SAMPLING_RATE)
+
+    def parse_media(self, message: str | bytes) -> StreamEvent:
+        data = json_message(message)
+        event = data["event"]
+        if event == "media":
+            media = data.get("media") or {}
+            return StreamAudio(b64_payload(media.get("payload")), number_or_none(media.get("timestamp")))
+        if event == "start":
+            start = data.get("start") or {}
+            media_format = start.get("media_format") or {}
+            stream_id = data.get("stream_id")
+            if not stream_id:
+                raise MalformedFrame("start without stream_id")
+            return StreamStart(stream_id, start.get("call_control_id"), str(media_format.get("encoding", STREAM_CODEC)),
+                               int(media_format.get("sample_rate") or self.media_rate))
+        if event == "dtmf":
+            return StreamDtmf(str((data.get("dtmf") or {}).get("digit", "")))
+        if event == "mark":
+            return StreamMark(str((data.get("mark") or {}).get("name", "")))
+        if event == "stop":
+            return StreamStop()
+        return StreamOther(event)
+
+    def media_audio(self, stream_id: str, payload: bytes) -> str:
+        return json.dumps({"event": "media", "media": {"payload": base64.b64encode(payload).decode()}})
+
+    def media_clear(self, stream_id: str) -> str:
+        return json.dumps({"event": "clear"})
 
     def outgoing_status_params(self, status_url: str) -> dict[str, Any]:
         return {

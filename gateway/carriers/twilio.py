@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from functools import cached_property
 from typing import Any
 from urllib.parse import urlencode
@@ -10,7 +12,22 @@ import httpx
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 
 from ..http import RemoteError, RetryPolicy, post_with_retries
-from .base import OutboundDial, SignatureRejected, Webhook
+from .base import (
+    MalformedFrame,
+    OutboundDial,
+    SignatureRejected,
+    StreamAudio,
+    StreamDtmf,
+    StreamEvent,
+    StreamMark,
+    StreamOther,
+    StreamStart,
+    StreamStop,
+    Webhook,
+    b64_payload,
+    json_message,
+    number_or_none,
+)
 from .twiml import STATUS_CALLBACK_EVENTS, TwimlCarrier
 
 # Twilio's 429 means "not processed"; the only other retries are errors before sending.
@@ -81,6 +98,62 @@ class TwilioCarrier(TwimlCarrier):
             raise RemoteError("Twilio no longer has this call (it ended)")
         if response.status_code != 200:
             raise RemoteError(f"Twilio answered {response.status_code}: {response.text[:200]}")
+
+    async def hang_up(self, http: httpx.AsyncClient, carrier_call_id: str, *, deadline: float) -> None:
+        account = self.settings.twilio.account_sid
+        response = await post_with_retries(
+            http, f"{self.settings.twilio.api_base_url}/2010-04-01/Accounts/{account}/Calls/{carrier_call_id}.json",
+            service="Twilio", policy=REST_POLICY, deadline=deadline,
+            data={"Status": "completed"}, auth=(account, self.settings.twilio.auth_token),
+        )
+        if response.status_code not in (200, 404):  # 404: already ended, which is what we wanted
+            raise RemoteError(f"Twilio answered {response.status_code}: {response.text[:200]}")
+
+    def upgrade_problem(self, url: str, headers) -> str | None:
+        """Twilio signs the stream URL exactly as written in the TwiML (wss://…, with its query), no params."""
+        signature = headers.get("x-twilio-signature")
+        if not signature:
+            return "missing X-Twilio-Signature on the media socket"
+        if not self.can_verify:
+            return "TWILIO_AUTH_TOKEN is not configured on this gateway"
+        written = url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+        spellings = {written, written.replace("wss://", "https://", 1).replace("ws://", "http://", 1)}
+        if not any(self._validator.validate(spelling, {}, signature) for spelling in spellings):
+            return "X-Twilio-Signature does not match the media socket URL"
+        return None
+
+    # Media Streams: mu-law 8 kHz both ways; numbers arrive as strings.
+    media_encoding = "mulaw"
+    media_rate = 8000
+
+    def parse_media(self, message: str | bytes) -> StreamEvent:
+        data = json_message(message)
+        event = data["event"]
+        if event == "media":
+            media = data.get("media") or {}
+            return StreamAudio(b64_payload(media.get("payload")), number_or_none(media.get("timestamp")))
+        if event == "start":
+            start = data.get("start") or {}
+            media_format = start.get("mediaFormat") or {}
+            stream_id = data.get("streamSid") or start.get("streamSid")
+            if not stream_id:
+                raise MalformedFrame("start without streamSid")
+            return StreamStart(stream_id, start.get("callSid"), str(media_format.get("encoding", "audio/x-mulaw")),
+                               int(media_format.get("sampleRate") or 8000))
+        if event == "dtmf":
+            return StreamDtmf(str((data.get("dtmf") or {}).get("digit", "")))
+        if event == "mark":
+            return StreamMark(str((data.get("mark") or {}).get("name", "")))
+        if event == "stop":
+            return StreamStop()
+        return StreamOther(event)
+
+    def media_audio(self, stream_id: str, payload: bytes) -> str:
+        return json.dumps({"event": "media", "streamSid": stream_id,
+                           "media": {"payload": base64.b64encode(payload).decode()}})
+
+    def media_clear(self, stream_id: str) -> str:
+        return json.dumps({"event": "clear", "streamSid": stream_id})
 
     def outgoing_status_params(self, status_url: str) -> dict[str, Any]:
         # Ultravox's documented example spells Twilio's parameters in camelCase.

@@ -71,15 +71,18 @@ class TwimlCarrier(Carrier):
     def parse_dial_result(self, webhook: Webhook) -> DialResult:
         # DialCallStatus: completed | answered | busy | no-answer | failed | canceled
         status = webhook.param("DialCallStatus") or "failed"
-        return DialResult(answered=status in ("completed", "answered"), status=status)
+        # CallStatus is the caller's own leg: ended means they hung up while it rang.
+        caller_gone = status == "canceled" or webhook.param("CallStatus") in ("completed", "canceled")
+        return DialResult(answered=status in ("completed", "answered"), status=status, caller_gone=caller_gone)
 
-    def conference_xml(self, name: str, *, say: str | None, starts: bool, ends: bool, hold_music_url: str | None) -> str:
+    def conference_xml(
+        self, name: str, *, say: str | None, starts: bool, ends: bool, wait_url: str | None, action_url: str | None
+    ) -> str:
         response = VoiceResponse()
         if say:
             response.say(say)
-        response.dial().conference(
-            name, start_conference_on_enter=starts, end_conference_on_exit=ends, beep=False, wait_url=hold_music_url,
-        )
+        dial = response.dial(action=action_url, method="POST") if action_url else response.dial()
+        dial.conference(name, start_conference_on_enter=starts, end_conference_on_exit=ends, beep=False, wait_url=wait_url)
         return response.to_xml()
 
     def whisper_xml(self, briefing: str, *, accept_url: str, timeout: int) -> str:

@@ -12,6 +12,7 @@ from ..carriers.base import Carrier, InboundCall
 from ..settings import RouteSettings, Settings
 from ..store import IN_PROGRESS, CREATING, REJECTED, CallStore, Claim
 from ..ultravox import UltravoxClient, UltravoxError
+from ..media.bridge import server_websocket_medium, stream_url
 from ..tools import transfer_tools
 from .call_request import build_call_request, ultravox_callbacks
 
@@ -51,6 +52,8 @@ class InboundFlow:
         join_url = await self._join_url(carrier, call, route, deadline)
         if join_url is None:
             return self.apology(carrier)
+        if route.mode == "bridge":  # the carrier streams to the gateway, which joins Ultravox
+            return Answer(carrier.connect_xml(stream_url(self.settings, carrier, call.call_id)), "connected")
         return Answer(carrier.connect_xml(join_url), "connected")
 
     async def _join_url(self, carrier: Carrier, call: InboundCall, route: RouteSettings, deadline: float) -> str | None:
@@ -80,7 +83,7 @@ class InboundFlow:
             metadata["gateway.call_id"] = gateway_call_id
         request = build_call_request(
             route,
-            medium=carrier.ultravox_medium(),
+            medium=server_websocket_medium(carrier) if route.mode == "bridge" else carrier.ultravox_medium(),
             metadata=metadata,
             callbacks=ultravox_callbacks(
                 f"{self.settings.public_url}/ultravox/events" if self.settings.public_url else None,

@@ -8,14 +8,15 @@ from typing import Any
 
 from .. import statuses
 from ..carriers.base import Carrier, Webhook
-from ..store import CallRecord, CallStore
+from ..store import CallRecord, CallStore, TransferStore
 
 log = logging.getLogger("gateway.tracking")
 
 
 class CallTracking:
-    def __init__(self, store: CallStore):
+    def __init__(self, store: CallStore, transfers: TransferStore):
         self.store = store
+        self.transfers = transfers
 
     async def carrier_status(self, carrier: Carrier, webhook: Webhook, call_id: str | None) -> CallRecord | None:
         """A progress callback: for the call named in its URL, or else (inbound) by its carrier call id."""
@@ -45,6 +46,9 @@ class CallTracking:
         if event == "call.joined":
             return (await self.store.update(record.id, statuses.IN_PROGRESS)).record
         if event != "call.ended":
+            return record
+        if any(t.prior_ultravox_call_id == record.ultravox_call_id for t in await self.transfers.for_call(record.id)):
+            # The agent's call ended because the caller was moved to an operator: the phone call goes on.
             return record
         end_reason = call.get("endReason")
         unjoined = end_reason == "unjoined"  # the carrier never connected the stream

@@ -9,6 +9,7 @@ caller goes back to the agent in a new Ultravox call continuing the old one (pri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import httpx
 from .. import statuses
 from ..carriers.base import Carrier, OutboundDial, Webhook
 from ..http import RemoteError
+from ..media.bridge import bridged, server_websocket_medium, stream_url
 from ..security import callback_token, valid_callback_token
 from ..settings import Settings
 from ..store import CallRecord, CallStore, TransferRecord, TransferStore
@@ -31,6 +33,12 @@ from .call_request import ultravox_callbacks
 log = logging.getLogger("gateway.transfer")
 
 CARRIER_WORK_SECONDS = 10.0  # a redirect or an operator call, in the background
+MACHINE_DETECTION_SECONDS = 30  # carriers' default answering-machine detection time
+LEG_MARGIN_SECONDS = 15
+
+
+def _token_subject(transfer_id: str, step: str, leg: int | None) -> str:
+    return f"transfer:{transfer_id}:{step}:{'' if leg is None else leg}"
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ class TransferFlow:
         self._clock = clock
         self._now = now
         self._background: set[asyncio.Task] = set()
+        self._timers: set[asyncio.Task] = set()  # leg watchdogs: cancelled, not awaited, at shutdown
 
     # --- the tool ---------------------------------------------------------------------------------
     async def invoke(self, kind: str, payload: dict[str, Any]) -> ToolReply:
@@ -124,29 +133,48 @@ class TransferFlow:
     async def _start_cold(self, transfer: TransferRecord, record: CallRecord) -> None:
         carrier = self.carriers[record.carrier]
         if await self._move_caller(carrier, transfer, record, "dial"):
-            await self.transfers.update(transfer.id, status=status.DIALING)
+            await self.transfers.update(transfer.id, status=status.DIALING, expect={"status": status.REQUESTED})
 
-    async def dial_result(self, carrier: Carrier, transfer: TransferRecord, webhook: Webhook) -> str:
+    async def dial_result(self, carrier: Carrier, transfer: TransferRecord, attempt: int | None, webhook: Webhook) -> str:
         """The <Dial> to the operator ended: done if they answered, else the next operator or the agent."""
         result = carrier.parse_dial_result(webhook)
-        if transfer.is_final:  # a repeated callback
+        if transfer.is_final or transfer.status == status.RETURNING:  # a repeated callback
             return await self._after_final(carrier, transfer)
+        if attempt != len(transfer.tried) - 1:
+            # About an earlier operator's dial (the carrier repeating itself): the next dial is already chosen.
+            return self._dial_xml(carrier, transfer, say=None)
         if result.answered:
+            # The operator talked with the caller; the <Dial> ends when one of them hangs up.
             await self._finish(transfer, status.CONNECTED, "answered")
+            await self.transfers.mark_ended(transfer.id)
+            await self.calls.update(transfer.call_id, statuses.COMPLETED)
+            return carrier.hangup_xml()
+        if result.caller_gone:
+            await self._finish(transfer, status.FAILED, "the caller hung up while the operator's phone rang")
+            await self.calls.update(transfer.call_id, statuses.COMPLETED)
             return carrier.hangup_xml()
         why = f"{transfer.operator} did not answer ({result.status})"
         following = self._first_open(transfer.operator, tried=transfer.tried)
         if following is not None:
-            transfer = await self.transfers.update(
-                transfer.id, operator=following, operators_tried=f"{transfer.operators_tried},{following}", outcome=why,
-            ) or transfer
-            return self._dial_xml(carrier, transfer, await self.calls.get(transfer.call_id), say=None)
+            # Compare-and-set on the operator: a repeated callback must not skip one down the chain.
+            moved = await self.transfers.update(
+                transfer.id, expect={"operators_tried": transfer.operators_tried},
+                operator=following, operators_tried=f"{transfer.operators_tried},{following}", outcome=why,
+            )
+            if moved is None:  # the same callback, delivered twice at once: answer as the other delivery
+                current = await self.transfers.get(transfer.id)
+                if current.is_final or current.status == status.RETURNING:
+                    return await self._after_final(carrier, current)
+                return self._dial_xml(carrier, current, say=None)
+            return self._dial_xml(carrier, moved, say=None)
         return await self._return_to_agent(carrier, transfer, why)
 
-    def _dial_xml(self, carrier: Carrier, transfer: TransferRecord, record: CallRecord, *, say: str | None) -> str:
+    def _dial_xml(self, carrier: Carrier, transfer: TransferRecord, *, say: str | None) -> str:
         operator = self.settings.operators[transfer.operator]
+        # The action URL names which attempt it reports on, so a late repeat is recognised.
+        action_url = self.url(carrier, "result", transfer.id, leg=len(transfer.tried) - 1)
         return carrier.dial_xml(
-            say=say, target=operator.target, action_url=self.url(carrier, "result", transfer.id),
+            say=say, target=operator.target, action_url=action_url,
             ring_timeout=operator.ring_timeout_seconds, caller_id=operator.caller_id,
         )
 
@@ -158,29 +186,50 @@ class TransferFlow:
 
     async def _call_operator(self, carrier: Carrier, transfer: TransferRecord, record: CallRecord) -> None:
         operator = self.settings.operators[transfer.operator]
+        leg = transfer.leg
         dial = OutboundDial(
             to=operator.target,
             # The operator sees the line the caller called (inbound) or the one the gateway dialled from.
             from_=operator.caller_id or (record.to_number if record.direction == "inbound" else record.from_number),
-            answer_url=self.url(carrier, "whisper", transfer.id, leg=transfer.leg),
-            status_url=self.url(carrier, "operator-status", transfer.id, leg=transfer.leg),
+            answer_url=self.url(carrier, "whisper", transfer.id, leg=leg),
+            status_url=self.url(carrier, "operator-status", transfer.id, leg=leg),
             ring_timeout_seconds=operator.ring_timeout_seconds,
             machine_detection=True,  # a voicemail greeting must not count as the operator
         )
+        # If no event about this leg ever comes (a lost callback, a carrier outage), the caller must
+        # not wait on hold for ever: past ringing, detection and the key press, the leg counts as a no.
+        watchdog = operator.ring_timeout_seconds + MACHINE_DETECTION_SECONDS + self.settings.transfer.accept_timeout_seconds
+        timer = asyncio.get_running_loop().create_task(
+            self._logged(self._leg_watchdog(carrier, transfer.id, leg, watchdog + LEG_MARGIN_SECONDS))
+        )
+        self._timers.add(timer)
+        timer.add_done_callback(self._timers.discard)
         try:
-            leg = await carrier.place_call(self.http, dial, deadline=self._clock() + CARRIER_WORK_SECONDS)
-        except RemoteError as error:
-            await self._operator_unavailable(
-                carrier, transfer, transfer.leg, f"{transfer.operator} could not be called: {error.reason}"
-            )
+            leg_id = await carrier.place_call(self.http, dial, deadline=self._clock() + CARRIER_WORK_SECONDS)
+        except Exception as error:
+            reason = error.reason if isinstance(error, RemoteError) else type(error).__name__
+            await self._operator_unavailable(carrier, transfer, leg, f"{transfer.operator} could not be called: {reason}")
             return
-        await self.transfers.update(transfer.id, status=status.DIALING, operator_leg_id=leg)
+        placed = await self.transfers.update(transfer.id, expect={"leg": leg}, status=status.DIALING, operator_leg_id=leg_id)
+        if placed is None and leg_id:
+            # The caller left (or the transfer moved on) while this operator was being called.
+            with contextlib.suppress(RemoteError):
+                await carrier.hang_up(self.http, leg_id, deadline=self._clock() + CARRIER_WORK_SECONDS)
 
-    def whisper(self, carrier: Carrier, transfer: TransferRecord, leg: int, webhook: Webhook) -> str:
+    async def _leg_watchdog(self, carrier: Carrier, transfer_id: str, leg: int, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        transfer = await self.transfers.get(transfer_id)
+        if transfer is not None and not transfer.is_final and transfer.leg == leg:
+            await self._operator_unavailable(carrier, transfer, leg, f"{transfer.operator} did not pick up in time")
+
+    async def whisper(self, carrier: Carrier, transfer: TransferRecord, leg: int, webhook: Webhook) -> str:
         """The operator picked up: brief them, unless it is their voicemail."""
         if transfer.is_final or leg != transfer.leg:
             return carrier.hangup_xml()
-        if carrier.parse_answer(webhook).machine:
+        answered = carrier.parse_answer(webhook)
+        if answered.carrier_call_id:  # the leg's own id, to hang it up if the caller leaves
+            await self.transfers.update(transfer.id, expect={"leg": leg}, operator_leg_id=answered.carrier_call_id)
+        if answered.machine:
             why = f"{transfer.operator}'s voicemail answered"
             self._in_background(self._operator_unavailable(carrier, transfer, leg, why))
             return carrier.hangup_xml()
@@ -199,16 +248,39 @@ class TransferFlow:
         if carrier.pressed_digits(webhook) != "1":
             self._in_background(self._operator_unavailable(carrier, transfer, leg, f"{transfer.operator} declined"))
             return carrier.hangup_xml()
-        await self._finish(transfer, status.CONNECTED, "accepted")
-        return carrier.conference_xml(self.conference(transfer), say="Connecting you now.", starts=True, ends=True,
-                                      hold_music_url=None)
+        # Only if this leg is still the current one: its hang-up callback may have moved on already.
+        if not await self._finish(transfer, status.CONNECTED, "accepted", expect={"leg": leg}):
+            return carrier.hangup_xml()
+        return carrier.conference_xml(
+            self.conference(transfer), say="Connecting you now.", starts=True, ends=True, wait_url=None, action_url=None,
+        )
 
     async def operator_status(self, carrier: Carrier, transfer: TransferRecord, leg: int, webhook: Webhook) -> None:
         update = carrier.parse_status(webhook)
+        if update.carrier_call_id and not transfer.is_final and leg == transfer.leg and not transfer.operator_leg_id:
+            await self.transfers.update(transfer.id, expect={"leg": leg}, operator_leg_id=update.carrier_call_id)
         if update.status in statuses.FINAL_STATUSES and not transfer.is_final:
             # Hung up, busy, no answer…: before accepting, any end of the operator's leg is a no.
             why = f"{transfer.operator} did not take the call ({update.status})"
             await self._operator_unavailable(carrier, transfer, leg, why)
+
+    def operator_failed(self, carrier: Carrier, transfer: TransferRecord, leg: int | None) -> None:
+        """Handling an operator-leg event failed: treat the leg as a no, in the background."""
+        if leg is not None:
+            self._in_background(self._operator_unavailable(carrier, transfer, leg, f"{transfer.operator}'s leg failed"))
+
+    async def caller_left(self, carrier: Carrier, transfer: TransferRecord) -> str:
+        """The caller's conference ended for them: after the conversation, or hanging up on hold."""
+        await self.calls.update(transfer.call_id, statuses.COMPLETED)
+        if transfer.status == status.CONNECTED:
+            await self.transfers.mark_ended(transfer.id)
+        elif not transfer.is_final:
+            # The record as finished, not as read before: the operator's leg id may have arrived since.
+            finished = await self._finish(transfer, status.FAILED, "the caller hung up while on hold")
+            if finished and finished.operator_leg_id:  # nobody left to talk to: stop the operator's phone
+                with contextlib.suppress(RemoteError):
+                    await carrier.hang_up(self.http, finished.operator_leg_id, deadline=self._clock() + CARRIER_WORK_SECONDS)
+        return carrier.hangup_xml()
 
     async def _operator_unavailable(self, carrier: Carrier, transfer: TransferRecord, leg: int, why: str) -> None:
         """The operator's leg will not take the caller: try the next operator, else back to the agent."""
@@ -241,7 +313,7 @@ class TransferFlow:
             return True
         except RemoteError as error:
             await self._finish(transfer, status.FAILED, f"carrier error: {error.reason}")
-            # The caller never left the agent: tell it, so it can tell the caller.
+            # The caller never left the agent (as far as we know): tell it, so it can tell the caller.
             await self._tell_agent(
                 record.ultravox_call_id,
                 f"(The transfer to {transfer.operator} could not be started: {error.reason}. "
@@ -253,34 +325,63 @@ class TransferFlow:
         """XML the carrier fetches after a redirect of the caller's call."""
         if step == "return":
             return await self._return_to_agent(carrier, transfer, transfer.outcome or "the transfer did not go through")
-        if transfer.is_final:
+        if step == "music":
+            return carrier.hold_music_xml(self.settings.transfer.hold_music_url)
+        if step == "caller-left":
+            return await self.caller_left(carrier, transfer)
+        if transfer.is_final or transfer.status == status.RETURNING:
             return await self._after_final(carrier, transfer)
         say = self.settings.transfer.connecting_message
         if step == "dial":
-            return self._dial_xml(carrier, transfer, await self.calls.get(transfer.call_id), say=say)
-        return carrier.conference_xml(self.conference(transfer), say=say, starts=False, ends=True,
-                                      hold_music_url=self.settings.transfer.hold_music_url)
+            return self._dial_xml(carrier, transfer, say=say)
+        wait_url = self.url(carrier, "music", transfer.id) if carrier.hold_music_is_xml else self.settings.transfer.hold_music_url
+        return carrier.conference_xml(
+            self.conference(transfer), say=say, starts=False, ends=True, wait_url=wait_url,
+            action_url=self.url(carrier, "caller-left", transfer.id),
+        )
 
     async def _after_final(self, carrier: Carrier, transfer: TransferRecord) -> str:
-        """A carrier repeating a request after the transfer ended: the same answer as before."""
+        """A carrier repeating a request after the transfer ended, or fetching one it gave up on."""
         record = await self.calls.get(transfer.call_id)
-        if transfer.status == status.RETURNED and record.join_url:
-            return carrier.connect_xml(record.join_url)
+        if transfer.status in (status.RETURNED, status.RETURNING):
+            join_url = await self._returned_join_url(transfer)
+            if join_url:
+                return self._connect(carrier, record, join_url)
+        if transfer.status == status.FAILED and not record.is_final:
+            # We gave up on moving the caller (a timeout), yet the carrier moved them: the agent takes them back.
+            return await self._return_to_agent(carrier, transfer, transfer.outcome or "the transfer failed", after_failure=True)
         return carrier.hangup_xml()
 
-    async def _return_to_agent(self, carrier: Carrier, transfer: TransferRecord, why: str) -> str:
+    async def _returned_join_url(self, transfer: TransferRecord) -> str | None:
+        deadline = self._clock() + self.settings.ultravox.inbound_deadline_seconds - 0.5
+        while True:
+            transfer = await self.transfers.get(transfer.id)
+            if transfer.status == status.RETURNED:
+                return (await self.calls.get(transfer.call_id)).join_url
+            if transfer.status != status.RETURNING or self._clock() + 0.05 >= deadline:
+                return None
+            await asyncio.sleep(0.05)
+
+    async def _return_to_agent(self, carrier: Carrier, transfer: TransferRecord, why: str, *, after_failure: bool = False) -> str:
         """A new Ultravox call continuing the old conversation, told what happened."""
-        if transfer.is_final:
-            return await self._after_final(carrier, transfer)
+        expected = status.FAILED if after_failure else transfer.status
+        # Compare-and-set: of two deliveries of the same callback, one creates the call.
+        claimed = await self.transfers.update(
+            transfer.id, only_if_active=not after_failure, expect={"status": expected}, status=status.RETURNING,
+        )
+        if claimed is None or expected in (status.RETURNING, status.RETURNED):
+            return await self._after_final(carrier, await self.transfers.get(transfer.id))
         record = await self.calls.get(transfer.call_id)
         operator = self.settings.operators[transfer.operator]
+        route = self.settings.route_named(record.route) if record.route else None
         body = {
-            "medium": carrier.ultravox_medium(),
+            "medium": server_websocket_medium(carrier) if bridged(self.settings, record) else carrier.ultravox_medium(),
             "firstSpeakerSettings": {"agent": {"prompt": (
                 f"You tried to transfer the caller to {transfer.operator} ({operator.description}), but it did not "
                 f"go through: {why}. Tell the caller briefly, apologise, and offer to help another way or take a message."
             )}},
             "metadata": {
+                **(route.metadata if route else {}),
                 "gateway.carrier": record.carrier,
                 "gateway.carrier_call_id": record.carrier_call_id or "",
                 "gateway.call_id": record.id,
@@ -297,12 +398,18 @@ class TransferFlow:
                 body, agent_id=None, prior_call_id=transfer.prior_ultravox_call_id, deadline=deadline
             )
         except UltravoxError as error:
-            await self._finish(transfer, status.FAILED, f"{why}; the agent could not be reached: {error.reason}")
+            await self._finish(transfer, status.FAILED, f"{why}; the agent could not be reached: {error.reason}",
+                               only_if_active=False)
             fallback = self.settings.fallback
             return carrier.apology_xml(fallback.message, fallback.dial_number)
         await self.calls.update(record.id, replace={"ultravox_call_id": created.call_id, "join_url": created.join_url})
-        await self._finish(transfer, status.RETURNED, why, new_ultravox_call_id=created.call_id)
-        return carrier.connect_xml(created.join_url)
+        await self._finish(transfer, status.RETURNED, why, new_ultravox_call_id=created.call_id, only_if_active=False)
+        return self._connect(carrier, record, created.join_url)
+
+    def _connect(self, carrier: Carrier, record: CallRecord, join_url: str) -> str:
+        if bridged(self.settings, record):  # the carrier streams to the gateway, which joins Ultravox
+            return carrier.connect_xml(stream_url(self.settings, carrier, record.carrier_call_id))
+        return carrier.connect_xml(join_url)
 
     async def _tell_agent(self, ultravox_call_id: str | None, text: str) -> None:
         if not ultravox_call_id:
@@ -315,24 +422,35 @@ class TransferFlow:
         except UltravoxError as error:
             log.warning("could not tell Ultravox call %s about the transfer: %s", ultravox_call_id, error.reason)
 
-    async def _finish(self, transfer: TransferRecord, final: str, outcome: str, **values: Any) -> None:
-        finished = await self.transfers.finish(transfer.id, final, outcome, **values)
+    async def _finish(self, transfer: TransferRecord, final: str, outcome: str, *, expect: dict | None = None,
+                      only_if_active: bool = True, **values: Any) -> TransferRecord | None:
+        if only_if_active:
+            finished = await self.transfers.finish(transfer.id, final, outcome, expect=expect, **values)
+        else:  # the RETURNING step has already released the call's transfer slot or ended
+            values.update(status=final, outcome=outcome, active_call_id=None, ended_at=utcnow())
+            finished = await self.transfers.update(transfer.id, only_if_active=False, **values)
         if finished is not None:
             log.info("transfer %s: %s (%s)", transfer.id, final, outcome)
             self.on_outcome(finished)
+        return finished
 
     # --- plumbing ---------------------------------------------------------------------------------
     def conference(self, transfer: TransferRecord) -> str:
         return f"gateway-transfer-{transfer.id}"
 
     def url(self, carrier: Carrier, step: str, transfer_id: str, *, leg: int | None = None) -> str:
-        """A carrier callback URL for one transfer, with a token only the gateway can make."""
-        token = callback_token(self.settings.ultravox.api_key or "", f"transfer:{transfer_id}")
+        """A carrier callback URL for one step of one transfer, with a token only the gateway can make.
+
+        The token covers the step and the leg: Telnyx signs only its body, so a captured callback
+        must not be replayable against another step (say, `accept`).
+        """
+        token = callback_token(self.settings.ultravox.api_key or "", _token_subject(transfer_id, step, leg))
         url = f"{self.settings.public_url}/{carrier.name}/transfer/{step}?transfer={quote(transfer_id)}&t={token}"
         return url if leg is None else f"{url}&leg={leg}"
 
-    def valid_url(self, transfer_id: str, token: str | None) -> bool:
-        return valid_callback_token(self.settings.ultravox.api_key or "", f"transfer:{transfer_id}", token)
+    def valid_url(self, transfer_id: str, step: str, leg: int | None, token: str | None) -> bool:
+        subject = _token_subject(transfer_id, step, leg)
+        return valid_callback_token(self.settings.ultravox.api_key or "", subject, token)
 
     def _in_background(self, work) -> None:
         task = asyncio.get_running_loop().create_task(self._logged(work))
@@ -347,6 +465,9 @@ class TransferFlow:
             log.exception("transfer work failed")
 
     async def drain(self) -> None:
+        """At shutdown: finish the carrier work under way; drop the watchdogs (a restart loses them)."""
+        for timer in list(self._timers):
+            timer.cancel()
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 

@@ -44,6 +44,8 @@ class CallRecord:
     answered_at: dt.datetime | None = None
     ended_at: dt.datetime | None = None
     agent_claimed_at: dt.datetime | None = None
+    media_stats: str | None = None
+    recording_path: str | None = None
 
     @property
     def is_final(self) -> bool:

@@ -41,6 +41,9 @@ calls = sa.Table(
     sa.Column("ended_at", sa.DateTime(timezone=True)),
     # Outbound: set by the one answer webhook delivery that creates the Ultravox call.
     sa.Column("agent_claimed_at", sa.DateTime(timezone=True)),
+    # Bridge mode (added by migration 3): audio counters (JSON) and the call's WAV, if recorded.
+    sa.Column("media_stats", sa.Text),
+    sa.Column("recording_path", sa.Text),
     # A carrier retry of the same call must find the first record, also across replicas.
     sa.UniqueConstraint("carrier", "carrier_call_id", name="uq_calls_carrier_call"),
     # A retried dial request must find the first call instead of dialling twice.
@@ -95,6 +98,14 @@ def _create_transfers(connection: sa.Connection) -> None:
     metadata.create_all(connection, tables=[transfers])
 
 
+def _add_media_columns(connection: sa.Connection) -> None:
+    # A database created fresh by migration 1 (from today's table) has them already.
+    existing = {column["name"] for column in sa.inspect(connection).get_columns("calls")}
+    for column in ("media_stats", "recording_path"):
+        if column not in existing:
+            connection.execute(sa.text(f"ALTER TABLE calls ADD COLUMN {column} TEXT"))
+
+
 # Append new migrations; never edit one that has shipped. (Version 1 grew the outbound columns
 # before the first release.)
-MIGRATIONS = [_create_v1, _create_transfers]
+MIGRATIONS = [_create_v1, _create_transfers, _add_media_columns]

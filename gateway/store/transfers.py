@@ -14,6 +14,7 @@ from .schema import transfers
 
 REQUESTED = "requested"
 DIALING = "dialing"
+RETURNING = "returning"  # a new Ultravox call is being created to take the caller back
 CONNECTED = "connected"  # the caller is talking with a person
 RETURNED = "returned"  # the caller is back with the agent
 FAILED = "failed"  # the caller could not be moved (the agent still has them) or was lost
@@ -83,24 +84,32 @@ class TransferStore:
     async def for_call(self, call_id: str) -> list[TransferRecord]:
         return await self.database.transaction(_for_call, call_id)
 
-    async def update(self, transfer_id: str, *, only_if_active: bool = True, **values) -> TransferRecord | None:
-        """Change a transfer; once it has ended (final), nothing changes it again unless asked.
+    async def update(
+        self, transfer_id: str, *, only_if_active: bool = True, expect: dict | None = None, **values
+    ) -> TransferRecord | None:
+        """Change a transfer, if it is still under way and its columns still hold `expect`.
 
-        Returns the record after the change, or None when the change was refused.
+        The expectations make each step a compare-and-set: of two deliveries of one carrier event,
+        or two events racing, only one changes the transfer. Returns the record after the change,
+        or None when the change was refused.
         """
-        return await self.database.transaction(_update, transfer_id, only_if_active, values, utcnow())
+        return await self.database.transaction(_update, transfer_id, only_if_active, expect or {}, values, utcnow())
 
     async def release_leg(self, transfer_id: str, leg: int) -> TransferRecord | None:
         """Move past operator leg `leg`; None if another event did first, or the transfer ended."""
         return await self.database.transaction(_release_leg, transfer_id, leg, utcnow())
 
-    async def finish(self, transfer_id: str, status: str, outcome: str, **values) -> TransferRecord | None:
+    async def finish(
+        self, transfer_id: str, status: str, outcome: str, *, expect: dict | None = None, **values
+    ) -> TransferRecord | None:
         """End a transfer once; None when it had already ended (a repeated or late event)."""
-        values.update(status=status, outcome=outcome, active_call_id=None, ended_at=utcnow())
-        if status == CONNECTED:
-            values["answered_at"] = values["ended_at"]
-            values.pop("ended_at")
-        return await self.update(transfer_id, **values)
+        values.update(status=status, outcome=outcome, active_call_id=None)
+        values["answered_at" if status == CONNECTED else "ended_at"] = utcnow()
+        return await self.update(transfer_id, expect=expect, **values)
+
+    async def mark_ended(self, transfer_id: str) -> None:
+        """The caller's conversation with the operator is over."""
+        await self.update(transfer_id, only_if_active=False, ended_at=utcnow())
 
 
 def _start(connection: sa.Connection, values: dict) -> TransferRecord | None:
@@ -133,10 +142,14 @@ def _release_leg(connection: sa.Connection, transfer_id: str, leg: int, now: dt.
     return _get(connection, transfer_id) if released else None
 
 
-def _update(connection: sa.Connection, transfer_id: str, only_if_active: bool, values: dict, now: dt.datetime):
+def _update(
+    connection: sa.Connection, transfer_id: str, only_if_active: bool, expect: dict, values: dict, now: dt.datetime
+):
     statement = sa.update(transfers).where(transfers.c.id == transfer_id)
     if only_if_active:
         statement = statement.where(transfers.c.active_call_id.is_not(None))
+    for column, value in expect.items():
+        statement = statement.where(transfers.c[column] == value)
     if connection.execute(statement.values(updated_at=now, **values)).rowcount != 1:
         return None
     return _get(connection, transfer_id)

@@ -1,0 +1,1 @@
+"""Media handling for bridge mode: carrier audio codecs and streaming resampling."""
