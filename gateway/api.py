@@ -44,13 +44,16 @@ class CallView(BaseModel):
     updated_at: dt.datetime
     answered_at: dt.datetime | None
     ended_at: dt.datetime | None
+    recording_path: str | None  # bridge mode with recording: the call's stereo WAV
+    media: dict[str, int] | None  # bridge mode: audio counters (frames, gaps, late frames, clears…)
 
     @classmethod
     def of(cls, record: CallRecord) -> dict[str, Any]:
         view = cls(
             from_=record.from_number,
             to=record.to_number,
-            **{name: getattr(record, name) for name in cls.model_fields if name not in ("from_", "to")},
+            media=json.loads(record.media_stats) if record.media_stats else None,
+            **{name: getattr(record, name) for name in cls.model_fields if name not in ("from_", "to", "media")},
         )
         data = view.model_dump(mode="json")
         data["from"] = data.pop("from_")
