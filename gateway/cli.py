@@ -1,4 +1,4 @@
-"""`gateway serve | check | dial | tools sync`."""
+"""`gateway serve | check | dial | tools sync | simulate`."""
 
 from __future__ import annotations
 
@@ -48,7 +48,23 @@ def main(argv: list[str] | None = None) -> int:
     sync = tools_commands.add_parser("sync", help="create or update the transfer tools as durable Ultravox tools")
     sync.add_argument("--config", help="TOML config file (default: $GATEWAY_CONFIG)")
 
+    simulate = commands.add_parser(
+        "simulate", help="play a WAV file into a bridged route as a carrier's call, record what the agent said"
+    )
+    simulate.add_argument("--carrier", choices=["twilio", "telnyx", "plivo"], default="twilio")
+    simulate.add_argument("--to", required=True, help="the called number (a route in bridge mode)")
+    simulate.add_argument("--from", dest="from_", default="+15551230001", help="the caller's number")
+    simulate.add_argument("--input", required=True, help="WAV to play as the caller (16-bit)")
+    simulate.add_argument("--output", required=True, help="WAV to write the agent's audio to")
+    simulate.add_argument("--config", help="TOML config file (default: $GATEWAY_CONFIG)")
+    simulate.add_argument("--url", default=os.environ.get("GATEWAY_URL", "http://127.0.0.1:8080"),
+                          help="where the running gateway listens (default $GATEWAY_URL or http://127.0.0.1:8080)")
+    simulate.add_argument("--tail-seconds", type=float, default=3.0, help="keep listening after the input ends")
+    simulate.add_argument("--telnyx-private-key", help="base64 ed25519 private key matching TELNYX_PUBLIC_KEY")
+
     args = parser.parse_args(argv)
+    if args.command == "simulate":
+        return simulate_command(args)
     if args.command == "tools":
         return tools_sync_command(args)
     if args.command == "serve":
@@ -181,6 +197,27 @@ def tools_sync_command(args) -> int:
         + ", ".join(DURABLE_NAMES.values())
         + f") and authTokens {{\"{SECRET_REQUIREMENT}\": <GATEWAY_TOOL_SECRET>}}."
     )
+    return 0
+
+
+def simulate_command(args) -> int:
+    import asyncio
+
+    from .media.simulate import SimulationError, simulate_call
+
+    settings = _load(args.config)
+    if settings is None:
+        return 2
+    try:
+        summary = asyncio.run(simulate_call(
+            settings, carrier=args.carrier, to=args.to, from_=args.from_, input_path=args.input,
+            output_path=args.output, gateway_url=args.url, tail_seconds=args.tail_seconds,
+            telnyx_private_key=args.telnyx_private_key,
+        ))
+    except SimulationError as error:
+        print(f"Simulation failed: {error}", file=sys.stderr)
+        return 1
+    print(summary)
     return 0
 
 

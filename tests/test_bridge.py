@@ -295,3 +295,62 @@ def test_media_counters_in_metrics(bridged):
     wait_and_get_stats(call)
     metrics = call.gateway.client.get("/metrics").text
     assert 'gateway_media_frames_total{direction="caller_to_agent"} 10.0' in metrics
+
+
+@pytest.mark.parametrize("carrier", ["twilio", "telnyx"])
+def test_gateway_simulate_plays_a_wav_and_records_the_agent(bridged, tmp_path, monkeypatch, carrier):
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+
+    from gateway.cli import main as cli_main
+
+    call = bridged(carrier)  # a first call proves the route; the CLI places its own
+    gateway = call.gateway
+    rate = RATE[carrier]
+    source = tmp_path / "caller.wav"
+    with wave.open(str(source), "wb") as out:  # a 44.1 kHz stereo file: the CLI converts it
+        out.setnchannels(2)
+        out.setsampwidth(2)
+        out.setframerate(44100)
+        mono = np.frombuffer(speech(44100, 1.0), dtype="<i2")
+        out.writeframes(np.stack([mono, mono], axis=1).astype("<i2").tobytes())
+    for name in ("GATEWAY_PUBLIC_URL", "TWILIO_AUTH_TOKEN", "TELNYX_PUBLIC_KEY", "ULTRAVOX_API_KEY"):
+        value = {"GATEWAY_PUBLIC_URL": gateway.settings.public_url, "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
+                 "TELNYX_PUBLIC_KEY": gateway.settings.telnyx.public_key, "ULTRAVOX_API_KEY": "x"}[name]
+        monkeypatch.setenv(name, value)
+    private = base64.b64encode(gateway.telnyx_signer.private_key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())).decode()
+    output = tmp_path / "agent.wav"
+    code = cli_main([
+        "simulate", "--carrier", carrier, "--to", BRIDGED_NUMBER, "--input", str(source), "--output", str(output),
+        "--url", gateway.server.url, "--tail-seconds", "0.5", "--telnyx-private-key", private,
+    ])
+    assert code == 0
+    with wave.open(str(output)) as agent:
+        assert agent.getframerate() == rate and agent.getnchannels() == 1
+        heard = agent.readframes(agent.getnframes())
+    # The fake Ultravox echoes the caller: the agent's recording is the caller's audio, resampled.
+    assert len(heard) / 2 / rate > 0.9
+    assert np.abs(np.frombuffer(heard, dtype="<i2")).mean() > 1000
+
+
+def test_a_failed_transfer_in_bridge_mode_reconnects_the_stream_to_the_agent(bridged, fake_carriers):
+    from .conftest import TOOL_SECRET
+
+    call = bridged("twilio")
+    twilio = fake_carriers["twilio"]
+    twilio.live_calls.add(call.carrier_call_id)
+    ultravox_call_id = call.ultravox.created_calls[-1]["callId"]
+    reply = call.gateway.client.post("/tools/transfer", headers={"X-Gateway-Tool-Secret": TOOL_SECRET},
+                                     json={"callId": ultravox_call_id, "operator": "sales", "reason": "pricing"})
+    assert "Transferring" in reply.text
+    assert wait_until(lambda: twilio.updates)
+    form = twilio.form_for(call.carrier_call_id)
+    action = ET.fromstring(twilio.callback(twilio.updates[-1].params["Url"], form).text).find("Dial").get("action")
+    action = ET.fromstring(twilio.callback(action, {**form, "DialCallStatus": "no-answer"}).text).find("Dial").get("action")
+    back = ET.fromstring(twilio.callback(action, {**form, "DialCallStatus": "no-answer"}).text)
+    assert back.find("Connect/Stream").get("url").startswith("wss://gateway.example.test/media/twilio?")
+    returned = call.ultravox.requests[-1]
+    assert returned.query["priorCallId"] == ultravox_call_id
+    assert "serverWebSocket" in returned.body["medium"]
