@@ -609,7 +609,8 @@ def measure(name: str, args, workdir: Path, children: list, telnyx_key: tuple[st
         load.go(go)
     # Measured window: every call is streaming (the last one started at go + RAMP_SECONDS, the first
     # stops at about go + seconds).
-    window_from, window_to = go + RAMP_SECONDS + SETUP_MARGIN, go + args.seconds
+    # (A call's last frame leaves at its start + seconds - 20 ms; its start is a few ms after go.)
+    window_from, window_to = go + RAMP_SECONDS + SETUP_MARGIN, go + args.seconds - 0.1
     time.sleep(max(0.0, window_from - time.monotonic()))
     before = [cpu_seconds(pid) for pid in pids]
     time.sleep(max(0.0, window_to - time.monotonic()))

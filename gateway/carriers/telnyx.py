@@ -14,22 +14,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..http import RemoteError, RetryPolicy, post_with_retries
-from .base import (
-    MalformedFrame,
-    OutboundDial,
-    SignatureRejected,
-    StreamAudio,
-    StreamDtmf,
-    StreamEvent,
-    StreamMark,
-    StreamOther,
-    StreamStart,
-    StreamStop,
-    Webhook,
-    b64_payload,
-    json_message,
-    number_or_none,
-)
+from .base import MalformedFrame, OutboundDial, SignatureRejected, StreamStart, Webhook
 from .twiml import STATUS_CALLBACK_EVENTS, TwimlCarrier
 
 # Telnyx's 429 (code 90103, dials per second) means "not processed"; nothing else is retried.
@@ -135,27 +120,13 @@ class TelnyxCarrier(TwimlCarrier):
     media_encoding = "l16-be"
     media_rate = int(STREAM_SAMPLING_RATE)
 
-    def parse_media(self, message: str | bytes) -> StreamEvent:
-        data = json_message(message)
-        event = data["event"]
-        if event == "media":
-            media = data.get("media") or {}
-            return StreamAudio(b64_payload(media.get("payload")), number_or_none(media.get("timestamp")))
-        if event == "start":
-            start = data.get("start") or {}
-            media_format = start.get("media_format") or {}
-            stream_id = data.get("stream_id")
-            if not stream_id:
-                raise MalformedFrame("start without stream_id")
-            return StreamStart(stream_id, start.get("call_control_id"), str(media_format.get("encoding", STREAM_CODEC)),
-                               int(media_format.get("sample_rate") or self.media_rate))
-        if event == "dtmf":
-            return StreamDtmf(str((data.get("dtmf") or {}).get("digit", "")))
-        if event == "mark":
-            return StreamMark(str((data.get("mark") or {}).get("name", "")))
-        if event == "stop":
-            return StreamStop()
-        return StreamOther(event)
+    def stream_start(self, data: dict, start: dict) -> StreamStart:
+        media_format = start.get("media_format") or {}
+        stream_id = data.get("stream_id")  # top level, not inside start
+        if not stream_id:
+            raise MalformedFrame("start without stream_id")
+        return StreamStart(stream_id, start.get("call_control_id"), str(media_format.get("encoding", STREAM_CODEC)),
+                           int(media_format.get("sample_rate") or self.media_rate))
 
     def media_audio(self, stream_id: str, payload: bytes) -> str:
         return json.dumps({"event": "media", "media": {"payload": base64.b64encode(payload).decode()}})

@@ -12,22 +12,7 @@ import httpx
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 
 from ..http import RemoteError, RetryPolicy, post_with_retries
-from .base import (
-    MalformedFrame,
-    OutboundDial,
-    SignatureRejected,
-    StreamAudio,
-    StreamDtmf,
-    StreamEvent,
-    StreamMark,
-    StreamOther,
-    StreamStart,
-    StreamStop,
-    Webhook,
-    b64_payload,
-    json_message,
-    number_or_none,
-)
+from .base import MalformedFrame, OutboundDial, SignatureRejected, StreamStart, Webhook
 from .twiml import STATUS_CALLBACK_EVENTS, TwimlCarrier
 
 # Twilio's 429 means "not processed"; the only other retries are errors before sending.
@@ -126,27 +111,13 @@ class TwilioCarrier(TwimlCarrier):
     media_encoding = "mulaw"
     media_rate = 8000
 
-    def parse_media(self, message: str | bytes) -> StreamEvent:
-        data = json_message(message)
-        event = data["event"]
-        if event == "media":
-            media = data.get("media") or {}
-            return StreamAudio(b64_payload(media.get("payload")), number_or_none(media.get("timestamp")))
-        if event == "start":
-            start = data.get("start") or {}
-            media_format = start.get("mediaFormat") or {}
-            stream_id = data.get("streamSid") or start.get("streamSid")
-            if not stream_id:
-                raise MalformedFrame("start without streamSid")
-            return StreamStart(stream_id, start.get("callSid"), str(media_format.get("encoding", "audio/x-mulaw")),
-                               int(media_format.get("sampleRate") or 8000))
-        if event == "dtmf":
-            return StreamDtmf(str((data.get("dtmf") or {}).get("digit", "")))
-        if event == "mark":
-            return StreamMark(str((data.get("mark") or {}).get("name", "")))
-        if event == "stop":
-            return StreamStop()
-        return StreamOther(event)
+    def stream_start(self, data: dict, start: dict) -> StreamStart:
+        media_format = start.get("mediaFormat") or {}
+        stream_id = data.get("streamSid") or start.get("streamSid")
+        if not stream_id:
+            raise MalformedFrame("start without streamSid")
+        return StreamStart(stream_id, start.get("callSid"), str(media_format.get("encoding", "audio/x-mulaw")),
+                           int(media_format.get("sampleRate") or self.media_rate))
 
     def media_audio(self, stream_id: str, payload: bytes) -> str:
         return json.dumps({"event": "media", "streamSid": stream_id,

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any, Mapping
 
 from twilio.twiml.voice_response import VoiceResponse
 
 from .. import statuses
-from .base import Carrier, DialResult, StatusUpdate, Webhook
+from .base import (
+    Carrier,
+    DialResult,
+    StatusUpdate,
+    StreamAudio,
+    StreamDtmf,
+    StreamEvent,
+    StreamMark,
+    StreamOther,
+    StreamStart,
+    StreamStop,
+    Webhook,
+    b64_payload,
+    json_message,
+    number_or_none,
+)
 
 # CallStatus values of Twilio and of Telnyx's TwiML-compatible callbacks.
 CALL_STATUSES = {
@@ -91,6 +107,27 @@ class TwimlCarrier(Carrier):
         response.say("No key was pressed. Goodbye.")
         response.hangup()
         return response.to_xml()
+
+    def parse_media(self, message: str | bytes) -> StreamEvent:
+        """Twilio's Media Streams and Telnyx's media streaming share their events; only `start` differs."""
+        data = json_message(message)
+        event = data["event"]
+        if event == "media":
+            media = data.get("media") or {}
+            return StreamAudio(b64_payload(media.get("payload")), number_or_none(media.get("timestamp")))
+        if event == "start":
+            return self.stream_start(data, data.get("start") or {})
+        if event == "dtmf":
+            return StreamDtmf(str((data.get("dtmf") or {}).get("digit", "")))
+        if event == "mark":
+            return StreamMark(str((data.get("mark") or {}).get("name", "")))
+        if event == "stop":
+            return StreamStop()
+        return StreamOther(event)
+
+    @abstractmethod
+    def stream_start(self, data: dict, start: dict) -> StreamStart:
+        """The carrier's `start` message (where the stream id and media format live differs)."""
 
     def answered_by_machine(self, params: Mapping[str, str]) -> bool:
         # AnsweredBy: human, machine_start, machine_end_beep|silence|other, fax, unknown.
