@@ -27,7 +27,7 @@ from .flows.outbound import OutboundFlow
 from .flows.tracking import CallTracking
 from .flows.transfer import TransferFlow
 from .http import create_client
-from .media.bridge import MediaBridge, bridged
+from .media.bridge import MediaBridge, MediaStats, bridged
 from .security import WebhookRejected, media_token_problem, tool_secret_matches, verify_ultravox_webhook
 from .settings import Settings
 from .store import CallStore, TransferStore
@@ -121,6 +121,7 @@ class Gateway:
         self.api = CallsApi(self.settings, self.store, self.outbound, self.transfer_store)
         self.bridge = MediaBridge(
             self.store, self.carrier_http, recordings=self._recording_path, on_stats=self.metrics.add_media_stats,
+            transfer_active=self._transfer_active,
         )
 
     async def stop(self) -> None:
@@ -260,7 +261,13 @@ class Gateway:
 
     def _recording_path(self, record) -> Path | None:
         route = self.settings.route_named(record.route) if record.route else None
-        return Path(route.recording_dir) / f"{record.id}.wav" if route and route.recording_dir else None
+        if not route or not route.recording_dir:
+            return None
+        # One file per stretch of the call (a transfer back to the agent starts another).
+        return Path(route.recording_dir) / f"{record.id}-{int(time.time() * 1000)}.wav"
+
+    async def _transfer_active(self, call_id: str) -> bool:
+        return any(not t.is_final for t in await self.transfer_store.for_call(call_id))
 
     def _api(self, name: str):
         async def endpoint(request: Request) -> Response:
@@ -347,28 +354,51 @@ class Gateway:
             await websocket.close(code=1008)
             return
         query = websocket.query_params
-        carrier_call_id, token = query.get("call", ""), query.get("token", "")
+        carrier_call_id, token = query.get("call"), query.get("token")
+        problem = None
+        if not self.settings.insecure_skip_signature_verification:
+            problem = carrier.upgrade_problem(self.public_url(websocket), websocket.headers)
+        if problem is None and token is not None:
+            problem = self._claim_media_token(carrier, carrier_call_id or "", token)
+        elif problem is None and not carrier.upgrade_is_signed:
+            problem = "missing media token"
+        if problem is not None:
+            return await self._refuse_media(carrier, websocket, problem)
+        await websocket.accept()
+        start = None
+        if token is None:
+            # A signed upgrade without our query (Twilio may drop it): the credentials come as
+            # stream parameters in the start message, checked before anything reaches Ultravox.
+            start = await self.bridge.read_start(carrier, websocket, MediaStats())
+            params = start.parameters if start else {}
+            carrier_call_id = params.get("call", "")
+            problem = self._claim_media_token(carrier, carrier_call_id, params.get("token", ""))
+            if problem is None and start.carrier_call_id not in (None, carrier_call_id):
+                problem = "the stream's call is not the one its token names"
+            if problem is not None:
+                return await self._refuse_media(carrier, websocket, problem)
+        record = await self.store.find_by_carrier_call(carrier.name, carrier_call_id)
+        if record is None or not record.join_url or not bridged(self.settings, record):
+            return await self._refuse_media(carrier, websocket, "no bridged call waiting for this media stream")
+        await self.bridge.run(carrier, websocket, record, start=start)
+
+    def _claim_media_token(self, carrier: Carrier, carrier_call_id: str, token: str) -> str | None:
+        """Why `token` cannot open this call's media socket; else it is now used up (in this process)."""
         now = time.time()
         problem = media_token_problem(self.settings.ultravox.api_key or "", carrier.name, carrier_call_id, token, now)
-        if problem is None and self._media_tokens.get(token, 0) > 0:
+        if problem is None and token in self._media_tokens:
             problem = "media token already used"
-        if problem is None and not self.settings.insecure_skip_signature_verification:
-            problem = carrier.upgrade_problem(self.public_url(websocket), websocket.headers)
-        record = None
         if problem is None:
-            record = await self.store.find_by_carrier_call(carrier.name, carrier_call_id)
-            if record is None or not record.join_url or not bridged(self.settings, record):
-                problem = "no bridged call waiting for this media stream"
-        if problem is not None:
-            log.warning("%s media socket refused: %s", carrier.name, problem)
-            self.metrics.webhooks.labels(carrier.name, "media_refused").inc()
-            await websocket.close(code=1008)  # before accepting: the carrier sees HTTP 403
-            return
-        # Single use: remembered until it expires anyway.
-        self._media_tokens = {t: e for t, e in self._media_tokens.items() if e > now}
-        self._media_tokens[token] = int(token.partition(".")[0])
-        await websocket.accept()
-        await self.bridge.run(carrier, websocket, record)
+            # Claimed before any await, so two racing upgrades cannot both pass.
+            self._media_tokens = {t: e for t, e in self._media_tokens.items() if e > now}
+            self._media_tokens[token] = int(token.partition(".")[0])
+        return problem
+
+    async def _refuse_media(self, carrier: Carrier, websocket: WebSocket, problem: str) -> None:
+        log.warning("%s media socket refused: %s", carrier.name, problem)
+        self.metrics.webhooks.labels(carrier.name, "media_refused").inc()
+        # Before accepting, a close is an HTTP 403 to the carrier; after, a policy-violation close.
+        await websocket.close(code=1008)
 
     # --- Ultravox call events ---------------------------------------------------------------------
     async def ultravox_events(self, request: Request) -> Response:

@@ -354,3 +354,95 @@ def test_a_failed_transfer_in_bridge_mode_reconnects_the_stream_to_the_agent(bri
     returned = call.ultravox.requests[-1]
     assert returned.query["priorCallId"] == ultravox_call_id
     assert "serverWebSocket" in returned.body["medium"]
+
+
+# --- review findings ---------------------------------------------------------------------------------
+
+
+def test_twilio_stream_without_the_query_uses_the_stream_parameters(bridged):
+    """Should Twilio drop the stream URL's query, the <Parameter>s carry the call and its token."""
+    from urllib.parse import parse_qs, urlsplit
+
+    call = bridged("twilio")
+    params = {k: v[0] for k, v in parse_qs(urlsplit(call.public_stream_url).query).items()}
+    bare_public, bare_local = call.public_stream_url.split("?")[0], call.local_url.split("?")[0]
+
+    async def scenario(token):
+        headers = twilio_stream_headers(TWILIO_TOKEN, bare_public)  # Twilio signs what it requested
+        async with CarrierStream("twilio", bare_local, headers=headers) as stream:
+            await stream.start(call_id=call.carrier_call_id, custom_parameters={"call": params["call"], "token": token})
+            await stream.play(speech(8000, 0.2))
+            await asyncio.sleep(0.2)
+            return len(stream.agent_audio()), stream.closed.is_set()
+
+    assert asyncio.run(scenario("1.forged")) == (0, True)  # refused before anything reached Ultravox
+    assert call.ultravox.sessions == {}
+    heard, closed = asyncio.run(scenario(params["token"]))
+    assert heard > 0 and not closed  # bridged: the echo came back
+
+
+def test_frames_of_the_wrong_shape_are_skipped_too(bridged):
+    call = bridged("telnyx")
+
+    async def scenario():
+        async with call.stream() as stream:
+            await stream.start(call_id=call.carrier_call_id)
+            session = await asyncio.to_thread(call.ultravox.wait_for_session)
+            for bad in ({"event": "media", "media": "x"}, {"event": "dtmf", "dtmf": [1]}, {"event": "mark", "mark": 5}):
+                await stream.send_raw(json.dumps(bad))
+            await stream.play(speech(16000, 0.2))
+            await asyncio.sleep(0.1)
+            frames = session.frames_in
+            await stream.stop()
+            return frames
+
+    assert asyncio.run(scenario()) == 10
+    assert json.loads(wait_and_get_stats(call))["malformed"] == 3
+
+
+def test_the_call_is_completed_when_the_bridged_stream_ends(bridged):
+    call = bridged("plivo")
+
+    async def scenario():
+        async with call.stream() as stream:
+            await stream.start(call_id=call.carrier_call_id)
+            await stream.play(speech(16000, 0.1))
+            await stream.stop()
+
+    asyncio.run(scenario())
+    assert wait_until(lambda: call.record().status == "completed")
+
+
+def test_a_stream_that_never_starts_or_streams_another_format_fails_the_call(bridged, fake_carriers):
+    call = bridged("plivo")
+    fake_carriers["plivo"].live_calls.add(call.carrier_call_id)
+
+    async def scenario():
+        async with call.stream() as stream:
+            await stream.start(call_id=call.carrier_call_id, extra={"mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000}})
+            return await stream.wait_closed(timeout=5)
+
+    asyncio.run(scenario())
+    assert wait_until(lambda: call.record().status == "failed")
+    assert "audio/x-mulaw" in call.record().failure_reason
+    assert call.ultravox.sessions == {}  # nothing reached Ultravox
+
+
+def test_the_agents_goodbye_plays_before_the_call_is_hung_up(bridged):
+    call = bridged("twilio")
+    call.ultravox.media_mode = "silent"
+
+    async def scenario():
+        async with call.stream() as stream:
+            await stream.start(call_id=call.carrier_call_id)
+            session = await asyncio.to_thread(call.ultravox.wait_for_session)
+            await asyncio.to_thread(session.send_audio, speech(8000, 0.5))
+            await asyncio.to_thread(session.hang_up)
+            await stream.wait_closed(timeout=5)
+            marks = stream.of_kind("mark")
+            closed_at = time.monotonic()
+            return marks, closed_at - stream.of_kind("audio")[0].at
+
+    marks, open_for = asyncio.run(scenario())
+    assert marks and marks[0].data["mark"]["name"] == "gateway-goodbye"
+    assert open_for >= 0.45  # the half second of goodbye had time to play

@@ -103,6 +103,7 @@ class StreamStart:
     carrier_call_id: str | None
     encoding: str  # the carrier's name for it, checked against what the gateway asked for
     rate: int
+    parameters: dict = field(default_factory=dict)  # custom parameters given with the stream
 
 
 @dataclass(frozen=True)
@@ -300,6 +301,9 @@ class Carrier(ABC):
     media_encoding: ClassVar[str]  # gateway.media.codecs encoding name
     media_rate: ClassVar[int]
 
+    # Whether upgrade_problem proves the carrier sent the socket (then the token may come later).
+    upgrade_is_signed: ClassVar[bool] = False
+
     def upgrade_problem(self, url: str, headers: Mapping[str, str]) -> str | None:
         """Why the carrier's media-socket upgrade request is not authentic, or None.
 
@@ -307,9 +311,30 @@ class Carrier(ABC):
         """
         return None
 
-    @abstractmethod
+    # The start message's encoding (lower-cased) when the carrier streams what the gateway asked for.
+    media_start_encodings: ClassVar[tuple[str, ...]]
+
+    def media_start_problem(self, start: StreamStart) -> str | None:
+        if start.encoding.lower() not in self.media_start_encodings or start.rate != self.media_rate:
+            return f"the carrier streams {start.encoding} at {start.rate} Hz, not {self.media_encoding} at {self.media_rate} Hz"
+        return None
+
     def parse_media(self, message: str | bytes) -> StreamEvent:
-        """One message from the carrier's media socket. Raises MalformedFrame."""
+        """One message from the carrier's media socket. Raises MalformedFrame, never anything else."""
+        try:
+            return self._parse_media(message)
+        except MalformedFrame:
+            raise
+        except (AttributeError, KeyError, TypeError, ValueError) as error:  # a field of the wrong shape
+            raise MalformedFrame(f"unexpected message shape ({type(error).__name__})") from None
+
+    @abstractmethod
+    def _parse_media(self, message: str | bytes) -> StreamEvent:
+        """One message from the carrier's media socket."""
+
+    @abstractmethod
+    def media_mark(self, stream_id: str, name: str) -> str:
+        """A marker the carrier echoes once the audio sent before it has been played."""
 
     @abstractmethod
     def media_audio(self, stream_id: str, payload: bytes) -> str:
@@ -325,8 +350,9 @@ class Carrier(ABC):
 
     # --- answers --------------------------------------------------------------------------------
     @abstractmethod
-    def connect_xml(self, join_url: str) -> str:
-        """XML that connects the call's audio to the Ultravox join URL."""
+    def connect_xml(self, join_url: str, parameters: dict[str, str] | None = None) -> str:
+        """XML that connects the call's audio to a stream URL (Ultravox's join URL, or the gateway's
+        media socket); `parameters` go with the stream where the carrier supports stream parameters."""
 
     @abstractmethod
     def apology_xml(self, message: str, fallback_number: str | None) -> str:

@@ -93,7 +93,7 @@ class PlivoCarrier(Carrier):
         digest = hmac.new((self.settings.plivo.auth_token or "").encode(), message, hashlib.sha256).digest()
         return base64.b64encode(digest)
 
-    def connect_xml(self, join_url: str) -> str:
+    def connect_xml(self, join_url: str, parameters: dict[str, str] | None = None) -> str:
         response = plivoxml.ResponseElement()
         response.add(
             plivoxml.StreamElement(
@@ -228,7 +228,12 @@ class PlivoCarrier(Carrier):
     media_encoding = "l16-le"
     media_rate = 16000
 
-    def parse_media(self, message: str | bytes) -> StreamEvent:
+    media_start_encodings = ("audio/x-l16",)
+
+    def media_mark(self, stream_id: str, name: str) -> str:
+        return json.dumps({"event": "checkpoint", "streamId": stream_id, "name": name})
+
+    def _parse_media(self, message: str | bytes) -> StreamEvent:
         data = json_message(message)
         event = data["event"]
         if event == "media":
@@ -251,7 +256,7 @@ class PlivoCarrier(Carrier):
         return StreamOther(event)
 
     def media_audio(self, stream_id: str, payload: bytes) -> str:
-        return json.dumps({"event": "playAudio", "media": {
+        return json.dumps({"event": "playAudio", "streamId": stream_id, "media": {
             "contentType": "audio/x-l16", "sampleRate": self.media_rate, "payload": base64.b64encode(payload).decode(),
         }})
 

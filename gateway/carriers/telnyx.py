@@ -113,7 +113,7 @@ class TelnyxCarrier(TwimlCarrier):
             service="Telnyx", policy=REST_POLICY, deadline=deadline,
             json={"Status": "completed"}, headers={"Authorization": f"Bearer {telnyx.api_key}"},
         )
-        if not (200 <= response.status_code < 300 or response.status_code == 404):  # 404: already ended
+        if not (200 <= response.status_code < 300 or response.status_code in (404, 422)):  # already ended
             raise RemoteError(f"Telnyx answered {response.status_code}: {response.text[:200]}")
 
     # Media streaming: we ask for L16 at 16 kHz both ways; RTP's L16 is big-endian (network order).
@@ -126,7 +126,13 @@ class TelnyxCarrier(TwimlCarrier):
         if not stream_id:
             raise MalformedFrame("start without stream_id")
         return StreamStart(stream_id, start.get("call_control_id"), str(media_format.get("encoding", STREAM_CODEC)),
-                           int(media_format.get("sample_rate") or self.media_rate))
+                           int(media_format.get("sample_rate") or self.media_rate),
+                           dict(start.get("custom_parameters") or {}))
+
+    media_start_encodings = ("l16",)
+
+    def media_mark(self, stream_id: str, name: str) -> str:
+        return json.dumps({"event": "mark", "mark": {"name": name}})
 
     def media_audio(self, stream_id: str, payload: bytes) -> str:
         return json.dumps({"event": "media", "media": {"payload": base64.b64encode(payload).decode()}})

@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 
 import httpx
 from twilio.request_validator import RequestValidator, get_signature_algorithm
+from twilio.twiml.voice_response import VoiceResponse
 
 from ..http import RemoteError, RetryPolicy, post_with_retries
 from .base import MalformedFrame, OutboundDial, SignatureRejected, StreamStart, Webhook
@@ -94,6 +95,8 @@ class TwilioCarrier(TwimlCarrier):
         if response.status_code not in (200, 404):  # 404: already ended, which is what we wanted
             raise RemoteError(f"Twilio answered {response.status_code}: {response.text[:200]}")
 
+    upgrade_is_signed = True
+
     def upgrade_problem(self, url: str, headers) -> str | None:
         """Twilio signs the stream URL exactly as written in the TwiML (wss://…, with its query), no params."""
         signature = headers.get("x-twilio-signature")
@@ -103,7 +106,8 @@ class TwilioCarrier(TwimlCarrier):
             return "TWILIO_AUTH_TOKEN is not configured on this gateway"
         written = url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
         spellings = {written, written.replace("wss://", "https://", 1).replace("ws://", "http://", 1)}
-        if not any(self._validator.validate(spelling, {}, signature) for spelling in spellings):
+        algorithm = get_signature_algorithm(headers.get("x-twilio-webhooks-signature-settings"))
+        if not any(self._validator.validate(spelling, {}, signature, algorithm) for spelling in spellings):
             return "X-Twilio-Signature does not match the media socket URL"
         return None
 
@@ -117,7 +121,21 @@ class TwilioCarrier(TwimlCarrier):
         if not stream_id:
             raise MalformedFrame("start without streamSid")
         return StreamStart(stream_id, start.get("callSid"), str(media_format.get("encoding", "audio/x-mulaw")),
-                           int(media_format.get("sampleRate") or self.media_rate))
+                           int(media_format.get("sampleRate") or self.media_rate), dict(start.get("customParameters") or {}))
+
+    media_start_encodings = ("audio/x-mulaw",)
+
+    def media_mark(self, stream_id: str, name: str) -> str:
+        return json.dumps({"event": "mark", "streamSid": stream_id, "mark": {"name": name}})
+
+    def connect_xml(self, join_url: str, parameters: dict[str, str] | None = None) -> str:
+        """<Connect><Stream>; `parameters` also go as <Parameter>s, which reach us in the start message
+        even if Twilio does not pass the URL's query on to the socket."""
+        response = VoiceResponse()
+        stream = response.connect().stream(**self.stream_attributes(join_url))
+        for name, value in (parameters or {}).items():
+            stream.parameter(name=name, value=value)
+        return response.to_xml()
 
     def media_audio(self, stream_id: str, payload: bytes) -> str:
         return json.dumps({"event": "media", "streamSid": stream_id,

@@ -49,7 +49,7 @@ class TwimlCarrier(Carrier):
         """Attributes of <Connect><Stream>; carriers add what their media stream needs."""
         return {"url": join_url}
 
-    def connect_xml(self, join_url: str) -> str:
+    def connect_xml(self, join_url: str, parameters: dict[str, str] | None = None) -> str:
         response = VoiceResponse()
         response.connect().stream(**self.stream_attributes(join_url))
         return response.to_xml()
@@ -108,7 +108,7 @@ class TwimlCarrier(Carrier):
         response.hangup()
         return response.to_xml()
 
-    def parse_media(self, message: str | bytes) -> StreamEvent:
+    def _parse_media(self, message: str | bytes) -> StreamEvent:
         """Twilio's Media Streams and Telnyx's media streaming share their events; only `start` differs."""
         data = json_message(message)
         event = data["event"]

@@ -12,7 +12,7 @@ from ..carriers.base import Carrier, InboundCall
 from ..settings import RouteSettings, Settings
 from ..store import IN_PROGRESS, CREATING, REJECTED, CallStore, Claim
 from ..ultravox import UltravoxClient, UltravoxError
-from ..media.bridge import server_websocket_medium, stream_url
+from ..media.bridge import server_websocket_medium, stream_xml
 from ..tools import transfer_tools
 from .call_request import build_call_request, ultravox_callbacks
 
@@ -53,7 +53,7 @@ class InboundFlow:
         if join_url is None:
             return self.apology(carrier)
         if route.mode == "bridge":  # the carrier streams to the gateway, which joins Ultravox
-            return Answer(carrier.connect_xml(stream_url(self.settings, carrier, call.call_id)), "connected")
+            return Answer(stream_xml(self.settings, carrier, call.call_id), "connected")
         return Answer(carrier.connect_xml(join_url), "connected")
 
     async def _join_url(self, carrier: Carrier, call: InboundCall, route: RouteSettings, deadline: float) -> str | None:

@@ -21,7 +21,7 @@ import httpx
 from .. import statuses
 from ..carriers.base import Carrier, OutboundDial, Webhook
 from ..http import RemoteError
-from ..media.bridge import bridged, server_websocket_medium, stream_url
+from ..media.bridge import bridged, server_websocket_medium, stream_xml
 from ..security import callback_token, valid_callback_token
 from ..settings import Settings
 from ..store import CallRecord, CallStore, TransferRecord, TransferStore
@@ -408,7 +408,7 @@ class TransferFlow:
 
     def _connect(self, carrier: Carrier, record: CallRecord, join_url: str) -> str:
         if bridged(self.settings, record):  # the carrier streams to the gateway, which joins Ultravox
-            return carrier.connect_xml(stream_url(self.settings, carrier, record.carrier_call_id))
+            return stream_xml(self.settings, carrier, record.carrier_call_id)
         return carrier.connect_xml(join_url)
 
     async def _tell_agent(self, ultravox_call_id: str | None, text: str) -> None:

@@ -14,9 +14,9 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 from urllib.parse import urlencode
 
 import httpx
@@ -29,6 +29,7 @@ from ..carriers.base import (
     MalformedFrame,
     StreamAudio,
     StreamDtmf,
+    StreamMark,
     StreamStart,
     StreamStop,
 )
@@ -46,18 +47,29 @@ JOIN_TIMEOUT_SECONDS = 5.0
 # Ultravox's advice with clear support: a large client buffer, so its audio flows ahead smoothly.
 CLIENT_BUFFER_MS = 30000
 LATE_AFTER_SECONDS = 0.06  # a caller frame this much behind its schedule counts as late
+# When the agent hangs up, the carrier may still hold its last words; a mark tells us when they
+# have played (or at most this long, whatever was queued).
+GOODBYE_MARK = "gateway-goodbye"
+MAX_GOODBYE_SECONDS = 10.0
 
 
 # The carrier opens the media socket right after fetching the XML; a token older than this is stale.
 TOKEN_LIFETIME_SECONDS = 60
 
 
-def stream_url(settings: Settings, carrier: Carrier, carrier_call_id: str, now: float | None = None) -> str:
-    """The gateway's media socket for one call, as the carrier is told to open it."""
+def stream_xml(settings: Settings, carrier: Carrier, carrier_call_id: str, now: float | None = None) -> str:
+    """XML pointing the carrier's stream at the gateway's media socket for one call.
+
+    The call and a short-lived token ride in the URL's query, and also as stream parameters
+    (Twilio's <Parameter>), which arrive in the start message should the query be dropped.
+    """
     expires = int((now if now is not None else time.time()) + TOKEN_LIFETIME_SECONDS)
-    token = media_token(settings.ultravox.api_key or "", carrier.name, carrier_call_id, expires)
+    credentials = {
+        "call": carrier_call_id,
+        "token": media_token(settings.ultravox.api_key or "", carrier.name, carrier_call_id, expires),
+    }
     base = (settings.public_url or "").replace("https://", "wss://", 1).replace("http://", "ws://", 1)
-    return f"{base}/media/{carrier.name}?{urlencode({'call': carrier_call_id, 'token': token})}"
+    return carrier.connect_xml(f"{base}/media/{carrier.name}?{urlencode(credentials)}", parameters=credentials)
 
 
 def bridged(settings: Settings, record: CallRecord) -> bool:
@@ -110,6 +122,26 @@ class _CallerClock:
             self._last_timestamp = event.timestamp_ms
 
 
+async def _no_transfer(call_id: str) -> bool:
+    return False
+
+
+@dataclass
+class _Session:
+    """One bridged call's moving parts, for the relay and its clean-up."""
+
+    carrier: Carrier
+    websocket: WebSocket
+    record: CallRecord
+    stats: MediaStats
+    ultravox: Any = None
+    recorder: CallRecorder | None = None
+    tasks: list = field(default_factory=list)
+    failure: str | None = None
+    hang_up: bool = False
+    goodbye_played: asyncio.Event | None = None
+
+
 class MediaBridge:
     def __init__(
         self,
@@ -118,58 +150,91 @@ class MediaBridge:
         *,
         recordings: Callable[[CallRecord], Path | None] = lambda record: None,
         on_stats: Callable[[MediaStats], None] = lambda stats: None,
+        transfer_active: Callable[[str], Awaitable[bool]] | None = None,
         clock=time.monotonic,
     ):
         self.store = store
         self.http = carrier_http
         self.recordings = recordings
         self.on_stats = on_stats
+        self.transfer_active = transfer_active or _no_transfer
         self._clock = clock
 
-    async def run(self, carrier: Carrier, websocket: WebSocket, record: CallRecord) -> MediaStats:
-        """Relay one call until either side ends. `websocket` is the carrier's, already accepted."""
+    async def run(
+        self, carrier: Carrier, websocket: WebSocket, record: CallRecord, start: StreamStart | None = None
+    ) -> MediaStats:
+        """Relay one call until either side ends. `websocket` is the carrier's, already accepted;
+        `start` is its start message if the caller of run has read it already."""
         stats = MediaStats()
-        start = await self._start(carrier, websocket, stats)
-        if start is None:
-            await _close_carrier(websocket)
-            return stats
+        session = _Session(carrier, websocket, record, stats)
         try:
-            ultravox = await asyncio.wait_for(
+            await self._relay(session, start)
+        finally:
+            # Whatever happened (even cancellation at shutdown), both sockets close and the record says so.
+            await asyncio.shield(self._clean_up(session))
+        return stats
+
+    async def _relay(self, session: "_Session", start: StreamStart | None) -> None:
+        carrier, websocket, record, stats = session.carrier, session.websocket, session.record, session.stats
+        start = start or await self.read_start(carrier, websocket, stats)
+        problem = "the carrier's media stream never started" if start is None else carrier.media_start_problem(start)
+        if problem:
+            log.warning("call %s: %s", record.id, problem)
+            session.failure, session.hang_up = problem, True
+            return
+        try:
+            session.ultravox = await asyncio.wait_for(
                 websockets.connect(record.join_url, max_size=2**20, compression=None, open_timeout=JOIN_TIMEOUT_SECONDS),
                 timeout=JOIN_TIMEOUT_SECONDS,
             )
         except (OSError, asyncio.TimeoutError, websockets.WebSocketException) as error:
             log.warning("call %s: cannot join Ultravox (%s); hanging up", record.id, error)
-            await self.store.update(record.id, statuses.FAILED, failure_reason=f"could not join Ultravox: {error}")
-            await _close_carrier(websocket)
-            await self._hang_up(carrier, record)
-            return stats
-
+            session.failure, session.hang_up = f"could not join Ultravox: {error}", True
+            return
         carrier_format = AudioFormat(carrier.media_encoding, carrier.media_rate)
         transcoder = Transcoder(carrier_format, carrier.media_rate)
         path = self.recordings(record)
-        recorder = CallRecorder(path, carrier.media_rate, self._clock) if path else None
-        caller = asyncio.create_task(
-            self._caller_to_agent(carrier, websocket, ultravox, transcoder, carrier_format, recorder, stats)
-        )
-        agent = asyncio.create_task(
-            self._agent_to_caller(carrier, websocket, ultravox, start.stream_id, transcoder, recorder, stats)
-        )
-        done, pending = await asyncio.wait({caller, agent}, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
+        session.recorder = CallRecorder(path, carrier.media_rate, self._clock) if path else None
+        caller = asyncio.create_task(self._caller_to_agent(session, transcoder, carrier_format))
+        agent = asyncio.create_task(self._agent_to_caller(session, start.stream_id, transcoder))
+        session.tasks = [caller, agent]
+        done, _ = await asyncio.wait({caller, agent}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("call %s: media relay failed", record.id, exc_info=task.exception())
+        if agent in done:
+            # The agent hung up: let the caller hear the goodbye still queued at the carrier first.
+            session.hang_up = True
+            await self._let_queued_audio_play(session, start.stream_id, caller)
+
+    async def _let_queued_audio_play(self, session: "_Session", stream_id: str, caller: asyncio.Task) -> None:
+        if session.stats.frames_out == 0 or caller.done():
+            return
+        queued = session.recorder.agent_queued_seconds if session.recorder else MAX_GOODBYE_SECONDS
+        session.goodbye_played = asyncio.Event()
+        with contextlib.suppress(Exception):
+            await session.websocket.send_text(session.carrier.media_mark(stream_id, GOODBYE_MARK))
+            await asyncio.wait_for(session.goodbye_played.wait(), timeout=min(queued, MAX_GOODBYE_SECONDS) + 1)
+
+    async def _clean_up(self, session: "_Session") -> None:
+        for task in session.tasks:
             task.cancel()
-        for task in (*done, *pending):
+        for task in session.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        agent_ended = agent in done
-        await ultravox.close()
-        await _close_carrier(websocket)
-        if agent_ended:
-            await self._hang_up(carrier, record)
-        await self._finish(record, stats, recorder)
-        return stats
+        if session.ultravox is not None:
+            with contextlib.suppress(Exception):
+                await session.ultravox.close()
+        await _close_carrier(session.websocket)
+        if session.hang_up:
+            await self._hang_up(session.carrier, session.record)
+        try:
+            await self._finish(session)
+        except Exception:
+            log.exception("call %s: could not record the end of the media stream", session.record.id)
+        self.on_stats(session.stats)
 
-    async def _start(self, carrier: Carrier, websocket: WebSocket, stats: MediaStats) -> StreamStart | None:
+    async def read_start(self, carrier: Carrier, websocket: WebSocket, stats: MediaStats) -> StreamStart | None:
         """The carrier's start message (after `connected`, if it sends one)."""
         deadline = self._clock() + START_TIMEOUT_SECONDS
         while (remaining := deadline - self._clock()) > 0:
@@ -188,10 +253,11 @@ class MediaBridge:
                 return event
             if isinstance(event, StreamStop):
                 return None
-        log.warning("%s media stream sent no start message", carrier.name)
         return None
 
-    async def _caller_to_agent(self, carrier, websocket, ultravox, transcoder, carrier_format, recorder, stats) -> None:
+    async def _caller_to_agent(self, session: "_Session", transcoder: Transcoder, carrier_format: AudioFormat) -> None:
+        carrier, websocket, ultravox = session.carrier, session.websocket, session.ultravox
+        recorder, stats = session.recorder, session.stats
         clock = _CallerClock(carrier.media_rate, carrier_format.bytes_per_sample, self._clock)
         while True:
             message = await websocket.receive()
@@ -218,10 +284,14 @@ class MediaBridge:
                     "text": f"(The caller pressed {event.digit} on the keypad.)",
                     "urgency": "immediate",
                 }))
+            elif isinstance(event, StreamMark) and event.name == GOODBYE_MARK and session.goodbye_played:
+                session.goodbye_played.set()
             elif isinstance(event, StreamStop):
                 return
 
-    async def _agent_to_caller(self, carrier, websocket, ultravox, stream_id, transcoder, recorder, stats) -> None:
+    async def _agent_to_caller(self, session: "_Session", stream_id: str, transcoder: Transcoder) -> None:
+        carrier, websocket, ultravox = session.carrier, session.websocket, session.ultravox
+        recorder, stats = session.recorder, session.stats
         async for message in ultravox:
             if isinstance(message, bytes):
                 await websocket.send_text(carrier.media_audio(stream_id, transcoder.from_pcm(message)))
@@ -256,15 +326,22 @@ class MediaBridge:
         except RemoteError as error:
             log.warning("call %s: hang-up failed: %s", record.id, error.reason)
 
-    async def _finish(self, record: CallRecord, stats: MediaStats, recorder: CallRecorder | None) -> None:
-        details: dict[str, Any] = {"media_stats": json.dumps(asdict(stats))}
-        if recorder:
+    async def _finish(self, session: "_Session") -> None:
+        record = session.record
+        details: dict[str, Any] = {"media_stats": json.dumps(asdict(session.stats))}
+        if session.recorder:
             try:
-                details["recording_path"] = str(await asyncio.to_thread(recorder.write))
+                path = str(await asyncio.to_thread(session.recorder.write))
+                # A call returned to the agent after a transfer has a recording per stretch.
+                details["recording_path"] = f"{record.recording_path},{path}" if record.recording_path else path
             except OSError as error:
                 log.error("call %s: recording not written: %s", record.id, error)
         await self.store.update(record.id, replace=details)
-        self.on_stats(stats)
+        if session.failure:
+            await self.store.update(record.id, statuses.FAILED, failure_reason=session.failure)
+        elif not await self.transfer_active(record.id):
+            # Over, unless the stream ended because a transfer moved the caller elsewhere.
+            await self.store.update(record.id, statuses.COMPLETED, provisional=True)
 
 
 async def _close_carrier(websocket: WebSocket) -> None:

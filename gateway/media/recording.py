@@ -39,6 +39,10 @@ class _Track:
         return max((start + len(samples) for start, samples in self.chunks), default=0)
 
 
+def _samples(pcm: bytes) -> np.ndarray:
+    return np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2")  # an odd trailing byte is dropped
+
+
 class CallRecorder:
     def __init__(self, path: Path, rate: int, clock=time.monotonic):
         self.path = path
@@ -52,10 +56,15 @@ class CallRecorder:
         return int((self._clock() - self._started) * self.rate)
 
     def caller(self, pcm: bytes) -> None:
-        self._caller.place(np.frombuffer(pcm, dtype="<i2"), self._now(), queued=False)
+        self._caller.place(_samples(pcm), self._now(), queued=False)
 
     def agent(self, pcm: bytes) -> None:
-        self._agent.place(np.frombuffer(pcm, dtype="<i2"), self._now(), queued=True)
+        self._agent.place(_samples(pcm), self._now(), queued=True)
+
+    @property
+    def agent_queued_seconds(self) -> float:
+        """Agent audio sent to the carrier but, by the clock, not played yet."""
+        return max(0, self._agent.cursor - self._now()) / self.rate
 
     def clear(self) -> None:
         self._agent.cut(self._now())
