@@ -117,7 +117,10 @@ class ServerThread:
     def start(self) -> "ServerThread":
         if self._thread is not None or self.server.started:
             raise RuntimeError("a ServerThread can be started only once")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP named explicitly: asyncio sets TCP_NODELAY only on sockets whose protocol
+        # says TCP, and accepted connections inherit it. With proto 0, Nagle's algorithm held a
+        # small message behind a large one for a 40 ms delayed ACK.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self._requested_port))
         self._sock = sock
