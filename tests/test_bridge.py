@@ -443,3 +443,29 @@ def test_the_agents_goodbye_plays_before_the_call_is_hung_up(bridged):
     marks, open_for = asyncio.run(scenario())
     assert marks and marks[0].data["mark"]["name"] == "gateway-goodbye"
     assert open_for >= 0.45  # the half second of goodbye had time to play
+
+
+def test_an_outbound_call_on_a_bridged_route_is_bridged_too(bridged, fake_carriers):
+    call = bridged("plivo")  # the route exists; this test places its own call on it
+    gateway, fake = call.gateway, fake_carriers["plivo"]
+    response = gateway.client.post("/v1/calls", headers={"Authorization": f"Bearer {API_KEY}"},
+                                   json={"to": "+15557654321", "route": "bridged", "carrier": "plivo"})
+    assert response.status_code == 201, response.text
+    (placed,) = fake.calls
+    root = ET.fromstring(fake.answer(placed).text)
+    stream_url = root.find("Stream").text
+    assert stream_url.startswith("wss://gateway.example.test/media/plivo?")
+    assert "serverWebSocket" in call.ultravox.requests[-1].body["medium"]
+    local = stream_url.replace("wss://gateway.example.test", gateway.server.url.replace("http", "ws"))
+
+    async def scenario():
+        async with CarrierStream("plivo", local) as stream:
+            await stream.start(call_id=placed.call_uuid)
+            await stream.play(speech(16000, 0.2))
+            await asyncio.sleep(0.2)
+            return stream.agent_audio()
+
+    assert len(asyncio.run(scenario())) > 0  # the callee heard the (echoing) agent through the gateway
+    refused = gateway.client.post("/v1/calls", headers={"Authorization": f"Bearer {API_KEY}"},
+                                  json={"to": "+15557654321", "route": "bridged", "carrier": "plivo", "via": "ultravox"})
+    assert refused.status_code == 422 and "bridge mode" in refused.text

@@ -22,6 +22,7 @@ from ..security import callback_token, valid_callback_token
 from ..settings import E164, RouteSettings, Settings
 from ..store import CallRecord, CallStore
 from ..ultravox import UltravoxClient, UltravoxError
+from ..media.bridge import bridged, server_websocket_medium, stream_xml
 from ..tools import transfer_tools
 from .call_request import build_call_request, ultravox_callbacks
 
@@ -195,6 +196,8 @@ class OutboundFlow:
         denied = next((prefix for prefix in policy.denied_prefixes if request.to.startswith(prefix)), None)
         if denied:
             raise DialRejected(403, f"destinations starting {denied} are denied by the dial policy")
+        if via == "ultravox" and request.route and (route := self.settings.route_named(request.route)) and route.mode == "bridge":
+            raise DialRejected(422, f"route {request.route} is in bridge mode: the gateway must place the call (via=carrier)")
         if via == "carrier" and not carrier.can_dial:
             raise DialRejected(422, f"{carrier_name} REST credentials are not configured on this gateway")
         if not self.settings.ultravox.api_key:
@@ -292,7 +295,7 @@ class OutboundFlow:
         pending = self._answering.get(call_id)
         if pending is not None:  # the carrier retried while the first delivery is still working
             join_url = await asyncio.shield(pending)
-            return carrier.connect_xml(join_url) if join_url else self._apology(carrier)
+            return await self._connect(carrier, record, join_url) if join_url else self._apology(carrier)
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._answering[call_id] = future
         outcome = AnswerOutcome()
@@ -308,7 +311,15 @@ class OutboundFlow:
             del self._answering[call_id]
         if outcome.hang_up:
             return carrier.hangup_xml()
-        return carrier.connect_xml(outcome.join_url) if outcome.join_url else self._apology(carrier)
+        if not outcome.join_url:
+            return self._apology(carrier)
+        return await self._connect(carrier, record, outcome.join_url)
+
+    async def _connect(self, carrier: Carrier, record: CallRecord, join_url: str) -> str:
+        if bridged(self.settings, record):  # the callee's audio goes through the gateway
+            record = await self.store.get(record.id)  # its carrier call id arrived with the answer
+            return stream_xml(self.settings, carrier, record.carrier_call_id)
+        return carrier.connect_xml(join_url)
 
     async def _connect_answered(
         self, carrier: Carrier, webhook: Webhook, record: CallRecord, deadline: float
@@ -327,7 +338,8 @@ class OutboundFlow:
             # A repeated answer webhook, maybe on another replica: hand back the same join URL.
             return AnswerOutcome(join_url=await self._join_url_of(record.id, deadline))
         route = RouteSettings.model_validate(stored["route"])
-        call_request = self._call_request(carrier, record, request, route, carrier.ultravox_medium())
+        medium = server_websocket_medium(carrier) if route.mode == "bridge" else carrier.ultravox_medium()
+        call_request = self._call_request(carrier, record, request, route, medium)
         try:
             created = await self.ultravox.create_call(
                 call_request.body, agent_id=call_request.agent_id, deadline=deadline - 0.3
