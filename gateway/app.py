@@ -91,7 +91,6 @@ class Gateway:
         self.tracking: CallTracking | None = None
         self.transfer: TransferFlow | None = None
         self.bridge: MediaBridge | None = None
-        self._media_tokens: dict[str, int] = {}  # used media tokens -> expiry
         self.transfer_store: TransferStore | None = None
         self.api: CallsApi | None = None
 
@@ -363,40 +362,38 @@ class Gateway:
         if not self.settings.insecure_skip_signature_verification:
             problem = carrier.upgrade_problem(self.public_url(websocket), websocket.headers)
         if problem is None and token is not None:
-            problem = self._claim_media_token(carrier, carrier_call_id or "", token)
+            problem = self._media_token_problem(carrier, carrier_call_id or "", token)
         elif problem is None and not carrier.upgrade_is_signed:
             problem = "missing media token"
         if problem is not None:
             return await self._refuse_media(carrier, websocket, problem)
-        await websocket.accept()
         start = None
         if token is None:
             # A signed upgrade without our query (Twilio may drop it): the credentials come as
             # stream parameters in the start message, checked before anything reaches Ultravox.
+            await websocket.accept()
             start = await self.bridge.read_start(carrier, websocket, MediaStats())
             params = start.parameters if start else {}
-            carrier_call_id = params.get("call", "")
-            problem = self._claim_media_token(carrier, carrier_call_id, params.get("token", ""))
+            carrier_call_id, token = params.get("call", ""), params.get("token", "")
+            problem = self._media_token_problem(carrier, carrier_call_id, token)
             if problem is None and start.carrier_call_id not in (None, carrier_call_id):
                 problem = "the stream's call is not the one its token names"
             if problem is not None:
                 return await self._refuse_media(carrier, websocket, problem)
         record = await self.store.find_by_carrier_call(carrier.name, carrier_call_id)
         if record is None or not record.join_url or not bridged(self.settings, record):
-            return await self._refuse_media(carrier, websocket, "no bridged call waiting for this media stream")
+            problem = "no bridged call waiting for this media stream"
+        # One socket per token, on whichever replica it lands: a compare-and-set in the store.
+        elif not await self.store.claim_media_token(record.id, token):
+            problem = "media token already used"
+        if problem is not None:
+            return await self._refuse_media(carrier, websocket, problem)
+        if start is None:
+            await websocket.accept()
         await self.bridge.run(carrier, websocket, record, start=start)
 
-    def _claim_media_token(self, carrier: Carrier, carrier_call_id: str, token: str) -> str | None:
-        """Why `token` cannot open this call's media socket; else it is now used up (in this process)."""
-        now = time.time()
-        problem = media_token_problem(self.settings.ultravox.api_key or "", carrier.name, carrier_call_id, token, now)
-        if problem is None and token in self._media_tokens:
-            problem = "media token already used"
-        if problem is None:
-            # Claimed before any await, so two racing upgrades cannot both pass.
-            self._media_tokens = {t: e for t, e in self._media_tokens.items() if e > now}
-            self._media_tokens[token] = int(token.partition(".")[0])
-        return problem
+    def _media_token_problem(self, carrier: Carrier, carrier_call_id: str, token: str) -> str | None:
+        return media_token_problem(self.settings.ultravox.api_key or "", carrier.name, carrier_call_id, token, time.time())
 
     async def _refuse_media(self, carrier: Carrier, websocket: WebSocket, problem: str) -> None:
         log.warning("%s media socket refused: %s", carrier.name, problem)

@@ -469,3 +469,25 @@ def test_an_outbound_call_on_a_bridged_route_is_bridged_too(bridged, fake_carrie
     refused = gateway.client.post("/v1/calls", headers={"Authorization": f"Bearer {API_KEY}"},
                                   json={"to": "+15557654321", "route": "bridged", "carrier": "plivo", "via": "ultravox"})
     assert refused.status_code == 422 and "bridge mode" in refused.text
+
+
+def test_a_media_token_opens_one_socket_across_replicas(bridged, make_gateway, tmp_path):
+    """Two gateways sharing one database: the token's use is recorded in the store, not in memory."""
+    call = bridged("telnyx")
+    gateway = call.gateway
+    other = make_gateway(f"""
+[[routes]]
+number = "{BRIDGED_NUMBER}"
+name = "bridged"
+agent_id = "{AGENT_ID}"
+mode = "bridge"
+""", database_url=gateway.settings.database_url)
+
+    async def first_use():
+        async with call.stream() as stream:
+            await stream.start(call_id=call.carrier_call_id)
+            await asyncio.to_thread(call.ultravox.wait_for_session)
+
+    asyncio.run(first_use())
+    on_the_other_replica = call.local_url.replace(gateway.server.url.replace("http", "ws"), other.server.url.replace("http", "ws"))
+    assert _refused(on_the_other_replica) == 403

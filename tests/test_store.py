@@ -122,7 +122,7 @@ def test_migrations_run_once_and_are_recorded(database_url):
         versions = await store.database.transaction(
             lambda connection: connection.exec_driver_sql("SELECT version FROM schema_version").all()
         )
-        assert [v[0] for v in versions] == [1, 2, 3]
+        assert [v[0] for v in versions] == [1, 2, 3, 4]
 
     run(database_url, scenario)
 
@@ -159,7 +159,7 @@ def test_a_database_from_before_the_media_columns_is_upgraded(tmp_path):
     engine.dispose()
 
     async def scenario(store):
-        assert await store.migrate() == 3
+        assert await store.migrate() == 4
         columns = await store.database.transaction(
             lambda connection: {c["name"] for c in sa.inspect(connection).get_columns("calls")}
         )

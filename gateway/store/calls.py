@@ -46,6 +46,7 @@ class CallRecord:
     agent_claimed_at: dt.datetime | None = None
     media_stats: str | None = None
     recording_path: str | None = None
+    media_token: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -171,6 +172,10 @@ class CallStore:
             rank = STATUS_RANK[status] - (1 if provisional and status in FINAL_STATUSES else 0)
         return await self.database.transaction(_update, call_id, status, rank, fill, replace or {}, utcnow())
 
+    async def claim_media_token(self, call_id: str, token: str) -> bool:
+        """Whether `token` opens this call's media socket now; a token is good for one socket."""
+        return await self.database.transaction(_claim_media_token, call_id, token)
+
     async def claim_agent(self, call_id: str) -> bool:
         """Whether this caller is the one to create the Ultravox call for an answered outbound call."""
         return await self.database.transaction(_claim_agent, call_id, utcnow())
@@ -271,6 +276,13 @@ def _update(
             sa.update(calls).where(calls.c.id == call_id, calls.c.status_rank < rank).values(**values)
         ).rowcount == 1
     return Updated(_get(connection, call_id), advanced)
+
+
+def _claim_media_token(connection: sa.Connection, call_id: str, token: str) -> bool:
+    used = sa.or_(calls.c.media_token.is_(None), calls.c.media_token != token)
+    return connection.execute(
+        sa.update(calls).where(calls.c.id == call_id, used).values(media_token=token)
+    ).rowcount == 1
 
 
 def _claim_agent(connection: sa.Connection, call_id: str, now: dt.datetime) -> bool:

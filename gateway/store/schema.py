@@ -44,6 +44,8 @@ calls = sa.Table(
     # Bridge mode (added by migration 3): audio counters (JSON) and the call's WAV, if recorded.
     sa.Column("media_stats", sa.Text),
     sa.Column("recording_path", sa.Text),
+    # Bridge mode (migration 4): the media token last used, so each opens one socket, on any replica.
+    sa.Column("media_token", sa.String(64)),
     # A carrier retry of the same call must find the first record, also across replicas.
     sa.UniqueConstraint("carrier", "carrier_call_id", name="uq_calls_carrier_call"),
     # A retried dial request must find the first call instead of dialling twice.
@@ -106,6 +108,11 @@ def _add_media_columns(connection: sa.Connection) -> None:
             connection.execute(sa.text(f"ALTER TABLE calls ADD COLUMN {column} TEXT"))
 
 
+def _add_media_token_column(connection: sa.Connection) -> None:
+    if "media_token" not in {column["name"] for column in sa.inspect(connection).get_columns("calls")}:
+        connection.execute(sa.text("ALTER TABLE calls ADD COLUMN media_token VARCHAR(64)"))
+
+
 # Append new migrations; never edit one that has shipped. (Version 1 grew the outbound columns
 # before the first release.)
-MIGRATIONS = [_create_v1, _create_transfers, _add_media_columns]
+MIGRATIONS = [_create_v1, _create_transfers, _add_media_columns, _add_media_token_column]
