@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 from urllib.parse import parse_qsl
 
 import httpx
@@ -145,21 +146,25 @@ class Gateway:
         endpoint.__name__ = f"{carrier.name}_{handler.__name__}"
         return endpoint
 
-    async def verified_webhook(self, carrier: Carrier, request: Request, *, call_token: bool = False) -> Webhook:
-        """The carrier's signed form; with `call_token`, also the gateway's own token for `?call=`."""
+    async def verified_webhook(
+        self, carrier: Carrier, request: Request, *, url_issued: Callable[[], bool] | None = None
+    ) -> Webhook:
+        """The carrier's signed form; with `url_issued`, also the gateway's own token in the URL."""
         webhook = await self.read_webhook(request)
         carrier.verify(webhook)
-        if call_token:
-            query = request.query_params
-            if not self.outbound.valid_callback(query.get("call", ""), query.get("t")):
-                raise SignatureRejected("this callback URL was not issued by this gateway")
+        if url_issued is not None and not url_issued():
+            raise SignatureRejected("this callback URL was not issued by this gateway")
         return webhook
+
+    def _call_url_issued(self, request: Request) -> bool:
+        query = request.query_params
+        return self.outbound.valid_callback(query.get("call", ""), query.get("t"))
 
     async def handle_outbound_answer(self, carrier: Carrier, request: Request) -> Response:
         """The callee picked up a call the gateway placed: connect the agent."""
         deadline = self.clock() + self.settings.ultravox.inbound_deadline_seconds
         try:
-            webhook = await self.verified_webhook(carrier, request, call_token=True)
+            webhook = await self.verified_webhook(carrier, request, url_issued=lambda: self._call_url_issued(request))
         except RequestRejected as rejection:
             return self._refused(carrier, rejection)
         call_id = request.query_params.get("call", "")
@@ -176,7 +181,9 @@ class Gateway:
         """Call progress callbacks: the call named in the URL, or an inbound call by its carrier id."""
         call_id = request.query_params.get("call")
         try:
-            webhook = await self.verified_webhook(carrier, request, call_token=call_id is not None)
+            webhook = await self.verified_webhook(
+                carrier, request, url_issued=(lambda: self._call_url_issued(request)) if call_id is not None else None
+            )
         except RequestRejected as rejection:
             return self._refused(carrier, rejection)
         record = await self.tracking.carrier_status(carrier, webhook, call_id)
@@ -314,10 +321,10 @@ class Gateway:
         leg_text = request.query_params.get("leg")
         leg = int(leg_text) if leg_text is not None and leg_text.isdigit() else None
         try:
-            webhook = await self.read_webhook(request)
-            carrier.verify(webhook)
-            if not self.transfer.valid_url(transfer_id, step, leg, request.query_params.get("t")):
-                raise SignatureRejected("this transfer URL was not issued by this gateway")
+            webhook = await self.verified_webhook(
+                carrier, request,
+                url_issued=lambda: self.transfer.valid_url(transfer_id, step, leg, request.query_params.get("t")),
+            )
         except RequestRejected as rejection:
             return self._refused(carrier, rejection)
         transfer = await self.transfer_store.get(transfer_id)
@@ -333,7 +340,6 @@ class Gateway:
                 xml = await flow.accept(carrier, transfer, leg, webhook)
             elif step == "operator-status":
                 await flow.operator_status(carrier, transfer, leg, webhook)
-                return Response(status_code=204)
             else:
                 xml = await flow.xml(carrier, transfer, step)
         except Exception:
@@ -346,7 +352,7 @@ class Gateway:
             else:
                 # The caller's phone: never silence, the apology (and the fallback number, if any).
                 xml = carrier.apology_xml(self.settings.fallback.message, self.settings.fallback.dial_number)
-        if step == "operator-status":
+        if step == "operator-status":  # an event, not a fetch: nothing to play
             return Response(status_code=204)
         return Response(xml, media_type=carrier.xml_media_type)
 

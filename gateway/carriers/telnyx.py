@@ -94,25 +94,26 @@ class TelnyxCarrier(TwimlCarrier):
         payload = response.json()
         return payload.get("call_sid") or payload.get("sid") if isinstance(payload, dict) else None
 
-    async def redirect(self, http: httpx.AsyncClient, carrier_call_id: str, url: str, *, deadline: float) -> None:
+    async def _update_call(
+        self, http: httpx.AsyncClient, carrier_call_id: str, params: dict[str, str], *, deadline: float
+    ) -> httpx.Response:
+        """POST to the live TeXML call (new TeXML to fetch, or a status)."""
         telnyx = self.settings.telnyx
-        response = await post_with_retries(
+        return await post_with_retries(
             http, f"{telnyx.api_base_url}/v2/texml/Accounts/{telnyx.account_sid}/Calls/{carrier_call_id}",
             service="Telnyx", policy=REST_POLICY, deadline=deadline,
-            json={"Url": url, "Method": "POST"}, headers={"Authorization": f"Bearer {telnyx.api_key}"},
+            json=params, headers={"Authorization": f"Bearer {telnyx.api_key}"},
         )
+
+    async def redirect(self, http: httpx.AsyncClient, carrier_call_id: str, url: str, *, deadline: float) -> None:
+        response = await self._update_call(http, carrier_call_id, {"Url": url, "Method": "POST"}, deadline=deadline)
         if response.status_code == 404:
             raise RemoteError("Telnyx no longer has this call (it ended)")
         if not 200 <= response.status_code < 300:
             raise RemoteError(f"Telnyx answered {response.status_code}: {response.text[:200]}")
 
     async def hang_up(self, http: httpx.AsyncClient, carrier_call_id: str, *, deadline: float) -> None:
-        telnyx = self.settings.telnyx
-        response = await post_with_retries(
-            http, f"{telnyx.api_base_url}/v2/texml/Accounts/{telnyx.account_sid}/Calls/{carrier_call_id}",
-            service="Telnyx", policy=REST_POLICY, deadline=deadline,
-            json={"Status": "completed"}, headers={"Authorization": f"Bearer {telnyx.api_key}"},
-        )
+        response = await self._update_call(http, carrier_call_id, {"Status": "completed"}, deadline=deadline)
         if not (200 <= response.status_code < 300 or response.status_code in (404, 422)):  # already ended
             raise RemoteError(f"Telnyx answered {response.status_code}: {response.text[:200]}")
 

@@ -73,25 +73,26 @@ class TwilioCarrier(TwimlCarrier):
             raise RemoteError(f"Twilio answered {response.status_code}: {response.text[:200]}")
         return response.json().get("sid")
 
-    async def redirect(self, http: httpx.AsyncClient, carrier_call_id: str, url: str, *, deadline: float) -> None:
+    async def _update_call(
+        self, http: httpx.AsyncClient, carrier_call_id: str, params: dict[str, str], *, deadline: float
+    ) -> httpx.Response:
+        """POST to the live call's resource (new TwiML to fetch, or a status)."""
         account = self.settings.twilio.account_sid
-        response = await post_with_retries(
+        return await post_with_retries(
             http, f"{self.settings.twilio.api_base_url}/2010-04-01/Accounts/{account}/Calls/{carrier_call_id}.json",
             service="Twilio", policy=REST_POLICY, deadline=deadline,
-            data={"Url": url, "Method": "POST"}, auth=(account, self.settings.twilio.auth_token),
+            data=params, auth=(account, self.settings.twilio.auth_token),
         )
+
+    async def redirect(self, http: httpx.AsyncClient, carrier_call_id: str, url: str, *, deadline: float) -> None:
+        response = await self._update_call(http, carrier_call_id, {"Url": url, "Method": "POST"}, deadline=deadline)
         if response.status_code == 404:
             raise RemoteError("Twilio no longer has this call (it ended)")
         if response.status_code != 200:
             raise RemoteError(f"Twilio answered {response.status_code}: {response.text[:200]}")
 
     async def hang_up(self, http: httpx.AsyncClient, carrier_call_id: str, *, deadline: float) -> None:
-        account = self.settings.twilio.account_sid
-        response = await post_with_retries(
-            http, f"{self.settings.twilio.api_base_url}/2010-04-01/Accounts/{account}/Calls/{carrier_call_id}.json",
-            service="Twilio", policy=REST_POLICY, deadline=deadline,
-            data={"Status": "completed"}, auth=(account, self.settings.twilio.auth_token),
-        )
+        response = await self._update_call(http, carrier_call_id, {"Status": "completed"}, deadline=deadline)
         if response.status_code not in (200, 404):  # 404: already ended, which is what we wanted
             raise RemoteError(f"Twilio answered {response.status_code}: {response.text[:200]}")
 

@@ -424,11 +424,9 @@ class TransferFlow:
 
     async def _finish(self, transfer: TransferRecord, final: str, outcome: str, *, expect: dict | None = None,
                       only_if_active: bool = True, **values: Any) -> TransferRecord | None:
-        if only_if_active:
-            finished = await self.transfers.finish(transfer.id, final, outcome, expect=expect, **values)
-        else:  # the RETURNING step has already released the call's transfer slot or ended
-            values.update(status=final, outcome=outcome, active_call_id=None, ended_at=utcnow())
-            finished = await self.transfers.update(transfer.id, only_if_active=False, **values)
+        finished = await self.transfers.finish(
+            transfer.id, final, outcome, expect=expect, only_if_active=only_if_active, **values
+        )
         if finished is not None:
             log.info("transfer %s: %s (%s)", transfer.id, final, outcome)
             self.on_outcome(finished)

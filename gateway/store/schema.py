@@ -100,17 +100,21 @@ def _create_transfers(connection: sa.Connection) -> None:
     metadata.create_all(connection, tables=[transfers])
 
 
-def _add_media_columns(connection: sa.Connection) -> None:
-    # A database created fresh by migration 1 (from today's table) has them already.
-    existing = {column["name"] for column in sa.inspect(connection).get_columns("calls")}
-    for column in ("media_stats", "recording_path"):
-        if column not in existing:
-            connection.execute(sa.text(f"ALTER TABLE calls ADD COLUMN {column} TEXT"))
+def _add_call_columns(**columns: str):
+    """A migration adding columns (name=SQL type) to calls; a database created fresh by migration 1
+    (from today's table) has them already."""
+
+    def migrate(connection: sa.Connection) -> None:
+        existing = {column["name"] for column in sa.inspect(connection).get_columns("calls")}
+        for name, sql_type in columns.items():
+            if name not in existing:
+                connection.execute(sa.text(f"ALTER TABLE calls ADD COLUMN {name} {sql_type}"))
+
+    return migrate
 
 
-def _add_media_token_column(connection: sa.Connection) -> None:
-    if "media_token" not in {column["name"] for column in sa.inspect(connection).get_columns("calls")}:
-        connection.execute(sa.text("ALTER TABLE calls ADD COLUMN media_token VARCHAR(64)"))
+_add_media_columns = _add_call_columns(media_stats="TEXT", recording_path="TEXT")
+_add_media_token_column = _add_call_columns(media_token="VARCHAR(64)")
 
 
 # Append new migrations; never edit one that has shipped. (Version 1 grew the outbound columns

@@ -100,12 +100,16 @@ class TransferStore:
         return await self.database.transaction(_release_leg, transfer_id, leg, utcnow())
 
     async def finish(
-        self, transfer_id: str, status: str, outcome: str, *, expect: dict | None = None, **values
+        self, transfer_id: str, status: str, outcome: str, *, expect: dict | None = None,
+        only_if_active: bool = True, **values,
     ) -> TransferRecord | None:
-        """End a transfer once; None when it had already ended (a repeated or late event)."""
+        """End a transfer once; None when it had already ended (a repeated or late event).
+
+        `only_if_active=False`: the transfer already gave up its slot (it is returning the caller).
+        """
         values.update(status=status, outcome=outcome, active_call_id=None)
         values["answered_at" if status == CONNECTED else "ended_at"] = utcnow()
-        return await self.update(transfer_id, expect=expect, **values)
+        return await self.update(transfer_id, only_if_active=only_if_active, expect=expect, **values)
 
     async def mark_ended(self, transfer_id: str) -> None:
         """The caller's conversation with the operator is over."""
