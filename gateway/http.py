@@ -106,6 +106,11 @@ def create_client(
     )
 
 
+def as_websocket_url(url: str) -> str:
+    """The same address spelt for a WebSocket: https:// -> wss://, http:// -> ws://."""
+    return url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+
+
 def request_never_sent(error: httpx.HTTPError) -> bool:
     """True when the request cannot have reached the server, so a retry cannot act twice.
 

@@ -12,7 +12,7 @@ import httpx
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 from twilio.twiml.voice_response import VoiceResponse
 
-from ..http import RemoteError, RetryPolicy, post_with_retries
+from ..http import RemoteError, RetryPolicy, as_websocket_url, post_with_retries
 from .base import MalformedFrame, OutboundDial, SignatureRejected, StreamStart, Webhook
 from .twiml import STATUS_CALLBACK_EVENTS, TwimlCarrier
 
@@ -105,7 +105,7 @@ class TwilioCarrier(TwimlCarrier):
             return "missing X-Twilio-Signature on the media socket"
         if not self.can_verify:
             return "TWILIO_AUTH_TOKEN is not configured on this gateway"
-        written = url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+        written = as_websocket_url(url)
         spellings = {written, written.replace("wss://", "https://", 1).replace("ws://", "http://", 1)}
         algorithm = get_signature_algorithm(headers.get("x-twilio-webhooks-signature-settings"))
         if not any(self._validator.validate(spelling, {}, signature, algorithm) for spelling in spellings):

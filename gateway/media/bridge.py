@@ -33,7 +33,7 @@ from ..carriers.base import (
     StreamStart,
     StreamStop,
 )
-from ..http import RemoteError
+from ..http import RemoteError, as_websocket_url
 from ..security import media_token
 from ..settings import Settings
 from ..store import CallRecord, CallStore
@@ -68,7 +68,7 @@ def stream_xml(settings: Settings, carrier: Carrier, carrier_call_id: str, now: 
         "call": carrier_call_id,
         "token": media_token(settings.ultravox.api_key or "", carrier.name, carrier_call_id, expires),
     }
-    base = (settings.public_url or "").replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+    base = as_websocket_url(settings.public_url or "")
     return carrier.connect_xml(f"{base}/media/{carrier.name}?{urlencode(credentials)}", parameters=credentials)
 
 

@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 import httpx
 import numpy as np
 
+from ..http import as_websocket_url
 from ..settings import Settings
 from .codecs import Resampler
 from .simulator import CarrierStream, twilio_stream_headers
@@ -94,8 +95,8 @@ async def simulate_call(
     stream_url = (stream.text if carrier == "plivo" else stream.get("url")) if stream is not None else None
     if not stream_url or "/media/" not in stream_url:
         raise SimulationError(f"the route for {to} is not in bridge mode (the gateway answered: {response.text})")
-    public_ws = settings.public_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
-    local_ws = gateway_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1).rstrip("/")
+    public_ws = as_websocket_url(settings.public_url)
+    local_ws = as_websocket_url(gateway_url).rstrip("/")
     local_url = local_ws + stream_url[len(public_ws):]
     stream_headers = twilio_stream_headers(settings.twilio.auth_token, stream_url) if carrier == "twilio" else None
     call_id = form["CallUUID"] if carrier == "plivo" else form["CallSid"]
