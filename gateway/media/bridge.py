@@ -309,6 +309,7 @@ class MediaBridge:
                 # Barge-in: the caller must stop hearing the agent now, not after the queue drains.
                 await websocket.send_text(carrier.media_clear(stream_id))
                 stats.clears += 1
+                transcoder.reset_outbound()  # a resampler must not carry the dropped audio's tail
                 if recorder:
                     recorder.clear()
             elif kind == "client_tool_invocation":
