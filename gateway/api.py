@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from .carriers import CARRIERS
 from .flows.outbound import DialRejected, DialRequest, OutboundFlow
 from .security import api_key_id, match_api_key
 from .settings import Settings
@@ -145,7 +146,7 @@ class CallsApi:
         try:
             filters = CallFilters(
                 status=_choice(query.get("status"), STATUSES, "status"),
-                carrier=_choice(query.get("carrier"), ["twilio", "telnyx", "plivo"], "carrier"),
+                carrier=_choice(query.get("carrier"), list(CARRIERS), "carrier"),
                 direction=_choice(query.get("direction"), ["inbound", "outbound"], "direction"),
                 created_after=_time(query.get("created_after"), "created_after"),
                 created_before=_time(query.get("created_before"), "created_before"),
@@ -250,7 +251,11 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "List calls, newest first",
                     "parameters": [
                         {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
-                        for name in ("status", "carrier", "direction", "created_after", "created_before", "cursor")
+                        for name in ("created_after", "created_before", "cursor")
+                    ] + [
+                        {"name": name, "in": "query", "required": False, "schema": {"type": "string", "enum": values}}
+                        for name, values in (("status", STATUSES), ("carrier", list(CARRIERS)),
+                                             ("direction", ["inbound", "outbound"]))
                     ] + [{"name": "limit", "in": "query", "required": False,
                           "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}}],
                     "responses": {"200": {"description": "a page of calls", "content": {"application/json": {

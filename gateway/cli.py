@@ -13,6 +13,9 @@ from .settings import ConfigError, load_settings
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .carriers import CARRIERS
+
+    carriers = list(CARRIERS)
     parser = argparse.ArgumentParser(prog="gateway", description="Telephony gateway for Ultravox")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     agent = dial.add_mutually_exclusive_group(required=True)
     agent.add_argument("--route", help="name of a configured route")
     agent.add_argument("--agent-id", help="an Ultravox agent id")
-    dial.add_argument("--carrier", choices=["twilio", "telnyx", "plivo"])
+    dial.add_argument("--carrier", choices=carriers)
     dial.add_argument("--from", dest="from_", help="one of the deployment's numbers (default: the first)")
     dial.add_argument("--via", choices=["carrier", "ultravox"])
     dial.add_argument("--greeting", help="what the agent says if the callee stays silent")
@@ -181,9 +184,13 @@ def tools_sync_command(args) -> int:
         print(f"Cannot sync tools without {', '.join(missing)}.", file=sys.stderr)
         return 2
 
+    from .app import create_app
+
+    urls = create_app(settings).state.gateway.urls  # the tools' URLs, from the gateway's route table
+
     async def run() -> list[str]:
         async with create_http_client(settings.ultravox) as http:
-            return await sync_tools(settings, http)
+            return await sync_tools(settings, urls, http)
 
     try:
         report = asyncio.run(run())

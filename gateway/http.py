@@ -41,7 +41,14 @@ class RetryPolicy:
 async def post_with_retries(
     http: httpx.AsyncClient, url: str, *, service: str, policy: RetryPolicy, deadline: float, **request: Any
 ) -> httpx.Response:
-    """POST once, or again only when the first try cannot have been acted on, while `deadline` allows.
+    return await request_with_retries(http, "POST", url, service=service, policy=policy, deadline=deadline, **request)
+
+
+async def request_with_retries(
+    http: httpx.AsyncClient, method: str, url: str, *, service: str, policy: RetryPolicy, deadline: float,
+    **request: Any,
+) -> httpx.Response:
+    """Send once, or again only when the first try cannot have been acted on, while `deadline` allows.
 
     Retried: 429/503 (after Retry-After) and errors before the request was sent. Anything else,
     including a timeout after sending, is final: the remote side may have acted on it (placed a
@@ -56,7 +63,7 @@ async def post_with_retries(
         try:
             # httpx's timeout bounds each phase (connect, write, read); this bounds the whole attempt.
             async with asyncio.timeout(min(remaining, policy.attempt_timeout)):
-                response = await http.post(url, **request)
+                response = await http.request(method, url, **request)
         except TimeoutError:
             raise RemoteError(f"{service} did not answer in time") from None
         except httpx.HTTPError as error:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
+import functools
 import os
 import re
 import tomllib
@@ -13,9 +12,9 @@ import zoneinfo
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+from . import numbers
 
 # Fields of [routes.call] that the gateway decides itself, per carrier and per call.
 GATEWAY_OWNED_CALL_FIELDS = {"medium", "firstSpeaker", "firstSpeakerSettings"}
@@ -47,38 +46,10 @@ class UltravoxSettings(_Section):
     webhook_tolerance_seconds: float = Field(default=60.0, gt=0)
 
 
-class TwilioSettings(_Section):
-    account_sid: str | None = None
-    auth_token: str | None = None
-    api_base_url: str = "https://api.twilio.com"
+class CarrierSettings(_Section):
+    """A carrier's [section]; each carrier module declares its own (gateway.carriers)."""
 
-
-class TelnyxSettings(_Section):
-    api_key: str | None = None
-    # Outbound TeXML calls: the account id in the Calls URL and the TeXML application that owns them.
-    account_sid: str | None = None
-    texml_application_id: str | None = None
-    public_key: str | None = None  # base64 ed25519 public key from the Telnyx portal
-    api_base_url: str = "https://api.telnyx.com"
-    timestamp_tolerance_seconds: int = Field(default=300, gt=0)
-
-    @field_validator("public_key")
-    @classmethod
-    def _ed25519_key(cls, value: str | None) -> str | None:
-        if value:
-            try:
-                raw = base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError):
-                raise ValueError("must be the base64 ed25519 public key from the Telnyx portal") from None
-            if len(raw) != 32:
-                raise ValueError(f"must decode to a 32-byte ed25519 key, got {len(raw)} bytes")
-        return value
-
-
-class PlivoSettings(_Section):
-    auth_id: str | None = None
-    auth_token: str | None = None
-    api_base_url: str = "https://api.plivo.com"
+    api_base_url: str
 
 
 class FallbackSettings(_Section):
@@ -92,9 +63,7 @@ class FallbackSettings(_Section):
     @field_validator("dial_number")
     @classmethod
     def _e164(cls, value: str | None) -> str | None:
-        if value is not None and not E164.match(value):
-            raise ValueError(f"must be an E.164 number like +15551234567, got {value!r}")
-        return value
+        return None if value is None else numbers.e164(value)
 
 
 class DialPolicySettings(_Section):
@@ -115,34 +84,54 @@ class DialPolicySettings(_Section):
     @field_validator("allowed_prefixes", "denied_prefixes")
     @classmethod
     def _prefixes(cls, value: list[str]) -> list[str]:
-        for prefix in value:
-            if not re.match(r"^\+[1-9]\d{0,14}$", prefix):
-                raise ValueError(f"prefixes look like +1 or +4420, got {prefix!r}")
-        return value
+        return [numbers.prefix(prefix) for prefix in value]
 
 
-CarrierName = Literal["twilio", "telnyx", "plivo"]
+def carrier_names() -> list[str]:
+    from .carriers import CARRIERS  # carriers import settings; the registry is read when needed
+
+    return list(CARRIERS)
+
+
+def _known_carrier(name: str) -> str:
+    if name not in carrier_names():
+        raise ValueError(f"unknown carrier {name!r}; this gateway speaks {', '.join(carrier_names())}")
+    return name
 
 
 class OutboundSettings(_Section):
-    default_carrier: CarrierName = "twilio"
+    # The carrier of dial requests that name none; default: the first with numbers below.
+    default_carrier: str | None = None
     # "carrier": the gateway dials through the carrier's REST API and creates the Ultravox call
     # when the callee answers. "ultravox": Ultravox dials with the carrier credentials imported
     # into the Ultravox account.
     default_via: Literal["carrier", "ultravox"] = "carrier"
     ring_timeout_seconds: int = Field(default=30, ge=5, le=120)
     # Numbers this deployment owns, per carrier; a dial request's `from` must be one of them.
-    numbers: dict[CarrierName, list[str]] = Field(default_factory=dict)
+    numbers: dict[str, list[str]] = Field(default_factory=dict)
     policy: DialPolicySettings = Field(default_factory=DialPolicySettings)
+
+    @field_validator("default_carrier")
+    @classmethod
+    def _default_carrier(cls, value: str | None) -> str | None:
+        return None if value is None else _known_carrier(value)
 
     @field_validator("numbers")
     @classmethod
     def _numbers(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
-        for carrier, numbers in value.items():
-            for number in numbers:
-                if not E164.match(number):
-                    raise ValueError(f"{carrier} number {number!r} is not E.164 (like +15551234567)")
+        for carrier, owned in value.items():
+            _known_carrier(carrier)
+            for number in owned:
+                try:
+                    numbers.e164(number)
+                except numbers.InvalidNumber:
+                    raise ValueError(f"{carrier} number {number!r} is not E.164 (like +15551234567)") from None
         return value
+
+    @property
+    def carrier(self) -> str:
+        """The carrier of a dial request that names none."""
+        return self.default_carrier or next(iter(self.numbers), None) or carrier_names()[0]
 
 
 WEEKDAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
@@ -191,16 +180,12 @@ class OperatorSettings(_Section):
     @field_validator("number", "caller_id")
     @classmethod
     def _e164(cls, value: str | None) -> str | None:
-        if value is not None and not E164.match(value):
-            raise ValueError(f"must be an E.164 number like +15551234567, got {value!r}")
-        return value
+        return None if value is None else numbers.e164(value)
 
     @field_validator("sip")
     @classmethod
     def _sip(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^sips?:[^@\s]+@[^\s]+$", value):
-            raise ValueError(f"must be a SIP URI like sip:desk@pbx.example.com, got {value!r}")
-        return value
+        return None if value is None else numbers.sip_uri(value)
 
     @field_validator("hours")
     @classmethod
@@ -269,8 +254,11 @@ class RouteSettings(_Section):
     @field_validator("number")
     @classmethod
     def _number(cls, value: str) -> str:
-        if value != "*" and not E164.match(value):
-            raise ValueError(f"must be an E.164 number like +15551234567 or \"*\", got {value!r}")
+        if value != "*":
+            try:
+                numbers.e164(value)
+            except numbers.InvalidNumber:
+                raise ValueError(f"must be an E.164 number like +15551234567 or \"*\", got {value!r}") from None
         return value
 
     @field_validator("agent_id")
@@ -335,9 +323,7 @@ class Settings(_Section):
     # For local development only: accept webhooks without checking carrier signatures.
     insecure_skip_signature_verification: bool = False
     ultravox: UltravoxSettings = Field(default_factory=UltravoxSettings)
-    twilio: TwilioSettings = Field(default_factory=TwilioSettings)
-    telnyx: TelnyxSettings = Field(default_factory=TelnyxSettings)
-    plivo: PlivoSettings = Field(default_factory=PlivoSettings)
+    # Each carrier's section ([twilio], …) is added from the registry: see settings_class().
     fallback: FallbackSettings = Field(default_factory=FallbackSettings)
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
     # Keys accepted as `Authorization: Bearer KEY` on /v1/* (env GATEWAY_API_KEYS, comma-separated).
@@ -421,7 +407,7 @@ class Settings(_Section):
             notes.append("no [[routes]] are configured: every call will hear the no-route message")
         if not self.public_url:
             notes.append(
-                "GATEWAY_PUBLIC_URL is not set: Twilio and Plivo signatures are checked against the URL the request "
+                "GATEWAY_PUBLIC_URL is not set: carrier signatures are checked against the URL the request "
                 "arrived on, which is wrong behind a proxy"
             )
         if any(route.operators for route in self.routes) and not self.tool_secret:
@@ -434,13 +420,10 @@ class Settings(_Section):
             )
         if self.insecure_skip_signature_verification:
             notes.append("insecure_skip_signature_verification is on: anyone can send forged carrier webhooks")
-        else:
-            if not self.twilio.auth_token:
-                notes.append("TWILIO_AUTH_TOKEN is not set: Twilio webhooks will be refused")
-            if not self.telnyx.public_key:
-                notes.append("TELNYX_PUBLIC_KEY is not set: Telnyx webhooks will be refused")
-            if not self.plivo.auth_token:
-                notes.append("PLIVO_AUTH_TOKEN is not set: Plivo webhooks will be refused")
+        from .carriers import CARRIERS
+
+        for carrier in CARRIERS.values():
+            notes += carrier(self).warnings()
         return notes
 
 
@@ -453,16 +436,29 @@ ENVIRONMENT: dict[str, tuple[str | None, str]] = {
     "ULTRAVOX_API_KEY": ("ultravox", "api_key"),
     "ULTRAVOX_BASE_URL": ("ultravox", "base_url"),
     "ULTRAVOX_WEBHOOK_SECRET": ("ultravox", "webhook_secret"),
-    "TWILIO_ACCOUNT_SID": ("twilio", "account_sid"),
-    "TWILIO_AUTH_TOKEN": ("twilio", "auth_token"),
-    "TWILIO_API_BASE_URL": ("twilio", "api_base_url"),
-    "TELNYX_API_KEY": ("telnyx", "api_key"),
-    "TELNYX_PUBLIC_KEY": ("telnyx", "public_key"),
-    "TELNYX_API_BASE_URL": ("telnyx", "api_base_url"),
-    "PLIVO_AUTH_ID": ("plivo", "auth_id"),
-    "PLIVO_AUTH_TOKEN": ("plivo", "auth_token"),
-    "PLIVO_API_BASE_URL": ("plivo", "api_base_url"),
 }
+
+
+def environment() -> dict[str, tuple[str | None, str]]:
+    """Every environment variable the gateway reads: its own, then each carrier's."""
+    from .carriers import CARRIERS
+
+    variables = dict(ENVIRONMENT)
+    for name, carrier in CARRIERS.items():
+        variables.update({variable: (name, key) for variable, key in carrier.environment.items()})
+    return variables
+
+
+@functools.cache
+def settings_class() -> type[Settings]:
+    """Settings with one section per registered carrier, typed by the carrier's own model."""
+    from .carriers import CARRIERS
+
+    sections = {
+        name: (carrier.settings_model, Field(default_factory=carrier.settings_model))
+        for name, carrier in CARRIERS.items()
+    }
+    return create_model("Settings", __base__=Settings, **sections)
 
 
 def load_settings(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -479,7 +475,7 @@ def load_settings(path: str | os.PathLike | None = None, environ: Mapping[str, s
         except tomllib.TOMLDecodeError as error:
             raise ConfigError([f"config file {path} is not valid TOML: {error}"]) from None
     data = _flatten_gateway_table(data)
-    for variable, (section, key) in ENVIRONMENT.items():
+    for variable, (section, key) in environment().items():
         value = environ.get(variable)
         if value:
             target = data if section is None else data.setdefault(section, {})
@@ -487,7 +483,7 @@ def load_settings(path: str | os.PathLike | None = None, environ: Mapping[str, s
                 raise ConfigError([f"[{section}] in the config file must be a table"])
             target[key] = value
     try:
-        return Settings.model_validate(data)
+        return settings_class().model_validate(data)
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error, data)) from None
 
@@ -541,6 +537,7 @@ def _toml_scalar_text(value: Any) -> str:
 
 
 __all__ = [
+    "CarrierSettings",
     "ConfigError",
     "FallbackSettings",
     "RouteSettings",

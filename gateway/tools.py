@@ -13,6 +13,7 @@ import httpx
 
 from .http import RemoteError
 from .settings import Settings
+from .urls import Urls
 
 COLD_TOOL = "transferToOperator"
 WARM_TOOL = "warmTransferToOperator"
@@ -20,7 +21,8 @@ SECRET_HEADER = "X-Gateway-Tool-Secret"
 SECRET_REQUIREMENT = "gatewayToolSecret"
 # Durable tool names for `gateway tools sync`.
 DURABLE_NAMES = {COLD_TOOL: "gateway-transfer", WARM_TOOL: "gateway-warm-transfer"}
-TOOL_PATHS = {COLD_TOOL: "/tools/transfer", WARM_TOOL: "/tools/warm-transfer"}
+# The gateway's routes serving them (see gateway.app).
+TOOL_ROUTES = {COLD_TOOL: "tool-transfer", WARM_TOOL: "tool-warm-transfer"}
 
 
 def _body(name: str, description: str, schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
@@ -28,7 +30,7 @@ def _body(name: str, description: str, schema: dict[str, Any], required: bool = 
             "required": required}
 
 
-def tool_definition(settings: Settings, tool: str, operators: list[str]) -> dict[str, Any]:
+def tool_definition(settings: Settings, urls: Urls, tool: str, operators: list[str]) -> dict[str, Any]:
     """A BaseToolDefinition for the cold or warm transfer tool, limited to `operators`."""
     listing = "; ".join(f"{name}: {settings.operators[name].description}" for name in operators)
     parameters = [
@@ -56,22 +58,22 @@ def tool_definition(settings: Settings, tool: str, operators: list[str]) -> dict
         "requirements": {"httpSecurityOptions": {"options": [
             {"requirements": {SECRET_REQUIREMENT: {"headerApiKey": {"name": SECRET_HEADER}}}}
         ]}},
-        "http": {"baseUrlPattern": f"{settings.public_url}{TOOL_PATHS[tool]}", "httpMethod": "POST"},
+        "http": {"baseUrlPattern": urls.tool(TOOL_ROUTES[tool]), "httpMethod": "POST"},
         "timeout": "5s",
     }
 
 
-def transfer_tools(settings: Settings, operators: list[str]) -> list[dict[str, Any]]:
+def transfer_tools(settings: Settings, urls: Urls, operators: list[str]) -> list[dict[str, Any]]:
     """SelectedTools to attach to a call whose route may use `operators` (none if not configured)."""
     if not operators or not settings.tool_secret or not settings.public_url:
         return []
     return [
-        {"temporaryTool": tool_definition(settings, tool, operators), "authTokens": {SECRET_REQUIREMENT: settings.tool_secret}}
+        {"temporaryTool": tool_definition(settings, urls, tool, operators), "authTokens": {SECRET_REQUIREMENT: settings.tool_secret}}
         for tool in (COLD_TOOL, WARM_TOOL)
     ]
 
 
-async def sync_tools(settings: Settings, http: httpx.AsyncClient) -> list[str]:
+async def sync_tools(settings: Settings, urls: Urls, http: httpx.AsyncClient) -> list[str]:
     """Create or update the durable versions of the tools, naming every configured operator.
 
     Returns one line per tool saying what was done. Raises RemoteError when Ultravox refuses.
@@ -79,7 +81,7 @@ async def sync_tools(settings: Settings, http: httpx.AsyncClient) -> list[str]:
     operators = sorted(settings.operators)
     report = []
     for tool, name in DURABLE_NAMES.items():
-        definition = tool_definition(settings, tool, operators)
+        definition = tool_definition(settings, urls, tool, operators)
         listing = await http.get("/api/tools", params={"search": name})
         if listing.status_code != 200:
             raise RemoteError(f"Ultravox answered {listing.status_code} listing tools: {listing.text[:200]}")

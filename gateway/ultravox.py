@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import httpx
 
 from .http import RemoteError, RetryPolicy, create_client, post_with_retries
+from .security import WebhookRejected, verify_ultravox_webhook
 from .settings import UltravoxSettings
+
+@dataclass(frozen=True)
+class CallRequest:
+    """A call for Ultravox to create; see gateway.flows.call_request for how bodies are built."""
+
+    agent_id: str | None  # None: an inline call (POST /api/calls)
+    body: dict[str, Any]
+    prior_call_id: str | None = None  # continue that call's conversation (?priorCallId=)
+
 
 class UltravoxError(RemoteError):
     """The call could not be created; `reason` is short and safe to store."""
@@ -38,21 +50,19 @@ class UltravoxClient:
         self._settings = settings
         self._policy = RetryPolicy(settings.max_attempts, settings.request_timeout_seconds, clock)
 
-    async def create_call(
-        self, body: dict[str, Any], *, agent_id: str | None, deadline: float, prior_call_id: str | None = None
-    ) -> CreatedCall:
+    async def create_call(self, request: CallRequest, *, deadline: float) -> CreatedCall:
         """Create an Ultravox call, retrying 429/503 and connection failures while `deadline` allows.
 
-        `deadline` is a value of the client's monotonic clock. `prior_call_id` continues that call's
-        conversation (its settings and messages) in the new call.
+        `deadline` is a value of the client's monotonic clock.
         """
         if not self._settings.api_key:
             raise UltravoxError("ULTRAVOX_API_KEY is not configured")
-        path = f"/api/agents/{agent_id}/calls" if agent_id else "/api/calls"
-        params = {"priorCallId": prior_call_id} if prior_call_id else None
+        path = f"/api/agents/{request.agent_id}/calls" if request.agent_id else "/api/calls"
+        params = {"priorCallId": request.prior_call_id} if request.prior_call_id else None
         try:
             response = await post_with_retries(
-                self._http, path, service="Ultravox", policy=self._policy, deadline=deadline, json=body, params=params
+                self._http, path, service="Ultravox", policy=self._policy, deadline=deadline, json=request.body,
+                params=params,
             )
         except RemoteError as error:
             raise UltravoxError(error.reason) from None
@@ -84,3 +94,71 @@ def _created_call(response: httpx.Response) -> CreatedCall:
     if not isinstance(join_url, str) or not join_url.startswith(("wss://", "ws://")):
         raise UltravoxError("Ultravox answered without a usable joinUrl")
     return CreatedCall(call_id=str(call_id or ""), join_url=join_url)
+
+
+# --- Ultravox's call events (per-call callbacks and account webhooks) ------------------------------
+
+
+class EventRejected(Exception):
+    """Not an event the gateway accepts; answer `status` and change nothing."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class UltravoxEvent:
+    name: str  # call.joined, call.ended, …
+    call_id: str
+    end_reason: str | None = None
+    summary: str | None = None
+    joined: dt.datetime | None = None
+    ended: dt.datetime | None = None
+
+    @property
+    def duration_seconds(self) -> int | None:
+        if self.joined is None or self.ended is None:
+            return None
+        return max(0, round((self.ended - self.joined).total_seconds()))
+
+
+def read_event(settings: UltravoxSettings, body: bytes, headers: Mapping[str, str]) -> UltravoxEvent:
+    """A signed event from Ultravox, checked (signature, age) and parsed. Raises EventRejected."""
+    if not settings.webhook_secret:
+        raise EventRejected(403, "ULTRAVOX_WEBHOOK_SECRET is not configured on this gateway")
+    try:
+        verify_ultravox_webhook(
+            settings.webhook_secret, body, headers.get("x-ultravox-webhook-timestamp"),
+            headers.get("x-ultravox-webhook-signature"), tolerance_seconds=settings.webhook_tolerance_seconds,
+        )
+    except WebhookRejected as rejection:
+        raise EventRejected(403, str(rejection)) from None
+    try:
+        event = json.loads(body)
+        name, call = event["event"], event["call"]
+        call_id = call["callId"]
+        if not isinstance(name, str) or not isinstance(call_id, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise EventRejected(400, 'expected {"event": …, "call": {"callId": …}}') from None
+    return UltravoxEvent(
+        name=name,
+        call_id=call_id,
+        end_reason=_text(call.get("endReason")),
+        summary=_text(call.get("summary")) or _text(call.get("shortSummary")),
+        joined=_time(call.get("joined")),
+        ended=_time(call.get("ended")),
+    )
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _time(value: Any) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")) if value else None
+    except ValueError:
+        return None

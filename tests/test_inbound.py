@@ -116,7 +116,7 @@ def test_inline_route_creates_a_call_with_the_configured_prompt(gateway, fake_ul
     assert request.body["systemPrompt"] == "You are a helpful receptionist."
     assert request.body["voice"] == "Mark"
     assert request.body["medium"] == {"twilio": {}}
-    assert request.body["firstSpeakerSettings"] == {"agent": {}}
+    assert "firstSpeakerSettings" not in request.body  # no greeting of its own: the call's settings apply
     assert "templateContext" not in request.body
 
 

@@ -10,11 +10,13 @@ import httpx
 import pytest
 
 from gateway.cli import main as cli_main
-from gateway.flows.call_request import build_call_request, duration, template_context
+from gateway.carriers import CARRIERS
+from gateway.flows.call_request import CallBodies, CallIdentity, duration, template_context
 from gateway.settings import ConfigError, RouteSettings, UltravoxSettings, load_settings
+from gateway.urls import Urls
 from gateway.testing import validate_ultravox_request
 from gateway.http import request_never_sent, retry_after_seconds
-from gateway.ultravox import UltravoxClient, UltravoxError, create_http_client
+from gateway.ultravox import CallRequest, UltravoxClient, UltravoxError, create_http_client
 
 AGENT = "6f1c2d3e-4b5a-4c6d-8e7f-9a0b1c2d3e4f"
 
@@ -45,11 +47,18 @@ def test_template_context_nests_dotted_names_and_skips_missing_parameters():
     }
 
 
-def test_outbound_style_request_lets_the_user_speak_first_and_validates():
+@pytest.mark.parametrize("carrier_name", list(CARRIERS))
+def test_outbound_style_request_lets_the_user_speak_first_and_validates(carrier_name):
+    settings = load_settings(None, {})
+    carrier = CARRIERS[carrier_name](settings)
     route = RouteSettings(number="*", agent_id=AGENT, metadata={"campaign": "spring"})
-    request = build_call_request(route, medium={"plivo": {}}, metadata={"gateway.carrier": "plivo"},
-                                 webhook_params={}, agent_speaks_first=False)
+    request = CallBodies(settings, Urls(settings)).for_route(
+        route, carrier=carrier, identity=CallIdentity(carrier.name, None, "call-1", "api"),
+        medium=carrier.ultravox_medium(), webhook_params={}, agent_speaks_first=False,
+    )
     assert request.body["firstSpeakerSettings"] == {"user": {}}
+    assert request.body["metadata"] == {"campaign": "spring", "gateway.carrier": carrier.name,
+                                        "gateway.call_id": "call-1", "gateway.route": "api"}
     assert validate_ultravox_request(request.body, agent=True) == []
 
 
@@ -125,7 +134,7 @@ def test_connection_errors_are_retried_with_backoff():
             raise httpx.ConnectError("refused")
         return httpx.Response(201, json=CREATED)
 
-    created = asyncio.run(client_with(handler).create_call({}, agent_id=None, deadline=time.monotonic() + 5))
+    created = asyncio.run(client_with(handler).create_call(CallRequest(None, {}), deadline=time.monotonic() + 5))
     assert created.join_url == CREATED["joinUrl"]
     assert len(attempts) == 3
     assert attempts[2] - attempts[1] > attempts[1] - attempts[0] > 0.15  # doubling backoff
@@ -139,7 +148,7 @@ def test_read_timeouts_are_not_retried_because_the_call_may_exist():
         raise httpx.ReadTimeout("slow")
 
     with pytest.raises(UltravoxError, match="ReadTimeout"):
-        asyncio.run(client_with(handler).create_call({}, agent_id=None, deadline=time.monotonic() + 5))
+        asyncio.run(client_with(handler).create_call(CallRequest(None, {}), deadline=time.monotonic() + 5))
     assert len(attempts) == 1
 
 
@@ -151,7 +160,7 @@ def test_attempts_are_capped():
         return httpx.Response(503, headers={"Retry-After": "0"})
 
     with pytest.raises(UltravoxError, match="503"):
-        asyncio.run(client_with(handler, max_attempts=3).create_call({}, agent_id=None, deadline=time.monotonic() + 5))
+        asyncio.run(client_with(handler, max_attempts=3).create_call(CallRequest(None, {}), deadline=time.monotonic() + 5))
     assert len(attempts) == 3
 
 
@@ -162,7 +171,7 @@ def test_agent_calls_go_to_the_agent_path_with_the_api_key():
         seen.append(request)
         return httpx.Response(201, json=CREATED)
 
-    asyncio.run(client_with(handler).create_call({"a": 1}, agent_id=AGENT, deadline=time.monotonic() + 5))
+    asyncio.run(client_with(handler).create_call(CallRequest(AGENT, {"a": 1}), deadline=time.monotonic() + 5))
     assert seen[0].url.path == f"/api/agents/{AGENT}/calls"
     assert seen[0].headers["x-api-key"] == "k"
 
@@ -171,7 +180,7 @@ def test_no_api_key_fails_without_a_request():
     config = UltravoxSettings(api_key=None)
     client = UltravoxClient(httpx.AsyncClient(transport=httpx.MockTransport(lambda r: 1 / 0)), config)
     with pytest.raises(UltravoxError, match="ULTRAVOX_API_KEY"):
-        asyncio.run(client.create_call({}, agent_id=None, deadline=time.monotonic() + 5))
+        asyncio.run(client.create_call(CallRequest(None, {}), deadline=time.monotonic() + 5))
 
 
 def test_only_errors_before_sending_count_as_never_sent():

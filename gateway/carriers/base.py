@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import httpx
+from starlette.responses import Response
 
-from ..settings import Settings
+from .. import numbers
+from ..http import RemoteError, RetryPolicy, request_with_retries
+from ..settings import CarrierSettings, Settings
 
 
 class RequestRejected(Exception):
@@ -34,6 +37,24 @@ class MalformedWebhook(RequestRejected):
     status = 400
 
 
+class CallGone(RemoteError):
+    """The carrier no longer has the call (it ended); for a hang-up, that is success."""
+
+
+@dataclass(frozen=True)
+class WebhookFormat:
+    """How a carrier's webhooks carry their parameters."""
+
+    name: str
+    method: str
+    content_type: str | None  # None: a GET, parameters in the query
+
+
+FORM = WebhookFormat("form", "POST", "application/x-www-form-urlencoded")
+JSON = WebhookFormat("json", "POST", "application/json")
+QUERY = WebhookFormat("query", "GET", None)
+
+
 @dataclass(frozen=True)
 class Webhook:
     """A carrier's HTTP request as the carrier sent it, before any interpretation."""
@@ -42,7 +63,9 @@ class Webhook:
     method: str
     headers: Mapping[str, str]  # case-insensitive
     body: bytes
-    params: Mapping[str, list[str]] = field(default_factory=dict)  # form fields, all values
+    params: Mapping[str, list[str]] = field(default_factory=dict)  # form/query fields (JSON: top-level scalars)
+    client: str | None = None  # the sending address, for carriers that sign nothing
+    format: WebhookFormat = FORM
 
     def param(self, name: str) -> str | None:
         values = self.params.get(name)
@@ -62,6 +85,8 @@ class OutboundDial:
     status_url: str  # call progress callbacks
     ring_timeout_seconds: int
     machine_detection: bool = False
+    # Carriers whose dial names the media stream itself (dials_into_stream): where to stream.
+    stream_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -171,30 +196,60 @@ class InboundCall:
 class Carrier(ABC):
     """The shared flow once; each carrier states only what differs."""
 
-    name: ClassVar[str]
-    xml_media_type: ClassVar[str] = "application/xml"
+    name: ClassVar[str]  # in URLs, the config section, metadata and the record
+    title: ClassVar[str]  # in messages: "Twilio"
+    settings_model: ClassVar[type[CarrierSettings]]  # its [name] section in the config file
+    environment: ClassVar[Mapping[str, str]] = {}  # environment variable -> key of that section
+    # Where numbers the carrier sends in national format are read (None: it sends E.164 or digits
+    # with the country code).
+    default_region: ClassVar[str | None] = None
+
+    # --- webhooks: how they arrive, how they are answered ---------------------------------------
+    webhook_formats: ClassVar[tuple[WebhookFormat, ...]] = (FORM,)
+    answer_media_type: ClassVar[str] = "application/xml"
     call_id_param: ClassVar[str]
     from_param: ClassVar[str] = "From"
     to_param: ClassVar[str] = "To"
+    # The carrier's call status words -> gateway.statuses (words not listed are not tracked).
+    call_statuses: ClassVar[Mapping[str, str]] = {}
+
+    # --- what the carrier can do ----------------------------------------------------------------
+    # A live call can be moved to new call instructions (redirect): operator transfers need it.
+    can_transfer: ClassVar[bool] = True
+    # Its dial API takes the stream URL itself, rather than fetching an answer URL on pick-up:
+    # the Ultravox call then exists before the phone rings.
+    dials_into_stream: ClassVar[bool] = False
+    # Ultravox can place calls on this carrier itself (medium.<carrier>.outgoing).
+    ultravox_can_dial: ClassVar[bool] = True
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.config = getattr(settings, self.name)
+
+    def warnings(self) -> list[str]:
+        """Configuration a person should fix for this carrier (settings are valid otherwise)."""
+        if self.settings.insecure_skip_signature_verification or self.can_verify:
+            return []
+        missing = " / ".join(var for var, key in self.environment.items() if key in self.verification_keys)
+        return [f"{missing or 'the ' + self.title + ' secret'} is not set: {self.title} webhooks will be refused"]
+
+    verification_keys: ClassVar[tuple[str, ...]] = ()  # settings keys that webhook checks need
 
     # --- authenticity ---------------------------------------------------------------------------
     @property
-    @abstractmethod
     def can_verify(self) -> bool:
-        """Whether the secret needed to check this carrier's signatures is configured."""
+        """Whether the secret needed to check this carrier's webhooks is configured."""
+        return all(getattr(self.config, key) for key in self.verification_keys)
 
     @abstractmethod
     def _verify(self, webhook: Webhook) -> None:
-        """Raise SignatureRejected unless the carrier signed this exact request."""
+        """Raise SignatureRejected unless the carrier sent this exact request."""
 
     def verify(self, webhook: Webhook) -> None:
         if self.settings.insecure_skip_signature_verification:
             return
         if not self.can_verify:
-            raise SignatureRejected(f"{self.name} signature secret is not configured on this gateway")
+            raise SignatureRejected(f"{self.title} webhook credentials are not configured on this gateway")
         self._verify(webhook)
 
     # --- parsing --------------------------------------------------------------------------------
@@ -203,7 +258,7 @@ class Carrier(ABC):
         # From may be empty for a withheld caller id; that caller still deserves an answer.
         missing = [p for p in (self.call_id_param, self.to_param) if not params.get(p)]
         if missing:
-            raise MalformedWebhook(f"missing {', '.join(missing)} in {self.name} webhook")
+            raise MalformedWebhook(f"missing {', '.join(missing)} in {self.title} webhook")
         return InboundCall(
             carrier=self.name,
             call_id=params[self.call_id_param],
@@ -214,7 +269,38 @@ class Carrier(ABC):
 
     def normalize_number(self, number: str) -> str:
         """E.164 where the carrier sent a phone number; SIP URIs and client names stay as they are."""
-        return number.strip()
+        return numbers.from_carrier(number, self.default_region)
+
+    # --- REST: one helper for every call to the carrier's API -------------------------------------
+    # 429 means "not processed"; the only other retries are errors before sending.
+    rest_policy: ClassVar[RetryPolicy] = RetryPolicy(max_attempts=3, attempt_timeout=10.0)
+    # Statuses meaning "no such call (any more)"; a hang-up counts them as success.
+    gone_statuses: ClassVar[tuple[int, ...]] = (404,)
+
+    def rest_credentials(self) -> dict[str, Any]:
+        """httpx request arguments that authenticate to the carrier's API (auth=…, headers=…)."""
+        return {}
+
+    async def rest(
+        self, http: httpx.AsyncClient, method: str, path: str, *, deadline: float, gone_ok: bool = False,
+        **request: Any,
+    ) -> httpx.Response:
+        """`method` the carrier's API at `path` (under its api_base_url), retried only where it cannot act
+        twice. Returns a 2xx response; raises CallGone for a call that has ended (unless `gone_ok`), and
+        RemoteError, in one wording, for anything else."""
+        credentials = self.rest_credentials()
+        headers = {**credentials.pop("headers", {}), **request.pop("headers", {})}
+        response = await request_with_retries(
+            http, method, f"{self.config.api_base_url}{path}", service=self.title, policy=self.rest_policy,
+            deadline=deadline, headers=headers, **credentials, **request,
+        )
+        if 200 <= response.status_code < 300:
+            return response
+        if response.status_code in self.gone_statuses:
+            if gone_ok:
+                return response
+            raise CallGone(f"{self.title} no longer has this call (it ended)")
+        raise RemoteError(f"{self.title} answered {response.status_code}: {response.text[:200]}")
 
     # --- Ultravox -------------------------------------------------------------------------------
     def ultravox_medium(self) -> dict[str, Any]:
@@ -225,15 +311,18 @@ class Carrier(ABC):
         outgoing = {"to": to, "from": from_, "additionalParams": self.outgoing_status_params(status_url)}
         return {self.name: {"outgoing": outgoing}}
 
-    @abstractmethod
     def outgoing_status_params(self, status_url: str) -> dict[str, Any]:
-        """The carrier's create-call parameters that send progress callbacks to `status_url`."""
+        """The carrier's create-call parameters that send progress callbacks to `status_url`
+        (carriers Ultravox can dial on)."""
+        raise NotImplementedError(f"Ultravox cannot place {self.title} calls")
 
     # --- outbound calls ---------------------------------------------------------------------------
+    dial_keys: ClassVar[tuple[str, ...]] = ()  # settings keys that placing calls needs
+
     @property
-    @abstractmethod
     def can_dial(self) -> bool:
         """Whether the REST credentials needed to place calls are configured."""
+        return bool(self.dial_keys) and all(getattr(self.config, key) for key in self.dial_keys)
 
     @abstractmethod
     async def place_call(self, http: httpx.AsyncClient, dial: OutboundDial, *, deadline: float) -> str | None:
@@ -255,43 +344,43 @@ class Carrier(ABC):
         """The call progress callback, in the gateway's statuses."""
 
     @abstractmethod
-    def hangup_xml(self) -> str:
-        """XML that ends the call at once."""
+    def hangup_answer(self) -> str:
+        """An answer that ends the call at once."""
 
-    # --- live call control and transfers ------------------------------------------------------------
-    @abstractmethod
+    # --- live call control and transfers (carriers that can_transfer) ------------------------------
     async def redirect(self, http: httpx.AsyncClient, carrier_call_id: str, url: str, *, deadline: float) -> None:
         """Make the live call fetch and run new XML from `url` (which ends its current stream).
 
         Raises gateway.http.RemoteError, also when the call has already ended.
         """
+        raise NotImplementedError(f"{self.title} cannot move a live call")
 
-    @abstractmethod
-    def dial_xml(self, *, say: str | None, target: str, action_url: str, ring_timeout: int, caller_id: str | None) -> str:
+    def dial_answer(self, *, say: str | None, target: str, action_url: str, ring_timeout: int, caller_id: str | None) -> str:
         """Say `say`, then ring `target` (E.164 or SIP URI); `action_url` hears how it ended."""
+        raise NotImplementedError
 
-    @abstractmethod
     def parse_dial_result(self, webhook: Webhook) -> DialResult:
-        """The action callback of dial_xml's <Dial>."""
+        """The action callback of dial_answer's <Dial>."""
+        raise NotImplementedError
 
     # Whether the conference's hold music must be a URL of XML that plays it (else the audio itself).
-    hold_music_is_xml: ClassVar[bool] = False
+    hold_music_is_answer: ClassVar[bool] = False
 
-    @abstractmethod
-    def conference_xml(
+    def conference_answer(
         self, name: str, *, say: str | None, starts: bool, ends: bool, wait_url: str | None, action_url: str | None
     ) -> str:
         """Join conference `name`; `starts`: the conference begins when this leg joins (others hear
         `wait_url` until then); `ends`: it ends when this leg leaves; `action_url` hears when this
         leg leaves the conference."""
+        raise NotImplementedError
 
-    def hold_music_xml(self, music_url: str | None) -> str:
+    def hold_music_answer(self, music_url: str | None) -> str:
         """XML playing hold music in a loop (carriers whose hold music is XML)."""
         raise NotImplementedError
 
-    @abstractmethod
-    def whisper_xml(self, briefing: str, *, accept_url: str, timeout: int) -> str:
+    def whisper_answer(self, briefing: str, *, accept_url: str, timeout: int) -> str:
         """Brief an operator and ask for a key press; the digits go to `accept_url`."""
+        raise NotImplementedError
 
     def pressed_digits(self, webhook: Webhook) -> str:
         return webhook.param("Digits") or ""
@@ -300,6 +389,9 @@ class Carrier(ABC):
     # The encoding and rate the gateway asks the carrier to stream (and Ultravox to speak).
     media_encoding: ClassVar[str]  # gateway.media.codecs encoding name
     media_rate: ClassVar[int]
+    # Audio sent to the carrier goes in chunks of a multiple of this many bytes (the rest waits
+    # for the next audio); 1: any size.
+    media_chunk_bytes: ClassVar[int] = 1
 
     # Whether upgrade_problem proves the carrier sent the socket (then the token may come later).
     upgrade_is_signed: ClassVar[bool] = False
@@ -332,16 +424,17 @@ class Carrier(ABC):
     def _parse_media(self, message: str | bytes) -> StreamEvent:
         """One message from the carrier's media socket."""
 
+    # Messages to the carrier: text (JSON) frames, or bytes for carriers whose frames are binary.
     @abstractmethod
-    def media_mark(self, stream_id: str, name: str) -> str:
+    def media_mark(self, stream_id: str, name: str) -> str | bytes:
         """A marker the carrier echoes once the audio sent before it has been played."""
 
     @abstractmethod
-    def media_audio(self, stream_id: str, payload: bytes) -> str:
+    def media_audio(self, stream_id: str, payload: bytes) -> str | bytes:
         """A message playing `payload` (carrier encoding) to the caller."""
 
     @abstractmethod
-    def media_clear(self, stream_id: str) -> str:
+    def media_clear(self, stream_id: str) -> str | bytes:
         """A message dropping every queued, unplayed audio at once (barge-in)."""
 
     @abstractmethod
@@ -349,15 +442,19 @@ class Carrier(ABC):
         """End the live call. A call that has already ended counts as success."""
 
     # --- answers --------------------------------------------------------------------------------
+    def answer_response(self, body: str) -> Response:
+        """The HTTP response carrying an answer."""
+        return Response(body, media_type=self.answer_media_type)
+
     @abstractmethod
-    def connect_xml(self, join_url: str, parameters: dict[str, str] | None = None) -> str:
-        """XML that connects the call's audio to a stream URL (Ultravox's join URL, or the gateway's
+    def connect_answer(self, join_url: str, parameters: dict[str, str] | None = None) -> str:
+        """The answer (XML, JSON…) that connects the call's audio to a stream URL (Ultravox's join URL, or the gateway's
         media socket); `parameters` go with the stream where the carrier supports stream parameters."""
 
     @abstractmethod
-    def apology_xml(self, message: str, fallback_number: str | None) -> str:
-        """XML that speaks `message`, then dials `fallback_number` if given, then hangs up."""
+    def apology_answer(self, message: str, fallback_number: str | None) -> str:
+        """An answer that speaks `message`, then dials `fallback_number` if given, then hangs up."""
 
     @abstractmethod
-    def reject_xml(self, message: str) -> str:
-        """XML that politely turns the caller away."""
+    def reject_answer(self, message: str) -> str:
+        """An answer that politely turns the caller away."""

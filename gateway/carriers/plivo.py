@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
 import json
-import re
-import time
-
 from typing import Any, Mapping
 
 import httpx
@@ -17,7 +13,7 @@ from plivo import plivoxml
 from plivo.utils.signature_v3 import construct_post_url
 
 from .. import statuses
-from ..http import RemoteError, RetryPolicy, post_with_retries
+from ..settings import CarrierSettings
 from .base import (
     Carrier,
     DialResult,
@@ -37,8 +33,13 @@ from .base import (
     json_message,
 )
 
-# Plivo's 429 (300 requests / 5 s) means "not processed"; nothing else is retried.
-REST_POLICY = RetryPolicy(max_attempts=3, attempt_timeout=10.0)
+
+
+class PlivoSettings(CarrierSettings):
+    auth_id: str | None = None
+    auth_token: str | None = None
+    api_base_url: str = "https://api.plivo.com"
+
 # CallStatus values sent to ring_url and hangup_url.
 CALL_STATUSES = {
     "ringing": statuses.RINGING,
@@ -53,21 +54,29 @@ CALL_STATUSES = {
 
 # Ultravox's plivo medium speaks 16 kHz linear PCM.
 STREAM_CONTENT_TYPE = "audio/x-l16;rate=16000"
-_DIGITS = re.compile(r"^[1-9]\d{5,14}$")
 
 
 class PlivoCarrier(Carrier):
     name = "plivo"
+    title = "Plivo"
+    settings_model = PlivoSettings
+    environment = {
+        "PLIVO_AUTH_ID": "auth_id",
+        "PLIVO_AUTH_TOKEN": "auth_token",
+        "PLIVO_API_BASE_URL": "api_base_url",
+    }
+    verification_keys = ("auth_token",)
+    dial_keys = ("auth_id", "auth_token")
     call_id_param = "CallUUID"
+    call_statuses = CALL_STATUSES
+    # Phone numbers arrive as digits with the country code ("15551230001"): the base reads them so.
+
+    def rest_credentials(self) -> dict[str, Any]:
+        return {"auth": (self.config.auth_id, self.config.auth_token)}
 
     @property
-    def can_verify(self) -> bool:
-        return bool(self.settings.plivo.auth_token)
-
-    def normalize_number(self, number: str) -> str:
-        # Plivo sends phone numbers as bare digits ("15551230001").
-        number = number.strip()
-        return "+" + number if _DIGITS.match(number) else number
+    def _calls(self) -> str:
+        return f"/v1/Account/{self.config.auth_id}/Call/"
 
     def _verify(self, webhook: Webhook) -> None:
         nonce = webhook.headers.get("x-plivo-signature-v3-nonce")
@@ -90,10 +99,10 @@ class PlivoCarrier(Carrier):
         signed_url = construct_post_url(webhook.url, params)  # webhooks are POSTed forms
         nonce = webhook.headers.get("x-plivo-signature-v3-nonce", "")
         message = signed_url + b"." + nonce.encode()
-        digest = hmac.new((self.settings.plivo.auth_token or "").encode(), message, hashlib.sha256).digest()
+        digest = hmac.new((self.config.auth_token or "").encode(), message, hashlib.sha256).digest()
         return base64.b64encode(digest)
 
-    def connect_xml(self, join_url: str, parameters: dict[str, str] | None = None) -> str:
+    def connect_answer(self, join_url: str, parameters: dict[str, str] | None = None) -> str:
         response = plivoxml.ResponseElement()
         response.add(
             plivoxml.StreamElement(
@@ -102,7 +111,7 @@ class PlivoCarrier(Carrier):
         )
         return response.to_string()
 
-    def apology_xml(self, message: str, fallback_number: str | None) -> str:
+    def apology_answer(self, message: str, fallback_number: str | None) -> str:
         response = plivoxml.ResponseElement()
         response.add(plivoxml.SpeakElement(message))
         if fallback_number:
@@ -112,18 +121,13 @@ class PlivoCarrier(Carrier):
         response.add(plivoxml.HangupElement())
         return response.to_string()
 
-    def hangup_xml(self) -> str:
+    def hangup_answer(self) -> str:
         response = plivoxml.ResponseElement()
         response.add(plivoxml.HangupElement())
         return response.to_string()
 
     # --- outbound ---------------------------------------------------------------------------------
-    @property
-    def can_dial(self) -> bool:
-        return bool(self.settings.plivo.auth_id and self.settings.plivo.auth_token)
-
     async def place_call(self, http: httpx.AsyncClient, dial: OutboundDial, *, deadline: float) -> str | None:
-        plivo = self.settings.plivo
         body = {
             # Plivo's own examples write numbers as bare digits.
             "from": dial.from_.lstrip("+"),
@@ -138,30 +142,16 @@ class PlivoCarrier(Carrier):
         }
         if dial.machine_detection:
             body["machine_detection"] = "true"
-        response = await post_with_retries(
-            http, f"{plivo.api_base_url}/v1/Account/{plivo.auth_id}/Call/",
-            service="Plivo", policy=REST_POLICY, deadline=deadline,
-            json=body, auth=(plivo.auth_id, plivo.auth_token),
-        )
-        if not 200 <= response.status_code < 300:
-            raise RemoteError(f"Plivo answered {response.status_code}: {response.text[:200]}")
+        await self.rest(http, "POST", self._calls, deadline=deadline, json=body)
         # Plivo answers with a request_uuid; the call's own CallUUID (what its call-control API
         # wants) arrives with the first callback.
         return None
 
     async def redirect(self, http: httpx.AsyncClient, carrier_call_id: str, url: str, *, deadline: float) -> None:
-        plivo = self.settings.plivo
-        response = await post_with_retries(
-            http, f"{plivo.api_base_url}/v1/Account/{plivo.auth_id}/Call/{carrier_call_id}/",
-            service="Plivo", policy=REST_POLICY, deadline=deadline,
-            json={"legs": "aleg", "aleg_url": url, "aleg_method": "POST"}, auth=(plivo.auth_id, plivo.auth_token),
-        )
-        if response.status_code == 404:
-            raise RemoteError("Plivo no longer has this call (it ended)")
-        if not 200 <= response.status_code < 300:
-            raise RemoteError(f"Plivo answered {response.status_code}: {response.text[:200]}")
+        await self.rest(http, "POST", f"{self._calls}{carrier_call_id}/", deadline=deadline,
+                        json={"legs": "aleg", "aleg_url": url, "aleg_method": "POST"})
 
-    def dial_xml(self, *, say: str | None, target: str, action_url: str, ring_timeout: int, caller_id: str | None) -> str:
+    def dial_answer(self, *, say: str | None, target: str, action_url: str, ring_timeout: int, caller_id: str | None) -> str:
         response = plivoxml.ResponseElement()
         if say:
             response.add(plivoxml.SpeakElement(say))
@@ -179,9 +169,9 @@ class PlivoCarrier(Carrier):
         return DialResult(answered=status in ("completed", "answered"), status=status, caller_gone=caller_gone)
 
     # Plivo fetches waitSound as XML (Play / Speak / Wait), not as audio.
-    hold_music_is_xml = True
+    hold_music_is_answer = True
 
-    def conference_xml(
+    def conference_answer(
         self, name: str, *, say: str | None, starts: bool, ends: bool, wait_url: str | None, action_url: str | None
     ) -> str:
         response = plivoxml.ResponseElement()
@@ -193,7 +183,7 @@ class PlivoCarrier(Carrier):
         ))
         return response.to_string()
 
-    def hold_music_xml(self, music_url: str | None) -> str:
+    def hold_music_answer(self, music_url: str | None) -> str:
         response = plivoxml.ResponseElement()
         if music_url:
             response.add(plivoxml.PlayElement(music_url, loop=0))
@@ -202,7 +192,7 @@ class PlivoCarrier(Carrier):
             response.add(plivoxml.WaitElement(length=8))
         return response.to_string()
 
-    def whisper_xml(self, briefing: str, *, accept_url: str, timeout: int) -> str:
+    def whisper_answer(self, briefing: str, *, accept_url: str, timeout: int) -> str:
         response = plivoxml.ResponseElement()
         digits = plivoxml.GetDigitsElement(action=accept_url, method="POST", timeout=timeout, num_digits=1, retries=1)
         digits.add(plivoxml.SpeakElement(briefing))
@@ -212,17 +202,7 @@ class PlivoCarrier(Carrier):
         return response.to_string()
 
     async def hang_up(self, http: httpx.AsyncClient, carrier_call_id: str, *, deadline: float) -> None:
-        plivo = self.settings.plivo
-        try:
-            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
-                response = await http.delete(
-                    f"{plivo.api_base_url}/v1/Account/{plivo.auth_id}/Call/{carrier_call_id}/",
-                    auth=(plivo.auth_id, plivo.auth_token),
-                )
-        except (TimeoutError, httpx.HTTPError) as error:
-            raise RemoteError(f"Plivo hang-up failed ({type(error).__name__})") from None
-        if not (200 <= response.status_code < 300 or response.status_code == 404):  # 404: already ended
-            raise RemoteError(f"Plivo answered {response.status_code}: {response.text[:200]}")
+        await self.rest(http, "DELETE", f"{self._calls}{carrier_call_id}/", deadline=deadline, gone_ok=True)
 
     # Audio streams: we ask for audio/x-l16 at 16 kHz (little-endian) both ways.
     media_encoding = "l16-le"
@@ -273,14 +253,14 @@ class PlivoCarrier(Carrier):
         params = webhook.flat_params()
         duration = params.get("Duration", "")
         return StatusUpdate(
-            status=CALL_STATUSES.get(params.get("CallStatus", "")),
+            status=self.call_statuses.get(params.get("CallStatus", "")),
             carrier_call_id=params.get("CallUUID"),
             duration_seconds=int(duration) if duration.isdigit() else None,
             end_reason=params.get("HangupCause") or None,
             answered_by="machine" if self.answered_by_machine(params) else None,
         )
 
-    def reject_xml(self, message: str) -> str:
+    def reject_answer(self, message: str) -> str:
         response = plivoxml.ResponseElement()
         response.add(plivoxml.SpeakElement(message))
         response.add(plivoxml.HangupElement())

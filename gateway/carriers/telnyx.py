@@ -13,12 +13,34 @@ import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..http import RemoteError, RetryPolicy, post_with_retries
+from pydantic import Field, field_validator
+
+from ..settings import CarrierSettings
 from .base import MalformedFrame, OutboundDial, SignatureRejected, StreamStart, Webhook
 from .twiml import STATUS_CALLBACK_EVENTS, TwimlCarrier
 
-# Telnyx's 429 (code 90103, dials per second) means "not processed"; nothing else is retried.
-REST_POLICY = RetryPolicy(max_attempts=3, attempt_timeout=10.0)
+
+class TelnyxSettings(CarrierSettings):
+    api_key: str | None = None
+    # Outbound TeXML calls: the account id in the Calls URL and the TeXML application that owns them.
+    account_sid: str | None = None
+    texml_application_id: str | None = None
+    public_key: str | None = None  # base64 ed25519 public key from the Telnyx portal
+    api_base_url: str = "https://api.telnyx.com"
+    timestamp_tolerance_seconds: int = Field(default=300, gt=0)
+
+    @field_validator("public_key")
+    @classmethod
+    def _ed25519_key(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                raw = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError("must be the base64 ed25519 public key from the Telnyx portal") from None
+            if len(raw) != 32:
+                raise ValueError(f"must decode to a 32-byte ed25519 key, got {len(raw)} bytes")
+        return value
+
 
 # Ultravox's telnyx medium expects 16 kHz linear PCM both ways; both codecs must match.
 STREAM_CODEC = "L16"
@@ -27,20 +49,34 @@ STREAM_SAMPLING_RATE = "16000"
 
 class TelnyxCarrier(TwimlCarrier):
     name = "telnyx"
+    title = "Telnyx"
+    settings_model = TelnyxSettings
+    environment = {
+        "TELNYX_API_KEY": "api_key",
+        "TELNYX_PUBLIC_KEY": "public_key",
+        "TELNYX_API_BASE_URL": "api_base_url",
+    }
+    verification_keys = ("public_key",)
+    dial_keys = ("api_key", "account_sid", "texml_application_id")
     call_id_param = "CallSid"  # TeXML's CallSid is the call_control_id
+    # 422: the call is no longer active.
+    gone_statuses = (404, 422)
 
     def __init__(self, settings, clock=time.time):
         super().__init__(settings)
         self._clock = clock
 
-    @property
-    def can_verify(self) -> bool:
-        return bool(self.settings.telnyx.public_key)
-
     @cached_property
     def _public_key(self) -> Ed25519PublicKey:
         # Base64 of the 32 raw key bytes, checked when the settings were loaded.
-        return Ed25519PublicKey.from_public_bytes(base64.b64decode(self.settings.telnyx.public_key or ""))
+        return Ed25519PublicKey.from_public_bytes(base64.b64decode(self.config.public_key or ""))
+
+    def rest_credentials(self) -> dict[str, Any]:
+        return {"headers": {"Authorization": f"Bearer {self.config.api_key}"}}
+
+    @property
+    def _calls(self) -> str:
+        return f"/v2/texml/Accounts/{self.config.account_sid}/Calls"
 
     def _verify(self, webhook: Webhook) -> None:
         signature_b64 = webhook.headers.get("telnyx-signature-ed25519")
@@ -51,7 +87,7 @@ class TelnyxCarrier(TwimlCarrier):
             sent_at = int(timestamp)
         except ValueError:
             raise SignatureRejected("telnyx-timestamp is not a Unix timestamp") from None
-        if abs(self._clock() - sent_at) > self.settings.telnyx.timestamp_tolerance_seconds:
+        if abs(self._clock() - sent_at) > self.config.timestamp_tolerance_seconds:
             raise SignatureRejected("telnyx-timestamp is outside the accepted window (stale or replayed)")
         try:
             signature = base64.b64decode(signature_b64, validate=True)
@@ -63,15 +99,9 @@ class TelnyxCarrier(TwimlCarrier):
         except InvalidSignature:
             raise SignatureRejected("telnyx-signature-ed25519 does not match this request") from None
 
-    @property
-    def can_dial(self) -> bool:
-        telnyx = self.settings.telnyx
-        return bool(telnyx.api_key and telnyx.account_sid and telnyx.texml_application_id)
-
     async def place_call(self, http: httpx.AsyncClient, dial: OutboundDial, *, deadline: float) -> str | None:
-        telnyx = self.settings.telnyx
         body = {
-            "ApplicationSid": telnyx.texml_application_id,
+            "ApplicationSid": self.config.texml_application_id,
             "To": dial.to,
             "From": dial.from_,
             "Url": dial.answer_url,
@@ -83,39 +113,18 @@ class TelnyxCarrier(TwimlCarrier):
         }
         if dial.machine_detection:
             body["MachineDetection"] = "Enable"
-        response = await post_with_retries(
-            http, f"{telnyx.api_base_url}/v2/texml/Accounts/{telnyx.account_sid}/Calls",
-            service="Telnyx", policy=REST_POLICY, deadline=deadline,
-            json=body, headers={"Authorization": f"Bearer {telnyx.api_key}"},
-        )
-        if not 200 <= response.status_code < 300:
-            raise RemoteError(f"Telnyx answered {response.status_code}: {response.text[:200]}")
+        response = await self.rest(http, "POST", self._calls, deadline=deadline, json=body)
         # The account-scoped endpoint answers without a call id; callbacks bring CallSid.
         payload = response.json()
         return payload.get("call_sid") or payload.get("sid") if isinstance(payload, dict) else None
 
-    async def _update_call(
-        self, http: httpx.AsyncClient, carrier_call_id: str, params: dict[str, str], *, deadline: float
-    ) -> httpx.Response:
-        """POST to the live TeXML call (new TeXML to fetch, or a status)."""
-        telnyx = self.settings.telnyx
-        return await post_with_retries(
-            http, f"{telnyx.api_base_url}/v2/texml/Accounts/{telnyx.account_sid}/Calls/{carrier_call_id}",
-            service="Telnyx", policy=REST_POLICY, deadline=deadline,
-            json=params, headers={"Authorization": f"Bearer {telnyx.api_key}"},
-        )
-
     async def redirect(self, http: httpx.AsyncClient, carrier_call_id: str, url: str, *, deadline: float) -> None:
-        response = await self._update_call(http, carrier_call_id, {"Url": url, "Method": "POST"}, deadline=deadline)
-        if response.status_code == 404:
-            raise RemoteError("Telnyx no longer has this call (it ended)")
-        if not 200 <= response.status_code < 300:
-            raise RemoteError(f"Telnyx answered {response.status_code}: {response.text[:200]}")
+        await self.rest(http, "POST", f"{self._calls}/{carrier_call_id}", deadline=deadline,
+                        json={"Url": url, "Method": "POST"})
 
     async def hang_up(self, http: httpx.AsyncClient, carrier_call_id: str, *, deadline: float) -> None:
-        response = await self._update_call(http, carrier_call_id, {"Status": "completed"}, deadline=deadline)
-        if not (200 <= response.status_code < 300 or response.status_code in (404, 422)):  # already ended
-            raise RemoteError(f"Telnyx answered {response.status_code}: {response.text[:200]}")
+        await self.rest(http, "POST", f"{self._calls}/{carrier_call_id}", deadline=deadline, gone_ok=True,
+                        json={"Status": "completed"})
 
     # Media streaming: we ask for L16 at 16 kHz both ways; RTP's L16 is big-endian (network order).
     media_encoding = "l16-be"

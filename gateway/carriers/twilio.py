@@ -12,12 +12,16 @@ import httpx
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 from twilio.twiml.voice_response import VoiceResponse
 
-from ..http import RemoteError, RetryPolicy, as_websocket_url, post_with_retries
+from ..http import as_websocket_url
+from ..settings import CarrierSettings
 from .base import MalformedFrame, OutboundDial, SignatureRejected, StreamStart, Webhook
 from .twiml import STATUS_CALLBACK_EVENTS, TwimlCarrier
 
-# Twilio's 429 means "not processed"; the only other retries are errors before sending.
-REST_POLICY = RetryPolicy(max_attempts=3, attempt_timeout=10.0)
+
+class TwilioSettings(CarrierSettings):
+    account_sid: str | None = None
+    auth_token: str | None = None
+    api_base_url: str = "https://api.twilio.com"
 
 
 class _FormFields(dict):
@@ -29,15 +33,27 @@ class _FormFields(dict):
 
 class TwilioCarrier(TwimlCarrier):
     name = "twilio"
+    title = "Twilio"
+    settings_model = TwilioSettings
+    environment = {
+        "TWILIO_ACCOUNT_SID": "account_sid",
+        "TWILIO_AUTH_TOKEN": "auth_token",
+        "TWILIO_API_BASE_URL": "api_base_url",
+    }
+    verification_keys = ("auth_token",)
+    dial_keys = ("account_sid", "auth_token")
     call_id_param = "CallSid"
-
-    @property
-    def can_verify(self) -> bool:
-        return bool(self.settings.twilio.auth_token)
 
     @cached_property
     def _validator(self) -> RequestValidator:
-        return RequestValidator(self.settings.twilio.auth_token or "")
+        return RequestValidator(self.config.auth_token or "")
+
+    def rest_credentials(self) -> dict[str, Any]:
+        return {"auth": (self.config.account_sid, self.config.auth_token)}
+
+    @property
+    def _calls(self) -> str:
+        return f"/2010-04-01/Accounts/{self.config.account_sid}/Calls"
 
     def _verify(self, webhook: Webhook) -> None:
         signature = webhook.headers.get("x-twilio-signature")
@@ -48,12 +64,7 @@ class TwilioCarrier(TwimlCarrier):
         if not self._validator.validate(webhook.url, _FormFields(webhook.params), signature, algorithm):
             raise SignatureRejected("X-Twilio-Signature does not match this request")
 
-    @property
-    def can_dial(self) -> bool:
-        return bool(self.settings.twilio.account_sid and self.settings.twilio.auth_token)
-
     async def place_call(self, http: httpx.AsyncClient, dial: OutboundDial, *, deadline: float) -> str | None:
-        account = self.settings.twilio.account_sid
         form: list[tuple[str, str]] = [
             ("To", dial.to), ("From", dial.from_), ("Url", dial.answer_url), ("Method", "POST"),
             ("StatusCallback", dial.status_url), ("StatusCallbackMethod", "POST"),
@@ -62,39 +73,20 @@ class TwilioCarrier(TwimlCarrier):
         form += [("StatusCallbackEvent", event) for event in STATUS_CALLBACK_EVENTS]
         if dial.machine_detection:
             form.append(("MachineDetection", "Enable"))
-        response = await post_with_retries(
-            http, f"{self.settings.twilio.api_base_url}/2010-04-01/Accounts/{account}/Calls.json",
-            service="Twilio", policy=REST_POLICY, deadline=deadline,
+        response = await self.rest(
+            http, "POST", f"{self._calls}.json", deadline=deadline,
             # Encoded here: StatusCallbackEvent repeats, which httpx's `data=` cannot express.
             content=urlencode(form), headers={"Content-Type": "application/x-www-form-urlencoded"},
-            auth=(account, self.settings.twilio.auth_token),
         )
-        if response.status_code not in (200, 201):
-            raise RemoteError(f"Twilio answered {response.status_code}: {response.text[:200]}")
         return response.json().get("sid")
 
-    async def _update_call(
-        self, http: httpx.AsyncClient, carrier_call_id: str, params: dict[str, str], *, deadline: float
-    ) -> httpx.Response:
-        """POST to the live call's resource (new TwiML to fetch, or a status)."""
-        account = self.settings.twilio.account_sid
-        return await post_with_retries(
-            http, f"{self.settings.twilio.api_base_url}/2010-04-01/Accounts/{account}/Calls/{carrier_call_id}.json",
-            service="Twilio", policy=REST_POLICY, deadline=deadline,
-            data=params, auth=(account, self.settings.twilio.auth_token),
-        )
-
     async def redirect(self, http: httpx.AsyncClient, carrier_call_id: str, url: str, *, deadline: float) -> None:
-        response = await self._update_call(http, carrier_call_id, {"Url": url, "Method": "POST"}, deadline=deadline)
-        if response.status_code == 404:
-            raise RemoteError("Twilio no longer has this call (it ended)")
-        if response.status_code != 200:
-            raise RemoteError(f"Twilio answered {response.status_code}: {response.text[:200]}")
+        await self.rest(http, "POST", f"{self._calls}/{carrier_call_id}.json", deadline=deadline,
+                        data={"Url": url, "Method": "POST"})
 
     async def hang_up(self, http: httpx.AsyncClient, carrier_call_id: str, *, deadline: float) -> None:
-        response = await self._update_call(http, carrier_call_id, {"Status": "completed"}, deadline=deadline)
-        if response.status_code not in (200, 404):  # 404: already ended, which is what we wanted
-            raise RemoteError(f"Twilio answered {response.status_code}: {response.text[:200]}")
+        await self.rest(http, "POST", f"{self._calls}/{carrier_call_id}.json", deadline=deadline, gone_ok=True,
+                        data={"Status": "completed"})
 
     upgrade_is_signed = True
 
@@ -129,7 +121,7 @@ class TwilioCarrier(TwimlCarrier):
     def media_mark(self, stream_id: str, name: str) -> str:
         return json.dumps({"event": "mark", "streamSid": stream_id, "mark": {"name": name}})
 
-    def connect_xml(self, join_url: str, parameters: dict[str, str] | None = None) -> str:
+    def connect_answer(self, join_url: str, parameters: dict[str, str] | None = None) -> str:
         """<Connect><Stream>; `parameters` also go as <Parameter>s, which reach us in the start message
         even if Twilio does not pass the URL's query on to the socket."""
         response = VoiceResponse()

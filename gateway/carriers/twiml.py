@@ -43,18 +43,19 @@ STATUS_CALLBACK_EVENTS = ["initiated", "ringing", "answered", "completed"]
 
 
 class TwimlCarrier(Carrier):
-    xml_media_type = "text/xml"
+    answer_media_type = "text/xml"
+    call_statuses = CALL_STATUSES
 
     def stream_attributes(self, join_url: str) -> dict[str, Any]:
         """Attributes of <Connect><Stream>; carriers add what their media stream needs."""
         return {"url": join_url}
 
-    def connect_xml(self, join_url: str, parameters: dict[str, str] | None = None) -> str:
+    def connect_answer(self, join_url: str, parameters: dict[str, str] | None = None) -> str:
         response = VoiceResponse()
         response.connect().stream(**self.stream_attributes(join_url))
         return response.to_xml()
 
-    def apology_xml(self, message: str, fallback_number: str | None) -> str:
+    def apology_answer(self, message: str, fallback_number: str | None) -> str:
         response = VoiceResponse()
         response.say(message)
         if fallback_number:
@@ -62,18 +63,18 @@ class TwimlCarrier(Carrier):
         response.hangup()
         return response.to_xml()
 
-    def reject_xml(self, message: str) -> str:
+    def reject_answer(self, message: str) -> str:
         response = VoiceResponse()
         response.say(message)
         response.hangup()
         return response.to_xml()
 
-    def hangup_xml(self) -> str:
+    def hangup_answer(self) -> str:
         response = VoiceResponse()
         response.hangup()
         return response.to_xml()
 
-    def dial_xml(self, *, say: str | None, target: str, action_url: str, ring_timeout: int, caller_id: str | None) -> str:
+    def dial_answer(self, *, say: str | None, target: str, action_url: str, ring_timeout: int, caller_id: str | None) -> str:
         response = VoiceResponse()
         if say:
             response.say(say)
@@ -91,7 +92,7 @@ class TwimlCarrier(Carrier):
         caller_gone = status == "canceled" or webhook.param("CallStatus") in ("completed", "canceled")
         return DialResult(answered=status in ("completed", "answered"), status=status, caller_gone=caller_gone)
 
-    def conference_xml(
+    def conference_answer(
         self, name: str, *, say: str | None, starts: bool, ends: bool, wait_url: str | None, action_url: str | None
     ) -> str:
         response = VoiceResponse()
@@ -101,7 +102,7 @@ class TwimlCarrier(Carrier):
         dial.conference(name, start_conference_on_enter=starts, end_conference_on_exit=ends, beep=False, wait_url=wait_url)
         return response.to_xml()
 
-    def whisper_xml(self, briefing: str, *, accept_url: str, timeout: int) -> str:
+    def whisper_answer(self, briefing: str, *, accept_url: str, timeout: int) -> str:
         response = VoiceResponse()
         response.gather(num_digits=1, action=accept_url, method="POST", timeout=timeout).say(briefing)
         response.say("No key was pressed. Goodbye.")
@@ -138,7 +139,7 @@ class TwimlCarrier(Carrier):
         params = webhook.flat_params()
         duration = params.get("CallDuration", "")
         return StatusUpdate(
-            status=CALL_STATUSES.get(params.get("CallStatus", "")),
+            status=self.call_statuses.get(params.get("CallStatus", "")),
             carrier_call_id=params.get(self.call_id_param),
             duration_seconds=int(duration) if duration.isdigit() else None,
             end_reason=params.get("HangupCause") or params.get("ErrorMessage") or None,

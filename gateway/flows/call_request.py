@@ -6,73 +6,120 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..settings import RouteSettings
+from ..carriers.base import Carrier
+from ..settings import RouteSettings, Settings
+from ..tools import transfer_tools
+from ..ultravox import CallRequest
+from ..urls import Urls
 
 
 @dataclass(frozen=True)
-class CallRequest:
-    agent_id: str | None  # None: an inline call (POST /api/calls)
-    body: dict[str, Any]
+class CallIdentity:
+    """Which phone call an Ultravox call belongs to: written into its metadata."""
 
+    carrier: str
+    carrier_call_id: str | None
+    call_id: str | None  # the gateway's record (None: created unrecorded during a store outage)
+    route: str | None
 
-def build_call_request(
-    route: RouteSettings,
-    *,
-    medium: dict[str, Any],
-    metadata: Mapping[str, str],
-    webhook_params: Mapping[str, str],
-    agent_speaks_first: bool = True,
-    extra_template_context: Mapping[str, Any] | None = None,
-    callbacks: dict[str, Any] | None = None,
-    tools: list[dict[str, Any]] | None = None,
-) -> CallRequest:
-    """Body for StartAgentCallRequest (agent routes) or StartCallRequest (inline routes).
-
-    `metadata` is the gateway's own (carrier, ids); the route's metadata is kept beside it.
-    """
-    body: dict[str, Any] = copy.deepcopy(route.call) if route.call is not None else {}
-    body["medium"] = medium
-    body["firstSpeakerSettings"] = _first_speaker(route, agent_speaks_first)
-    body["metadata"] = {**body.get("metadata", {}), **route.metadata, **metadata}
-    if route.max_duration_seconds is not None:
-        body["maxDuration"] = duration(route.max_duration_seconds)
-    if route.recording is not None:
-        body["recordingEnabled"] = route.recording
-    if route.voice is not None:
-        body["voice"] = route.voice
-    if route.agent_id is not None and (route.template_context or extra_template_context):
-        body["templateContext"] = {
-            **template_context(route.template_context, webhook_params), **(extra_template_context or {})
+    def metadata(self) -> dict[str, str]:
+        values = {
+            "gateway.carrier": self.carrier,
+            "gateway.carrier_call_id": self.carrier_call_id,
+            "gateway.call_id": self.call_id,
+            "gateway.route": self.route,
         }
-    if callbacks:
-        body["callbacks"] = callbacks
-    if tools:
-        # Inline calls list their tools; agent calls add to the agent's own.
-        if route.agent_id is None:
-            body["selectedTools"] = [*body.get("selectedTools", []), *tools]
-        else:
-            body["toolOverrides"] = {"add": tools}
-    return CallRequest(agent_id=route.agent_id, body=body)
+        return {key: value for key, value in values.items() if value}
 
 
-def ultravox_callbacks(url: str | None, secret: str | None) -> dict[str, Any] | None:
-    """Per-call lifecycle callbacks to the gateway, signed with the webhook secret."""
-    if not url or not secret:
-        return None
-    callback = {"url": url, "secrets": [secret]}
-    return {"joined": callback, "ended": callback}
+class CallBodies:
+    """The one builder of Ultravox call requests: inbound, outbound, and returns from a transfer."""
+
+    def __init__(self, settings: Settings, urls: Urls):
+        self.settings = settings
+        self.urls = urls
+
+    def _callbacks(self) -> dict[str, Any] | None:
+        """Per-call lifecycle callbacks to the gateway, signed with the webhook secret."""
+        url, secret = self.urls.ultravox_events(), self.settings.ultravox.webhook_secret
+        if not url or not secret:
+            return None
+        callback = {"url": url, "secrets": [secret]}
+        return {"joined": callback, "ended": callback}
+
+    def for_route(
+        self,
+        route: RouteSettings,
+        *,
+        carrier: Carrier,
+        identity: CallIdentity,
+        medium: dict[str, Any],
+        webhook_params: Mapping[str, str],
+        agent_speaks_first: bool = True,
+        extra_template_context: Mapping[str, Any] | None = None,
+        extra_metadata: Mapping[str, str] | None = None,
+        join_timeout_seconds: float | None = None,
+    ) -> CallRequest:
+        """Body for StartAgentCallRequest (agent routes) or StartCallRequest (inline routes).
+
+        The route's metadata (and the request's, `extra_metadata`) is kept beside the gateway's own.
+        """
+        body: dict[str, Any] = copy.deepcopy(route.call) if route.call is not None else {}
+        body["medium"] = medium
+        first_speaker = _first_speaker(route, agent_speaks_first)
+        if first_speaker is not None:
+            body["firstSpeakerSettings"] = first_speaker
+        body["metadata"] = {**body.get("metadata", {}), **route.metadata, **(extra_metadata or {}), **identity.metadata()}
+        if route.max_duration_seconds is not None:
+            body["maxDuration"] = duration(route.max_duration_seconds)
+        if join_timeout_seconds is not None:
+            body["joinTimeout"] = duration(join_timeout_seconds)
+        if route.recording is not None:
+            body["recordingEnabled"] = route.recording
+        if route.voice is not None:
+            body["voice"] = route.voice
+        if route.agent_id is not None and (route.template_context or extra_template_context):
+            body["templateContext"] = {
+                **template_context(route.template_context, webhook_params), **(extra_template_context or {})
+            }
+        if callbacks := self._callbacks():
+            body["callbacks"] = callbacks
+        tools = transfer_tools(self.settings, self.urls, route.operators) if carrier.can_transfer else []
+        if tools:
+            # Inline calls list their tools; agent calls add to the agent's own.
+            if route.agent_id is None:
+                body["selectedTools"] = [*body.get("selectedTools", []), *tools]
+            else:
+                body["toolOverrides"] = {"add": tools}
+        return CallRequest(agent_id=route.agent_id, body=body)
+
+    def continuation(
+        self, *, identity: CallIdentity, medium: dict[str, Any], prior_call_id: str | None, prompt: str,
+        route: RouteSettings | None, extra_metadata: Mapping[str, str],
+    ) -> CallRequest:
+        """A new call continuing `prior_call_id`'s conversation (its settings and messages), opened by
+        the agent following `prompt`."""
+        body: dict[str, Any] = {
+            "medium": medium,
+            "firstSpeakerSettings": {"agent": {"prompt": prompt}},
+            "metadata": {**(route.metadata if route else {}), **extra_metadata, **identity.metadata()},
+        }
+        if callbacks := self._callbacks():
+            body["callbacks"] = callbacks
+        return CallRequest(agent_id=None, body=body, prior_call_id=prior_call_id)
 
 
 # How long a silent callee gets before the agent says the greeting itself.
 USER_FIRST_FALLBACK_DELAY = "4s"
 
 
-def _first_speaker(route: RouteSettings, agent_speaks_first: bool) -> dict[str, Any]:
+def _first_speaker(route: RouteSettings, agent_speaks_first: bool) -> dict[str, Any] | None:
     if not agent_speaks_first:
         if route.greeting:
             return {"user": {"fallback": {"delay": USER_FIRST_FALLBACK_DELAY, "text": route.greeting}}}
         return {"user": {}}
-    return {"agent": {"text": route.greeting}} if route.greeting else {"agent": {}}
+    # Without a greeting of the route's own, the agent's (or inline call's) settings apply.
+    return {"agent": {"text": route.greeting}} if route.greeting else None
 
 
 def template_context(mapping: Mapping[str, str], params: Mapping[str, str]) -> dict[str, Any]:

@@ -12,9 +12,8 @@ from ..carriers.base import Carrier, InboundCall
 from ..settings import RouteSettings, Settings
 from ..store import IN_PROGRESS, CREATING, REJECTED, CallStore, Claim
 from ..ultravox import UltravoxClient, UltravoxError
-from ..media.bridge import server_websocket_medium, stream_xml
-from ..tools import transfer_tools
-from .call_request import build_call_request, ultravox_callbacks
+from .call_request import CallBodies, CallIdentity
+from .connect import Connector
 
 log = logging.getLogger("gateway.inbound")
 
@@ -26,70 +25,72 @@ POLL_SECONDS = 0.05
 
 @dataclass(frozen=True)
 class Answer:
-    xml: str
+    body: str  # in the carrier's answer dialect (XML, JSON)
     outcome: str  # connected | apology | no_route
 
 
+@dataclass(frozen=True)
+class Joined:
+    join_url: str
+    call_id: str | None  # the gateway's record (None: created unrecorded during a store outage)
+
+
 class InboundFlow:
-    def __init__(self, settings: Settings, store: CallStore, ultravox: UltravoxClient, clock=time.monotonic):
+    def __init__(
+        self, settings: Settings, store: CallStore, ultravox: UltravoxClient, bodies: CallBodies,
+        connector: Connector, clock=time.monotonic,
+    ):
         self.settings = settings
         self.store = store
         self.ultravox = ultravox
+        self.bodies = bodies
+        self.connector = connector
         self._clock = clock
         # Deliveries of the same carrier call in this process wait for the first one's result.
-        self._in_flight: dict[tuple[str, str], asyncio.Future[str | None]] = {}
+        self._in_flight: dict[tuple[str, str], asyncio.Future[Joined | None]] = {}
 
     def apology(self, carrier: Carrier) -> Answer:
         fallback = self.settings.fallback
-        return Answer(carrier.apology_xml(fallback.message, fallback.dial_number), "apology")
+        return Answer(carrier.apology_answer(fallback.message, fallback.dial_number), "apology")
 
     async def answer(self, carrier: Carrier, call: InboundCall, deadline: float) -> Answer:
         route = self.settings.route_for(call.to_number)
         if route is None:
             log.warning("%s call %s to %s: no route and no default route", carrier.name, call.call_id, call.to_number)
             await self._record_without_route(call)
-            return Answer(carrier.reject_xml(self.settings.fallback.no_route_message), "no_route")
-        join_url = await self._join_url(carrier, call, route, deadline)
-        if join_url is None:
+            return Answer(carrier.reject_answer(self.settings.fallback.no_route_message), "no_route")
+        joined = await self._join(carrier, call, route, deadline)
+        if joined is None:
             return self.apology(carrier)
-        if route.mode == "bridge":  # the carrier streams to the gateway, which joins Ultravox
-            return Answer(stream_xml(self.settings, carrier, call.call_id), "connected")
-        return Answer(carrier.connect_xml(join_url), "connected")
+        return Answer(self.connector.answer(carrier, route.name, joined.call_id, joined.join_url), "connected")
 
-    async def _join_url(self, carrier: Carrier, call: InboundCall, route: RouteSettings, deadline: float) -> str | None:
+    async def _join(self, carrier: Carrier, call: InboundCall, route: RouteSettings, deadline: float) -> Joined | None:
         key = (carrier.name, call.call_id)
         pending = self._in_flight.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
-        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Joined | None] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
-        join_url = None
+        joined = None
         try:
-            join_url = await self._claim_and_create(carrier, call, route, deadline)
-            return join_url
+            joined = await self._claim_and_create(carrier, call, route, deadline)
+            return joined
         finally:
-            future.set_result(join_url)
+            future.set_result(joined)
             del self._in_flight[key]
 
     async def _claim_and_create(
         self, carrier: Carrier, call: InboundCall, route: RouteSettings, deadline: float
-    ) -> str | None:
+    ) -> Joined | None:
         claim = await self._claim(call, route)
         if claim is not None and not claim.owned:
             return await self._result_of_other_delivery(claim, deadline)
         gateway_call_id = claim.record.id if claim else None
-        metadata = {"gateway.carrier": carrier.name, "gateway.carrier_call_id": call.call_id, "gateway.route": route.name}
-        if gateway_call_id:
-            metadata["gateway.call_id"] = gateway_call_id
-        request = build_call_request(
+        request = self.bodies.for_route(
             route,
-            medium=server_websocket_medium(carrier) if route.mode == "bridge" else carrier.ultravox_medium(),
-            metadata=metadata,
-            callbacks=ultravox_callbacks(
-                f"{self.settings.public_url}/ultravox/events" if self.settings.public_url else None,
-                self.settings.ultravox.webhook_secret,
-            ),
-            tools=transfer_tools(self.settings, route.operators),
+            carrier=carrier,
+            identity=CallIdentity(carrier.name, call.call_id, gateway_call_id, route.name),
+            medium=self.connector.medium(carrier, route.name, gateway_call_id),
             webhook_params={
                 **call.params,
                 "carrier": carrier.name,
@@ -99,9 +100,7 @@ class InboundFlow:
             },
         )
         try:
-            created = await self.ultravox.create_call(
-                request.body, agent_id=request.agent_id, deadline=deadline - RESPONSE_MARGIN_SECONDS
-            )
+            created = await self.ultravox.create_call(request, deadline=deadline - RESPONSE_MARGIN_SECONDS)
         except UltravoxError as error:
             log.warning("%s call %s: apology, %s", carrier.name, call.call_id, error.reason)
             if gateway_call_id:
@@ -120,7 +119,7 @@ class InboundFlow:
             await asyncio.shield(self._quietly(
                 self.store.mark_connected(gateway_call_id, ultravox_call_id=created.call_id, join_url=created.join_url)
             ))
-        return created.join_url
+        return Joined(created.join_url, gateway_call_id)
 
     async def _claim(self, call: InboundCall, route: RouteSettings) -> Claim | None:
         try:
@@ -137,14 +136,14 @@ class InboundFlow:
             log.exception("%s call %s: store unavailable, creating the call without a record", call.carrier, call.call_id)
             return None
 
-    async def _result_of_other_delivery(self, claim: Claim, deadline: float) -> str | None:
+    async def _result_of_other_delivery(self, claim: Claim, deadline: float) -> Joined | None:
         """Another delivery (maybe on another replica) owns this call: wait for its join URL."""
         record = claim.record
         while record.status == CREATING and self._clock() + POLL_SECONDS < deadline - RESPONSE_MARGIN_SECONDS:
             await asyncio.sleep(POLL_SECONDS)
             record = await self.store.get(record.id) or record
         if record.status == IN_PROGRESS and record.join_url:
-            return record.join_url
+            return Joined(record.join_url, record.id)
         return None
 
     async def _record_without_route(self, call: InboundCall) -> None:

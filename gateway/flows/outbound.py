@@ -10,21 +10,20 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .. import statuses
+from .. import numbers, statuses
+from ..carriers import CarrierName
 from ..carriers.base import Carrier, OutboundDial, Webhook
 from ..http import RemoteError
-from ..security import callback_token, valid_callback_token
-from ..settings import E164, RouteSettings, Settings
+from ..settings import RouteSettings, Settings
 from ..store import CallRecord, CallStore
-from ..ultravox import UltravoxClient, UltravoxError
-from ..media.bridge import bridged, server_websocket_medium, stream_xml
-from ..tools import transfer_tools
-from .call_request import build_call_request, ultravox_callbacks
+from ..ultravox import CreatedCall, UltravoxClient, UltravoxError
+from ..urls import Urls
+from .call_request import CallBodies, CallIdentity
+from .connect import Connector
 
 log = logging.getLogger("gateway.outbound")
 
@@ -39,6 +38,9 @@ INLINE_CALL_FIELDS = {
 PLACE_DEADLINE_SECONDS = 10.0
 # An answer webhook is the carrier's request like an inbound one: same budget.
 POLL_SECONDS = 0.05
+# Carriers that dial straight into the stream: the Ultravox call waits this long past the ring
+# timeout for the callee's audio before ending unjoined.
+JOIN_MARGIN_SECONDS = 30
 
 
 class DialRequest(BaseModel):
@@ -48,7 +50,7 @@ class DialRequest(BaseModel):
 
     to: str = Field(description="Number to call, E.164 (+15551234567)")
     from_: str | None = Field(default=None, alias="from", description="One of the deployment's numbers for the carrier")
-    carrier: Literal["twilio", "telnyx", "plivo"] | None = None
+    carrier: CarrierName | None = None
     via: Literal["carrier", "ultravox"] | None = Field(
         default=None, description="carrier: the gateway dials; ultravox: Ultravox dials with its imported credentials"
     )
@@ -64,9 +66,7 @@ class DialRequest(BaseModel):
     @field_validator("to", "from_")
     @classmethod
     def _e164(cls, value: str | None) -> str | None:
-        if value is not None and not E164.match(value):
-            raise ValueError("must be an E.164 number like +15551234567")
-        return value
+        return None if value is None else numbers.e164(value)
 
     @field_validator("metadata")
     @classmethod
@@ -121,6 +121,10 @@ class OutboundFlow:
         ultravox: UltravoxClient,
         carriers: dict[str, Carrier],
         carrier_http: httpx.AsyncClient,
+        *,
+        urls: Urls,
+        bodies: CallBodies,
+        connector: Connector,
         clock=time.monotonic,
     ):
         self.settings = settings
@@ -128,13 +132,16 @@ class OutboundFlow:
         self.ultravox = ultravox
         self.carriers = carriers
         self.http = carrier_http
+        self.urls = urls
+        self.bodies = bodies
+        self.connector = connector
         self._clock = clock
         self._answering: dict[str, asyncio.Future[str | None]] = {}
 
     # --- placing the call ---------------------------------------------------------------------------
     async def dial(self, request: DialRequest, *, api_key_id: str, idempotency_key: str | None) -> tuple[CallRecord, bool]:
         """Record and place the call; a repeat of an idempotent request returns the first call."""
-        carrier_name = request.carrier or self.settings.outbound.default_carrier
+        carrier_name = request.carrier or self.settings.outbound.carrier
         carrier = self.carriers[carrier_name]
         via = request.via or self.settings.outbound.default_via
         from_number = self._check_policy(request, carrier_name, carrier, via)
@@ -165,7 +172,7 @@ class OutboundFlow:
             return await self._placed(record, deadline), False
         try:
             if via == "carrier":
-                record = await self._place_with_carrier(carrier, record, request, deadline)
+                record = await self._place_with_carrier(carrier, record, request, route, deadline)
             else:
                 record = await self._place_with_ultravox(carrier, record, request, route, deadline)
         except BaseException as error:
@@ -198,8 +205,12 @@ class OutboundFlow:
             raise DialRejected(403, f"destinations starting {denied} are denied by the dial policy")
         if via == "ultravox" and request.route and (route := self.settings.route_named(request.route)) and route.mode == "bridge":
             raise DialRejected(422, f"route {request.route} is in bridge mode: the gateway must place the call (via=carrier)")
+        if via == "ultravox" and not carrier.ultravox_can_dial:
+            raise DialRejected(422, f"Ultravox cannot place {carrier.title} calls itself: use via=carrier")
         if via == "carrier" and not carrier.can_dial:
             raise DialRejected(422, f"{carrier_name} REST credentials are not configured on this gateway")
+        if request.answering_machine_detection and carrier.dials_into_stream:
+            raise DialRejected(422, f"answering_machine_detection is not available on {carrier.title} calls")
         if not self.settings.ultravox.api_key:
             raise DialRejected(422, "ULTRAVOX_API_KEY is not configured on this gateway")
         if not self.settings.public_url:
@@ -227,15 +238,30 @@ class OutboundFlow:
             raise DialRejected(422, str(error)) from None
 
     async def _place_with_carrier(
-        self, carrier: Carrier, record: CallRecord, request: DialRequest, deadline: float
+        self, carrier: Carrier, record: CallRecord, request: DialRequest, route: RouteSettings, deadline: float
     ) -> CallRecord:
+        ring_timeout = self.settings.outbound.ring_timeout_seconds
+        stream_url = None
+        if carrier.dials_into_stream:
+            # The carrier streams as soon as the callee picks up: the agent must exist before it rings.
+            if not await self.store.claim_agent(record.id):
+                return record
+            created = await self._create_agent_call(
+                carrier, record, request, route, deadline, join_timeout_seconds=ring_timeout + JOIN_MARGIN_SECONDS
+            )
+            if created is None:
+                return await self.store.get(record.id)
+            stream_url, _ = self.connector.stream_url(
+                carrier, record.route, record.id, created.join_url, lifetime=ring_timeout + JOIN_MARGIN_SECONDS
+            )
         dial = OutboundDial(
             to=record.to_number,
             from_=record.from_number,
-            answer_url=self.callback_url(carrier, "outbound/answer", record.id),
-            status_url=self.callback_url(carrier, "status", record.id),
-            ring_timeout_seconds=self.settings.outbound.ring_timeout_seconds,
+            answer_url=self.urls.call_callback("outbound-answer", carrier.name, record.id),
+            status_url=self.urls.call_callback("status", carrier.name, record.id),
+            ring_timeout_seconds=ring_timeout,
             machine_detection=request.answering_machine_detection,
+            stream_url=stream_url,
         )
         try:
             carrier_call_id = await carrier.place_call(self.http, dial, deadline=deadline)
@@ -248,42 +274,46 @@ class OutboundFlow:
     async def _place_with_ultravox(
         self, carrier: Carrier, record: CallRecord, request: DialRequest, route: RouteSettings, deadline: float
     ) -> CallRecord:
-        medium = carrier.outgoing_medium(record.to_number, record.from_number, self.callback_url(carrier, "status", record.id))
+        medium = carrier.outgoing_medium(
+            record.to_number, record.from_number, self.urls.call_callback("status", carrier.name, record.id)
+        )
         call_request = self._call_request(carrier, record, request, route, medium)
         try:
-            created = await self.ultravox.create_call(call_request.body, agent_id=call_request.agent_id, deadline=deadline)
+            created = await self.ultravox.create_call(call_request, deadline=deadline)
         except UltravoxError as error:
             log.warning("outbound %s via Ultravox: not placed, %s", record.id, error.reason)
             return (await self.store.update(record.id, statuses.FAILED, failure_reason=error.reason)).record
         return (await self.store.update(record.id, ultravox_call_id=created.call_id)).record
 
-    def _call_request(self, carrier: Carrier, record: CallRecord, request: DialRequest, route: RouteSettings, medium):
-        metadata = {
-            **request.metadata,
-            "gateway.carrier": carrier.name,
-            "gateway.call_id": record.id,
-            "gateway.route": route.name,
-        }
-        if record.carrier_call_id:
-            metadata["gateway.carrier_call_id"] = record.carrier_call_id
-        return build_call_request(
+    def _call_request(self, carrier: Carrier, record: CallRecord, request: DialRequest, route: RouteSettings,
+                      medium: dict[str, Any], join_timeout_seconds: float | None = None):
+        return self.bodies.for_route(
             route,
+            carrier=carrier,
+            identity=CallIdentity(carrier.name, record.carrier_call_id, record.id, route.name),
             medium=medium,
-            metadata=metadata,
             webhook_params={"carrier": carrier.name, "from_number": record.from_number, "to_number": record.to_number},
             agent_speaks_first=False,
             extra_template_context=request.template_context,
-            callbacks=ultravox_callbacks(f"{self.settings.public_url}/ultravox/events", self.settings.ultravox.webhook_secret),
-            tools=transfer_tools(self.settings, route.operators),
+            extra_metadata=request.metadata,
+            join_timeout_seconds=join_timeout_seconds,
         )
 
-    def callback_url(self, carrier: Carrier, path: str, call_id: str) -> str:
-        """A URL for the carrier to call back about one call, with a token only the gateway can make."""
-        token = callback_token(self.settings.ultravox.api_key or "", call_id)
-        return f"{self.settings.public_url}/{carrier.name}/{path}?call={quote(call_id)}&t={token}"
-
-    def valid_callback(self, call_id: str, token: str | None) -> bool:
-        return valid_callback_token(self.settings.ultravox.api_key or "", call_id, token)
+    async def _create_agent_call(
+        self, carrier: Carrier, record: CallRecord, request: DialRequest, route: RouteSettings, deadline: float,
+        *, join_timeout_seconds: float | None = None,
+    ) -> CreatedCall | None:
+        """The Ultravox call for an outbound call (once claim_agent said so); None: failed, recorded."""
+        medium = self.connector.medium(carrier, record.route, record.id)
+        call_request = self._call_request(carrier, record, request, route, medium, join_timeout_seconds)
+        try:
+            created = await self.ultravox.create_call(call_request, deadline=deadline)
+        except UltravoxError as error:
+            log.warning("outbound %s: no agent, %s", record.id, error.reason)
+            await self.store.update(record.id, statuses.FAILED, failure_reason=error.reason)
+            return None
+        await self.store.update(record.id, ultravox_call_id=created.call_id, join_url=created.join_url)
+        return created
 
     # --- carrier callbacks --------------------------------------------------------------------------
     async def answer(self, carrier: Carrier, webhook: Webhook, call_id: str, deadline: float) -> str:
@@ -291,7 +321,7 @@ class OutboundFlow:
         record = await self.store.get(call_id)
         if record is None or record.via != "carrier" or record.carrier != carrier.name:
             log.warning("%s answer webhook for a call the gateway did not place: %r", carrier.name, call_id)
-            return carrier.hangup_xml()
+            return carrier.hangup_answer()
         pending = self._answering.get(call_id)
         if pending is not None:  # the carrier retried while the first delivery is still working
             join_url = await asyncio.shield(pending)
@@ -310,16 +340,13 @@ class OutboundFlow:
             future.set_result(outcome.join_url)
             del self._answering[call_id]
         if outcome.hang_up:
-            return carrier.hangup_xml()
+            return carrier.hangup_answer()
         if not outcome.join_url:
             return self._apology(carrier)
         return await self._connect(carrier, record, outcome.join_url)
 
     async def _connect(self, carrier: Carrier, record: CallRecord, join_url: str) -> str:
-        if bridged(self.settings, record):  # the callee's audio goes through the gateway
-            record = await self.store.get(record.id)  # its carrier call id arrived with the answer
-            return stream_xml(self.settings, carrier, record.carrier_call_id)
-        return carrier.connect_xml(join_url)
+        return self.connector.record_answer(carrier, record, join_url)
 
     async def _connect_answered(
         self, carrier: Carrier, webhook: Webhook, record: CallRecord, deadline: float
@@ -338,19 +365,10 @@ class OutboundFlow:
             # A repeated answer webhook, maybe on another replica: hand back the same join URL.
             return AnswerOutcome(join_url=await self._join_url_of(record.id, deadline))
         route = RouteSettings.model_validate(stored["route"])
-        medium = server_websocket_medium(carrier) if route.mode == "bridge" else carrier.ultravox_medium()
-        call_request = self._call_request(carrier, record, request, route, medium)
-        try:
-            created = await self.ultravox.create_call(
-                call_request.body, agent_id=call_request.agent_id, deadline=deadline - 0.3
-            )
-        except UltravoxError as error:
-            log.warning("outbound %s answered but not connected: %s", record.id, error.reason)
-            await self.store.update(record.id, statuses.FAILED, failure_reason=error.reason)
+        created = await self._create_agent_call(carrier, record, request, route, deadline - 0.3)
+        if created is None:
             return AnswerOutcome()
-        await self.store.update(
-            record.id, statuses.IN_PROGRESS, ultravox_call_id=created.call_id, join_url=created.join_url
-        )
+        await self.store.update(record.id, statuses.IN_PROGRESS)
         return AnswerOutcome(join_url=created.join_url)
 
     async def _join_url_of(self, call_id: str, deadline: float) -> str | None:
@@ -362,4 +380,4 @@ class OutboundFlow:
         return None
 
     def _apology(self, carrier: Carrier) -> str:
-        return carrier.apology_xml(self.settings.fallback.message, None)
+        return carrier.apology_answer(self.settings.fallback.message, None)

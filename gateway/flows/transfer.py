@@ -13,22 +13,21 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
-from urllib.parse import quote
+from typing import Any, Callable, Mapping
 
 import httpx
 
 from .. import statuses
 from ..carriers.base import Carrier, OutboundDial, Webhook
 from ..http import RemoteError
-from ..media.bridge import bridged, server_websocket_medium, stream_xml
-from ..security import callback_token, valid_callback_token
 from ..settings import Settings
 from ..store import CallRecord, CallStore, TransferRecord, TransferStore
 from ..store import transfers as status
 from ..store.calls import utcnow
 from ..ultravox import UltravoxClient, UltravoxError
-from .call_request import ultravox_callbacks
+from ..urls import Urls
+from .call_request import CallBodies, CallIdentity
+from .connect import Connector
 
 log = logging.getLogger("gateway.transfer")
 
@@ -37,8 +36,49 @@ MACHINE_DETECTION_SECONDS = 30  # carriers' default answering-machine detection 
 LEG_MARGIN_SECONDS = 15
 
 
-def _token_subject(transfer_id: str, step: str, leg: int | None) -> str:
-    return f"transfer:{transfer_id}:{step}:{'' if leg is None else leg}"
+@dataclass(frozen=True)
+class ToolInvocation:
+    """What Ultravox sends when the model uses a transfer tool."""
+
+    kind: str  # cold | warm
+    ultravox_call_id: str
+    operator: str
+    reason: str
+    summary: str | None
+
+    @classmethod
+    def of(cls, kind: str, payload: Mapping[str, Any]) -> "ToolInvocation":
+        return cls(
+            kind=kind,
+            ultravox_call_id=str(payload.get("callId") or ""),
+            operator=str(payload.get("operator") or ""),
+            reason=str(payload.get("reason") or "").strip()[:500],
+            summary=str(payload.get("summary") or "").strip()[:1000] or None,
+        )
+
+
+@dataclass(frozen=True)
+class TransferStep:
+    """A callback of a transfer, served on its own route (transfer-{name}) by TransferFlow.{handler}:
+    (carrier, transfer, leg, webhook) -> the carrier's answer (None for reports)."""
+
+    name: str
+    handler: str
+    operator_leg: bool = False  # about the operator's phone (else the caller's)
+    event: bool = False  # a report, not a fetch of call instructions
+
+
+TRANSFER_STEPS = (
+    TransferStep("dial", "fetch_dial"),
+    TransferStep("hold", "fetch_hold"),
+    TransferStep("music", "fetch_music"),
+    TransferStep("return", "fetch_return"),
+    TransferStep("caller-left", "caller_left"),
+    TransferStep("result", "dial_result"),
+    TransferStep("whisper", "whisper", operator_leg=True),
+    TransferStep("accept", "accept", operator_leg=True),
+    TransferStep("operator-status", "operator_status", operator_leg=True, event=True),
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +99,10 @@ class TransferFlow:
         ultravox: UltravoxClient,
         carriers: dict[str, Carrier],
         carrier_http: httpx.AsyncClient,
+        *,
+        urls: Urls,
+        bodies: CallBodies,
+        connector: Connector,
         on_outcome: Callable[[TransferRecord], None] = lambda transfer: None,
         clock=time.monotonic,
         now=utcnow,
@@ -69,6 +113,9 @@ class TransferFlow:
         self.ultravox = ultravox
         self.carriers = carriers
         self.http = carrier_http
+        self.urls = urls
+        self.bodies = bodies
+        self.connector = connector
         self.on_outcome = on_outcome
         self._clock = clock
         self._now = now
@@ -76,20 +123,25 @@ class TransferFlow:
         self._timers: set[asyncio.Task] = set()  # leg watchdogs: cancelled, not awaited, at shutdown
 
     # --- the tool ---------------------------------------------------------------------------------
-    async def invoke(self, kind: str, payload: dict[str, Any]) -> ToolReply:
+    async def invoke(self, invocation: ToolInvocation) -> ToolReply:
         """Check the request, start the transfer in the background, answer within the tool timeout."""
-        record = await self.calls.find_by_ultravox_call_id(str(payload.get("callId") or ""))
+        kind = invocation.kind
+        record = await self.calls.find_by_ultravox_call_id(invocation.ultravox_call_id)
         if record is None:
             return ToolReply("I can't transfer this call: the phone gateway doesn't know it.")
         if record.is_final or not record.carrier_call_id:
             return ToolReply("I can't transfer this call: it is not connected to a phone line any more.")
+        if not self.carriers[record.carrier].can_transfer:
+            return ToolReply(
+                "I can't transfer calls on this phone line. Don't transfer; tell the caller and offer to help "
+                "another way or take a message."
+            )
         allowed = self._allowed_operators(record)
-        requested = payload.get("operator")
+        requested = invocation.operator
         if requested not in allowed:
             names = ", ".join(allowed) if allowed else "no one"
             return ToolReply(f"I can't transfer to {requested!r}. I can only transfer to: {names}.")
-        reason = str(payload.get("reason") or "").strip()[:500]
-        summary = str(payload.get("summary") or "").strip()[:1000] or None
+        reason, summary = invocation.reason, invocation.summary
         if not reason or (kind == "warm" and not summary):
             missing = "a reason" if not reason else "a summary for the person"
             return ToolReply(f"I need {missing} before I can transfer the caller.")
@@ -142,17 +194,17 @@ class TransferFlow:
             return await self._after_final(carrier, transfer)
         if attempt != len(transfer.tried) - 1:
             # About an earlier operator's dial (the carrier repeating itself): the next dial is already chosen.
-            return self._dial_xml(carrier, transfer, say=None)
+            return self._dial_answer(carrier, transfer, say=None)
         if result.answered:
             # The operator talked with the caller; the <Dial> ends when one of them hangs up.
             await self._finish(transfer, status.CONNECTED, "answered")
             await self.transfers.mark_ended(transfer.id)
             await self.calls.update(transfer.call_id, statuses.COMPLETED)
-            return carrier.hangup_xml()
+            return carrier.hangup_answer()
         if result.caller_gone:
             await self._finish(transfer, status.FAILED, "the caller hung up while the operator's phone rang")
             await self.calls.update(transfer.call_id, statuses.COMPLETED)
-            return carrier.hangup_xml()
+            return carrier.hangup_answer()
         why = f"{transfer.operator} did not answer ({result.status})"
         following = self._first_open(transfer.operator, tried=transfer.tried)
         if following is not None:
@@ -165,15 +217,15 @@ class TransferFlow:
                 current = await self.transfers.get(transfer.id)
                 if current.is_final or current.status == status.RETURNING:
                     return await self._after_final(carrier, current)
-                return self._dial_xml(carrier, current, say=None)
-            return self._dial_xml(carrier, moved, say=None)
+                return self._dial_answer(carrier, current, say=None)
+            return self._dial_answer(carrier, moved, say=None)
         return await self._return_to_agent(carrier, transfer, why)
 
-    def _dial_xml(self, carrier: Carrier, transfer: TransferRecord, *, say: str | None) -> str:
+    def _dial_answer(self, carrier: Carrier, transfer: TransferRecord, *, say: str | None) -> str:
         operator = self.settings.operators[transfer.operator]
         # The action URL names which attempt it reports on, so a late repeat is recognised.
         action_url = self.url(carrier, "result", transfer.id, leg=len(transfer.tried) - 1)
-        return carrier.dial_xml(
+        return carrier.dial_answer(
             say=say, target=operator.target, action_url=action_url,
             ring_timeout=operator.ring_timeout_seconds, caller_id=operator.caller_id,
         )
@@ -225,33 +277,33 @@ class TransferFlow:
     async def whisper(self, carrier: Carrier, transfer: TransferRecord, leg: int, webhook: Webhook) -> str:
         """The operator picked up: brief them, unless it is their voicemail."""
         if transfer.is_final or leg != transfer.leg:
-            return carrier.hangup_xml()
+            return carrier.hangup_answer()
         answered = carrier.parse_answer(webhook)
         if answered.carrier_call_id:  # the leg's own id, to hang it up if the caller leaves
             await self.transfers.update(transfer.id, expect={"leg": leg}, operator_leg_id=answered.carrier_call_id)
         if answered.machine:
             why = f"{transfer.operator}'s voicemail answered"
             self._in_background(self._operator_unavailable(carrier, transfer, leg, why))
-            return carrier.hangup_xml()
+            return carrier.hangup_answer()
         briefing = f"A caller is being transferred to you. Reason: {transfer.reason}."
         if transfer.summary:
             briefing += f" Summary: {transfer.summary}"
         briefing += " Press 1 to take the call."
-        return carrier.whisper_xml(
+        return carrier.whisper_answer(
             briefing, accept_url=self.url(carrier, "accept", transfer.id, leg=leg),
             timeout=self.settings.transfer.accept_timeout_seconds,
         )
 
     async def accept(self, carrier: Carrier, transfer: TransferRecord, leg: int, webhook: Webhook) -> str:
         if transfer.is_final or leg != transfer.leg:
-            return carrier.hangup_xml()
+            return carrier.hangup_answer()
         if carrier.pressed_digits(webhook) != "1":
             self._in_background(self._operator_unavailable(carrier, transfer, leg, f"{transfer.operator} declined"))
-            return carrier.hangup_xml()
+            return carrier.hangup_answer()
         # Only if this leg is still the current one: its hang-up callback may have moved on already.
         if not await self._finish(transfer, status.CONNECTED, "accepted", expect={"leg": leg}):
-            return carrier.hangup_xml()
-        return carrier.conference_xml(
+            return carrier.hangup_answer()
+        return carrier.conference_answer(
             self.conference(transfer), say="Connecting you now.", starts=True, ends=True, wait_url=None, action_url=None,
         )
 
@@ -269,7 +321,8 @@ class TransferFlow:
         if leg is not None:
             self._in_background(self._operator_unavailable(carrier, transfer, leg, f"{transfer.operator}'s leg failed"))
 
-    async def caller_left(self, carrier: Carrier, transfer: TransferRecord) -> str:
+    async def caller_left(self, carrier: Carrier, transfer: TransferRecord, leg: int | None = None,
+                          webhook: Webhook | None = None) -> str:
         """The caller's conference ended for them: after the conversation, or hanging up on hold."""
         await self.calls.update(transfer.call_id, statuses.COMPLETED)
         if transfer.status == status.CONNECTED:
@@ -280,7 +333,7 @@ class TransferFlow:
             if finished and finished.operator_leg_id:  # nobody left to talk to: stop the operator's phone
                 with contextlib.suppress(RemoteError):
                     await carrier.hang_up(self.http, finished.operator_leg_id, deadline=self._clock() + CARRIER_WORK_SECONDS)
-        return carrier.hangup_xml()
+        return carrier.hangup_answer()
 
     async def _operator_unavailable(self, carrier: Carrier, transfer: TransferRecord, leg: int, why: str) -> None:
         """The operator's leg will not take the caller: try the next operator, else back to the agent."""
@@ -321,23 +374,25 @@ class TransferFlow:
             )
             return False
 
-    async def xml(self, carrier: Carrier, transfer: TransferRecord, step: str) -> str:
-        """XML the carrier fetches after a redirect of the caller's call."""
-        if step == "return":
-            return await self._return_to_agent(carrier, transfer, transfer.outcome or "the transfer did not go through")
-        if step == "music":
-            return carrier.hold_music_xml(self.settings.transfer.hold_music_url)
-        if step == "caller-left":
-            return await self.caller_left(carrier, transfer)
+    # Call instructions the caller's call fetches after a redirect.
+    async def fetch_return(self, carrier: Carrier, transfer: TransferRecord, leg: int | None, webhook: Webhook) -> str:
+        return await self._return_to_agent(carrier, transfer, transfer.outcome or "the transfer did not go through")
+
+    async def fetch_music(self, carrier: Carrier, transfer: TransferRecord, leg: int | None, webhook: Webhook) -> str:
+        return carrier.hold_music_answer(self.settings.transfer.hold_music_url)
+
+    async def fetch_dial(self, carrier: Carrier, transfer: TransferRecord, leg: int | None, webhook: Webhook) -> str:
         if transfer.is_final or transfer.status == status.RETURNING:
             return await self._after_final(carrier, transfer)
-        say = self.settings.transfer.connecting_message
-        if step == "dial":
-            return self._dial_xml(carrier, transfer, say=say)
-        wait_url = self.url(carrier, "music", transfer.id) if carrier.hold_music_is_xml else self.settings.transfer.hold_music_url
-        return carrier.conference_xml(
-            self.conference(transfer), say=say, starts=False, ends=True, wait_url=wait_url,
-            action_url=self.url(carrier, "caller-left", transfer.id),
+        return self._dial_answer(carrier, transfer, say=self.settings.transfer.connecting_message)
+
+    async def fetch_hold(self, carrier: Carrier, transfer: TransferRecord, leg: int | None, webhook: Webhook) -> str:
+        if transfer.is_final or transfer.status == status.RETURNING:
+            return await self._after_final(carrier, transfer)
+        wait_url = self.url(carrier, "music", transfer.id) if carrier.hold_music_is_answer else self.settings.transfer.hold_music_url
+        return carrier.conference_answer(
+            self.conference(transfer), say=self.settings.transfer.connecting_message, starts=False, ends=True,
+            wait_url=wait_url, action_url=self.url(carrier, "caller-left", transfer.id),
         )
 
     async def _after_final(self, carrier: Carrier, transfer: TransferRecord) -> str:
@@ -350,7 +405,7 @@ class TransferFlow:
         if transfer.status == status.FAILED and not record.is_final:
             # We gave up on moving the caller (a timeout), yet the carrier moved them: the agent takes them back.
             return await self._return_to_agent(carrier, transfer, transfer.outcome or "the transfer failed", after_failure=True)
-        return carrier.hangup_xml()
+        return carrier.hangup_answer()
 
     async def _returned_join_url(self, transfer: TransferRecord) -> str | None:
         deadline = self._clock() + self.settings.ultravox.inbound_deadline_seconds - 0.5
@@ -373,43 +428,31 @@ class TransferFlow:
             return await self._after_final(carrier, await self.transfers.get(transfer.id))
         record = await self.calls.get(transfer.call_id)
         operator = self.settings.operators[transfer.operator]
-        route = self.settings.route_named(record.route) if record.route else None
-        body = {
-            "medium": server_websocket_medium(carrier) if bridged(self.settings, record) else carrier.ultravox_medium(),
-            "firstSpeakerSettings": {"agent": {"prompt": (
+        request = self.bodies.continuation(
+            identity=CallIdentity(record.carrier, record.carrier_call_id, record.id, record.route),
+            medium=self.connector.medium(carrier, record.route, record.id),
+            prior_call_id=transfer.prior_ultravox_call_id,
+            prompt=(
                 f"You tried to transfer the caller to {transfer.operator} ({operator.description}), but it did not "
                 f"go through: {why}. Tell the caller briefly, apologise, and offer to help another way or take a message."
-            )}},
-            "metadata": {
-                **(route.metadata if route else {}),
-                "gateway.carrier": record.carrier,
-                "gateway.carrier_call_id": record.carrier_call_id or "",
-                "gateway.call_id": record.id,
-                "gateway.route": record.route or "",
-                "gateway.returned_from_transfer": transfer.id,
-            },
-        }
-        callbacks = ultravox_callbacks(f"{self.settings.public_url}/ultravox/events", self.settings.ultravox.webhook_secret)
-        if callbacks:
-            body["callbacks"] = callbacks
+            ),
+            route=self.settings.route_named(record.route) if record.route else None,
+            extra_metadata={"gateway.returned_from_transfer": transfer.id},
+        )
         deadline = self._clock() + self.settings.ultravox.inbound_deadline_seconds - 0.5
         try:
-            created = await self.ultravox.create_call(
-                body, agent_id=None, prior_call_id=transfer.prior_ultravox_call_id, deadline=deadline
-            )
+            created = await self.ultravox.create_call(request, deadline=deadline)
         except UltravoxError as error:
             await self._finish(transfer, status.FAILED, f"{why}; the agent could not be reached: {error.reason}",
                                only_if_active=False)
             fallback = self.settings.fallback
-            return carrier.apology_xml(fallback.message, fallback.dial_number)
+            return carrier.apology_answer(fallback.message, fallback.dial_number)
         await self.calls.update(record.id, replace={"ultravox_call_id": created.call_id, "join_url": created.join_url})
         await self._finish(transfer, status.RETURNED, why, new_ultravox_call_id=created.call_id, only_if_active=False)
         return self._connect(carrier, record, created.join_url)
 
     def _connect(self, carrier: Carrier, record: CallRecord, join_url: str) -> str:
-        if bridged(self.settings, record):  # the carrier streams to the gateway, which joins Ultravox
-            return stream_xml(self.settings, carrier, record.carrier_call_id)
-        return carrier.connect_xml(join_url)
+        return self.connector.record_answer(carrier, record, join_url)
 
     async def _tell_agent(self, ultravox_call_id: str | None, text: str) -> None:
         if not ultravox_call_id:
@@ -437,18 +480,7 @@ class TransferFlow:
         return f"gateway-transfer-{transfer.id}"
 
     def url(self, carrier: Carrier, step: str, transfer_id: str, *, leg: int | None = None) -> str:
-        """A carrier callback URL for one step of one transfer, with a token only the gateway can make.
-
-        The token covers the step and the leg: Telnyx signs only its body, so a captured callback
-        must not be replayable against another step (say, `accept`).
-        """
-        token = callback_token(self.settings.ultravox.api_key or "", _token_subject(transfer_id, step, leg))
-        url = f"{self.settings.public_url}/{carrier.name}/transfer/{step}?transfer={quote(transfer_id)}&t={token}"
-        return url if leg is None else f"{url}&leg={leg}"
-
-    def valid_url(self, transfer_id: str, step: str, leg: int | None, token: str | None) -> bool:
-        subject = _token_subject(transfer_id, step, leg)
-        return valid_callback_token(self.settings.ultravox.api_key or "", subject, token)
+        return self.urls.transfer_callback(carrier.name, step, transfer_id, leg)
 
     def _in_background(self, work) -> None:
         task = asyncio.get_running_loop().create_task(self._logged(work))

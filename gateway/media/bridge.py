@@ -17,7 +17,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
-from urllib.parse import urlencode
 
 import httpx
 import websockets
@@ -33,56 +32,20 @@ from ..carriers.base import (
     StreamStart,
     StreamStop,
 )
-from ..http import RemoteError, as_websocket_url
-from ..security import media_token
-from ..settings import Settings
+from ..http import RemoteError
 from ..store import CallRecord, CallStore
-from .codecs import AudioFormat, Transcoder
+from .codecs import AudioFormat, Chunker, Transcoder
 from .recording import CallRecorder
 
 log = logging.getLogger("gateway.media")
 
 START_TIMEOUT_SECONDS = 10.0  # the carrier's start message, after the socket opens
 JOIN_TIMEOUT_SECONDS = 5.0
-# Ultravox's advice with clear support: a large client buffer, so its audio flows ahead smoothly.
-CLIENT_BUFFER_MS = 30000
 LATE_AFTER_SECONDS = 0.06  # a caller frame this much behind its schedule counts as late
 # When the agent hangs up, the carrier may still hold its last words; a mark tells us when they
 # have played (or at most this long, whatever was queued).
 GOODBYE_MARK = "gateway-goodbye"
 MAX_GOODBYE_SECONDS = 10.0
-
-
-# The carrier opens the media socket right after fetching the XML; a token older than this is stale.
-TOKEN_LIFETIME_SECONDS = 60
-
-
-def stream_xml(settings: Settings, carrier: Carrier, carrier_call_id: str, now: float | None = None) -> str:
-    """XML pointing the carrier's stream at the gateway's media socket for one call.
-
-    The call and a short-lived token ride in the URL's query, and also as stream parameters
-    (Twilio's <Parameter>), which arrive in the start message should the query be dropped.
-    """
-    expires = int((now if now is not None else time.time()) + TOKEN_LIFETIME_SECONDS)
-    credentials = {
-        "call": carrier_call_id,
-        "token": media_token(settings.ultravox.api_key or "", carrier.name, carrier_call_id, expires),
-    }
-    base = as_websocket_url(settings.public_url or "")
-    return carrier.connect_xml(f"{base}/media/{carrier.name}?{urlencode(credentials)}", parameters=credentials)
-
-
-def bridged(settings: Settings, record: CallRecord) -> bool:
-    route = settings.route_named(record.route) if record.route else None
-    return bool(route and route.mode == "bridge")
-
-
-def server_websocket_medium(carrier: Carrier) -> dict[str, Any]:
-    return {"serverWebSocket": {
-        "inputSampleRate": carrier.media_rate,
-        "outputSampleRate": carrier.media_rate,
-        "clientBufferSizeMs": CLIENT_BUFFER_MS,
-    }}
 
 
 @dataclass
@@ -213,7 +176,7 @@ class MediaBridge:
         queued = session.recorder.agent_queued_seconds if session.recorder else MAX_GOODBYE_SECONDS
         session.goodbye_played = asyncio.Event()
         with contextlib.suppress(Exception):
-            await session.websocket.send_text(session.carrier.media_mark(stream_id, GOODBYE_MARK))
+            await send(session.websocket, session.carrier.media_mark(stream_id, GOODBYE_MARK))
             await asyncio.wait_for(session.goodbye_played.wait(), timeout=min(queued, MAX_GOODBYE_SECONDS) + 1)
 
     async def _clean_up(self, session: "_Session") -> None:
@@ -292,9 +255,12 @@ class MediaBridge:
     async def _agent_to_caller(self, session: "_Session", stream_id: str, transcoder: Transcoder) -> None:
         carrier, websocket, ultravox = session.carrier, session.websocket, session.ultravox
         recorder, stats = session.recorder, session.stats
+        chunker = Chunker(carrier.media_chunk_bytes)
         async for message in ultravox:
             if isinstance(message, bytes):
-                await websocket.send_text(carrier.media_audio(stream_id, transcoder.from_pcm(message)))
+                payload = chunker.take(transcoder.from_pcm(message))
+                if payload:
+                    await send(websocket, carrier.media_audio(stream_id, payload))
                 stats.frames_out += 1
                 if recorder:
                     recorder.agent(message)
@@ -307,9 +273,10 @@ class MediaBridge:
             kind = data.get("type") if isinstance(data, dict) else None
             if kind == "playback_clear_buffer":
                 # Barge-in: the caller must stop hearing the agent now, not after the queue drains.
-                await websocket.send_text(carrier.media_clear(stream_id))
+                await send(websocket, carrier.media_clear(stream_id))
                 stats.clears += 1
                 transcoder.reset_outbound()  # a resampler must not carry the dropped audio's tail
+                chunker.clear()
                 if recorder:
                     recorder.clear()
             elif kind == "client_tool_invocation":
@@ -348,3 +315,11 @@ class MediaBridge:
 async def _close_carrier(websocket: WebSocket) -> None:
     with contextlib.suppress(Exception):  # already closed by the carrier: nothing to do
         await websocket.close()
+
+
+async def send(websocket: WebSocket, message: str | bytes) -> None:
+    """One message to the carrier, in a text or a binary frame as its stream protocol has it."""
+    if isinstance(message, bytes):
+        await websocket.send_bytes(message)
+    else:
+        await websocket.send_text(message)

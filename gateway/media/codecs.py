@@ -330,3 +330,26 @@ class Transcoder:
     def reset_outbound(self) -> None:
         """After a barge-in clear: drop the outbound filter's memory of the discarded audio."""
         self.outbound.reset()
+
+
+class Chunker:
+    """Cuts outgoing audio into sizes the carrier accepts: a multiple of `multiple` bytes.
+
+    The rest waits for the next audio rather than going out as a short packet (which some
+    carriers play as a gap); a barge-in clear drops it with the rest of the queued audio.
+    """
+
+    def __init__(self, multiple: int) -> None:
+        self.multiple = multiple
+        self._rest = b""
+
+    def take(self, payload: bytes) -> bytes:
+        if self.multiple <= 1:
+            return payload
+        data = self._rest + payload if self._rest else payload
+        cut = len(data) - len(data) % self.multiple
+        self._rest = data[cut:]
+        return data[:cut]
+
+    def clear(self) -> None:
+        self._rest = b""

@@ -1,0 +1,64 @@
+"""What Ultravox sends the gateway: tool invocations (operator transfers) and call events."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+
+from .api import read_limited
+from .flows.tracking import CallTracking
+from .flows.transfer import ToolInvocation, TransferFlow
+from .security import tool_secret_matches
+from .settings import Settings
+from .tools import SECRET_HEADER
+from .ultravox import EventRejected, read_event
+
+log = logging.getLogger("gateway")
+
+
+class UltravoxCallbacks:
+    def __init__(self, settings: Settings, transfer: TransferFlow, tracking: CallTracking):
+        self.settings = settings
+        self.transfer = transfer
+        self.tracking = tracking
+        self.cold_tool = self._transfer_tool("cold")
+        self.warm_tool = self._transfer_tool("warm")
+
+    def _transfer_tool(self, kind: str):
+        async def endpoint(request: Request) -> Response:
+            if not self.settings.tool_secret:
+                return PlainTextResponse("GATEWAY_TOOL_SECRET is not configured on this gateway\n", status_code=403)
+            if not tool_secret_matches(request.headers.get(SECRET_HEADER), self.settings.tool_secret):
+                log.warning("transfer tool call refused: wrong or missing %s", SECRET_HEADER)
+                return PlainTextResponse("wrong or missing tool secret\n", status_code=403)
+            body = await read_limited(request, self.settings.max_body_bytes)
+            if body is None:
+                return PlainTextResponse("body too large\n", status_code=413)
+            try:
+                payload = json.loads(body or b"")
+                if not isinstance(payload, dict):
+                    raise ValueError
+            except ValueError:
+                return PlainTextResponse("expected a JSON object\n", status_code=400)
+            reply = await self.transfer.invoke(ToolInvocation.of(kind, payload))
+            return PlainTextResponse(reply.text, status_code=reply.status, headers={
+                "X-Ultravox-Agent-Reaction": reply.reaction,
+            })
+
+        endpoint.__name__ = f"{kind}_transfer_tool"
+        return endpoint
+
+    async def events(self, request: Request) -> Response:
+        body = await read_limited(request, self.settings.max_body_bytes)
+        if body is None:
+            return PlainTextResponse("body too large\n", status_code=413)
+        try:
+            event = read_event(self.settings.ultravox, body, request.headers)
+        except EventRejected as rejection:
+            log.warning("Ultravox event refused: %s", rejection.detail)
+            return PlainTextResponse(f"{rejection.detail}\n", status_code=rejection.status)
+        await self.tracking.ultravox_event(event)
+        return Response(status_code=204)

@@ -1,0 +1,79 @@
+"""Phone numbers: every decision about one goes through here, on top of the `phonenumbers` library."""
+
+from __future__ import annotations
+
+import re
+
+import phonenumbers
+
+# A prefix of an E.164 number, for dial-policy lists ("+1", "+4420"): no library models these.
+_PREFIX = re.compile(r"^\+[1-9]\d{0,14}$")
+_SIP = re.compile(r"^sips?:[^@\s]+@[^\s]+$")
+
+
+class InvalidNumber(ValueError):
+    pass
+
+
+def e164(text: str) -> str:
+    """`text` as an E.164 number, or InvalidNumber. Written in E.164 already; only its form is checked,
+    so test and fictional ranges (+1555…) are accepted, unlike phonenumbers' is_valid_number."""
+    if not isinstance(text, str) or not text.startswith("+"):
+        raise InvalidNumber(f"must be an E.164 number like +15551234567, got {text!r}")
+    try:
+        parsed = phonenumbers.parse(text, None)
+    except phonenumbers.NumberParseException:
+        raise InvalidNumber(f"must be an E.164 number like +15551234567, got {text!r}") from None
+    formatted = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    if formatted != text or not phonenumbers.is_possible_number(parsed):
+        raise InvalidNumber(f"must be an E.164 number like +15551234567, got {text!r}")
+    return formatted
+
+
+def is_e164(text: str) -> bool:
+    try:
+        e164(text)
+    except InvalidNumber:
+        return False
+    return True
+
+
+def from_carrier(text: str, default_region: str | None) -> str:
+    """A number as a carrier sent it, in E.164 where it is a phone number at all.
+
+    Carriers write numbers as "+15551230001", "15551230001" (Plivo: digits with the country code)
+    or "08047491899" (Exotel: national format, read in `default_region`). SIP URIs, client names
+    and withheld callers ("anonymous", "") stay as they were sent.
+    """
+    text = text.strip()
+    if not re.fullmatch(r"\+?\d[\d\s().-]*", text):
+        return text
+    if text.startswith("+") or default_region is None:
+        candidate, region = "+" + text.lstrip("+"), None
+    else:
+        candidate, region = text, default_region
+    try:
+        parsed = phonenumbers.parse(candidate, region)
+    except phonenumbers.NumberParseException:
+        return text
+    if not phonenumbers.is_possible_number(parsed):
+        return text
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def national(number: str) -> str:
+    """An E.164 number in its country's national dialling form ("+918047491899" -> "08047491899")."""
+    parsed = phonenumbers.parse(number, None)
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.NATIONAL).replace(" ", "").replace("-", "")
+
+
+def prefix(text: str) -> str:
+    if not isinstance(text, str) or not _PREFIX.match(text):
+        raise InvalidNumber(f"prefixes look like +1 or +4420, got {text!r}")
+    return text
+
+
+def sip_uri(text: str) -> str:
+    if not _SIP.match(text):
+        raise InvalidNumber(f"must be a SIP URI like sip:desk@pbx.example.com, got {text!r}")
+    return text

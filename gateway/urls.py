@@ -1,0 +1,87 @@
+"""Every URL the gateway hands out (to carriers, Ultravox and tools), built in one place: the route
+table's names and the public URL, with the tokens that prove the gateway issued them."""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import urlencode
+
+from starlette.requests import HTTPConnection
+from starlette.routing import BaseRoute, Router
+
+from .http import as_websocket_url
+from .security import callback_token, media_token, valid_callback_token
+from .settings import Settings
+
+# The carrier opens the media socket right after fetching the answer; a token older than this is stale.
+MEDIA_TOKEN_SECONDS = 60
+
+
+def transfer_subject(transfer_id: str, step: str, leg: int | None) -> str:
+    # The token covers the step and the leg: Telnyx signs only its body, so a captured callback
+    # must not be replayable against another step (say, `accept`).
+    return f"transfer:{transfer_id}:{step}:{'' if leg is None else leg}"
+
+
+class Urls:
+    def __init__(self, settings: Settings, routes: list[BaseRoute] | None = None):
+        self.settings = settings
+        self._router = Router(routes or [])
+
+    def bind(self, routes: list[BaseRoute]) -> None:
+        """The route table, once it exists (its endpoints need the flows, which need URLs)."""
+        self._router = Router(routes)
+
+    @property
+    def _key(self) -> str:
+        return self.settings.ultravox.api_key or ""
+
+    def public(self, route: str, query: dict[str, str] | None = None, **path_params: str) -> str:
+        """The public URL of a named route, as a carrier or Ultravox reaches it."""
+        url = f"{self.settings.public_url or ''}{self._router.url_path_for(route, **path_params)}"
+        return f"{url}?{urlencode(query)}" if query else url
+
+    # --- what carriers are given --------------------------------------------------------------
+    def call_callback(self, route: str, carrier: str, call_id: str) -> str:
+        """A URL for the carrier to call back about one call, with a token only the gateway can make."""
+        return self.public(route, {"call": call_id, "t": callback_token(self._key, call_id)}, carrier=carrier)
+
+    def valid_call_callback(self, call_id: str, token: str | None) -> bool:
+        return valid_callback_token(self._key, call_id, token)
+
+    def transfer_callback(self, carrier: str, step: str, transfer_id: str, leg: int | None = None) -> str:
+        query = {"transfer": transfer_id, "t": callback_token(self._key, transfer_subject(transfer_id, step, leg))}
+        if leg is not None:
+            query["leg"] = str(leg)
+        return self.public(f"transfer-{step}", query, carrier=carrier)
+
+    def valid_transfer_callback(self, transfer_id: str, step: str, leg: int | None, token: str | None) -> bool:
+        return valid_callback_token(self._key, transfer_subject(transfer_id, step, leg), token)
+
+    def media_socket(self, carrier: str, call_id: str, *, lifetime: float = MEDIA_TOKEN_SECONDS) -> tuple[str, dict[str, str]]:
+        """The gateway's media socket for one call (bridge mode), and the credentials in its query.
+
+        The credentials are also given to carriers as stream parameters (Twilio's <Parameter>),
+        which arrive in the start message should the query be dropped.
+        """
+        expires = int(time.time() + lifetime)
+        credentials = {"call": call_id, "token": media_token(self._key, carrier, call_id, expires)}
+        return as_websocket_url(self.public("media", credentials, carrier=carrier)), credentials
+
+    # --- what Ultravox is given -----------------------------------------------------------------
+    def ultravox_events(self) -> str | None:
+        return self.public("ultravox-events") if self.settings.public_url else None
+
+    def tool(self, route: str) -> str:
+        return self.public(route)
+
+    # --- what requests were addressed to ----------------------------------------------------------
+    def of_request(self, request: HTTPConnection) -> str:
+        """The URL as the carrier addressed it (what it signed): the public base, our path, the query."""
+        base = self.settings.public_url
+        if base is None:
+            url = f"{request.url.scheme}://{request.url.netloc}{request.url.path}"
+        else:
+            url = base + request.url.path
+        query = request.url.query
+        return f"{url}?{query}" if query else url

@@ -1,0 +1,225 @@
+"""The carriers' HTTP callbacks: read and authenticate the request, hand it to a flow, answer in the
+carrier's dialect. A webhook that cannot be served normally still gets a valid answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Awaitable, Callable
+from urllib.parse import parse_qsl
+
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+
+from .api import read_limited
+from .carriers.base import QUERY, Carrier, RequestRejected, SignatureRejected, Webhook
+from .flows.inbound import InboundFlow
+from .flows.outbound import OutboundFlow
+from .flows.tracking import CallTracking
+from .flows.transfer import TRANSFER_STEPS, TransferFlow, TransferStep
+from .metrics import Metrics
+from .settings import Settings
+from .store import TransferStore
+from .urls import Urls
+
+log = logging.getLogger("gateway")
+
+# More fields than any carrier sends: parsing (and signing) a flood of them costs the event loop.
+MAX_FIELDS = 256
+
+
+async def read_webhook(request: Request, carrier: Carrier, *, max_bytes: int, url: str) -> Webhook:
+    """The request as the carrier sent it, bounded in size, in one of the carrier's webhook formats."""
+    formats = [f for f in carrier.webhook_formats if f.method == request.method]
+    if not formats:
+        methods = sorted({f.method for f in carrier.webhook_formats})
+        raise RequestRejected(f"{carrier.title} webhooks are sent with {' or '.join(methods)}", 405)
+    if formats[0] is QUERY:
+        return Webhook(url=url, method=request.method, headers=request.headers, body=b"",
+                       params=_fields(request.url.query), client=_client(request), format=QUERY)
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    chosen = next((f for f in formats if f.content_type == content_type), None)
+    if chosen is None:
+        expected = " or ".join(f.content_type for f in formats)
+        raise RequestRejected(f"expected {expected}, got {content_type or 'no content type'}", 415)
+    body = await read_limited(request, max_bytes)
+    if body is None:
+        raise RequestRejected(f"body larger than {max_bytes} bytes", 413)
+    params = _json_fields(body) if chosen.name == "json" else _fields(body)
+    return Webhook(url=url, method=request.method, headers=request.headers, body=body, params=params,
+                   client=_client(request), format=chosen)
+
+
+def _fields(raw: bytes | str) -> dict[str, list[str]]:
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=True, max_num_fields=MAX_FIELDS) if text else []
+    except (UnicodeDecodeError, ValueError):
+        raise RequestRejected("body is not a valid URL-encoded form (or has too many fields)") from None
+    params: dict[str, list[str]] = {}
+    for name, value in pairs:
+        params.setdefault(name, []).append(value)
+    return params
+
+
+def _json_fields(body: bytes) -> dict[str, list[str]]:
+    """A JSON object's top-level values as fields (nested ones as their JSON text)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise RequestRejected("body is not valid JSON") from None
+    if not isinstance(data, dict) or len(data) > MAX_FIELDS:
+        raise RequestRejected("expected a JSON object")
+    return {
+        str(name): [value if isinstance(value, str) else json.dumps(value)]
+        for name, value in data.items() if value is not None
+    }
+
+
+def _client(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+class CarrierWebhooks:
+    def __init__(
+        self, settings: Settings, carriers: dict[str, Carrier], urls: Urls, metrics: Metrics, *,
+        inbound: InboundFlow, outbound: OutboundFlow, tracking: CallTracking, transfer: TransferFlow,
+        transfers: TransferStore, clock=time.monotonic,
+    ):
+        self.settings = settings
+        self.carriers = carriers
+        self.urls = urls
+        self.metrics = metrics
+        self.inbound_flow = inbound
+        self.outbound_flow = outbound
+        self.tracking = tracking
+        self.transfer_flow = transfer
+        self.transfers = transfers
+        self.clock = clock
+        self._endpoints()
+
+    async def _verified(self, carrier: Carrier, request: Request, *, issued: Callable[[], bool] | None = None) -> Webhook:
+        """The carrier's authenticated request; with `issued`, also the gateway's own token in the URL."""
+        webhook = await read_webhook(request, carrier, max_bytes=self.settings.max_body_bytes,
+                                     url=self.urls.of_request(request))
+        carrier.verify(webhook)
+        if issued is not None and not issued():
+            raise SignatureRejected("this callback URL was not issued by this gateway")
+        return webhook
+
+    def _refused(self, carrier: Carrier, rejection: RequestRejected) -> Response:
+        self.metrics.webhooks.labels(carrier.name, f"http_{rejection.status}").inc()
+        log.warning("%s webhook refused (%d): %s", carrier.name, rejection.status, rejection.detail)
+        return PlainTextResponse(rejection.detail + "\n", status_code=rejection.status)
+
+    def _endpoint(self, handler: Callable[[Carrier, Request], Awaitable[Response]]):
+        async def endpoint(request: Request) -> Response:
+            carrier = self.carriers.get(request.path_params["carrier"])
+            if carrier is None:
+                return PlainTextResponse("not found\n", status_code=404)
+            return await handler(carrier, request)
+
+        endpoint.__name__ = handler.__name__
+        return endpoint
+
+    def _call_issued(self, request: Request) -> Callable[[], bool]:
+        return lambda: self.urls.valid_call_callback(request.query_params.get("call", ""), request.query_params.get("t"))
+
+    # --- the endpoints ----------------------------------------------------------------------------
+    def _endpoints(self) -> None:
+        self.inbound = self._endpoint(self._inbound)
+        self.outbound_answer = self._endpoint(self._outbound_answer)
+        self.status = self._endpoint(self._status)
+        self.transfer_steps = {step.name: self._endpoint(self._step_handler(step)) for step in TRANSFER_STEPS}
+
+    def _step_handler(self, step: TransferStep):
+        async def handler(carrier: Carrier, request: Request) -> Response:
+            return await self._transfer_step(step, carrier, request)
+
+        handler.__name__ = f"transfer_{step.name.replace('-', '_')}"
+        return handler
+
+    async def _inbound(self, carrier: Carrier, request: Request) -> Response:
+        started = self.clock()
+        deadline = started + self.settings.ultravox.inbound_deadline_seconds
+        try:
+            call = carrier.parse_inbound(await self._verified(carrier, request))
+        except RequestRejected as rejection:
+            return self._refused(carrier, rejection)
+        try:
+            # The hard stop: whatever happens below, the carrier gets its answer before its own timeout.
+            answer = await asyncio.wait_for(
+                self.inbound_flow.answer(carrier, call, deadline), timeout=max(0.0, deadline - self.clock())
+            )
+        except asyncio.TimeoutError:
+            log.warning("%s call %s: deadline reached, answering with the apology", carrier.name, call.call_id)
+            answer = self.inbound_flow.apology(carrier)
+        except Exception:
+            log.exception("%s call %s: unexpected error, answering with the apology", carrier.name, call.call_id)
+            answer = self.inbound_flow.apology(carrier)
+        self.metrics.webhooks.labels(carrier.name, answer.outcome).inc()
+        self.metrics.webhook_seconds.labels(carrier.name).observe(self.clock() - started)
+        return carrier.answer_response(answer.body)
+
+    async def _outbound_answer(self, carrier: Carrier, request: Request) -> Response:
+        """The callee picked up a call the gateway placed: connect the agent."""
+        deadline = self.clock() + self.settings.ultravox.inbound_deadline_seconds
+        try:
+            webhook = await self._verified(carrier, request, issued=self._call_issued(request))
+        except RequestRejected as rejection:
+            return self._refused(carrier, rejection)
+        call_id = request.query_params.get("call", "")
+        try:
+            body = await asyncio.wait_for(
+                self.outbound_flow.answer(carrier, webhook, call_id, deadline), timeout=max(0.0, deadline - self.clock())
+            )
+        except Exception:  # the deadline, or a bug: the callee hears the apology either way
+            log.exception("%s answer for outbound call %s failed", carrier.name, call_id)
+            body = carrier.apology_answer(self.settings.fallback.message, None)
+        return carrier.answer_response(body)
+
+    async def _status(self, carrier: Carrier, request: Request) -> Response:
+        """Call progress callbacks: the call named in the URL, or an inbound call by its carrier id."""
+        call_id = request.query_params.get("call")
+        try:
+            webhook = await self._verified(
+                carrier, request, issued=self._call_issued(request) if call_id is not None else None
+            )
+        except RequestRejected as rejection:
+            return self._refused(carrier, rejection)
+        record = await self.tracking.carrier_status(carrier, webhook, call_id)
+        if record is None:
+            log.info("%s status callback for a call this gateway does not know", carrier.name)
+        return Response(status_code=204)
+
+    async def _transfer_step(self, step: TransferStep, carrier: Carrier, request: Request) -> Response:
+        """The carrier fetching a transfer's call instructions, or reporting a dial, a key press or a leg."""
+        transfer_id = request.query_params.get("transfer", "")
+        leg_text = request.query_params.get("leg")
+        leg = int(leg_text) if leg_text is not None and leg_text.isdigit() else None
+        token = request.query_params.get("t")
+        try:
+            webhook = await self._verified(carrier, request, issued=lambda: self.urls.valid_transfer_callback(
+                transfer_id, step.name, leg, token))
+        except RequestRejected as rejection:
+            return self._refused(carrier, rejection)
+        transfer = await self.transfers.get(transfer_id)
+        if transfer is None:
+            return carrier.answer_response(carrier.hangup_answer())
+        try:
+            body = await getattr(self.transfer_flow, step.handler)(carrier, transfer, leg, webhook)
+        except Exception:
+            log.exception("transfer %s: %s failed", transfer_id, step.name)
+            if step.operator_leg:
+                # The operator's phone: hang it up; the caller, still on hold, goes on to the next
+                # operator or back to the agent.
+                self.transfer_flow.operator_failed(carrier, transfer, leg)
+                body = carrier.hangup_answer()
+            else:
+                # The caller's phone: never silence, the apology (and the fallback number, if any).
+                body = carrier.apology_answer(self.settings.fallback.message, self.settings.fallback.dial_number)
+        if step.event:  # a report, not a fetch: nothing to play
+            return Response(status_code=204)
+        return carrier.answer_response(body)
