@@ -321,7 +321,7 @@ def stream_from_xml(carrier: str, xml: str) -> tuple[str, dict[str, str]]:
 async def open_call(spec: dict, setup: dict, http) -> tuple[str, dict | None, dict[str, str]]:
     """The stream URL to connect to (on loopback), its headers and custom parameters, as the carrier
     would open it."""
-    from gateway.media.simulator import twilio_stream_headers
+    from gateway.testing import twilio_stream_headers
 
     carrier = spec["carrier"]
     if spec["target"] == "gateway":
@@ -355,7 +355,7 @@ async def run_call(spec: dict, setup: dict, frames: list[bytes], start_at: float
     and the send time of each frame whose echo came late."""
     from websockets.exceptions import ConnectionClosed
 
-    from gateway.media.simulator import CarrierStream
+    from gateway.testing import CarrierStream
 
     carrier = spec["carrier"]
     result = CallResult(setup["index"])
@@ -457,7 +457,7 @@ def load_main(spec_path: str) -> None:
     setups = build_setups(spec)
     for index, setup in setups.items():
         setup["index"] = index
-    import gateway.media.simulator  # noqa: F401  (imported before the clock starts)
+    import gateway.testing  # noqa: F401  (imported before the clock starts)
     import httpx  # noqa: F401
 
     # Everything the run allocates lives until its end; collections would only add pauses to

@@ -13,9 +13,14 @@ import numpy as np
 import pytest
 import websockets
 
-from gateway.media.simulator import CarrierStream, twilio_stream_headers
 from gateway.security import media_token
-from gateway.testing import plivo_inbound_form, telnyx_inbound_form, twilio_inbound_form
+from gateway.testing import (
+    CarrierStream,
+    plivo_inbound_form,
+    telnyx_inbound_form,
+    twilio_inbound_form,
+    twilio_stream_headers,
+)
 
 from .conftest import AGENT_ID, API_KEY, TWILIO_TOKEN
 

@@ -18,8 +18,7 @@ from twilio.request_validator import RequestValidator
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
 
-from gateway.media.simulator import CarrierStream, twilio_stream_headers
-from gateway.testing import FakeUltravox, ServerThread
+from gateway.testing import CarrierStream, FakeUltravox, ServerThread, twilio_stream_headers
 
 KEY = {"X-API-Key": "test-ultravox-key"}
 RATES = {"twilio": 8000, "telnyx": 16000, "plivo": 16000}

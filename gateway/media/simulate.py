@@ -18,8 +18,8 @@ import numpy as np
 
 from ..http import as_websocket_url
 from ..settings import Settings
+from ..testing import CarrierStream, twilio_stream_headers
 from .codecs import Resampler
-from .simulator import CarrierStream, twilio_stream_headers
 
 RATES = {"twilio": 8000, "telnyx": 16000, "plivo": 16000}
 

@@ -14,7 +14,12 @@ marks/checkpoints)::
         assert call.format_errors == []
         await call.stop()
 
-The wire formats are written here from the carriers' documentation
+What differs between carriers is a `StreamDialect`. Each carrier's module
+``gateway.testing.<carrier>`` defines its dialect as ``STREAM_DIALECT``, which
+`CarrierStream` imports by the carrier's name: a new carrier needs a new module
+and no table edited here.
+
+The wire formats are written from the carriers' documentation
 (``research/providers.md``), independently of ``gateway.carriers``, so that the
 simulator checks the gateway rather than mirroring it. Tests, the
 ``gateway simulate`` command and the benchmarks share it.
@@ -27,6 +32,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import importlib
 import json
 import secrets
 import string
@@ -35,29 +41,17 @@ import uuid
 import warnings
 from typing import Any
 
-import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 with warnings.catch_warnings():  # deprecated in 3.11-3.12; audioop-lts provides it from 3.13
     warnings.simplefilter("ignore", DeprecationWarning)
-    import audioop
+    import audioop  # noqa: F401  (the carrier dialects use it: from .stream import audioop)
 
-__all__ = ["CARRIERS", "CarrierStream", "Received", "twilio_stream_headers"]
+__all__ = ["CarrierStream", "Received", "StreamDialect"]
 
-CARRIERS = ("twilio", "telnyx", "plivo")
+
 KINDS = ("audio", "clear", "mark", "other")
-
-
-def twilio_stream_headers(auth_token: str, url: str) -> dict[str, str]:
-    """The ``X-Twilio-Signature`` header Twilio sends when it opens a media stream.
-
-    Twilio signs the stream URL exactly as written in the TwiML (``wss://``,
-    with its query string) with no POST parameters.
-    """
-    from twilio.request_validator import RequestValidator
-
-    return {"X-Twilio-Signature": RequestValidator(auth_token).compute_signature(url, {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,17 +67,12 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _swap16(pcm: bytes) -> bytes:
-    """Swap the bytes of each 16-bit sample (s16le <-> s16be)."""
-    return np.frombuffer(pcm, dtype="<i2").astype(">i2").tobytes()
-
-
 # ---------------------------------------------------------------------------
 # Carrier dialects: what differs between carriers, and nothing else
 # ---------------------------------------------------------------------------
 
 
-class _Dialect:
+class StreamDialect:
     """A carrier's media-stream wire format, seen from the carrier's side."""
 
     name = ""
@@ -155,281 +144,21 @@ class _Dialect:
             return None, "media.payload is not valid base64"
 
 
-class _Twilio(_Dialect):
-    name = "twilio"
-    rate = 8000
-
-    def encode(self, pcm16: bytes) -> bytes:
-        return audioop.lin2ulaw(pcm16, 2)
-
-    def opening(self, s, custom, extra):
-        start = {
-            "accountSid": s.account_id,
-            "streamSid": s.stream_id,
-            "callSid": s.call_id,
-            "tracks": ["inbound"],
-            "customParameters": dict(custom),
-            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-            **extra,
-        }
-        return [
-            {"event": "connected", "protocol": "Call", "version": "1.0.0"},
-            {"event": "start", "sequenceNumber": s._next_seq(), "start": start, "streamSid": s.stream_id},
-        ]
-
-    def media(self, s, payload, chunk, position_ms):
-        return {
-            "event": "media",
-            "sequenceNumber": s._next_seq(),
-            "media": {
-                "track": "inbound",
-                "chunk": str(chunk),
-                "timestamp": str(position_ms),
-                "payload": _b64(payload),
-            },
-            "streamSid": s.stream_id,
-        }
-
-    def dtmf(self, s, digit):
-        return {
-            "event": "dtmf",
-            "streamSid": s.stream_id,
-            "sequenceNumber": s._next_seq(),
-            "dtmf": {"track": "inbound_track", "digit": digit},
-        }
-
-    def stop(self, s):
-        return {
-            "event": "stop",
-            "sequenceNumber": s._next_seq(),
-            "stop": {"accountSid": s.account_id, "callSid": s.call_id},
-            "streamSid": s.stream_id,
-        }
-
-    def mark_ack(self, s, name):
-        return {
-            "event": "mark",
-            "sequenceNumber": s._next_seq(),
-            "streamSid": s.stream_id,
-            "mark": {"name": name},
-        }
-
-    def _stream_errors(self, s, message):
-        if message.get("streamSid") != s.stream_id:
-            return [f"{message.get('event')}: streamSid {message.get('streamSid')!r} is not {s.stream_id!r}"]
-        return []
-
-    def check(self, s, message):
-        errors = self._stream_errors(s, message)
-        if message.get("event") == "mark" and not isinstance(self.mark_name(message), str):
-            errors.append("mark: mark.name missing")
-        return errors
-
-    def decode(self, s, message):
-        errors = self._stream_errors(s, message)
-        raw, error = self.payload(message)
-        if raw is None:
-            return b"", errors + [f"media: {error}"]
-        return audioop.ulaw2lin(raw, 2), errors
-
-
-class _Telnyx(_Dialect):
-    name = "telnyx"
-    rate = 16000
-    min_chunk_ms = 20  # "RTP media chunks sent back to Telnyx can contain 20 milliseconds to 30 seconds"
-
-    def encode(self, pcm16: bytes) -> bytes:
-        return _swap16(pcm16)  # L16 is network byte order
-
-    def opening(self, s, custom, extra):
-        start = {
-            "user_id": s.account_id,
-            "call_control_id": s.call_id,
-            "call_session_id": s.session_id,
-            "from": "+15551230001",
-            "to": "+15550001111",
-            "tags": [],
-            "client_state": "",
-            "media_format": {"encoding": "L16", "sample_rate": 16000, "channels": 1},
-        }
-        if custom:
-            start["custom_parameters"] = dict(custom)
-        start.update(extra)
-        return [
-            {"event": "connected", "version": "1.0.0"},
-            {"event": "start", "sequence_number": s._next_seq(), "start": start, "stream_id": s.stream_id},
-        ]
-
-    def media(self, s, payload, chunk, position_ms):
-        return {
-            "event": "media",
-            "sequence_number": s._next_seq(),
-            "media": {
-                "track": "inbound",
-                "chunk": str(chunk),
-                "timestamp": str(position_ms),
-                "payload": _b64(payload),
-            },
-            "stream_id": s.stream_id,
-        }
-
-    def dtmf(self, s, digit):
-        return {
-            "event": "dtmf",
-            "sequence_number": s._next_seq(),
-            "stream_id": s.stream_id,
-            "dtmf": {"digit": digit},
-        }
-
-    def stop(self, s):
-        return {
-            "event": "stop",
-            "sequence_number": s._next_seq(),
-            "stop": {"user_id": s.account_id, "call_control_id": s.call_id},
-            "stream_id": s.stream_id,
-        }
-
-    def mark_ack(self, s, name):
-        return {
-            "event": "mark",
-            "sequence_number": s._next_seq(),
-            "stream_id": s.stream_id,
-            "mark": {"name": name},
-        }
-
-    def check(self, s, message):
-        if message.get("event") == "mark" and not isinstance(self.mark_name(message), str):
-            return ["mark: mark.name missing"]
-        return []
-
-    def decode(self, s, message):
-        raw, error = self.payload(message)
-        if raw is None:
-            return b"", [f"media: {error}"]
-        errors = []
-        if len(raw) % 2:
-            errors.append(f"media: L16 payload of odd length {len(raw)}")
-            raw = raw[:-1]
-        if len(raw) < self.rate * self.min_chunk_ms // 1000 * 2:
-            errors.append(f"media: {len(raw) // 2} samples is shorter than {self.min_chunk_ms} ms")
-        return _swap16(raw), errors
-
-
-class _Plivo(_Dialect):
-    name = "plivo"
-    rate = 16000
-    audio_events = frozenset({"playAudio"})
-    clear_events = frozenset({"clearAudio"})
-    mark_events = frozenset({"checkpoint"})
-    clear_acks_marks = False  # cleared checkpoints are never answered
-    content_types = {"audio/x-l16": (8000, 16000), "audio/x-mulaw": (8000,)}
-
-    def seq(self, n: int) -> Any:
-        return n  # Plivo's sequence numbers and chunks are numbers; its timestamp a string
-
-    def encode(self, pcm16: bytes) -> bytes:
-        return pcm16  # audio/x-l16 is little-endian
-
-    def opening(self, s, custom, extra):
-        start = {
-            "callId": s.call_id,
-            "streamId": s.stream_id,
-            "accountId": s.account_id,
-            "tracks": ["inbound"],
-            "mediaFormat": {"encoding": "audio/x-l16", "sampleRate": 16000},
-        }
-        message: dict[str, Any] = {"event": "start", "sequenceNumber": s._next_seq(), "start": start}
-        if custom:
-            start["customParameters"] = dict(custom)
-        message.update(self._extra(s))
-        start.update(extra)
-        return [message]
-
-    def _extra(self, s) -> dict[str, Any]:
-        return {"extra_headers": s._extra_headers} if s._extra_headers else {}
-
-    def media(self, s, payload, chunk, position_ms):
-        return {
-            "event": "media",
-            "sequenceNumber": s._next_seq(),
-            "streamId": s.stream_id,
-            "media": {
-                "track": "inbound",
-                "timestamp": str(int(time.time() * 1000)),
-                "chunk": chunk,
-                "payload": _b64(payload),
-            },
-            **self._extra(s),
-        }
-
-    def dtmf(self, s, digit):
-        return {
-            "event": "dtmf",
-            "sequenceNumber": s._next_seq(),
-            "streamId": s.stream_id,
-            "dtmf": {"digit": digit, "track": "inbound"},
-            **self._extra(s),
-        }
-
-    def stop(self, s):
-        return {
-            "event": "stop",
-            "sequenceNumber": s._next_seq(),
-            "streamId": s.stream_id,
-            "stop": {"callId": s.call_id, "streamId": s.stream_id, "reason": "Stream ended"},
-        }
-
-    def mark_ack(self, s, name):
-        return {
-            "event": "playedStream",
-            "sequenceNumber": s._next_seq(),
-            "streamId": s.stream_id,
-            "name": name,
-        }
-
-    def clear_ack(self, s):
-        return {"sequenceNumber": s._next_seq(), "event": "clearedAudio", "streamId": s.stream_id}
-
-    def mark_name(self, message):
-        return message.get("name")
-
-    def check(self, s, message):
-        if message.get("event") == "checkpoint" and not isinstance(message.get("name"), str):
-            return ["checkpoint: name missing"]
-        return []
-
-    def decode(self, s, message):
-        media = message.get("media")
-        if not isinstance(media, dict):
-            return b"", ["playAudio: media missing"]
-        content_type, rate = media.get("contentType"), media.get("sampleRate")
-        if rate not in self.content_types.get(content_type, ()):
-            return b"", [f"playAudio: unsupported contentType/sampleRate {content_type!r}/{rate!r}"]
-        raw, error = self.payload(message)
-        if raw is None:
-            return b"", [f"playAudio: {error}"]
-        errors = []
-        if s._plivo_format not in (None, (content_type, rate)):
-            errors.append(f"playAudio: switched format from {s._plivo_format} to {(content_type, rate)}")
-        s._plivo_format = (content_type, rate)
-        if (content_type, rate) != ("audio/x-l16", self.rate):
-            errors.append(
-                f"playAudio: {content_type};rate={rate} differs from the stream's "
-                f"audio/x-l16;rate={self.rate}"
-            )
-        if content_type == "audio/x-mulaw":
-            pcm = audioop.ulaw2lin(raw, 2)
-        else:
-            if len(raw) % 2:
-                errors.append(f"playAudio: L16 payload of odd length {len(raw)}")
-                raw = raw[:-1]
-            pcm = raw
-        if rate != self.rate:
-            pcm, s._resample_state = audioop.ratecv(pcm, 2, 1, rate, self.rate, s._resample_state)
-        return pcm, errors
-
-
-_DIALECTS: dict[str, type[_Dialect]] = {"twilio": _Twilio, "telnyx": _Telnyx, "plivo": _Plivo}
+def _stream_dialect(carrier: str) -> StreamDialect:
+    """The ``STREAM_DIALECT`` of the module ``gateway.testing.<carrier>``; ValueError if none."""
+    if not isinstance(carrier, str) or not carrier.isidentifier():
+        raise ValueError(f"unknown carrier {carrier!r}")
+    name = f"gateway.testing.{carrier}"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name != name:
+            raise
+        raise ValueError(f"unknown carrier {carrier!r}: there is no module {name}") from None
+    dialect = getattr(module, "STREAM_DIALECT", None)
+    if not isinstance(dialect, StreamDialect):
+        raise ValueError(f"unknown carrier {carrier!r}: {name} defines no STREAM_DIALECT")
+    return dialect
 
 
 # ---------------------------------------------------------------------------
@@ -459,8 +188,7 @@ class CarrierStream:
         playback: str = "realtime",
         open_timeout: float = 10.0,
     ) -> None:
-        if carrier not in _DIALECTS:
-            raise ValueError(f"unknown carrier {carrier!r}; expected one of {CARRIERS}")
+        dialect = _stream_dialect(carrier)
         if playback not in ("realtime", "instant"):
             raise ValueError("playback must be 'realtime' or 'instant'")
         self.carrier = carrier
@@ -468,7 +196,7 @@ class CarrierStream:
         self.headers = dict(headers or {})
         self.playback = playback
         self.open_timeout = open_timeout
-        self._dialect = _DIALECTS[carrier]()
+        self._dialect = dialect
         # Stream identity (set by start()).
         self.call_id: str | None = None
         self.stream_id: str | None = None
@@ -782,4 +510,3 @@ class CarrierStream:
         ack = self._dialect.clear_ack(self)
         if ack is not None:
             self._spawn_send(ack)
-

@@ -1,0 +1,72 @@
+"""Public test doubles: local fakes of Ultravox and of the carriers, with their signers.
+
+They let the gateway's own tests, and users testing their own configuration,
+run the real app against local fakes without any network access::
+
+    fake = FakeUltravox()
+    with fake.serve() as ultravox:
+        os.environ["ULTRAVOX_BASE_URL"] = ultravox.url
+        ...
+        assert fake.schema_errors == []
+
+* `gateway.testing.server`: `ServerThread`, any ASGI app served on loopback from a thread.
+* `gateway.testing.ultravox`: `FakeUltravox`, a fake Ultravox REST API that validates every
+  request against Ultravox's OpenAPI schema, and its ``serverWebSocket`` medium.
+* `gateway.testing.carrier`: `FakeCarrier`, what the fake carrier REST APIs share.
+* `gateway.testing.stream`: `CarrierStream`, a carrier's side of a media stream.
+* `gateway.testing.twilio`, `gateway.testing.telnyx`, `gateway.testing.plivo`: one module
+  per carrier with its fake REST API, webhook signer, inbound webhook form and media-stream
+  dialect. Each defines ``FAKE_API`` (its `FakeCarrier` subclass) and ``STREAM_DIALECT``
+  (its `StreamDialect`), which `CarrierStream` finds by the carrier's name: a new carrier
+  is a new module, with no table to edit.
+
+Every public name is re-exported here, so ``from gateway.testing import FakeTwilio`` works.
+
+The schema validation needs the ``test`` extra (``openapi-schema-validator``
+and ``pyyaml``); those imports happen lazily so that importing this package
+never requires them.
+"""
+
+from __future__ import annotations
+
+from .carrier import CallUpdate, CarrierRequest, FakeCarrier, PlacedCarrierCall
+from .plivo import FakePlivo, plivo_inbound_form, plivo_v3_headers
+from .server import ServerThread
+from .stream import CarrierStream, Received, StreamDialect
+from .telnyx import FakeTelnyx, TelnyxSigner, telnyx_inbound_form
+from .twilio import FakeTwilio, twilio_inbound_form, twilio_signature, twilio_stream_headers
+from .ultravox import (
+    DATA_MESSAGE_TYPES,
+    FakeResponse,
+    FakeUltravox,
+    FakeUltravoxSession,
+    RecordedRequest,
+    validate_ultravox_request,
+)
+
+__all__ = [
+    "CallUpdate",
+    "CarrierRequest",
+    "CarrierStream",
+    "DATA_MESSAGE_TYPES",
+    "FakeCarrier",
+    "FakePlivo",
+    "FakeResponse",
+    "FakeTelnyx",
+    "FakeTwilio",
+    "FakeUltravox",
+    "FakeUltravoxSession",
+    "PlacedCarrierCall",
+    "Received",
+    "RecordedRequest",
+    "ServerThread",
+    "StreamDialect",
+    "TelnyxSigner",
+    "plivo_inbound_form",
+    "plivo_v3_headers",
+    "telnyx_inbound_form",
+    "twilio_inbound_form",
+    "twilio_signature",
+    "twilio_stream_headers",
+    "validate_ultravox_request",
+]

@@ -1,0 +1,395 @@
+"""Plivo, faked: its REST API (`FakePlivo`), its V3 webhook signature (`plivo_v3_headers`),
+its answer webhook for an inbound call (`plivo_inbound_form`) and its audio streams (the stream
+dialect `CarrierStream` uses for ``"plivo"``).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .carrier import (
+    _HTTP_METHODS,
+    CallUpdate,
+    FakeCarrier,
+    PlacedCarrierCall,
+    _basic_auth,
+    _Invalid,
+    _is_int,
+)
+from .stream import StreamDialect, _b64, audioop
+from .ultravox import FakeResponse, _hold
+
+__all__ = ["FakePlivo", "plivo_inbound_form", "plivo_v3_headers"]
+
+
+# ---------------------------------------------------------------------------
+# Webhook signature
+# ---------------------------------------------------------------------------
+
+
+def plivo_v3_headers(
+    auth_token: str,
+    url: str,
+    params: dict[str, str],
+    *,
+    method: str = "POST",
+    nonce: str | None = None,
+) -> dict[str, str]:
+    """The V3 signature headers Plivo would send to ``url`` with ``params``."""
+    from plivo.utils.signature_v3 import construct_get_url, construct_post_url, get_signature_v3
+
+    if nonce is None:
+        nonce = secrets.token_hex(10)
+    # construct_get_url updates the dict it is given, so hand it a copy.
+    if method.upper() == "GET":
+        signed_url = construct_get_url(url, dict(params))
+    else:
+        signed_url = construct_post_url(url, dict(params))
+    signature = get_signature_v3(
+        auth_token.encode("utf-8"), signed_url.decode("utf-8"), nonce.encode("utf-8")
+    )
+    return {
+        "X-Plivo-Signature-V3": signature.decode("ascii"),
+        "X-Plivo-Signature-V3-Nonce": nonce,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Inbound webhook form
+# ---------------------------------------------------------------------------
+
+
+def plivo_inbound_form(
+    call_uuid: str | None = None,
+    from_: str = "15551230001",
+    to: str = "15550001111",
+    **extra: str,
+) -> dict[str, str]:
+    """Parameters Plivo posts to an ``answer_url`` for a ringing inbound call.
+
+    Plivo sends numbers as bare digits, so a leading "+" is stripped.
+    """
+    form = {
+        "CallUUID": call_uuid or str(uuid.uuid4()),
+        "From": from_.lstrip("+"),
+        "To": to.lstrip("+"),
+        "CallStatus": "ringing",
+        "Direction": "inbound",
+        "Event": "StartApp",
+    }
+    form.update(extra)
+    return form
+
+
+# ---------------------------------------------------------------------------
+# Fake REST API
+# ---------------------------------------------------------------------------
+
+
+class FakePlivo(FakeCarrier):
+    """Plivo's ``POST /v1/Account/{auth_id}/Call/`` (JSON, HTTP Basic).
+
+    ``PlacedCarrierCall.call_id`` is the ``request_uuid`` the API returns;
+    callbacks also carry a CallUUID the fake mints (``call.call_uuid``).
+    """
+
+    create_path = "/v1/Account/{auth_id}/Call/"
+    body_kind = "json"
+    update_path = "/v1/Account/{auth_id}/Call/{call_id}/"
+    update_status = 202
+    update_fields = frozenset({"legs", "aleg_url", "aleg_method", "bleg_url", "bleg_method", "blegs"})
+
+    # Plivo's hangup_url gets these CallStatus values.
+    FINAL_STATUSES = ("completed", "busy", "failed", "timeout", "no-answer", "cancel")
+    _HANGUP_CAUSES = {
+        "completed": "NORMAL_CLEARING",
+        "busy": "USER_BUSY",
+        "failed": "CALL_REJECTED",
+        "timeout": "NO_ANSWER",
+        "no-answer": "NO_ANSWER",
+        "cancel": "ORIGINATOR_CANCEL",
+    }
+
+    def __init__(
+        self,
+        auth_id: str = "MA" + "0" * 18,
+        auth_token: str = "plivo-test-auth-token",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.auth_id = auth_id
+        self.auth_token = auth_token
+
+    def _authorized(self, request: Request) -> bool:
+        return (
+            _basic_auth(request) == (self.auth_id, self.auth_token)
+            and request.path_params.get("auth_id") == self.auth_id
+        )
+
+    def _validate(self, params: dict[str, Any]) -> None:
+        for name in ("from", "to", "answer_url"):
+            if not isinstance(params.get(name), str) or not params[name]:
+                raise _Invalid(f"{name} is required")
+        for name in ("answer_method", "ring_method", "hangup_method"):
+            if name in params and str(params[name]).upper() not in _HTTP_METHODS:
+                raise _Invalid(f"{name} must be GET or POST")
+        if "ring_timeout" in params and not _is_int(params["ring_timeout"]):
+            raise _Invalid("ring_timeout must be an integer")
+        if "machine_detection" in params and params["machine_detection"] not in ("true", "hangup"):
+            raise _Invalid("machine_detection must be 'true' or 'hangup'")
+
+    def _place(self, params: dict[str, Any]) -> PlacedCarrierCall:
+        return PlacedCarrierCall(
+            call_id=str(uuid.uuid4()),
+            to=params["to"],
+            from_=params["from"],
+            answer_url=params["answer_url"],
+            status_url=params.get("hangup_url"),
+            params=dict(params),
+            call_uuid=str(uuid.uuid4()),
+        )
+
+    def _created_body(self, call: PlacedCarrierCall) -> dict[str, Any]:
+        return {"api_id": str(uuid.uuid4()), "message": "call fired", "request_uuid": call.call_id}
+
+    def _error_body(self, status: int, message: str, code: int | None = None) -> dict[str, Any]:
+        return {"api_id": str(uuid.uuid4()), "error": message}
+
+    def _common_form(self, call: PlacedCarrierCall) -> dict[str, str]:
+        # Plivo reports numbers as bare digits.
+        return {
+            "CallUUID": call.call_uuid or "",
+            "ALegUUID": call.call_uuid or "",
+            "ALegRequestUUID": call.call_id,
+            "RequestUUID": call.call_id,
+            "From": call.from_.lstrip("+"),
+            "To": call.to.lstrip("+"),
+            "Direction": "outbound",
+        }
+
+    def _answer_form(self, call: PlacedCarrierCall) -> dict[str, str]:
+        return {**self._common_form(call), "CallStatus": "in-progress", "Event": "StartApp"}
+
+    def _status_callback(self, call: PlacedCarrierCall, status: str) -> tuple[str | None, dict[str, str]]:
+        if status == "ringing":
+            return call.params.get("ring_url"), {
+                **self._common_form(call),
+                "CallStatus": "ringing",
+                "Event": "Ring",
+            }
+        if status in self.FINAL_STATUSES:
+            return call.status_url, {
+                **self._common_form(call),
+                "CallStatus": status,
+                "Event": "Hangup",
+                "HangupCause": self._HANGUP_CAUSES[status],
+                "Duration": "0",
+                "BillDuration": "0",
+            }
+        raise ValueError(
+            f"Plivo sends no callback for status {status!r}; use 'ringing' or one of "
+            f"{self.FINAL_STATUSES} (answer() covers in-progress)"
+        )
+
+    def _signature_headers(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
+        return plivo_v3_headers(self.auth_token, url, form)
+
+    # A live Plivo call is addressed by its CallUUID, not the request_uuid.
+    def _live_id(self, call: PlacedCarrierCall) -> str:
+        return call.call_uuid or ""
+
+    def _leg(self, call_id: str) -> PlacedCarrierCall | None:
+        with self._lock:
+            for call in self.calls:
+                if call_id in (call.call_uuid, call.call_id):
+                    return call
+        return None
+
+    def _update_routes(self) -> list[Route]:
+        return [Route(self.update_path, self._update_or_hangup, methods=["POST", "DELETE"])]
+
+    async def _update_or_hangup(self, request: Request) -> Response:
+        if request.method == "POST":
+            return await self._update_call(request)
+        # DELETE hangs the call up.
+        self._record(request, await request.body())
+        with self._lock:
+            scripted = self._update_script.popleft() if self._update_script else FakeResponse()
+        if await _hold(scripted, self._release):
+            return JSONResponse(self._error_body(503, "fake carrier shutting down"), status_code=503)
+        if not self._authorized(request):
+            return JSONResponse(self._error_body(401, "Authentication failed"), status_code=401)
+        call_id = request.path_params["call_id"]
+        if not self.is_live(call_id):
+            return self._not_found(request)
+        failure = self._scripted_failure(scripted)
+        if failure is not None:
+            return failure
+        with self._lock:
+            self.updates.append(CallUpdate(call_id, {}, action="hangup"))
+        return Response(status_code=204)
+
+    def _not_found(self, request: Request) -> JSONResponse:
+        return JSONResponse({"api_id": str(uuid.uuid4()), "error": "not found"}, status_code=404)
+
+    def _validate_update(self, params: dict[str, Any]) -> None:
+        legs = params.get("legs")
+        if legs not in ("aleg", "bleg", "both"):
+            raise _Invalid(f"legs must be aleg, bleg or both, got {legs!r}")
+        for leg in ("aleg", "bleg"):
+            if legs in (leg, "both") and not (
+                isinstance(params.get(f"{leg}_url"), str) and params[f"{leg}_url"]
+            ):
+                raise _Invalid(f"{leg}_url is required when legs is {legs}")
+            method = f"{leg}_method"
+            if method in params and str(params[method]).upper() not in _HTTP_METHODS:
+                raise _Invalid(f"{method} must be GET or POST")
+
+    def _updated_body(self, call_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        return {"api_id": str(uuid.uuid4()), "message": "call transferred"}
+
+    def _unplaced_form(self, call_id: str) -> dict[str, str]:
+        form = plivo_inbound_form(call_id)
+        del form["Event"]  # not an identity field; pass Event=... to form_for
+        return form
+
+    def form_for(self, call_id: str, **fields: Any) -> dict[str, str]:
+        form = super().form_for(call_id, **fields)
+        for name in ("From", "To"):  # Plivo reports numbers as bare digits
+            form[name] = form[name].lstrip("+")
+        return form
+
+
+# ---------------------------------------------------------------------------
+# Media stream
+# ---------------------------------------------------------------------------
+
+
+class _Plivo(StreamDialect):
+    name = "plivo"
+    rate = 16000
+    audio_events = frozenset({"playAudio"})
+    clear_events = frozenset({"clearAudio"})
+    mark_events = frozenset({"checkpoint"})
+    clear_acks_marks = False  # cleared checkpoints are never answered
+    content_types = {"audio/x-l16": (8000, 16000), "audio/x-mulaw": (8000,)}
+
+    def seq(self, n: int) -> Any:
+        return n  # Plivo's sequence numbers and chunks are numbers; its timestamp a string
+
+    def encode(self, pcm16: bytes) -> bytes:
+        return pcm16  # audio/x-l16 is little-endian
+
+    def opening(self, s, custom, extra):
+        start = {
+            "callId": s.call_id,
+            "streamId": s.stream_id,
+            "accountId": s.account_id,
+            "tracks": ["inbound"],
+            "mediaFormat": {"encoding": "audio/x-l16", "sampleRate": 16000},
+        }
+        message: dict[str, Any] = {"event": "start", "sequenceNumber": s._next_seq(), "start": start}
+        if custom:
+            start["customParameters"] = dict(custom)
+        message.update(self._extra(s))
+        start.update(extra)
+        return [message]
+
+    def _extra(self, s) -> dict[str, Any]:
+        return {"extra_headers": s._extra_headers} if s._extra_headers else {}
+
+    def media(self, s, payload, chunk, position_ms):
+        return {
+            "event": "media",
+            "sequenceNumber": s._next_seq(),
+            "streamId": s.stream_id,
+            "media": {
+                "track": "inbound",
+                "timestamp": str(int(time.time() * 1000)),
+                "chunk": chunk,
+                "payload": _b64(payload),
+            },
+            **self._extra(s),
+        }
+
+    def dtmf(self, s, digit):
+        return {
+            "event": "dtmf",
+            "sequenceNumber": s._next_seq(),
+            "streamId": s.stream_id,
+            "dtmf": {"digit": digit, "track": "inbound"},
+            **self._extra(s),
+        }
+
+    def stop(self, s):
+        return {
+            "event": "stop",
+            "sequenceNumber": s._next_seq(),
+            "streamId": s.stream_id,
+            "stop": {"callId": s.call_id, "streamId": s.stream_id, "reason": "Stream ended"},
+        }
+
+    def mark_ack(self, s, name):
+        return {
+            "event": "playedStream",
+            "sequenceNumber": s._next_seq(),
+            "streamId": s.stream_id,
+            "name": name,
+        }
+
+    def clear_ack(self, s):
+        return {"sequenceNumber": s._next_seq(), "event": "clearedAudio", "streamId": s.stream_id}
+
+    def mark_name(self, message):
+        return message.get("name")
+
+    def check(self, s, message):
+        if message.get("event") == "checkpoint" and not isinstance(message.get("name"), str):
+            return ["checkpoint: name missing"]
+        return []
+
+    def decode(self, s, message):
+        media = message.get("media")
+        if not isinstance(media, dict):
+            return b"", ["playAudio: media missing"]
+        content_type, rate = media.get("contentType"), media.get("sampleRate")
+        if rate not in self.content_types.get(content_type, ()):
+            return b"", [f"playAudio: unsupported contentType/sampleRate {content_type!r}/{rate!r}"]
+        raw, error = self.payload(message)
+        if raw is None:
+            return b"", [f"playAudio: {error}"]
+        errors = []
+        if s._plivo_format not in (None, (content_type, rate)):
+            errors.append(f"playAudio: switched format from {s._plivo_format} to {(content_type, rate)}")
+        s._plivo_format = (content_type, rate)
+        if (content_type, rate) != ("audio/x-l16", self.rate):
+            errors.append(
+                f"playAudio: {content_type};rate={rate} differs from the stream's "
+                f"audio/x-l16;rate={self.rate}"
+            )
+        if content_type == "audio/x-mulaw":
+            pcm = audioop.ulaw2lin(raw, 2)
+        else:
+            if len(raw) % 2:
+                errors.append(f"playAudio: L16 payload of odd length {len(raw)}")
+                raw = raw[:-1]
+            pcm = raw
+        if rate != self.rate:
+            pcm, s._resample_state = audioop.ratecv(pcm, 2, 1, rate, self.rate, s._resample_state)
+        return pcm, errors
+
+
+# ---------------------------------------------------------------------------
+# Found by the carrier's name: gateway.testing.<carrier>.STREAM_DIALECT and .FAKE_API
+# ---------------------------------------------------------------------------
+
+
+STREAM_DIALECT = _Plivo()
+FAKE_API = FakePlivo

@@ -1,0 +1,347 @@
+"""Telnyx, faked: its TeXML REST API (`FakeTelnyx`), its webhook signature (`TelnyxSigner`),
+its inbound TeXML webhook (`telnyx_inbound_form`) and its media streaming (the stream dialect
+`CarrierStream` uses for ``"telnyx"``).
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+from starlette.requests import Request
+
+from .carrier import (
+    _HTTP_METHODS,
+    _STATUS_EVENTS,
+    FakeCarrier,
+    PlacedCarrierCall,
+    _decode_form,
+    _Invalid,
+    _is_int,
+    _rfc2822_now,
+    _validate_texml_update,
+)
+from .stream import StreamDialect, _b64
+from .ultravox import _ERROR_DETAILS
+
+__all__ = ["FakeTelnyx", "TelnyxSigner", "telnyx_inbound_form"]
+
+
+# ---------------------------------------------------------------------------
+# Webhook signature
+# ---------------------------------------------------------------------------
+
+
+class TelnyxSigner:
+    """Signs webhook bodies the way Telnyx does (ed25519 over ``"{ts}|{body}"``)."""
+
+    def __init__(self, private_key: Any) -> None:
+        self.private_key = private_key
+
+    @classmethod
+    def generate(cls) -> "TelnyxSigner":
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        return cls(Ed25519PrivateKey.generate())
+
+    @property
+    def public_key_b64(self) -> str:
+        """The value to configure as ``TELNYX_PUBLIC_KEY``."""
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        raw = self.private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return base64.b64encode(raw).decode("ascii")
+
+    def headers(self, raw_body: bytes | str, timestamp: int | None = None) -> dict[str, str]:
+        if isinstance(raw_body, str):
+            raw_body = raw_body.encode("utf-8")
+        if timestamp is None:
+            timestamp = int(time.time())
+        signature = self.private_key.sign(f"{timestamp}|".encode("ascii") + raw_body)
+        return {
+            "telnyx-signature-ed25519": base64.b64encode(signature).decode("ascii"),
+            "telnyx-timestamp": str(timestamp),
+        }
+
+
+# ---------------------------------------------------------------------------
+# Inbound webhook form
+# ---------------------------------------------------------------------------
+
+
+def telnyx_inbound_form(
+    call_sid: str | None = None,
+    from_: str = "+15551230001",
+    to: str = "+15550001111",
+    *,
+    account_sid: str | None = None,
+    connection_id: str | None = None,
+    **extra: str,
+) -> dict[str, str]:
+    """Parameters of a Telnyx TeXML voice webhook for a ringing inbound call."""
+    form = {
+        # TeXML's CallSid is the call_control_id, which looks like "v3:<token>".
+        "CallSid": call_sid or "v3:" + secrets.token_urlsafe(24),
+        "AccountSid": account_sid or str(uuid.uuid4()),
+        "ConnectionId": connection_id or str(secrets.randbelow(9 * 10**18) + 10**18),
+        "CallStatus": "ringing",
+        "Direction": "inbound",
+        "From": from_,
+        "To": to,
+    }
+    form.update(extra)
+    return form
+
+
+# ---------------------------------------------------------------------------
+# Fake REST API
+# ---------------------------------------------------------------------------
+
+
+class FakeTelnyx(FakeCarrier):
+    """Telnyx TeXML's ``POST /v2/texml/Accounts/{account_sid}/Calls`` (JSON, Bearer key).
+
+    The real endpoint answers only ``from``, ``to`` and ``status``; the fake
+    still mints a call_control_id ("v3:…") that its callbacks carry as CallSid.
+    """
+
+    create_path = "/v2/texml/Accounts/{account_sid}/Calls"
+    create_status = 200
+    body_kind = "json"
+    invalid_status = 422
+    update_path = "/v2/texml/Accounts/{account_sid}/Calls/{call_id}"
+    update_fields = frozenset(
+        {
+            "Url",
+            "Method",
+            "Texml",
+            "Status",
+            "FallbackUrl",
+            "FallbackMethod",
+            "StatusCallback",
+            "StatusCallbackMethod",
+        }
+    )
+
+    def __init__(
+        self,
+        api_key: str = "test-telnyx-key",
+        signer: TelnyxSigner | None = None,
+        account_sid: str = "f5586561-8ff0-4291-a0ac-84fe544797bd",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.api_key = api_key
+        self.signer = signer or TelnyxSigner.generate()
+        self.account_sid = account_sid
+
+    def _authorized(self, request: Request) -> bool:
+        return (
+            request.headers.get("authorization") == f"Bearer {self.api_key}"
+            and request.path_params.get("account_sid") == self.account_sid
+        )
+
+    def _validate(self, params: dict[str, Any]) -> None:
+        for name in ("ApplicationSid", "To", "From"):
+            if not isinstance(params.get(name), str) or not params[name]:
+                raise _Invalid(f"{name} is required")
+        for name in ("UrlMethod", "StatusCallbackMethod"):
+            if name in params and str(params[name]).upper() not in _HTTP_METHODS:
+                raise _Invalid(f"{name} must be GET or POST")
+        if "StatusCallbackEvent" in params:
+            events = params["StatusCallbackEvent"]
+            # Telnyx wants one space-separated string, not a list.
+            if not isinstance(events, str) or not set(events.split()) <= _STATUS_EVENTS:
+                raise _Invalid(
+                    "StatusCallbackEvent must be a space-separated string of "
+                    f"{sorted(_STATUS_EVENTS)}, got {events!r}"
+                )
+        if "Timeout" in params:
+            timeout = params["Timeout"]
+            if not _is_int(timeout) or not 5 <= int(timeout) <= 120:
+                raise _Invalid(f"Timeout must be an integer from 5 to 120, got {timeout!r}")
+        if "MachineDetection" in params and params["MachineDetection"] not in (
+            "Enable",
+            "Disable",
+            "DetectMessageEnd",
+        ):
+            raise _Invalid("MachineDetection must be Enable, Disable or DetectMessageEnd")
+
+    def _place(self, params: dict[str, Any]) -> PlacedCarrierCall:
+        return PlacedCarrierCall(
+            call_id="v3:" + secrets.token_urlsafe(24),
+            to=params["To"],
+            from_=params["From"],
+            answer_url=params.get("Url"),
+            status_url=params.get("StatusCallback"),
+            params=dict(params),
+        )
+
+    def _created_body(self, call: PlacedCarrierCall) -> dict[str, Any]:
+        return {"from": call.from_, "to": call.to, "status": "queued"}
+
+    def _error_body(self, status: int, message: str, code: int | None = None) -> dict[str, Any]:
+        error: dict[str, Any] = {"title": _ERROR_DETAILS.get(status, "Error"), "detail": message}
+        if status == 401:
+            error = {"code": "10009", "title": "Authentication failed", "detail": message}
+        elif status == 404:
+            error = {"code": "10005", "title": "Resource not found", "detail": message}
+        return {"errors": [error]}
+
+    def _parse_update(self, request: Request, raw: bytes) -> dict[str, Any]:
+        # Telnyx documents this endpoint with a form body and its SDKs send JSON;
+        # either way the keys must be CamelCase (update_fields catches others).
+        if "application/x-www-form-urlencoded" in request.headers.get("content-type", ""):
+            return _decode_form(raw)
+        return self._parse(request, raw)
+
+    def _validate_update(self, params: dict[str, Any]) -> None:
+        _validate_texml_update(params, "Texml")
+
+    def _updated_body(self, call_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        call = self._placed(call_id)
+        return {
+            "account_sid": self.account_sid,
+            "sid": call_id,
+            "status": params.get("Status", "in-progress"),
+            "from": call.from_ if call else None,
+            "to": call.to if call else None,
+            "direction": "outbound-api" if call else "inbound",
+            "uri": f"/v2/texml/Accounts/{self.account_sid}/Calls/{call_id}.json",
+        }
+
+    def _unplaced_form(self, call_id: str) -> dict[str, str]:
+        form = telnyx_inbound_form(call_id, account_sid=self.account_sid)
+        del form["ConnectionId"]  # unknown here; pass ConnectionId=... to form_for
+        return form
+
+    def _common_form(self, call: PlacedCarrierCall) -> dict[str, str]:
+        return {
+            "CallSid": call.call_id,
+            "AccountSid": self.account_sid,
+            "From": call.from_,
+            "To": call.to,
+            "Direction": "outbound-api",
+            # The TeXML application (ApplicationSid) is the call's connection.
+            "ConnectionId": call.params["ApplicationSid"],
+        }
+
+    def _answer_form(self, call: PlacedCarrierCall) -> dict[str, str]:
+        return {**self._common_form(call), "CallStatus": "in-progress"}
+
+    def _status_callback(self, call: PlacedCarrierCall, status: str) -> tuple[str | None, dict[str, str]]:
+        return call.status_url, {
+            **self._common_form(call),
+            "CallStatus": status,
+            "CallbackSource": "call-progress-events",
+            "SequenceNumber": self._next_sequence(call),
+            "Timestamp": _rfc2822_now(),
+        }
+
+    def _signature_headers(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
+        return self.signer.headers(raw)
+
+
+# ---------------------------------------------------------------------------
+# Media stream
+# ---------------------------------------------------------------------------
+
+
+def _swap16(pcm: bytes) -> bytes:
+    """Swap the bytes of each 16-bit sample (s16le <-> s16be)."""
+    return np.frombuffer(pcm, dtype="<i2").astype(">i2").tobytes()
+
+
+class _Telnyx(StreamDialect):
+    name = "telnyx"
+    rate = 16000
+    min_chunk_ms = 20  # "RTP media chunks sent back to Telnyx can contain 20 milliseconds to 30 seconds"
+
+    def encode(self, pcm16: bytes) -> bytes:
+        return _swap16(pcm16)  # L16 is network byte order
+
+    def opening(self, s, custom, extra):
+        start = {
+            "user_id": s.account_id,
+            "call_control_id": s.call_id,
+            "call_session_id": s.session_id,
+            "from": "+15551230001",
+            "to": "+15550001111",
+            "tags": [],
+            "client_state": "",
+            "media_format": {"encoding": "L16", "sample_rate": 16000, "channels": 1},
+        }
+        if custom:
+            start["custom_parameters"] = dict(custom)
+        start.update(extra)
+        return [
+            {"event": "connected", "version": "1.0.0"},
+            {"event": "start", "sequence_number": s._next_seq(), "start": start, "stream_id": s.stream_id},
+        ]
+
+    def media(self, s, payload, chunk, position_ms):
+        return {
+            "event": "media",
+            "sequence_number": s._next_seq(),
+            "media": {
+                "track": "inbound",
+                "chunk": str(chunk),
+                "timestamp": str(position_ms),
+                "payload": _b64(payload),
+            },
+            "stream_id": s.stream_id,
+        }
+
+    def dtmf(self, s, digit):
+        return {
+            "event": "dtmf",
+            "sequence_number": s._next_seq(),
+            "stream_id": s.stream_id,
+            "dtmf": {"digit": digit},
+        }
+
+    def stop(self, s):
+        return {
+            "event": "stop",
+            "sequence_number": s._next_seq(),
+            "stop": {"user_id": s.account_id, "call_control_id": s.call_id},
+            "stream_id": s.stream_id,
+        }
+
+    def mark_ack(self, s, name):
+        return {
+            "event": "mark",
+            "sequence_number": s._next_seq(),
+            "stream_id": s.stream_id,
+            "mark": {"name": name},
+        }
+
+    def check(self, s, message):
+        if message.get("event") == "mark" and not isinstance(self.mark_name(message), str):
+            return ["mark: mark.name missing"]
+        return []
+
+    def decode(self, s, message):
+        raw, error = self.payload(message)
+        if raw is None:
+            return b"", [f"media: {error}"]
+        errors = []
+        if len(raw) % 2:
+            errors.append(f"media: L16 payload of odd length {len(raw)}")
+            raw = raw[:-1]
+        if len(raw) < self.rate * self.min_chunk_ms // 1000 * 2:
+            errors.append(f"media: {len(raw) // 2} samples is shorter than {self.min_chunk_ms} ms")
+        return _swap16(raw), errors
+
+
+# ---------------------------------------------------------------------------
+# Found by the carrier's name: gateway.testing.<carrier>.STREAM_DIALECT and .FAKE_API
+# ---------------------------------------------------------------------------
+
+
+STREAM_DIALECT = _Telnyx()
+FAKE_API = FakeTelnyx
