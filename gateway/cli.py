@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     simulate = commands.add_parser(
         "simulate", help="play a WAV file into a bridged route as a carrier's call, record what the agent said"
     )
-    simulate.add_argument("--carrier", choices=["twilio", "telnyx", "plivo"], default="twilio")
+    simulate.add_argument("--carrier", choices=carriers, default=carriers[0])
     simulate.add_argument("--to", required=True, help="the called number (a route in bridge mode)")
     simulate.add_argument("--from", dest="from_", default="+15551230001", help="the caller's number")
     simulate.add_argument("--input", required=True, help="WAV to play as the caller (16-bit)")
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--url", default=os.environ.get("GATEWAY_URL", "http://127.0.0.1:8080"),
                           help="where the running gateway listens (default $GATEWAY_URL or http://127.0.0.1:8080)")
     simulate.add_argument("--tail-seconds", type=float, default=3.0, help="keep listening after the input ends")
-    simulate.add_argument("--telnyx-private-key", help="base64 ed25519 private key matching TELNYX_PUBLIC_KEY")
+    simulate.add_argument("--private-key", help="for carriers signing with a private key (the gateway holds the "
+                          "public half): that key, base64")
 
     args = parser.parse_args(argv)
     if args.command == "simulate":
@@ -219,7 +220,7 @@ def simulate_command(args) -> int:
         summary = asyncio.run(simulate_call(
             settings, carrier=args.carrier, to=args.to, from_=args.from_, input_path=args.input,
             output_path=args.output, gateway_url=args.url, tail_seconds=args.tail_seconds,
-            telnyx_private_key=args.telnyx_private_key,
+            private_key=args.private_key,
         ))
     except SimulationError as error:
         print(f"Simulation failed: {error}", file=sys.stderr)

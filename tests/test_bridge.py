@@ -326,7 +326,7 @@ def test_gateway_simulate_plays_a_wav_and_records_the_agent(bridged, tmp_path, m
     output = tmp_path / "agent.wav"
     code = cli_main([
         "simulate", "--carrier", carrier, "--to", BRIDGED_NUMBER, "--input", str(source), "--output", str(output),
-        "--url", gateway.server.url, "--tail-seconds", "0.5", "--telnyx-private-key", private,
+        "--url", gateway.server.url, "--tail-seconds", "0.5", "--private-key", private,
     ])
     assert code == 0
     with wave.open(str(output)) as agent:

@@ -13,6 +13,7 @@ import httpx
 from starlette.responses import Response
 
 from .. import numbers
+from ..media.codecs import AudioFormat
 from ..http import RemoteError, RetryPolicy, request_with_retries
 from ..settings import CarrierSettings, Settings
 
@@ -157,7 +158,20 @@ class StreamOther:
     event: str
 
 
+@dataclass(frozen=True)
+class StreamClear:
+    """Gateway to carrier: drop the queued audio (barge-in)."""
+
+
 StreamEvent = StreamStart | StreamAudio | StreamDtmf | StreamMark | StreamStop | StreamOther
+
+
+@dataclass(frozen=True)
+class SimulatedCall:
+    """An inbound call as the carrier would announce it (`gateway simulate`)."""
+
+    call_id: str
+    params: dict[str, str]
 
 
 def json_message(text: str | bytes) -> dict[str, Any]:
@@ -406,9 +420,12 @@ class Carrier(ABC):
     # The start message's encoding (lower-cased) when the carrier streams what the gateway asked for.
     media_start_encodings: ClassVar[tuple[str, ...]]
 
-    def media_start_problem(self, start: StreamStart) -> str | None:
-        if start.encoding.lower() not in self.media_start_encodings or start.rate != self.media_rate:
-            return f"the carrier streams {start.encoding} at {start.rate} Hz, not {self.media_encoding} at {self.media_rate} Hz"
+    def stream_format(self, start: StreamStart) -> AudioFormat | None:
+        """The audio the carrier streams, from its start message; None when the gateway cannot relay it.
+
+        The Ultravox side always speaks media_rate; a stream at another rate is resampled."""
+        if start.encoding.lower() in self.media_start_encodings and start.rate == self.media_rate:
+            return AudioFormat(self.media_encoding, self.media_rate)
         return None
 
     def parse_media(self, message: str | bytes) -> StreamEvent:
@@ -458,3 +475,42 @@ class Carrier(ABC):
     @abstractmethod
     def reject_answer(self, message: str) -> str:
         """An answer that politely turns the caller away."""
+
+    # --- the carrier's own side: how `gateway simulate` plays a call as this carrier would ---------
+    @abstractmethod
+    def simulated_inbound(self, *, from_: str, to: str) -> SimulatedCall:
+        """A new inbound call's webhook parameters, as the carrier writes them."""
+
+    @abstractmethod
+    def simulated_signature(self, url: str, params: Mapping[str, str], body: bytes,
+                            private_key: str | None) -> dict[str, str]:
+        """Headers authenticating that webhook as the carrier would, from the gateway's configured secret
+        (or `private_key`, where the gateway holds only the public half). Raises ValueError without one."""
+
+    @abstractmethod
+    def connected_stream(self, answer: str) -> tuple[str, dict[str, str]] | None:
+        """The stream URL a connect answer points the carrier at, and the stream's parameters."""
+
+    def simulated_upgrade_headers(self, url: str) -> dict[str, str]:
+        """Headers the carrier sends when it opens the media socket at `url`."""
+        return {}
+
+    @abstractmethod
+    def simulated_start(self, stream_id: str, call_id: str, parameters: Mapping[str, str]) -> list[str | bytes]:
+        """The messages opening the carrier's media stream."""
+
+    @abstractmethod
+    def simulated_audio(self, stream_id: str, payload: bytes, sequence: int, timestamp_ms: int) -> str | bytes:
+        """The caller's audio (`payload` in the carrier's encoding)."""
+
+    @abstractmethod
+    def simulated_mark_played(self, stream_id: str, name: str) -> str | bytes:
+        """The carrier telling the gateway the audio before mark `name` has been played."""
+
+    @abstractmethod
+    def simulated_stop(self, stream_id: str) -> str | bytes:
+        """The caller hanging up."""
+
+    @abstractmethod
+    def parse_outgoing(self, message: str | bytes) -> StreamAudio | StreamMark | StreamClear | StreamOther:
+        """A message the gateway sent the carrier on the media socket."""

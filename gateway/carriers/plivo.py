@@ -6,6 +6,9 @@ import base64
 import hashlib
 import hmac
 import json
+import secrets
+import uuid
+import xml.etree.ElementTree as ET
 from typing import Any, Mapping
 
 import httpx
@@ -20,8 +23,10 @@ from .base import (
     MalformedFrame,
     OutboundDial,
     SignatureRejected,
+    SimulatedCall,
     StatusUpdate,
     StreamAudio,
+    StreamClear,
     StreamDtmf,
     StreamEvent,
     StreamMark,
@@ -265,3 +270,49 @@ class PlivoCarrier(Carrier):
         response.add(plivoxml.SpeakElement(message))
         response.add(plivoxml.HangupElement())
         return response.to_string()
+
+    # --- the carrier's own side (gateway simulate) -------------------------------------------------
+    def simulated_inbound(self, *, from_: str, to: str) -> SimulatedCall:
+        call_id = str(uuid.uuid4())
+        return SimulatedCall(call_id, {  # Plivo writes numbers as digits
+            "CallUUID": call_id, "From": from_.lstrip("+"), "To": to.lstrip("+"), "CallStatus": "ringing",
+            "Direction": "inbound", "Event": "StartApp",
+        })
+
+    def simulated_signature(self, url, params, body, private_key=None) -> dict[str, str]:
+        if not self.config.auth_token:
+            raise ValueError("PLIVO_AUTH_TOKEN is needed to sign as Plivo")
+        nonce = secrets.token_hex(10)
+        webhook = Webhook(url, "POST", {"x-plivo-signature-v3-nonce": nonce}, body,
+                          {name: [value] for name, value in params.items()})
+        return {"X-Plivo-Signature-V3": self.v3_signature(webhook).decode(), "X-Plivo-Signature-V3-Nonce": nonce}
+
+    def connected_stream(self, answer: str) -> tuple[str, dict[str, str]] | None:
+        stream = ET.fromstring(answer).find("Stream")
+        return (stream.text.strip(), {}) if stream is not None and stream.text else None
+
+    def simulated_start(self, stream_id, call_id, parameters) -> list[str]:
+        return [json.dumps({"event": "start", "sequenceNumber": 1, "start": {
+            "callId": call_id, "streamId": stream_id, "tracks": ["inbound"],
+            "mediaFormat": {"encoding": "audio/x-l16", "sampleRate": self.media_rate}}})]
+
+    def simulated_audio(self, stream_id, payload, sequence, timestamp_ms) -> str:
+        return json.dumps({"event": "media", "sequenceNumber": sequence, "streamId": stream_id, "media": {
+            "track": "inbound", "timestamp": str(timestamp_ms), "chunk": sequence,
+            "payload": base64.b64encode(payload).decode()}})
+
+    def simulated_mark_played(self, stream_id, name) -> str:
+        return json.dumps({"event": "playedStream", "streamId": stream_id, "name": name})
+
+    def simulated_stop(self, stream_id) -> str:
+        return json.dumps({"event": "stop", "streamId": stream_id})
+
+    def parse_outgoing(self, message):
+        data = json_message(message)
+        if data["event"] == "playAudio":
+            return StreamAudio(b64_payload((data.get("media") or {}).get("payload")), None)
+        if data["event"] == "clearAudio":
+            return StreamClear()
+        if data["event"] == "checkpoint":
+            return StreamMark(str(data.get("name", "")))
+        return StreamOther(data["event"])

@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import time
+import uuid
 from functools import cached_property
 from typing import Any
 
@@ -15,8 +16,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pydantic import Field, field_validator
 
+from ..media.codecs import AudioFormat
 from ..settings import CarrierSettings
-from .base import MalformedFrame, OutboundDial, SignatureRejected, StreamStart, Webhook
+from .base import MalformedFrame, OutboundDial, SignatureRejected, SimulatedCall, StreamStart, Webhook
 from .twiml import STATUS_CALLBACK_EVENTS, TwimlCarrier
 
 
@@ -140,6 +142,16 @@ class TelnyxCarrier(TwimlCarrier):
                            dict(start.get("custom_parameters") or {}))
 
     media_start_encodings = ("l16",)
+    # Telnyx streams the call's own codec when it cannot transcode to what was asked for (its media
+    # streaming docs): G.711 at 8 kHz, relayed resampled to the 16 kHz the Ultravox call speaks.
+    # That the audio sent back must then be in that codec too is our reading [unverified].
+    fallback_encodings = {"pcmu": "mulaw", "pcma": "alaw"}
+
+    def stream_format(self, start: StreamStart) -> AudioFormat | None:
+        fallback = self.fallback_encodings.get(start.encoding.lower())
+        if fallback is not None and start.rate == 8000:
+            return AudioFormat(fallback, 8000)
+        return super().stream_format(start)
 
     def media_mark(self, stream_id: str, name: str) -> str:
         return json.dumps({"event": "mark", "mark": {"name": name}})
@@ -165,3 +177,34 @@ class TelnyxCarrier(TwimlCarrier):
             "bidirectional_codec": STREAM_CODEC,
             "bidirectional_sampling_rate": STREAM_SAMPLING_RATE,
         }
+
+    # --- the carrier's own side (gateway simulate) -------------------------------------------------
+    stream_id_key = "stream_id"
+
+    def simulated_inbound(self, *, from_: str, to: str) -> SimulatedCall:
+        call_id = f"v3:{uuid.uuid4().hex}"
+        return SimulatedCall(call_id, {
+            "CallSid": call_id, "AccountSid": self.config.account_sid or str(uuid.uuid4()), "From": from_, "To": to,
+            "CallStatus": "ringing", "Direction": "inbound",
+        })
+
+    def simulated_signature(self, url, params, body, private_key=None) -> dict[str, str]:
+        if not private_key:
+            raise ValueError("Telnyx signs with its private key: pass the one matching TELNYX_PUBLIC_KEY (--private-key)")
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        key = Ed25519PrivateKey.from_private_bytes(base64.b64decode(private_key))
+        timestamp = str(int(self._clock()))
+        signature = key.sign(timestamp.encode() + b"|" + body)
+        return {"telnyx-signature-ed25519": base64.b64encode(signature).decode(), "telnyx-timestamp": timestamp}
+
+    def simulated_start(self, stream_id, call_id, parameters) -> list[str]:
+        start = {"call_control_id": call_id, "custom_parameters": dict(parameters),
+                 "media_format": {"encoding": STREAM_CODEC, "sample_rate": self.media_rate, "channels": 1}}
+        return [json.dumps({"event": "connected", "version": "1.0.0"}),
+                json.dumps({"event": "start", "sequence_number": "1", "stream_id": stream_id, "start": start})]
+
+    def simulated_audio(self, stream_id, payload, sequence, timestamp_ms) -> str:
+        return json.dumps({"event": "media", "sequence_number": str(sequence), "stream_id": stream_id, "media": {
+            "track": "inbound", "chunk": str(sequence), "timestamp": str(timestamp_ms),
+            "payload": base64.b64encode(payload).decode()}})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 from functools import cached_property
 from typing import Any
 from urllib.parse import urlencode
@@ -14,7 +15,7 @@ from twilio.twiml.voice_response import VoiceResponse
 
 from ..http import as_websocket_url
 from ..settings import CarrierSettings
-from .base import MalformedFrame, OutboundDial, SignatureRejected, StreamStart, Webhook
+from .base import MalformedFrame, OutboundDial, SignatureRejected, SimulatedCall, StreamStart, Webhook
 from .twiml import STATUS_CALLBACK_EVENTS, TwimlCarrier
 
 
@@ -144,3 +145,35 @@ class TwilioCarrier(TwimlCarrier):
             "statusCallbackMethod": "POST",
             "statusCallbackEvent": STATUS_CALLBACK_EVENTS,
         }
+
+    # --- the carrier's own side (gateway simulate) -------------------------------------------------
+    stream_id_key = "streamSid"
+
+    def simulated_inbound(self, *, from_: str, to: str) -> SimulatedCall:
+        call_id = "CA" + secrets.token_hex(16)
+        return SimulatedCall(call_id, {
+            "CallSid": call_id, "AccountSid": self.config.account_sid or "AC" + "0" * 32, "From": from_, "To": to,
+            "CallStatus": "ringing", "Direction": "inbound", "ApiVersion": "2010-04-01",
+        })
+
+    def simulated_signature(self, url, params, body, private_key=None) -> dict[str, str]:
+        if not self.config.auth_token:
+            raise ValueError("TWILIO_AUTH_TOKEN is needed to sign as Twilio")
+        return {"X-Twilio-Signature": self._validator.compute_signature(url, dict(params))}
+
+    def simulated_upgrade_headers(self, url: str) -> dict[str, str]:
+        return {"X-Twilio-Signature": self._validator.compute_signature(url, {})}
+
+    def simulated_start(self, stream_id, call_id, parameters) -> list[str]:
+        start = {
+            "streamSid": stream_id, "callSid": call_id, "accountSid": self.config.account_sid or "",
+            "tracks": ["inbound"], "customParameters": dict(parameters),
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": self.media_rate, "channels": 1},
+        }
+        return [json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}),
+                json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": stream_id, "start": start})]
+
+    def simulated_audio(self, stream_id, payload, sequence, timestamp_ms) -> str:
+        return json.dumps({"event": "media", "sequenceNumber": str(sequence), "streamSid": stream_id, "media": {
+            "track": "inbound", "chunk": str(sequence), "timestamp": str(timestamp_ms),
+            "payload": base64.b64encode(payload).decode()}})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import xml.etree.ElementTree as ET
 from abc import abstractmethod
 from typing import Any, Mapping
 
@@ -13,6 +15,7 @@ from .base import (
     DialResult,
     StatusUpdate,
     StreamAudio,
+    StreamClear,
     StreamDtmf,
     StreamEvent,
     StreamMark,
@@ -145,3 +148,28 @@ class TwimlCarrier(Carrier):
             end_reason=params.get("HangupCause") or params.get("ErrorMessage") or None,
             answered_by=params.get("AnsweredBy") or None,
         )
+
+    # --- the carrier's own side (gateway simulate) -------------------------------------------------
+    def connected_stream(self, answer: str) -> tuple[str, dict[str, str]] | None:
+        stream = ET.fromstring(answer).find("Connect/Stream")
+        if stream is None or not stream.get("url"):
+            return None
+        return stream.get("url"), {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
+
+    def simulated_mark_played(self, stream_id: str, name: str) -> str:
+        return json.dumps({"event": "mark", self.stream_id_key: stream_id, "mark": {"name": name}})
+
+    def simulated_stop(self, stream_id: str) -> str:
+        return json.dumps({"event": "stop", self.stream_id_key: stream_id, "stop": {}})
+
+    def parse_outgoing(self, message: str | bytes):
+        data = json_message(message)
+        if data["event"] == "media":
+            return StreamAudio(b64_payload((data.get("media") or {}).get("payload")), None)
+        if data["event"] == "clear":
+            return StreamClear()
+        if data["event"] == "mark":
+            return StreamMark(str((data.get("mark") or {}).get("name", "")))
+        return StreamOther(data["event"])
+
+    stream_id_key: str  # where messages name their stream

@@ -140,7 +140,12 @@ class MediaBridge:
     async def _relay(self, session: "_Session", start: StreamStart | None) -> None:
         carrier, websocket, record, stats = session.carrier, session.websocket, session.record, session.stats
         start = start or await self.read_start(carrier, websocket, stats)
-        problem = "the carrier's media stream never started" if start is None else carrier.media_start_problem(start)
+        stream_format = carrier.stream_format(start) if start is not None else None
+        problem = None
+        if start is None:
+            problem = "the carrier's media stream never started"
+        elif stream_format is None:
+            problem = f"the carrier streams {start.encoding} at {start.rate} Hz, which the gateway cannot relay"
         if problem:
             log.warning("call %s: %s", record.id, problem)
             session.failure, session.hang_up = problem, True
@@ -154,11 +159,11 @@ class MediaBridge:
             log.warning("call %s: cannot join Ultravox (%s); hanging up", record.id, error)
             session.failure, session.hang_up = f"could not join Ultravox: {error}", True
             return
-        carrier_format = AudioFormat(carrier.media_encoding, carrier.media_rate)
-        transcoder = Transcoder(carrier_format, carrier.media_rate)
+        # The Ultravox call speaks the carrier's rate; a stream in another format is transcoded.
+        transcoder = Transcoder(stream_format, carrier.media_rate)
         path = self.recordings(record)
         session.recorder = CallRecorder(path, carrier.media_rate, self._clock) if path else None
-        caller = asyncio.create_task(self._caller_to_agent(session, transcoder, carrier_format))
+        caller = asyncio.create_task(self._caller_to_agent(session, transcoder, stream_format))
         agent = asyncio.create_task(self._agent_to_caller(session, start.stream_id, transcoder))
         session.tasks = [caller, agent]
         done, _ = await asyncio.wait({caller, agent}, return_when=asyncio.FIRST_COMPLETED)
@@ -221,7 +226,7 @@ class MediaBridge:
     async def _caller_to_agent(self, session: "_Session", transcoder: Transcoder, carrier_format: AudioFormat) -> None:
         carrier, websocket, ultravox = session.carrier, session.websocket, session.ultravox
         recorder, stats = session.recorder, session.stats
-        clock = _CallerClock(carrier.media_rate, carrier_format.bytes_per_sample, self._clock)
+        clock = _CallerClock(carrier_format.rate, carrier_format.bytes_per_sample, self._clock)
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":

@@ -1,27 +1,32 @@
 """`gateway simulate`: a carrier's call into a bridged route, played from a WAV, recorded to a WAV.
 
-The webhook is signed as the carrier signs it (Twilio and Plivo with the auth token from the
-configuration; Telnyx with a private key matching TELNYX_PUBLIC_KEY, as in a test setup), so the
-running gateway treats the call like a real one, signatures and media token included.
+The carrier's side is played with the carrier module's own wire format (its webhook, signature
+and stream messages: the `simulated_*` members of gateway.carriers.base.Carrier), so the running
+gateway treats the call like a real one, signatures and media token included. Carriers that sign
+with a private key the gateway does not hold (Telnyx) need it given (`--private-key`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import contextlib
+import json
+import secrets
+import time
 import wave
-import xml.etree.ElementTree as ET
 from urllib.parse import urlencode
 
 import httpx
 import numpy as np
+import websockets
 
+from ..carriers import CARRIERS
+from ..carriers.base import QUERY, Carrier, MalformedFrame, StreamAudio, StreamClear, StreamMark
 from ..http import as_websocket_url
 from ..settings import Settings
-from ..testing import CarrierStream, twilio_stream_headers
-from .codecs import Resampler
+from .codecs import AudioFormat, Resampler, decode, encode
 
-RATES = {"twilio": 8000, "telnyx": 16000, "plivo": 16000}
+FRAME_MS = 20
 
 
 class SimulationError(Exception):
@@ -50,63 +55,96 @@ def write_wav(path: str, pcm: bytes, rate: int) -> None:
         target.writeframes(pcm)
 
 
-def _signed_webhook(settings: Settings, carrier: str, to: str, from_: str, telnyx_private_key: str | None):
-    from .. import testing
+async def _inbound_webhook(
+    client: httpx.AsyncClient, carrier: Carrier, url: str, *, from_: str, to: str, private_key: str | None,
+) -> tuple[str, httpx.Response]:
+    """The carrier announcing a new call, in its webhook format and signed as it signs."""
+    call = carrier.simulated_inbound(from_=from_, to=to)
+    webhook_format = carrier.webhook_formats[0]
+    if webhook_format is QUERY:
+        url, body, headers = f"{url}?{urlencode(call.params)}", b"", {}
+    elif webhook_format.name == "json":
+        body, headers = json.dumps(call.params).encode(), {"content-type": webhook_format.content_type}
+    else:
+        body, headers = urlencode(call.params).encode(), {"content-type": webhook_format.content_type}
+    try:
+        headers.update(carrier.simulated_signature(url, call.params, body, private_key))
+    except ValueError as error:
+        raise SimulationError(str(error)) from None
+    path = url.split("://", 1)[1].split("/", 1)[1]
+    try:
+        response = await client.request(webhook_format.method, "/" + path, content=body or None, headers=headers)
+    except httpx.HTTPError as error:
+        raise SimulationError(f"cannot reach the gateway: {error}") from None
+    return call.call_id, response
 
-    url = f"{settings.public_url}/{carrier}/inbound"
-    if carrier == "twilio":
-        if not settings.twilio.auth_token:
-            raise SimulationError("TWILIO_AUTH_TOKEN is needed to sign the webhook")
-        form = testing.twilio_inbound_form(from_=from_, to=to)
-        return form, {"X-Twilio-Signature": testing.twilio_signature(settings.twilio.auth_token, url, form)}
-    if carrier == "plivo":
-        if not settings.plivo.auth_token:
-            raise SimulationError("PLIVO_AUTH_TOKEN is needed to sign the webhook")
-        form = testing.plivo_inbound_form(from_=from_, to=to)
-        return form, testing.plivo_v3_headers(settings.plivo.auth_token, url, form)
-    if not telnyx_private_key:
-        raise SimulationError("--telnyx-private-key is needed: only the matching private key can sign as Telnyx")
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    signer = testing.TelnyxSigner(Ed25519PrivateKey.from_private_bytes(base64.b64decode(telnyx_private_key)))
-    form = testing.telnyx_inbound_form(from_=from_, to=to)
-    return form, signer.headers(urlencode(form).encode())
+async def _play(carrier: Carrier, url: str, headers: dict[str, str], call_id: str, parameters: dict[str, str],
+                caller_pcm: bytes, tail_seconds: float) -> tuple[bytes, int]:
+    """The carrier's media stream: the caller's audio at real-time pace; returns the agent's audio
+    (s16le at the carrier's rate) and the number of barge-in clears."""
+    audio_format = AudioFormat(carrier.media_encoding, carrier.media_rate)
+    stream_id = secrets.token_hex(16)
+    agent, clears = bytearray(), 0
+    async with websockets.connect(url, additional_headers=headers, max_size=2**20, open_timeout=10) as socket:
+        async def listen() -> None:
+            nonlocal clears
+            async for message in socket:
+                try:
+                    event = carrier.parse_outgoing(message)
+                except MalformedFrame:
+                    continue
+                if isinstance(event, StreamAudio):
+                    agent.extend(decode(audio_format, event.payload))
+                elif isinstance(event, StreamMark):  # played at once: nothing is queued here
+                    await socket.send(carrier.simulated_mark_played(stream_id, event.name))
+                elif isinstance(event, StreamClear):
+                    clears += 1
+
+        listener = asyncio.create_task(listen())
+        for message in carrier.simulated_start(stream_id, call_id, parameters):
+            await socket.send(message)
+        frame = carrier.media_rate * 2 * FRAME_MS // 1000
+        started = time.monotonic()
+        for sequence, offset in enumerate(range(0, len(caller_pcm), frame), start=2):
+            chunk = encode(audio_format, caller_pcm[offset:offset + frame])
+            await socket.send(carrier.simulated_audio(stream_id, chunk, sequence, offset // frame * FRAME_MS))
+            await asyncio.sleep(max(0.0, started + (offset + frame) / 2 / carrier.media_rate - time.monotonic()))
+        await asyncio.sleep(tail_seconds)
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await socket.send(carrier.simulated_stop(stream_id))
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError, websockets.ConnectionClosed):
+            await listener
+    return bytes(agent), clears
 
 
 async def simulate_call(
     settings: Settings, *, carrier: str, to: str, from_: str, input_path: str, output_path: str,
-    gateway_url: str, tail_seconds: float = 3.0, telnyx_private_key: str | None = None,
+    gateway_url: str, tail_seconds: float = 3.0, private_key: str | None = None,
 ) -> str:
+    from ..app import create_app
+
     if not settings.public_url:
         raise SimulationError("GATEWAY_PUBLIC_URL is needed: carriers sign and stream to the public URL")
-    rate = RATES[carrier]
+    speaker = CARRIERS[carrier](settings)
+    rate = speaker.media_rate
     caller_audio = read_wav(input_path, rate)
-    form, headers = _signed_webhook(settings, carrier, to, from_, telnyx_private_key)
+    inbound_url = create_app(settings).state.gateway.urls.public("inbound", carrier=carrier)
     async with httpx.AsyncClient(base_url=gateway_url, timeout=20) as client:
-        try:
-            response = await client.post(f"/{carrier}/inbound", content=urlencode(form), headers={
-                **headers, "content-type": "application/x-www-form-urlencoded"})
-        except httpx.HTTPError as error:
-            raise SimulationError(f"cannot reach the gateway at {gateway_url}: {error}") from None
+        call_id, response = await _inbound_webhook(client, speaker, inbound_url, from_=from_, to=to,
+                                                   private_key=private_key)
     if response.status_code != 200:
         raise SimulationError(f"the gateway answered {response.status_code}: {response.text.strip()}")
-    root = ET.fromstring(response.text)
-    stream = root.find("Stream") if carrier == "plivo" else root.find("Connect/Stream")
-    stream_url = (stream.text if carrier == "plivo" else stream.get("url")) if stream is not None else None
-    if not stream_url or "/media/" not in stream_url:
-        raise SimulationError(f"the route for {to} is not in bridge mode (the gateway answered: {response.text})")
+    stream = speaker.connected_stream(response.text)
     public_ws = as_websocket_url(settings.public_url)
-    local_ws = as_websocket_url(gateway_url).rstrip("/")
-    local_url = local_ws + stream_url[len(public_ws):]
-    stream_headers = twilio_stream_headers(settings.twilio.auth_token, stream_url) if carrier == "twilio" else None
-    call_id = form["CallUUID"] if carrier == "plivo" else form["CallSid"]
-    async with CarrierStream(carrier, local_url, headers=stream_headers) as carrier_stream:
-        await carrier_stream.start(call_id=call_id)
-        await carrier_stream.play(caller_audio)
-        await asyncio.sleep(tail_seconds)
-        await carrier_stream.stop()
-        agent_audio = carrier_stream.agent_audio()
-        clears = len(carrier_stream.of_kind("clear"))
+    if stream is None or not stream[0].startswith(public_ws):
+        raise SimulationError(f"the route for {to} is not in bridge mode (the gateway answered: {response.text})")
+    stream_url, parameters = stream
+    local_url = as_websocket_url(gateway_url).rstrip("/") + stream_url[len(public_ws):]
+    # The upgrade is signed (where the carrier signs it) for the public URL it was given.
+    agent_audio, clears = await _play(speaker, local_url, speaker.simulated_upgrade_headers(stream_url), call_id,
+                                      parameters, caller_audio, tail_seconds)
     write_wav(output_path, agent_audio, rate)
-    return (f"played {len(caller_audio) / 2 / rate:.1f} s as a {carrier} caller to {to}; "
+    return (f"played {len(caller_audio) / 2 / rate:.1f} s as a {speaker.title} caller to {to}; "
             f"the agent said {len(agent_audio) / 2 / rate:.1f} s (written to {output_path}), with {clears} barge-in clear(s)")
