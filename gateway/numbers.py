@@ -61,10 +61,14 @@ def from_carrier(text: str, default_region: str | None) -> str:
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
 
-def national(number: str) -> str:
-    """An E.164 number in its country's national dialling form ("+918047491899" -> "08047491899")."""
+def national(number: str, region: str) -> str:
+    """An E.164 number of `region` in its national dialling form, digits only ("+918047491899" ->
+    "08047491899" in IN); numbers of other countries stay in E.164."""
     parsed = phonenumbers.parse(number, None)
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.NATIONAL).replace(" ", "").replace("-", "")
+    if phonenumbers.region_code_for_number(parsed) != region:
+        return number
+    formatted = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.NATIONAL)
+    return re.sub(r"\D", "", formatted)
 
 
 def prefix(text: str) -> str:

@@ -235,6 +235,9 @@ class Carrier(ABC):
     dials_into_stream: ClassVar[bool] = False
     # Ultravox can place calls on this carrier itself (medium.<carrier>.outgoing).
     ultravox_can_dial: ClassVar[bool] = True
+    # Its callbacks to URLs the gateway issued are authenticated like its webhooks (else the URL's
+    # own token is the proof).
+    authenticates_callbacks: ClassVar[bool] = True
 
     def __init__(self, settings: Settings):
         self.settings = settings
