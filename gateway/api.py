@@ -53,7 +53,7 @@ class CallView(BaseModel):
         view = cls(
             from_=record.from_number,
             to=record.to_number,
-            media=json.loads(record.media_stats) if record.media_stats else None,
+            media=record.media,
             **{name: getattr(record, name) for name in cls.model_fields if name not in ("from_", "to", "media")},
         )
         data = view.model_dump(mode="json")
@@ -82,7 +82,7 @@ class TransferView(BaseModel):
     def of(cls, transfer: TransferRecord) -> dict[str, Any]:
         end = transfer.ended_at or transfer.answered_at
         return cls(
-            operators_tried=transfer.tried,
+            operators_tried=list(transfer.tried),
             duration_seconds=(end - transfer.created_at).total_seconds() if end else None,
             **{name: getattr(transfer, name) for name in cls.model_fields if name not in ("operators_tried", "duration_seconds")},
         ).model_dump(mode="json")

@@ -19,7 +19,7 @@ from ..carriers import CarrierName
 from ..carriers.base import Carrier, OutboundDial, Webhook
 from ..http import RemoteError
 from ..settings import RouteSettings, Settings
-from ..store import CallRecord, CallStore
+from ..store import CallRecord, CallStore, CallUpdate
 from ..ultravox import CreatedCall, UltravoxClient, UltravoxError
 from ..urls import Urls
 from .call_request import CallBodies, CallIdentity
@@ -156,9 +156,9 @@ class OutboundFlow:
                 api_key_id=api_key_id,
                 idempotency_key=idempotency_key,
                 request_hash=request.fingerprint(),
-                # The route as it is now: answering must not depend on a config reloaded meanwhile.
-                request_json=json.dumps({"request": request.model_dump(by_alias=True), "route": route.model_dump()}),
             ),
+            # The route as it is now: answering must not depend on a config reloaded meanwhile.
+            request={"request": request.model_dump(by_alias=True), "route": route.model_dump()},
             max_recent=self.settings.outbound.policy.calls_per_minute_per_key,
             window=dt.timedelta(seconds=RATE_WINDOW_SECONDS),
         )
@@ -178,7 +178,7 @@ class OutboundFlow:
         except BaseException as error:
             # Never leave a call `queued` forever; a retry with the key would return it forever.
             log.exception("outbound %s: placing failed unexpectedly", record.id)
-            await asyncio.shield(self.store.update(record.id, statuses.FAILED, failure_reason=type(error).__name__))
+            await asyncio.shield(self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=type(error).__name__)))
             raise
         return record, True
 
@@ -267,9 +267,9 @@ class OutboundFlow:
             carrier_call_id = await carrier.place_call(self.http, dial, deadline=deadline)
         except RemoteError as error:
             log.warning("outbound %s via %s: not placed, %s", record.id, carrier.name, error.reason)
-            return (await self.store.update(record.id, statuses.FAILED, failure_reason=error.reason)).record
+            return (await self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=error.reason))).record
         log.info("outbound %s placed with %s (%s)", record.id, carrier.name, carrier_call_id or "id on callback")
-        return (await self.store.update(record.id, carrier_call_id=carrier_call_id)).record
+        return (await self.store.update(record.id, CallUpdate(carrier_call_id=carrier_call_id))).record
 
     async def _place_with_ultravox(
         self, carrier: Carrier, record: CallRecord, request: DialRequest, route: RouteSettings, deadline: float
@@ -282,8 +282,8 @@ class OutboundFlow:
             created = await self.ultravox.create_call(call_request, deadline=deadline)
         except UltravoxError as error:
             log.warning("outbound %s via Ultravox: not placed, %s", record.id, error.reason)
-            return (await self.store.update(record.id, statuses.FAILED, failure_reason=error.reason)).record
-        return (await self.store.update(record.id, ultravox_call_id=created.call_id)).record
+            return (await self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=error.reason))).record
+        return (await self.store.update(record.id, CallUpdate(ultravox_call_id=created.call_id))).record
 
     def _call_request(self, carrier: Carrier, record: CallRecord, request: DialRequest, route: RouteSettings,
                       medium: dict[str, Any], join_timeout_seconds: float | None = None):
@@ -310,9 +310,9 @@ class OutboundFlow:
             created = await self.ultravox.create_call(call_request, deadline=deadline)
         except UltravoxError as error:
             log.warning("outbound %s: no agent, %s", record.id, error.reason)
-            await self.store.update(record.id, statuses.FAILED, failure_reason=error.reason)
+            await self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=error.reason))
             return None
-        await self.store.update(record.id, ultravox_call_id=created.call_id, join_url=created.join_url)
+        await self.store.update(record.id, CallUpdate(ultravox_call_id=created.call_id, join_url=created.join_url))
         return created
 
     # --- carrier callbacks --------------------------------------------------------------------------
@@ -334,7 +334,7 @@ class OutboundFlow:
         except BaseException as error:
             # The deadline or a bug: the callee hears the apology, the record says why.
             reason = "deadline reached" if isinstance(error, asyncio.CancelledError) else type(error).__name__
-            await asyncio.shield(self.store.update(record.id, statuses.FAILED, failure_reason=reason))
+            await asyncio.shield(self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=reason)))
             raise
         finally:
             future.set_result(outcome.join_url)
@@ -352,13 +352,12 @@ class OutboundFlow:
         self, carrier: Carrier, webhook: Webhook, record: CallRecord, deadline: float
     ) -> AnswerOutcome:
         answered = carrier.parse_answer(webhook)
-        stored = json.loads(record.request_json)
+        stored = record.request
         request = DialRequest.model_validate(stored["request"])
         if request.answering_machine_detection and answered.machine:
-            await self.store.update(record.id, statuses.MACHINE_DETECTED, answered_by="machine",
-                                    carrier_call_id=answered.carrier_call_id)
+            await self.store.update(record.id, CallUpdate(status=statuses.MACHINE_DETECTED, answered_by="machine", carrier_call_id=answered.carrier_call_id))
             return AnswerOutcome(hang_up=True)
-        record = (await self.store.update(record.id, statuses.ANSWERED, carrier_call_id=answered.carrier_call_id)).record
+        record = (await self.store.update(record.id, CallUpdate(status=statuses.ANSWERED, carrier_call_id=answered.carrier_call_id))).record
         if record.is_final:  # canceled or failed meanwhile: nobody to connect
             return AnswerOutcome(hang_up=True)
         if not await self.store.claim_agent(record.id):
@@ -368,7 +367,7 @@ class OutboundFlow:
         created = await self._create_agent_call(carrier, record, request, route, deadline - 0.3)
         if created is None:
             return AnswerOutcome()
-        await self.store.update(record.id, statuses.IN_PROGRESS)
+        await self.store.update(record.id, CallUpdate(status=statuses.IN_PROGRESS))
         return AnswerOutcome(join_url=created.join_url)
 
     async def _join_url_of(self, call_id: str, deadline: float) -> str | None:

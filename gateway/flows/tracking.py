@@ -6,7 +6,7 @@ import logging
 
 from .. import statuses
 from ..carriers.base import Carrier, Webhook
-from ..store import CallRecord, CallStore, TransferStore
+from ..store import CallRecord, CallStore, CallUpdate, TransferStore
 from ..ultravox import UltravoxEvent
 
 log = logging.getLogger("gateway.tracking")
@@ -26,15 +26,13 @@ class CallTracking:
             record = await self.store.get(call_id)
         if not record or record.carrier != carrier.name:
             return None
-        call_id = record.id
-        result = await self.store.update(
-            call_id,
-            update.status,
+        result = await self.store.update(record.id, CallUpdate(
+            status=update.status,
             carrier_call_id=update.carrier_call_id,
             duration_seconds=update.duration_seconds,
             end_reason=update.end_reason,
             answered_by=update.answered_by,
-        )
+        ))
         return result.record
 
     async def ultravox_event(self, event: UltravoxEvent) -> CallRecord | None:
@@ -43,20 +41,19 @@ class CallTracking:
         if record is None:
             return None
         if event.name == "call.joined":
-            return (await self.store.update(record.id, statuses.IN_PROGRESS)).record
+            return (await self.store.update(record.id, CallUpdate(status=statuses.IN_PROGRESS))).record
         if event.name != "call.ended":
             return record
         if any(t.prior_ultravox_call_id == record.ultravox_call_id for t in await self.transfers.for_call(record.id)):
             # The agent's call ended because the caller was moved to an operator: the phone call goes on.
             return record
         unjoined = event.end_reason == "unjoined"  # the carrier never connected the stream
-        return (await self.store.update(
-            record.id,
-            statuses.FAILED if unjoined else statuses.COMPLETED,
+        return (await self.store.update(record.id, CallUpdate(
+            status=statuses.FAILED if unjoined else statuses.COMPLETED,
             # The carrier knows better why (busy, no answer): its final status may still correct ours.
             provisional=unjoined,
             end_reason=event.end_reason,
             summary=event.summary,
             duration_seconds=event.duration_seconds,
             failure_reason="the carrier never joined the Ultravox call" if unjoined else None,
-        )).record
+        ))).record

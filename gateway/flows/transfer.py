@@ -21,8 +21,9 @@ from .. import statuses
 from ..carriers.base import Carrier, OutboundDial, Webhook
 from ..http import RemoteError
 from ..settings import Settings
-from ..store import CallRecord, CallStore, TransferRecord, TransferStore
+from ..store import CallRecord, CallStore, CallUpdate, TransferRecord, TransferStore
 from ..store import transfers as status
+from ..store.transfers import TransferChange, TransferExpectation
 from ..store.calls import utcnow
 from ..ultravox import UltravoxClient, UltravoxError
 from ..urls import Urls
@@ -145,7 +146,7 @@ class TransferFlow:
         if not reason or (kind == "warm" and not summary):
             missing = "a reason" if not reason else "a summary for the person"
             return ToolReply(f"I need {missing} before I can transfer the caller.")
-        operator = self._first_open(requested, tried=[])
+        operator = self._first_open(requested, tried=())
         if operator is None:
             return ToolReply(
                 f"{requested} is not available at the moment ({self._hours(requested)}). "
@@ -167,7 +168,7 @@ class TransferFlow:
         route = self.settings.route_named(record.route) if record.route else None
         return list(route.operators) if route else []
 
-    def _first_open(self, name: str | None, *, tried: list[str]) -> str | None:
+    def _first_open(self, name: str | None, *, tried: tuple[str, ...]) -> str | None:
         """`name` if open and not tried yet, else the first such operator down its fallback chain."""
         now = self._now()
         while name is not None:
@@ -185,7 +186,8 @@ class TransferFlow:
     async def _start_cold(self, transfer: TransferRecord, record: CallRecord) -> None:
         carrier = self.carriers[record.carrier]
         if await self._move_caller(carrier, transfer, record, "dial"):
-            await self.transfers.update(transfer.id, status=status.DIALING, expect={"status": status.REQUESTED})
+            await self.transfers.update(transfer.id, TransferChange(status=status.DIALING),
+                                        expect=TransferExpectation(status=status.REQUESTED))
 
     async def dial_result(self, carrier: Carrier, transfer: TransferRecord, attempt: int | None, webhook: Webhook) -> str:
         """The <Dial> to the operator ended: done if they answered, else the next operator or the agent."""
@@ -199,19 +201,19 @@ class TransferFlow:
             # The operator talked with the caller; the <Dial> ends when one of them hangs up.
             await self._finish(transfer, status.CONNECTED, "answered")
             await self.transfers.mark_ended(transfer.id)
-            await self.calls.update(transfer.call_id, statuses.COMPLETED)
+            await self.calls.update(transfer.call_id, CallUpdate(status=statuses.COMPLETED))
             return carrier.hangup_answer()
         if result.caller_gone:
             await self._finish(transfer, status.FAILED, "the caller hung up while the operator's phone rang")
-            await self.calls.update(transfer.call_id, statuses.COMPLETED)
+            await self.calls.update(transfer.call_id, CallUpdate(status=statuses.COMPLETED))
             return carrier.hangup_answer()
         why = f"{transfer.operator} did not answer ({result.status})"
         following = self._first_open(transfer.operator, tried=transfer.tried)
         if following is not None:
             # Compare-and-set on the operator: a repeated callback must not skip one down the chain.
             moved = await self.transfers.update(
-                transfer.id, expect={"operators_tried": transfer.operators_tried},
-                operator=following, operators_tried=f"{transfer.operators_tried},{following}", outcome=why,
+                transfer.id, TransferChange(operator=following, tried=(*transfer.tried, following), outcome=why),
+                expect=TransferExpectation(tried=transfer.tried),
             )
             if moved is None:  # the same callback, delivered twice at once: answer as the other delivery
                 current = await self.transfers.get(transfer.id)
@@ -262,7 +264,8 @@ class TransferFlow:
             reason = error.reason if isinstance(error, RemoteError) else type(error).__name__
             await self._operator_unavailable(carrier, transfer, leg, f"{transfer.operator} could not be called: {reason}")
             return
-        placed = await self.transfers.update(transfer.id, expect={"leg": leg}, status=status.DIALING, operator_leg_id=leg_id)
+        placed = await self.transfers.update(transfer.id, TransferChange(status=status.DIALING, operator_leg_id=leg_id),
+                                             expect=TransferExpectation(leg=leg))
         if placed is None and leg_id:
             # The caller left (or the transfer moved on) while this operator was being called.
             with contextlib.suppress(RemoteError):
@@ -280,7 +283,8 @@ class TransferFlow:
             return carrier.hangup_answer()
         answered = carrier.parse_answer(webhook)
         if answered.carrier_call_id:  # the leg's own id, to hang it up if the caller leaves
-            await self.transfers.update(transfer.id, expect={"leg": leg}, operator_leg_id=answered.carrier_call_id)
+            await self.transfers.update(transfer.id, TransferChange(operator_leg_id=answered.carrier_call_id),
+                                        expect=TransferExpectation(leg=leg))
         if answered.machine:
             why = f"{transfer.operator}'s voicemail answered"
             self._in_background(self._operator_unavailable(carrier, transfer, leg, why))
@@ -301,7 +305,7 @@ class TransferFlow:
             self._in_background(self._operator_unavailable(carrier, transfer, leg, f"{transfer.operator} declined"))
             return carrier.hangup_answer()
         # Only if this leg is still the current one: its hang-up callback may have moved on already.
-        if not await self._finish(transfer, status.CONNECTED, "accepted", expect={"leg": leg}):
+        if not await self._finish(transfer, status.CONNECTED, "accepted", expect=TransferExpectation(leg=leg)):
             return carrier.hangup_answer()
         return carrier.conference_answer(
             self.conference(transfer), say="Connecting you now.", starts=True, ends=True, wait_url=None, action_url=None,
@@ -310,7 +314,8 @@ class TransferFlow:
     async def operator_status(self, carrier: Carrier, transfer: TransferRecord, leg: int, webhook: Webhook) -> None:
         update = carrier.parse_status(webhook)
         if update.carrier_call_id and not transfer.is_final and leg == transfer.leg and not transfer.operator_leg_id:
-            await self.transfers.update(transfer.id, expect={"leg": leg}, operator_leg_id=update.carrier_call_id)
+            await self.transfers.update(transfer.id, TransferChange(operator_leg_id=update.carrier_call_id),
+                                        expect=TransferExpectation(leg=leg))
         if update.status in statuses.FINAL_STATUSES and not transfer.is_final:
             # Hung up, busy, no answer…: before accepting, any end of the operator's leg is a no.
             why = f"{transfer.operator} did not take the call ({update.status})"
@@ -324,7 +329,7 @@ class TransferFlow:
     async def caller_left(self, carrier: Carrier, transfer: TransferRecord, leg: int | None = None,
                           webhook: Webhook | None = None) -> str:
         """The caller's conference ended for them: after the conversation, or hanging up on hold."""
-        await self.calls.update(transfer.call_id, statuses.COMPLETED)
+        await self.calls.update(transfer.call_id, CallUpdate(status=statuses.COMPLETED))
         if transfer.status == status.CONNECTED:
             await self.transfers.mark_ended(transfer.id)
         elif not transfer.is_final:
@@ -346,11 +351,11 @@ class TransferFlow:
         following = self._first_open(current.operator, tried=current.tried)
         if following is not None:
             current = await self.transfers.update(
-                current.id, operator=following, operators_tried=f"{current.operators_tried},{following}", outcome=why,
+                current.id, TransferChange(operator=following, tried=(*current.tried, following), outcome=why),
             ) or current
             await self._call_operator(carrier, current, record)
             return
-        await self.transfers.update(current.id, outcome=why)
+        await self.transfers.update(current.id, TransferChange(outcome=why))
         try:
             await carrier.redirect(self.http, record.carrier_call_id, self.url(carrier, "return", current.id),
                                    deadline=self._clock() + CARRIER_WORK_SECONDS)
@@ -422,7 +427,8 @@ class TransferFlow:
         expected = status.FAILED if after_failure else transfer.status
         # Compare-and-set: of two deliveries of the same callback, one creates the call.
         claimed = await self.transfers.update(
-            transfer.id, only_if_active=not after_failure, expect={"status": expected}, status=status.RETURNING,
+            transfer.id, TransferChange(status=status.RETURNING), only_if_active=not after_failure,
+            expect=TransferExpectation(status=expected),
         )
         if claimed is None or expected in (status.RETURNING, status.RETURNED):
             return await self._after_final(carrier, await self.transfers.get(transfer.id))
@@ -447,7 +453,7 @@ class TransferFlow:
                                only_if_active=False)
             fallback = self.settings.fallback
             return carrier.apology_answer(fallback.message, fallback.dial_number)
-        await self.calls.update(record.id, replace={"ultravox_call_id": created.call_id, "join_url": created.join_url})
+        await self.calls.rejoin(record.id, ultravox_call_id=created.call_id, join_url=created.join_url)
         await self._finish(transfer, status.RETURNED, why, new_ultravox_call_id=created.call_id, only_if_active=False)
         return self._connect(carrier, record, created.join_url)
 
@@ -465,10 +471,12 @@ class TransferFlow:
         except UltravoxError as error:
             log.warning("could not tell Ultravox call %s about the transfer: %s", ultravox_call_id, error.reason)
 
-    async def _finish(self, transfer: TransferRecord, final: str, outcome: str, *, expect: dict | None = None,
-                      only_if_active: bool = True, **values: Any) -> TransferRecord | None:
+    async def _finish(self, transfer: TransferRecord, final: str, outcome: str, *,
+                      expect: TransferExpectation | None = None,
+                      only_if_active: bool = True, new_ultravox_call_id: str | None = None) -> TransferRecord | None:
         finished = await self.transfers.finish(
-            transfer.id, final, outcome, expect=expect, only_if_active=only_if_active, **values
+            transfer.id, final, outcome, expect=expect, only_if_active=only_if_active,
+            new_ultravox_call_id=new_ultravox_call_id,
         )
         if finished is not None:
             log.info("transfer %s: %s (%s)", transfer.id, final, outcome)

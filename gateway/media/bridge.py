@@ -33,7 +33,7 @@ from ..carriers.base import (
     StreamStop,
 )
 from ..http import RemoteError
-from ..store import CallRecord, CallStore
+from ..store import CallRecord, CallStore, CallUpdate
 from .codecs import AudioFormat, Chunker, Transcoder
 from .recording import CallRecorder
 
@@ -301,20 +301,18 @@ class MediaBridge:
 
     async def _finish(self, session: "_Session") -> None:
         record = session.record
-        details: dict[str, Any] = {"media_stats": json.dumps(asdict(session.stats))}
+        recording = None
         if session.recorder:
             try:
-                path = str(await asyncio.to_thread(session.recorder.write))
-                # A call returned to the agent after a transfer has a recording per stretch.
-                details["recording_path"] = f"{record.recording_path},{path}" if record.recording_path else path
+                recording = str(await asyncio.to_thread(session.recorder.write))
             except OSError as error:
                 log.error("call %s: recording not written: %s", record.id, error)
-        await self.store.update(record.id, replace=details)
+        await self.store.record_media(record.id, asdict(session.stats), recording)
         if session.failure:
-            await self.store.update(record.id, statuses.FAILED, failure_reason=session.failure)
+            await self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=session.failure))
         elif not await self.transfer_active(record.id):
             # Over, unless the stream ended because a transfer moved the caller elsewhere.
-            await self.store.update(record.id, statuses.COMPLETED, provisional=True)
+            await self.store.update(record.id, CallUpdate(status=statuses.COMPLETED, provisional=True))
 
 
 async def _close_carrier(websocket: WebSocket) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -51,6 +53,47 @@ class CallRecord:
     @property
     def is_final(self) -> bool:
         return self.status in FINAL_STATUSES
+
+    @property
+    def request(self) -> dict[str, Any] | None:
+        """What an outbound call was asked for (the dial request and its route), as recorded."""
+        return json.loads(self.request_json) if self.request_json else None
+
+    @property
+    def media(self) -> dict[str, int] | None:
+        """Bridge mode: the call's audio counters."""
+        return json.loads(self.media_stats) if self.media_stats else None
+
+    @property
+    def recordings(self) -> list[str]:
+        """Bridge mode: one WAV per stretch of the call (a return from a transfer starts another)."""
+        return [path for path in (self.recording_path or "").split(",") if path]
+
+
+@dataclass(frozen=True)
+class CallUpdate:
+    """What a flow learnt about a call. The status moves forward only (events come late and twice);
+    the details fill in what is not known yet and never overwrite it."""
+
+    status: str | None = None
+    # A final status that a carrier's own final status may still correct (Ultravox saying nobody
+    # joined, while the carrier knows it was busy).
+    provisional: bool = False
+    carrier_call_id: str | None = None
+    ultravox_call_id: str | None = None
+    join_url: str | None = None
+    failure_reason: str | None = None
+    end_reason: str | None = None
+    answered_by: str | None = None
+    duration_seconds: int | None = None
+    summary: str | None = None
+
+    def details(self) -> dict[str, Any]:
+        values = asdict(self)
+        del values["status"], values["provisional"]
+        if values["failure_reason"]:
+            values["failure_reason"] = values["failure_reason"][:500]
+        return {name: value for name, value in values.items() if value is not None}
 
 
 _COLUMNS = [f.name for f in fields(CallRecord)]
@@ -150,27 +193,35 @@ class CallStore:
         return await self.database.transaction(_get, call_id)
 
     # --- outbound calls and call tracking ---------------------------------------------------------------
-    async def create_outbound(self, values: dict, *, max_recent: int, window: dt.timedelta) -> "OutboundInsert":
-        """Record a dial request once per idempotency key, within the key's dialling rate."""
+    async def create_outbound(
+        self, values: dict, *, request: Mapping[str, Any], max_recent: int, window: dt.timedelta
+    ) -> "OutboundInsert":
+        """Record a dial request (`request`: what was asked, kept for when the call is answered) once
+        per idempotency key, within the key's dialling rate."""
         now = utcnow()
-        values = dict(values, id=str(uuid.uuid4()), direction="outbound", status=QUEUED,
+        values = dict(values, request_json=json.dumps(request), id=str(uuid.uuid4()), direction="outbound", status=QUEUED,
                       status_rank=STATUS_RANK[QUEUED], attempts=1, created_at=now, updated_at=now)
         return await self.database.transaction(_create_outbound, values, max_recent, now - window)
 
-    async def update(
-        self, call_id: str, status: str | None = None, *, provisional: bool = False,
-        replace: dict | None = None, **details,
-    ) -> "Updated":
-        """Move the status forward only, and fill in details not yet known (events come late and twice).
-
-        `provisional`: a final status that a carrier's own final status may still correct (Ultravox
-        saying nobody joined, while the carrier knows it was busy). `replace`: details to overwrite.
-        """
-        fill = {name: value for name, value in details.items() if value is not None}
-        rank = None
+    async def update(self, call_id: str, change: CallUpdate) -> "Updated":
+        """Apply what a flow learnt about the call (see CallUpdate)."""
+        status, rank = change.status, None
         if status is not None:
-            rank = STATUS_RANK[status] - (1 if provisional and status in FINAL_STATUSES else 0)
-        return await self.database.transaction(_update, call_id, status, rank, fill, replace or {}, utcnow())
+            rank = STATUS_RANK[status] - (1 if change.provisional and status in FINAL_STATUSES else 0)
+        return await self.database.transaction(_update, call_id, status, rank, change.details(), {}, utcnow())
+
+    async def rejoin(self, call_id: str, *, ultravox_call_id: str, join_url: str) -> None:
+        """The call is with a new Ultravox call now (back from a transfer)."""
+        replace = {"ultravox_call_id": ultravox_call_id, "join_url": join_url}
+        await self.database.transaction(_update, call_id, None, None, {}, replace, utcnow())
+
+    async def record_media(self, call_id: str, stats: Mapping[str, int], recording: str | None) -> None:
+        """A bridged stretch of the call ended: its audio counters, and its recording if one was made."""
+        replace: dict[str, Any] = {"media_stats": json.dumps(dict(stats))}
+        if recording is not None:
+            existing = await self.get(call_id)
+            replace["recording_path"] = ",".join([*(existing.recordings if existing else []), recording])
+        await self.database.transaction(_update, call_id, None, None, {}, replace, utcnow())
 
     async def claim_media_token(self, call_id: str, token: str) -> bool:
         """Whether `token` opens this call's media socket now; a token is good for one socket."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -47,8 +48,44 @@ class TransferRecord:
         return self.status in FINAL
 
     @property
-    def tried(self) -> list[str]:
-        return [name for name in self.operators_tried.split(",") if name]
+    def tried(self) -> tuple[str, ...]:
+        return tuple(name for name in self.operators_tried.split(",") if name)
+
+
+@dataclass(frozen=True)
+class TransferChange:
+    """What a step of the transfer changes (None: unchanged)."""
+
+    status: str | None = None
+    operator: str | None = None  # the operator being tried now
+    tried: tuple[str, ...] | None = None  # every operator tried so far, in order
+    outcome: str | None = None
+    operator_leg_id: str | None = None
+    new_ultravox_call_id: str | None = None
+
+    def columns(self) -> dict[str, Any]:
+        values = {name: value for name, value in asdict(self).items() if value is not None}
+        if "tried" in values:
+            values["operators_tried"] = _encode_tried(values.pop("tried"))
+        return values
+
+
+@dataclass(frozen=True)
+class TransferExpectation:
+    """The state a change expects to find (a compare-and-set): of two deliveries of one carrier
+    event, or two events racing, only one changes the transfer."""
+
+    status: str | None = None
+    leg: int | None = None
+    tried: tuple[str, ...] | None = None
+
+    def columns(self) -> dict[str, Any]:
+        return TransferChange(status=self.status, tried=self.tried).columns() | (
+            {"leg": self.leg} if self.leg is not None else {})
+
+
+def _encode_tried(names: tuple[str, ...]) -> str:
+    return ",".join(names)
 
 
 _COLUMNS = [f.name for f in fields(TransferRecord)]
@@ -72,7 +109,7 @@ class TransferStore:
         """A new transfer, or None when the call already has one under way."""
         now = utcnow()
         values = dict(
-            id=str(uuid.uuid4()), call_id=call_id, kind=kind, operator=operator, operators_tried=operator,
+            id=str(uuid.uuid4()), call_id=call_id, kind=kind, operator=operator, operators_tried=_encode_tried((operator,)),
             reason=reason, summary=summary, status=REQUESTED, leg=0, prior_ultravox_call_id=prior_ultravox_call_id,
             active_call_id=call_id, created_at=now, updated_at=now,
         )
@@ -85,35 +122,38 @@ class TransferStore:
         return await self.database.transaction(_for_call, call_id)
 
     async def update(
-        self, transfer_id: str, *, only_if_active: bool = True, expect: dict | None = None, **values
+        self, transfer_id: str, change: TransferChange, *, only_if_active: bool = True,
+        expect: TransferExpectation | None = None,
     ) -> TransferRecord | None:
-        """Change a transfer, if it is still under way and its columns still hold `expect`.
+        """Change a transfer, if it is still under way and still as `expect`ed. Returns the record
+        after the change, or None when the change was refused."""
+        return await self._write(transfer_id, change.columns(), only_if_active, expect)
 
-        The expectations make each step a compare-and-set: of two deliveries of one carrier event,
-        or two events racing, only one changes the transfer. Returns the record after the change,
-        or None when the change was refused.
-        """
-        return await self.database.transaction(_update, transfer_id, only_if_active, expect or {}, values, utcnow())
+    async def _write(self, transfer_id: str, values: dict[str, Any], only_if_active: bool,
+                     expect: TransferExpectation | None) -> TransferRecord | None:
+        expected = expect.columns() if expect else {}
+        return await self.database.transaction(_update, transfer_id, only_if_active, expected, values, utcnow())
 
     async def release_leg(self, transfer_id: str, leg: int) -> TransferRecord | None:
         """Move past operator leg `leg`; None if another event did first, or the transfer ended."""
         return await self.database.transaction(_release_leg, transfer_id, leg, utcnow())
 
     async def finish(
-        self, transfer_id: str, status: str, outcome: str, *, expect: dict | None = None,
-        only_if_active: bool = True, **values,
+        self, transfer_id: str, status: str, outcome: str, *, expect: TransferExpectation | None = None,
+        only_if_active: bool = True, new_ultravox_call_id: str | None = None,
     ) -> TransferRecord | None:
         """End a transfer once; None when it had already ended (a repeated or late event).
 
         `only_if_active=False`: the transfer already gave up its slot (it is returning the caller).
         """
-        values.update(status=status, outcome=outcome, active_call_id=None)
+        values = TransferChange(status=status, outcome=outcome, new_ultravox_call_id=new_ultravox_call_id).columns()
+        values["active_call_id"] = None
         values["answered_at" if status == CONNECTED else "ended_at"] = utcnow()
-        return await self.update(transfer_id, only_if_active=only_if_active, expect=expect, **values)
+        return await self._write(transfer_id, values, only_if_active, expect)
 
     async def mark_ended(self, transfer_id: str) -> None:
         """The caller's conversation with the operator is over."""
-        await self.update(transfer_id, only_if_active=False, ended_at=utcnow())
+        await self._write(transfer_id, {"ended_at": utcnow()}, False, None)
 
 
 def _start(connection: sa.Connection, values: dict) -> TransferRecord | None:
