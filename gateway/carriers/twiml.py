@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ET
-from abc import abstractmethod
 from typing import Any, Mapping
 
 from twilio.twiml.voice_response import VoiceResponse
 
 from .. import statuses
-from .base import (
-    Carrier,
-    DialResult,
-    StatusUpdate,
-    StreamAudio,
-    StreamClear,
-    StreamDtmf,
-    StreamEvent,
-    StreamMark,
-    StreamOther,
-    StreamStart,
-    StreamStop,
-    Webhook,
-    b64_payload,
-    json_message,
-    number_or_none,
-)
+from .base import DialResult, StatusUpdate, Webhook
+from .event_stream import EventStreamCarrier
 
 # CallStatus values of Twilio and of Telnyx's TwiML-compatible callbacks.
 CALL_STATUSES = {
@@ -45,7 +28,7 @@ CALL_STATUSES = {
 STATUS_CALLBACK_EVENTS = ["initiated", "ringing", "answered", "completed"]
 
 
-class TwimlCarrier(Carrier):
+class TwimlCarrier(EventStreamCarrier):
     answer_media_type = "text/xml"
     call_statuses = CALL_STATUSES
 
@@ -112,27 +95,6 @@ class TwimlCarrier(Carrier):
         response.hangup()
         return response.to_xml()
 
-    def _parse_media(self, message: str | bytes) -> StreamEvent:
-        """Twilio's Media Streams and Telnyx's media streaming share their events; only `start` differs."""
-        data = json_message(message)
-        event = data["event"]
-        if event == "media":
-            media = data.get("media") or {}
-            return StreamAudio(b64_payload(media.get("payload")), number_or_none(media.get("timestamp")))
-        if event == "start":
-            return self.stream_start(data, data.get("start") or {})
-        if event == "dtmf":
-            return StreamDtmf(str((data.get("dtmf") or {}).get("digit", "")))
-        if event == "mark":
-            return StreamMark(str((data.get("mark") or {}).get("name", "")))
-        if event == "stop":
-            return StreamStop()
-        return StreamOther(event)
-
-    @abstractmethod
-    def stream_start(self, data: dict, start: dict) -> StreamStart:
-        """The carrier's `start` message (where the stream id and media format live differs)."""
-
     def answered_by_machine(self, params: Mapping[str, str]) -> bool:
         # AnsweredBy: human, machine_start, machine_end_beep|silence|other, fax, unknown.
         answered_by = params.get("AnsweredBy", "")
@@ -155,21 +117,3 @@ class TwimlCarrier(Carrier):
         if stream is None or not stream.get("url"):
             return None
         return stream.get("url"), {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
-
-    def simulated_mark_played(self, stream_id: str, name: str) -> str:
-        return json.dumps({"event": "mark", self.stream_id_key: stream_id, "mark": {"name": name}})
-
-    def simulated_stop(self, stream_id: str) -> str:
-        return json.dumps({"event": "stop", self.stream_id_key: stream_id, "stop": {}})
-
-    def parse_outgoing(self, message: str | bytes):
-        data = json_message(message)
-        if data["event"] == "media":
-            return StreamAudio(b64_payload((data.get("media") or {}).get("payload")), None)
-        if data["event"] == "clear":
-            return StreamClear()
-        if data["event"] == "mark":
-            return StreamMark(str((data.get("mark") or {}).get("name", "")))
-        return StreamOther(data["event"])
-
-    stream_id_key: str  # where messages name their stream
