@@ -9,39 +9,42 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import httpx
 import pytest
 
 from gateway.app import create_app
+from gateway.carriers import CARRIERS
 from gateway.settings import Settings, load_settings
 from gateway.store import CallRecord, CallStore
-from gateway.testing import (
-    FakePlivo,
-    FakeTelnyx,
-    FakeTwilio,
-    FakeUltravox,
-    ServerThread,
-    TelnyxSigner,
-    plivo_v3_headers,
-    twilio_signature,
-)
+from gateway.testing import FakeCarrier, FakeUltravox, ServerThread, double
 
-TWILIO_TOKEN = "twilio-test-auth-token"
-TWILIO_ACCOUNT = "AC" + "0" * 32
-TELNYX_API_KEY = "test-telnyx-key"
-TELNYX_ACCOUNT = "0b2f3c4d-1111-4222-8333-444455556666"
-PLIVO_AUTH_ID = "MA" + "0" * 18
+# Carriers by what a scenario needs of them; every per-carrier fact comes from double(name).
+CARRIER_NAMES = list(CARRIERS)  # every carrier the gateway speaks
+TRANSFER_CARRIERS = [name for name, c in CARRIERS.items() if c.can_transfer]  # can move a live call
+ULTRAVOX_DIAL_CARRIERS = [name for name, c in CARRIERS.items() if c.ultravox_can_dial]  # via=ultravox
+# Outbound calls that fetch an answer URL when the callee picks up (not dialled into the stream).
+ANSWER_WEBHOOK_CARRIERS = [name for name, c in CARRIERS.items() if not c.dials_into_stream]
+# Webhook signatures that cover the URL (a proxy's path prefix must be signed too), and the fields
+# (a field changed on the way is noticed).
+URL_SIGNING_CARRIERS = [name for name in CARRIERS if double(name).signs_url]
+FORM_SIGNING_CARRIERS = [name for name in CARRIERS if double(name).signs_form]
+# The gateway hangs their calls up through the REST API (not only by closing the media stream).
+REST_HANGUP_CARRIERS = [name for name in CARRIERS if double(name).hangs_up_through_api]
+UNREACHABLE = "http://127.0.0.1:9"  # a REST API base URL for carriers no fake serves
+
 API_KEY = "test-api-key-0123456789"
 OTHER_API_KEY = "other-api-key-9876543210"
 WEBHOOK_SECRET = "ultravox-webhook-secret"
 TOOL_SECRET = "gateway-tool-secret-for-tests"
-PLIVO_TOKEN = "plivo-test-auth-token"
 PUBLIC_URL = "https://gateway.example.test"
 AGENT_ID = "6f1c2d3e-4b5a-4c6d-8e7f-9a0b1c2d3e4f"
 SUPPORT_NUMBER = "+15550001111"
 INLINE_NUMBER = "+15550002222"
+
+# What each carrier needs in the config file beyond its environment, and one number it owns.
+CARRIER_CONFIG = "".join(double(name).config_toml() for name in CARRIERS)
+OUTBOUND_NUMBERS = "".join(f'{name} = ["{double(name).own_number}"]\n' for name in CARRIERS)
 
 BASE_CONFIG = f"""
 [gateway]
@@ -55,10 +58,7 @@ request_timeout_seconds = 1.5
 message = "Sorry, our assistant is unavailable."
 no_route_message = "This number is not in service."
 
-[telnyx]
-account_sid = "0b2f3c4d-1111-4222-8333-444455556666"
-texml_application_id = "1234567890"
-
+{CARRIER_CONFIG}
 [operators.sales]
 number = "+15557770001"
 description = "Sales team: pricing and new orders"
@@ -83,10 +83,7 @@ description = "After-hours line"
 ring_timeout_seconds = 25
 
 [outbound.numbers]
-twilio = ["+15550001111"]
-telnyx = ["+15550003333"]
-plivo = ["+15550004444"]
-
+{OUTBOUND_NUMBERS}
 [outbound.policy]
 allowed_prefixes = ["+1", "+44"]
 calls_per_minute_per_key = 5
@@ -119,11 +116,6 @@ temperature = 0.3
 
 
 @pytest.fixture(scope="session")
-def telnyx_signer() -> TelnyxSigner:
-    return TelnyxSigner.generate()
-
-
-@pytest.fixture(scope="session")
 def _fake_ultravox_server():
     fake = FakeUltravox()
     with fake.serve() as server:
@@ -141,11 +133,10 @@ def fake_ultravox(_fake_ultravox_server) -> FakeUltravox:
 
 @dataclass
 class Gateway:
-    """A running gateway plus a way to send it webhooks signed the way each carrier signs them."""
+    """A running gateway plus a way to send it webhooks the way each carrier sends and signs them."""
 
     server: ServerThread
     settings: Settings
-    telnyx_signer: TelnyxSigner
     client: httpx.Client = field(default=None)
 
     def __post_init__(self):
@@ -167,36 +158,33 @@ class Gateway:
         sign: bool = True,
         body: bytes | None = None,
     ) -> httpx.Response:
+        """Deliver `form` to `path` (default: the carrier's inbound webhook) as the carrier would:
+        its method and encoding, signed over `public_url` unless `sign` is false; `headers` win."""
         path = path or f"/{carrier}/inbound"
         target = path + (f"?{query}" if query else "")
-        raw = body if body is not None else urlencode(form).encode()
-        signed_url = (public_url or self.settings.public_url) + target
-        all_headers = {"content-type": "application/x-www-form-urlencoded"}
-        if sign:
-            all_headers.update(sign_headers(carrier, signed_url, form, raw, self.telnyx_signer))
-        all_headers.update(headers or {})
-        return self.client.post(target, content=raw, headers=all_headers)
+        request = double(carrier).inbound_request(
+            public_url or self.settings.public_url, target, form, body=body, signed=sign
+        )
+        url = target.partition("?")[0] + (f"?{request.query}" if request.query else "")
+        all_headers = {**request.headers, **(headers or {})}
+        return self.client.request(request.method, url, content=request.body, headers=all_headers)
 
     def close(self):
         self.client.close()
         self.server.stop()
 
 
-def sign_headers(carrier: str, url: str, form: dict[str, str], raw: bytes, signer: TelnyxSigner) -> dict[str, str]:
-    if carrier == "twilio":
-        return {"X-Twilio-Signature": twilio_signature(TWILIO_TOKEN, url, form)}
-    if carrier == "telnyx":
-        return signer.headers(raw)
-    if carrier == "plivo":
-        return plivo_v3_headers(PLIVO_TOKEN, url, form)
-    raise ValueError(carrier)
+def sign_headers(carrier: str, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
+    """The signature headers `carrier` sends with `form` (`raw`: its body) to `url`."""
+    return double(carrier).sign(url, form, raw)
 
 
 def gateway_environ(
-    fake: FakeUltravox, signer: TelnyxSigner, database_url: str, carriers: dict | None = None, **extra: str
+    fake: FakeUltravox, database_url: str, carriers: dict[str, FakeCarrier] | None = None, **extra: str
 ) -> dict[str, str]:
+    """The gateway's environment: each carrier's test credentials, its REST API at its fake in `carriers`."""
     carriers = carriers or {}
-    return {
+    environ = {
         "GATEWAY_PUBLIC_URL": PUBLIC_URL,
         "GATEWAY_DATABASE_URL": database_url,
         "GATEWAY_API_KEYS": f"{API_KEY},{OTHER_API_KEY}",
@@ -204,26 +192,16 @@ def gateway_environ(
         "ULTRAVOX_BASE_URL": fake.base_url,
         "ULTRAVOX_WEBHOOK_SECRET": WEBHOOK_SECRET,
         "GATEWAY_TOOL_SECRET": TOOL_SECRET,
-        "TWILIO_ACCOUNT_SID": TWILIO_ACCOUNT,
-        "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
-        "TWILIO_API_BASE_URL": getattr(carriers.get("twilio"), "base_url", None) or "http://127.0.0.1:9",
-        "TELNYX_API_KEY": TELNYX_API_KEY,
-        "TELNYX_PUBLIC_KEY": signer.public_key_b64,
-        "TELNYX_API_BASE_URL": getattr(carriers.get("telnyx"), "base_url", None) or "http://127.0.0.1:9",
-        "PLIVO_AUTH_ID": PLIVO_AUTH_ID,
-        "PLIVO_AUTH_TOKEN": PLIVO_TOKEN,
-        "PLIVO_API_BASE_URL": getattr(carriers.get("plivo"), "base_url", None) or "http://127.0.0.1:9",
-        **extra,
     }
+    for name in CARRIERS:
+        api_base_url = getattr(carriers.get(name), "base_url", None) or UNREACHABLE
+        environ.update(double(name).environ(api_base_url))
+    return {**environ, **extra}
 
 
 @pytest.fixture(scope="session")
-def _fake_carrier_servers(telnyx_signer):
-    fakes = {
-        "twilio": FakeTwilio(TWILIO_ACCOUNT, TWILIO_TOKEN),
-        "telnyx": FakeTelnyx(TELNYX_API_KEY, telnyx_signer, TELNYX_ACCOUNT),
-        "plivo": FakePlivo(PLIVO_AUTH_ID, PLIVO_TOKEN),
-    }
+def _fake_carrier_servers():
+    fakes = {name: double(name).fake_api() for name in CARRIERS}
     servers = [fake.serve() for fake in fakes.values()]
     yield fakes
     for fake, server in zip(fakes.values(), servers):
@@ -232,8 +210,8 @@ def _fake_carrier_servers(telnyx_signer):
 
 
 @pytest.fixture
-def fake_carriers(_fake_carrier_servers) -> dict:
-    """Fake Twilio, Telnyx and Plivo REST APIs that call the gateway back as the carriers do."""
+def fake_carriers(_fake_carrier_servers) -> dict[str, FakeCarrier]:
+    """Each carrier's fake REST API, by name, calling the gateway back as the carrier does."""
     for fake in _fake_carrier_servers.values():
         fake.reset()
         fake.public_url = PUBLIC_URL
@@ -241,17 +219,17 @@ def fake_carriers(_fake_carrier_servers) -> dict:
 
 
 @pytest.fixture
-def make_gateway(tmp_path: Path, fake_ultravox: FakeUltravox, telnyx_signer: TelnyxSigner, _fake_carrier_servers):
+def make_gateway(tmp_path: Path, fake_ultravox: FakeUltravox, _fake_carrier_servers):
     started: list[Gateway] = []
 
     def make(extra_config: str = "", *, database_url: str | None = None, config: str | None = None, **environ: str):
         config_path = tmp_path / f"gateway-{uuid.uuid4().hex[:8]}.toml"
         config_path.write_text((BASE_CONFIG if config is None else config) + extra_config)
         database_url = database_url or f"sqlite:///{tmp_path / 'gateway.db'}"
-        environ = gateway_environ(fake_ultravox, telnyx_signer, database_url, _fake_carrier_servers, **environ)
+        environ = gateway_environ(fake_ultravox, database_url, _fake_carrier_servers, **environ)
         settings = load_settings(config_path, environ)
         server = ServerThread(create_app(settings)).start()
-        gateway = Gateway(server=server, settings=settings, telnyx_signer=telnyx_signer)
+        gateway = Gateway(server=server, settings=settings)
         for fake in _fake_carrier_servers.values():
             fake.deliver_to = server.url  # the carriers call back the gateway started last
         started.append(gateway)

@@ -7,28 +7,25 @@ import json
 import statistics
 import time
 import wave
-import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
 import websockets
 
 from gateway.security import media_token
-from gateway.testing import (
-    CarrierStream,
-    plivo_inbound_form,
-    telnyx_inbound_form,
-    twilio_inbound_form,
-    twilio_stream_headers,
+from gateway.testing import CarrierStream, double, twilio_stream_headers
+
+from .conftest import (
+    AGENT_ID,
+    API_KEY,
+    CARRIER_NAMES,
+    REST_HANGUP_CARRIERS,
+    TRANSFER_CARRIERS,
+    ULTRAVOX_DIAL_CARRIERS,
 )
 
-from .conftest import AGENT_ID, API_KEY, TWILIO_TOKEN
-
 BRIDGED_NUMBER = "+15550005555"
-CARRIERS = ["twilio", "telnyx", "plivo"]
-FORMS = {"twilio": twilio_inbound_form, "telnyx": telnyx_inbound_form, "plivo": plivo_inbound_form}
-CALL_ID = {"twilio": "CallSid", "telnyx": "CallSid", "plivo": "CallUUID"}
-RATE = {"twilio": 8000, "telnyx": 16000, "plivo": 16000}
+TWILIO_TOKEN = double("twilio").auth_token
 
 
 def speech(rate: int, seconds: float = 1.0) -> bytes:
@@ -52,27 +49,35 @@ def snr_db(sent: bytes, got: bytes) -> float:
 class BridgedCall:
     def __init__(self, gateway, fake_ultravox, carrier):
         self.gateway, self.ultravox, self.carrier = gateway, fake_ultravox, carrier
-        self.form = FORMS[carrier](to=BRIDGED_NUMBER)
-        self.carrier_call_id = self.form[CALL_ID[carrier]]
+        self.double = double(carrier)
+        self.form = self.double.inbound_form(to=BRIDGED_NUMBER)
+        self.carrier_call_id = self.form[self.double.call_id_param]
         response = gateway.post(carrier, self.form)
         assert response.status_code == 200, response.text
-        root = ET.fromstring(response.text)
-        stream = root.find("Stream") if carrier == "plivo" else root.find("Connect/Stream")
-        self.public_stream_url = stream.text if carrier == "plivo" else stream.get("url")
+        self.public_stream_url, _ = self.double.connected_url(response.text)
         self.ultravox_request = fake_ultravox.requests[-1]
+
+    @property
+    def rate(self) -> int:
+        return self.double.stream_rate
 
     @property
     def local_url(self) -> str:
         """Where the carrier would connect, reached on loopback (the signature stays on the public URL)."""
-        return self.public_stream_url.replace("wss://gateway.example.test", self.gateway.server.url.replace("http", "ws"))
+        return local(self.gateway, self.public_stream_url)
 
     def stream(self, url: str | None = None, *, signed: bool = True) -> CarrierStream:
-        headers = twilio_stream_headers(TWILIO_TOKEN, self.public_stream_url) if signed and self.carrier == "twilio" else None
+        headers = self.double.stream_headers(self.public_stream_url) if signed else None
         return CarrierStream(self.carrier, url or self.local_url, headers=headers)
 
     def record(self):
         (record,) = [r for r in self.gateway.records() if r.carrier_call_id == self.carrier_call_id]
         return record
+
+
+def local(gateway, public_stream_url: str) -> str:
+    """A public stream URL as reached on loopback."""
+    return public_stream_url.replace("wss://gateway.example.test", gateway.server.url.replace("http", "ws"))
 
 
 @pytest.fixture
@@ -98,13 +103,13 @@ def wait_until(predicate, timeout=5.0):
     return False
 
 
-@pytest.mark.parametrize("carrier", CARRIERS)
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
 def test_audio_round_trips_through_each_carrier_protocol(bridged, carrier):
     call = bridged(carrier)
     medium = call.ultravox_request.body["medium"]["serverWebSocket"]
-    assert medium == {"inputSampleRate": RATE[carrier], "outputSampleRate": RATE[carrier], "clientBufferSizeMs": 30000}
+    assert medium == {"inputSampleRate": call.rate, "outputSampleRate": call.rate, "clientBufferSizeMs": 30000}
     assert call.public_stream_url.startswith(f"wss://gateway.example.test/media/{carrier}?")
-    sent = speech(RATE[carrier], 1.0)
+    sent = speech(call.rate, 1.0)
 
     async def scenario():
         async with call.stream() as stream:
@@ -117,16 +122,16 @@ def test_audio_round_trips_through_each_carrier_protocol(bridged, carrier):
     got, errors = asyncio.run(scenario())
     assert errors == []
     session = call.ultravox.sessions[call.ultravox.created_calls[-1]["callId"]]
-    # What Ultravox heard is the caller's audio as s16le at the carrier's rate…
-    assert snr_db(sent, bytes(session.audio_in)) > (30 if carrier == "twilio" else 90)
+    # What Ultravox heard is the caller's audio as s16le at the carrier's rate (bit-exact over linear PCM)…
+    assert snr_db(sent, bytes(session.audio_in)) > (90 if call.double.stream_lossless else 30)
     # …and what the caller heard back (Ultravox echoing) survived the trip both ways.
-    assert snr_db(sent, got) > (28 if carrier == "twilio" else 90)
+    assert snr_db(sent, got) > (90 if call.double.stream_lossless else 28)
     assert wait_until(lambda: call.record().media_stats is not None)
     stats = json.loads(call.record().media_stats)
     assert stats["frames_in"] == 50 and stats["frames_out"] >= 45 and stats["malformed"] == 0
 
 
-@pytest.mark.parametrize("carrier", CARRIERS)
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
 def test_barge_in_clear_reaches_the_carrier_within_a_frame(bridged, carrier):
     call = bridged(carrier)
     call.ultravox.media_mode = "silent"
@@ -138,7 +143,7 @@ def test_barge_in_clear_reaches_the_carrier_within_a_frame(bridged, carrier):
             delays = []
             for _ in range(5):
                 # A burst of agent audio, and the caller talks over it at once.
-                await asyncio.to_thread(session.send_audio, speech(RATE[carrier], 0.2))
+                await asyncio.to_thread(session.send_audio, speech(call.rate, 0.2))
                 sent_at = time.monotonic()
                 await asyncio.to_thread(session.send_json, {"type": "playback_clear_buffer"})
                 clears = await stream.wait_for("clear", count=len(delays) + 1)
@@ -156,7 +161,7 @@ def wait_and_get_stats(call):
     return call.record().media_stats
 
 
-@pytest.mark.parametrize("carrier", CARRIERS)
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
 def test_keypad_digits_reach_the_agent_and_bad_frames_are_skipped(bridged, carrier):
     call = bridged(carrier)
 
@@ -169,7 +174,7 @@ def test_keypad_digits_reach_the_agent_and_bad_frames_are_skipped(bridged, carri
             await stream.send_raw(b"\x00\x01binary")
             await stream.send_raw(json.dumps(["no", "event"]))
             await stream.send_dtmf("5")
-            await stream.play(speech(RATE[carrier], 0.2))
+            await stream.play(speech(call.rate, 0.2))
             messages = await asyncio.to_thread(session.wait_for_message, "user_text_message")
             await asyncio.sleep(0.1)
             frames = session.frames_in
@@ -183,7 +188,7 @@ def test_keypad_digits_reach_the_agent_and_bad_frames_are_skipped(bridged, carri
     assert stats["malformed"] == 4 and stats["dtmf"] == 1
 
 
-@pytest.mark.parametrize("carrier", CARRIERS)
+@pytest.mark.parametrize("carrier", REST_HANGUP_CARRIERS)
 def test_agent_hanging_up_closes_the_carrier_socket_and_hangs_up_the_call(bridged, fake_carriers, carrier):
     call = bridged(carrier)
     fake_carriers[carrier].live_calls.add(call.carrier_call_id)
@@ -201,14 +206,15 @@ def test_agent_hanging_up_closes_the_carrier_socket_and_hangs_up_the_call(bridge
     ))
 
 
-def test_caller_hanging_up_closes_the_ultravox_socket(bridged):
-    call = bridged("telnyx")
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+def test_caller_hanging_up_closes_the_ultravox_socket(bridged, carrier):
+    call = bridged(carrier)
 
     async def scenario():
         async with call.stream() as stream:
             await stream.start(call_id=call.carrier_call_id)
             session = await asyncio.to_thread(call.ultravox.wait_for_session)
-            await stream.play(speech(16000, 0.1))
+            await stream.play(speech(call.rate, 0.1))
             return session
 
     session = asyncio.run(scenario())  # leaving the block closes the carrier's socket
@@ -260,19 +266,19 @@ def test_twilio_media_socket_needs_twilios_signature(bridged):
 def test_recording_has_the_caller_left_and_the_agent_right(bridged):
     call = bridged("twilio")
     call.ultravox.media_mode = "silent"
-    call.ultravox.greeting = speech(8000, 0.5)
+    call.ultravox.greeting = speech(call.rate, 0.5)
 
     async def scenario():
         async with call.stream() as stream:
             await stream.start(call_id=call.carrier_call_id)
             await asyncio.sleep(0.7)  # the agent's greeting, while the caller is silent
-            await stream.play(speech(8000, 0.5))
+            await stream.play(speech(call.rate, 0.5))
             await stream.stop()
 
     asyncio.run(scenario())
     assert wait_until(lambda: call.record().recording_path is not None)
     with wave.open(call.record().recording_path) as recording:
-        assert (recording.getnchannels(), recording.getframerate(), recording.getsampwidth()) == (2, 8000, 2)
+        assert (recording.getnchannels(), recording.getframerate(), recording.getsampwidth()) == (2, call.rate, 2)
         audio = np.frombuffer(recording.readframes(recording.getnframes()), dtype="<i2").reshape(-1, 2)
     caller, agent = audio[:, 0].astype(float), audio[:, 1].astype(float)
     # The agent speaks first, then the caller: their energy sits in different halves of the call.
@@ -289,7 +295,7 @@ def test_media_counters_in_metrics(bridged):
     async def scenario():
         async with call.stream() as stream:
             await stream.start(call_id=call.carrier_call_id)
-            await stream.play(speech(16000, 0.2))
+            await stream.play(speech(call.rate, 0.2))
             await asyncio.sleep(0.2)
             await stream.stop()
 
@@ -309,7 +315,7 @@ def test_gateway_simulate_plays_a_wav_and_records_the_agent(bridged, tmp_path, m
 
     call = bridged(carrier)  # a first call proves the route; the CLI places its own
     gateway = call.gateway
-    rate = RATE[carrier]
+    rate = call.rate
     source = tmp_path / "caller.wav"
     with wave.open(str(source), "wb") as out:  # a 44.1 kHz stereo file: the CLI converts it
         out.setnchannels(2)
@@ -317,11 +323,11 @@ def test_gateway_simulate_plays_a_wav_and_records_the_agent(bridged, tmp_path, m
         out.setframerate(44100)
         mono = np.frombuffer(speech(44100, 1.0), dtype="<i2")
         out.writeframes(np.stack([mono, mono], axis=1).astype("<i2").tobytes())
-    for name in ("GATEWAY_PUBLIC_URL", "TWILIO_AUTH_TOKEN", "TELNYX_PUBLIC_KEY", "ULTRAVOX_API_KEY"):
-        value = {"GATEWAY_PUBLIC_URL": gateway.settings.public_url, "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
-                 "TELNYX_PUBLIC_KEY": gateway.settings.telnyx.public_key, "ULTRAVOX_API_KEY": "x"}[name]
+    environ = {"GATEWAY_PUBLIC_URL": gateway.settings.public_url, "ULTRAVOX_API_KEY": "x",
+               **call.double.environ("http://127.0.0.1:9")}
+    for name, value in environ.items():
         monkeypatch.setenv(name, value)
-    private = base64.b64encode(gateway.telnyx_signer.private_key.private_bytes(
+    private = base64.b64encode(double("telnyx").signer.private_key.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())).decode()
     output = tmp_path / "agent.wav"
     code = cli_main([
@@ -337,22 +343,24 @@ def test_gateway_simulate_plays_a_wav_and_records_the_agent(bridged, tmp_path, m
     assert np.abs(np.frombuffer(heard, dtype="<i2")).mean() > 1000
 
 
-def test_a_failed_transfer_in_bridge_mode_reconnects_the_stream_to_the_agent(bridged, fake_carriers):
+@pytest.mark.parametrize("carrier", TRANSFER_CARRIERS)
+def test_a_failed_transfer_in_bridge_mode_reconnects_the_stream_to_the_agent(bridged, fake_carriers, carrier):
     from .conftest import TOOL_SECRET
 
-    call = bridged("twilio")
-    twilio = fake_carriers["twilio"]
-    twilio.live_calls.add(call.carrier_call_id)
+    call = bridged(carrier)
+    fake, carrier_double = fake_carriers[carrier], call.double
+    fake.live_calls.add(call.carrier_call_id)
     ultravox_call_id = call.ultravox.created_calls[-1]["callId"]
     reply = call.gateway.client.post("/tools/transfer", headers={"X-Gateway-Tool-Secret": TOOL_SECRET},
                                      json={"callId": ultravox_call_id, "operator": "sales", "reason": "pricing"})
     assert "Transferring" in reply.text
-    assert wait_until(lambda: twilio.updates)
-    form = twilio.form_for(call.carrier_call_id)
-    action = ET.fromstring(twilio.callback(twilio.updates[-1].params["Url"], form).text).find("Dial").get("action")
-    action = ET.fromstring(twilio.callback(action, {**form, "DialCallStatus": "no-answer"}).text).find("Dial").get("action")
-    back = ET.fromstring(twilio.callback(action, {**form, "DialCallStatus": "no-answer"}).text)
-    assert back.find("Connect/Stream").get("url").startswith("wss://gateway.example.test/media/twilio?")
+    assert wait_until(lambda: fake.updates)
+    form = fake.form_for(call.carrier_call_id)
+    no_answer = {**form, carrier_double.dial_status_param: "no-answer"}
+    action = carrier_double.dialled(fake.callback(carrier_double.redirect_url(fake.updates[-1]), form).text).action
+    action = carrier_double.dialled(fake.callback(action, no_answer).text).action
+    back, _ = carrier_double.connected_url(fake.callback(action, no_answer).text)
+    assert back.startswith(f"wss://gateway.example.test/media/{carrier}?")
     returned = call.ultravox.requests[-1]
     assert returned.query["priorCallId"] == ultravox_call_id
     assert "serverWebSocket" in returned.body["medium"]
@@ -402,13 +410,14 @@ def test_frames_of_the_wrong_shape_are_skipped_too(bridged):
     assert json.loads(wait_and_get_stats(call))["malformed"] == 3
 
 
-def test_the_call_is_completed_when_the_bridged_stream_ends(bridged):
-    call = bridged("plivo")
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+def test_the_call_is_completed_when_the_bridged_stream_ends(bridged, carrier):
+    call = bridged(carrier)
 
     async def scenario():
         async with call.stream() as stream:
             await stream.start(call_id=call.carrier_call_id)
-            await stream.play(speech(16000, 0.1))
+            await stream.play(speech(call.rate, 0.1))
             await stream.stop()
 
     asyncio.run(scenario())
@@ -430,49 +439,55 @@ def test_a_stream_that_never_starts_or_streams_another_format_fails_the_call(bri
     assert call.ultravox.sessions == {}  # nothing reached Ultravox
 
 
-def test_the_agents_goodbye_plays_before_the_call_is_hung_up(bridged):
-    call = bridged("twilio")
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+def test_the_agents_goodbye_plays_before_the_call_is_hung_up(bridged, carrier):
+    call = bridged(carrier)
     call.ultravox.media_mode = "silent"
 
     async def scenario():
         async with call.stream() as stream:
             await stream.start(call_id=call.carrier_call_id)
             session = await asyncio.to_thread(call.ultravox.wait_for_session)
-            await asyncio.to_thread(session.send_audio, speech(8000, 0.5))
+            await asyncio.to_thread(session.send_audio, speech(call.rate, 0.5))
             await asyncio.to_thread(session.hang_up)
             await stream.wait_closed(timeout=5)
-            marks = stream.of_kind("mark")
+            marks = [stream.dialect.mark_name(mark.data) for mark in stream.of_kind("mark")]
             closed_at = time.monotonic()
             return marks, closed_at - stream.of_kind("audio")[0].at
 
     marks, open_for = asyncio.run(scenario())
-    assert marks and marks[0].data["mark"]["name"] == "gateway-goodbye"
+    assert marks and marks[0] == "gateway-goodbye"
     assert open_for >= 0.45  # the half second of goodbye had time to play
 
 
-def test_an_outbound_call_on_a_bridged_route_is_bridged_too(bridged, fake_carriers):
-    call = bridged("plivo")  # the route exists; this test places its own call on it
-    gateway, fake = call.gateway, fake_carriers["plivo"]
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+def test_an_outbound_call_on_a_bridged_route_is_bridged_too(bridged, fake_carriers, carrier):
+    call = bridged(carrier)  # the route exists; this test places its own call on it
+    gateway, fake, carrier_double = call.gateway, fake_carriers[carrier], call.double
     response = gateway.client.post("/v1/calls", headers={"Authorization": f"Bearer {API_KEY}"},
-                                   json={"to": "+15557654321", "route": "bridged", "carrier": "plivo"})
+                                   json={"to": "+15557654321", "route": "bridged", "carrier": carrier})
     assert response.status_code == 201, response.text
     (placed,) = fake.calls
-    root = ET.fromstring(fake.answer(placed).text)
-    stream_url = root.find("Stream").text
-    assert stream_url.startswith("wss://gateway.example.test/media/plivo?")
+    stream_url = carrier_double.pick_up(fake, placed).stream_url
+    assert stream_url.startswith(f"wss://gateway.example.test/media/{carrier}?")
     assert "serverWebSocket" in call.ultravox.requests[-1].body["medium"]
-    local = stream_url.replace("wss://gateway.example.test", gateway.server.url.replace("http", "ws"))
 
     async def scenario():
-        async with CarrierStream("plivo", local) as stream:
-            await stream.start(call_id=placed.call_uuid)
-            await stream.play(speech(16000, 0.2))
+        headers = carrier_double.stream_headers(stream_url)
+        async with CarrierStream(carrier, local(gateway, stream_url), headers=headers) as stream:
+            await stream.start(call_id=fake.live_id(placed))
+            await stream.play(speech(call.rate, 0.2))
             await asyncio.sleep(0.2)
             return stream.agent_audio()
 
     assert len(asyncio.run(scenario())) > 0  # the callee heard the (echoing) agent through the gateway
-    refused = gateway.client.post("/v1/calls", headers={"Authorization": f"Bearer {API_KEY}"},
-                                  json={"to": "+15557654321", "route": "bridged", "carrier": "plivo", "via": "ultravox"})
+
+
+@pytest.mark.parametrize("carrier", ULTRAVOX_DIAL_CARRIERS)
+def test_ultravox_cannot_dial_a_bridged_route(bridged, carrier):
+    call = bridged(carrier)
+    refused = call.gateway.client.post("/v1/calls", headers={"Authorization": f"Bearer {API_KEY}"},
+                                       json={"to": "+15557654321", "route": "bridged", "carrier": carrier, "via": "ultravox"})
     assert refused.status_code == 422 and "bridge mode" in refused.text
 
 

@@ -16,7 +16,9 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from twilio.request_validator import RequestValidator
 
+from gateway.carriers import CARRIERS
 from gateway.testing import (
+    CarrierDouble,
     FakeCarrier,
     FakePlivo,
     FakeResponse,
@@ -24,6 +26,7 @@ from gateway.testing import (
     FakeTwilio,
     ServerThread,
     TelnyxSigner,
+    double,
 )
 
 PUBLIC = "https://gateway.example.test"
@@ -699,3 +702,47 @@ def test_plivo_form_for_and_callback(plivo, echo):
         headers["x-plivo-signature-v3"],
         received["form"],
     )
+
+
+# -- the doubles --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CARRIERS))
+def test_every_registered_carrier_has_a_double_that_agrees_with_it(name):
+    import importlib
+
+    carrier, carrier_double = CARRIERS[name], double(name)
+    assert isinstance(carrier_double, CarrierDouble) and carrier_double.name == name
+    assert carrier_double.call_id_param == carrier.call_id_param
+    assert carrier_double.stream_rate == carrier.media_rate
+    assert carrier_double.own_number.startswith("+") and carrier_double.own_number[1:].isdigit()
+    environ = carrier_double.environ("http://127.0.0.1:9")
+    assert set(environ) <= set(carrier.environment) and "http://127.0.0.1:9" in environ.values()
+    fake = carrier_double.fake_api()
+    assert isinstance(fake, importlib.import_module(f"gateway.testing.{name}").FAKE_API)
+    if carrier.can_transfer:
+        assert carrier_double.dial_status_param
+    form = carrier_double.inbound_form(to="+15550001111")
+    assert form[carrier_double.call_id_param]
+
+
+def test_double_refuses_unknown_carriers():
+    for name in ("vonage", "carrier", "../x", ""):
+        with pytest.raises(ValueError):
+            double(name)
+
+
+def test_a_get_carrier_sends_its_form_in_the_signed_query():
+    class QueryCarrier(type(double("twilio"))):
+        webhook_method = "GET"
+
+        def sign(self, url, form, raw):
+            return {"x-signed-url": url, "x-raw": raw.decode()}
+
+    form = {"CallSid": "CA1", "To": "+15550001111"}
+    request = QueryCarrier().inbound_request(PUBLIC, "/exo/inbound?tenant=acme", form)
+    assert (request.method, request.body) == ("GET", b"")
+    assert request.query == "tenant=acme&CallSid=CA1&To=%2B15550001111"
+    assert request.headers == {"x-signed-url": f"{PUBLIC}/exo/inbound?{request.query}", "x-raw": ""}
+    unsigned = QueryCarrier().inbound_request(PUBLIC, "/exo/inbound", form, signed=False)
+    assert unsigned.headers == {} and unsigned.query == "CallSid=CA1&To=%2B15550001111"

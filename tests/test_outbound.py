@@ -8,19 +8,28 @@ import json
 import threading
 import time
 import uuid
-import xml.etree.ElementTree as ET
-from urllib.parse import parse_qs, urlencode, urlparse
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 
+from gateway.carriers import CARRIERS
 from gateway.cli import main as cli_main
 from gateway.security import sign_ultravox_webhook
-from gateway.testing import FakeResponse, validate_ultravox_request
+from gateway.testing import Declined, FakeResponse, double, validate_ultravox_request
 
-from .conftest import AGENT_ID, API_KEY, OTHER_API_KEY, PUBLIC_URL, SUPPORT_NUMBER, WEBHOOK_SECRET, sign_headers
+from .conftest import (
+    AGENT_ID,
+    ANSWER_WEBHOOK_CARRIERS,
+    API_KEY,
+    CARRIER_NAMES,
+    FORM_SIGNING_CARRIERS,
+    OTHER_API_KEY,
+    PUBLIC_URL,
+    SUPPORT_NUMBER,
+    ULTRAVOX_DIAL_CARRIERS,
+    WEBHOOK_SECRET,
+)
 
-CARRIERS = ["twilio", "telnyx", "plivo"]
-OWN_NUMBER = {"twilio": "+15550001111", "telnyx": "+15550003333", "plivo": "+15550004444"}
 CALLEE = "+15557654321"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -40,13 +49,6 @@ def call_of(gateway, call_id):
     return response.json()
 
 
-def joined_url(carrier, xml):
-    root = ET.fromstring(xml)
-    stream = root.find("Stream") if carrier == "plivo" else root.find("Connect/Stream")
-    assert stream is not None, xml
-    return stream.text if carrier == "plivo" else stream.attrib["url"]
-
-
 def ultravox_event(gateway, event, call, *, secret=WEBHOOK_SECRET, timestamp=None):
     body = json.dumps({"event": event, "call": call}).encode()
     timestamp = timestamp or dt.datetime.now(dt.timezone.utc).isoformat()
@@ -61,25 +63,23 @@ def ultravox_event(gateway, event, call, *, secret=WEBHOOK_SECRET, timestamp=Non
 # --- via carrier: the gateway dials, Ultravox joins when the callee answers ---------------------------
 
 
-@pytest.mark.parametrize("carrier", CARRIERS)
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
 def test_carrier_mode_places_the_call_and_connects_the_agent_on_answer(gateway, fake_ultravox, fake_carriers, carrier):
+    carrier_double = double(carrier)
     response = dial(gateway, carrier=carrier, template_context={"customer": {"name": "Ada"}}, metadata={"crm": "42"})
     assert response.status_code == 201, response.text
     call = response.json()
     assert call["status"] == "queued" and call["direction"] == "outbound" and call["via"] == "carrier"
-    assert call["from"] == OWN_NUMBER[carrier] and call["to"] == CALLEE
+    assert call["from"] == carrier_double.own_number and call["to"] == CALLEE
     assert response.headers["location"] == f"/v1/calls/{call['id']}"
 
     fake = fake_carriers[carrier]
     (placed,) = fake.calls
-    assert placed.answer_url.startswith(f"{PUBLIC_URL}/{carrier}/outbound/answer?call={call['id']}&t=")
     assert placed.status_url.startswith(f"{PUBLIC_URL}/{carrier}/status?call={call['id']}&t=")
     assert placed.to.lstrip("+") == CALLEE.lstrip("+")
-    assert fake_ultravox.requests == []  # nothing is created while the phone rings
 
-    answer = fake.answer(placed)
-    assert answer.status_code == 200, answer.text
-    join_url = joined_url(carrier, answer.text)
+    picked_up = carrier_double.pick_up(fake, placed)
+    join_url = picked_up.stream_url
     (created,) = fake_ultravox.requests
     assert created.agent_id == AGENT_ID
     assert created.body["medium"] == {carrier: {}}
@@ -91,15 +91,28 @@ def test_carrier_mode_places_the_call_and_connects_the_agent_on_answer(gateway, 
     assert created.body["callbacks"]["ended"]["url"] == f"{PUBLIC_URL}/ultravox/events"
     tracked = call_of(gateway, call["id"])
     assert tracked["status"] == "in-progress" and tracked["answered_at"]
-    assert join_url and tracked["ultravox_call_id"]
+    assert join_url == fake_ultravox.created_calls[-1]["joinUrl"] and tracked["ultravox_call_id"]
 
-    assert fake.send_status(placed, "completed", **_duration(carrier, 42)).status_code in (200, 204)
+    completed = fake.send_status(placed, "completed", **carrier_double.status_fields("completed", 42))
+    assert completed.status_code in (200, 204)
     tracked = call_of(gateway, call["id"])
     assert tracked["status"] == "completed" and tracked["duration_seconds"] == 42 and tracked["ended_at"]
 
 
-def _duration(carrier, seconds):
-    return {"Duration": str(seconds)} if carrier == "plivo" else {"CallDuration": str(seconds)}
+@pytest.mark.parametrize("carrier", ANSWER_WEBHOOK_CARRIERS)
+def test_carrier_mode_creates_the_ultravox_call_only_when_the_callee_answers(gateway, fake_ultravox, fake_carriers, carrier):
+    call = dial(gateway, carrier=carrier).json()
+    fake = fake_carriers[carrier]
+    (placed,) = fake.calls
+    assert placed.answer_url.startswith(f"{PUBLIC_URL}/{carrier}/outbound/answer?call={call['id']}&t=")
+    assert fake_ultravox.requests == []  # nothing is created while the phone rings
+
+    picked_up = double(carrier).pick_up(fake, placed)
+    assert picked_up.answer.status_code == 200, picked_up.answer.text
+    assert picked_up.answer.headers["content-type"].split(";")[0] in double(carrier).answer_media_types
+    (created,) = fake_ultravox.requests
+    assert picked_up.stream_url == fake_ultravox.created_calls[-1]["joinUrl"]
+    assert created.body["metadata"]["gateway.call_id"] == call["id"]
 
 
 def test_carrier_mode_asks_for_machine_detection_and_hangs_up_on_a_machine(gateway, fake_ultravox, fake_carriers):
@@ -107,45 +120,51 @@ def test_carrier_mode_asks_for_machine_detection_and_hangs_up_on_a_machine(gatew
     (placed,) = fake_carriers["twilio"].calls
     assert placed.params["MachineDetection"] == "Enable"
     answer = fake_carriers["twilio"].answer(placed, AnsweredBy="machine_start")
-    assert [el.tag for el in ET.fromstring(answer.text)] == ["Hangup"]
+    assert double("twilio").verbs(answer.text) == ["hangup"]
     assert fake_ultravox.requests == []
     tracked = call_of(gateway, call["id"])
     assert tracked["status"] == "machine-detected" and tracked["answered_by"] == "machine"
 
 
-def test_a_repeated_answer_webhook_joins_the_same_ultravox_call(gateway, fake_ultravox, fake_carriers):
-    dial(gateway, carrier="plivo")
-    (placed,) = fake_carriers["plivo"].calls
+@pytest.mark.parametrize("carrier", ANSWER_WEBHOOK_CARRIERS)
+def test_a_repeated_answer_webhook_joins_the_same_ultravox_call(gateway, fake_ultravox, fake_carriers, carrier):
+    dial(gateway, carrier=carrier)
+    fake = fake_carriers[carrier]
+    (placed,) = fake.calls
     fake_ultravox.delay = 0.3
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        answers = list(pool.map(lambda _: fake_carriers["plivo"].answer(placed), range(3)))
-    assert len({joined_url("plivo", a.text) for a in answers}) == 1
+        answers = list(pool.map(lambda _: double(carrier).pick_up(fake, placed), range(3)))
+    assert len({answer.stream_url for answer in answers}) == 1
     assert fake_ultravox.calls_created == 1
 
 
-def test_ultravox_failure_at_answer_gives_the_callee_the_apology(gateway, fake_ultravox, fake_carriers):
-    call = dial(gateway, carrier="telnyx").json()
+@pytest.mark.parametrize("carrier", ANSWER_WEBHOOK_CARRIERS)
+def test_ultravox_failure_at_answer_gives_the_callee_the_apology(gateway, fake_ultravox, fake_carriers, carrier):
+    call = dial(gateway, carrier=carrier).json()
     fake_ultravox.script(FakeResponse(status=500))
-    (placed,) = fake_carriers["telnyx"].calls
-    root = ET.fromstring(fake_carriers["telnyx"].answer(placed).text)
-    assert root.findtext("Say") == "Sorry, our assistant is unavailable."
+    (placed,) = fake_carriers[carrier].calls
+    answer = double(carrier).pick_up(fake_carriers[carrier], placed).answer
+    assert answer.status_code == double(carrier).declined_status
+    assert double(carrier).declined(answer.text) == Declined("Sorry, our assistant is unavailable.", None)
     tracked = call_of(gateway, call["id"])
     assert tracked["status"] == "failed" and "500" in tracked["failure_reason"]
 
 
-def test_carrier_refusing_the_call_marks_it_failed(gateway, fake_ultravox, fake_carriers):
-    fake_carriers["twilio"].script(FakeResponse(status=400, body={"code": 21215, "message": "geo permissions"}))
-    response = dial(gateway, carrier="twilio")
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+def test_carrier_refusing_the_call_marks_it_failed(gateway, fake_ultravox, fake_carriers, carrier):
+    fake_carriers[carrier].script(FakeResponse(status=400))  # in the carrier's own error format
+    response = dial(gateway, carrier=carrier)
     assert response.status_code == 201
     assert response.json()["status"] == "failed" and "400" in response.json()["failure_reason"]
-    assert len(fake_carriers["twilio"].requests) == 1  # a refusal is final: never dial twice
+    assert len(fake_carriers[carrier].requests) == 1  # a refusal is final: never dial twice
 
 
-def test_carrier_rate_limit_is_retried_after_retry_after(gateway, fake_carriers):
-    fake_carriers["plivo"].script(FakeResponse(status=429, retry_after="0.2"))
-    response = dial(gateway, carrier="plivo")
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+def test_carrier_rate_limit_is_retried_after_retry_after(gateway, fake_carriers, carrier):
+    fake_carriers[carrier].script(FakeResponse(status=429, retry_after="0.2"))
+    response = dial(gateway, carrier=carrier)
     assert response.json()["status"] == "queued"
-    assert len(fake_carriers["plivo"].requests) == 2 and len(fake_carriers["plivo"].calls) == 1
+    assert len(fake_carriers[carrier].requests) == 2 and len(fake_carriers[carrier].calls) == 1
 
 
 def test_carrier_timing_out_after_the_request_is_not_retried(gateway, fake_carriers):
@@ -158,14 +177,14 @@ def test_carrier_timing_out_after_the_request_is_not_retried(gateway, fake_carri
 # --- via Ultravox: Ultravox dials with the credentials imported into the account ----------------------
 
 
-@pytest.mark.parametrize("carrier", CARRIERS)
+@pytest.mark.parametrize("carrier", ULTRAVOX_DIAL_CARRIERS)
 def test_ultravox_mode_creates_an_outgoing_call(gateway, fake_ultravox, fake_carriers, carrier):
     response = dial(gateway, carrier=carrier, via="ultravox", greeting="Hi, it's Example Co.")
     assert response.status_code == 201, response.text
     call = response.json()
     (created,) = fake_ultravox.requests
     outgoing = created.body["medium"][carrier]["outgoing"]
-    assert outgoing["to"] == CALLEE and outgoing["from"] == OWN_NUMBER[carrier]
+    assert outgoing["to"] == CALLEE and outgoing["from"] == double(carrier).own_number
     assert f"{PUBLIC_URL}/{carrier}/status?call={call['id']}&t=" in json.dumps(outgoing["additionalParams"])
     assert created.body["firstSpeakerSettings"]["user"]["fallback"]["text"] == "Hi, it's Example Co."
     assert not any(fake.calls for fake in fake_carriers.values())
@@ -181,8 +200,9 @@ def test_ultravox_mode_creates_an_outgoing_call(gateway, fake_ultravox, fake_car
     assert tracked["end_reason"] == "hangup" and tracked["duration_seconds"] == 90
 
 
-def test_unjoined_ultravox_call_is_failed(gateway, fake_ultravox):
-    call = dial(gateway, carrier="twilio", via="ultravox").json()
+@pytest.mark.parametrize("carrier", ULTRAVOX_DIAL_CARRIERS)
+def test_unjoined_ultravox_call_is_failed(gateway, fake_ultravox, carrier):
+    call = dial(gateway, carrier=carrier, via="ultravox").json()
     ultravox_event(gateway, "call.ended", {"callId": call["ultravox_call_id"], "endReason": "unjoined"})
     assert call_of(gateway, call["id"])["status"] == "failed"
 
@@ -198,7 +218,7 @@ def test_api_requires_a_known_key(gateway, fake_carriers):
     assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
     assert gateway.client.get("/v1/calls").status_code == 401
     assert gateway.client.get("/v1/calls/x").status_code == 401
-    assert not fake_carriers["twilio"].calls
+    assert not any(fake.calls for fake in fake_carriers.values())
 
 
 def test_concurrent_retries_with_one_idempotency_key_dial_once(gateway, fake_carriers):
@@ -207,13 +227,18 @@ def test_concurrent_retries_with_one_idempotency_key_dial_once(gateway, fake_car
     assert {r.status_code for r in responses} == {201}
     assert len({r.json()["id"] for r in responses}) == 1
     assert sum(r.headers.get("idempotent-replayed") == "true" for r in responses) == 5
-    assert len(fake_carriers["twilio"].calls) == 1
+    assert placed_calls(fake_carriers) == 1
 
     # The same key from another API key is another request; the same key with another body is an error.
     assert dial(gateway, key=OTHER_API_KEY, idempotency_key="order-1234").json()["id"] != responses[0].json()["id"]
     reused = dial(gateway, idempotency_key="order-1234", to="+15557650000")
     assert reused.status_code == 422 and "Idempotency-Key" in reused.text
-    assert len(fake_carriers["twilio"].calls) == 2
+    assert placed_calls(fake_carriers) == 2
+
+
+def placed_calls(fake_carriers) -> int:
+    """Calls placed on any carrier (a dial request that names none goes to the default carrier)."""
+    return sum(len(fake.calls) for fake in fake_carriers.values())
 
 
 @pytest.mark.parametrize(
@@ -247,7 +272,7 @@ def test_dialling_rate_is_limited_per_key(gateway, fake_carriers):
     limited = dial(gateway)
     assert limited.status_code == 429 and limited.headers["retry-after"] == "60"
     assert dial(gateway, key=OTHER_API_KEY).status_code == 201  # another key has its own budget
-    assert len(fake_carriers["twilio"].calls) == 6
+    assert placed_calls(fake_carriers) == 6
 
 
 def test_malformed_api_requests(gateway):
@@ -260,11 +285,17 @@ def test_malformed_api_requests(gateway):
     assert gateway.records() == []
 
 
-def test_carrier_without_rest_credentials_is_refused(make_gateway, fake_carriers):
-    gateway = make_gateway(TWILIO_ACCOUNT_SID="")  # an empty variable leaves the setting unset
-    assert gateway.settings.twilio.account_sid is None
-    response = dial(gateway, carrier="twilio")
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+def test_carrier_without_rest_credentials_is_refused(make_gateway, fake_carriers, carrier):
+    environ = double(carrier).environ(fake_carriers[carrier].base_url)
+    gateway = make_gateway(**dict.fromkeys(environ, ""))  # an empty variable leaves the setting unset
+    section = getattr(gateway.settings, carrier)
+    for variable, key in CARRIERS[carrier].environment.items():
+        if variable in environ:
+            assert getattr(section, key) not in ("", environ[variable]), variable
+    response = dial(gateway, carrier=carrier)
     assert response.status_code == 422 and "credentials" in response.text
+    assert not fake_carriers[carrier].requests
 
 
 # --- call tracking -----------------------------------------------------------------------------------
@@ -284,18 +315,19 @@ def test_status_callbacks_out_of_order_and_duplicated_never_go_backwards(gateway
     assert tracked["status"] == "busy" and tracked["carrier_call_id"] == placed.call_id
 
 
-@pytest.mark.parametrize("carrier", CARRIERS)
+@pytest.mark.parametrize("carrier", FORM_SIGNING_CARRIERS)
 def test_forged_callbacks_are_refused_and_change_nothing(gateway, fake_ultravox, fake_carriers, carrier):
+    carrier_double = double(carrier)
     call = dial(gateway, carrier=carrier).json()
-    form = {"CallSid": "CA1", "CallUUID": "u", "CallStatus": "completed", "From": CALLEE, "To": CALLEE}
+    created = len(fake_ultravox.requests)  # none, unless the carrier dials into the stream
+    form = carrier_double.inbound_form(to=CALLEE, from_=CALLEE, **carrier_double.status_fields("completed"))
     for path in (f"/{carrier}/status?call={call['id']}", f"/{carrier}/outbound/answer?call={call['id']}"):
-        headers = sign_headers(carrier, PUBLIC_URL + path, form, urlencode(form).encode(), gateway.telnyx_signer)
-        forged = dict(form, CallStatus="no-answer")  # signed one thing, sent another
-        response = gateway.client.post(path, content=urlencode(forged), headers={
-            **headers, "content-type": "application/x-www-form-urlencoded"})
-        assert response.status_code == 403
+        signed = carrier_double.inbound_request(PUBLIC_URL, path, form)
+        forged = dict(form, **carrier_double.status_fields("no-answer"))  # signed one thing, sent another
+        response = gateway.post(carrier, forged, path=path, sign=False, headers=signed.headers)
+        assert response.status_code == carrier_double.unauthenticated_status
     assert call_of(gateway, call["id"])["status"] == "queued"
-    assert fake_ultravox.requests == []
+    assert len(fake_ultravox.requests) == created
 
 
 def test_a_signed_callback_replayed_to_another_calls_url_is_refused(gateway, fake_ultravox, fake_carriers):
@@ -316,7 +348,7 @@ def test_status_answered_before_the_answer_webhook_still_connects_the_agent(gate
     (placed,) = fake_carriers["twilio"].calls
     fake_carriers["twilio"].send_status(placed, "in-progress")
     answer = fake_carriers["twilio"].answer(placed, AnsweredBy="human")
-    joined_url("twilio", answer.text)
+    double("twilio").connected_url(answer.text)
     assert call_of(gateway, call["id"])["status"] == "in-progress"
 
 
@@ -351,17 +383,17 @@ def test_forged_and_stale_ultravox_events_are_refused(gateway, fake_ultravox):
     assert call_of(gateway, call["id"])["status"] == "completed"
 
 
-def test_inbound_calls_are_tracked_too(gateway, fake_ultravox):
-    from gateway.testing import twilio_inbound_form
-
-    form = twilio_inbound_form(to=SUPPORT_NUMBER)
-    gateway.post("twilio", form)
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+def test_inbound_calls_are_tracked_too(gateway, fake_ultravox, carrier):
+    carrier_double = double(carrier)
+    form = carrier_double.inbound_form(to=SUPPORT_NUMBER)
+    gateway.post(carrier, form)
     (inbound,) = gateway.client.get("/v1/calls?direction=inbound", headers=AUTH).json()["calls"]
-    assert inbound["status"] == "in-progress" and inbound["carrier_call_id"] == form["CallSid"]
+    assert inbound["status"] == "in-progress" and inbound["carrier_call_id"] == form[carrier_double.call_id_param]
     assert fake_ultravox.requests[0].body["callbacks"]["ended"]["url"] == f"{PUBLIC_URL}/ultravox/events"
-    # A status callback configured on the number, without ?call=, finds the call by CallSid.
-    status = dict(form, CallStatus="completed", CallDuration="61")
-    gateway.post("twilio", status, path="/twilio/status")
+    # A status callback configured on the number, without ?call=, finds the call by its carrier call id.
+    status = dict(form, **carrier_double.status_fields("completed", 61))
+    gateway.post(carrier, status, path=f"/{carrier}/status")
     tracked = call_of(gateway, inbound["id"])
     assert tracked["status"] == "completed" and tracked["duration_seconds"] == 61
 
@@ -390,8 +422,9 @@ def test_openapi_document_describes_the_api(gateway):
     assert "from" in document["components"]["schemas"]["Call"]["properties"]
 
 
-def test_requests_to_ultravox_validate_against_its_schema(gateway, fake_ultravox, fake_carriers):
-    dial(gateway, carrier="telnyx", via="ultravox", call={"systemPrompt": "Call to confirm.", "voice": "Mark"},
+@pytest.mark.parametrize("carrier", ULTRAVOX_DIAL_CARRIERS)
+def test_requests_to_ultravox_validate_against_its_schema(gateway, fake_ultravox, fake_carriers, carrier):
+    dial(gateway, carrier=carrier, via="ultravox", call={"systemPrompt": "Call to confirm.", "voice": "Mark"},
          route=None, max_duration=300)
     (created,) = fake_ultravox.requests
     assert created.path == "/api/calls"

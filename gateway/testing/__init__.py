@@ -12,13 +12,23 @@ run the real app against local fakes without any network access::
 * `gateway.testing.server`: `ServerThread`, any ASGI app served on loopback from a thread.
 * `gateway.testing.ultravox`: `FakeUltravox`, a fake Ultravox REST API that validates every
   request against Ultravox's OpenAPI schema, and its ``serverWebSocket`` medium.
-* `gateway.testing.carrier`: `FakeCarrier`, what the fake carrier REST APIs share.
+* `gateway.testing.carrier`: `FakeCarrier`, what the fake carrier REST APIs share, and
+  `CarrierDouble`, everything a test needs to play one carrier; ``double(name)`` finds it.
 * `gateway.testing.stream`: `CarrierStream`, a carrier's side of a media stream.
 * `gateway.testing.twilio`, `gateway.testing.telnyx`, `gateway.testing.plivo`: one module
-  per carrier with its fake REST API, webhook signer, inbound webhook form and media-stream
-  dialect. Each defines ``FAKE_API`` (its `FakeCarrier` subclass) and ``STREAM_DIALECT``
-  (its `StreamDialect`), which `CarrierStream` finds by the carrier's name: a new carrier
-  is a new module, with no table to edit.
+  per carrier with its fake REST API, webhook signer, inbound webhook form, media-stream
+  dialect and double. Each defines ``FAKE_API`` (its `FakeCarrier` subclass),
+  ``STREAM_DIALECT`` (its `StreamDialect`, which `CarrierStream` finds by the carrier's name)
+  and ``DOUBLE`` (its `CarrierDouble`, which `double` finds by the carrier's name): a new
+  carrier is a new module, with no table to edit.
+
+A test written against `double` covers every carrier in ``gateway.carriers.CARRIERS``::
+
+    d = double(carrier)
+    form = d.inbound_form(to="+15550001111")
+    method, headers, body, query = d.inbound_request(public_url, f"/{carrier}/inbound", form)
+    ...
+    join_url, attributes = d.connected_url(response.text)
 
 Every public name is re-exported here, so ``from gateway.testing import FakeTwilio`` works.
 
@@ -29,12 +39,25 @@ never requires them.
 
 from __future__ import annotations
 
-from .carrier import CallUpdate, CarrierRequest, FakeCarrier, PlacedCarrierCall
-from .plivo import FakePlivo, plivo_inbound_form, plivo_v3_headers
+from .carrier import (
+    CallUpdate,
+    CarrierDouble,
+    CarrierRequest,
+    Conference,
+    Declined,
+    Dialled,
+    FakeCarrier,
+    PickUp,
+    PlacedCarrierCall,
+    WebhookRequest,
+    XmlDouble,
+    double,
+)
+from .plivo import FakePlivo, PlivoDouble, plivo_inbound_form, plivo_v3_headers
 from .server import ServerThread
 from .stream import CarrierStream, Received, StreamDialect
-from .telnyx import FakeTelnyx, TelnyxSigner, telnyx_inbound_form
-from .twilio import FakeTwilio, twilio_inbound_form, twilio_signature, twilio_stream_headers
+from .telnyx import FakeTelnyx, TelnyxDouble, TelnyxSigner, telnyx_inbound_form
+from .twilio import FakeTwilio, TwilioDouble, twilio_inbound_form, twilio_signature, twilio_stream_headers
 from .ultravox import (
     DATA_MESSAGE_TYPES,
     FakeResponse,
@@ -46,9 +69,13 @@ from .ultravox import (
 
 __all__ = [
     "CallUpdate",
+    "CarrierDouble",
     "CarrierRequest",
     "CarrierStream",
+    "Conference",
     "DATA_MESSAGE_TYPES",
+    "Declined",
+    "Dialled",
     "FakeCarrier",
     "FakePlivo",
     "FakeResponse",
@@ -56,12 +83,19 @@ __all__ = [
     "FakeTwilio",
     "FakeUltravox",
     "FakeUltravoxSession",
+    "PickUp",
     "PlacedCarrierCall",
+    "PlivoDouble",
     "Received",
     "RecordedRequest",
     "ServerThread",
     "StreamDialect",
+    "TelnyxDouble",
     "TelnyxSigner",
+    "TwilioDouble",
+    "WebhookRequest",
+    "XmlDouble",
+    "double",
     "plivo_inbound_form",
     "plivo_v3_headers",
     "telnyx_inbound_form",

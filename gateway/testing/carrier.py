@@ -1,9 +1,10 @@
-"""What the fake carrier REST APIs share: the `FakeCarrier` base class, what it records
-(`CarrierRequest`, `PlacedCarrierCall`, `CallUpdate`) and the helpers that decode and
-validate carrier requests.
+"""What the carrier test doubles share: the `FakeCarrier` base class of the fake REST APIs, what
+it records (`CarrierRequest`, `PlacedCarrierCall`, `CallUpdate`) and the helpers that decode and
+validate carrier requests; and `CarrierDouble`, everything a test needs to play one carrier.
 
-Each carrier's fake is a subclass in the carrier's own module (`gateway.testing.twilio`,
-`gateway.testing.telnyx`, `gateway.testing.plivo`), named there as ``FAKE_API``.
+Each carrier's module (`gateway.testing.twilio`, `gateway.testing.telnyx`, `gateway.testing.plivo`)
+names its fake as ``FAKE_API`` and its double as ``DOUBLE``; `double` finds the latter by the
+carrier's name, so a new carrier is a new module and no table is edited.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import base64
 import dataclasses
 import datetime as _dt
 import email.utils as _email_utils
+import importlib
 import json
 import threading
 import time
+import xml.etree.ElementTree as _ET
+from abc import ABC, abstractmethod
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar, Mapping, NamedTuple
 from urllib.parse import parse_qsl as _parse_qsl
 from urllib.parse import urlencode as _urlencode
 from urllib.parse import urlsplit as _urlsplit
@@ -32,9 +36,17 @@ from .ultravox import _ALL_METHODS, _ERROR_DETAILS, FakeResponse, _FakeServerThr
 
 __all__ = [
     "CallUpdate",
+    "CarrierDouble",
     "CarrierRequest",
+    "Conference",
+    "Declined",
+    "Dialled",
     "FakeCarrier",
+    "PickUp",
     "PlacedCarrierCall",
+    "WebhookRequest",
+    "XmlDouble",
+    "double",
 ]
 
 
@@ -150,6 +162,19 @@ def _validate_texml_update(params: dict[str, Any], markup: str) -> None:
     if "Url" in given and markup in given:
         # The fake refuses the ambiguity rather than guess which one the carrier obeys.
         raise _Invalid(f"Url and {markup} are mutually exclusive")
+
+
+# TwiML's (and TeXML's) verbs in the neutral words of `CarrierDouble.verbs`.
+_TWIML_VERBS = {
+    "Say": "say",
+    "Play": "play",
+    "Pause": "wait",
+    "Dial": "dial",
+    "Connect": "connect",
+    "Gather": "gather",
+    "Hangup": "hangup",
+    "Redirect": "redirect",
+}
 
 
 class FakeCarrier:
@@ -339,6 +364,10 @@ class FakeCarrier:
         """The id a placed call is addressed by once live (Plivo: its CallUUID)."""
         return call.call_id
 
+    def live_id(self, call: PlacedCarrierCall) -> str:
+        """The id the carrier's callbacks, media stream and call control use for the placed ``call``."""
+        return self._live_id(call)
+
     def _placed(self, call_id: str) -> PlacedCarrierCall | None:
         with self._lock:
             for call in self.calls:
@@ -513,3 +542,302 @@ class FakeCarrier:
                 # trust_env=False: a proxy from the environment must not see loopback traffic.
                 self._client = httpx.Client(timeout=self.timeout, trust_env=False)
             return self._client
+
+
+# ---------------------------------------------------------------------------
+# Carrier doubles: one per carrier module, found by the carrier's name
+# ---------------------------------------------------------------------------
+
+
+class WebhookRequest(NamedTuple):
+    """An HTTP request a carrier sends the gateway (`CarrierDouble.inbound_request`)."""
+
+    method: str  # "POST" or "GET"
+    headers: dict[str, str]  # content type and signature headers
+    body: bytes  # empty for a GET
+    query: str  # the query string to request (without "?")
+
+
+class Dialled(NamedTuple):
+    """The dial instruction of an answer (`CarrierDouble.dialled`)."""
+
+    number: str  # E.164 (or a SIP URI), whatever the carrier's spelling
+    action: str | None  # the URL that hears how the dial ended
+    timeout: int | None  # seconds the phone rings
+
+
+class Declined(NamedTuple):
+    """An answer that connects nothing: the gateway's apology or rejection (`CarrierDouble.declined`)."""
+
+    message: str  # what the caller is to hear
+    dials: str | None  # the number the call goes on to (E.164), if any
+
+
+class Conference(NamedTuple):
+    """The conference an answer joins (`CarrierDouble.conference`)."""
+
+    name: str
+    starts: bool | None  # this leg entering starts the conference (None: not said)
+    ends: bool | None  # this leg leaving ends it (None: not said)
+    wait_url: str | None  # what others hear until it starts
+    action: str | None  # the URL that hears when this leg leaves it
+
+
+@dataclasses.dataclass(frozen=True)
+class PickUp:
+    """What the callee answering a call the gateway placed led to (`CarrierDouble.pick_up`).
+
+    For a carrier with an answer URL, ``answer`` is the gateway's answer to the answer webhook
+    and ``stream_url`` is the stream it connects to; for a carrier that dials into the stream
+    (``dials_into_stream``) there is no answer and ``stream_url`` is the one given at dial time.
+    """
+
+    double: "CarrierDouble"
+    answer: httpx.Response | None
+    dialled_stream_url: str | None = None
+
+    @property
+    def stream_url(self) -> str:
+        """Where the carrier streams the call's audio now; ValueError if the answer connects nothing."""
+        if self.answer is None:
+            if not self.dialled_stream_url:
+                raise ValueError("the call was neither answered with a stream nor dialled into one")
+            return self.dialled_stream_url
+        return self.double.connected_url(self.answer.text)[0]
+
+
+class CarrierDouble(ABC):
+    """Everything a test needs to play one carrier against the gateway, in the carrier's own words.
+
+    One instance per carrier module, ``gateway.testing.<carrier>.DOUBLE``, found by `double`.
+    It holds (or generates) the test credentials, configures the gateway for them, builds and
+    signs the carrier's webhooks, reads the gateway's answers, and makes the fake REST API and
+    media stream speak for the carrier. Members marked "(transfers)" are needed only by carriers
+    that can move a live call (``can_transfer``).
+    """
+
+    name: ClassVar[str]  # the carrier's name in gateway.carriers.CARRIERS, its URLs and its config section
+    call_id_param: ClassVar[str]  # the inbound webhook's call-id field
+    own_number: ClassVar[str]  # an E.164 number the test config lists for it under [outbound.numbers]
+    webhook_method: ClassVar[str] = "POST"  # "POST": the form is a urlencoded body; "GET": it is the query
+    signs_url: ClassVar[bool] = True  # its webhook signature covers the URL
+    signs_form: ClassVar[bool] = True  # its webhook signature covers the fields: a changed field is refused
+    unauthenticated_status: ClassVar[int] = 403  # the gateway's status for a webhook failing its check
+    answer_media_types: ClassVar[tuple[str, ...]] = ("text/xml", "application/xml")  # its answers' Content-Types
+    declined_status: ClassVar[int] = 200  # the status of an answer that connects nothing (see `declined`)
+    stream_attributes: ClassVar[Mapping[str, str]] = {}  # what its connect answer's stream carries besides the URL
+    hangs_up_through_api: ClassVar[bool] = True  # the gateway ends its calls by REST (False: by closing the stream)
+    dial_status_param: ClassVar[str | None] = None  # (transfers) the dial action callback's outcome field
+    digits_param: ClassVar[str] = "Digits"  # (transfers) the field with the keys pressed at a prompt
+
+    # -- configuring the gateway ----------------------------------------------------------
+
+    @abstractmethod
+    def environ(self, api_base_url: str) -> dict[str, str]:
+        """The environment variables configuring the gateway with these credentials and this REST API."""
+
+    def config_toml(self) -> str:
+        """TOML the carrier needs beyond the environment ("" if none)."""
+        return ""
+
+    @abstractmethod
+    def fake_api(self, **kwargs: Any) -> FakeCarrier:
+        """A new fake REST API of the carrier with these credentials (``kwargs`` go to `FakeCarrier`)."""
+
+    # -- the media stream ---------------------------------------------------------------
+
+    @property
+    def stream_rate(self) -> int:
+        """Hz of its bridge-mode media stream."""
+        return self._stream_dialect().rate
+
+    @property
+    def stream_lossless(self) -> bool:
+        """Whether its media stream carries linear PCM (audio crosses it bit-exact)."""
+        return self._stream_dialect().lossless
+
+    def stream_headers(self, url: str) -> dict[str, str] | None:
+        """The headers the carrier sends opening the media socket written as ``url`` (None: nothing special)."""
+        return None
+
+    def _stream_dialect(self):
+        from .stream import _stream_dialect
+
+        return _stream_dialect(self.name)
+
+    # -- webhooks the carrier sends ----------------------------------------------------------
+
+    @abstractmethod
+    def inbound_form(self, *, to: str, from_: str = "+15551230001", **fields: str) -> dict[str, str]:
+        """The fields of the carrier's webhook for a ringing inbound call from ``from_`` to ``to``."""
+
+    @abstractmethod
+    def sign(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
+        """The signature headers the carrier sends with ``form`` (``raw``: the body) to ``url``."""
+
+    def inbound_request(
+        self, public_url: str, path: str, form: dict[str, str], *, body: bytes | None = None, signed: bool = True
+    ) -> WebhookRequest:
+        """The request the carrier sends to ``path`` (may hold a query) of a gateway at ``public_url``.
+
+        ``body`` replaces the encoded form as the body (POST carriers); ``signed=False`` leaves
+        the signature out.
+        """
+        path, _, query = path.partition("?")
+        if self.webhook_method == "GET":
+            query = "&".join(part for part in (query, _urlencode(form)) if part)
+            raw, headers = b"", {}
+        else:
+            raw = body if body is not None else _urlencode(form).encode("ascii")
+            headers = {"content-type": "application/x-www-form-urlencoded"}
+        if signed:
+            url = public_url.rstrip("/") + path + (f"?{query}" if query else "")
+            headers.update(self.sign(url, form, raw))
+        return WebhookRequest(self.webhook_method, headers, raw, query)
+
+    @abstractmethod
+    def status_fields(self, status: str, duration: int | None = None) -> dict[str, str]:
+        """The fields of a status callback reporting ``status`` (the carrier's word) and ``duration`` s."""
+
+    # -- the gateway's answers ----------------------------------------------------------
+
+    @abstractmethod
+    def connected_url(self, answer_text: str) -> tuple[str, dict[str, str]]:
+        """The stream URL an answer connects the call to, and the stream's other attributes."""
+
+    @abstractmethod
+    def spoken(self, answer_text: str) -> list[str]:
+        """The texts an answer speaks, in order."""
+
+    @abstractmethod
+    def verbs(self, answer_text: str) -> list[str]:
+        """An answer's instructions in neutral words: say, play, wait, dial, connect, conference, gather, hangup."""
+
+    @abstractmethod
+    def dialled(self, answer_text: str) -> Dialled:
+        """The number an answer dials, with its action URL and ring timeout."""
+
+    @abstractmethod
+    def declined(self, answer_text: str) -> Declined:
+        """The message (and fallback number) of an apology or rejection; ValueError for another answer."""
+
+    # -- outbound calls ---------------------------------------------------------------
+
+    def pick_up(self, fake: FakeCarrier, placed: PlacedCarrierCall, **fields: Any) -> PickUp:
+        """The callee answering ``placed``: here the fake posts the answer webhook (``fields`` added)."""
+        return PickUp(self, fake.answer(placed, **fields))
+
+    # -- transfers (carriers that can_transfer) -----------------------------------------------
+
+    def redirect_url(self, update: CallUpdate) -> str | None:
+        """(transfers) The URL a live-call update told the call to fetch next, if any."""
+        raise NotImplementedError(f"{self.name} cannot move a live call")
+
+    def conference(self, answer_text: str) -> Conference:
+        """(transfers) The conference an answer joins."""
+        raise NotImplementedError(f"{self.name} has no conferences")
+
+    def gather(self, answer_text: str) -> tuple[str, str]:
+        """(transfers) The prompt of an answer asking for a key press, and the URL the keys go to."""
+        raise NotImplementedError(f"{self.name} asks for no key presses")
+
+
+class XmlDouble(CarrierDouble):
+    """A carrier answering in XML under ``<Response>`` (TwiML, TeXML, Plivo XML): where things sit."""
+
+    verb_words: ClassVar[Mapping[str, str]] = {}  # XML element -> neutral verb (others: lower-cased)
+    stream_path: ClassVar[str] = "Connect/Stream"  # the stream element of a connect answer
+    stream_url_attribute: ClassVar[str | None] = "url"  # None: the URL is the element's text
+    dial_targets: ClassVar[tuple[str, ...]] = ("Number", "Sip")  # elements of a dial naming whom it rings
+    conference_path: ClassVar[str] = "Dial/Conference"
+    conference_wait_attribute: ClassVar[str] = "waitUrl"
+    gather_path: ClassVar[str] = "Gather"
+
+    @staticmethod
+    def _root(answer_text: str) -> _ET.Element:
+        root = _ET.fromstring(answer_text)
+        if root.tag != "Response":
+            raise ValueError(f"not an XML answer: {answer_text}")
+        return root
+
+    def _find(self, answer_text: str, path: str) -> _ET.Element:
+        element = self._root(answer_text).find(path)
+        if element is None:
+            raise ValueError(f"no {path} in the answer: {answer_text}")
+        return element
+
+    def connected_url(self, answer_text: str) -> tuple[str, dict[str, str]]:
+        stream = self._find(answer_text, self.stream_path)
+        attributes = dict(stream.attrib)
+        url = stream.text if self.stream_url_attribute is None else attributes.pop(self.stream_url_attribute, None)
+        if not url:
+            raise ValueError(f"the stream of the answer names no URL: {answer_text}")
+        return url.strip(), attributes
+
+    def spoken(self, answer_text: str) -> list[str]:
+        return [el.text or "" for el in self._root(answer_text) if self.verb_words.get(el.tag) == "say"]
+
+    def verbs(self, answer_text: str) -> list[str]:
+        return [self.verb_words.get(el.tag, el.tag.lower()) for el in self._root(answer_text)]
+
+    def _number(self, spelled: str) -> str:
+        """E.164 (or the SIP URI) for a number as the carrier's XML spells it."""
+        return spelled
+
+    def dialled(self, answer_text: str) -> Dialled:
+        dial = self._find(answer_text, "Dial")
+        target = next((dial.findtext(tag) for tag in self.dial_targets if dial.find(tag) is not None), None)
+        target = (target if target is not None else dial.text or "").strip()
+        if not target:
+            raise ValueError(f"the dial rings nobody: {answer_text}")
+        timeout = dial.get("timeout")
+        return Dialled(self._number(target), dial.get("action"), int(timeout) if timeout else None)
+
+    def declined(self, answer_text: str) -> Declined:
+        # Say the message, maybe dial a person, and hang up: nothing else.
+        verbs = self.verbs(answer_text)
+        if verbs not in (["say", "hangup"], ["say", "dial", "hangup"]):
+            raise ValueError(f"not an apology or a rejection (say, perhaps dial, hang up): {answer_text}")
+        (message,) = self.spoken(answer_text)
+        return Declined(message, self.dialled(answer_text).number if "dial" in verbs else None)
+
+    def conference(self, answer_text: str) -> Conference:
+        element = self._find(answer_text, self.conference_path)
+        # The action sits on the outermost element of the path (TwiML: the <Dial> around it).
+        holder = self._find(answer_text, self.conference_path.split("/")[0])
+
+        def flag(name: str) -> bool | None:
+            value = element.get(name)
+            return None if value is None else value.lower() == "true"
+
+        return Conference(
+            (element.text or "").strip(),
+            flag("startConferenceOnEnter"),
+            flag("endConferenceOnExit"),
+            element.get(self.conference_wait_attribute),
+            holder.get("action"),
+        )
+
+    def gather(self, answer_text: str) -> tuple[str, str]:
+        element = self._find(answer_text, self.gather_path)
+        action = element.get("action")
+        if not action:
+            raise ValueError(f"the key-press prompt has no action URL: {answer_text}")
+        return "".join(element.itertext()), action
+
+
+def double(name: str) -> CarrierDouble:
+    """The test double of carrier ``name``: ``gateway.testing.<name>.DOUBLE``; ValueError if none."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"unknown carrier {name!r}")
+    module_name = f"gateway.testing.{name}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name:
+            raise
+        raise ValueError(f"unknown carrier {name!r}: there is no module {module_name}") from None
+    found = getattr(module, "DOUBLE", None)
+    if not isinstance(found, CarrierDouble):
+        raise ValueError(f"unknown carrier {name!r}: {module_name} defines no DOUBLE")
+    return found

@@ -1,11 +1,13 @@
 """Plivo, faked: its REST API (`FakePlivo`), its V3 webhook signature (`plivo_v3_headers`),
-its answer webhook for an inbound call (`plivo_inbound_form`) and its audio streams (the stream
-dialect `CarrierStream` uses for ``"plivo"``).
+its answer webhook for an inbound call (`plivo_inbound_form`), its audio streams (the stream
+dialect `CarrierStream` uses for ``"plivo"``) and the double the tests play Plivo with
+(`PlivoDouble`).
 """
 
 from __future__ import annotations
 
 import secrets
+import string
 import time
 import uuid
 from typing import Any
@@ -19,6 +21,7 @@ from .carrier import (
     CallUpdate,
     FakeCarrier,
     PlacedCarrierCall,
+    XmlDouble,
     _basic_auth,
     _Invalid,
     _is_int,
@@ -26,7 +29,7 @@ from .carrier import (
 from .stream import StreamDialect, _b64, audioop
 from .ultravox import FakeResponse, _hold
 
-__all__ = ["FakePlivo", "plivo_inbound_form", "plivo_v3_headers"]
+__all__ = ["FakePlivo", "PlivoDouble", "plivo_inbound_form", "plivo_v3_headers"]
 
 
 # ---------------------------------------------------------------------------
@@ -279,7 +282,17 @@ class _Plivo(StreamDialect):
     clear_events = frozenset({"clearAudio"})
     mark_events = frozenset({"checkpoint"})
     clear_acks_marks = False  # cleared checkpoints are never answered
+    mark_ack_event = "playedStream"
+    clear_ack_event = "clearedAudio"
     content_types = {"audio/x-l16": (8000, 16000), "audio/x-mulaw": (8000,)}
+
+    def new_account_id(self) -> str:
+        alphabet = string.ascii_uppercase + string.digits
+        return "MA" + "".join(secrets.choice(alphabet) for _ in range(18))
+
+    def prepare(self, s, custom):
+        # Plivo hands the stream's extra headers back on every message, as "k=v;k=v".
+        s.state["extra_headers"] = ";".join(f"{k}={v}" for k, v in custom.items())
 
     def seq(self, n: int) -> Any:
         return n  # Plivo's sequence numbers and chunks are numbers; its timestamp a string
@@ -303,7 +316,8 @@ class _Plivo(StreamDialect):
         return [message]
 
     def _extra(self, s) -> dict[str, Any]:
-        return {"extra_headers": s._extra_headers} if s._extra_headers else {}
+        extra_headers = s.state.get("extra_headers")
+        return {"extra_headers": extra_headers} if extra_headers else {}
 
     def media(self, s, payload, chunk, position_ms):
         return {
@@ -338,14 +352,14 @@ class _Plivo(StreamDialect):
 
     def mark_ack(self, s, name):
         return {
-            "event": "playedStream",
+            "event": self.mark_ack_event,
             "sequenceNumber": s._next_seq(),
             "streamId": s.stream_id,
             "name": name,
         }
 
     def clear_ack(self, s):
-        return {"sequenceNumber": s._next_seq(), "event": "clearedAudio", "streamId": s.stream_id}
+        return {"sequenceNumber": s._next_seq(), "event": self.clear_ack_event, "streamId": s.stream_id}
 
     def mark_name(self, message):
         return message.get("name")
@@ -366,9 +380,10 @@ class _Plivo(StreamDialect):
         if raw is None:
             return b"", [f"playAudio: {error}"]
         errors = []
-        if s._plivo_format not in (None, (content_type, rate)):
-            errors.append(f"playAudio: switched format from {s._plivo_format} to {(content_type, rate)}")
-        s._plivo_format = (content_type, rate)
+        first = s.state.setdefault("agent_format", (content_type, rate))
+        if first != (content_type, rate):
+            errors.append(f"playAudio: switched format from {first} to {(content_type, rate)}")
+            s.state["agent_format"] = (content_type, rate)
         if (content_type, rate) != ("audio/x-l16", self.rate):
             errors.append(
                 f"playAudio: {content_type};rate={rate} differs from the stream's "
@@ -382,14 +397,83 @@ class _Plivo(StreamDialect):
                 raw = raw[:-1]
             pcm = raw
         if rate != self.rate:
-            pcm, s._resample_state = audioop.ratecv(pcm, 2, 1, rate, self.rate, s._resample_state)
+            pcm, s.state["resample"] = audioop.ratecv(pcm, 2, 1, rate, self.rate, s.state.get("resample"))
         return pcm, errors
 
 
 # ---------------------------------------------------------------------------
-# Found by the carrier's name: gateway.testing.<carrier>.STREAM_DIALECT and .FAKE_API
+# The double
+# ---------------------------------------------------------------------------
+
+
+class PlivoDouble(XmlDouble):
+    """Plivo for the tests: an auth ID and token, Plivo XML answers, V3-signed form webhooks."""
+
+    name = "plivo"
+    call_id_param = "CallUUID"
+    own_number = "+15550004444"
+    dial_status_param = "DialStatus"
+    stream_attributes = {
+        "bidirectional": "true",
+        "keepCallAlive": "true",
+        "contentType": "audio/x-l16;rate=16000",
+    }
+    verb_words = {
+        "Speak": "say",
+        "Play": "play",
+        "Wait": "wait",
+        "Dial": "dial",
+        "Stream": "connect",
+        "Conference": "conference",
+        "GetDigits": "gather",
+        "Hangup": "hangup",
+        "Redirect": "redirect",
+    }
+    stream_path = "Stream"
+    stream_url_attribute = None  # <Stream>wss://…</Stream>
+    dial_targets = ("Number", "User")
+    conference_path = "Conference"
+    conference_wait_attribute = "waitSound"
+    gather_path = "GetDigits"
+
+    def __init__(self, auth_id: str = "MA" + "0" * 18, auth_token: str = "plivo-test-auth-token") -> None:
+        self.auth_id = auth_id
+        self.auth_token = auth_token
+
+    def environ(self, api_base_url: str) -> dict[str, str]:
+        return {
+            "PLIVO_AUTH_ID": self.auth_id,
+            "PLIVO_AUTH_TOKEN": self.auth_token,
+            "PLIVO_API_BASE_URL": api_base_url,
+        }
+
+    def fake_api(self, **kwargs: Any) -> FakePlivo:
+        return FakePlivo(self.auth_id, self.auth_token, **kwargs)
+
+    def inbound_form(self, *, to: str, from_: str = "+15551230001", **fields: str) -> dict[str, str]:
+        return plivo_inbound_form(from_=from_, to=to, **fields)
+
+    def sign(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
+        return plivo_v3_headers(self.auth_token, url, form)
+
+    def status_fields(self, status: str, duration: int | None = None) -> dict[str, str]:
+        fields = {"CallStatus": status}
+        if duration is not None:
+            fields["Duration"] = str(duration)
+        return fields
+
+    def _number(self, spelled: str) -> str:
+        return "+" + spelled if spelled.isdigit() else spelled  # Plivo XML writes bare digits
+
+    def redirect_url(self, update: CallUpdate) -> str | None:
+        return update.params.get("aleg_url")
+
+
+# ---------------------------------------------------------------------------
+# Found by the carrier's name: gateway.testing.<carrier>.STREAM_DIALECT, .FAKE_API and .DOUBLE
 # ---------------------------------------------------------------------------
 
 
 STREAM_DIALECT = _Plivo()
 FAKE_API = FakePlivo
+DOUBLE = PlivoDouble()

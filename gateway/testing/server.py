@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
@@ -14,11 +15,33 @@ __all__ = ["ServerThread"]
 
 
 class _ThreadServer(uvicorn.Server):
+    _loop: asyncio.AbstractEventLoop | None = None
+    _wake: asyncio.Event | None = None
+
     # Signal handlers belong to the main thread and the test runner; this
     # server is stopped through should_exit only.
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def main_loop(self) -> None:
+        # uvicorn's loop looks at should_exit every 100 ms; `wake` makes it look at once
+        # (a test suite starts and stops hundreds of servers).
+        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + 1) % 864000
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.1)
+            should_exit = await self.on_tick(counter)
+
+    def wake(self) -> None:
+        """Make the serving loop check should_exit now (from any thread)."""
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already closed
+                loop.call_soon_threadsafe(wake.set)
 
 
 class ServerThread:
@@ -98,6 +121,7 @@ class ServerThread:
         if thread is None:
             return
         self.server.should_exit = True
+        self.server.wake()
         thread.join(timeout)
         if thread.is_alive():
             # Skip waiting for connections and let asyncio.run cancel the rest.

@@ -34,8 +34,6 @@ import contextlib
 import dataclasses
 import importlib
 import json
-import secrets
-import string
 import time
 import uuid
 import warnings
@@ -77,10 +75,27 @@ class StreamDialect:
 
     name = ""
     rate = 8000
+    lossless = True  # linear PCM: audio crosses the stream bit-exact (False for a companded codec)
     audio_events: frozenset[str] = frozenset({"media"})
     clear_events: frozenset[str] = frozenset({"clear"})
     mark_events: frozenset[str] = frozenset({"mark"})
     clear_acks_marks = True  # a clear returns the pending marks (Twilio, Telnyx)
+    mark_ack_event = "mark"  # the event acknowledging a played mark
+    clear_ack_event: str | None = None  # the event acknowledging a clear, if the carrier sends one
+
+    # -- stream identity --------------------------------------------------------
+
+    def new_stream_id(self) -> str:
+        return str(uuid.uuid4())
+
+    def new_account_id(self) -> str:
+        return str(uuid.uuid4())
+
+    def new_session_id(self) -> str | None:
+        return None
+
+    def prepare(self, s: "CarrierStream", custom: dict[str, str]) -> None:
+        """Called by `CarrierStream.start` before `opening`: keep what the stream needs in ``s.state``."""
 
     # -- caller -> gateway ----------------------------------------------------
 
@@ -173,10 +188,12 @@ class CarrierStream:
     agent audio is decoded into s16le PCM at ``rate`` (`agent_audio`). Marks
     are acknowledged like the carrier does: with ``playback="realtime"`` (the
     default) once the audio queued before them has had time to play, with
-    ``"instant"`` at once; a clear drops the queue (Twilio and Telnyx then
-    return the pending marks, Plivo answers ``clearedAudio`` and never answers
-    the cleared checkpoints). Deviations from the carrier's documented format
-    in what the gateway sends are collected in ``format_errors``.
+    ``"instant"`` at once; a clear drops the queue (and, as the dialect says,
+    returns the pending marks or answers the clear instead: ``clear_acks_marks``,
+    ``clear_ack_event``). ``acknowledged`` lists the marks acknowledged so far.
+    Deviations from the carrier's documented format in what the gateway sends
+    are collected in ``format_errors``. The stream names no carrier: all that
+    differs is its `StreamDialect` (``dialect``).
     """
 
     def __init__(
@@ -211,6 +228,7 @@ class CarrierStream:
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.frames_sent = 0  # media messages sent
+        self.acknowledged: list[str] = []  # names of the marks acknowledged as played, in order
         # Internals.
         self._ws: ClientConnection | None = None
         self._receiver: asyncio.Task[None] | None = None
@@ -224,11 +242,14 @@ class CarrierStream:
         self._play_until = 0.0  # loop time at which the queued agent audio has played
         self._pending_marks: list[tuple[str, asyncio.TimerHandle]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._extra_headers = ""
-        self._plivo_format: tuple[Any, Any] | None = None
-        self._resample_state: Any = None
+        self.state: dict[str, Any] = {}  # what the dialect keeps for this stream (see StreamDialect.prepare)
 
     # -- properties -----------------------------------------------------------
+
+    @property
+    def dialect(self) -> StreamDialect:
+        """The carrier's wire format this stream speaks."""
+        return self._dialect
 
     @property
     def rate(self) -> int:
@@ -324,20 +345,11 @@ class CarrierStream:
         """Send the carrier's opening messages (``extra`` is merged into the ``start`` object)."""
         self._require_ws()
         self.call_id = call_id
-        if self.carrier == "twilio":
-            self.stream_id = stream_id or "MZ" + secrets.token_hex(16)
-            self.account_id = account_id or "AC" + secrets.token_hex(16)
-        elif self.carrier == "telnyx":
-            self.stream_id = stream_id or str(uuid.uuid4())
-            self.account_id = account_id or str(uuid.uuid4())
-            self.session_id = str(uuid.uuid4())
-        else:
-            self.stream_id = stream_id or str(uuid.uuid4())
-            alphabet = string.ascii_uppercase + string.digits
-            self.account_id = account_id or "MA" + "".join(secrets.choice(alphabet) for _ in range(18))
+        self.stream_id = stream_id or self._dialect.new_stream_id()
+        self.account_id = account_id or self._dialect.new_account_id()
+        self.session_id = self._dialect.new_session_id()
         custom = dict(custom_parameters or {})
-        if self.carrier == "plivo" and custom:
-            self._extra_headers = ";".join(f"{k}={v}" for k, v in custom.items())
+        self._dialect.prepare(self, custom)
         loop = asyncio.get_running_loop()
         self.started_at = loop.time()
         self._next_frame_at = self.started_at
@@ -493,6 +505,7 @@ class CarrierStream:
 
         def played() -> None:
             self._pending_marks.remove(pending)
+            self.acknowledged.append(name)
             self._spawn_send(self._dialect.mark_ack(self, name))
 
         handle = loop.call_at(due, played)
@@ -506,6 +519,7 @@ class CarrierStream:
         for name, handle in pending:
             handle.cancel()
             if self._dialect.clear_acks_marks:
+                self.acknowledged.append(name)
                 self._spawn_send(self._dialect.mark_ack(self, name))
         ack = self._dialect.clear_ack(self)
         if ack is not None:

@@ -1,6 +1,6 @@
 """Telnyx, faked: its TeXML REST API (`FakeTelnyx`), its webhook signature (`TelnyxSigner`),
-its inbound TeXML webhook (`telnyx_inbound_form`) and its media streaming (the stream dialect
-`CarrierStream` uses for ``"telnyx"``).
+its inbound TeXML webhook (`telnyx_inbound_form`), its media streaming (the stream dialect
+`CarrierStream` uses for ``"telnyx"``) and the double the tests play Telnyx with (`TelnyxDouble`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ from starlette.requests import Request
 from .carrier import (
     _HTTP_METHODS,
     _STATUS_EVENTS,
+    _TWIML_VERBS,
+    CallUpdate,
     FakeCarrier,
     PlacedCarrierCall,
+    XmlDouble,
     _decode_form,
     _Invalid,
     _is_int,
@@ -28,7 +31,7 @@ from .carrier import (
 from .stream import StreamDialect, _b64
 from .ultravox import _ERROR_DETAILS
 
-__all__ = ["FakeTelnyx", "TelnyxSigner", "telnyx_inbound_form"]
+__all__ = ["FakeTelnyx", "TelnyxDouble", "TelnyxSigner", "telnyx_inbound_form"]
 
 
 # ---------------------------------------------------------------------------
@@ -261,6 +264,9 @@ class _Telnyx(StreamDialect):
     rate = 16000
     min_chunk_ms = 20  # "RTP media chunks sent back to Telnyx can contain 20 milliseconds to 30 seconds"
 
+    def new_session_id(self) -> str:
+        return str(uuid.uuid4())
+
     def encode(self, pcm16: bytes) -> bytes:
         return _swap16(pcm16)  # L16 is network byte order
 
@@ -339,9 +345,82 @@ class _Telnyx(StreamDialect):
 
 
 # ---------------------------------------------------------------------------
-# Found by the carrier's name: gateway.testing.<carrier>.STREAM_DIALECT and .FAKE_API
+# The double
+# ---------------------------------------------------------------------------
+
+
+class TelnyxDouble(XmlDouble):
+    """Telnyx for the tests: an API key, an ed25519 signer, a TeXML application, TeXML answers."""
+
+    name = "telnyx"
+    call_id_param = "CallSid"  # TeXML's CallSid is the call_control_id
+    own_number = "+15550003333"
+    signs_url = False  # ed25519 over "{timestamp}|{body}" only
+    dial_status_param = "DialCallStatus"
+    verb_words = _TWIML_VERBS
+    stream_attributes = {
+        "bidirectionalMode": "rtp",
+        "codec": "L16",
+        "bidirectionalCodec": "L16",
+        "bidirectionalSamplingRate": "16000",
+    }
+
+    def __init__(
+        self,
+        api_key: str = "test-telnyx-key",
+        account_sid: str = "0b2f3c4d-1111-4222-8333-444455556666",
+        texml_application_id: str = "1234567890",
+        signer: TelnyxSigner | None = None,
+    ) -> None:
+        self.api_key = api_key
+        self.account_sid = account_sid
+        self.texml_application_id = texml_application_id
+        self._signer = signer
+
+    @property
+    def signer(self) -> TelnyxSigner:
+        """The key pair Telnyx signs with (generated on first use)."""
+        if self._signer is None:
+            self._signer = TelnyxSigner.generate()
+        return self._signer
+
+    def environ(self, api_base_url: str) -> dict[str, str]:
+        return {
+            "TELNYX_API_KEY": self.api_key,
+            "TELNYX_PUBLIC_KEY": self.signer.public_key_b64,
+            "TELNYX_API_BASE_URL": api_base_url,
+        }
+
+    def config_toml(self) -> str:
+        return (
+            f"\n[telnyx]\naccount_sid = \"{self.account_sid}\"\n"
+            f"texml_application_id = \"{self.texml_application_id}\"\n"
+        )
+
+    def fake_api(self, **kwargs: Any) -> FakeTelnyx:
+        return FakeTelnyx(self.api_key, self.signer, self.account_sid, **kwargs)
+
+    def inbound_form(self, *, to: str, from_: str = "+15551230001", **fields: str) -> dict[str, str]:
+        return telnyx_inbound_form(from_=from_, to=to, account_sid=self.account_sid, **fields)
+
+    def sign(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
+        return self.signer.headers(raw)
+
+    def status_fields(self, status: str, duration: int | None = None) -> dict[str, str]:
+        fields = {"CallStatus": status}
+        if duration is not None:
+            fields["CallDuration"] = str(duration)
+        return fields
+
+    def redirect_url(self, update: CallUpdate) -> str | None:
+        return update.params.get("Url")
+
+
+# ---------------------------------------------------------------------------
+# Found by the carrier's name: gateway.testing.<carrier>.STREAM_DIALECT, .FAKE_API and .DOUBLE
 # ---------------------------------------------------------------------------
 
 
 STREAM_DIALECT = _Telnyx()
 FAKE_API = FakeTelnyx
+DOUBLE = TelnyxDouble()

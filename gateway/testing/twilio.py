@@ -1,6 +1,7 @@
 """Twilio, faked: its REST API (`FakeTwilio`), its webhook signature (`twilio_signature`),
-its inbound voice webhook (`twilio_inbound_form`) and its Media Streams (`twilio_stream_headers`
-and the stream dialect `CarrierStream` uses for ``"twilio"``).
+its inbound voice webhook (`twilio_inbound_form`), its Media Streams (`twilio_stream_headers`
+and the stream dialect `CarrierStream` uses for ``"twilio"``) and the double the tests play
+Twilio with (`TwilioDouble`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from starlette.requests import Request
 from .carrier import (
     _HTTP_METHODS,
     _STATUS_EVENTS,
+    _TWIML_VERBS,
+    CallUpdate,
     FakeCarrier,
     PlacedCarrierCall,
+    XmlDouble,
     _basic_auth,
     _Invalid,
     _is_int,
@@ -24,7 +28,7 @@ from .carrier import (
 )
 from .stream import StreamDialect, _b64, audioop
 
-__all__ = ["FakeTwilio", "twilio_inbound_form", "twilio_signature", "twilio_stream_headers"]
+__all__ = ["FakeTwilio", "TwilioDouble", "twilio_inbound_form", "twilio_signature", "twilio_stream_headers"]
 
 
 # ---------------------------------------------------------------------------
@@ -244,6 +248,13 @@ def twilio_stream_headers(auth_token: str, url: str) -> dict[str, str]:
 class _Twilio(StreamDialect):
     name = "twilio"
     rate = 8000
+    lossless = False  # mu-law
+
+    def new_stream_id(self) -> str:
+        return "MZ" + secrets.token_hex(16)
+
+    def new_account_id(self) -> str:
+        return "AC" + secrets.token_hex(16)
 
     def encode(self, pcm16: bytes) -> bytes:
         return audioop.lin2ulaw(pcm16, 2)
@@ -320,9 +331,57 @@ class _Twilio(StreamDialect):
 
 
 # ---------------------------------------------------------------------------
-# Found by the carrier's name: gateway.testing.<carrier>.STREAM_DIALECT and .FAKE_API
+# The double
+# ---------------------------------------------------------------------------
+
+
+class TwilioDouble(XmlDouble):
+    """Twilio for the tests: an account SID and auth token, TwiML answers, signed form webhooks."""
+
+    name = "twilio"
+    call_id_param = "CallSid"
+    own_number = "+15550001111"
+    dial_status_param = "DialCallStatus"
+    verb_words = _TWIML_VERBS
+
+    def __init__(self, account_sid: str = "AC" + "0" * 32, auth_token: str = "twilio-test-auth-token") -> None:
+        self.account_sid = account_sid
+        self.auth_token = auth_token
+
+    def environ(self, api_base_url: str) -> dict[str, str]:
+        return {
+            "TWILIO_ACCOUNT_SID": self.account_sid,
+            "TWILIO_AUTH_TOKEN": self.auth_token,
+            "TWILIO_API_BASE_URL": api_base_url,
+        }
+
+    def fake_api(self, **kwargs: Any) -> FakeTwilio:
+        return FakeTwilio(self.account_sid, self.auth_token, **kwargs)
+
+    def inbound_form(self, *, to: str, from_: str = "+15551230001", **fields: str) -> dict[str, str]:
+        return twilio_inbound_form(from_=from_, to=to, account_sid=self.account_sid, **fields)
+
+    def sign(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
+        return {"X-Twilio-Signature": twilio_signature(self.auth_token, url, form)}
+
+    def status_fields(self, status: str, duration: int | None = None) -> dict[str, str]:
+        fields = {"CallStatus": status}
+        if duration is not None:
+            fields["CallDuration"] = str(duration)
+        return fields
+
+    def stream_headers(self, url: str) -> dict[str, str]:
+        return twilio_stream_headers(self.auth_token, url)
+
+    def redirect_url(self, update: CallUpdate) -> str | None:
+        return update.params.get("Url")
+
+
+# ---------------------------------------------------------------------------
+# Found by the carrier's name: gateway.testing.<carrier>.STREAM_DIALECT, .FAKE_API and .DOUBLE
 # ---------------------------------------------------------------------------
 
 
 STREAM_DIALECT = _Twilio()
 FAKE_API = FakeTwilio
+DOUBLE = TwilioDouble()
