@@ -149,13 +149,15 @@ class Gateway:
 
             return endpoint
 
+        # Which methods a carrier's webhooks use is the carrier's to say (its webhook_formats).
+        webhook = ["GET", "POST"]
         return [
-            Route("/{carrier}/inbound", later(lambda g: g.webhooks.inbound), methods=["GET", "POST"], name="inbound"),
-            Route("/{carrier}/outbound/answer", later(lambda g: g.webhooks.outbound_answer), methods=["POST"],
+            Route("/{carrier}/inbound", later(lambda g: g.webhooks.inbound), methods=webhook, name="inbound"),
+            Route("/{carrier}/outbound/answer", later(lambda g: g.webhooks.outbound_answer), methods=webhook,
                   name="outbound-answer"),
-            Route("/{carrier}/status", later(lambda g: g.webhooks.status), methods=["POST"], name="status"),
+            Route("/{carrier}/status", later(lambda g: g.webhooks.status), methods=webhook, name="status"),
             *[Route(f"/{{carrier}}/transfer/{step.name}", later(lambda g, step=step: g.webhooks.transfer_steps[step.name]),
-                    methods=["POST"], name=f"transfer-{step.name}") for step in TRANSFER_STEPS],
+                    methods=webhook, name=f"transfer-{step.name}") for step in TRANSFER_STEPS],
             WebSocketRoute("/media/{carrier}", later(lambda g: g.media.serve), name="media"),
             Route("/v1/calls", later(lambda g: g.api.create), methods=["POST"], name="calls-create"),
             Route("/v1/calls", later(lambda g: g.api.list), methods=["GET"], name="calls-list"),

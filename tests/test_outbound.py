@@ -393,7 +393,7 @@ def test_inbound_calls_are_tracked_too(gateway, fake_ultravox, carrier):
     assert fake_ultravox.requests[0].body["callbacks"]["ended"]["url"] == f"{PUBLIC_URL}/ultravox/events"
     # A status callback configured on the number, without ?call=, finds the call by its carrier call id.
     status = dict(form, **carrier_double.status_fields("completed", 61))
-    gateway.post(carrier, status, path=f"/{carrier}/status")
+    assert gateway.post(carrier, status, path=f"/{carrier}/status").status_code == 204
     tracked = call_of(gateway, inbound["id"])
     assert tracked["status"] == "completed" and tracked["duration_seconds"] == 61
 
