@@ -15,9 +15,9 @@ run the real app against local fakes without any network access::
 * `gateway.testing.carrier`: `FakeCarrier`, what the fake carrier REST APIs share, and
   `CarrierDouble`, everything a test needs to play one carrier; ``double(name)`` finds it.
 * `gateway.testing.stream`: `CarrierStream`, a carrier's side of a media stream.
-* `gateway.testing.twilio`, `gateway.testing.telnyx`, `gateway.testing.plivo`: one module
-  per carrier with its fake REST API, webhook signer, inbound webhook form, media-stream
-  dialect and double. Each defines ``FAKE_API`` (its `FakeCarrier` subclass),
+* `gateway.testing.<carrier>` (twilio, telnyx, plivo, …): one module per carrier with its
+  fake REST API, webhook signer, inbound webhook form, media-stream dialect and double. Each
+  defines ``FAKE_API`` (its `FakeCarrier` subclass),
   ``STREAM_DIALECT`` (its `StreamDialect`, which `CarrierStream` finds by the carrier's name)
   and ``DOUBLE`` (its `CarrierDouble`, which `double` finds by the carrier's name): a new
   carrier is a new module, with no table to edit.
@@ -30,7 +30,8 @@ A test written against `double` covers every carrier in ``gateway.carriers.CARRI
     ...
     join_url, attributes = d.connected_url(response.text)
 
-Every public name is re-exported here, so ``from gateway.testing import FakeTwilio`` works.
+Every public name is re-exported here (a carrier module's ``__all__`` too, found by looking
+at the package), so ``from gateway.testing import FakeTwilio`` works.
 
 The schema validation needs the ``test`` extra (``openapi-schema-validator``
 and ``pyyaml``); those imports happen lazily so that importing this package
@@ -38,6 +39,9 @@ never requires them.
 """
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from .carrier import (
     CallUpdate,
@@ -53,11 +57,8 @@ from .carrier import (
     XmlDouble,
     double,
 )
-from .plivo import FakePlivo, PlivoDouble, plivo_inbound_form, plivo_v3_headers
 from .server import ServerThread
 from .stream import CarrierStream, Received, StreamDialect
-from .telnyx import FakeTelnyx, TelnyxDouble, TelnyxSigner, telnyx_inbound_form
-from .twilio import FakeTwilio, TwilioDouble, twilio_inbound_form, twilio_signature, twilio_stream_headers
 from .ultravox import (
     DATA_MESSAGE_TYPES,
     FakeResponse,
@@ -77,30 +78,26 @@ __all__ = [
     "Declined",
     "Dialled",
     "FakeCarrier",
-    "FakePlivo",
     "FakeResponse",
-    "FakeTelnyx",
-    "FakeTwilio",
     "FakeUltravox",
     "FakeUltravoxSession",
     "PickUp",
     "PlacedCarrierCall",
-    "PlivoDouble",
     "Received",
     "RecordedRequest",
     "ServerThread",
     "StreamDialect",
-    "TelnyxDouble",
-    "TelnyxSigner",
-    "TwilioDouble",
     "WebhookRequest",
     "XmlDouble",
     "double",
-    "plivo_inbound_form",
-    "plivo_v3_headers",
-    "telnyx_inbound_form",
-    "twilio_inbound_form",
-    "twilio_signature",
-    "twilio_stream_headers",
     "validate_ultravox_request",
 ]
+
+# The carriers' own modules: whatever module of this package has a DOUBLE is one.
+_SHARED = {"carrier", "server", "stream", "ultravox"}
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _SHARED:
+        _carrier = importlib.import_module(f"{__name__}.{_module.name}")
+        if hasattr(_carrier, "DOUBLE"):
+            globals().update({name: getattr(_carrier, name) for name in _carrier.__all__})
+            __all__ += list(_carrier.__all__)
