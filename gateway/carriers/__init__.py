@@ -20,6 +20,7 @@ BUILT_IN = (
     "gateway.carriers.twilio:TwilioCarrier",
     "gateway.carriers.telnyx:TelnyxCarrier",
     "gateway.carriers.plivo:PlivoCarrier",
+    "gateway.carriers.exotel:ExotelCarrier",
 )
 
 

@@ -1,0 +1,298 @@
+"""Everything Exotel: the Voicebot applet's dynamic URL, HTTP Basic credentials, Calls/connect and
+its bidirectional stream protocol.
+
+Exotel signs nothing. Its Voicebot applet is configured with the gateway's HTTPS endpoint (the
+credentials written into that URL, https://USER:PASSWORD@host/exotel/inbound); Exotel requests it
+for each call and opens the WebSocket URL the JSON answer names: Ultravox's join URL (medium
+{"exotel": {}}), or the gateway's media socket in bridge mode.
+
+Verified against Exotel's docs (developer.exotel.com AgentStream guides, the exotel/Agent-Stream
+repository): the answer shape {"url": "wss://…"}; Calls/connect's parameters and answer; the stream
+messages; 16-bit little-endian PCM at 8 kHz; outgoing chunks in multiples of 320 bytes. Not
+documented, and so unverified: the method and query parameters of the request to the dynamic URL
+(this module follows the Connect applet's dynamic URL: GET with CallSid, CallFrom, CallTo, Direction,
+and accepts a POST form or JSON as well), whether Basic credentials in the URL are sent to it,
+what Exotel does when that request fails, and the StatusCallback's content type (form and JSON are
+both read). Exotel documents no v1 API to end or redirect a live call: closing the stream ends a
+Calls/connect call (in a flow, the applet after the Voicebot runs), and operator transfers are
+refused with words the agent can say.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import ipaddress
+import json
+import secrets
+from typing import Any, Mapping
+from urllib.parse import urlencode
+
+import httpx
+from pydantic import field_validator
+from starlette.responses import Response
+
+from .. import numbers, statuses
+from ..http import RemoteError
+from ..settings import CarrierSettings
+from .base import (
+    FORM,
+    JSON,
+    QUERY,
+    InboundCall,
+    MalformedFrame,
+    OutboundDial,
+    RequestRejected,
+    SimulatedCall,
+    StatusUpdate,
+    StreamStart,
+    Webhook,
+)
+from .event_stream import EventStreamCarrier
+
+# Status words of Calls/connect answers and StatusCallbacks.
+CALL_STATUSES = {
+    "queued": statuses.QUEUED,
+    "ringing": statuses.RINGING,
+    # Exotel streams to the agent as soon as the callee picks up (its dial names the stream).
+    "in-progress": statuses.IN_PROGRESS,
+    "completed": statuses.COMPLETED,
+    "busy": statuses.BUSY,
+    "no-answer": statuses.NO_ANSWER,
+    "failed": statuses.FAILED,
+    "canceled": statuses.CANCELED,
+}
+# Raw PCM from the stream's start message: "audio/x-raw" in one page of Exotel's docs, "raw" in another.
+STREAM_ENCODINGS = ("audio/x-raw", "raw", "pcm", "audio/l16", "audio/x-l16")
+# StreamUrl must stay under 600 characters (Calls/connect).
+MAX_STREAM_URL = 600
+
+
+class ExotelSettings(CarrierSettings):
+    account_sid: str | None = None
+    api_key: str | None = None
+    api_token: str | None = None
+    # Singapore; accounts in Mumbai use https://api.in.exotel.com.
+    api_base_url: str = "https://api.exotel.com"
+    # The Basic credentials written into the Voicebot URL configured at Exotel.
+    webhook_username: str | None = None
+    webhook_password: str | None = None
+    # Networks Exotel's requests may come from (Exotel gives its ranges on request); empty: any.
+    allowed_sources: list[str] = []
+    # Where numbers written in national format ("08047491899") are read.
+    region: str = "IN"
+
+    @field_validator("allowed_sources")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not an address or network like 203.0.113.0/24") from None
+        return value
+
+
+class ExotelCarrier(EventStreamCarrier):
+    name = "exotel"
+    title = "Exotel"
+    settings_model = ExotelSettings
+    environment = {
+        "EXOTEL_ACCOUNT_SID": "account_sid",
+        "EXOTEL_API_KEY": "api_key",
+        "EXOTEL_API_TOKEN": "api_token",
+        "EXOTEL_API_BASE_URL": "api_base_url",
+        "EXOTEL_WEBHOOK_USERNAME": "webhook_username",
+        "EXOTEL_WEBHOOK_PASSWORD": "webhook_password",
+    }
+    verification_keys = ("webhook_username", "webhook_password")
+    dial_keys = ("account_sid", "api_key", "api_token")
+    webhook_formats = (QUERY, FORM, JSON)
+    answer_media_type = "application/json"
+    call_id_param = "CallSid"
+    from_param = "CallFrom"
+    to_param = "CallTo"
+    call_statuses = CALL_STATUSES
+    can_transfer = False
+    dials_into_stream = True
+    # Exotel signs nothing and its status callbacks carry no credentials (reported by integrators):
+    # callbacks to URLs the gateway issued are proven by the URL's own token.
+    authenticates_callbacks = False
+    ultravox_can_dial = False  # the exotel medium has no `outgoing`
+
+    def normalize_number(self, number: str) -> str:
+        return numbers.from_carrier(number, self.config.region)
+
+    def _written(self, number: str) -> str:
+        """A number as Exotel writes it: national form inside the account's region."""
+        return numbers.national(number, self.config.region) if numbers.is_e164(number) else number
+
+    # --- authenticity: Basic credentials, optionally a source allowlist -------------------------------
+    def _verify(self, webhook: Webhook) -> None:
+        if self.config.allowed_sources and not _source_allowed(webhook.client, self.config.allowed_sources):
+            raise RequestRejected("this address is not among [exotel] allowed_sources", 401)
+        username, password = _basic_credentials(webhook.headers.get("authorization"))
+        # Both compared, in constant time, whatever the first gives.
+        good = hmac.compare_digest(username.encode(), (self.config.webhook_username or "").encode())
+        good &= hmac.compare_digest(password.encode(), (self.config.webhook_password or "").encode())
+        if not good:
+            raise RequestRejected("missing or wrong Basic credentials (EXOTEL_WEBHOOK_USERNAME / _PASSWORD)", 401)
+
+    def parse_inbound(self, webhook: Webhook) -> InboundCall:
+        params = webhook.flat_params()
+        # The Connect applet's names (CallFrom, CallTo); Passthru-style requests say From, To.
+        params.setdefault(self.from_param, params.get("From", ""))
+        if not params.get(self.to_param) and params.get("To"):
+            params[self.to_param] = params["To"]
+        return super().parse_inbound(Webhook(
+            webhook.url, webhook.method, webhook.headers, webhook.body,
+            {name: [value] for name, value in params.items()}, webhook.client, webhook.format,
+        ))
+
+    # --- answers: JSON naming the stream; anything else lets the flow go on ----------------------------
+    def connect_answer(self, join_url: str, parameters: dict[str, str] | None = None) -> str:
+        # Our own parameters (bridge mode) are already in the URL's query, as Exotel passes them on.
+        return json.dumps({"url": join_url})
+
+    def apology_answer(self, message: str, fallback_number: str | None) -> str:
+        # Exotel cannot be told to speak from here: the Voicebot applet fails and the flow's next
+        # applet (the user's greeting and Connect to a person) runs. See the README.
+        return json.dumps({"error": message, "fallback_number": fallback_number})
+
+    def reject_answer(self, message: str) -> str:
+        return json.dumps({"error": message})
+
+    def hangup_answer(self) -> str:
+        return json.dumps({"error": "no call to connect"})
+
+    def answer_response(self, body: str) -> Response:
+        connects = "url" in json.loads(body)
+        return Response(body, status_code=200 if connects else 503, media_type=self.answer_media_type)
+
+    # --- REST: Calls/connect, with Basic auth --------------------------------------------------------
+    def rest_credentials(self) -> dict[str, Any]:
+        return {"auth": (self.config.api_key, self.config.api_token)}
+
+    async def place_call(self, http: httpx.AsyncClient, dial: OutboundDial, *, deadline: float) -> str | None:
+        if not dial.stream_url or len(dial.stream_url) >= MAX_STREAM_URL:
+            raise RemoteError(f"Exotel needs a stream URL under {MAX_STREAM_URL} characters")
+        form = [
+            # Exotel's From is the person called; CallerId the ExoPhone calling them. Numbers of the
+            # account's region are written in national form, as Exotel writes them itself (and as
+            # working integrations send them); whether E.164 works as well is unverified.
+            ("From", numbers.national(dial.to, self.config.region)),
+            ("CallerId", numbers.national(dial.from_, self.config.region)),
+            ("StreamUrl", dial.stream_url),
+            ("StreamType", "bidirectional"),
+            ("StatusCallback", dial.status_url),
+            *[("StatusCallbackEvents[]", event) for event in ("ringing", "answered", "terminal")],
+        ]
+        response = await self.rest(
+            http, "POST", f"/v1/Accounts/{self.config.account_sid}/Calls/connect.json", deadline=deadline,
+            # Encoded here: StatusCallbackEvents[] repeats, which httpx's `data=` cannot express.
+            content=urlencode(form), headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        try:
+            return str(response.json()["Call"]["Sid"])
+        except (ValueError, KeyError, TypeError):
+            return None  # placed; the status callbacks bring the CallSid
+
+    async def hang_up(self, http: httpx.AsyncClient, carrier_call_id: str, *, deadline: float) -> None:
+        # No v1 API ends a call: the bridge closing the stream is the hang-up (it ends a Calls/connect
+        # call; in a flow, the applet after the Voicebot runs).
+        return None
+
+    def parse_status(self, webhook: Webhook) -> StatusUpdate:
+        params = webhook.flat_params()
+        status = params.get("Status") or params.get("CallStatus") or ""
+        if params.get("EventType") == "answered":
+            status = "in-progress"
+        duration = params.get("ConversationDuration") or params.get("Duration") or ""
+        return StatusUpdate(
+            status=self.call_statuses.get(status.lower()),
+            carrier_call_id=params.get("CallSid"),
+            duration_seconds=int(duration) if duration.isdigit() else None,
+        )
+
+    def answered_by_machine(self, params: Mapping[str, str]) -> bool:
+        return False  # Exotel's detection (Beta) does not cover stream calls
+
+    # --- media stream --------------------------------------------------------------------------------
+    media_encoding = "l16-le"
+    media_rate = 8000
+    media_chunk_bytes = 320  # 20 ms at 8 kHz; other sizes leave a short packet, heard as a gap
+    media_start_encodings = STREAM_ENCODINGS
+
+    stream_id_key = "stream_sid"
+
+    def stream_start(self, data: dict, start: dict) -> StreamStart:
+        # Exotel's docs write stream_sid; its own bridges also read streamSid.
+        stream_id = data.get("stream_sid") or start.get("stream_sid") or data.get("streamSid") or start.get("streamSid")
+        if not stream_id:
+            raise MalformedFrame("start without stream_sid")
+        media_format = start.get("media_format") or {}
+        return StreamStart(
+            str(stream_id), start.get("call_sid") or start.get("callSid"),
+            str(media_format.get("encoding") or "audio/x-raw"),
+            int(media_format.get("sample_rate") or self.media_rate),
+            dict(start.get("custom_parameters") or {}),
+        )
+
+    def media_audio(self, stream_id: str, payload: bytes) -> str:
+        return json.dumps({"event": "media", "stream_sid": stream_id,
+                           "media": {"payload": base64.b64encode(payload).decode()}})
+
+    def media_mark(self, stream_id: str, name: str) -> str:
+        return json.dumps({"event": "mark", "stream_sid": stream_id, "mark": {"name": name}})
+
+    def media_clear(self, stream_id: str) -> str:
+        return json.dumps({"event": "clear", "stream_sid": stream_id})
+
+    # --- the carrier's own side (gateway simulate) -------------------------------------------------
+    def simulated_inbound(self, *, from_: str, to: str) -> SimulatedCall:
+        call_id = secrets.token_hex(16)
+        return SimulatedCall(call_id, {  # national format, as Exotel writes its numbers
+            "CallSid": call_id, "CallFrom": self._written(from_), "CallTo": self._written(to),
+            "Direction": "incoming",
+        })
+
+    def simulated_signature(self, url, params, body, private_key=None) -> dict[str, str]:
+        if not (self.config.webhook_username and self.config.webhook_password):
+            raise ValueError("EXOTEL_WEBHOOK_USERNAME and EXOTEL_WEBHOOK_PASSWORD are needed to call as Exotel")
+        credentials = f"{self.config.webhook_username}:{self.config.webhook_password}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(credentials).decode()}
+
+    def connected_stream(self, answer: str) -> tuple[str, dict[str, str]] | None:
+        url = json.loads(answer).get("url")
+        return (url, {}) if isinstance(url, str) and url else None
+
+    def simulated_start(self, stream_id, call_id, parameters) -> list[str]:
+        start = {"stream_sid": stream_id, "call_sid": call_id, "account_sid": self.config.account_sid or "",
+                 "custom_parameters": dict(parameters),
+                 "media_format": {"encoding": "audio/x-raw", "sample_rate": str(self.media_rate), "bit_rate": "16"}}
+        return [json.dumps({"event": "connected"}),
+                json.dumps({"event": "start", "sequence_number": 1, "stream_sid": stream_id, "start": start})]
+
+    def simulated_audio(self, stream_id, payload, sequence, timestamp_ms) -> str:
+        return json.dumps({"event": "media", "sequence_number": sequence, "stream_sid": stream_id, "media": {
+            "chunk": sequence, "timestamp": str(timestamp_ms), "payload": base64.b64encode(payload).decode()}})
+
+
+def _basic_credentials(header: str | None) -> tuple[str, str]:
+    scheme, _, encoded = (header or "").partition(" ")
+    if scheme.lower() != "basic":
+        return "", ""
+    try:
+        username, _, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return "", ""
+    return username, password
+
+
+def _source_allowed(client: str | None, networks: list[str]) -> bool:
+    try:
+        address = ipaddress.ip_address(client or "")
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(network, strict=False) for network in networks)
