@@ -511,3 +511,48 @@ mode = "bridge"
     asyncio.run(first_use())
     on_the_other_replica = call.local_url.replace(gateway.server.url.replace("http", "ws"), other.server.url.replace("http", "ws"))
     assert _refused(on_the_other_replica) == 403
+
+
+def aligned_snr_db(sent: bytes, got: bytes, max_lag: int = 200) -> float:
+    """snr_db of `got` against `sent` at the delay (in samples, either way) that suits it best:
+    resampling filters delay the signal by a few samples."""
+    def shifted(lag: int) -> tuple[bytes, bytes]:
+        return (sent[: len(sent) - 2 * lag], got[2 * lag:]) if lag >= 0 else (sent[-2 * lag:], got)
+    return max(snr_db(*shifted(lag)) for lag in range(-max_lag, max_lag + 1))
+
+
+def test_a_telnyx_stream_in_the_calls_own_g711_codec_is_resampled_both_ways(bridged):
+    """Telnyx falls back to the call's codec (PCMU, 8 kHz) when it cannot transcode to L16: the
+    bridge resamples to the 16 kHz the Ultravox call speaks, and answers in PCMU."""
+    import base64
+
+    from gateway.media.codecs import Resampler, audioop
+
+    call = bridged("telnyx")
+    sent = speech(8000, 1.0)
+
+    async def scenario():
+        async with call.stream() as stream:
+            await stream.start(call_id=call.carrier_call_id,
+                               extra={"media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1}})
+            for i in range(50):
+                frame = audioop.lin2ulaw(sent[i * 320:(i + 1) * 320], 2)
+                await stream.send_raw(json.dumps({"event": "media", "stream_id": stream.stream_id, "media": {
+                    "track": "inbound", "chunk": str(i), "timestamp": str(20 * i),
+                    "payload": base64.b64encode(frame).decode()}}))
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)
+            await stream.stop()
+            return [r.data for r in stream.of_kind("audio")]
+
+    echoed = asyncio.run(scenario())
+    session = call.ultravox.sessions[call.ultravox.created_calls[-1]["callId"]]
+    heard = bytes(session.audio_in)  # Ultravox heard 16 kHz PCM: twice the samples
+    assert abs(len(heard) / 2 / 16000 - 1.0) < 0.05
+    # G.711 and two resampling filters (whose delay need not be a whole 8 kHz sample) bound the
+    # figure; garbled audio (no resampling, wrong codec) scores below 0 dB.
+    assert aligned_snr_db(sent, Resampler(16000, 8000).convert(heard)) > 12
+    back = audioop.ulaw2lin(b"".join(base64.b64decode(m["media"]["payload"]) for m in echoed), 2)
+    assert abs(len(back) / 2 / 8000 - 1.0) < 0.05  # the caller hears PCMU at 8 kHz again
+    assert aligned_snr_db(sent, back) > 12
+    assert call.record().status != "failed"
