@@ -305,7 +305,7 @@ def test_media_counters_in_metrics(bridged):
     assert 'gateway_media_frames_total{direction="caller_to_agent"} 10.0' in metrics
 
 
-@pytest.mark.parametrize("carrier", ["twilio", "telnyx"])
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
 def test_gateway_simulate_plays_a_wav_and_records_the_agent(bridged, tmp_path, monkeypatch, carrier):
     import base64
 
