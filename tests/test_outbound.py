@@ -236,6 +236,20 @@ def test_concurrent_retries_with_one_idempotency_key_dial_once(gateway, fake_car
     assert placed_calls(fake_carriers) == 2
 
 
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+def test_a_retry_while_the_first_request_is_dialling_gets_its_outcome(gateway, fake_carriers, carrier):
+    # The carrier takes its time and refuses: the retry must report the refusal, not "queued".
+    fake_carriers[carrier].script(FakeResponse(status=400, delay=0.4))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(dial, gateway, carrier=carrier, idempotency_key="slow-1")
+        time.sleep(0.15)
+        retry = pool.submit(dial, gateway, carrier=carrier, idempotency_key="slow-1")
+        responses = [first.result(), retry.result()]
+    assert [r.json()["status"] for r in responses] == ["failed", "failed"]
+    assert responses[1].headers.get("idempotent-replayed") == "true"
+    assert len(fake_carriers[carrier].requests) == 1
+
+
 def placed_calls(fake_carriers) -> int:
     """Calls placed on any carrier (a dial request that names none goes to the default carrier)."""
     return sum(len(fake.calls) for fake in fake_carriers.values())

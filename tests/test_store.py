@@ -122,7 +122,7 @@ def test_migrations_run_once_and_are_recorded(database_url):
         versions = await store.database.transaction(
             lambda connection: connection.exec_driver_sql("SELECT version FROM schema_version").all()
         )
-        assert [v[0] for v in versions] == [1, 2, 3, 4]
+        assert [v[0] for v in versions] == [1, 2, 3, 4, 5]
 
     run(database_url, scenario)
 
@@ -159,10 +159,10 @@ def test_a_database_from_before_the_media_columns_is_upgraded(tmp_path):
     engine.dispose()
 
     async def scenario(store):
-        assert await store.migrate() == 4
+        assert await store.migrate() == 5
         columns = await store.database.transaction(
             lambda connection: {c["name"] for c in sa.inspect(connection).get_columns("calls")}
         )
-        assert {"media_stats", "recording_path"} <= columns
+        assert {"media_stats", "recording_path", "media_token", "placed_at"} <= columns
 
     run(f"sqlite:///{path}", scenario)

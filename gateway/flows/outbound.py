@@ -184,8 +184,8 @@ class OutboundFlow:
 
     async def _placed(self, record: CallRecord, deadline: float) -> CallRecord:
         """A retried request while the first one is still placing the call: wait for its outcome."""
-        while record.status == statuses.QUEUED and not (record.carrier_call_id or record.ultravox_call_id):
-            if record.agent_claimed_at or self._clock() + POLL_SECONDS >= deadline:
+        while record.status == statuses.QUEUED and record.placed_at is None:
+            if self._clock() + POLL_SECONDS >= deadline:
                 break
             await asyncio.sleep(POLL_SECONDS)
             record = await self.store.get(record.id)
@@ -269,7 +269,7 @@ class OutboundFlow:
             log.warning("outbound %s via %s: not placed, %s", record.id, carrier.name, error.reason)
             return (await self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=error.reason))).record
         log.info("outbound %s placed with %s (%s)", record.id, carrier.name, carrier_call_id or "id on callback")
-        return (await self.store.update(record.id, CallUpdate(carrier_call_id=carrier_call_id))).record
+        return (await self.store.update(record.id, CallUpdate(carrier_call_id=carrier_call_id, placed=True))).record
 
     async def _place_with_ultravox(
         self, carrier: Carrier, record: CallRecord, request: DialRequest, route: RouteSettings, deadline: float
@@ -283,7 +283,7 @@ class OutboundFlow:
         except UltravoxError as error:
             log.warning("outbound %s via Ultravox: not placed, %s", record.id, error.reason)
             return (await self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=error.reason))).record
-        return (await self.store.update(record.id, CallUpdate(ultravox_call_id=created.call_id))).record
+        return (await self.store.update(record.id, CallUpdate(ultravox_call_id=created.call_id, placed=True))).record
 
     def _call_request(self, carrier: Carrier, record: CallRecord, request: DialRequest, route: RouteSettings,
                       medium: dict[str, Any], join_timeout_seconds: float | None = None):

@@ -49,6 +49,7 @@ class CallRecord:
     media_stats: str | None = None
     recording_path: str | None = None
     media_token: str | None = None
+    placed_at: dt.datetime | None = None
 
     @property
     def is_final(self) -> bool:
@@ -87,10 +88,13 @@ class CallUpdate:
     answered_by: str | None = None
     duration_seconds: int | None = None
     summary: str | None = None
+    placed: bool = False  # outbound: the carrier (or Ultravox) accepted the dial
 
     def details(self) -> dict[str, Any]:
         values = asdict(self)
-        del values["status"], values["provisional"]
+        del values["status"], values["provisional"], values["placed"]
+        if self.placed:
+            values["placed_at"] = utcnow()
         if values["failure_reason"]:
             values["failure_reason"] = values["failure_reason"][:500]
         return {name: value for name, value in values.items() if value is not None}
@@ -116,7 +120,7 @@ def as_utc(value: dt.datetime) -> dt.datetime:
 
 def _record(row: sa.Row) -> CallRecord:
     data = dict(row._mapping)
-    for name in ("created_at", "updated_at", "answered_at", "ended_at", "agent_claimed_at"):
+    for name in ("created_at", "updated_at", "answered_at", "ended_at", "agent_claimed_at", "placed_at"):
         if data[name] is not None:
             data[name] = as_utc(data[name])
     return CallRecord(**{name: data[name] for name in _COLUMNS})

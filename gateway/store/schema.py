@@ -46,6 +46,9 @@ calls = sa.Table(
     sa.Column("recording_path", sa.Text),
     # Bridge mode (migration 4): the media token last used, so each opens one socket, on any replica.
     sa.Column("media_token", sa.String(64)),
+    # Outbound (migration 5): when the carrier (or Ultravox) accepted the dial, so a retried request
+    # knows the first one is done placing it.
+    sa.Column("placed_at", sa.DateTime(timezone=True)),
     # A carrier retry of the same call must find the first record, also across replicas.
     sa.UniqueConstraint("carrier", "carrier_call_id", name="uq_calls_carrier_call"),
     # A retried dial request must find the first call instead of dialling twice.
@@ -115,8 +118,9 @@ def _add_call_columns(**columns: str):
 
 _add_media_columns = _add_call_columns(media_stats="TEXT", recording_path="TEXT")
 _add_media_token_column = _add_call_columns(media_token="VARCHAR(64)")
+_add_placed_column = _add_call_columns(placed_at="TIMESTAMP WITH TIME ZONE")
 
 
 # Append new migrations; never edit one that has shipped. (Version 1 grew the outbound columns
 # before the first release.)
-MIGRATIONS = [_create_v1, _create_transfers, _add_media_columns, _add_media_token_column]
+MIGRATIONS = [_create_v1, _create_transfers, _add_media_columns, _add_media_token_column, _add_placed_column]
