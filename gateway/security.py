@@ -43,18 +43,18 @@ def valid_callback_token(key: str, call_id: str, token: str | None) -> bool:
     return bool(token) and hmac.compare_digest(callback_token(key, call_id), token)
 
 
-def media_token(key: str, carrier: str, carrier_call_id: str, expires_at: int) -> str:
-    """A short-lived token for one call's media socket: "{expiry}.{signature}"."""
-    mac = hmac.new(key.encode(), f"media:{carrier}:{carrier_call_id}:{expires_at}".encode(), hashlib.sha256)
+def media_token(key: str, carrier: str, call_id: str, expires_at: int) -> str:
+    """A short-lived token for one call's media socket (`call_id`: the gateway's record), "{expiry}.{signature}"."""
+    mac = hmac.new(key.encode(), f"media:{carrier}:{call_id}:{expires_at}".encode(), hashlib.sha256)
     return f"{expires_at}.{mac.hexdigest()[:32]}"
 
 
-def media_token_problem(key: str, carrier: str, carrier_call_id: str, token: str | None, now: float) -> str | None:
+def media_token_problem(key: str, carrier: str, call_id: str, token: str | None, now: float) -> str | None:
     """Why `token` does not open this call's media socket, or None when it does."""
     expires, _, _ = (token or "").partition(".")
     if not expires.isdigit():
         return "missing or malformed media token"
-    if not hmac.compare_digest(media_token(key, carrier, carrier_call_id, int(expires)), token):
+    if not hmac.compare_digest(media_token(key, carrier, call_id, int(expires)), token):
         return "media token does not match this call"
     if now > int(expires):
         return "media token has expired"

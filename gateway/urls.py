@@ -17,10 +17,15 @@ from .settings import Settings
 MEDIA_TOKEN_SECONDS = 60
 
 
-def transfer_subject(transfer_id: str, step: str, leg: int | None) -> str:
-    # The token covers the step and the leg: Telnyx signs only its body, so a captured callback
-    # must not be replayable against another step (say, `accept`).
-    return f"transfer:{transfer_id}:{step}:{'' if leg is None else leg}"
+# A callback token covers the carrier and the route (for transfers: the step and the leg) it was
+# issued for: Telnyx signs only its body and Exotel nothing, so a captured callback URL must not be
+# replayable on another carrier's path or against another step (say, `accept`).
+def call_subject(route: str, carrier: str, call_id: str) -> str:
+    return f"call:{route}:{carrier}:{call_id}"
+
+
+def transfer_subject(carrier: str, transfer_id: str, step: str, leg: int | None) -> str:
+    return f"transfer:{carrier}:{transfer_id}:{step}:{'' if leg is None else leg}"
 
 
 class Urls:
@@ -44,19 +49,22 @@ class Urls:
     # --- what carriers are given --------------------------------------------------------------
     def call_callback(self, route: str, carrier: str, call_id: str) -> str:
         """A URL for the carrier to call back about one call, with a token only the gateway can make."""
-        return self.public(route, {"call": call_id, "t": callback_token(self._key, call_id)}, carrier=carrier)
+        token = callback_token(self._key, call_subject(route, carrier, call_id))
+        return self.public(route, {"call": call_id, "t": token}, carrier=carrier)
 
-    def valid_call_callback(self, call_id: str, token: str | None) -> bool:
-        return valid_callback_token(self._key, call_id, token)
+    def valid_call_callback(self, route: str, carrier: str, call_id: str, token: str | None) -> bool:
+        return valid_callback_token(self._key, call_subject(route, carrier, call_id), token)
 
     def transfer_callback(self, carrier: str, step: str, transfer_id: str, leg: int | None = None) -> str:
-        query = {"transfer": transfer_id, "t": callback_token(self._key, transfer_subject(transfer_id, step, leg))}
+        token = callback_token(self._key, transfer_subject(carrier, transfer_id, step, leg))
+        query = {"transfer": transfer_id, "t": token}
         if leg is not None:
             query["leg"] = str(leg)
         return self.public(f"transfer-{step}", query, carrier=carrier)
 
-    def valid_transfer_callback(self, transfer_id: str, step: str, leg: int | None, token: str | None) -> bool:
-        return valid_callback_token(self._key, transfer_subject(transfer_id, step, leg), token)
+    def valid_transfer_callback(self, carrier: str, transfer_id: str, step: str, leg: int | None,
+                                token: str | None) -> bool:
+        return valid_callback_token(self._key, transfer_subject(carrier, transfer_id, step, leg), token)
 
     def media_socket(self, carrier: str, call_id: str, *, lifetime: float = MEDIA_TOKEN_SECONDS) -> tuple[str, dict[str, str]]:
         """The gateway's media socket for one call (bridge mode), and the credentials in its query.

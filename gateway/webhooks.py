@@ -30,11 +30,15 @@ log = logging.getLogger("gateway")
 MAX_FIELDS = 256
 
 
-async def read_webhook(request: Request, carrier: Carrier, *, max_bytes: int, url: str) -> Webhook:
-    """The request as the carrier sent it, bounded in size, in one of the carrier's webhook formats."""
-    formats = [f for f in carrier.webhook_formats if f.method == request.method]
+async def read_webhook(
+    request: Request, carrier: Carrier, *, max_bytes: int, url: str, callback: bool = False
+) -> Webhook:
+    """The request as the carrier sent it, bounded in size, in one of the formats the carrier sends
+    its webhooks (or, `callback`, its callbacks to URLs the gateway issued) in."""
+    accepted = carrier.formats(callback=callback)
+    formats = [f for f in accepted if f.method == request.method]
     if not formats:
-        methods = sorted({f.method for f in carrier.webhook_formats})
+        methods = sorted({f.method for f in accepted})
         raise RequestRejected(f"{carrier.title} webhooks are sent with {' or '.join(methods)}", 405)
     if formats[0] is QUERY:
         return Webhook(url=url, method=request.method, headers=request.headers, body=b"",
@@ -100,12 +104,13 @@ class CarrierWebhooks:
         self.clock = clock
         self._endpoints()
 
-    async def _verified(self, carrier: Carrier, request: Request, *, issued: Callable[[], bool] | None = None) -> Webhook:
-        """The carrier's authenticated request; with `issued`, also the gateway's own token in the URL."""
+    async def _verified(self, carrier: Carrier, request: Request, *, callback: bool = True,
+                        issued: Callable[[], bool] | None = None) -> Webhook:
+        """The carrier's authenticated request (`callback`: to a callback route, not its inbound
+        webhook); with `issued`, also the gateway's own token in the URL."""
         webhook = await read_webhook(request, carrier, max_bytes=self.settings.max_body_bytes,
-                                     url=self.urls.of_request(request))
-        if issued is None or carrier.authenticates_callbacks:
-            carrier.verify(webhook)
+                                     url=self.urls.of_request(request), callback=callback)
+        carrier.verify(webhook, issued_url=issued is not None)
         if issued is not None and not issued():
             raise SignatureRejected("this callback URL was not issued by this gateway")
         return webhook
@@ -125,8 +130,9 @@ class CarrierWebhooks:
         endpoint.__name__ = handler.__name__
         return endpoint
 
-    def _call_issued(self, request: Request) -> Callable[[], bool]:
-        return lambda: self.urls.valid_call_callback(request.query_params.get("call", ""), request.query_params.get("t"))
+    def _call_issued(self, request: Request, route: str, carrier: Carrier) -> Callable[[], bool]:
+        query = request.query_params
+        return lambda: self.urls.valid_call_callback(route, carrier.name, query.get("call", ""), query.get("t"))
 
     # --- the endpoints ----------------------------------------------------------------------------
     def _endpoints(self) -> None:
@@ -146,7 +152,7 @@ class CarrierWebhooks:
         started = self.clock()
         deadline = started + self.settings.ultravox.inbound_deadline_seconds
         try:
-            call = carrier.parse_inbound(await self._verified(carrier, request))
+            call = carrier.parse_inbound(await self._verified(carrier, request, callback=False))
         except RequestRejected as rejection:
             return self._refused(carrier, rejection)
         try:
@@ -168,7 +174,7 @@ class CarrierWebhooks:
         """The callee picked up a call the gateway placed: connect the agent."""
         deadline = self.clock() + self.settings.ultravox.inbound_deadline_seconds
         try:
-            webhook = await self._verified(carrier, request, issued=self._call_issued(request))
+            webhook = await self._verified(carrier, request, issued=self._call_issued(request, "outbound-answer", carrier))
         except RequestRejected as rejection:
             return self._refused(carrier, rejection)
         call_id = request.query_params.get("call", "")
@@ -186,7 +192,7 @@ class CarrierWebhooks:
         call_id = request.query_params.get("call")
         try:
             webhook = await self._verified(
-                carrier, request, issued=self._call_issued(request) if call_id is not None else None
+                carrier, request, issued=self._call_issued(request, "status", carrier) if call_id is not None else None
             )
         except RequestRejected as rejection:
             return self._refused(carrier, rejection)
@@ -201,9 +207,11 @@ class CarrierWebhooks:
         leg_text = request.query_params.get("leg")
         leg = int(leg_text) if leg_text is not None and leg_text.isdigit() else None
         token = request.query_params.get("t")
+        if not carrier.can_transfer:
+            return PlainTextResponse("not found\n", status_code=404)
         try:
             webhook = await self._verified(carrier, request, issued=lambda: self.urls.valid_transfer_callback(
-                transfer_id, step.name, leg, token))
+                carrier.name, transfer_id, step.name, leg, token))
         except RequestRejected as rejection:
             return self._refused(carrier, rejection)
         transfer = await self.transfers.get(transfer_id)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import websockets
 
+from gateway.carriers import CARRIERS
 from gateway.security import media_token
 from gateway.testing import CarrierStream, double, twilio_stream_headers
 
@@ -556,3 +557,28 @@ def test_a_telnyx_stream_in_the_calls_own_g711_codec_is_resampled_both_ways(brid
     assert abs(len(back) / 2 / 8000 - 1.0) < 0.05  # the caller hears PCMU at 8 kHz again
     assert aligned_snr_db(sent, back) > 12
     assert call.record().status != "failed"
+
+
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+def test_agent_audio_of_any_frame_size_reaches_the_carrier_in_sizes_it_accepts(bridged, carrier):
+    """Ultravox's frames need not match the carrier's chunk rule (Exotel: multiples of 320 bytes):
+    the bridge re-cuts them, holding a short rest back for the next frame, losing nothing."""
+    call = bridged(carrier)
+    call.ultravox.media_mode = "silent"
+    agent = speech(call.rate, 0.5)
+
+    async def scenario():
+        async with call.stream() as stream:
+            await stream.start(call_id=call.carrier_call_id)
+            session = await asyncio.to_thread(call.ultravox.wait_for_session)
+            for offset in range(0, len(agent), 500):  # 250 samples: no carrier's natural frame
+                await asyncio.to_thread(session.send_audio, agent[offset:offset + 500])
+            await asyncio.sleep(0.3)
+            await stream.stop()
+            return stream.agent_audio(), stream.format_errors
+
+    heard, errors = asyncio.run(scenario())
+    assert errors == []  # the stream dialect checks each chunk against the carrier's rule
+    # Everything but (at most) a rest shorter than one frame arrived.
+    frame = call.rate * CARRIERS[carrier].media_chunk_ms // 1000 * 2
+    assert 0 <= len(agent) - len(heard) <= max(frame - 2, 0)

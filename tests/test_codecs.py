@@ -304,3 +304,16 @@ def test_transcoder_reset_outbound_after_barge_in():
     t.from_pcm(to_pcm(speech(timeline(24000, 0.1)) * 3))
     t.reset_outbound()
     assert t.from_pcm(bytes(960)) == encode(MULAW_8K, bytes(320))
+
+
+def test_chunker_cuts_whole_frames_and_holds_the_rest_until_the_next_audio():
+    from gateway.media.codecs import Chunker
+
+    chunker = Chunker(320)
+    assert chunker.take(b"a" * 500) == b"a" * 320
+    assert chunker.take(b"b" * 100) == b""  # 280 waiting: less than a frame
+    out = chunker.take(b"c" * 400)  # 280 + 400 = 680: two frames out, 40 bytes wait
+    assert out == b"a" * 180 + b"b" * 100 + b"c" * 360
+    chunker.clear()  # a barge-in drops the rest with the queued audio
+    assert chunker.take(b"d" * 320) == b"d" * 320
+    assert Chunker(1).take(b"xyz") == b"xyz"

@@ -145,3 +145,13 @@ def test_bridge_mode_stream_urls_carry_the_media_token_in_the_query(make_gateway
     query = parse_qs(url.query)
     assert query["call"] == [record.id] and query["token"]
     assert fake_ultravox.requests[0].body["medium"]["serverWebSocket"]["inputSampleRate"] == 8000
+
+
+def test_allowed_sources_cover_callbacks_too(make_gateway, fake_ultravox, fake_carriers):
+    config = BASE_CONFIG.replace('allowed_prefixes = ["+1", "+44"]', 'allowed_prefixes = ["+1", "+44", "+91"]')
+    gateway = make_gateway(INDIAN_LINE + '\n[exotel]\nallowed_sources = ["10.0.0.0/8"]\n', config=config)
+    call = gateway.client.post("/v1/calls", headers=AUTH, json={
+        "to": CALLER, "route": "bengaluru", "carrier": "exotel"}).json()
+    (placed,) = fake_carriers["exotel"].calls
+    assert fake_carriers["exotel"].send_status(placed, "completed").status_code == 401  # from 127.0.0.1
+    assert gateway.client.get(f"/v1/calls/{call['id']}", headers=AUTH).json()["status"] == "queued"

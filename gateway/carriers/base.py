@@ -220,6 +220,9 @@ class Carrier(ABC):
 
     # --- webhooks: how they arrive, how they are answered ---------------------------------------
     webhook_formats: ClassVar[tuple[WebhookFormat, ...]] = (FORM,)
+    # How its callbacks to URLs the gateway issued (status, answer, transfer steps) arrive, where
+    # that differs from its webhooks.
+    callback_formats: ClassVar[tuple[WebhookFormat, ...] | None] = None
     answer_media_type: ClassVar[str] = "application/xml"
     call_id_param: ClassVar[str]
     from_param: ClassVar[str] = "From"
@@ -262,12 +265,24 @@ class Carrier(ABC):
     def _verify(self, webhook: Webhook) -> None:
         """Raise SignatureRejected unless the carrier sent this exact request."""
 
-    def verify(self, webhook: Webhook) -> None:
+    def check_source(self, webhook: Webhook) -> None:
+        """Raise RequestRejected when the request comes from where the carrier's never do."""
+
+    def verify(self, webhook: Webhook, *, issued_url: bool = False) -> None:
+        """Raise RequestRejected unless the carrier sent `webhook`; `issued_url`: to a URL the gateway
+        issued (whose own token the caller checks)."""
         if self.settings.insecure_skip_signature_verification:
             return
         if not self.can_verify:
             raise SignatureRejected(f"{self.title} webhook credentials are not configured on this gateway")
+        self.check_source(webhook)
+        if issued_url and not self.authenticates_callbacks:
+            return  # the URL's own token is the proof
         self._verify(webhook)
+
+    def formats(self, *, callback: bool) -> tuple[WebhookFormat, ...]:
+        """The formats its webhooks (or, `callback`, its callbacks) arrive in."""
+        return (self.callback_formats or self.webhook_formats) if callback else self.webhook_formats
 
     # --- parsing --------------------------------------------------------------------------------
     def parse_inbound(self, webhook: Webhook) -> InboundCall:
@@ -406,9 +421,9 @@ class Carrier(ABC):
     # The encoding and rate the gateway asks the carrier to stream (and Ultravox to speak).
     media_encoding: ClassVar[str]  # gateway.media.codecs encoding name
     media_rate: ClassVar[int]
-    # Audio sent to the carrier goes in chunks of a multiple of this many bytes (the rest waits
-    # for the next audio); 1: any size.
-    media_chunk_bytes: ClassVar[int] = 1
+    # Audio sent to the carrier goes in whole frames of this many milliseconds (the rest waits for
+    # the next audio); 0: any size.
+    media_chunk_ms: ClassVar[int] = 0
 
     # Whether upgrade_problem proves the carrier sent the socket (then the token may come later).
     upgrade_is_signed: ClassVar[bool] = False
@@ -426,7 +441,8 @@ class Carrier(ABC):
     def stream_format(self, start: StreamStart) -> AudioFormat | None:
         """The audio the carrier streams, from its start message; None when the gateway cannot relay it.
 
-        The Ultravox side always speaks media_rate; a stream at another rate is resampled."""
+        The Ultravox side always speaks media_rate; a carrier accepting a stream in another format
+        or rate (Telnyx's G.711 fallback) returns that, and the bridge transcodes it."""
         if start.encoding.lower() in self.media_start_encodings and start.rate == self.media_rate:
             return AudioFormat(self.media_encoding, self.media_rate)
         return None

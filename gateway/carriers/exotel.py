@@ -109,6 +109,7 @@ class ExotelCarrier(EventStreamCarrier):
     verification_keys = ("webhook_username", "webhook_password")
     dial_keys = ("account_sid", "api_key", "api_token")
     webhook_formats = (QUERY, FORM, JSON)
+    callback_formats = (FORM, JSON)  # StatusCallbacks are POSTs: no GET (a bare link) moves a call
     answer_media_type = "application/json"
     call_id_param = "CallSid"
     from_param = "CallFrom"
@@ -129,9 +130,12 @@ class ExotelCarrier(EventStreamCarrier):
         return numbers.national(number, self.config.region) if numbers.is_e164(number) else number
 
     # --- authenticity: Basic credentials, optionally a source allowlist -------------------------------
-    def _verify(self, webhook: Webhook) -> None:
+    def check_source(self, webhook: Webhook) -> None:
+        # The address the connection came from: behind a proxy that is the proxy's (see the README).
         if self.config.allowed_sources and not _source_allowed(webhook.client, self.config.allowed_sources):
             raise RequestRejected("this address is not among [exotel] allowed_sources", 401)
+
+    def _verify(self, webhook: Webhook) -> None:
         username, password = _basic_credentials(webhook.headers.get("authorization"))
         # Both compared, in constant time, whatever the first gives.
         good = hmac.compare_digest(username.encode(), (self.config.webhook_username or "").encode())
@@ -221,7 +225,9 @@ class ExotelCarrier(EventStreamCarrier):
     # --- media stream --------------------------------------------------------------------------------
     media_encoding = "l16-le"
     media_rate = 8000
-    media_chunk_bytes = 320  # 20 ms at 8 kHz; other sizes leave a short packet, heard as a gap
+    # Chunks must be multiples of 320 bytes (20 ms at 8 kHz); another size leaves a short packet,
+    # heard as a gap.
+    media_chunk_ms = 20
     media_start_encodings = STREAM_ENCODINGS
 
     stream_id_key = "stream_sid"
@@ -240,6 +246,8 @@ class ExotelCarrier(EventStreamCarrier):
         )
 
     def media_audio(self, stream_id: str, payload: bytes) -> str:
+        # Only the payload is documented. Exotel's own bridges also send chunk and timestamp, which
+        # some Calls/connect streams are reported to need [unverified; not sent].
         return json.dumps({"event": "media", "stream_sid": stream_id,
                            "media": {"payload": base64.b64encode(payload).decode()}})
 

@@ -142,6 +142,9 @@ class TelnyxCarrier(TwimlCarrier):
                            dict(start.get("custom_parameters") or {}))
 
     media_start_encodings = ("l16",)
+    # "RTP media chunks sent back to Telnyx can contain 20 milliseconds to 30 seconds" (its media
+    # streaming docs): audio goes in whole 20 ms frames.
+    media_chunk_ms = 20
     # Telnyx streams the call's own codec when it cannot transcode to what was asked for (its media
     # streaming docs): G.711 at 8 kHz, relayed resampled to the 16 kHz the Ultravox call speaks.
     # That the audio sent back must then be in that codec too is our reading [unverified].

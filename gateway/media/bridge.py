@@ -260,13 +260,13 @@ class MediaBridge:
     async def _agent_to_caller(self, session: "_Session", stream_id: str, transcoder: Transcoder) -> None:
         carrier, websocket, ultravox = session.carrier, session.websocket, session.ultravox
         recorder, stats = session.recorder, session.stats
-        chunker = Chunker(carrier.media_chunk_bytes)
+        chunker = Chunker(transcoder.carrier_format.frame_bytes(carrier.media_chunk_ms) if carrier.media_chunk_ms else 1)
         async for message in ultravox:
             if isinstance(message, bytes):
                 payload = chunker.take(transcoder.from_pcm(message))
                 if payload:
                     await send(websocket, carrier.media_audio(stream_id, payload))
-                stats.frames_out += 1
+                    stats.frames_out += 1
                 if recorder:
                     recorder.agent(message)
                 continue

@@ -620,6 +620,7 @@ class CarrierDouble(ABC):
     call_id_param: ClassVar[str]  # the inbound webhook's call-id field
     own_number: ClassVar[str]  # an E.164 number the test config lists for it under [outbound.numbers]
     webhook_method: ClassVar[str] = "POST"  # "POST": the form is a urlencoded body; "GET": it is the query
+    callback_method: ClassVar[str] = "POST"  # the same, for its callbacks (status, answer, transfer steps)
     signs_url: ClassVar[bool] = True  # its webhook signature covers the URL
     signs_form: ClassVar[bool] = True  # its webhook signature covers the fields: a changed field is refused
     unauthenticated_status: ClassVar[int] = 403  # the gateway's status for a webhook failing its check
@@ -684,7 +685,8 @@ class CarrierDouble(ABC):
         the signature out.
         """
         path, _, query = path.partition("?")
-        if self.webhook_method == "GET":
+        method = self.webhook_method if path.endswith("/inbound") else self.callback_method
+        if method == "GET":
             query = "&".join(part for part in (query, _urlencode(form)) if part)
             raw, headers = b"", {}
         else:
@@ -693,7 +695,7 @@ class CarrierDouble(ABC):
         if signed:
             url = public_url.rstrip("/") + path + (f"?{query}" if query else "")
             headers.update(self.sign(url, form, raw))
-        return WebhookRequest(self.webhook_method, headers, raw, query)
+        return WebhookRequest(method, headers, raw, query)
 
     @abstractmethod
     def status_fields(self, status: str, duration: int | None = None) -> dict[str, str]:
