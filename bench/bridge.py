@@ -1,14 +1,17 @@
 """Bridge-mode media benchmark: the gateway's media relay against a bare websockets relay.
 
-    python bench/bridge.py [--calls 200] [--seconds 20] [--carrier twilio] [--load-processes 2]
+    python bench/bridge.py [--calls 200] [--seconds 20] [--carrier NAME] [--load-processes 2]
 
-Each target runs in its own process against its own fake Ultravox process, which echoes every
-binary frame back (so the agent "speaks" 20 ms frames at the caller's real-time pace). First the
-real `gateway serve` with one bridge-mode route: each simulated call posts a signed inbound
-webhook, opens the stream URL from the XML (on loopback; the signature stays on the public wss://
-URL) and plays a speech-like signal as 20 ms frames in real time with `CarrierStream`. Then the
-baseline: a minimal websockets relay (JSON + base64 both ways, no codec, no counters), whose
-Ultravox calls the load generator creates itself. Calls start staggered over the first 2 s.
+Any carrier of gateway.carriers.CARRIERS (by default the registry's first) is played by its test
+double (gateway.testing.double) and its media-stream dialect (`CarrierStream`). Each target runs in
+its own process against its own fake Ultravox process, which echoes every binary frame back (so the
+agent "speaks" 20 ms frames at the caller's real-time pace). First the real `gateway serve` with
+one bridge-mode route: each simulated call sends the carrier's inbound webhook, built and signed by
+the double, opens the stream URL the answer connects to (on loopback; whatever the carrier signs
+on the upgrade stays on the public wss:// URL) and plays a speech-like signal as 20 ms frames in
+real time with `CarrierStream`. Then the baseline: a minimal websockets relay (JSON + base64 both
+ways, no codec, no counters), whose Ultravox calls the load generator creates itself. Calls start
+staggered over the first 2 s.
 
 Every frame carries its number in its first two samples (mu-law code points, which survive both
 G.711 and L16), so each echoed frame is matched to the frame the caller sent. Figures are printed,
@@ -25,9 +28,11 @@ import base64
 import contextlib
 import dataclasses
 import gc
+import io
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -37,34 +42,34 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 # bench/ is sys.path[0] when this file runs as a script (parent and children alike), so the
 # inbound benchmark's process management and constants are shared rather than copied.
 from inbound import (  # noqa: E402
+    ANSWER_ERRORS,
     CALLED_NUMBER,
+    DEAD_API,
     PUBLIC_URL,
-    TWILIO_TOKEN,
     ULTRAVOX_KEY,
     Child,
     _die_with_parent,
     child_env,
     cpu_seconds,
     free_port,
+    inbound_path,
     percentile,
     run_async,
 )
+
+from gateway.carriers import CARRIERS
 
 with warnings.catch_warnings():  # deprecated in 3.11-3.12; audioop-lts provides it from 3.13
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
 HERE = os.path.abspath(__file__)
-PLIVO_AUTH_ID = "MA" + "0" * 18
-PLIVO_TOKEN = "bench-plivo-auth-token"
-DEAD_API = "http://127.0.0.1:9"  # carrier REST APIs: a hang-up must fail fast, never leave loopback
-RATE = {"twilio": 8000, "telnyx": 16000, "plivo": 16000}
-CALL_ID_FIELD = {"twilio": "CallSid", "telnyx": "CallSid", "plivo": "CallUUID"}
+DEFAULT_CARRIER = next(iter(CARRIERS))  # the registry's first
 FRAME_SECONDS = 0.020
 LATE_SECONDS = 0.060  # same threshold as the gateway's own late-frame counter
 RAMP_SECONDS = 2.0  # call starts are spread over this
@@ -73,6 +78,7 @@ DRAIN_SECONDS = 2.0  # after its last frame, a call waits this long at most for 
 
 # Targets from the issue, printed next to the figures.
 TARGET_CALLS = 200
+TARGET_CARRIER = DEFAULT_CARRIER  # the calls target is for the registry's first carrier
 TARGET_ADDED_P99_MS = 5.0
 TARGET_CPU_RATIO = 1.5
 # Machine busy fraction from which latencies measure CPU contention: on the 2-core dev VM the
@@ -102,16 +108,13 @@ def marker_samples(k: int) -> bytes:
     return audioop.ulaw2lin(bytes((_code(k // 255 % 255), _code(k % 255))), 2)
 
 
-def marker_of(carrier: str, message: dict) -> int:
-    """The frame number in an audio message from the target, read from its payload's first bytes."""
-    payload = message["media"]["payload"]
-    if carrier == "twilio":
-        codes = base64.b64decode(payload[:4])[:2]  # mu-law on the wire: the code bytes themselves
-    else:
-        raw = base64.b64decode(payload[:8])[:4]
-        if carrier == "telnyx":  # L16 big-endian
-            raw = bytes((raw[1], raw[0], raw[3], raw[2]))
-        codes = audioop.lin2ulaw(raw, 2)
+def marker_of(stream, message: dict) -> int:
+    """The frame number in an audio message from the target: its first two samples, as the
+    carrier's stream dialect decodes them (to s16le), read back as mu-law code points."""
+    pcm, _ = stream.dialect.decode(stream, message)  # format errors: the stream has them already
+    codes = audioop.lin2ulaw(pcm[:4], 2)
+    if len(codes) < 2:
+        return -1  # too short to carry a number: counted as out of order
     return _digit(codes[0]) * 255 + _digit(codes[1])
 
 
@@ -170,40 +173,35 @@ def serve_fake(port: int) -> None:
 # =============================================================================================
 
 
-def relay_messages(carrier: str):
-    """(stream id of a start message, agent audio message) in the same JSON shape as the gateway's."""
-    if carrier == "twilio":
-        def stream_id(data):
-            return data.get("streamSid")
-
-        def media(sid, payload):
-            return json.dumps({"event": "media", "streamSid": sid,
-                               "media": {"payload": base64.b64encode(payload).decode()}})
-    elif carrier == "telnyx":
-        def stream_id(data):
-            return data.get("stream_id")
-
-        def media(sid, payload):
-            return json.dumps({"event": "media", "media": {"payload": base64.b64encode(payload).decode()}})
-    else:
-        def stream_id(data):
-            return (data.get("start") or {}).get("streamId")
-
-        def media(sid, payload):
-            return json.dumps({"event": "playAudio", "streamId": sid, "media": {
-                "contentType": "audio/x-l16", "sampleRate": RATE["plivo"],
-                "payload": base64.b64encode(payload).decode(),
-            }})
-    return stream_id, media
-
-
 async def relay_main(port: int, carrier: str) -> None:
+    """The bare relay. The carrier's own module reads the start message (its stream id) and writes
+    the agent's audio (`media_audio`, the JSON the gateway sends too); the caller's audio takes the
+    bare path (json.loads + base64) whenever it comes as a JSON "media" event with media.payload,
+    the shape of every carrier's stream today, and the carrier's parser otherwise."""
     from http import HTTPStatus
 
     import websockets
     from websockets.asyncio.server import serve
 
-    stream_id_of, media_message = relay_messages(carrier)
+    from gateway.carriers.base import (
+        MalformedFrame,
+        StreamAudio,
+        StreamStart,
+        StreamStop,
+    )
+    from gateway.settings import load_settings
+
+    speaker = CARRIERS[carrier](load_settings(environ={}))  # its wire format needs none of its settings
+    # The gateway's libraries, loaded for the carrier's module, never die: kept out of the collector's
+    # full passes, as the gateway keeps its own (gateway/app.py), lest they cost the bare relay
+    # pauses the old relay, without them, did not have.
+    gc.freeze()
+
+    def parsed(message):
+        try:
+            return speaker.parse_media(message)
+        except MalformedFrame:
+            return None
 
     def health(connection, request):
         if request.path == "/healthz":
@@ -214,27 +212,33 @@ async def relay_main(port: int, carrier: str) -> None:
         # /media/<carrier>?join=<Ultravox join URL>: the load generator created the call.
         join = parse_qs(urlsplit(carrier_ws.request.path).query)["join"][0]
         sid = None
-        async for text in carrier_ws:
-            data = json.loads(text)
-            if data.get("event") == "start":
-                sid = stream_id_of(data)
+        async for message in carrier_ws:
+            event = parsed(message)
+            if isinstance(event, StreamStart):
+                sid = event.stream_id
                 break
         if sid is None:
             return
         async with websockets.connect(join, compression=None, max_size=2**20) as ultravox:
             async def caller_to_agent():
-                async for text in carrier_ws:
-                    data = json.loads(text)
-                    event = data.get("event")
-                    if event == "media":
+                async for message in carrier_ws:
+                    try:
+                        data = json.loads(message)
+                    except ValueError:
+                        data = None
+                    if isinstance(data, dict) and data.get("event") == "media":
                         await ultravox.send(base64.b64decode(data["media"]["payload"]))
-                    elif event == "stop":
+                        continue
+                    event = parsed(message)
+                    if isinstance(event, StreamAudio):
+                        await ultravox.send(event.payload)
+                    elif isinstance(event, StreamStop):
                         return
 
             async def agent_to_caller():
                 async for message in ultravox:
                     if isinstance(message, bytes):
-                        await carrier_ws.send(media_message(sid, message))
+                        await carrier_ws.send(speaker.media_audio(sid, message))
 
             tasks = {asyncio.create_task(caller_to_agent()), asyncio.create_task(agent_to_caller())}
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -267,97 +271,99 @@ class CallResult:
     streaming_to: float = math.nan
 
 
-def build_setups(spec: dict) -> dict[int, dict]:
-    """Per call, what its setup sends: signed before the clock starts so signing costs the run nothing."""
-    from gateway.testing import (
-        TelnyxSigner,
-        plivo_inbound_form,
-        plivo_v3_headers,
-        telnyx_inbound_form,
-        twilio_inbound_form,
-        twilio_signature,
-    )
+class _KeyPickler(pickle.Pickler):
+    """Pickles private keys (which cryptography's objects refuse) as PEM, so a double's generated
+    signing key travels with it."""
 
-    carrier = spec["carrier"]
+    def reducer_override(self, obj):
+        try:
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+        except ImportError:
+            return NotImplemented
+        if isinstance(obj, PrivateKeyTypes):
+            pem = obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+            return _private_key, (pem,)
+        return NotImplemented
+
+
+def _private_key(pem: bytes):
+    from cryptography.hazmat.primitives import serialization
+
+    return serialization.load_pem_private_key(pem, None)
+
+
+def freeze_double(carrier_double) -> str:
+    """The double, credentials included (also those it generated, like a key pair), for the spec:
+    the load processes sign with exactly what the gateway was configured for."""
+    buffer = io.BytesIO()
+    _KeyPickler(buffer).dump(carrier_double)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def thaw_double(frozen: str):
+    return pickle.loads(base64.b64decode(frozen))  # written by the parent for this run only
+
+
+def build_setups(spec: dict, carrier_double) -> dict[int, dict]:
+    """Per call, what its setup sends: signed before the clock starts so signing costs the run nothing."""
     if spec["target"] != "gateway":
         return {index: {"call_id": f"bench-{uuid.uuid4().hex}"} for index in spec["indices"]}
     setups = {}
-    signer = None
-    if carrier == "telnyx":
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-        signer = TelnyxSigner(Ed25519PrivateKey.from_private_bytes(bytes.fromhex(spec["telnyx_private_key"])))
-    path = f"/{carrier}/inbound"
+    path = inbound_path(carrier_double.name)
     for index in spec["indices"]:
-        if carrier == "twilio":
-            form = twilio_inbound_form(to=CALLED_NUMBER)
-        elif carrier == "telnyx":
-            form = telnyx_inbound_form(to=CALLED_NUMBER)
-        else:
-            form = plivo_inbound_form(to=CALLED_NUMBER)
-        body = urlencode(form).encode()
-        headers = {"content-type": "application/x-www-form-urlencoded"}
-        if carrier == "twilio":
-            headers["X-Twilio-Signature"] = twilio_signature(TWILIO_TOKEN, PUBLIC_URL + path, form)
-        elif carrier == "telnyx":
-            headers.update(signer.headers(body))
-        else:
-            headers.update(plivo_v3_headers(PLIVO_TOKEN, PUBLIC_URL + path, form))
-        setups[index] = {"call_id": form[CALL_ID_FIELD[carrier]], "path": path, "body": body, "headers": headers}
+        form = carrier_double.inbound_form(to=CALLED_NUMBER)
+        webhook = carrier_double.inbound_request(PUBLIC_URL, path, form)
+        setups[index] = {
+            "call_id": form[carrier_double.call_id_param], "method": webhook.method,
+            "target": f"{path}?{webhook.query}" if webhook.query else path,
+            "body": webhook.body, "headers": webhook.headers,
+        }
     return setups
 
 
-def stream_from_xml(carrier: str, xml: str) -> tuple[str, dict[str, str]]:
-    """The stream URL in the carrier's XML, and its <Parameter>s (sent back in the start message)."""
-    import xml.etree.ElementTree as ET
-
-    root = ET.fromstring(xml)
-    if carrier == "plivo":
-        return root.find("Stream").text.strip(), {}
-    stream = root.find("Connect/Stream")
-    return stream.get("url"), {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
-
-
-async def open_call(spec: dict, setup: dict, http) -> tuple[str, dict | None, dict[str, str]]:
-    """The stream URL to connect to (on loopback), its headers and custom parameters, as the carrier
-    would open it."""
-    from gateway.testing import twilio_stream_headers
-
-    carrier = spec["carrier"]
+async def open_call(spec: dict, setup: dict, http, carrier_double) -> tuple[str, dict | None]:
+    """The stream URL to connect to (on loopback) and its headers, as the carrier would open it."""
+    carrier = carrier_double.name
     if spec["target"] == "gateway":
-        response = await http.post(spec["target_url"] + setup["path"], content=setup["body"], headers=setup["headers"])
-        if response.status_code != 200 or "Stream" not in response.text:
+        response = await http.request(setup["method"], spec["target_url"] + setup["target"],
+                                      content=setup["body"] or None, headers=setup["headers"])
+        if response.status_code != 200:
             raise RuntimeError(f"webhook: HTTP {response.status_code}: {response.text[:200]}")
-        public, parameters = stream_from_xml(carrier, response.text)
+        try:
+            public, _ = carrier_double.connected_url(response.text)
+        except ANSWER_ERRORS as error:
+            raise RuntimeError(f"webhook: no stream in the answer ({error}): {response.text[:200]}") from None
         public_base = PUBLIC_URL.replace("https://", "wss://", 1)
         if not public.startswith(public_base + "/"):
             raise RuntimeError(f"stream URL {public!r} is not under {public_base}")
         local = "ws://" + spec["target_url"].split("://", 1)[1] + public[len(public_base):]
-        # Twilio signs the URL as written in the TwiML, not the loopback one we connect to.
-        headers = twilio_stream_headers(TWILIO_TOKEN, public) if carrier == "twilio" else None
-        return local, headers, parameters
+        # A carrier signing the upgrade signs the URL as written in its answer, not the loopback one.
+        return local, carrier_double.stream_headers(public)
     # Baseline: create the Ultravox call ourselves, as the gateway does for a bridged route.
+    rate = CARRIERS[carrier].media_rate
     response = await http.post(
         f"{spec['fake_url']}/api/agents/{spec['agent_id']}/calls",
         headers={"X-API-Key": ULTRAVOX_KEY},
         json={"medium": {"serverWebSocket": {
-            "inputSampleRate": RATE[carrier], "outputSampleRate": RATE[carrier], "clientBufferSizeMs": 30000,
+            "inputSampleRate": rate, "outputSampleRate": rate, "clientBufferSizeMs": 30000,
         }}},
     )
     if response.status_code != 201:
         raise RuntimeError(f"fake Ultravox: HTTP {response.status_code}: {response.text[:200]}")
     join = response.json()["joinUrl"]
-    return "ws://" + spec["target_url"].split("://", 1)[1] + f"/media/{carrier}?join={quote(join, safe='')}", None, {}
+    return "ws://" + spec["target_url"].split("://", 1)[1] + f"/media/{carrier}?join={quote(join, safe='')}", None
 
 
-async def run_call(spec: dict, setup: dict, frames: list[bytes], start_at: float, http, samples: dict[str, list]):
+async def run_call(spec: dict, setup: dict, frames: list[bytes], start_at: float, http, samples: dict[str, list],
+                   carrier_double):
     """One call; appends to `samples`: rtt (s) and its frame's send time, send lag (s) and its time,
     and the send time of each frame whose echo came late."""
     from websockets.exceptions import ConnectionClosed
 
     from gateway.testing import CarrierStream
 
-    carrier = spec["carrier"]
     result = CallResult(setup["index"])
     delay = start_at - time.monotonic()
     if delay > 0:
@@ -365,10 +371,10 @@ async def run_call(spec: dict, setup: dict, frames: list[bytes], start_at: float
     stream = None
     sent_at = [math.nan] * len(frames)
     try:
-        url, headers, parameters = await open_call(spec, setup, http)
-        stream = CarrierStream(carrier, url, headers=headers)
+        url, headers = await open_call(spec, setup, http, carrier_double)
+        stream = CarrierStream(carrier_double.name, url, headers=headers)
         await stream.connect()
-        await stream.start(call_id=setup["call_id"], custom_parameters=parameters)
+        await stream.start(call_id=setup["call_id"])
         schedule = time.monotonic()  # frame k is due at schedule + k * 20 ms
 
         def harvest() -> None:
@@ -378,7 +384,7 @@ async def run_call(spec: dict, setup: dict, frames: list[bytes], start_at: float
                 if received.kind != "audio":
                     result.errors.append(f"unexpected {received.kind} message: {str(received.data)[:120]}")
                     continue
-                number = marker_of(carrier, received.data)
+                number = marker_of(stream, received.data)
                 if number != result.echoes:
                     result.mismatched += 1
                 result.echoes += 1
@@ -431,7 +437,7 @@ async def run_call(spec: dict, setup: dict, frames: list[bytes], start_at: float
     return result
 
 
-async def load_run(spec: dict, setups: dict[int, dict], frames: list[bytes], go: float) -> dict:
+async def load_run(spec: dict, carrier_double, setups: dict[int, dict], frames: list[bytes], go: float) -> dict:
     import httpx
 
     samples: dict[str, list[float]] = {"rtt": [], "rtt_at": [], "lag": [], "lag_at": [], "late_at": []}
@@ -445,7 +451,7 @@ async def load_run(spec: dict, setups: dict[int, dict], frames: list[bytes], go:
     async with httpx.AsyncClient(timeout=30.0, trust_env=False, limits=limits) as http:
         results = await asyncio.gather(*(
             run_call(spec, setups[index], frames, go + index * stagger + (index * golden % 1) * FRAME_SECONDS,
-                     http, samples)
+                     http, samples, carrier_double)
             for index in spec["indices"]
         ))
     return {"calls": [dataclasses.asdict(result) for result in results], **samples}
@@ -453,8 +459,9 @@ async def load_run(spec: dict, setups: dict[int, dict], frames: list[bytes], go:
 
 def load_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    frames = speech_frames(RATE[spec["carrier"]], int(round(spec["seconds"] / FRAME_SECONDS)))
-    setups = build_setups(spec)
+    carrier_double = thaw_double(spec["double"])
+    frames = speech_frames(carrier_double.stream_rate, int(round(spec["seconds"] / FRAME_SECONDS)))
+    setups = build_setups(spec, carrier_double)
     for index, setup in setups.items():
         setup["index"] = index
     import gateway.testing  # noqa: F401  (imported before the clock starts)
@@ -467,7 +474,7 @@ def load_main(spec_path: str) -> None:
     gc.disable()
     print("ready", flush=True)
     go = float(sys.stdin.readline())
-    outcome = run_async(load_run(spec, setups, frames, go))
+    outcome = run_async(load_run(spec, carrier_double, setups, frames, go))
     Path(spec["result_path"]).write_text(json.dumps(outcome))
 
 
@@ -531,24 +538,19 @@ class LoadProcess:
         self._log.close()
 
 
-def start_gateway(workdir: Path, fake: Child, agent_id: str, telnyx_public_key: str) -> Child:
+def start_gateway(workdir: Path, fake: Child, agent_id: str, carrier_double) -> Child:
     config = workdir / "gateway.toml"
-    config.write_text(f'[[routes]]\nnumber = "{CALLED_NUMBER}"\nagent_id = "{agent_id}"\nmode = "bridge"\n')
+    config.write_text(f'[[routes]]\nnumber = "{CALLED_NUMBER}"\nagent_id = "{agent_id}"\nmode = "bridge"\n'
+                      + carrier_double.config_toml())
     port = free_port()
     env = child_env({
         "GATEWAY_PUBLIC_URL": PUBLIC_URL,
         "GATEWAY_DATABASE_URL": f"sqlite:///{workdir / 'bench.db'}",
         "ULTRAVOX_API_KEY": ULTRAVOX_KEY,
         "ULTRAVOX_BASE_URL": fake.url,
-        "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
-        "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
-        "TWILIO_API_BASE_URL": DEAD_API,
-        "TELNYX_API_KEY": "bench-telnyx-key",
-        "TELNYX_PUBLIC_KEY": telnyx_public_key,
-        "TELNYX_API_BASE_URL": DEAD_API,
-        "PLIVO_AUTH_ID": PLIVO_AUTH_ID,
-        "PLIVO_AUTH_TOKEN": PLIVO_TOKEN,
-        "PLIVO_API_BASE_URL": DEAD_API,
+        # The double's credentials (the ones the load processes sign with); its REST API is dead,
+        # so a hang-up fails fast.
+        **carrier_double.environ(DEAD_API),
     })
     argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port),
             "--log-level", "warning"]
@@ -610,14 +612,14 @@ class Result:
         return 1000 * cpu_seconds / self.call_seconds if self.call_seconds else math.nan
 
 
-def measure(name: str, args, workdir: Path, children: list, telnyx_key: tuple[str, str]) -> Result:
+def measure(name: str, args, workdir: Path, children: list, carrier_double) -> Result:
     agent_id = str(uuid.uuid4())
     fake_port = free_port()
     fake = Child(f"fake-for-{name}", [sys.executable, HERE, "_fake", str(fake_port)], fake_port, workdir, child_env())
     children.append(fake)
     fake.wait_ready("/_bench/stats")
     if name == "gateway":
-        server = start_gateway(workdir, fake, agent_id, telnyx_key[0])
+        server = start_gateway(workdir, fake, agent_id, carrier_double)
     else:
         port = free_port()
         server = Child("relay", [sys.executable, HERE, "_relay", str(port), args.carrier], port, workdir, child_env())
@@ -627,7 +629,7 @@ def measure(name: str, args, workdir: Path, children: list, telnyx_key: tuple[st
     spec = {
         "target": name, "carrier": args.carrier, "calls": args.calls, "seconds": args.seconds,
         "target_url": server.url, "fake_url": fake.url, "agent_id": agent_id,
-        "telnyx_private_key": telnyx_key[1],
+        "double": freeze_double(carrier_double),
     }
     loads = []
     for p in range(args.load_processes):
@@ -747,8 +749,8 @@ def report(args, gateway: Result, baseline: Result) -> None:
     g_busy, b_busy = gateway.server_cpu / gateway.window, baseline.server_cpu / baseline.window
     kept_up = (not gateway.errors and gateway.lost == 0
                and gateway.late_echoes_window <= 0.001 * gateway.frames_in_window and g_busy < 0.9)
-    if args.carrier != "twilio" or args.calls < TARGET_CALLS:
-        calls_verdict = f"not tested at {args.calls} {args.carrier} calls"
+    if args.carrier != TARGET_CARRIER or args.calls < TARGET_CALLS:
+        calls_verdict = f"not tested at {args.calls} {CARRIERS[args.carrier].title} calls"
     elif kept_up:
         calls_verdict = "met"
     else:
@@ -757,7 +759,7 @@ def report(args, gateway: Result, baseline: Result) -> None:
     print()
     row("", "gateway", "baseline", "target (gateway)")
     row("calls", str(gateway.calls), str(baseline.calls),
-        f">= {TARGET_CALLS} concurrent Twilio calls per process: {calls_verdict}")
+        f">= {TARGET_CALLS} concurrent {CARRIERS[TARGET_CARRIER].title} calls per process: {calls_verdict}")
     row("  streaming through the measured window", str(gateway.streaming_calls), str(baseline.streaming_calls))
     row("measured window (s)", f"{gateway.window:.1f}", f"{baseline.window:.1f}")
     row("errors", str(len(gateway.errors)), str(len(baseline.errors)), "0")
@@ -838,7 +840,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=200, help="concurrent calls (default 200)")
     parser.add_argument("--seconds", type=float, default=20.0, help="audio per call, in seconds (default 20)")
-    parser.add_argument("--carrier", choices=sorted(RATE), default="twilio", help="carrier protocol (default twilio)")
+    parser.add_argument("--carrier", choices=list(CARRIERS), default=DEFAULT_CARRIER,
+                        help=f"carrier protocol (default {DEFAULT_CARRIER})")
     parser.add_argument("--load-processes", type=int, default=2,
                         help="load-generator processes sharing the calls (default 2)")
     args = parser.parse_args(argv)
@@ -850,15 +853,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.calls < 1 or args.load_processes < 1:
         parser.error("--calls and --load-processes must be positive")
 
-    from gateway.testing import TelnyxSigner
+    from gateway.testing import double
 
-    signer = TelnyxSigner.generate()
-    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+    # One double for the whole run: the gateway gets its credentials, the load processes a copy of
+    # it (freeze_double), so credentials it generates (a signing key pair) are the same everywhere.
+    carrier_double = double(args.carrier)
+    carrier_double.environ(DEAD_API)  # generated now, if it generates any
 
-    private_hex = signer.private_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()).hex()
-
-    print(f"bridge-mode media benchmark: {args.calls} {args.carrier} calls x {args.seconds:g} s of 20 ms frames "
-          f"at {RATE[args.carrier]} Hz, starts spread over {RAMP_SECONDS:g} s; the fake Ultravox echoes every frame")
+    print(f"bridge-mode media benchmark: {args.calls} {CARRIERS[args.carrier].title} calls x {args.seconds:g} s "
+          f"of 20 ms frames at {carrier_double.stream_rate} Hz, starts spread over {RAMP_SECONDS:g} s; "
+          "the fake Ultravox echoes every frame")
     print(f"{stack()}; {os.cpu_count()} CPUs shared by server, fake Ultravox and "
           f"{args.load_processes} load-generator process(es)")
 
@@ -868,7 +872,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results = []
             for name in ("gateway", "baseline"):
-                results.append(measure(name, args, Path(tmp), children, (signer.public_key_b64, private_hex)))
+                results.append(measure(name, args, Path(tmp), children, carrier_double))
         except KeyboardInterrupt:
             print("\ninterrupted")
             return 130

@@ -1,12 +1,14 @@
 """Inbound webhook benchmark: the gateway against a minimal Starlette baseline.
 
-    python bench/inbound.py [--concurrency 100] [--requests 3000] [--warmup 200] [--delay-ms 250] [--pool-size 100]
+    python bench/inbound.py [--carrier NAME] [--concurrency 100] [--requests 3000] [--warmup 200]
+                            [--delay-ms 250] [--pool-size 100]
 
 Each target (the real `gateway serve`, then the baseline app below) runs in its own process
 against its own fake Ultravox process, which answers every call after a fixed delay. The load
-generator in this process sends signed Twilio inbound webhooks on keep-alive connections, one
-in flight per connection, and prints figures. It never asserts timings; it exits 1 only when
-requests failed.
+generator in this process sends one carrier's inbound webhooks (--carrier: any carrier of
+gateway.carriers.CARRIERS, by default the registry's first), built and signed by the carrier's
+test double (gateway.testing.double), on keep-alive connections, one in flight per connection,
+and prints figures. It never asserts timings; it exits 1 only when requests failed.
 
 The same file is also the entry point of the child processes (`_fake`, `_baseline`).
 """
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -27,29 +30,45 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlencode
 
 HERE = os.path.abspath(__file__)  # children re-run this file, whatever the working directory
 PUBLIC_URL = "https://bench.example.test"
-INBOUND_PATH = "/twilio/inbound"
 CALLED_NUMBER = "+15550001111"
-TWILIO_TOKEN = "bench-twilio-auth-token"
 ULTRAVOX_KEY = "bench-ultravox-key"
-EXPECTED = b"<Connect><Stream"
+DEAD_API = "http://127.0.0.1:9"  # carrier REST APIs: any call to one must fail fast, never leave loopback
+# What a double's `connected_url` raises for an answer that connects nothing: no stream, or not
+# the carrier's XML or JSON at all (XML's ParseError is a SyntaxError).
+ANSWER_ERRORS = (ValueError, SyntaxError, AttributeError, KeyError, TypeError)
 
 # Targets from the issue, printed next to the figures.
 TARGET_OVERHEAD_P99_MS = 10.0
 TARGET_THROUGHPUT_RATIO = 0.60
 
-# Variables the gateway reads; removed from the children's environment so that a developer's
-# own settings cannot change what is measured.
-GATEWAY_VARIABLES = {
-    "GATEWAY_CONFIG", "GATEWAY_PUBLIC_URL", "GATEWAY_DATABASE_URL", "GATEWAY_API_KEYS", "GATEWAY_TOOL_SECRET",
-    "ULTRAVOX_API_KEY", "ULTRAVOX_BASE_URL", "ULTRAVOX_WEBHOOK_SECRET",
-    "TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_API_BASE_URL",
-    "TELNYX_API_KEY", "TELNYX_PUBLIC_KEY", "TELNYX_API_BASE_URL",
-    "PLIVO_AUTH_ID", "PLIVO_AUTH_TOKEN", "PLIVO_API_BASE_URL",
-}
+
+
+def registry() -> dict:
+    """gateway.carriers.CARRIERS, imported only where needed: the baseline's process loads nothing
+    of the carriers' (their libraries would be more objects for its garbage collector's full passes)."""
+    from gateway.carriers import CARRIERS
+
+    return CARRIERS
+
+
+def default_carrier() -> str:
+    return next(iter(registry()))  # the registry's first
+
+
+def inbound_path(carrier: str) -> str:
+    """Where the carrier posts (or gets) its inbound webhook: the gateway's /{carrier}/inbound."""
+    return f"/{carrier}/inbound"
+
+
+def gateway_variables() -> set[str]:
+    """Variables the gateway reads (its own and every registered carrier's); removed from the
+    children's environment so that a developer's own settings cannot change what is measured."""
+    from gateway.settings import environment
+
+    return {"GATEWAY_CONFIG", *environment()}
 
 
 # =============================================================================================
@@ -84,10 +103,54 @@ def serve_fake(port: int, delay: float) -> None:
 # =============================================================================================
 
 
-def baseline_app(fake_url: str, agent_id: str, pool_size: int):
-    """The least a webhook handler can do: read the body, create the call, answer with TwiML."""
-    from xml.sax.saxutils import quoteattr
+ANSWER_PLACEHOLDER = "wss://join.invalid/placeholder"
 
+
+def baseline_answer(carrier: str) -> dict:
+    """What the baseline answers with, worked out here (the baseline's process then loads nothing
+    of the carrier's): the carrier's own connect answer, rendered once around a placeholder, so that
+    each request only escapes its join URL into it (XML or JSON, by the answer's media type), since
+    building the XML or JSON afresh would cost more than everything else the baseline does. It also
+    gives the Ultravox medium, the answer's media type and the webhook's methods. A probe checks
+    that the shortcut writes exactly what the carrier writes; if not ("head" None), the baseline
+    builds every answer with the carrier."""
+    from gateway.settings import load_settings
+
+    speaker = registry()[carrier](load_settings(environ={}))  # none of its configuration is needed
+    head, found, tail = speaker.connect_answer(ANSWER_PLACEHOLDER).partition(ANSWER_PLACEHOLDER)
+    answer = {
+        "carrier": carrier, "head": head, "tail": tail,
+        "quoting": "json" if "json" in speaker.answer_media_type else "xml",
+        "media_type": speaker.answer_media_type, "medium": speaker.ultravox_medium(),
+        "methods": sorted({webhook_format.method for webhook_format in speaker.webhook_formats}),
+    }
+    probe = "wss://join.invalid/calls/c0ffee?a=1&b=<2>"
+    if not found or answer_renderer(answer)(probe) != speaker.connect_answer(probe):
+        answer["head"] = None
+    return answer
+
+
+def answer_renderer(answer: dict):
+    """A function join URL -> the connect answer `baseline_answer` describes."""
+    if answer["head"] is None:
+        from gateway.settings import load_settings
+
+        return registry()[answer["carrier"]](load_settings(environ={})).connect_answer
+    head, tail = answer["head"], answer["tail"]
+    if answer["quoting"] == "json":
+        def render(url: str) -> str:
+            return head + json.dumps(url)[1:-1] + tail
+    else:
+        from xml.sax.saxutils import escape
+
+        def render(url: str) -> str:  # join URLs contain "&"; valid in attributes and text alike
+            return head + escape(url, {'"': "&quot;"}) + tail
+    return render
+
+
+def baseline_app(fake_url: str, agent_id: str, pool_size: int, answer: dict):
+    """The least a webhook handler can do: read the body, create the call, answer with the carrier's
+    connect answer (see `baseline_answer`)."""
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
@@ -95,16 +158,15 @@ def baseline_app(fake_url: str, agent_id: str, pool_size: int):
     from gateway.settings import UltravoxSettings
     from gateway.ultravox import create_http_client
 
+    render, medium, media_type = answer_renderer(answer), answer["medium"], answer["media_type"]
     # The gateway's own client factory, so both sides use the same pool limits, headers and timeouts.
     http = create_http_client(UltravoxSettings(api_key=ULTRAVOX_KEY, base_url=fake_url, pool_size=pool_size))
     path = f"/api/agents/{agent_id}/calls"
 
     async def inbound(request):
         await request.body()
-        created = await http.post(path, json={"medium": {"twilio": {}}})
-        # quoteattr because join URLs contain "&"; anything cheaper would be invalid XML.
-        xml = '<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url=%s /></Connect></Response>'
-        return Response(xml % quoteattr(created.json()["joinUrl"]), media_type="application/xml")
+        created = await http.post(path, json={"medium": medium})
+        return Response(render(created.json()["joinUrl"]), media_type=media_type)
 
     async def healthz(request):
         return JSONResponse({"status": "ok"})
@@ -115,18 +177,19 @@ def baseline_app(fake_url: str, agent_id: str, pool_size: int):
         await http.aclose()
 
     return Starlette(
-        routes=[Route(INBOUND_PATH, inbound, methods=["POST"]), Route("/healthz", healthz)],
+        routes=[Route(inbound_path(answer["carrier"]), inbound, methods=answer["methods"]),
+                Route("/healthz", healthz)],
         lifespan=lifespan,
     )
 
 
-def serve_baseline(port: int, fake_url: str, agent_id: str, pool_size: int) -> None:
+def serve_baseline(port: int, fake_url: str, agent_id: str, pool_size: int, answer: dict) -> None:
     import uvicorn
 
     # uvicorn.run's defaults, exactly as `gateway serve` calls it (loop and http "auto": uvloop and
     # httptools when installed), so the server stack is the same on both sides.
     uvicorn.run(
-        baseline_app(fake_url, agent_id, pool_size),
+        baseline_app(fake_url, agent_id, pool_size, answer),
         host="127.0.0.1", port=port, log_level="warning", proxy_headers=False,
     )
 
@@ -211,7 +274,8 @@ class Child:
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in GATEWAY_VARIABLES}
+    variables = gateway_variables()
+    env = {k: v for k, v in os.environ.items() if k not in variables}
     # Everything is on loopback; a developer's HTTP(S)_PROXY must not be used by httpx.
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
     env.update(extra or {})
@@ -234,24 +298,33 @@ def cpu_seconds(pid: int) -> float:
 # =============================================================================================
 
 
-def build_requests(count: int, port: int) -> list[bytes]:
-    """Signed webhooks, built before the clock starts so that signing costs the client nothing."""
-    from gateway.testing import twilio_inbound_form, twilio_signature
-
+def build_requests(carrier_double, count: int, port: int) -> list[bytes]:
+    """Webhooks as the carrier sends them (its double's `inbound_request`: method, signature or
+    credentials, body or query), built before the clock starts so that signing costs the client nothing."""
+    path = inbound_path(carrier_double.name)
     requests = []
     for _ in range(count):
-        form = twilio_inbound_form("CA" + uuid.uuid4().hex, to=CALLED_NUMBER)  # unique CallSid each
-        body = urlencode(form).encode()
-        signature = twilio_signature(TWILIO_TOKEN, PUBLIC_URL + INBOUND_PATH, form)
-        head = (
-            f"POST {INBOUND_PATH} HTTP/1.1\r\n"
-            f"Host: 127.0.0.1:{port}\r\n"
-            "Content-Type: application/x-www-form-urlencoded\r\n"
-            f"X-Twilio-Signature: {signature}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        )
-        requests.append(head.encode() + body)
+        form = carrier_double.inbound_form(to=CALLED_NUMBER)  # a new call id each
+        webhook = carrier_double.inbound_request(PUBLIC_URL, path, form)
+        target = f"{path}?{webhook.query}" if webhook.query else path
+        headers = {"Host": f"127.0.0.1:{port}", **webhook.headers}
+        if webhook.body or webhook.method != "GET":
+            headers["Content-Length"] = str(len(webhook.body))
+        head = f"{webhook.method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        requests.append((head + "\r\n").encode("latin-1") + webhook.body)
     return requests
+
+
+def connects(carrier_double):
+    """A check of an answer's body: does it connect the call to a stream, as the carrier reads it?"""
+    def check(body: bytes) -> bool:
+        try:
+            url, _ = carrier_double.connected_url(body.decode())
+        except ANSWER_ERRORS:
+            return False
+        return url.startswith(("ws://", "wss://"))
+
+    return check
 
 
 @dataclasses.dataclass
@@ -301,14 +374,15 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]
 
 
 async def run_load(
-    port: int, requests: list[bytes], concurrency: int, upstream_port: int, stagger: float, timeout: float = 30.0
+    port: int, requests: list[bytes], concurrency: int, upstream_port: int, stagger: float, connected,
+    timeout: float = 30.0,
 ) -> Phase:
     """`concurrency` workers, each sending back-to-back on its own keep-alive connection.
 
     Worker i starts i * `stagger` seconds late. Started together, workers that all wait the same
     fake delay would stay in lockstep and hit the server in bursts of `concurrency` requests,
     which carriers' webhooks (one per ringing call) do not; the burst would then be measured as
-    overhead.
+    overhead. `connected(body)` tells a successful answer.
     """
     phase = Phase()
     queue = iter(requests)  # one event loop: workers can share a plain iterator
@@ -331,7 +405,7 @@ async def run_load(
                 reader = writer = None
                 continue
             elapsed = time.perf_counter() - started
-            if status == 200 and EXPECTED in body:
+            if status == 200 and connected(body):
                 phase.latencies.append(elapsed)
             else:
                 phase.failures.append(f"HTTP {status}: {body[:200].decode(errors='replace')}")
@@ -383,10 +457,12 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[min(len(sorted_values), max(1, rank)) - 1]
 
 
-def start_gateway(workdir: Path, fake: Child, agent_id: str, pool_size: int, database_url: str | None) -> Child:
+def start_gateway(workdir: Path, fake: Child, agent_id: str, pool_size: int, database_url: str | None,
+                  carrier_double) -> Child:
     config = workdir / "gateway.toml"
     config.write_text(
         f'[ultravox]\npool_size = {pool_size}\n\n[[routes]]\nnumber = "{CALLED_NUMBER}"\nagent_id = "{agent_id}"\n'
+        + carrier_double.config_toml()
     )
     port = free_port()
     env = child_env({
@@ -394,20 +470,22 @@ def start_gateway(workdir: Path, fake: Child, agent_id: str, pool_size: int, dat
         "GATEWAY_DATABASE_URL": database_url or f"sqlite:///{workdir / 'bench.db'}",
         "ULTRAVOX_API_KEY": ULTRAVOX_KEY,
         "ULTRAVOX_BASE_URL": fake.url,
-        "TWILIO_AUTH_TOKEN": TWILIO_TOKEN,
+        # The double's credentials: the ones it signs the webhooks with.
+        **carrier_double.environ(DEAD_API),
     })
     argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port),
             "--log-level", "warning"]
     return Child("gateway", argv, port, workdir, env)
 
 
-def start_baseline(workdir: Path, fake: Child, agent_id: str, pool_size: int) -> Child:
+def start_baseline(workdir: Path, fake: Child, agent_id: str, pool_size: int, carrier: str) -> Child:
     port = free_port()
-    argv = [sys.executable, HERE, "_baseline", str(port), fake.url, agent_id, str(pool_size)]
+    argv = [sys.executable, HERE, "_baseline", str(port), fake.url, agent_id, str(pool_size),
+            json.dumps(baseline_answer(carrier))]
     return Child("baseline", argv, port, workdir, child_env())
 
 
-def measure(name: str, args, workdir: Path, children: list[Child]) -> Result:
+def measure(name: str, args, workdir: Path, children: list[Child], carrier_double) -> Result:
     agent_id = str(uuid.uuid4())
     fake_port = free_port()
     fake = Child(f"fake-for-{name}", [sys.executable, HERE, "_fake", str(fake_port), str(args.delay_ms / 1000)],
@@ -415,22 +493,23 @@ def measure(name: str, args, workdir: Path, children: list[Child]) -> Result:
     children.append(fake)
     fake.wait_ready("/_bench/stats")
     if name == "gateway":
-        server = start_gateway(workdir, fake, agent_id, args.pool_size, args.database_url)
+        server = start_gateway(workdir, fake, agent_id, args.pool_size, args.database_url, carrier_double)
     else:
-        server = start_baseline(workdir, fake, agent_id, args.pool_size)
+        server = start_baseline(workdir, fake, agent_id, args.pool_size, carrier_double.name)
     children.append(server)
     server.wait_ready("/healthz")
 
-    warmup = build_requests(args.warmup, server.port)
-    measured = build_requests(args.requests, server.port)
+    warmup = build_requests(carrier_double, args.warmup, server.port)
+    measured = build_requests(carrier_double, args.requests, server.port)
+    connected = connects(carrier_double)
     # Spread the workers' first requests over one fake delay (see run_load).
     stagger = args.delay_ms / 1000 / args.concurrency
-    warm = run_async(run_load(server.port, warmup, args.concurrency, fake.port, stagger))
+    warm = run_async(run_load(server.port, warmup, args.concurrency, fake.port, stagger, connected))
     if warm.failures:
         print(f"  {name}: {len(warm.failures)} warm-up request(s) failed, first: {warm.failures[0]}")
 
     server_cpu, fake_cpu, client_cpu = cpu_seconds(server.pid), cpu_seconds(fake.pid), time.process_time()
-    phase = run_async(run_load(server.port, measured, args.concurrency, fake.port, stagger))
+    phase = run_async(run_load(server.port, measured, args.concurrency, fake.port, stagger, connected))
     server_cpu = cpu_seconds(server.pid) - server_cpu
     fake_cpu = cpu_seconds(fake.pid) - fake_cpu
     client_cpu = time.process_time() - client_cpu
@@ -547,6 +626,8 @@ def report(args, gateway: Result, baseline: Result) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--carrier", choices=list(registry()), default=default_carrier(),
+                        help=f"whose inbound webhooks to send (default {default_carrier()})")
     parser.add_argument("--concurrency", type=int, default=100, help="webhooks in flight (default 100)")
     parser.add_argument("--requests", type=int, default=3000, help="measured requests per target (default 3000)")
     parser.add_argument("--warmup", type=int, default=200, help="uncounted requests first (default 200)")
@@ -556,7 +637,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", help="the gateway's store (default: SQLite in a temporary directory)")
     args = parser.parse_args(argv)
 
-    print(f"inbound webhook benchmark: {args.requests} requests (+{args.warmup} warm-up) per target, "
+    from gateway.testing import double
+
+    # One double for the whole run: the gateway is configured with the credentials it signs with
+    # (including any it generates, like a signing key pair).
+    carrier_double = double(args.carrier)
+
+    print(f"inbound webhook benchmark: {args.requests} {registry()[args.carrier].title} webhooks "
+          f"(+{args.warmup} warm-up) per target, "
           f"concurrency {args.concurrency}, fake Ultravox delay {args.delay_ms:g} ms, pool size {args.pool_size}")
     print(f"server: {server_stack()}; {os.cpu_count()} CPUs shared by servers, fakes and load generator")
     delay = args.delay_ms / 1000
@@ -569,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with tempfile.TemporaryDirectory(prefix="bench-inbound-") as tmp:
         try:
-            results = [measure(name, args, Path(tmp), children) for name in ("gateway", "baseline")]
+            results = [measure(name, args, Path(tmp), children, carrier_double) for name in ("gateway", "baseline")]
         except KeyboardInterrupt:
             print("\ninterrupted")
             return 130
@@ -584,6 +672,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["_fake"]:
         serve_fake(int(sys.argv[2]), float(sys.argv[3]))
     elif sys.argv[1:2] == ["_baseline"]:
-        serve_baseline(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        serve_baseline(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), json.loads(sys.argv[6]))
     else:
         sys.exit(main())
