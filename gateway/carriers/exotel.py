@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -149,10 +150,7 @@ class ExotelCarrier(EventStreamCarrier):
         params.setdefault(self.from_param, params.get("From", ""))
         if not params.get(self.to_param) and params.get("To"):
             params[self.to_param] = params["To"]
-        return super().parse_inbound(Webhook(
-            webhook.url, webhook.method, webhook.headers, webhook.body,
-            {name: [value] for name, value in params.items()}, webhook.client, webhook.format,
-        ))
+        return super().parse_inbound(dataclasses.replace(webhook, params={name: [value] for name, value in params.items()}))
 
     # --- answers: JSON naming the stream; anything else lets the flow go on ----------------------------
     def connect_answer(self, join_url: str, parameters: dict[str, str] | None = None) -> str:

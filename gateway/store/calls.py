@@ -71,6 +71,10 @@ class CallRecord:
         return [path for path in (self.recording_path or "").split(",") if path]
 
 
+# Failure reasons are stored bounded: they may quote a remote error.
+MAX_REASON = 500
+
+
 @dataclass(frozen=True)
 class CallUpdate:
     """What a flow learnt about a call. The status moves forward only (events come late and twice);
@@ -96,7 +100,7 @@ class CallUpdate:
         if self.placed:
             values["placed_at"] = utcnow()
         if values["failure_reason"]:
-            values["failure_reason"] = values["failure_reason"][:500]
+            values["failure_reason"] = values["failure_reason"][:MAX_REASON]
         return {name: value for name, value in values.items() if value is not None}
 
 
@@ -186,7 +190,7 @@ class CallStore:
         await self._set_outcome(call_id, IN_PROGRESS, ultravox_call_id=ultravox_call_id, join_url=join_url)
 
     async def mark_failed(self, call_id: str, reason: str) -> None:
-        await self._set_outcome(call_id, FAILED, failure_reason=reason[:500])
+        await self._set_outcome(call_id, FAILED, failure_reason=reason[:MAX_REASON])
 
     async def _set_outcome(self, call_id: str, status: str, **values: str) -> None:
         outcome = {"call_id": call_id, "new_status": status, "new_rank": STATUS_RANK[status], "now": utcnow()}
@@ -221,11 +225,7 @@ class CallStore:
 
     async def record_media(self, call_id: str, stats: Mapping[str, int], recording: str | None) -> None:
         """A bridged stretch of the call ended: its audio counters, and its recording if one was made."""
-        replace: dict[str, Any] = {"media_stats": json.dumps(dict(stats))}
-        if recording is not None:
-            existing = await self.get(call_id)
-            replace["recording_path"] = ",".join([*(existing.recordings if existing else []), recording])
-        await self.database.transaction(_update, call_id, None, None, {}, replace, utcnow())
+        await self.database.transaction(_record_media, call_id, json.dumps(dict(stats)), recording, utcnow())
 
     async def claim_media_token(self, call_id: str, token: str) -> bool:
         """Whether `token` opens this call's media socket now; a token is good for one socket."""
@@ -331,6 +331,15 @@ def _update(
             sa.update(calls).where(calls.c.id == call_id, calls.c.status_rank < rank).values(**values)
         ).rowcount == 1
     return Updated(_get(connection, call_id), advanced)
+
+
+def _record_media(connection: sa.Connection, call_id: str, stats: str, recording: str | None, now: dt.datetime) -> None:
+    values: dict[str, Any] = {"media_stats": stats, "updated_at": now}
+    if recording is not None:
+        # Appended in the same transaction it is read in: one entry per stretch of the call.
+        existing = _get(connection, call_id)
+        values["recording_path"] = ",".join([*(existing.recordings if existing else []), recording])
+    connection.execute(sa.update(calls).where(calls.c.id == call_id).values(**values))
 
 
 def _claim_media_token(connection: sa.Connection, call_id: str, token: str) -> bool:

@@ -13,7 +13,6 @@ import base64
 import dataclasses
 import datetime as _dt
 import email.utils as _email_utils
-import importlib
 import json
 import threading
 import time
@@ -830,16 +829,6 @@ class XmlDouble(CarrierDouble):
 
 def double(name: str) -> CarrierDouble:
     """The test double of carrier ``name``: ``gateway.testing.<name>.DOUBLE``; ValueError if none."""
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"unknown carrier {name!r}")
-    module_name = f"gateway.testing.{name}"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name:
-            raise
-        raise ValueError(f"unknown carrier {name!r}: there is no module {module_name}") from None
-    found = getattr(module, "DOUBLE", None)
-    if not isinstance(found, CarrierDouble):
-        raise ValueError(f"unknown carrier {name!r}: {module_name} defines no DOUBLE")
-    return found
+    from .stream import carrier_member
+
+    return carrier_member(name, "DOUBLE", CarrierDouble)

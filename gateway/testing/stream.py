@@ -159,8 +159,8 @@ class StreamDialect:
             return None, "media.payload is not valid base64"
 
 
-def _stream_dialect(carrier: str) -> StreamDialect:
-    """The ``STREAM_DIALECT`` of the module ``gateway.testing.<carrier>``; ValueError if none."""
+def carrier_member(carrier: str, member: str, kind: type) -> Any:
+    """``member`` of the module ``gateway.testing.<carrier>``, an instance of ``kind``; ValueError if none."""
     if not isinstance(carrier, str) or not carrier.isidentifier():
         raise ValueError(f"unknown carrier {carrier!r}")
     name = f"gateway.testing.{carrier}"
@@ -170,10 +170,15 @@ def _stream_dialect(carrier: str) -> StreamDialect:
         if error.name != name:
             raise
         raise ValueError(f"unknown carrier {carrier!r}: there is no module {name}") from None
-    dialect = getattr(module, "STREAM_DIALECT", None)
-    if not isinstance(dialect, StreamDialect):
-        raise ValueError(f"unknown carrier {carrier!r}: {name} defines no STREAM_DIALECT")
-    return dialect
+    found = getattr(module, member, None)
+    if not isinstance(found, kind):
+        raise ValueError(f"unknown carrier {carrier!r}: {name} defines no {member}")
+    return found
+
+
+def _stream_dialect(carrier: str) -> StreamDialect:
+    """The ``STREAM_DIALECT`` of the module ``gateway.testing.<carrier>``; ValueError if none."""
+    return carrier_member(carrier, "STREAM_DIALECT", StreamDialect)
 
 
 # ---------------------------------------------------------------------------
