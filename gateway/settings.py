@@ -322,6 +322,9 @@ class Settings(_Section):
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     # For local development only: accept webhooks without checking carrier signatures.
     insecure_skip_signature_verification: bool = False
+    # On SIGTERM: how long live bridged calls may go on before they are handed over to another
+    # replica (env GATEWAY_DRAIN_SECONDS). Kubernetes' terminationGracePeriodSeconds must exceed it.
+    drain_seconds: float = Field(default=120.0, ge=0, le=24 * 3600)
     ultravox: UltravoxSettings = Field(default_factory=UltravoxSettings)
     # Each carrier's section ([twilio], …) is added from the registry: see settings_class().
     fallback: FallbackSettings = Field(default_factory=FallbackSettings)
@@ -433,6 +436,7 @@ ENVIRONMENT: dict[str, tuple[str | None, str]] = {
     "GATEWAY_DATABASE_URL": (None, "database_url"),
     "GATEWAY_API_KEYS": (None, "api_keys"),
     "GATEWAY_TOOL_SECRET": (None, "tool_secret"),
+    "GATEWAY_DRAIN_SECONDS": (None, "drain_seconds"),
     "ULTRAVOX_API_KEY": ("ultravox", "api_key"),
     "ULTRAVOX_BASE_URL": ("ultravox", "base_url"),
     "ULTRAVOX_WEBHOOK_SECRET": ("ultravox", "webhook_secret"),
