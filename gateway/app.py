@@ -32,9 +32,11 @@ from .media.bridge import MediaBridge
 from .metrics import Metrics
 from .settings import Settings
 from .store import CallRecord, CallStore, TransferStore
+from .store.jobs import JobStore
 from .ultravox import UltravoxClient, create_http_client
 from .urls import Urls
 from .webhooks import CarrierWebhooks
+from .work import Work
 
 log = logging.getLogger("gateway")
 
@@ -57,6 +59,7 @@ class Gateway:
         self.callbacks: UltravoxCallbacks | None = None
         self.media: MediaSockets | None = None
         self.api: CallsApi | None = None
+        self.work: Work | None = None
 
     async def start(self) -> None:
         if self.settings.insecure_skip_signature_verification:
@@ -74,17 +77,19 @@ class Gateway:
         self.carrier_http = create_client(pool_size=20, timeout=10.0)
         ultravox = UltravoxClient(self.http, settings.ultravox, clock=clock)
         transfers = TransferStore(store.database)
+        # Each flow registers the durable work it does; the loop starts once all have.
+        self.work = work = Work(JobStore(store.database))
         bodies, connector = CallBodies(settings, urls), Connector(settings, urls)
         outbound = OutboundFlow(settings, store, ultravox, carriers, self.carrier_http, urls=urls, bodies=bodies,
-                                connector=connector, clock=clock)
+                                connector=connector, work=work, clock=clock)
         tracking = CallTracking(store, transfers)
         self.transfer = TransferFlow(
-            settings, store, transfers, ultravox, carriers, self.carrier_http, urls=urls, bodies=bodies,
+            settings, store, transfers, ultravox, carriers, self.carrier_http, work=work, urls=urls, bodies=bodies,
             connector=connector, on_outcome=lambda t: self.metrics.transfers.labels(t.operator, t.kind, t.status).inc(),
         )
         self.webhooks = CarrierWebhooks(
             settings, carriers, urls, self.metrics, clock=clock, inbound=InboundFlow(
-                settings, store, ultravox, bodies, connector, clock=clock),
+                settings, store, ultravox, bodies, connector, work=work, clock=clock),
             outbound=outbound, tracking=tracking, transfer=self.transfer, transfers=transfers,
         )
         self.callbacks = UltravoxCallbacks(settings, self.transfer, tracking)
@@ -99,13 +104,14 @@ class Gateway:
             settings, carriers, store, bridge, connector, public_url=urls.of_request,
             on_refused=lambda carrier: self.metrics.webhooks.labels(carrier.name, "media_refused").inc(),
         )
+        await work.start()
         # The ~120k objects of the loaded libraries never die: keep them out of the collector's
         # full passes, which otherwise paused the event loop 20–50 ms (measured in bench/bridge.py).
         gc.freeze()
 
     async def stop(self) -> None:
-        if self.transfer is not None:
-            await self.transfer.drain()
+        if self.work is not None:
+            await self.work.stop()
         for client in (self.http, self.carrier_http):
             if client is not None:
                 await client.aclose()

@@ -230,6 +230,10 @@ class TransferSettings(_Section):
     hold_music_url: str | None = None
     # Seconds an operator has to press 1 after hearing the briefing.
     accept_timeout_seconds: int = Field(default=10, ge=3, le=60)
+    # How long a caller on hold waits for an operator's leg that never reports (lost callbacks, a
+    # carrier outage) before it counts as a no. Default: the operator's ring timeout + 30 s of
+    # answering-machine detection + accept_timeout_seconds + 15 s.
+    leg_timeout_seconds: float | None = Field(default=None, gt=0, le=600)
 
 
 class RouteSettings(_Section):

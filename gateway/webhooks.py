@@ -4,6 +4,7 @@ carrier's dialect. A webhook that cannot be served normally still gets a valid a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -224,7 +225,8 @@ class CarrierWebhooks:
             if step.operator_leg:
                 # The operator's phone: hang it up; the caller, still on hold, goes on to the next
                 # operator or back to the agent.
-                self.transfer_flow.operator_failed(carrier, transfer, leg)
+                with contextlib.suppress(Exception):  # logged above; the leg's deadline still stands
+                    await self.transfer_flow.operator_failed(carrier, transfer, leg)
                 body = carrier.hangup_answer()
             else:
                 # The caller's phone: never silence, the apology (and the fallback number, if any).

@@ -22,7 +22,7 @@ def database_url(request, tmp_path):
     async def clear():
         store = CallStore.open(url)
         await store.migrate()
-        await store.database.transaction(lambda connection: (connection.exec_driver_sql("DELETE FROM transfers"), connection.exec_driver_sql("DELETE FROM calls")))
+        await store.database.transaction(lambda connection: (connection.exec_driver_sql("DELETE FROM jobs"), connection.exec_driver_sql("DELETE FROM transfers"), connection.exec_driver_sql("DELETE FROM calls")))
         await store.close()
 
     asyncio.run(clear())
@@ -122,7 +122,7 @@ def test_migrations_run_once_and_are_recorded(database_url):
         versions = await store.database.transaction(
             lambda connection: connection.exec_driver_sql("SELECT version FROM schema_version").all()
         )
-        assert [v[0] for v in versions] == [1, 2, 3, 4, 5]
+        assert [v[0] for v in versions] == [1, 2, 3, 4, 5, 6]
 
     run(database_url, scenario)
 
@@ -159,10 +159,37 @@ def test_a_database_from_before_the_media_columns_is_upgraded(tmp_path):
     engine.dispose()
 
     async def scenario(store):
-        assert await store.migrate() == 5
+        assert await store.migrate() == 6
         columns = await store.database.transaction(
             lambda connection: {c["name"] for c in sa.inspect(connection).get_columns("calls")}
         )
         assert {"media_stats", "recording_path", "media_token", "placed_at"} <= columns
 
     run(f"sqlite:///{path}", scenario)
+
+
+def test_calls_a_dead_process_left_half_made_are_failed_once(database_url):
+    import sqlalchemy as sa
+
+    from gateway.store.calls import utcnow
+    from gateway.store.schema import calls
+
+    async def scenario(store):
+        old, fresh = await claim(store, "CA-old"), await claim(store, "CA-fresh")
+        answered = await claim(store, "CA-answered")
+        await store.mark_connected(answered.record.id, ultravox_call_id="uv-1", join_url="wss://x/1")
+        long_ago = utcnow() - dt.timedelta(minutes=5)
+        await store.database.transaction(lambda connection: connection.execute(
+            sa.update(calls).where(calls.c.id.in_([old.record.id, answered.record.id])).values(updated_at=long_ago)))
+        before = utcnow() - dt.timedelta(minutes=1)
+        (failed,) = await store.fail_abandoned("creating", before=before, reason="the gateway stopped")
+        assert failed.id == old.record.id
+        assert (await store.get(old.record.id)).status == FAILED
+        assert (await store.get(old.record.id)).failure_reason == "the gateway stopped"
+        assert (await store.get(fresh.record.id)).status == CREATING  # its process may still be working
+        assert (await store.get(answered.record.id)).status == IN_PROGRESS
+        assert await store.fail_abandoned("creating", before=before, reason="again") == []
+        # A carrier retry now gets a fresh attempt, as after any failure.
+        assert (await claim(store, "CA-old")).owned
+
+    run(database_url, scenario)

@@ -196,6 +196,24 @@ def test_warm_transfer_to_voicemail_counts_as_no(live):
     assert "voicemail" in call.view()["transfers"][0]["outcome"]
 
 
+@pytest.mark.parametrize("carrier", TRANSFER_CARRIERS)
+def test_an_operator_leg_that_never_reports_returns_the_caller_after_a_restart(make_gateway, fake_ultravox,
+                                                                               fake_carriers, carrier):
+    # The leg's deadline is a row, not a task: the gateway that armed it stops, the next one fires it.
+    gateway = make_gateway("[transfer]\nleg_timeout_seconds = 1.0\n")
+    call = LiveCall(gateway, fake_ultravox, fake_carriers, carrier)
+    call.tool("frontdesk", warm=True)  # no fallback operator: the caller goes back to the agent
+    call.fetch(call.redirects()[0])
+    call.operator_legs()  # ringing, and it will never report
+    gateway.close()
+    call.gateway = make_gateway("[transfer]\nleg_timeout_seconds = 1.0\n")  # same database
+    _, return_url = call.redirects(2, timeout=10)
+    call.double.connected_url(call.fetch(return_url))
+    assert call.ultravox.requests[-1].query["priorCallId"] == call.ultravox_call_id
+    (transfer,) = call.view()["transfers"]
+    assert transfer["status"] == "returned" and "frontdesk did not pick up in time" in transfer["outcome"]
+
+
 # --- refusals: nothing is dialled -------------------------------------------------------------------
 
 

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from ..carriers.base import Carrier, InboundCall
 from ..settings import RouteSettings, Settings
 from ..store import IN_PROGRESS, CREATING, REJECTED, CallStore, Claim
+from ..store.calls import utcnow
 from ..ultravox import UltravoxClient, UltravoxError
+from ..work import Work
 from .call_request import CallBodies, CallIdentity
 from .connect import Connector
 
@@ -21,6 +23,15 @@ log = logging.getLogger("gateway.inbound")
 RESPONSE_MARGIN_SECONDS = 0.3
 # How often a delivery waiting on another replica's Ultravox call looks at the store.
 POLL_SECONDS = 0.05
+
+
+# How often some process looks for calls a dead process left half-made.
+SWEEP_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class AbandonedInboundSweep:
+    """Periodic durable work: inbound calls a dead process left `creating`."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +49,7 @@ class Joined:
 class InboundFlow:
     def __init__(
         self, settings: Settings, store: CallStore, ultravox: UltravoxClient, bodies: CallBodies,
-        connector: Connector, clock=time.monotonic,
+        connector: Connector, *, work: Work, clock=time.monotonic,
     ):
         self.settings = settings
         self.store = store
@@ -46,8 +57,22 @@ class InboundFlow:
         self.bodies = bodies
         self.connector = connector
         self._clock = clock
-        # Deliveries of the same carrier call in this process wait for the first one's result.
+        # Deliveries of the same carrier call in this process wait for the first one's result. Only
+        # a shortcut: the store's claim is what makes one Ultravox call per carrier call, across
+        # processes and restarts.
         self._in_flight: dict[tuple[str, str], asyncio.Future[Joined | None]] = {}
+        work.register(AbandonedInboundSweep, self.settle_abandoned, every=SWEEP_SECONDS)
+
+    async def settle_abandoned(self, _: AbandonedInboundSweep) -> None:
+        """A record left `creating` past any carrier's patience: the carrier has long given the
+        caller its fallback (or retried and been answered by a fresh attempt)."""
+        abandoned = await self.store.fail_abandoned(
+            "creating", before=utcnow() - self._stale_after,
+            reason="the gateway stopped while creating the Ultravox call",
+        )
+        for record in abandoned:
+            log.warning("%s call %s: left creating by a stopped process; marked failed", record.carrier,
+                        record.carrier_call_id)
 
     def apology(self, carrier: Carrier) -> Answer:
         fallback = self.settings.fallback

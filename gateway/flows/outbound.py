@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -21,7 +22,9 @@ from ..http import RemoteError
 from ..settings import RouteSettings, Settings
 from ..store import CallRecord, CallStore, CallUpdate
 from ..ultravox import CreatedCall, UltravoxClient, UltravoxError
+from ..store.calls import utcnow
 from ..urls import Urls
+from ..work import Work
 from .call_request import CallBodies, CallIdentity
 from .connect import Connector
 
@@ -41,6 +44,15 @@ POLL_SECONDS = 0.05
 # Carriers that dial straight into the stream: the Ultravox call waits this long past the ring
 # timeout for the callee's audio before ending unjoined.
 JOIN_MARGIN_SECONDS = 30
+# A dial request gives up after PLACE_DEADLINE_SECONDS; a record older than this with no outcome
+# was left by a process that died placing it.
+ABANDONED_AFTER_SECONDS = PLACE_DEADLINE_SECONDS + 20
+SWEEP_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class AbandonedOutboundSweep:
+    """Periodic durable work: outbound calls a dead process left unplaced or unjoined."""
 
 
 class DialRequest(BaseModel):
@@ -125,6 +137,7 @@ class OutboundFlow:
         urls: Urls,
         bodies: CallBodies,
         connector: Connector,
+        work: Work,
         clock=time.monotonic,
     ):
         self.settings = settings
@@ -137,6 +150,26 @@ class OutboundFlow:
         self.connector = connector
         self._clock = clock
         self._answering: dict[str, asyncio.Future[str | None]] = {}
+        work.register(AbandonedOutboundSweep, self.settle_abandoned, every=SWEEP_SECONDS)
+
+    async def settle_abandoned(self, _: AbandonedOutboundSweep) -> None:
+        """Calls a dead process left half-made are failed, so a retry with their Idempotency-Key
+        answers instead of waiting. A dial is never placed again here: the carrier may have
+        accepted it just before the process died, and dialling twice is worse than failing once.
+        (An Ultravox call created for such a dial ends by itself at its joinTimeout.)"""
+        before = utcnow() - dt.timedelta(seconds=ABANDONED_AFTER_SECONDS)
+        for record in await self.store.fail_abandoned(
+            "unplaced", before=before, reason="the gateway stopped while placing the call",
+        ):
+            log.warning("outbound %s: left unplaced by a stopped process; marked failed", record.id)
+        for record in await self.store.fail_abandoned(
+            "unjoined", before=before, reason="the gateway stopped while connecting the agent",
+        ):
+            log.warning("outbound %s: left without its agent by a stopped process; hanging up", record.id)
+            if record.carrier_call_id:
+                with contextlib.suppress(RemoteError):
+                    await self.carriers[record.carrier].hang_up(
+                        self.http, record.carrier_call_id, deadline=self._clock() + PLACE_DEADLINE_SECONDS)
 
     # --- placing the call ---------------------------------------------------------------------------
     async def dial(self, request: DialRequest, *, api_key_id: str, idempotency_key: str | None) -> tuple[CallRecord, bool]:

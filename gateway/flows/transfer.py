@@ -27,6 +27,7 @@ from ..store.transfers import TransferChange, TransferExpectation
 from ..store.calls import utcnow
 from ..ultravox import UltravoxClient, UltravoxError
 from ..urls import Urls
+from ..work import Work
 from .call_request import CallBodies, CallIdentity
 from .connect import Connector
 
@@ -83,6 +84,23 @@ TRANSFER_STEPS = (
 
 
 @dataclass(frozen=True)
+class TransferStart:
+    """Durable work: move the caller for a transfer the tool has just accepted."""
+
+    transfer_id: str
+
+
+@dataclass(frozen=True)
+class OperatorLegUnavailable:
+    """Durable work: an operator's leg will not take the caller (it declined, hung up, reached
+    voicemail, or reported nothing by its deadline): the next operator, else back to the agent."""
+
+    transfer_id: str
+    leg: int
+    why: str
+
+
+@dataclass(frozen=True)
 class ToolReply:
     """What the transfer tool answers Ultravox: words for the model and how it should react."""
 
@@ -101,6 +119,7 @@ class TransferFlow:
         carriers: dict[str, Carrier],
         carrier_http: httpx.AsyncClient,
         *,
+        work: Work,
         urls: Urls,
         bodies: CallBodies,
         connector: Connector,
@@ -120,8 +139,11 @@ class TransferFlow:
         self.on_outcome = on_outcome
         self._clock = clock
         self._now = now
-        self._background: set[asyncio.Task] = set()
-        self._timers: set[asyncio.Task] = set()  # leg watchdogs: cancelled, not awaited, at shutdown
+        # What happens after a tool reply or a callback's answer is durable work, not a task: if
+        # this process dies, another one does it (a caller on hold is never forgotten).
+        self.work = work
+        work.register(TransferStart, self._start)
+        work.register(OperatorLegUnavailable, self._leg_unavailable)
 
     # --- the tool ---------------------------------------------------------------------------------
     async def invoke(self, invocation: ToolInvocation) -> ToolReply:
@@ -158,8 +180,7 @@ class TransferFlow:
         )
         if transfer is None:
             return ToolReply("A transfer is already under way for this call. Don't start another one.")
-        start = self._start_cold if kind == "cold" else self._start_warm
-        self._in_background(start(transfer, record))
+        await self.work.schedule(TransferStart(transfer.id), key=f"transfer-start:{transfer.id}")
         log.info("call %s: %s transfer %s to %s", record.id, kind, transfer.id, operator)
         # The carrier takes the caller now; the agent should not start another sentence.
         return ToolReply(f"Transferring the caller to {operator} now.", reaction="listens")
@@ -181,6 +202,25 @@ class TransferFlow:
     def _hours(self, name: str) -> str:
         operator = self.settings.operators[name]
         return f"open {', '.join(operator.hours)} {operator.timezone}" if operator.hours else "not answering"
+
+    async def _start(self, job: TransferStart) -> None:
+        transfer = await self.transfers.get(job.transfer_id)
+        if transfer is None or transfer.status != status.REQUESTED:
+            return  # started already (this job ran before, in a process that died after starting it)
+        record = await self.calls.get(transfer.call_id)
+        start = self._start_cold if transfer.kind == "cold" else self._start_warm
+        await start(transfer, record)
+
+    async def _leg_unavailable(self, job: OperatorLegUnavailable) -> None:
+        transfer = await self.transfers.get(job.transfer_id)
+        if transfer is None or transfer.is_final or transfer.leg != job.leg:
+            return  # the leg was settled already: accepted, or moved on by an earlier event
+        record = await self.calls.get(transfer.call_id)
+        await self._operator_unavailable(self.carriers[record.carrier], transfer, job.leg, job.why)
+
+    async def _leg_is_a_no(self, transfer: TransferRecord, leg: int, why: str, *, delay: float = 0.0) -> None:
+        key = f"transfer-leg-deadline:{transfer.id}:{leg}" if delay else None
+        await self.work.schedule(OperatorLegUnavailable(transfer.id, leg, why), delay=delay, key=key)
 
     # --- cold -------------------------------------------------------------------------------------
     async def _start_cold(self, transfer: TransferRecord, record: CallRecord) -> None:
@@ -250,14 +290,10 @@ class TransferFlow:
             ring_timeout_seconds=operator.ring_timeout_seconds,
             machine_detection=True,  # a voicemail greeting must not count as the operator
         )
-        # If no event about this leg ever comes (a lost callback, a carrier outage), the caller must
-        # not wait on hold for ever: past ringing, detection and the key press, the leg counts as a no.
-        watchdog = operator.ring_timeout_seconds + MACHINE_DETECTION_SECONDS + self.settings.transfer.accept_timeout_seconds
-        timer = asyncio.get_running_loop().create_task(
-            self._logged(self._leg_watchdog(carrier, transfer.id, leg, watchdog + LEG_MARGIN_SECONDS))
-        )
-        self._timers.add(timer)
-        timer.add_done_callback(self._timers.discard)
+        # If no event about this leg ever comes (a lost callback, a carrier outage, this process
+        # dying), the caller must not wait on hold for ever: past its deadline the leg counts as a no.
+        await self._leg_is_a_no(transfer, leg, f"{transfer.operator} did not pick up in time",
+                                delay=self.leg_deadline_seconds(transfer.operator))
         try:
             leg_id = await carrier.place_call(self.http, dial, deadline=self._clock() + CARRIER_WORK_SECONDS)
         except Exception as error:
@@ -271,11 +307,15 @@ class TransferFlow:
             with contextlib.suppress(RemoteError):
                 await carrier.hang_up(self.http, leg_id, deadline=self._clock() + CARRIER_WORK_SECONDS)
 
-    async def _leg_watchdog(self, carrier: Carrier, transfer_id: str, leg: int, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-        transfer = await self.transfers.get(transfer_id)
-        if transfer is not None and not transfer.is_final and transfer.leg == leg:
-            await self._operator_unavailable(carrier, transfer, leg, f"{transfer.operator} did not pick up in time")
+    def leg_deadline_seconds(self, operator_name: str) -> float:
+        """How long an operator's leg may go without settling: ringing, answering-machine detection
+        and the key press, plus a margin; or the configured [transfer] leg_timeout_seconds."""
+        configured = self.settings.transfer.leg_timeout_seconds
+        if configured is not None:
+            return configured
+        operator = self.settings.operators[operator_name]
+        return (operator.ring_timeout_seconds + MACHINE_DETECTION_SECONDS
+                + self.settings.transfer.accept_timeout_seconds + LEG_MARGIN_SECONDS)
 
     async def whisper(self, carrier: Carrier, transfer: TransferRecord, leg: int, webhook: Webhook) -> str:
         """The operator picked up: brief them, unless it is their voicemail."""
@@ -286,8 +326,7 @@ class TransferFlow:
             await self.transfers.update(transfer.id, TransferChange(operator_leg_id=answered.carrier_call_id),
                                         expect=TransferExpectation(leg=leg))
         if answered.machine:
-            why = f"{transfer.operator}'s voicemail answered"
-            self._in_background(self._operator_unavailable(carrier, transfer, leg, why))
+            await self._leg_is_a_no(transfer, leg, f"{transfer.operator}'s voicemail answered")
             return carrier.hangup_answer()
         briefing = f"A caller is being transferred to you. Reason: {transfer.reason}."
         if transfer.summary:
@@ -302,7 +341,7 @@ class TransferFlow:
         if transfer.is_final or leg != transfer.leg:
             return carrier.hangup_answer()
         if carrier.pressed_digits(webhook) != "1":
-            self._in_background(self._operator_unavailable(carrier, transfer, leg, f"{transfer.operator} declined"))
+            await self._leg_is_a_no(transfer, leg, f"{transfer.operator} declined")
             return carrier.hangup_answer()
         # Only if this leg is still the current one: its hang-up callback may have moved on already.
         if not await self._finish(transfer, status.CONNECTED, "accepted", expect=TransferExpectation(leg=leg)):
@@ -321,10 +360,10 @@ class TransferFlow:
             why = f"{transfer.operator} did not take the call ({update.status})"
             await self._operator_unavailable(carrier, transfer, leg, why)
 
-    def operator_failed(self, carrier: Carrier, transfer: TransferRecord, leg: int | None) -> None:
-        """Handling an operator-leg event failed: treat the leg as a no, in the background."""
+    async def operator_failed(self, carrier: Carrier, transfer: TransferRecord, leg: int | None) -> None:
+        """Handling an operator-leg event failed: treat the leg as a no, as durable work."""
         if leg is not None:
-            self._in_background(self._operator_unavailable(carrier, transfer, leg, f"{transfer.operator}'s leg failed"))
+            await self._leg_is_a_no(transfer, leg, f"{transfer.operator}'s leg failed")
 
     async def caller_left(self, carrier: Carrier, transfer: TransferRecord, leg: int | None = None,
                           webhook: Webhook | None = None) -> str:
@@ -490,22 +529,4 @@ class TransferFlow:
     def url(self, carrier: Carrier, step: str, transfer_id: str, *, leg: int | None = None) -> str:
         return self.urls.transfer_callback(carrier.name, step, transfer_id, leg)
 
-    def _in_background(self, work) -> None:
-        task = asyncio.get_running_loop().create_task(self._logged(work))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    @staticmethod
-    async def _logged(work) -> None:
-        try:
-            await work
-        except Exception:
-            log.exception("transfer work failed")
-
-    async def drain(self) -> None:
-        """At shutdown: finish the carrier work under way; drop the watchdogs (a restart loses them)."""
-        for timer in list(self._timers):
-            timer.cancel()
-        while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
 

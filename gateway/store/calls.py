@@ -235,6 +235,11 @@ class CallStore:
         """Whether this caller is the one to create the Ultravox call for an answered outbound call."""
         return await self.database.transaction(_claim_agent, call_id, utcnow())
 
+    async def fail_abandoned(self, stage: str, *, before: dt.datetime, reason: str) -> list[CallRecord]:
+        """Calls left half-made at `stage` (see ABANDONED) since before `before` by a process that
+        died: failed now, with `reason`. Returns them as they were."""
+        return await self.database.transaction(_fail_abandoned, ABANDONED[stage], before, reason[:MAX_REASON], utcnow())
+
     async def find_by_ultravox_call_id(self, ultravox_call_id: str) -> CallRecord | None:
         return await self.database.transaction(_find_by, calls.c.ultravox_call_id == ultravox_call_id)
 
@@ -331,6 +336,36 @@ def _update(
             sa.update(calls).where(calls.c.id == call_id, calls.c.status_rank < rank).values(**values)
         ).rowcount == 1
     return Updated(_get(connection, call_id), advanced)
+
+
+# Where a dying process can leave a call, and since when it has been there (for `before`).
+ABANDONED = {
+    # Inbound: claimed, the Ultravox call being created.
+    "creating": lambda before: sa.and_(calls.c.direction == "inbound", calls.c.status == CREATING,
+                                       calls.c.updated_at < before),
+    # Outbound: accepted by the API, the dial not (known to be) placed.
+    "unplaced": lambda before: sa.and_(calls.c.direction == "outbound", calls.c.status == QUEUED,
+                                       calls.c.placed_at.is_(None), calls.c.created_at < before),
+    # Outbound: answered, its agent claimed, no join URL recorded.
+    "unjoined": lambda before: sa.and_(calls.c.direction == "outbound", calls.c.status == ANSWERED,
+                                       calls.c.join_url.is_(None), calls.c.agent_claimed_at < before),
+}
+
+
+def _fail_abandoned(connection: sa.Connection, condition, before: dt.datetime, reason: str,
+                    now: dt.datetime) -> list[CallRecord]:
+    # Row by row with a compare-and-set on the status, so a call that moved on meanwhile is left alone.
+    stuck = [_record(row) for row in connection.execute(sa.select(calls).where(condition(before)).limit(500))]
+    failed = []
+    for record in stuck:
+        changed = connection.execute(
+            sa.update(calls).where(calls.c.id == record.id, calls.c.status == record.status).values(
+                status=FAILED, status_rank=STATUS_RANK[FAILED], failure_reason=reason, updated_at=now,
+                ended_at=sa.func.coalesce(calls.c.ended_at, now))
+        ).rowcount
+        if changed:
+            failed.append(record)
+    return failed
 
 
 def _record_media(connection: sa.Connection, call_id: str, stats: str, recording: str | None, now: dt.datetime) -> None:

@@ -95,12 +95,40 @@ transfers = sa.Table(
 )
 
 
+# Durable work (migration 6): timers, and later deliveries and campaign dispatch. A row is due at
+# `due_at`; a process claims it by setting `lease_until` (row locks keep two from claiming the same
+# row); a process that dies holding a lease loses it when the lease runs out, and another claims it.
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("kind", sa.String(64), nullable=False),
+    # At most one job per key: a timer armed twice (two deliveries of one event) is one timer.
+    sa.Column("key", sa.String(255), unique=True),
+    sa.Column("payload", sa.Text, nullable=False),  # JSON
+    sa.Column("status", sa.String(16), nullable=False),  # pending | running | failed (done rows are deleted)
+    sa.Column("due_at", sa.DateTime(timezone=True), nullable=False),
+    # Counts claims; a claim's count is its fencing token (a late finisher cannot touch a re-claimed row).
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("lease_owner", sa.String(64)),
+    sa.Column("lease_until", sa.DateTime(timezone=True)),
+    sa.Column("last_error", sa.Text),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_jobs_status_due", "status", "due_at"),
+)
+
+
 def _create_v1(connection: sa.Connection) -> None:
     metadata.create_all(connection, tables=[calls])
 
 
 def _create_transfers(connection: sa.Connection) -> None:
     metadata.create_all(connection, tables=[transfers])
+
+
+def _create_jobs(connection: sa.Connection) -> None:
+    metadata.create_all(connection, tables=[jobs])
 
 
 def _add_call_columns(**columns: str):
@@ -123,4 +151,5 @@ _add_placed_column = _add_call_columns(placed_at="TIMESTAMP WITH TIME ZONE")
 
 # Append new migrations; never edit one that has shipped. (Version 1 grew the outbound columns
 # before the first release.)
-MIGRATIONS = [_create_v1, _create_transfers, _add_media_columns, _add_media_token_column, _add_placed_column]
+MIGRATIONS = [_create_v1, _create_transfers, _add_media_columns, _add_media_token_column, _add_placed_column,
+              _create_jobs]

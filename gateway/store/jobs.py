@@ -1,0 +1,151 @@
+"""Durable work as rows: what is due when, who holds it, and for how long.
+
+Claiming is one UPDATE over the due rows picked with `FOR UPDATE SKIP LOCKED` (PostgreSQL): two
+processes claiming at once get different rows, never the same one. SQLite has one writer at a
+time and SQLAlchemy leaves the lock clause out there; the single UPDATE statement is the claim.
+Every change after a claim names the claim's attempt count, so a process whose lease ran out
+(and whose row another process has claimed since) changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from .calls import MAX_REASON, as_utc, utcnow
+from .database import Database
+from .schema import jobs
+
+PENDING, RUNNING, FAILED = "pending", "running", "failed"
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    kind: str
+    key: str | None
+    payload: dict[str, Any]
+    due_at: dt.datetime
+    attempts: int  # including this claim
+    lease_owner: str | None
+
+
+def _job(row: sa.Row) -> Job:
+    return Job(
+        id=row.id, kind=row.kind, key=row.key, payload=json.loads(row.payload), due_at=as_utc(row.due_at),
+        attempts=row.attempts, lease_owner=row.lease_owner,
+    )
+
+
+def schedule_job(connection: sa.Connection, kind: str, payload: dict[str, Any], due_at: dt.datetime,
+                 key: str | None = None) -> bool:
+    """Add a job inside a transaction the caller already holds (so a business row and the work it
+    implies commit together). False: a job with this key exists already, and it stands."""
+    now = utcnow()
+    values = dict(id=str(uuid.uuid4()), kind=kind, key=key, payload=json.dumps(payload), status=PENDING,
+                  due_at=due_at, attempts=0, created_at=now, updated_at=now)
+    if key is None:
+        connection.execute(sa.insert(jobs).values(**values))
+        return True
+    insert = _insert_for(connection)(jobs).values(**values).on_conflict_do_nothing(index_elements=["key"])
+    return connection.execute(insert).rowcount == 1
+
+
+def _insert_for(connection: sa.Connection):
+    if connection.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
+class JobStore:
+    def __init__(self, database: Database):
+        self.database = database
+
+    async def schedule(self, kind: str, payload: dict[str, Any], due_at: dt.datetime, key: str | None = None) -> bool:
+        return await self.database.transaction(schedule_job, kind, payload, due_at, key)
+
+    async def claim(self, owner: str, *, lease: dt.timedelta, limit: int, now: dt.datetime | None = None) -> list[Job]:
+        """Due jobs, and jobs whose holder's lease ran out (it died), now held by `owner`."""
+        return await self.database.transaction(_claim, owner, lease, limit, now or utcnow())
+
+    async def done(self, job: Job) -> bool:
+        return await self.database.transaction(_done, job)
+
+    async def again(self, job: Job, due_at: dt.datetime, error: str | None = None) -> bool:
+        """Run it again at `due_at`: a retry after `error`, or a periodic job's next run (attempts reset)."""
+        return await self.database.transaction(_again, job, due_at, error)
+
+    async def failed(self, job: Job, error: str) -> bool:
+        """Given up: kept for inspection, its key freed."""
+        return await self.database.transaction(_failed, job, error)
+
+    async def next_due(self) -> dt.datetime | None:
+        """When the earliest pending job is due (to sleep until then)."""
+        return await self.database.transaction(_next_due)
+
+    async def pending(self, kind: str | None = None) -> list[Job]:
+        return await self.database.transaction(_pending, kind)
+
+
+def _held(job: Job):
+    return sa.and_(jobs.c.id == job.id, jobs.c.attempts == job.attempts, jobs.c.status == RUNNING)
+
+
+def _claim(connection: sa.Connection, owner: str, lease: dt.timedelta, limit: int, now: dt.datetime) -> list[Job]:
+    claimable = (
+        sa.select(jobs.c.id)
+        .where(sa.or_(
+            sa.and_(jobs.c.status == PENDING, jobs.c.due_at <= now),
+            sa.and_(jobs.c.status == RUNNING, jobs.c.lease_until < now),
+        ))
+        .order_by(jobs.c.due_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    rows = connection.execute(
+        sa.update(jobs)
+        .where(jobs.c.id.in_(claimable.scalar_subquery()))
+        .values(status=RUNNING, lease_owner=owner, lease_until=now + lease, attempts=jobs.c.attempts + 1,
+                updated_at=now)
+        .returning(*jobs.c)
+    ).all()
+    return sorted((_job(row) for row in rows), key=lambda job: job.due_at)
+
+
+def _done(connection: sa.Connection, job: Job) -> bool:
+    return connection.execute(sa.delete(jobs).where(_held(job))).rowcount == 1
+
+
+def _again(connection: sa.Connection, job: Job, due_at: dt.datetime, error: str | None) -> bool:
+    values: dict[str, Any] = dict(status=PENDING, due_at=due_at, lease_owner=None, lease_until=None, updated_at=utcnow())
+    if error is None:
+        values["attempts"] = 0
+    else:
+        values["last_error"] = error[:MAX_REASON]
+    return connection.execute(sa.update(jobs).where(_held(job)).values(**values)).rowcount == 1
+
+
+def _failed(connection: sa.Connection, job: Job, error: str) -> bool:
+    return connection.execute(
+        sa.update(jobs).where(_held(job)).values(status=FAILED, key=None, last_error=error[:MAX_REASON],
+                                                  lease_owner=None, lease_until=None, updated_at=utcnow())
+    ).rowcount == 1
+
+
+def _next_due(connection: sa.Connection) -> dt.datetime | None:
+    due = connection.execute(sa.select(sa.func.min(jobs.c.due_at)).where(jobs.c.status == PENDING)).scalar()
+    return as_utc(due) if due is not None else None
+
+
+def _pending(connection: sa.Connection, kind: str | None) -> list[Job]:
+    query = sa.select(jobs).where(jobs.c.status != FAILED).order_by(jobs.c.due_at)
+    if kind is not None:
+        query = query.where(jobs.c.kind == kind)
+    return [_job(row) for row in connection.execute(query)]

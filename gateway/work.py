@@ -1,0 +1,173 @@
+"""Durable work: timers and periodic sweeps as rows, run by whichever process claims them.
+
+Every process runs a `Work` loop. A job is scheduled as a row with a due time; when it is due, one
+process claims it (a lease), runs its handler and deletes the row. A process that dies holding a
+lease loses it when it runs out, and another process runs the job again; so handlers must be
+idempotent (they re-read what they act on and act only if it still holds). Nothing waits in an
+asyncio task that a crash would lose: the row is the timer.
+
+A job's payload is a frozen dataclass of its own type; each type is registered once with its
+handler, and the type's name (`kind`) is what the row stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Generic, TypeVar
+
+from .store.calls import utcnow
+from .store.jobs import Job, JobStore
+
+log = logging.getLogger("gateway.work")
+
+P = TypeVar("P")
+
+LEASE_SECONDS = 60.0  # longer than any handler runs (they bound their remote calls to ~10 s)
+POLL_SECONDS = 1.0  # how soon a job scheduled by another process, or left by a dead one, is seen
+BATCH = 16  # jobs claimed at once by one process
+RETRY_SECONDS = (1, 5, 30, 120, 600)  # after the 1st, 2nd, … failure
+
+
+@dataclass(frozen=True)
+class JobKind(Generic[P]):
+    name: str
+    payload_type: type[P]
+    run: Callable[[P], Awaitable[None]]
+    max_attempts: int
+    every: dt.timedelta | None  # periodic: runs again this long after each run
+
+
+def process_name() -> str:
+    """Who holds a lease: host, process and a random part (a restarted process is someone else)."""
+    return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Work:
+    def __init__(self, jobs: JobStore, *, owner: str | None = None, lease_seconds: float = LEASE_SECONDS,
+                 poll_seconds: float = POLL_SECONDS, now: Callable[[], dt.datetime] = utcnow):
+        self.jobs = jobs
+        self.owner = owner or process_name()
+        self.lease = dt.timedelta(seconds=lease_seconds)
+        self.poll_seconds = poll_seconds
+        self._now = now
+        self._kinds: dict[str, JobKind] = {}
+        self._by_type: dict[type, JobKind] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+        self._stopping = False
+
+    # --- what there is to do -------------------------------------------------------------------------
+    def register(self, payload_type: type[P], run: Callable[[P], Awaitable[None]], *, max_attempts: int = 5,
+                 every: float | None = None) -> None:
+        """`run(payload)` is what a job of `payload_type` does; `every` seconds makes it periodic."""
+        if not dataclasses.is_dataclass(payload_type):
+            raise TypeError(f"{payload_type.__name__} must be a dataclass")
+        kind = JobKind(payload_type.__name__, payload_type, run, max_attempts,
+                       dt.timedelta(seconds=every) if every else None)
+        if kind.name in self._kinds:
+            raise ValueError(f"a job kind named {kind.name} is registered already")
+        self._kinds[kind.name] = self._by_type[payload_type] = kind
+
+    async def schedule(self, payload: Any, *, delay: float = 0.0, key: str | None = None) -> bool:
+        """Run `payload`'s handler `delay` seconds from now, on whichever process claims it first.
+        With a `key`, a job already scheduled under it stands (False)."""
+        kind = self._by_type[type(payload)]
+        due = self._now() + dt.timedelta(seconds=delay)
+        scheduled = await self.jobs.schedule(kind.name, dataclasses.asdict(payload), due, key)
+        self._wake.set()
+        return scheduled
+
+    # --- running it ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.seed_periodic()
+        self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name="work")
+
+    async def seed_periodic(self) -> None:
+        """One row per periodic job, whichever process seeds it first; due at once."""
+        for kind in self._kinds.values():
+            if kind.every is not None:
+                await self.jobs.schedule(kind.name, {}, self._now(), key=f"every:{kind.name}")
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Claim nothing more; let running jobs finish for up to `timeout` (leases cover the rest)."""
+        self._stopping = True
+        self._wake.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self._running:
+            _, unfinished = await asyncio.wait(set(self._running), timeout=timeout)
+            for task in unfinished:
+                task.cancel()
+
+    async def run_due(self) -> int:
+        """Claim what is due now and start it; returns how many jobs were started."""
+        free = BATCH - len(self._running)
+        if free <= 0 or self._stopping:
+            return 0
+        claimed = await self.jobs.claim(self.owner, lease=self.lease, limit=free, now=self._now())
+        for job in claimed:
+            task = asyncio.get_running_loop().create_task(self._run(job), name=f"job:{job.kind}")
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+        return len(claimed)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._wake.set()  # a slot is free
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                await self.run_due()
+                wait = await self._until_next()
+            except Exception:
+                log.exception("durable work: claiming failed; trying again")
+                wait = self.poll_seconds
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+
+    async def _until_next(self) -> float:
+        due = await self.jobs.next_due()
+        if due is None:
+            return self.poll_seconds
+        return min(self.poll_seconds, max(0.0, (due - self._now()).total_seconds()))
+
+    async def _run(self, job: Job) -> None:
+        kind = self._kinds.get(job.kind)
+        if kind is None:  # written by a newer version of the gateway: leave it for one that knows it
+            await self.jobs.again(job, self._now() + self.lease, f"no handler for {job.kind} in this process")
+            return
+        try:
+            await asyncio.wait_for(kind.run(kind.payload_type(**job.payload)),
+                                   timeout=self.lease.total_seconds() * 0.8)
+        except asyncio.CancelledError:
+            raise  # stopping: the lease runs out and another process runs it
+        except Exception as error:
+            reason = f"{type(error).__name__}: {error}"
+            if job.attempts >= kind.max_attempts and kind.every is None:
+                log.error("job %s (%s) failed %d times, giving up: %s", job.id, job.kind, job.attempts, reason)
+                await self.jobs.failed(job, reason)
+            else:
+                log.warning("job %s (%s) failed (attempt %d): %s", job.id, job.kind, job.attempts, reason,
+                            exc_info=error)
+                delay = RETRY_SECONDS[min(job.attempts, len(RETRY_SECONDS)) - 1]
+                if kind.every is not None:
+                    delay = max(delay, kind.every.total_seconds())
+                await self.jobs.again(job, self._now() + dt.timedelta(seconds=delay), reason)
+            return
+        if kind.every is not None:
+            await self.jobs.again(job, self._now() + kind.every)
+        else:
+            await self.jobs.done(job)
