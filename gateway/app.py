@@ -20,8 +20,10 @@ from starlette.routing import Route, WebSocketRoute
 from .api import CallsApi
 from .callbacks import UltravoxCallbacks
 from .carriers import CARRIERS, Carrier
+from .drain import Drain
 from .flows.call_request import CallBodies
 from .flows.connect import Connector
+from .flows.handover import HandoverFlow
 from .flows.inbound import InboundFlow
 from .flows.outbound import OutboundFlow
 from .flows.tracking import CallTracking
@@ -60,6 +62,8 @@ class Gateway:
         self.media: MediaSockets | None = None
         self.api: CallsApi | None = None
         self.work: Work | None = None
+        self.handover: HandoverFlow | None = None
+        self.drainer: Drain | None = None
 
     async def start(self) -> None:
         if self.settings.insecure_skip_signature_verification:
@@ -87,10 +91,13 @@ class Gateway:
             settings, store, transfers, ultravox, carriers, self.carrier_http, work=work, urls=urls, bodies=bodies,
             connector=connector, on_outcome=lambda t: self.metrics.transfers.labels(t.operator, t.kind, t.status).inc(),
         )
+        self.handover = HandoverFlow(settings, store, ultravox, carriers, self.carrier_http, urls=urls, bodies=bodies,
+                                     connector=connector, clock=clock)
         self.webhooks = CarrierWebhooks(
             settings, carriers, urls, self.metrics, clock=clock, inbound=InboundFlow(
                 settings, store, ultravox, bodies, connector, work=work, clock=clock),
             outbound=outbound, tracking=tracking, transfer=self.transfer, transfers=transfers,
+            handover=self.handover,
         )
         self.callbacks = UltravoxCallbacks(settings, self.transfer, tracking)
         self.api = CallsApi(settings, store, outbound, transfers)
@@ -100,6 +107,7 @@ class Gateway:
 
         bridge = MediaBridge(store, self.carrier_http, recordings=self._recording_path,
                              on_stats=self.metrics.add_media_stats, transfer_active=transfer_active)
+        self.drainer = Drain(bridge, self.handover, drain_seconds=settings.drain_seconds, clock=clock)
         self.media = MediaSockets(
             settings, carriers, store, bridge, connector, public_url=urls.of_request,
             on_refused=lambda carrier: self.metrics.webhooks.labels(carrier.name, "media_refused").inc(),
@@ -108,6 +116,11 @@ class Gateway:
         # The ~120k objects of the loaded libraries never die: keep them out of the collector's
         # full passes, which otherwise paused the event loop 20–50 ms (measured in bench/bridge.py).
         gc.freeze()
+
+    async def drain(self) -> None:
+        """SIGTERM: see gateway/drain.py. The server stops once this returns."""
+        if self.drainer is not None:
+            await self.drainer.run()
 
     async def stop(self) -> None:
         if self.work is not None:
@@ -130,6 +143,8 @@ class Gateway:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
+        if self.drainer is not None and self.drainer.draining:  # the load balancer sends new calls elsewhere
+            return JSONResponse({"status": "draining"}, status_code=503)
         problems = []
         try:
             await asyncio.wait_for(self.store.ping(), timeout=2)
@@ -162,6 +177,7 @@ class Gateway:
             Route("/{carrier}/outbound/answer", later(lambda g: g.webhooks.outbound_answer), methods=webhook,
                   name="outbound-answer"),
             Route("/{carrier}/status", later(lambda g: g.webhooks.status), methods=webhook, name="status"),
+            Route("/{carrier}/handover", later(lambda g: g.webhooks.handover), methods=webhook, name="handover"),
             *[Route(f"/{{carrier}}/transfer/{step.name}", later(lambda g, step=step: g.webhooks.transfer_steps[step.name]),
                     methods=webhook, name=f"transfer-{step.name}") for step in TRANSFER_STEPS],
             WebSocketRoute("/media/{carrier}", later(lambda g: g.media.serve), name="media"),
@@ -195,3 +211,10 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.gateway = gateway
     return app
+
+
+def create_app_from_environment() -> Starlette:
+    """The app of a worker process (`gateway serve --workers N`): settings from GATEWAY_CONFIG and the environment."""
+    from .settings import load_settings
+
+    return create_app(load_settings())

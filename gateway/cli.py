@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", help="address to listen on (default from config, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default from config, 8080)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--workers", type=int, default=1,
+                       help="serving processes sharing the port and the store (default 1)")
 
     check = commands.add_parser("check", help="validate a config file and say what is wrong")
     check.add_argument("--config", help="TOML config file (default: $GATEWAY_CONFIG)")
@@ -89,23 +92,29 @@ def _load(path: str | None):
 
 
 def serve_command(args) -> int:
-    import uvicorn
-
     from .app import create_app
+    from .serving import serve, server_config
 
     settings = _load(args.config)
     if settings is None:
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=args.host or settings.host,
-        port=args.port if args.port is not None else settings.port,
-        log_level=args.log_level,
-        # Carriers sign the public URL (GATEWAY_PUBLIC_URL), so proxy headers are not needed for that.
-        proxy_headers=False,
-    )
-    return 0
+    if args.workers < 1:
+        print("--workers must be 1 or more.", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        # Each worker process builds its own app from the same configuration.
+        if args.config:
+            os.environ["GATEWAY_CONFIG"] = os.path.abspath(args.config)
+        app = "gateway.app:create_app_from_environment"
+    else:
+        app = create_app(settings)
+    config = server_config(app, host=args.host or settings.host,
+                           port=args.port if args.port is not None else settings.port, log_level=args.log_level)
+    return serve(config, workers=args.workers, setup_logging=functools.partial(configure_logging, args.log_level))
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def dial_command(args) -> int:

@@ -17,6 +17,7 @@ from starlette.responses import PlainTextResponse, Response
 from .api import read_limited
 from .carriers.base import QUERY, Carrier, RequestRejected, SignatureRejected, Webhook
 from .flows.inbound import InboundFlow
+from .flows.handover import HandoverFlow
 from .flows.outbound import OutboundFlow
 from .flows.tracking import CallTracking
 from .flows.transfer import TRANSFER_STEPS, TransferFlow, TransferStep
@@ -91,7 +92,7 @@ class CarrierWebhooks:
     def __init__(
         self, settings: Settings, carriers: dict[str, Carrier], urls: Urls, metrics: Metrics, *,
         inbound: InboundFlow, outbound: OutboundFlow, tracking: CallTracking, transfer: TransferFlow,
-        transfers: TransferStore, clock=time.monotonic,
+        transfers: TransferStore, handover: HandoverFlow, clock=time.monotonic,
     ):
         self.settings = settings
         self.carriers = carriers
@@ -102,6 +103,7 @@ class CarrierWebhooks:
         self.tracking = tracking
         self.transfer_flow = transfer
         self.transfers = transfers
+        self.handover_flow = handover
         self.clock = clock
         self._endpoints()
 
@@ -140,6 +142,7 @@ class CarrierWebhooks:
         self.inbound = self._endpoint(self._inbound)
         self.outbound_answer = self._endpoint(self._outbound_answer)
         self.status = self._endpoint(self._status)
+        self.handover = self._endpoint(self._handover)
         self.transfer_steps = {step.name: self._endpoint(self._step_handler(step)) for step in TRANSFER_STEPS}
 
     def _step_handler(self, step: TransferStep):
@@ -186,6 +189,20 @@ class CarrierWebhooks:
         except Exception:  # the deadline, or a bug: the callee hears the apology either way
             log.exception("%s answer for outbound call %s failed", carrier.name, call_id)
             body = carrier.apology_answer(self.settings.fallback.message, None)
+        return carrier.answer_response(body)
+
+    async def _handover(self, carrier: Carrier, request: Request) -> Response:
+        """A live call moved off a draining replica fetches its new stream here (on any replica)."""
+        try:
+            await self._verified(carrier, request, issued=self._call_issued(request, "handover", carrier))
+        except RequestRejected as rejection:
+            return self._refused(carrier, rejection)
+        call_id = request.query_params.get("call", "")
+        try:
+            body = await self.handover_flow.answer(carrier, call_id)
+        except Exception:  # never silence: the apology (and the fallback number, if any)
+            log.exception("%s handover of call %s failed", carrier.name, call_id)
+            body = carrier.apology_answer(self.settings.fallback.message, self.settings.fallback.dial_number)
         return carrier.answer_response(body)
 
     async def _status(self, carrier: Carrier, request: Request) -> Response:

@@ -46,6 +46,8 @@ LATE_AFTER_SECONDS = 0.06  # a caller frame this much behind its schedule counts
 # have played (or at most this long, whatever was queued).
 GOODBYE_MARK = "gateway-goodbye"
 MAX_GOODBYE_SECONDS = 10.0
+# A handed-over call's old stream: how long the carrier may take to close it after the redirect.
+HANDOVER_STREAM_SECONDS = 15.0
 
 
 @dataclass
@@ -103,6 +105,9 @@ class _Session:
     failure: str | None = None
     hang_up: bool = False
     goodbye_played: asyncio.Event | None = None
+    # Handed over to another replica (a drain): the Ultravox call is let go, the carrier is moving
+    # the call to a fresh stream, and this stream's end is not the call's.
+    handed_over: bool = False
 
 
 class MediaBridge:
@@ -122,6 +127,18 @@ class MediaBridge:
         self.on_stats = on_stats
         self.transfer_active = transfer_active or _no_transfer
         self._clock = clock
+        self.live: dict[str, _Session] = {}  # by the gateway's call id: the calls relayed now
+
+    async def release(self, call_id: str) -> bool:
+        """Let go of a live call's Ultravox call (which ends it) but keep the carrier's stream open
+        until the carrier moves the call elsewhere: closing the stream would end a carrier call."""
+        session = self.live.get(call_id)
+        if session is None or session.ultravox is None or session.handed_over:
+            return False
+        session.handed_over = True
+        with contextlib.suppress(Exception):
+            await session.ultravox.close()
+        return True
 
     async def run(
         self, carrier: Carrier, websocket: WebSocket, record: CallRecord, start: StreamStart | None = None
@@ -130,11 +147,14 @@ class MediaBridge:
         `start` is its start message if the caller of run has read it already."""
         stats = MediaStats()
         session = _Session(carrier, websocket, record, stats)
+        self.live[record.id] = session
         try:
             await self._relay(session, start)
         finally:
             # Whatever happened (even cancellation at shutdown), both sockets close and the record says so.
             await asyncio.shield(self._clean_up(session))
+            if self.live.get(record.id) is session:
+                del self.live[record.id]
         return stats
 
     async def _relay(self, session: "_Session", start: StreamStart | None) -> None:
@@ -168,8 +188,13 @@ class MediaBridge:
         session.tasks = [caller, agent]
         done, _ = await asyncio.wait({caller, agent}, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
-            if not task.cancelled() and task.exception() is not None:
+            if not task.cancelled() and task.exception() is not None and not session.handed_over:
                 log.error("call %s: media relay failed", record.id, exc_info=task.exception())
+        if session.handed_over:
+            # The carrier ends this stream once it has moved the call; until then its frames go nowhere.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(caller), timeout=HANDOVER_STREAM_SECONDS)
+            return
         if agent in done:
             # The agent hung up: let the caller hear the goodbye still queued at the carrier first.
             session.hang_up = True
@@ -224,7 +249,7 @@ class MediaBridge:
         return None
 
     async def _caller_to_agent(self, session: "_Session", transcoder: Transcoder, carrier_format: AudioFormat) -> None:
-        carrier, websocket, ultravox = session.carrier, session.websocket, session.ultravox
+        carrier, websocket = session.carrier, session.websocket
         recorder, stats = session.recorder, session.stats
         clock = _CallerClock(carrier_format.rate, carrier_format.bytes_per_sample, self._clock)
         while True:
@@ -238,16 +263,20 @@ class MediaBridge:
                 if stats.malformed <= 3 or stats.malformed % 100 == 0:
                     log.warning("%s media: skipped a malformed frame (%s); %d so far", carrier.name, error, stats.malformed)
                 continue
+            if session.handed_over:
+                if isinstance(event, StreamStop):
+                    return
+                continue
             if isinstance(event, StreamAudio):
                 pcm = transcoder.to_pcm(event.payload)
-                await ultravox.send(pcm)
+                await _to_agent(session, pcm)
                 stats.frames_in += 1
                 clock.frame(event, stats)
                 if recorder:
                     recorder.caller(pcm)
             elif isinstance(event, StreamDtmf) and event.digit:
                 stats.dtmf += 1
-                await ultravox.send(json.dumps({
+                await _to_agent(session, json.dumps({
                     "type": "user_text_message",
                     "text": f"(The caller pressed {event.digit} on the keypad.)",
                     "urgency": "immediate",
@@ -308,11 +337,21 @@ class MediaBridge:
             except OSError as error:
                 log.error("call %s: recording not written: %s", record.id, error)
         await self.store.record_media(record.id, asdict(session.stats), recording)
+        if session.handed_over:
+            return  # the call goes on, on another stream
         if session.failure:
             await self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=session.failure))
         elif not await self.transfer_active(record.id):
             # Over, unless the stream ended because a transfer moved the caller elsewhere.
             await self.store.update(record.id, CallUpdate(status=statuses.COMPLETED, provisional=True))
+
+
+async def _to_agent(session: "_Session", message: str | bytes) -> None:
+    try:
+        await session.ultravox.send(message)
+    except websockets.ConnectionClosed:
+        if not session.handed_over:  # let go on purpose: the caller's frames go nowhere until the move
+            raise
 
 
 async def _close_carrier(websocket: WebSocket) -> None:

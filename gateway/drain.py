@@ -1,0 +1,68 @@
+"""What a SIGTERM does: stop being ready, let live bridged calls go on, hand over what is left.
+
+At once /readyz answers 503, so the load balancer (a Kubernetes Service) sends new calls to other
+replicas. Requests already routed here are still served. Bridged calls (whose audio passes this
+process) carry on both ways until they end or `drain_seconds` pass; the ones still live then are
+handed over to another replica (flows/handover.py). Direct-mode calls never touch this process's
+sockets and need nothing. Then the server may stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable
+
+from .flows.handover import HandoverFlow
+from .media.bridge import MediaBridge
+
+log = logging.getLogger("gateway.drain")
+
+POLL_SECONDS = 0.1
+# After the handover's redirect the carrier closes the old stream; past this, it is closed here.
+HANDOVER_SECONDS = 15.0
+
+
+class Drain:
+    def __init__(self, bridge: MediaBridge, handover: HandoverFlow, *, drain_seconds: float,
+                 on_change: Callable[[bool], None] = lambda draining: None, clock=time.monotonic):
+        self.bridge = bridge
+        self.handover = handover
+        self.drain_seconds = drain_seconds
+        self.on_change = on_change
+        self._clock = clock
+        self.draining = False
+
+    async def run(self) -> None:
+        """Drain, then return: the caller stops the server."""
+        self.draining = True
+        self.on_change(True)
+        live = len(self.bridge.live)
+        log.info("draining: %d bridged call(s) live; up to %g s before handing them over", live, self.drain_seconds)
+        if await self._until_idle(self.drain_seconds):
+            log.info("drained: no bridged call left")
+            return
+        leftovers = list(self.bridge.live.values())
+        log.info("drain deadline: handing over %d bridged call(s)", len(leftovers))
+        moved = await asyncio.gather(
+            *(self.handover.hand_over(session.record, self._releaser(session.record.id)) for session in leftovers),
+            return_exceptions=True,
+        )
+        for session, outcome in zip(leftovers, moved):
+            if outcome is not True:
+                log.warning("call %s could not be handed over (%s); it ends with this process", session.record.id,
+                            outcome if isinstance(outcome, BaseException) else "no redirect")
+        if not await self._until_idle(HANDOVER_SECONDS):
+            log.warning("%d handed-over stream(s) still open; closing them", len(self.bridge.live))
+
+    def _releaser(self, call_id: str) -> Callable[[], Awaitable[bool]]:
+        return lambda: self.bridge.release(call_id)
+
+    async def _until_idle(self, seconds: float) -> bool:
+        deadline = self._clock() + seconds
+        while self.bridge.live:
+            if self._clock() >= deadline:
+                return False
+            await asyncio.sleep(POLL_SECONDS)
+        return True

@@ -1,0 +1,156 @@
+"""Serving: uvicorn, with a SIGTERM that drains instead of cutting calls, on one or several processes.
+
+uvicorn's own SIGTERM handling closes every open WebSocket with 1012 ("service restart") before
+any graceful step, which would cut every bridged call. `GatewayServer` takes the first SIGTERM
+(or Ctrl-C) as the start of a drain (gateway/drain.py) and stops the server only when the drain is
+done; a second signal stops it at once. A drained process exits 0.
+
+`--workers N` runs N such servers as processes sharing one listening socket. uvicorn's own
+supervisor builds its workers' servers itself (a plain uvicorn.Server), so it cannot run this
+one: `Workers` is the small supervisor that does (start, restart a worker that dies, pass
+SIGTERM to each and wait while they drain). The workers share state only through the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from typing import Any, Callable
+
+import uvicorn
+
+log = logging.getLogger("gateway.serving")
+
+# After a drain, requests still open (a carrier webhook, say) get this long before they are cut.
+GRACEFUL_SECONDS = 15
+STARTUP_FAILURE = 3  # uvicorn's exit code for a server that could not start (bad config, port)
+
+
+def server_config(app: Any, *, host: str, port: int, log_level: str, log_config: Any = None) -> uvicorn.Config:
+    """`app`: the ASGI app, or (for several workers) the import string of a factory of it."""
+    options: dict[str, Any] = {}
+    if log_config is not None:
+        options["log_config"] = log_config
+    return uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, factory=isinstance(app, str), lifespan="on",
+        # Carriers sign the public URL (GATEWAY_PUBLIC_URL), so proxy headers are not needed for that.
+        proxy_headers=False, timeout_graceful_shutdown=GRACEFUL_SECONDS, **options,
+    )
+
+
+class GatewayServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config):
+        super().__init__(config)
+        self._drain_requested = False
+        self._drain_task: asyncio.Task | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._drain_requested:  # the second signal: stop now, as uvicorn does
+            super().handle_exit(sig, frame)
+            return
+        self._drain_requested = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_requested and self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain(), name="drain")
+        return await super().on_tick(counter)
+
+    async def _drain(self) -> None:
+        try:
+            gateway = _gateway_of(self.config.loaded_app)
+            if gateway is not None:
+                await gateway.drain()
+        except Exception:
+            log.exception("draining failed; stopping")
+        finally:
+            self.should_exit = True
+
+
+def _gateway_of(app: Any):
+    """The Gateway behind the loaded ASGI app (uvicorn may have wrapped it in middleware)."""
+    for _ in range(10):
+        state = getattr(app, "state", None)
+        if state is not None and hasattr(state, "gateway"):
+            return state.gateway
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+def serve(config: uvicorn.Config, workers: int = 1, *, setup_logging: Callable[[], None] = lambda: None) -> int:
+    """Run until drained. `setup_logging` configures this process's logging (and each worker's:
+    a spawned process starts with none); it must be picklable (a module-level function)."""
+    setup_logging()
+    if workers <= 1:
+        GatewayServer(config).run()
+        return 0
+    return Workers(config, workers, setup_logging).run()
+
+
+def _serve_worker(config: uvicorn.Config, sock: socket.socket, setup_logging: Callable[[], None]) -> None:
+    # Out of the terminal's process group: a Ctrl-C reaches the supervisor only, which passes one
+    # SIGTERM on (two signals would stop the worker without draining).
+    os.setpgrp()
+    config.configure_logging()
+    setup_logging()
+    GatewayServer(config).run(sockets=[sock])
+
+
+class Workers:
+    """`count` GatewayServer processes on one socket, kept running until a SIGTERM or Ctrl-C."""
+
+    def __init__(self, config: uvicorn.Config, count: int, setup_logging: Callable[[], None]):
+        self.config = config
+        self.count = count
+        self.setup_logging = setup_logging
+        self.processes: list = []
+        self._stop_signal: int | None = None
+        self._context = multiprocessing.get_context("spawn")
+
+    def run(self) -> int:
+        sock = self.config.bind_socket()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self.processes = [self._start(sock) for _ in range(self.count)]
+        log.info("serving with %d worker processes on %s:%d", self.count, self.config.host, self.config.port)
+        while self._stop_signal is None:
+            time.sleep(0.2)
+            for index, process in enumerate(self.processes):
+                if process.exitcode is None or self._stop_signal is not None:
+                    continue
+                if process.exitcode == STARTUP_FAILURE:
+                    log.error("worker %d could not start; stopping", process.pid)
+                    self._stop_signal = signal.SIGTERM
+                    break
+                log.warning("worker %d exited (%s); starting another", process.pid, process.exitcode)
+                self.processes[index] = self._start(sock)
+        self._forward(signal.SIGTERM)  # each worker drains on its own, then exits
+        for process in self.processes:
+            process.join()
+        sock.close()
+        return 0 if all(process.exitcode == 0 for process in self.processes) else 1
+
+    def _on_signal(self, sig: int, frame: Any) -> None:
+        if self._stop_signal is None:
+            self._stop_signal = sig
+        else:  # a second signal: the workers stop at once
+            self._forward(signal.SIGTERM)
+
+    def _forward(self, sig: int) -> None:
+        for process in self.processes:
+            if process.exitcode is None and process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, sig)
+
+    def _start(self, sock: socket.socket):
+        process = self._context.Process(target=_serve_worker, args=(self.config, sock, self.setup_logging),
+                                        name="gateway-worker")
+        process.start()
+        return process
