@@ -1,7 +1,7 @@
 """Inbound webhook benchmark: the gateway against a minimal Starlette baseline.
 
     python bench/inbound.py [--carrier NAME] [--concurrency 100] [--requests 3000] [--warmup 200]
-                            [--delay-ms 250] [--pool-size 100]
+                            [--delay-ms 250] [--pool-size 100] [--workers 1 2]
 
 Each target (the real `gateway serve`, then the baseline app below) runs in its own process
 against its own fake Ultravox process, which answers every call after a fixed delay. The load
@@ -282,15 +282,26 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all its threads included (fields 14 and 15 of /proc/<pid>/stat)."""
+def _stat(pid: int) -> list[str] | None:
     try:
         with open(f"/proc/{pid}/stat") as handle:
             # The command name (field 2) may contain spaces; the fields after its ")" are fixed.
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except FileNotFoundError:  # the process died; its failures are reported instead
+            return handle.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its child processes (`--workers`), all threads included
+    (fields 14 and 15 of /proc/<pid>/stat)."""
+    fields = _stat(pid)
+    if fields is None:  # the process died; its failures are reported instead
         return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = int(fields[11]) + int(fields[12])
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (child := _stat(int(entry))) is not None and child[1] == str(pid):
+            total += int(child[11]) + int(child[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 # =============================================================================================
@@ -458,7 +469,7 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
 
 
 def start_gateway(workdir: Path, fake: Child, agent_id: str, pool_size: int, database_url: str | None,
-                  carrier_double) -> Child:
+                  carrier_double, workers: int = 1) -> Child:
     config = workdir / "gateway.toml"
     config.write_text(
         f'[ultravox]\npool_size = {pool_size}\n\n[[routes]]\nnumber = "{CALLED_NUMBER}"\nagent_id = "{agent_id}"\n'
@@ -474,7 +485,7 @@ def start_gateway(workdir: Path, fake: Child, agent_id: str, pool_size: int, dat
         **carrier_double.environ(DEAD_API),
     })
     argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port),
-            "--log-level", "warning"]
+            "--log-level", "warning", "--workers", str(workers)]
     return Child("gateway", argv, port, workdir, env)
 
 
@@ -492,8 +503,9 @@ def measure(name: str, args, workdir: Path, children: list[Child], carrier_doubl
                  fake_port, workdir, child_env())
     children.append(fake)
     fake.wait_ready("/_bench/stats")
-    if name == "gateway":
-        server = start_gateway(workdir, fake, agent_id, args.pool_size, args.database_url, carrier_double)
+    if name.startswith("gateway"):
+        workers = int(name.partition("x")[2] or 1)
+        server = start_gateway(workdir, fake, agent_id, args.pool_size, args.database_url, carrier_double, workers)
     else:
         server = start_baseline(workdir, fake, agent_id, args.pool_size, carrier_double.name)
     children.append(server)
@@ -635,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fake Ultravox answer delay (default 250, near a real call creation)")
     parser.add_argument("--pool-size", type=int, default=100, help="[ultravox] pool_size (default 100)")
     parser.add_argument("--database-url", help="the gateway's store (default: SQLite in a temporary directory)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1],
+                        help="`gateway serve --workers` counts to measure, each in turn (default 1)")
     args = parser.parse_args(argv)
 
     from gateway.testing import double
@@ -657,15 +671,28 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with tempfile.TemporaryDirectory(prefix="bench-inbound-") as tmp:
         try:
-            results = [measure(name, args, Path(tmp), children, carrier_double) for name in ("gateway", "baseline")]
+            names = [f"gateway x{count}" if count > 1 else "gateway" for count in args.workers]
+            results = [measure(name, args, Path(tmp), children, carrier_double) for name in (*names, "baseline")]
         except KeyboardInterrupt:
             print("\ninterrupted")
             return 130
         finally:
             for child in children:
                 child.stop()
-    report(args, *results)
+    report(args, results[0], results[-1])
+    if len(results) > 2:
+        report_workers(args, results[:-1])
     return 1 if any(result.failures for result in results) else 0
+
+
+def report_workers(args, gateways: list[Result]) -> None:
+    first = gateways[0]
+    print()
+    print(f"  {'gateway serve --workers':<26}{'req/s':>10}{'vs first':>10}{'p99 ms':>10}{'CPU ms/req':>12}{'failures':>10}")
+    for count, result in zip(args.workers, gateways):
+        print(f"  {count:<26}{result.throughput:>10.0f}{result.throughput / first.throughput:>9.2f}x"
+              f"{result.latency_ms['p99']:>10.1f}{result.server_cpu_ms:>12.2f}{len(result.failures):>10}")
+    print(f"  (one run, one after the other; {os.cpu_count()} CPUs shared with the fake and the load generator)")
 
 
 if __name__ == "__main__":
