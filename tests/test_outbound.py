@@ -476,3 +476,37 @@ def test_gateway_dial_follows_the_call_until_it_ends(gateway, fake_carriers, cap
     for status in ("queued", "ringing", "in-progress", "completed"):
         assert status in output
     assert parse_qs(urlparse(placed.answer_url).query)["call"][0] in output
+
+
+def test_a_dial_a_dead_process_left_unplaced_is_failed_and_never_dialled_again(gateway, fake_carriers):
+    import asyncio
+
+    import sqlalchemy as sa
+
+    from gateway.security import api_key_id
+    from gateway.store import CallStore
+    from gateway.store.calls import utcnow
+    from gateway.store.schema import calls
+
+    # What a process killed between accepting a dial and placing it leaves: `queued`, never placed.
+    async def leave_unplaced():
+        store = CallStore.open(gateway.settings.database_url)
+        try:
+            inserted = await store.create_outbound(
+                dict(carrier="twilio", via="carrier", from_number="+15550009999", to_number=CALLEE, route="support",
+                     api_key_id=api_key_id(API_KEY), idempotency_key="killed-1", request_hash="x"),
+                request={}, max_recent=100, window=dt.timedelta(seconds=60))
+            long_ago = utcnow() - dt.timedelta(minutes=5)
+            await store.database.transaction(lambda connection: connection.execute(
+                sa.update(calls).where(calls.c.id == inserted.record.id).values(created_at=long_ago)))
+            return inserted.record.id
+        finally:
+            await store.close()
+
+    call_id = asyncio.run(leave_unplaced())
+    app = gateway.server.app.state.gateway
+    sweep = app.webhooks.outbound_flow.settle_abandoned(None)
+    asyncio.run_coroutine_threadsafe(sweep, gateway.server.server._loop).result(10)
+    view = call_of(gateway, call_id)
+    assert view["status"] == "failed" and view["failure_reason"] == "the gateway stopped while placing the call"
+    assert placed_calls(fake_carriers) == 0
