@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 from .store.calls import utcnow
-from .store.jobs import Job, JobStore
+from .store.jobs import Job, JobStore, NewJob
 
 log = logging.getLogger("gateway.work")
 
@@ -77,14 +77,22 @@ class Work:
             raise ValueError(f"a job kind named {kind.name} is registered already")
         self._kinds[kind.name] = self._by_type[payload_type] = kind
 
-    async def schedule(self, payload: Any, *, delay: float = 0.0, key: str | None = None) -> bool:
-        """Run `payload`'s handler `delay` seconds from now, on whichever process claims it first.
-        With a `key`, a job already scheduled under it stands (False)."""
+    def job(self, payload: Any, *, delay: float = 0.0, key: str | None = None) -> NewJob:
+        """The row that runs `payload`'s handler `delay` seconds from now, on whichever process
+        claims it first; for a store transaction to write along with what it implies (`wake` after)."""
         kind = self._by_type[type(payload)]
-        due = self._now() + dt.timedelta(seconds=delay)
-        scheduled = await self.jobs.schedule(kind.name, dataclasses.asdict(payload), due, key)
-        self._wake.set()
+        return NewJob(kind.name, dataclasses.asdict(payload), self._now() + dt.timedelta(seconds=delay), key)
+
+    async def schedule(self, payload: Any, *, delay: float = 0.0, key: str | None = None) -> bool:
+        """Schedule `payload` (see `job`) on its own. With a `key`, a job already scheduled under it
+        stands (False)."""
+        scheduled = await self.jobs.schedule(self.job(payload, delay=delay, key=key))
+        self.wake()
         return scheduled
+
+    def wake(self) -> None:
+        """Look for due work now (a job was just written)."""
+        self._wake.set()
 
     # --- running it ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -95,7 +103,7 @@ class Work:
         """One row per periodic job, whichever process seeds it first; due at once."""
         for kind in self._kinds.values():
             if kind.every is not None:
-                await self.jobs.schedule(kind.name, {}, self._now(), key=f"every:{kind.name}")
+                await self.jobs.schedule(NewJob(kind.name, {}, self._now(), key=f"every:{kind.name}"))
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Claim nothing more; let running jobs finish for up to `timeout` (leases cover the rest)."""

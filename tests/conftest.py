@@ -292,3 +292,20 @@ def postgres_database_url():
     base, _, _ = admin_url.rpartition("/")
     yield f"{base}/{name}"
     asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """The store on SQLite and on PostgreSQL, from empty tables."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    url = request.getfixturevalue("postgres_database_url")
+    # Each test starts from empty tables on the session's database.
+    async def clear():
+        store = CallStore.open(url)
+        await store.migrate()
+        await store.database.transaction(lambda connection: (connection.exec_driver_sql("DELETE FROM jobs"), connection.exec_driver_sql("DELETE FROM transfers"), connection.exec_driver_sql("DELETE FROM calls")))
+        await store.close()
+
+    asyncio.run(clear())
+    return url

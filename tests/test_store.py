@@ -5,28 +5,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 
-import pytest
 
 from gateway.store import IN_PROGRESS, CREATING, FAILED, REJECTED, CallStore
 from gateway.store.database import engine_url
 
 STALE = dt.timedelta(seconds=30)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
-    url = request.getfixturevalue("postgres_database_url")
-    # Each test starts from empty tables on the session's database.
-    async def clear():
-        store = CallStore.open(url)
-        await store.migrate()
-        await store.database.transaction(lambda connection: (connection.exec_driver_sql("DELETE FROM jobs"), connection.exec_driver_sql("DELETE FROM transfers"), connection.exec_driver_sql("DELETE FROM calls")))
-        await store.close()
-
-    asyncio.run(clear())
-    return url
 
 
 def run(database_url, scenario):

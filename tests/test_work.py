@@ -7,14 +7,12 @@ import asyncio
 import datetime as dt
 from dataclasses import dataclass
 
-import pytest
-
 from gateway.store import CallStore
 from gateway.store.calls import utcnow
-from gateway.store.jobs import JobStore
+from gateway.store.jobs import JobStore, NewJob
 from gateway.work import Work
 
-from .test_store import database_url, run  # noqa: F401  (the store's SQLite/PostgreSQL fixture)
+from .test_store import run
 
 
 @dataclass(frozen=True)
@@ -179,7 +177,7 @@ def test_a_periodic_job_has_one_row_and_runs_again_each_period(database_url):
 def test_a_job_this_version_does_not_know_is_left_for_one_that_does(database_url):
     async def scenario(store):
         jobs = JobStore(store.database)
-        await jobs.schedule("FromTheFuture", {"x": 1}, utcnow())
+        await jobs.schedule(NewJob("FromTheFuture", {"x": 1}, utcnow()))
         work = Work(jobs)
         assert await work.run_due() == 1
         await until(lambda: not work._running)

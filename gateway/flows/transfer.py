@@ -177,10 +177,11 @@ class TransferFlow:
         transfer = await self.transfers.start(
             call_id=record.id, kind=kind, operator=operator, reason=reason, summary=summary,
             prior_ultravox_call_id=record.ultravox_call_id,
+            then=lambda transfer_id: self.work.job(TransferStart(transfer_id)),
         )
         if transfer is None:
             return ToolReply("A transfer is already under way for this call. Don't start another one.")
-        await self.work.schedule(TransferStart(transfer.id), key=f"transfer-start:{transfer.id}")
+        self.work.wake()
         log.info("call %s: %s transfer %s to %s", record.id, kind, transfer.id, operator)
         # The carrier takes the caller now; the agent should not start another sentence.
         return ToolReply(f"Transferring the caller to {operator} now.", reaction="listens")

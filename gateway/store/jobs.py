@@ -42,13 +42,20 @@ def _job(row: sa.Row) -> Job:
     )
 
 
-def schedule_job(connection: sa.Connection, kind: str, payload: dict[str, Any], due_at: dt.datetime,
-                 key: str | None = None) -> bool:
+@dataclass(frozen=True)
+class NewJob:
+    kind: str
+    payload: dict[str, Any]
+    due_at: dt.datetime
+    key: str | None = None  # at most one job per key
+
+
+def schedule_job(connection: sa.Connection, job: NewJob) -> bool:
     """Add a job inside a transaction the caller already holds (so a business row and the work it
     implies commit together). False: a job with this key exists already, and it stands."""
-    now = utcnow()
-    values = dict(id=str(uuid.uuid4()), kind=kind, key=key, payload=json.dumps(payload), status=PENDING,
-                  due_at=due_at, attempts=0, created_at=now, updated_at=now)
+    now, key = utcnow(), job.key
+    values = dict(id=str(uuid.uuid4()), kind=job.kind, key=key, payload=json.dumps(job.payload), status=PENDING,
+                  due_at=job.due_at, attempts=0, created_at=now, updated_at=now)
     if key is None:
         connection.execute(sa.insert(jobs).values(**values))
         return True
@@ -68,8 +75,8 @@ class JobStore:
     def __init__(self, database: Database):
         self.database = database
 
-    async def schedule(self, kind: str, payload: dict[str, Any], due_at: dt.datetime, key: str | None = None) -> bool:
-        return await self.database.transaction(schedule_job, kind, payload, due_at, key)
+    async def schedule(self, job: NewJob) -> bool:
+        return await self.database.transaction(schedule_job, job)
 
     async def claim(self, owner: str, *, lease: dt.timedelta, limit: int, now: dt.datetime | None = None) -> list[Job]:
         """Due jobs, and jobs whose holder's lease ran out (it died), now held by `owner`."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 import sqlalchemy as sa
 
 from .calls import as_utc, insert_for, utcnow
 from .database import Database
+from .jobs import NewJob, schedule_job
 from .schema import transfers
 
 REQUESTED = "requested"
@@ -104,16 +105,18 @@ class TransferStore:
         self.database = database
 
     async def start(
-        self, *, call_id: str, kind: str, operator: str, reason: str, summary: str | None, prior_ultravox_call_id: str | None
+        self, *, call_id: str, kind: str, operator: str, reason: str, summary: str | None, prior_ultravox_call_id: str | None,
+        then: Callable[[str], NewJob] | None = None,
     ) -> TransferRecord | None:
-        """A new transfer, or None when the call already has one under way."""
+        """A new transfer, or None when the call already has one under way. `then(transfer_id)`: the
+        durable work that starts it, written in the same transaction (so neither exists without the other)."""
         now = utcnow()
         values = dict(
             id=str(uuid.uuid4()), call_id=call_id, kind=kind, operator=operator, operators_tried=_encode_tried((operator,)),
             reason=reason, summary=summary, status=REQUESTED, leg=0, prior_ultravox_call_id=prior_ultravox_call_id,
             active_call_id=call_id, created_at=now, updated_at=now,
         )
-        return await self.database.transaction(_start, values)
+        return await self.database.transaction(_start, values, then(values["id"]) if then else None)
 
     async def get(self, transfer_id: str) -> TransferRecord | None:
         return await self.database.transaction(_get, transfer_id)
@@ -156,13 +159,17 @@ class TransferStore:
         await self._write(transfer_id, {"ended_at": utcnow()}, False, None)
 
 
-def _start(connection: sa.Connection, values: dict) -> TransferRecord | None:
+def _start(connection: sa.Connection, values: dict, then: NewJob | None) -> TransferRecord | None:
     inserted = connection.execute(
         insert_for(connection)(transfers).values(**values)
         .on_conflict_do_nothing(index_elements=["active_call_id"]).returning(transfers.c.id)
     ).first()
     # Nothing inserted: another transfer of this call holds active_call_id.
-    return _get(connection, values["id"]) if inserted else None
+    if not inserted:
+        return None
+    if then is not None:
+        schedule_job(connection, then)
+    return _get(connection, values["id"])
 
 
 def _get(connection: sa.Connection, transfer_id: str) -> TransferRecord | None:
