@@ -188,9 +188,9 @@ class GatewayProcess(_ChildProcess):
     """The real ``gateway serve`` command in a child process, on a free loopback port.
 
     `start` launches it and returns at once (so several can start in parallel); `wait_ready`
-    waits until ``/healthz`` answers. ``environ`` is its whole environment on top of this
-    process's own (PATH and the like), so GATEWAY_* variables set here do not leak in unless
-    given.
+    waits until ``/healthz`` answers. Its environment is this process's (PATH and the like)
+    without the GATEWAY_* variables (a developer's own GATEWAY_CONFIG must not steer a test's
+    replicas), with ``environ`` on top.
     """
 
     def __init__(
