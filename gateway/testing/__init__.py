@@ -15,6 +15,8 @@ run the real app against local fakes without any network access::
 * `gateway.testing.carrier`: `FakeCarrier`, what the fake carrier REST APIs share, and
   `CarrierDouble`, everything a test needs to play one carrier; ``double(name)`` finds it.
 * `gateway.testing.stream`: `CarrierStream`, a carrier's side of a media stream.
+* `gateway.testing.processes`: `GatewayProcess` (the real ``gateway serve`` in a child process),
+  `LoadBalancer` (HAProxy in front of several) and `Replicas` (both), for multi-replica tests.
 * `gateway.testing.<carrier>` (twilio, telnyx, plivo, …): one module per carrier with its
   fake REST API, webhook signer, inbound webhook form, media-stream dialect and double. Each
   defines ``FAKE_API`` (its `FakeCarrier` subclass),
@@ -57,6 +59,7 @@ from .carrier import (
     XmlDouble,
     double,
 )
+from .processes import REPLICA_HEADER, Backend, GatewayProcess, LoadBalancer, ProcessFailed, Replicas, free_port, haproxy_path
 from .server import ServerThread
 from .stream import CarrierStream, Received, StreamDialect
 from .ultravox import (
@@ -69,6 +72,7 @@ from .ultravox import (
 )
 
 __all__ = [
+    "Backend",
     "CallUpdate",
     "CarrierDouble",
     "CarrierRequest",
@@ -81,20 +85,27 @@ __all__ = [
     "FakeResponse",
     "FakeUltravox",
     "FakeUltravoxSession",
+    "GatewayProcess",
+    "LoadBalancer",
     "PickUp",
     "PlacedCarrierCall",
+    "ProcessFailed",
+    "REPLICA_HEADER",
     "Received",
     "RecordedRequest",
+    "Replicas",
     "ServerThread",
     "StreamDialect",
     "WebhookRequest",
     "XmlDouble",
     "double",
+    "free_port",
+    "haproxy_path",
     "validate_ultravox_request",
 ]
 
 # The carriers' own modules: whatever module of this package has a DOUBLE is one.
-_SHARED = {"carrier", "server", "stream", "ultravox"}
+_SHARED = {"carrier", "processes", "server", "stream", "ultravox"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _SHARED:
         _carrier = importlib.import_module(f"{__name__}.{_module.name}")
