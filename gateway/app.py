@@ -29,6 +29,7 @@ from .flows.transfer import TRANSFER_STEPS, TransferFlow
 from .http import create_client
 from .media.admission import MediaSockets
 from .media.bridge import MediaBridge
+from .media.recording import RecordingUpkeep, recording_dirs, recording_file
 from .metrics import Metrics
 from .settings import Settings
 from .store import CallRecord, CallStore, TransferStore
@@ -37,6 +38,8 @@ from .urls import Urls
 from .webhooks import CarrierWebhooks
 
 log = logging.getLogger("gateway")
+
+UPKEEP_EVERY_SECONDS = 3600.0
 
 
 class Gateway:
@@ -57,6 +60,8 @@ class Gateway:
         self.callbacks: UltravoxCallbacks | None = None
         self.media: MediaSockets | None = None
         self.api: CallsApi | None = None
+        self.recording_upkeep: RecordingUpkeep | None = None
+        self._upkeep: asyncio.Task | None = None
 
     async def start(self) -> None:
         if self.settings.insecure_skip_signature_verification:
@@ -89,6 +94,10 @@ class Gateway:
         )
         self.callbacks = UltravoxCallbacks(settings, self.transfer, tracking)
         self.api = CallsApi(settings, store, outbound, transfers)
+        # Repair and retention of the recording directories: at start, then hourly.
+        self.recording_upkeep = RecordingUpkeep(recording_dirs(settings.routes), store)
+        self._upkeep = asyncio.get_running_loop().create_task(
+            _repeat(self.recording_upkeep.run, UPKEEP_EVERY_SECONDS), name="recording-upkeep")
 
         async def transfer_active(call_id: str) -> bool:
             return any(not t.is_final for t in await transfers.for_call(call_id))
@@ -104,6 +113,10 @@ class Gateway:
         gc.freeze()
 
     async def stop(self) -> None:
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._upkeep
         if self.transfer is not None:
             await self.transfer.drain()
         for client in (self.http, self.carrier_http):
@@ -116,8 +129,7 @@ class Gateway:
         route = self.settings.route_named(record.route) if record.route else None
         if not route or not route.recording_dir:
             return None
-        # One file per stretch of the call (a transfer back to the agent starts another).
-        return Path(route.recording_dir) / f"{record.id}-{int(time.time() * 1000)}.wav"
+        return recording_file(route.recording_dir, record.id)
 
     # --- operations -------------------------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:
@@ -162,6 +174,8 @@ class Gateway:
             Route("/v1/calls", later(lambda g: g.api.create), methods=["POST"], name="calls-create"),
             Route("/v1/calls", later(lambda g: g.api.list), methods=["GET"], name="calls-list"),
             Route("/v1/calls/{call_id}", later(lambda g: g.api.get), methods=["GET"], name="call"),
+            Route("/v1/calls/{call_id}/recording", later(lambda g: g.api.recording), methods=["GET"],
+                  name="call-recording"),
             Route("/v1/openapi.json", later(lambda g: g.api.openapi), methods=["GET"], name="openapi"),
             Route("/ultravox/events", later(lambda g: g.callbacks.events), methods=["POST"], name="ultravox-events"),
             Route("/tools/transfer", later(lambda g: g.callbacks.cold_tool), methods=["POST"], name="tool-transfer"),
@@ -171,6 +185,16 @@ class Gateway:
             Route("/readyz", self.readyz, methods=["GET"], name="readyz"),
             Route("/metrics", self.metrics_endpoint, methods=["GET"], name="metrics"),
         ]
+
+
+async def _repeat(job, every_seconds: float) -> None:
+    """Run `job` now and then every `every_seconds`; a failed run is logged and the next one comes."""
+    while True:
+        try:
+            await job()
+        except Exception:
+            log.exception("%s failed", getattr(job, "__qualname__", job))
+        await asyncio.sleep(every_seconds)
 
 
 def create_app(settings: Settings) -> Starlette:
