@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime as dt
 import json
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.concurrency import iterate_in_threadpool
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .carriers import CARRIERS
 from .flows.outbound import DialRejected, DialRequest, OutboundFlow
+from .media.recording import recording_dirs, snapshot
 from .security import api_key_id, match_api_key
 from .settings import Settings
 from .statuses import STATUSES
@@ -45,17 +49,23 @@ class CallView(BaseModel):
     updated_at: dt.datetime
     answered_at: dt.datetime | None
     ended_at: dt.datetime | None
-    recording_path: str | None  # bridge mode with recording: the call's stereo WAV
+    # Bridge mode with recording: the call's stereo WAVs on the gateway's disk (comma-separated, one
+    # per stretch of the call), how many, and where to download them (?part=N, from 0).
+    recording_path: str | None
+    recording_parts: int
+    recording_url: str | None
     media: dict[str, int] | None  # bridge mode: audio counters (frames, gaps, late frames, clears…)
 
     @classmethod
     def of(cls, record: CallRecord) -> dict[str, Any]:
-        view = cls(
-            from_=record.from_number,
-            to=record.to_number,
-            media=record.media,
-            **{name: getattr(record, name) for name in cls.model_fields if name not in ("from_", "to", "media")},
-        )
+        computed = {
+            "from_": record.from_number,
+            "to": record.to_number,
+            "media": record.media,
+            "recording_parts": len(record.recordings),
+            "recording_url": f"/v1/calls/{record.id}/recording" if record.recordings else None,
+        }
+        view = cls(**computed, **{name: getattr(record, name) for name in cls.model_fields if name not in computed})
         data = view.model_dump(mode="json")
         data["from"] = data.pop("from_")
         return data
@@ -94,6 +104,7 @@ class CallsApi:
         self.store = store
         self.outbound = outbound
         self.transfers = transfers
+        self.recording_dirs = [directory.path for directory in recording_dirs(settings.routes)]
 
     def _key_id(self, request: Request) -> str | None:
         key = match_api_key(request.headers.get("authorization"), self.settings.api_keys)
@@ -138,6 +149,33 @@ class CallsApi:
         view = CallView.of(record)
         view["transfers"] = [TransferView.of(t) for t in await self.transfers.for_call(record.id)]
         return JSONResponse(view)
+
+    async def recording(self, request: Request) -> Response:
+        """One stretch of a call's recording, as a WAV streamed from disk (?part=N, default 0)."""
+        if self._key_id(request) is None:
+            return _unauthorized()
+        part = request.query_params.get("part", "0")
+        if not (part.isascii() and part.isdigit()):
+            return problem(400, "part must be a whole number: 0 for the call's first recording, 1 for the next…")
+        record = await self.store.get(request.path_params["call_id"])
+        if record is None:
+            return problem(404, "no such call")
+        paths = record.recordings
+        if not paths:
+            return problem(404, "this call has no recording")
+        parts = {"Recording-Parts": str(len(paths))}
+        if int(part) >= len(paths):
+            return problem(404, f"this call has {len(paths)} recording(s): part 0 to {len(paths) - 1}", **parts)
+        # The stored path is the gateway's own, but only files in the recording directories are served.
+        found = await asyncio.to_thread(snapshot, Path(paths[int(part)]), self.recording_dirs)
+        if found is None:
+            return problem(404, "the recording is no longer on disk", **parts)
+        # Not FileResponse: that reads to the end of the file, and a recording still being
+        # written grows past the Content-Length taken a moment before.
+        return StreamingResponse(iterate_in_threadpool(found.chunks()), media_type="audio/wav", headers={
+            **parts, "Content-Length": str(found.size),
+            "Content-Disposition": f'attachment; filename="{found.path.name}"',
+        })
 
     async def list(self, request: Request) -> Response:
         if self._key_id(request) is None:
@@ -263,6 +301,28 @@ def openapi_document() -> dict[str, Any]:
                             "calls": {"type": "array", "items": call_ref},
                             "next_cursor": {"type": ["string", "null"]},
                         }}}}}, "401": errors["401"]},
+                },
+            },
+            "/v1/calls/{call_id}/recording": {
+                "get": {
+                    "summary": "A bridged call's recording: a stereo WAV, caller left, agent right",
+                    "parameters": [
+                        {"name": "call_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                        {"name": "part", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0},
+                         "description": "which stretch of the call (a return from a transfer starts another); "
+                                        "default 0, the first"},
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "the recording as far as it is written",
+                            "headers": {"Recording-Parts": {"schema": {"type": "integer"},
+                                                            "description": "how many recordings the call has"}},
+                            "content": {"audio/wav": {"schema": {"type": "string", "format": "binary"}}},
+                        },
+                        "400": {"description": "part is not a whole number"},
+                        "401": errors["401"],
+                        "404": {"description": "no such call, no recording, no such part, or the file is gone"},
+                    },
                 },
             },
             "/v1/calls/{call_id}": {

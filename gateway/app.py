@@ -31,6 +31,7 @@ from .flows.transfer import TRANSFER_STEPS, TransferFlow
 from .http import create_client
 from .media.admission import MediaSockets
 from .media.bridge import MediaBridge
+from .media.recording import RecordingUpkeep, recording_dirs, recording_file
 from .metrics import Metrics
 from .settings import Settings
 from .store import CallRecord, CallStore, TransferStore
@@ -41,6 +42,8 @@ from .webhooks import CarrierWebhooks
 from .work import Work
 
 log = logging.getLogger("gateway")
+
+UPKEEP_EVERY_SECONDS = 3600.0
 
 
 class Gateway:
@@ -64,6 +67,8 @@ class Gateway:
         self.work: Work | None = None
         self.handover: HandoverFlow | None = None
         self.drainer: Drain | None = None
+        self.recording_upkeep: RecordingUpkeep | None = None
+        self._upkeep: asyncio.Task | None = None
 
     async def start(self) -> None:
         if self.settings.insecure_skip_signature_verification:
@@ -101,6 +106,12 @@ class Gateway:
         )
         self.callbacks = UltravoxCallbacks(settings, self.transfer, tracking)
         self.api = CallsApi(settings, store, outbound, transfers)
+        # Repair and retention of the recording directories: at start, then hourly. Each process
+        # looks after the directories it sees (a pod's own volume, or a shared one: both idempotent),
+        # so this is not shared durable work: any replica could not reach another's local volume.
+        self.recording_upkeep = RecordingUpkeep(recording_dirs(settings.routes), store)
+        self._upkeep = asyncio.get_running_loop().create_task(
+            _repeat(self.recording_upkeep.run, UPKEEP_EVERY_SECONDS), name="recording-upkeep")
 
         async def transfer_active(call_id: str) -> bool:
             return any(not t.is_final for t in await transfers.for_call(call_id))
@@ -123,6 +134,10 @@ class Gateway:
             await self.drainer.run()
 
     async def stop(self) -> None:
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._upkeep
         if self.work is not None:
             await self.work.stop()
         for client in (self.http, self.carrier_http):
@@ -135,8 +150,7 @@ class Gateway:
         route = self.settings.route_named(record.route) if record.route else None
         if not route or not route.recording_dir:
             return None
-        # One file per stretch of the call (a transfer back to the agent starts another).
-        return Path(route.recording_dir) / f"{record.id}-{int(time.time() * 1000)}.wav"
+        return recording_file(route.recording_dir, record.id)
 
     # --- operations -------------------------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:
@@ -184,6 +198,8 @@ class Gateway:
             Route("/v1/calls", later(lambda g: g.api.create), methods=["POST"], name="calls-create"),
             Route("/v1/calls", later(lambda g: g.api.list), methods=["GET"], name="calls-list"),
             Route("/v1/calls/{call_id}", later(lambda g: g.api.get), methods=["GET"], name="call"),
+            Route("/v1/calls/{call_id}/recording", later(lambda g: g.api.recording), methods=["GET"],
+                  name="call-recording"),
             Route("/v1/openapi.json", later(lambda g: g.api.openapi), methods=["GET"], name="openapi"),
             Route("/ultravox/events", later(lambda g: g.callbacks.events), methods=["POST"], name="ultravox-events"),
             Route("/tools/transfer", later(lambda g: g.callbacks.cold_tool), methods=["POST"], name="tool-transfer"),
@@ -193,6 +209,16 @@ class Gateway:
             Route("/readyz", self.readyz, methods=["GET"], name="readyz"),
             Route("/metrics", self.metrics_endpoint, methods=["GET"], name="metrics"),
         ]
+
+
+async def _repeat(job, every_seconds: float) -> None:
+    """Run `job` now and then every `every_seconds`; a failed run is logged and the next one comes."""
+    while True:
+        try:
+            await job()
+        except Exception:
+            log.exception("%s failed", getattr(job, "__qualname__", job))
+        await asyncio.sleep(every_seconds)
 
 
 def create_app(settings: Settings) -> Starlette:

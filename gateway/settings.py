@@ -254,6 +254,8 @@ class RouteSettings(_Section):
     mode: Literal["direct", "bridge"] = "direct"
     # Bridge mode: write a stereo WAV of each call (caller left, agent right) into this directory.
     recording_dir: str | None = None
+    # Delete this route's recordings this many days after they were last written (default: keep).
+    retention_days: int | None = Field(default=None, ge=1)
 
     @field_validator("number")
     @classmethod
@@ -313,6 +315,8 @@ class RouteSettings(_Section):
                 raise ValueError("template_context only works with agent_id routes (Ultravox agent calls)")
         if self.recording_dir is not None and self.mode != "bridge":
             raise ValueError("recording_dir needs mode = \"bridge\" (only then does the audio pass the gateway)")
+        if self.retention_days is not None and self.recording_dir is None:
+            raise ValueError("retention_days needs recording_dir (it says how long that directory's recordings are kept)")
         if self.name is None:
             self.name = self.number
         return self

@@ -176,3 +176,22 @@ def test_calls_a_dead_process_left_half_made_are_failed_once(database_url):
         assert (await claim(store, "CA-old")).owned
 
     run(database_url, scenario)
+
+
+def test_recordings_are_listed_as_they_start_and_forgotten_one_by_one_also_when_racing(database_url):
+    async def scenario(store):
+        call_id = (await claim(store)).record.id
+        names = [f"{call_id}-{n}.wav" for n in range(12)]
+        # Replicas listing and forgetting at once must not undo each other.
+        await asyncio.gather(*(store.add_recording(call_id, f"/recordings/{name}") for name in names))
+        assert sorted((await store.get(call_id)).recordings) == sorted(f"/recordings/{name}" for name in names)
+        await store.record_media(call_id, {"frames_in": 1})  # the end of a stretch keeps the list
+        await asyncio.gather(*(store.forget_recording(call_id, name) for name in names[:6] + names[:3]))
+        assert sorted((await store.get(call_id)).recordings) == sorted(f"/recordings/{name}" for name in names[6:])
+        for name in names[6:]:
+            await store.forget_recording(call_id, name)
+        record = await store.get(call_id)
+        assert record.recording_path is None and record.media == {"frames_in": 1}
+        await store.forget_recording("no-such-call", names[0])  # nothing to do
+
+    run(database_url, scenario)

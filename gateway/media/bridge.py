@@ -181,8 +181,7 @@ class MediaBridge:
             return
         # The Ultravox call speaks the carrier's rate; a stream in another format is transcoded.
         transcoder = Transcoder(stream_format, carrier.media_rate)
-        path = self.recordings(record)
-        session.recorder = CallRecorder(path, carrier.media_rate, self._clock) if path else None
+        await self._start_recording(session, carrier.media_rate)
         caller = asyncio.create_task(self._caller_to_agent(session, transcoder, stream_format))
         agent = asyncio.create_task(self._agent_to_caller(session, start.stream_id, transcoder))
         session.tasks = [caller, agent]
@@ -199,6 +198,22 @@ class MediaBridge:
             # The agent hung up: let the caller hear the goodbye still queued at the carrier first.
             session.hang_up = True
             await self._let_queued_audio_play(session, start.stream_id, caller)
+
+    async def _start_recording(self, session: "_Session", rate: int) -> None:
+        record = session.record
+        path = self.recordings(record)
+        if path is None:
+            return
+        try:
+            session.recorder = await asyncio.to_thread(CallRecorder, path, rate, self._clock)
+        except OSError as error:
+            log.error("call %s: not recorded, cannot create %s: %s", record.id, path, error)
+            return
+        try:
+            await self.store.add_recording(record.id, str(path))
+        except Exception:
+            # The recording goes on; only its listing on the call is missing.
+            log.exception("call %s: could not list the recording %s on the call", record.id, path)
 
     async def _let_queued_audio_play(self, session: "_Session", stream_id: str, caller: asyncio.Task) -> None:
         if session.stats.frames_out == 0 or caller.done():
@@ -330,13 +345,12 @@ class MediaBridge:
 
     async def _finish(self, session: "_Session") -> None:
         record = session.record
-        recording = None
         if session.recorder:
             try:
-                recording = str(await asyncio.to_thread(session.recorder.write))
+                await asyncio.to_thread(session.recorder.close)
             except OSError as error:
-                log.error("call %s: recording not written: %s", record.id, error)
-        await self.store.record_media(record.id, asdict(session.stats), recording)
+                log.error("call %s: recording incomplete: %s", record.id, error)
+        await self.store.record_media(record.id, asdict(session.stats))
         if session.handed_over:
             return  # the call goes on, on another stream
         if session.failure:

@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import uuid
 from dataclasses import asdict, dataclass, fields
+from pathlib import PurePath
 from typing import Any, Mapping
 
 import sqlalchemy as sa
@@ -68,7 +69,11 @@ class CallRecord:
     @property
     def recordings(self) -> list[str]:
         """Bridge mode: one WAV per stretch of the call (a return from a transfer starts another)."""
-        return [path for path in (self.recording_path or "").split(",") if path]
+        return _paths(self.recording_path)
+
+
+def _paths(stored: str | None) -> list[str]:
+    return [path for path in (stored or "").split(",") if path]
 
 
 # Failure reasons are stored bounded: they may quote a remote error.
@@ -223,9 +228,21 @@ class CallStore:
         replace = {"ultravox_call_id": ultravox_call_id, "join_url": join_url}
         await self.database.transaction(_update, call_id, None, None, {}, replace, utcnow())
 
-    async def record_media(self, call_id: str, stats: Mapping[str, int], recording: str | None) -> None:
-        """A bridged stretch of the call ended: its audio counters, and its recording if one was made."""
-        await self.database.transaction(_record_media, call_id, json.dumps(dict(stats)), recording, utcnow())
+    async def record_media(self, call_id: str, stats: Mapping[str, int]) -> None:
+        """A bridged stretch of the call ended: its audio counters."""
+        await self.database.transaction(_record_media, call_id, json.dumps(dict(stats)), utcnow())
+
+    async def add_recording(self, call_id: str, path: str) -> None:
+        """A bridged stretch of the call started recording into `path` (listed at once, so that a
+        crash mid-call leaves the file findable)."""
+        await self.database.transaction(_change_recordings, call_id, lambda paths: [*paths, path], utcnow())
+
+    async def forget_recording(self, call_id: str, name: str) -> None:
+        """The recording file called `name` is gone (retention): take it off the call."""
+        def without(paths: list[str]) -> list[str]:
+            return [path for path in paths if PurePath(path).name != name]
+
+        await self.database.transaction(_change_recordings, call_id, without, utcnow())
 
     async def claim_media_token(self, call_id: str, token: str) -> bool:
         """Whether `token` opens this call's media socket now; a token is good for one socket."""
@@ -368,13 +385,22 @@ def _fail_abandoned(connection: sa.Connection, condition, before: dt.datetime, r
     return failed
 
 
-def _record_media(connection: sa.Connection, call_id: str, stats: str, recording: str | None, now: dt.datetime) -> None:
-    values: dict[str, Any] = {"media_stats": stats, "updated_at": now}
-    if recording is not None:
-        # Appended in the same transaction it is read in: one entry per stretch of the call.
-        existing = _get(connection, call_id)
-        values["recording_path"] = ",".join([*(existing.recordings if existing else []), recording])
-    connection.execute(sa.update(calls).where(calls.c.id == call_id).values(**values))
+def _record_media(connection: sa.Connection, call_id: str, stats: str, now: dt.datetime) -> None:
+    connection.execute(sa.update(calls).where(calls.c.id == call_id).values(media_stats=stats, updated_at=now))
+
+
+def _change_recordings(connection: sa.Connection, call_id: str, change, now: dt.datetime) -> None:
+    # Read and written in one transaction, the row locked (PostgreSQL; SQLite has one writer at a
+    # time): replicas adding and removing entries at once must not undo each other.
+    stored = connection.execute(
+        sa.select(calls.c.recording_path).where(calls.c.id == call_id).with_for_update()
+    ).scalar_one_or_none()
+    before = _paths(stored)
+    after = change(before)
+    if after != before:
+        connection.execute(
+            sa.update(calls).where(calls.c.id == call_id).values(recording_path=",".join(after) or None, updated_at=now)
+        )
 
 
 def _claim_media_token(connection: sa.Connection, call_id: str, token: str) -> bool:
