@@ -469,7 +469,41 @@ def wait_until(condition, what: str, timeout: float = 20.0) -> None:
 
 
 # --- the killed replica's timers, fired by another ----------------------------------------------------------
-# The durable-timer test goes here: start `replicas` (or `make_replicas(count, extra_config, **environ)`),
-# create the work on one replica through its own `url` (or through `replicas.url` and find it with
-# `replicas.served_by(response)`), `kill()` that replica, and check that a survivor fires the timer
-# (its `stderr_text()` log lines or `metric(...)`, or the store).
+
+
+def test_a_replica_killed_mid_warm_transfer_does_not_strand_its_caller(make_replicas, fake_carriers, fake_ultravox):
+    """The caller is on hold and the operator's phone rings, never to report back; the replica that
+    put them there is killed. The leg's deadline is a row: a survivor fires it, moves the caller back
+    to the agent, and the new agent continues the conversation."""
+    from .conftest import TOOL_SECRET
+
+    replicas = make_replicas(3, "[transfer]\nleg_timeout_seconds = 2.0\n")
+    carrier, victim = "twilio", replicas.processes[0]
+    fake, carrier_double = fake_carriers[carrier], double(carrier)
+    form = carrier_double.inbound_form(to=SUPPORT_NUMBER)
+    call_id = form[carrier_double.call_id_param]
+    fake.live_calls.add(call_id)
+    with httpx.Client(timeout=30, trust_env=False) as client:
+        assert post_webhook(client, victim.url, carrier, form).status_code == 200
+        agent = fake_ultravox.created_calls[-1]["callId"]
+        tool = client.post(victim.url + "/tools/warm-transfer", headers={"X-Gateway-Tool-Secret": TOOL_SECRET}, json={
+            "callId": agent, "operator": "frontdesk", "reason": "Wants a person", "summary": "Ada, 40 seats"})
+        assert tool.status_code == 200, tool.text
+
+        def moves():
+            return [carrier_double.redirect_url(u) for u in fake.updates if u.call_id == call_id]
+
+        wait_until(lambda: len(moves()) == 1, "the caller to be put on hold")
+        fake.callback(moves()[0], fake.form_for(call_id))  # the carrier fetches the hold (through the balancer)
+        wait_until(lambda: len(fake.calls) == 1, "the operator's phone to ring")
+        victim.kill()
+        assert victim.wait(10) == -signal.SIGKILL
+        # No operator callback ever comes. A survivor fires the leg's deadline and moves the caller back.
+        wait_until(lambda: len(moves()) == 2, "the caller to be moved back to the agent", timeout=30)
+        answer = fake.callback(moves()[1], fake.form_for(call_id))
+        join_url, _ = carrier_double.connected_url(answer.text)
+    back = fake_ultravox.requests[-1]
+    assert back.query["priorCallId"] == agent
+    assert "frontdesk did not pick up in time" in back.body["firstSpeakerSettings"]["agent"]["prompt"]
+    assert join_url == fake_ultravox.created_calls[-1]["joinUrl"]
+    assert replicas.served_by(answer).name != victim.name
