@@ -86,7 +86,10 @@ class Work:
     async def schedule(self, payload: Any, *, delay: float = 0.0, key: str | None = None) -> bool:
         """Schedule `payload` (see `job`) on its own. With a `key`, a job already scheduled under it
         stands (False)."""
-        scheduled = await self.jobs.schedule(self.job(payload, delay=delay, key=key))
+        return await self.add(self.job(payload, delay=delay, key=key))
+
+    async def add(self, job: NewJob) -> bool:
+        scheduled = await self.jobs.schedule(job)
         self.wake()
         return scheduled
 

@@ -97,7 +97,7 @@ class OperatorLegUnavailable:
 
     transfer_id: str
     leg: int
-    why: str
+    why: str = ""  # empty: the leg's deadline passed
 
 
 @dataclass(frozen=True)
@@ -217,11 +217,16 @@ class TransferFlow:
         if transfer is None or transfer.is_final or transfer.leg != job.leg:
             return  # the leg was settled already: accepted, or moved on by an earlier event
         record = await self.calls.get(transfer.call_id)
-        await self._operator_unavailable(self.carriers[record.carrier], transfer, job.leg, job.why)
+        why = job.why or f"{transfer.operator} did not pick up in time"
+        await self._operator_unavailable(self.carriers[record.carrier], transfer, job.leg, why)
 
-    async def _leg_is_a_no(self, transfer: TransferRecord, leg: int, why: str, *, delay: float = 0.0) -> None:
-        key = f"transfer-leg-deadline:{transfer.id}:{leg}" if delay else None
-        await self.work.schedule(OperatorLegUnavailable(transfer.id, leg, why), delay=delay, key=key)
+    async def _leg_is_a_no(self, transfer: TransferRecord, leg: int, why: str) -> None:
+        await self.work.schedule(OperatorLegUnavailable(transfer.id, leg, why))
+
+    def _leg_deadline(self, transfer_id: str, leg: int, seconds: float):
+        """The durable timer after which leg `leg` counts as a no; one per leg (the first armed stands)."""
+        return self.work.job(OperatorLegUnavailable(transfer_id, leg), delay=seconds,
+                             key=f"transfer-leg-deadline:{transfer_id}:{leg}")
 
     # --- cold -------------------------------------------------------------------------------------
     async def _start_cold(self, transfer: TransferRecord, record: CallRecord) -> None:
@@ -293,8 +298,7 @@ class TransferFlow:
         )
         # If no event about this leg ever comes (a lost callback, a carrier outage, this process
         # dying), the caller must not wait on hold for ever: past its deadline the leg counts as a no.
-        await self._leg_is_a_no(transfer, leg, f"{transfer.operator} did not pick up in time",
-                                delay=self.leg_deadline_seconds(transfer.operator))
+        await self.work.add(self._leg_deadline(transfer.id, leg, self.leg_deadline_seconds(transfer.operator)))
         try:
             leg_id = await carrier.place_call(self.http, dial, deadline=self._clock() + CARRIER_WORK_SECONDS)
         except Exception as error:
@@ -384,9 +388,13 @@ class TransferFlow:
         """The operator's leg will not take the caller: try the next operator, else back to the agent."""
         # The first event about this leg acts (a declined key press, then its hang-up callback…);
         # the later ones, and any about an older leg, find it released.
-        current = await self.transfers.release_leg(transfer.id, leg)
+        # The next leg's deadline is armed with the move itself: should this process die before it
+        # calls the next operator, the caller is not left on hold (the longest operator's deadline).
+        longest = max(self.leg_deadline_seconds(name) for name in self.settings.operators)
+        current = await self.transfers.release_leg(transfer.id, leg, then=self._leg_deadline(transfer.id, leg + 1, longest))
         if current is None:
             return
+        self.work.wake()
         record = await self.calls.get(transfer.call_id)
         following = self._first_open(current.operator, tried=current.tried)
         if following is not None:

@@ -137,9 +137,10 @@ class TransferStore:
         expected = expect.columns() if expect else {}
         return await self.database.transaction(_update, transfer_id, only_if_active, expected, values, utcnow())
 
-    async def release_leg(self, transfer_id: str, leg: int) -> TransferRecord | None:
-        """Move past operator leg `leg`; None if another event did first, or the transfer ended."""
-        return await self.database.transaction(_release_leg, transfer_id, leg, utcnow())
+    async def release_leg(self, transfer_id: str, leg: int, then: NewJob | None = None) -> TransferRecord | None:
+        """Move past operator leg `leg`; None if another event did first, or the transfer ended.
+        `then`: durable work written with the move (the next leg's deadline)."""
+        return await self.database.transaction(_release_leg, transfer_id, leg, utcnow(), then)
 
     async def finish(
         self, transfer_id: str, status: str, outcome: str, *, expect: TransferExpectation | None = None,
@@ -184,13 +185,17 @@ def _for_call(connection: sa.Connection, call_id: str) -> list[TransferRecord]:
     return [_transfer(row) for row in rows]
 
 
-def _release_leg(connection: sa.Connection, transfer_id: str, leg: int, now: dt.datetime):
+def _release_leg(connection: sa.Connection, transfer_id: str, leg: int, now: dt.datetime, then: NewJob | None):
     released = connection.execute(
         sa.update(transfers)
         .where(transfers.c.id == transfer_id, transfers.c.leg == leg, transfers.c.active_call_id.is_not(None))
         .values(leg=leg + 1, operator_leg_id=None, updated_at=now)
     ).rowcount == 1
-    return _get(connection, transfer_id) if released else None
+    if not released:
+        return None
+    if then is not None:
+        schedule_job(connection, then)
+    return _get(connection, transfer_id)
 
 
 def _update(
