@@ -65,6 +65,22 @@ class Replica:
         return httpx.get(self.url + "/readyz", timeout=5).status_code
 
 
+@pytest.fixture
+def start_replica(tmp_path, fake_ultravox, fake_carriers):
+    """Start a `Replica` (name, database URL, drain seconds, extra `gateway serve` arguments); every
+    one still running is stopped after the test, so none works on the next test's database."""
+    started: list[Replica] = []
+
+    def start(name, database_url, drain_seconds=60, *extra_args) -> Replica:
+        replica = Replica.start(tmp_path, name, fake_ultravox, fake_carriers, database_url, drain_seconds, *extra_args)
+        started.append(replica)
+        return replica
+
+    yield start
+    for replica in started:
+        replica.process.close()
+
+
 def answered_stream(replica: Replica, carrier: str) -> tuple[str, str, str]:
     """An inbound bridged call answered by `replica`: (carrier call id, public stream URL, answer)."""
     form = double(carrier).inbound_form(to=BRIDGED_NUMBER)
@@ -95,9 +111,9 @@ async def until(condition, what: str, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
-def test_sigterm_lets_a_bridged_call_go_on_and_exits_0_when_it_ends(tmp_path, fake_ultravox, fake_carriers):
+def test_sigterm_lets_a_bridged_call_go_on_and_exits_0_when_it_ends(tmp_path, start_replica):
     carrier = "twilio"
-    replica = Replica.start(tmp_path, "a", fake_ultravox, fake_carriers, f"sqlite:///{tmp_path / 'g.db'}").ready()
+    replica = start_replica("a", f"sqlite:///{tmp_path / 'g.db'}").ready()
     call_id, stream_url, _ = answered_stream(replica, carrier)
 
     async def scenario():
@@ -119,11 +135,11 @@ def test_sigterm_lets_a_bridged_call_go_on_and_exits_0_when_it_ends(tmp_path, fa
 
 
 @pytest.mark.parametrize("carrier", TRANSFER_CARRIERS)
-def test_a_call_live_at_the_deadline_is_handed_over_to_another_replica(tmp_path, fake_ultravox, fake_carriers,
+def test_a_call_live_at_the_deadline_is_handed_over_to_another_replica(start_replica, fake_ultravox, fake_carriers,
                                                                        postgres_database_url, carrier):
     # Two replicas on one database: A drains (1 s), B takes over its call.
-    a = Replica.start(tmp_path, "a", fake_ultravox, fake_carriers, postgres_database_url, 1)
-    b = Replica.start(tmp_path, "b", fake_ultravox, fake_carriers, postgres_database_url)
+    a = start_replica("a", postgres_database_url, 1)
+    b = start_replica("b", postgres_database_url)
     a.ready(), b.ready()
     fake = fake_carriers[carrier]
     fake.deliver_to = b.url  # the load balancer's choice once A is not ready
@@ -157,13 +173,12 @@ def test_a_call_live_at_the_deadline_is_handed_over_to_another_replica(tmp_path,
     assert not [u for u in fake.updates if u.call_id == call_id and "hangup" in str(u).lower()]
 
 
-def test_two_workers_serve_one_port_and_restart_a_killed_one(tmp_path, fake_ultravox, fake_carriers):
+def test_two_workers_serve_one_port_and_restart_a_killed_one(tmp_path, start_replica, fake_ultravox):
     import os
     import re
     import signal
 
-    replica = Replica.start(tmp_path, "workers", fake_ultravox, fake_carriers, f"sqlite:///{tmp_path / 'w.db'}", 60,
-                            "--workers", "2").ready()
+    replica = start_replica("workers", f"sqlite:///{tmp_path / 'w.db'}", 60, "--workers", "2").ready()
     process = replica.process
 
     def started() -> set[str]:
