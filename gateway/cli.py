@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import logging
 import os
@@ -102,6 +103,9 @@ def serve_command(args) -> int:
         print("--workers must be 1 or more.", file=sys.stderr)
         return 2
     if args.workers > 1:
+        # The schema once, here, before the workers start: on SQLite, workers migrating one file at
+        # once could each find it unmigrated (PostgreSQL replicas take a lock instead).
+        asyncio.run(_migrate(settings.database_url))
         # Each worker process builds its own app from the same configuration.
         if args.config:
             os.environ["GATEWAY_CONFIG"] = os.path.abspath(args.config)
@@ -111,6 +115,16 @@ def serve_command(args) -> int:
     config = server_config(app, host=args.host or settings.host,
                            port=args.port if args.port is not None else settings.port, log_level=args.log_level)
     return serve(config, workers=args.workers, setup_logging=functools.partial(configure_logging, args.log_level))
+
+
+async def _migrate(database_url: str) -> None:
+    from .store import CallStore
+
+    store = CallStore.open(database_url)
+    try:
+        await store.migrate()
+    finally:
+        await store.close()
 
 
 def configure_logging(level: str) -> None:
@@ -177,7 +191,6 @@ def _why(call: dict) -> str:
 
 
 def tools_sync_command(args) -> int:
-    import asyncio
 
     from .http import RemoteError
     from .tools import DURABLE_NAMES, SECRET_REQUIREMENT, sync_tools
@@ -218,7 +231,6 @@ def tools_sync_command(args) -> int:
 
 
 def simulate_command(args) -> int:
-    import asyncio
 
     from .media.simulate import SimulationError, simulate_call
 
