@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .carriers import CARRIERS
 from .flows.outbound import DialRejected, DialRequest, OutboundFlow
+from .logs import bind_call
 from .media.recording import recording_dirs, snapshot
 from .security import api_key_id, match_api_key
 from .settings import Settings
@@ -146,6 +147,7 @@ class CallsApi:
         record = await self.store.get(request.path_params["call_id"])
         if record is None:
             return problem(404, "no such call")
+        bind_call(record)
         view = CallView.of(record)
         view["transfers"] = [TransferView.of(t) for t in await self.transfers.for_call(record.id)]
         return JSONResponse(view)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import gc
 import logging
 import time
@@ -29,12 +30,14 @@ from .flows.outbound import OutboundFlow
 from .flows.tracking import CallTracking
 from .flows.transfer import TRANSFER_STEPS, TransferFlow
 from .http import create_client
+from .logs import RequestIds
 from .media.admission import MediaSockets
 from .media.bridge import MediaBridge
 from .media.recording import RecordingUpkeep, recording_dirs, recording_file
-from .metrics import Metrics
+from .metrics import LiveCounts, Metrics
 from .settings import Settings
 from .store import CallRecord, CallStore, TransferStore
+from .store.calls import utcnow
 from .store.jobs import JobStore
 from .ultravox import UltravoxClient, create_http_client
 from .urls import Urls
@@ -44,6 +47,9 @@ from .work import Work
 log = logging.getLogger("gateway")
 
 UPKEEP_EVERY_SECONDS = 3600.0
+# A call the store still has live after this long was never told it ended (a lost callback): not live.
+LIVE_HORIZON = dt.timedelta(hours=12)
+LIVE_COUNTS_TIMEOUT_SECONDS = 1.0
 
 
 class Gateway:
@@ -69,6 +75,9 @@ class Gateway:
         self.drainer: Drain | None = None
         self.recording_upkeep: RecordingUpkeep | None = None
         self._upkeep: asyncio.Task | None = None
+        self.transfers: TransferStore | None = None
+        self.connector = Connector(settings, self.urls)
+        self._live_counts_ok = True  # the last scrape could read them (a failure is logged once)
 
     async def start(self) -> None:
         if self.settings.insecure_skip_signature_verification:
@@ -85,10 +94,10 @@ class Gateway:
         # Carrier REST calls share one client; each request carries its own auth.
         self.carrier_http = create_client(pool_size=20, timeout=10.0)
         ultravox = UltravoxClient(self.http, settings.ultravox, clock=clock)
-        transfers = TransferStore(store.database)
+        self.transfers = transfers = TransferStore(store.database)
         # Each flow registers the durable work it does; the loop starts once all have.
         self.work = work = Work(JobStore(store.database))
-        bodies, connector = CallBodies(settings, urls), Connector(settings, urls)
+        bodies, connector = CallBodies(settings, urls), self.connector
         outbound = OutboundFlow(settings, store, ultravox, carriers, self.carrier_http, urls=urls, bodies=bodies,
                                 connector=connector, work=work, clock=clock)
         tracking = CallTracking(store, transfers)
@@ -118,7 +127,8 @@ class Gateway:
 
         bridge = MediaBridge(store, self.carrier_http, recordings=self._recording_path,
                              on_stats=self.metrics.add_media_stats, transfer_active=transfer_active)
-        self.drainer = Drain(bridge, self.handover, drain_seconds=settings.drain_seconds, clock=clock)
+        self.drainer = Drain(bridge, self.handover, drain_seconds=settings.drain_seconds, clock=clock,
+                             on_change=lambda draining: self.metrics.draining.set(int(draining)))
         self.media = MediaSockets(
             settings, carriers, store, bridge, connector, public_url=urls.of_request,
             on_refused=lambda carrier: self.metrics.webhooks.labels(carrier.name, "media_refused").inc(),
@@ -173,7 +183,30 @@ class Gateway:
         return JSONResponse({"status": "ready"})
 
     async def metrics_endpoint(self, request: Request) -> Response:
+        self.metrics.live.show(await self._live_counts())
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def _live_counts(self) -> LiveCounts | None:
+        """Live calls and transfers as the store has them (the same on every replica: a direct call's
+        end reaches whichever replica its callback lands on, so no process knows its own). None when
+        the store does not answer in time: /metrics still answers, without these series."""
+        since = utcnow() - LIVE_HORIZON
+        try:
+            calls, transfers = await asyncio.wait_for(
+                asyncio.gather(self.store.live_calls(since), self.transfers.live_transfers(since)),
+                timeout=LIVE_COUNTS_TIMEOUT_SECONDS,
+            )
+        except Exception as error:
+            if self._live_counts_ok:
+                log.warning("/metrics without live calls: the store did not answer (%s)", type(error).__name__)
+            self._live_counts_ok = False
+            return None
+        self._live_counts_ok = True
+        by_mode: dict[tuple[str, str], int] = {}
+        for carrier, route, count in calls:
+            key = (carrier, self.connector.mode(route))
+            by_mode[key] = by_mode.get(key, 0) + count
+        return LiveCounts(calls=by_mode, transfers=dict(transfers))
 
     # --- the route table: every URL the gateway serves, by name -------------------------------------
     def routes(self) -> list[Route]:
@@ -221,6 +254,12 @@ async def _repeat(job, every_seconds: float) -> None:
         await asyncio.sleep(every_seconds)
 
 
+class GatewayApp(Starlette):
+    def build_middleware_stack(self):
+        # Request ids around everything, Starlette's error answers included.
+        return RequestIds(super().build_middleware_stack())
+
+
 def create_app(settings: Settings) -> Starlette:
     gateway = Gateway(settings)
 
@@ -234,7 +273,7 @@ def create_app(settings: Settings) -> Starlette:
 
     routes = gateway.routes()
     gateway.urls.bind(routes)
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = GatewayApp(routes=routes, lifespan=lifespan)
     app.state.gateway = gateway
     return app
 

@@ -11,6 +11,7 @@ from starlette.responses import PlainTextResponse, Response
 from .api import read_limited
 from .flows.tracking import CallTracking
 from .flows.transfer import ToolInvocation, TransferFlow
+from .logs import bind
 from .security import tool_secret_matches
 from .settings import Settings
 from .tools import SECRET_HEADER
@@ -60,5 +61,6 @@ class UltravoxCallbacks:
         except EventRejected as rejection:
             log.warning("Ultravox event refused: %s", rejection.detail)
             return PlainTextResponse(f"{rejection.detail}\n", status_code=rejection.status)
+        bind(ultravox_call_id=event.call_id)
         await self.tracking.ultravox_event(event)
         return Response(status_code=204)

@@ -13,6 +13,8 @@ import uuid
 
 from .settings import ConfigError, load_settings
 
+log = logging.getLogger("gateway")
+
 
 def main(argv: list[str] | None = None) -> int:
     from .carriers import CARRIERS
@@ -28,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--workers", type=int, default=1,
                        help="serving processes sharing the port and the store (default 1)")
+    serve.add_argument("--log-format", choices=["text", "json"],
+                       help="text lines, or one JSON object a line (default from config: [gateway] log_format, "
+                       "$GATEWAY_LOG_FORMAT, else text)")
 
     check = commands.add_parser("check", help="validate a config file and say what is wrong")
     check.add_argument("--config", help="TOML config file (default: $GATEWAY_CONFIG)")
@@ -93,14 +98,21 @@ def _load(path: str | None):
 
 
 def serve_command(args) -> int:
+    from . import logs
     from .app import create_app
     from .serving import serve, server_config
 
-    settings = _load(args.config)
-    if settings is None:
+    # Until the settings are read, the format is the flag's or the environment's: configuration
+    # problems are logged in it too.
+    logs.configure(args.log_format or logs.format_from_environment(), args.log_level)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as error:
+        for problem in error.problems:
+            log.error("configuration problem: %s", problem)
         return 2
     if args.workers < 1:
-        print("--workers must be 1 or more.", file=sys.stderr)
+        log.error("--workers must be 1 or more")
         return 2
     if args.workers > 1:
         # The schema once, here, before the workers start: on SQLite, workers migrating one file at
@@ -112,9 +124,13 @@ def serve_command(args) -> int:
         app = "gateway.app:create_app_from_environment"
     else:
         app = create_app(settings)
-    config = server_config(app, host=args.host or settings.host,
-                           port=args.port if args.port is not None else settings.port, log_level=args.log_level)
-    return serve(config, workers=args.workers, setup_logging=functools.partial(configure_logging, args.log_level))
+    # uvicorn applies log_config (dictConfig) in this process and again in each worker process.
+    log_config = logs.log_config(args.log_format or settings.log_format, args.log_level, settings.secrets())
+    config = server_config(app, host=args.host or settings.host, port=args.port if args.port is not None else settings.port,
+                           log_level=args.log_level, log_config=log_config)
+    # setup_logging runs after uvicorn's in each process: the same configuration (picklable, as it
+    # travels to spawned workers).
+    return serve(config, workers=args.workers, setup_logging=functools.partial(logs.apply, log_config))
 
 
 async def _migrate(database_url: str) -> None:
@@ -125,10 +141,6 @@ async def _migrate(database_url: str) -> None:
         await store.migrate()
     finally:
         await store.close()
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def dial_command(args) -> int:

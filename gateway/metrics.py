@@ -1,10 +1,65 @@
-"""What /metrics shows: counters and histograms, labelled with the registry's carriers."""
+"""What /metrics shows: counters and histograms, labelled with the registry's carriers, and gauges."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from .flows.connect import MODES
 
 MEDIA_EVENTS = ("gaps", "late_frames", "clears", "dtmf", "malformed")
+TRANSFER_KINDS = ("cold", "warm")
+
+
+@dataclass(frozen=True)
+class LiveCounts:
+    """What is under way now, as the store has it."""
+
+    calls: dict[tuple[str, str], int] = field(default_factory=dict)  # (carrier, mode) -> calls not final
+    transfers: dict[str, int] = field(default_factory=dict)  # kind -> transfers not final
+
+
+class LiveGauges:
+    """gateway_live_calls and gateway_live_transfers, read from the store at each scrape.
+
+    Every replica (and worker) reads the same rows, so they show the same numbers: aggregate them
+    with max (or pick one instance), never sum. A collector rather than Gauges: the figures are
+    whatever the scraped process just read, never state kept between scrapes (nor files shared by
+    worker processes). When the store could not be read, the series are absent from that scrape.
+    """
+
+    def __init__(self, carriers: list[str]):
+        self._carriers = carriers
+        self._counts: LiveCounts | None = None
+
+    def show(self, counts: LiveCounts | None) -> None:
+        self._counts = counts
+
+    def describe(self):
+        return []  # nothing to check at registration: the names are fixed below
+
+    def collect(self):
+        counts = self._counts
+        if counts is None:
+            return
+        calls = GaugeMetricFamily(
+            "gateway_live_calls", "Calls not ended yet, by carrier and mode (direct: the carrier streams to "
+            "Ultravox; bridge: the gateway relays), from the shared store: the same on every replica, aggregate "
+            "with max", labels=["carrier", "mode"],
+        )
+        for carrier in self._carriers:
+            for mode in MODES:
+                calls.add_metric([carrier, mode], counts.calls.get((carrier, mode), 0))
+        transfers = GaugeMetricFamily(
+            "gateway_live_transfers", "Operator transfers under way, by kind, from the shared store: the same on "
+            "every replica, aggregate with max", labels=["kind"],
+        )
+        for kind in TRANSFER_KINDS:
+            transfers.add_metric([kind], counts.transfers.get(kind, 0))
+        yield calls
+        yield transfers
 
 
 class Metrics:
@@ -30,6 +85,13 @@ class Metrics:
             ["carrier"], registry=self.registry,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15),
         )
+        # Set to 1 while this process drains on SIGTERM (it takes no new calls, live ones go on).
+        self.draining = Gauge(
+            "gateway_draining", "1 while this process is draining for shutdown, else 0", registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.live = LiveGauges(carriers)
+        self.registry.register(self.live)
         for carrier in carriers:  # every carrier's series exists from the start, at zero
             self.webhooks.labels(carrier, "connected")
             self.webhook_seconds.labels(carrier)

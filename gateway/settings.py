@@ -333,6 +333,9 @@ class Settings(_Section):
     # On SIGTERM: how long live bridged calls may go on before they are handed over to another
     # replica (env GATEWAY_DRAIN_SECONDS). Kubernetes' terminationGracePeriodSeconds must exceed it.
     drain_seconds: float = Field(default=120.0, ge=0, le=24 * 3600)
+    # What `gateway serve` writes to stderr: "text" lines, or "json" (one object a line) for a log
+    # collector (env GATEWAY_LOG_FORMAT; `--log-format` wins).
+    log_format: Literal["text", "json"] = "text"
     ultravox: UltravoxSettings = Field(default_factory=UltravoxSettings)
     # Each carrier's section ([twilio], …) is added from the registry: see settings_class().
     fallback: FallbackSettings = Field(default_factory=FallbackSettings)
@@ -409,6 +412,16 @@ class Settings(_Section):
                 default = route
         return default
 
+    def secrets(self) -> list[str]:
+        """Every configured value that must never be written to a log: the gateway's own keys and
+        secrets, then each carrier's credentials (its `secret_keys`)."""
+        values = [self.ultravox.api_key, self.ultravox.webhook_secret, self.tool_secret, *self.api_keys]
+        from .carriers import CARRIERS
+
+        for carrier in CARRIERS.values():
+            values += carrier(self).secrets()
+        return [value for value in values if value]
+
     def warnings(self) -> list[str]:
         """Things that do not stop the gateway but that a person should fix."""
         notes = []
@@ -445,6 +458,7 @@ ENVIRONMENT: dict[str, tuple[str | None, str]] = {
     "GATEWAY_API_KEYS": (None, "api_keys"),
     "GATEWAY_TOOL_SECRET": (None, "tool_secret"),
     "GATEWAY_DRAIN_SECONDS": (None, "drain_seconds"),
+    "GATEWAY_LOG_FORMAT": (None, "log_format"),
     "ULTRAVOX_API_KEY": ("ultravox", "api_key"),
     "ULTRAVOX_BASE_URL": ("ultravox", "base_url"),
     "ULTRAVOX_WEBHOOK_SECRET": ("ultravox", "webhook_secret"),

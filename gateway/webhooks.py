@@ -18,6 +18,7 @@ from .api import read_limited
 from .carriers.base import QUERY, Carrier, RequestRejected, SignatureRejected, Webhook
 from .flows.inbound import InboundFlow
 from .flows.handover import HandoverFlow
+from .logs import bind
 from .flows.outbound import OutboundFlow
 from .flows.tracking import CallTracking
 from .flows.transfer import TRANSFER_STEPS, TransferFlow, TransferStep
@@ -128,6 +129,7 @@ class CarrierWebhooks:
             carrier = self.carriers.get(request.path_params["carrier"])
             if carrier is None:
                 return PlainTextResponse("not found\n", status_code=404)
+            bind(carrier=carrier.name)
             return await handler(carrier, request)
 
         endpoint.__name__ = handler.__name__
@@ -159,12 +161,13 @@ class CarrierWebhooks:
             call = carrier.parse_inbound(await self._verified(carrier, request, callback=False))
         except RequestRejected as rejection:
             return self._refused(carrier, rejection)
+        bind(carrier_call_id=call.call_id)
         try:
             # The hard stop: whatever happens below, the carrier gets its answer before its own timeout.
-            answer = await asyncio.wait_for(
-                self.inbound_flow.answer(carrier, call, deadline), timeout=max(0.0, deadline - self.clock())
-            )
-        except asyncio.TimeoutError:
+            # (In this task, unlike wait_for's: the ids the flow binds stay on the request's lines.)
+            async with asyncio.timeout(max(0.0, deadline - self.clock())):
+                answer = await self.inbound_flow.answer(carrier, call, deadline)
+        except TimeoutError:
             log.warning("%s call %s: deadline reached, answering with the apology", carrier.name, call.call_id)
             answer = self.inbound_flow.apology(carrier)
         except Exception:
@@ -182,10 +185,10 @@ class CarrierWebhooks:
         except RequestRejected as rejection:
             return self._refused(carrier, rejection)
         call_id = request.query_params.get("call", "")
+        bind(call_id=call_id)
         try:
-            body = await asyncio.wait_for(
-                self.outbound_flow.answer(carrier, webhook, call_id, deadline), timeout=max(0.0, deadline - self.clock())
-            )
+            async with asyncio.timeout(max(0.0, deadline - self.clock())):
+                body = await self.outbound_flow.answer(carrier, webhook, call_id, deadline)
         except Exception:  # the deadline, or a bug: the callee hears the apology either way
             log.exception("%s answer for outbound call %s failed", carrier.name, call_id)
             body = carrier.apology_answer(self.settings.fallback.message, None)
@@ -214,6 +217,7 @@ class CarrierWebhooks:
             )
         except RequestRejected as rejection:
             return self._refused(carrier, rejection)
+        bind(call_id=call_id)
         record = await self.tracking.carrier_status(carrier, webhook, call_id)
         if record is None:
             log.info("%s status callback for a call this gateway does not know", carrier.name)
@@ -232,9 +236,11 @@ class CarrierWebhooks:
                 carrier.name, transfer_id, step.name, leg, token))
         except RequestRejected as rejection:
             return self._refused(carrier, rejection)
+        bind(transfer_id=transfer_id)
         transfer = await self.transfers.get(transfer_id)
         if transfer is None:
             return carrier.answer_response(carrier.hangup_answer())
+        bind(call_id=transfer.call_id)
         try:
             body = await getattr(self.transfer_flow, step.handler)(carrier, transfer, leg, webhook)
         except Exception:

@@ -92,3 +92,13 @@ def test_no_code_outside_the_carriers_places_names_a_carrier():
             if any(name in text.lower() for name in CARRIERS):
                 offending.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {text!r}")
     assert offending == []
+
+
+@pytest.mark.parametrize("name", list(CARRIERS))
+def test_each_carrier_names_its_credentials_so_logs_never_show_them(name):
+    carrier = CARRIERS[name]
+    fields = set(carrier.settings_model.model_fields)
+    assert set(carrier.secret_keys) <= fields
+    # Settings named like a credential are declared as one (a public key is not).
+    looks_secret = {f for f in fields if any(w in f for w in ("token", "password", "secret", "api_key", "private"))}
+    assert looks_secret <= set(carrier.secret_keys), f"{name}: declare {sorted(looks_secret - set(carrier.secret_keys))}"

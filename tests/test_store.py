@@ -7,6 +7,9 @@ import datetime as dt
 
 
 from gateway.store import IN_PROGRESS, CREATING, FAILED, REJECTED, CallStore
+from gateway.store import TransferStore
+from gateway.store.calls import live_calls_query
+from gateway.store.transfers import FAILED as TRANSFER_FAILED, live_transfers_query
 from gateway.store.database import engine_url
 
 STALE = dt.timedelta(seconds=30)
@@ -105,7 +108,7 @@ def test_migrations_run_once_and_are_recorded(database_url):
         versions = await store.database.transaction(
             lambda connection: connection.exec_driver_sql("SELECT version FROM schema_version").all()
         )
-        assert [v[0] for v in versions] == [1, 2, 3, 4, 5, 6]
+        assert [v[0] for v in versions] == [1, 2, 3, 4, 5, 6, 7]
 
     run(database_url, scenario)
 
@@ -135,18 +138,30 @@ def test_a_database_from_before_the_media_columns_is_upgraded(tmp_path):
     with engine.begin() as connection:
         connection.exec_driver_sql(
             "CREATE TABLE calls (id VARCHAR(36) PRIMARY KEY, direction VARCHAR(16) NOT NULL, carrier VARCHAR(16) NOT NULL,"
-            " carrier_call_id VARCHAR(255), status VARCHAR(32) NOT NULL)"
+            " carrier_call_id VARCHAR(255), status VARCHAR(32) NOT NULL, created_at DATETIME NOT NULL)"
         )
         connection.exec_driver_sql("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at DATETIME NOT NULL)")
         connection.exec_driver_sql("INSERT INTO schema_version VALUES (1, '2026-11-20 00:00:00'), (2, '2026-11-20 00:00:00')")
+        connection.exec_driver_sql(
+            "CREATE TABLE transfers (id VARCHAR(36) PRIMARY KEY, call_id VARCHAR(36) NOT NULL, kind VARCHAR(8) NOT NULL,"
+            " active_call_id VARCHAR(36) UNIQUE, created_at DATETIME NOT NULL)"
+        )
     engine.dispose()
 
     async def scenario(store):
-        assert await store.migrate() == 6
+        assert await store.migrate() == 7
         columns = await store.database.transaction(
             lambda connection: {c["name"] for c in sa.inspect(connection).get_columns("calls")}
         )
         assert {"media_stats", "recording_path", "media_token", "placed_at"} <= columns
+        indexes = await store.database.transaction(
+            lambda connection: {i["name"] for i in sa.inspect(connection).get_indexes("calls")}
+        )
+        assert "ix_calls_status_created" in indexes
+        indexes = await store.database.transaction(
+            lambda connection: {i["name"] for i in sa.inspect(connection).get_indexes("transfers")}
+        )
+        assert "ix_transfers_live" in indexes
 
     run(f"sqlite:///{path}", scenario)
 
@@ -193,5 +208,47 @@ def test_recordings_are_listed_as_they_start_and_forgotten_one_by_one_also_when_
         record = await store.get(call_id)
         assert record.recording_path is None and record.media == {"frames_in": 1}
         await store.forget_recording("no-such-call", names[0])  # nothing to do
+
+    run(database_url, scenario)
+
+
+def test_live_calls_are_counted_by_carrier_and_route_from_an_index(database_url):
+    async def scenario(store):
+        live = await claim(store, call_id="CA1")
+        await store.mark_connected(live.record.id, ultravox_call_id="uv-1", join_url="wss://x/1")
+        await claim(store, call_id="CA2", route="bridged")
+        ended = await claim(store, call_id="CA3")
+        await store.mark_failed(ended.record.id, "apology")
+        await claim(store, call_id="PL1", carrier="plivo")
+        since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+        assert sorted(await store.live_calls(since)) == [("plivo", "support", 1), ("twilio", "bridged", 1),
+                                                         ("twilio", "support", 1)]
+        # A call created before the horizon was never told it ended: not counted.
+        assert await store.live_calls(dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)) == []
+        if store.database.dialect == "sqlite":  # PostgreSQL plans by table size: nothing to learn from 4 rows
+            plan = await store.database.transaction(query_plan, live_calls_query(since))
+            assert "USING INDEX ix_calls_status_created" in str(plan), plan
+
+    run(database_url, scenario)
+
+
+def query_plan(connection, query):
+    compiled = query.compile(connection, compile_kwargs={"literal_binds": True})
+    return connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}").all()
+
+
+def test_transfers_under_way_are_counted_by_kind_from_an_index(database_url):
+    async def scenario(store):
+        transfers = TransferStore(store.database)
+        calls = [(await claim(store, call_id=f"CA{n}")).record.id for n in range(3)]
+        started = [await transfers.start(call_id=call_id, kind=kind, operator="sales", reason="quote", summary=None,
+                                         prior_ultravox_call_id=None) for call_id, kind in zip(calls, ["cold", "warm", "warm"])]
+        since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+        assert sorted(await transfers.live_transfers(since)) == [("cold", 1), ("warm", 2)]
+        await transfers.finish(started[1].id, TRANSFER_FAILED, "no answer")
+        assert sorted(await transfers.live_transfers(since)) == [("cold", 1), ("warm", 1)]
+        if store.database.dialect == "sqlite":
+            plan = await store.database.transaction(query_plan, live_transfers_query(since))
+            assert "USING INDEX ix_transfers_live" in str(plan), plan
 
     run(database_url, scenario)

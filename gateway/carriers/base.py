@@ -254,6 +254,12 @@ class Carrier(ABC):
         return [f"{missing or 'the ' + self.title + ' secret'} is not set: {self.title} webhooks will be refused"]
 
     verification_keys: ClassVar[tuple[str, ...]] = ()  # settings keys that webhook checks need
+    # Settings keys holding credentials: their values are removed from every log line.
+    secret_keys: ClassVar[tuple[str, ...]] = ()
+
+    def secrets(self) -> list[str]:
+        """The configured values of its secret_keys."""
+        return [value for key in self.secret_keys if (value := getattr(self.config, key))]
 
     # --- authenticity ---------------------------------------------------------------------------
     @property

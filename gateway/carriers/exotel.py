@@ -108,6 +108,7 @@ class ExotelCarrier(EventStreamCarrier):
         "EXOTEL_WEBHOOK_PASSWORD": "webhook_password",
     }
     verification_keys = ("webhook_username", "webhook_password")
+    secret_keys = ("api_key", "api_token", "webhook_password")
     dial_keys = ("account_sid", "api_key", "api_token")
     webhook_formats = (QUERY, FORM, JSON)
     callback_formats = (FORM, JSON)  # StatusCallbacks are POSTs: no GET (a bare link) moves a call

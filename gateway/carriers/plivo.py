@@ -71,6 +71,7 @@ class PlivoCarrier(Carrier):
         "PLIVO_API_BASE_URL": "api_base_url",
     }
     verification_keys = ("auth_token",)
+    secret_keys = ("auth_token",)
     dial_keys = ("auth_id", "auth_token")
     call_id_param = "CallUUID"
     call_statuses = CALL_STATUSES

@@ -59,6 +59,7 @@ class TelnyxCarrier(TwimlCarrier):
         "TELNYX_API_BASE_URL": "api_base_url",
     }
     verification_keys = ("public_key",)
+    secret_keys = ("api_key",)  # the public key is public
     dial_keys = ("api_key", "account_sid", "texml_application_id")
     call_id_param = "CallSid"  # TeXML's CallSid is the call_control_id
     # 422: the call is no longer active.

@@ -42,6 +42,7 @@ class TwilioCarrier(TwimlCarrier):
         "TWILIO_API_BASE_URL": "api_base_url",
     }
     verification_keys = ("auth_token",)
+    secret_keys = ("auth_token",)
     dial_keys = ("account_sid", "auth_token")
     call_id_param = "CallSid"
 

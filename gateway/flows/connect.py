@@ -7,7 +7,7 @@ serverWebSocket (recording, keypad handling, audio counters); see gateway.media.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from ..carriers.base import Carrier
 from ..settings import Settings
@@ -17,17 +17,24 @@ from ..urls import MEDIA_TOKEN_SECONDS, Urls
 # Ultravox's advice with clear support: a large client buffer, so its audio flows ahead smoothly.
 CLIENT_BUFFER_MS = 30000
 
+Mode = Literal["direct", "bridge"]
+MODES: tuple[Mode, ...] = ("direct", "bridge")
+
 
 class Connector:
     def __init__(self, settings: Settings, urls: Urls):
         self.settings = settings
         self.urls = urls
 
+    def mode(self, route: str | None) -> Mode:
+        """How calls on `route` reach Ultravox: "bridge" or "direct"."""
+        settings = self.settings.route_named(route) if route else None
+        return "bridge" if settings and settings.mode == "bridge" else "direct"
+
     def bridged(self, route: str | None, call_id: str | None) -> bool:
         """Whether the call on `route` is bridged. The bridge finds the call by its record, so a call
         created unrecorded (during a store outage) is always direct."""
-        settings = self.settings.route_named(route) if route else None
-        return bool(settings and settings.mode == "bridge" and call_id)
+        return bool(call_id) and self.mode(route) == "bridge"
 
     def medium(self, carrier: Carrier, route: str | None, call_id: str | None) -> dict[str, Any]:
         """The Ultravox call's medium for this carrier call."""

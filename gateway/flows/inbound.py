@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 from ..carriers.base import Carrier, InboundCall
+from ..logs import bind
 from ..settings import RouteSettings, Settings
 from ..store import IN_PROGRESS, CREATING, REJECTED, CallStore, Claim
 from ..store.calls import utcnow
@@ -80,6 +81,7 @@ class InboundFlow:
 
     async def answer(self, carrier: Carrier, call: InboundCall, deadline: float) -> Answer:
         route = self.settings.route_for(call.to_number)
+        bind(carrier=carrier.name, carrier_call_id=call.call_id, route=route.name if route else None)
         if route is None:
             log.warning("%s call %s to %s: no route and no default route", carrier.name, call.call_id, call.to_number)
             await self._record_without_route(call)
@@ -109,8 +111,10 @@ class InboundFlow:
     ) -> Joined | None:
         claim = await self._claim(call, route)
         if claim is not None and not claim.owned:
+            bind(call_id=claim.record.id)
             return await self._result_of_other_delivery(claim, deadline)
         gateway_call_id = claim.record.id if claim else None
+        bind(call_id=gateway_call_id)
         request = self.bodies.for_route(
             route,
             carrier=carrier,
@@ -138,6 +142,7 @@ class InboundFlow:
                 reason = "deadline reached" if isinstance(error, asyncio.CancelledError) else type(error).__name__
                 await asyncio.shield(self._quietly(self.store.mark_failed(gateway_call_id, reason)))
             raise
+        bind(ultravox_call_id=created.call_id)
         log.info("%s call %s joined Ultravox call %s", carrier.name, call.call_id, created.call_id)
         if gateway_call_id:
             # Shielded: the Ultravox call exists now, and retries must find its join URL.

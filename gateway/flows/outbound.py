@@ -19,6 +19,7 @@ from .. import numbers, statuses
 from ..carriers import CarrierName
 from ..carriers.base import Carrier, OutboundDial, Webhook
 from ..http import RemoteError
+from ..logs import bind, bind_call
 from ..settings import RouteSettings, Settings
 from ..store import CallRecord, CallStore, CallUpdate
 from ..ultravox import CreatedCall, UltravoxClient, UltravoxError
@@ -198,6 +199,7 @@ class OutboundFlow:
         if inserted.rate_limited:
             raise DialRejected(429, "too many calls for this API key; try again in a minute")
         record = inserted.record
+        bind_call(record)
         deadline = self._clock() + PLACE_DEADLINE_SECONDS
         if not inserted.created:
             if record.request_hash != request.fingerprint():
@@ -301,6 +303,7 @@ class OutboundFlow:
         except RemoteError as error:
             log.warning("outbound %s via %s: not placed, %s", record.id, carrier.name, error.reason)
             return (await self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=error.reason))).record
+        bind(carrier_call_id=carrier_call_id)
         log.info("outbound %s placed with %s (%s)", record.id, carrier.name, carrier_call_id or "id on callback")
         return (await self.store.update(record.id, CallUpdate(carrier_call_id=carrier_call_id, placed=True))).record
 
@@ -316,6 +319,7 @@ class OutboundFlow:
         except UltravoxError as error:
             log.warning("outbound %s via Ultravox: not placed, %s", record.id, error.reason)
             return (await self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=error.reason))).record
+        bind(ultravox_call_id=created.call_id)
         return (await self.store.update(record.id, CallUpdate(ultravox_call_id=created.call_id, placed=True))).record
 
     def _call_request(self, carrier: Carrier, record: CallRecord, request: DialRequest, route: RouteSettings,
@@ -345,6 +349,7 @@ class OutboundFlow:
             log.warning("outbound %s: no agent, %s", record.id, error.reason)
             await self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=error.reason))
             return None
+        bind(ultravox_call_id=created.call_id)
         await self.store.update(record.id, CallUpdate(ultravox_call_id=created.call_id, join_url=created.join_url))
         return created
 
@@ -355,6 +360,7 @@ class OutboundFlow:
         if record is None or record.via != "carrier" or record.carrier != carrier.name:
             log.warning("%s answer webhook for a call the gateway did not place: %r", carrier.name, call_id)
             return carrier.hangup_answer()
+        bind_call(record)
         pending = self._answering.get(call_id)
         if pending is not None:  # the carrier retried while the first delivery is still working
             join_url = await asyncio.shield(pending)
@@ -385,6 +391,7 @@ class OutboundFlow:
         self, carrier: Carrier, webhook: Webhook, record: CallRecord, deadline: float
     ) -> AnswerOutcome:
         answered = carrier.parse_answer(webhook)
+        bind(carrier_call_id=answered.carrier_call_id)
         stored = record.request
         request = DialRequest.model_validate(stored["request"])
         if request.answering_machine_detection and answered.machine:

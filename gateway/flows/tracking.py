@@ -6,6 +6,7 @@ import logging
 
 from .. import statuses
 from ..carriers.base import Carrier, Webhook
+from ..logs import bind_call
 from ..store import CallRecord, CallStore, CallUpdate, TransferStore
 from ..ultravox import UltravoxEvent
 
@@ -26,6 +27,7 @@ class CallTracking:
             record = await self.store.get(call_id)
         if not record or record.carrier != carrier.name:
             return None
+        bind_call(record)
         result = await self.store.update(record.id, CallUpdate(
             status=update.status,
             carrier_call_id=update.carrier_call_id,
@@ -40,6 +42,7 @@ class CallTracking:
         record = await self.store.find_by_ultravox_call_id(event.call_id)
         if record is None:
             return None
+        bind_call(record)
         if event.name == "call.joined":
             return (await self.store.update(record.id, CallUpdate(status=statuses.IN_PROGRESS))).record
         if event.name != "call.ended":

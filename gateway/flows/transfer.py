@@ -20,6 +20,7 @@ import httpx
 from .. import statuses
 from ..carriers.base import Carrier, OutboundDial, Webhook
 from ..http import RemoteError
+from ..logs import bind, bind_call
 from ..settings import Settings
 from ..store import CallRecord, CallStore, CallUpdate, TransferRecord, TransferStore
 from ..store import transfers as status
@@ -149,9 +150,11 @@ class TransferFlow:
     async def invoke(self, invocation: ToolInvocation) -> ToolReply:
         """Check the request, start the transfer in the background, answer within the tool timeout."""
         kind = invocation.kind
+        bind(ultravox_call_id=invocation.ultravox_call_id)
         record = await self.calls.find_by_ultravox_call_id(invocation.ultravox_call_id)
         if record is None:
             return ToolReply("I can't transfer this call: the phone gateway doesn't know it.")
+        bind_call(record)
         if record.is_final or not record.carrier_call_id:
             return ToolReply("I can't transfer this call: it is not connected to a phone line any more.")
         if not self.carriers[record.carrier].can_transfer:
@@ -181,6 +184,7 @@ class TransferFlow:
         )
         if transfer is None:
             return ToolReply("A transfer is already under way for this call. Don't start another one.")
+        bind(transfer_id=transfer.id)
         self.work.wake()
         log.info("call %s: %s transfer %s to %s", record.id, kind, transfer.id, operator)
         # The carrier takes the caller now; the agent should not start another sentence.
@@ -396,6 +400,7 @@ class TransferFlow:
             return
         self.work.wake()
         record = await self.calls.get(transfer.call_id)
+        bind_call(record)
         following = self._first_open(current.operator, tried=current.tried)
         if following is not None:
             current = await self.transfers.update(
@@ -451,6 +456,7 @@ class TransferFlow:
     async def _after_final(self, carrier: Carrier, transfer: TransferRecord) -> str:
         """A carrier repeating a request after the transfer ended, or fetching one it gave up on."""
         record = await self.calls.get(transfer.call_id)
+        bind_call(record)
         if transfer.status in (status.RETURNED, status.RETURNING):
             join_url = await self._returned_join_url(transfer)
             if join_url:
@@ -481,6 +487,7 @@ class TransferFlow:
         if claimed is None or expected in (status.RETURNING, status.RETURNED):
             return await self._after_final(carrier, await self.transfers.get(transfer.id))
         record = await self.calls.get(transfer.call_id)
+        bind_call(record)
         operator = self.settings.operators[transfer.operator]
         request = self.bodies.continuation(
             identity=CallIdentity(record.carrier, record.carrier_call_id, record.id, record.route),

@@ -15,6 +15,7 @@ from starlette.websockets import WebSocket
 
 from ..carriers.base import Carrier, StreamStart
 from ..flows.connect import Connector
+from ..logs import bind, bind_call
 from ..security import media_token_problem
 from ..settings import Settings
 from ..store import CallRecord, CallStore
@@ -41,6 +42,7 @@ class MediaSockets:
         if carrier is None:
             await websocket.close(code=1008)
             return
+        bind(carrier=carrier.name)
         query = websocket.query_params
         call_id, token = query.get("call", ""), query.get("token")
         problem = None
@@ -63,7 +65,10 @@ class MediaSockets:
             problem = self._token_problem(carrier, call_id, token)
             if problem is not None:
                 return await self._refuse(carrier, websocket, problem)
+        bind(call_id=call_id)  # its token checked: the call is the one it names
         record = await self.store.get(call_id)
+        if record is not None and record.carrier == carrier.name:
+            bind_call(record)
         problem = self._record_problem(carrier, record, start)
         # One socket per token, on whichever replica it lands: a compare-and-set in the store.
         if problem is None and not await self.store.claim_media_token(record.id, token):

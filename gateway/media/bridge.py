@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable
 
 import httpx
 import websockets
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .. import statuses
 from ..carriers.base import (
@@ -33,6 +33,7 @@ from ..carriers.base import (
     StreamStop,
 )
 from ..http import RemoteError
+from ..logs import bind_call
 from ..store import CallRecord, CallStore, CallUpdate
 from .codecs import AudioFormat, Chunker, Transcoder
 from .recording import CallRecorder
@@ -148,13 +149,14 @@ class MediaBridge:
         stats = MediaStats()
         session = _Session(carrier, websocket, record, stats)
         self.live[record.id] = session
-        try:
-            await self._relay(session, start)
-        finally:
-            # Whatever happened (even cancellation at shutdown), both sockets close and the record says so.
-            await asyncio.shield(self._clean_up(session))
-            if self.live.get(record.id) is session:
-                del self.live[record.id]
+        with bind_call(record):
+            try:
+                await self._relay(session, start)
+            finally:
+                # Whatever happened (even cancellation at shutdown), both sockets close and the record says so.
+                await asyncio.shield(self._clean_up(session))
+                if self.live.get(record.id) is session:
+                    del self.live[record.id]
         return stats
 
     async def _relay(self, session: "_Session", start: StreamStart | None) -> None:
@@ -187,8 +189,10 @@ class MediaBridge:
         session.tasks = [caller, agent]
         done, _ = await asyncio.wait({caller, agent}, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
-            if not task.cancelled() and task.exception() is not None and not session.handed_over:
-                log.error("call %s: media relay failed", record.id, exc_info=task.exception())
+            error = None if task.cancelled() else task.exception()
+            # The carrier closing its socket while audio was on its way to it is a hang-up, not a failure.
+            if error is not None and not isinstance(error, WebSocketDisconnect) and not session.handed_over:
+                log.error("call %s: media relay failed", record.id, exc_info=error)
         if session.handed_over:
             # The carrier ends this stream once it has moved the call; until then its frames go nowhere.
             with contextlib.suppress(asyncio.TimeoutError):

@@ -269,6 +269,11 @@ class CallStore:
         """Newest first; the cursor is the (created_at, id) of the last record of the previous page."""
         return await self.database.transaction(_list, filters, limit, cursor)
 
+    async def live_calls(self, since: dt.datetime) -> list[tuple[str, str | None, int]]:
+        """(carrier, route, count) of calls not final yet, created since `since` (for /metrics, at
+        every scrape: an index range per live status, never a scan of the table)."""
+        return await self.database.transaction(_live_calls, since)
+
     async def list_all(self) -> list[CallRecord]:
         return await self.database.transaction(_list_all)
 
@@ -438,6 +443,21 @@ def _list(connection: sa.Connection, filters: CallFilters, limit: int, cursor):
     rows = connection.execute(query.order_by(calls.c.created_at.desc(), calls.c.id.desc()).limit(limit + 1)).all()
     records = [_record(row) for row in rows[:limit]]
     return records, len(rows) > limit
+
+
+LIVE_STATUSES = [status for status in STATUS_RANK if status not in FINAL_STATUSES]
+
+
+def live_calls_query(since: dt.datetime) -> sa.Select:
+    return (
+        sa.select(calls.c.carrier, calls.c.route, sa.func.count())
+        .where(calls.c.status.in_(LIVE_STATUSES), calls.c.created_at >= since)
+        .group_by(calls.c.carrier, calls.c.route)
+    )
+
+
+def _live_calls(connection: sa.Connection, since: dt.datetime) -> list[tuple[str, str | None, int]]:
+    return [(carrier, route, count) for carrier, route, count in connection.execute(live_calls_query(since))]
 
 
 def _get(connection: sa.Connection, call_id: str) -> CallRecord | None:

@@ -124,6 +124,11 @@ class TransferStore:
     async def for_call(self, call_id: str) -> list[TransferRecord]:
         return await self.database.transaction(_for_call, call_id)
 
+    async def live_transfers(self, since: dt.datetime) -> list[tuple[str, int]]:
+        """(kind, count) of transfers under way (holding their call's active_call_id), started since
+        `since`: read from an index of those alone."""
+        return await self.database.transaction(_live_transfers, since)
+
     async def update(
         self, transfer_id: str, change: TransferChange, *, only_if_active: bool = True,
         expect: TransferExpectation | None = None,
@@ -183,6 +188,18 @@ def _for_call(connection: sa.Connection, call_id: str) -> list[TransferRecord]:
         sa.select(transfers).where(transfers.c.call_id == call_id).order_by(transfers.c.created_at)
     )
     return [_transfer(row) for row in rows]
+
+
+def live_transfers_query(since: dt.datetime) -> sa.Select:
+    return (
+        sa.select(transfers.c.kind, sa.func.count())
+        .where(transfers.c.active_call_id.is_not(None), transfers.c.created_at >= since)
+        .group_by(transfers.c.kind)
+    )
+
+
+def _live_transfers(connection: sa.Connection, since: dt.datetime) -> list[tuple[str, int]]:
+    return [(kind, count) for kind, count in connection.execute(live_transfers_query(since))]
 
 
 def _release_leg(connection: sa.Connection, transfer_id: str, leg: int, now: dt.datetime, then: NewJob | None):
