@@ -15,7 +15,9 @@ import time
 from typing import Awaitable, Callable
 
 from .flows.handover import HandoverFlow
+from .logs import bind_call
 from .media.bridge import MediaBridge
+from .store import CallRecord
 
 log = logging.getLogger("gateway.drain")
 
@@ -45,16 +47,17 @@ class Drain:
             return
         leftovers = list(self.bridge.live.values())
         log.info("drain deadline: handing over %d bridged call(s)", len(leftovers))
-        moved = await asyncio.gather(
-            *(self.handover.hand_over(session.record, self._releaser(session.record.id)) for session in leftovers),
-            return_exceptions=True,
-        )
+        moved = await asyncio.gather(*(self._hand_over(session.record) for session in leftovers), return_exceptions=True)
         for session, outcome in zip(leftovers, moved):
             if outcome is not True:
                 log.warning("call %s could not be handed over (%s); it ends with this process", session.record.id,
                             outcome if isinstance(outcome, BaseException) else "no redirect")
         if not await self._until_idle(HANDOVER_SECONDS):
             log.warning("%d handed-over stream(s) still open; closing them", len(self.bridge.live))
+
+    async def _hand_over(self, record: CallRecord) -> bool:
+        with bind_call(record):  # the lines about it carry its ids, as while it was served
+            return await self.handover.hand_over(record, self._releaser(record.id))
 
     def _releaser(self, call_id: str) -> Callable[[], Awaitable[bool]]:
         return lambda: self.bridge.release(call_id)

@@ -209,14 +209,15 @@ class TextFormatter(logging.Formatter):
 
 
 def json_formatter() -> logging.Formatter:
-    """One JSON object a line: time (ISO 8601, UTC), level, logger, message, the bound ids, any
-    `extra` fields, and a traceback field for exceptions."""
+    """One JSON object a line: time (ISO 8601, UTC), level, logger, message, the process id (one of
+    several with --workers), the bound ids, any `extra` fields, and a traceback field for exceptions."""
     from pythonjsonlogger.core import RESERVED_ATTRS
     from pythonjsonlogger.json import JsonFormatter
 
     return JsonFormatter(
-        ["levelname", "name", "message"],
-        rename_fields={"levelname": "level", "name": "logger", "exc_info": "traceback", "stack_info": "stack"},
+        ["levelname", "name", "message", "process"],
+        rename_fields={"levelname": "level", "name": "logger", "process": "pid", "exc_info": "traceback",
+                       "stack_info": "stack"},
         timestamp="time",
         # uvicorn adds a copy of its message with terminal colours.
         reserved_attrs=[*RESERVED_ATTRS, "color_message"],

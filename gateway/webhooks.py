@@ -201,6 +201,7 @@ class CarrierWebhooks:
         except RequestRejected as rejection:
             return self._refused(carrier, rejection)
         call_id = request.query_params.get("call", "")
+        bind(call_id=call_id)
         try:
             body = await self.handover_flow.answer(carrier, call_id)
         except Exception:  # never silence: the apology (and the fallback number, if any)

@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Generic, TypeVar
 
+from .logs import CONTEXT_FIELDS, bind
 from .store.calls import utcnow
 from .store.jobs import Job, JobStore, NewJob
 
@@ -156,6 +157,8 @@ class Work:
         return min(self.poll_seconds, max(0.0, (due - self._now()).total_seconds()))
 
     async def _run(self, job: Job) -> None:
+        # A task of its own: the ids its payload names (transfer_id…) go on the lines it logs.
+        bind(**{name: value for name, value in job.payload.items() if name in CONTEXT_FIELDS and isinstance(value, str)})
         kind = self._kinds.get(job.kind)
         if kind is None:  # written by a newer version of the gateway: leave it for one that knows it
             await self.jobs.again(job, self._now() + self.lease, f"no handler for {job.kind} in this process")

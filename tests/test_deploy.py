@@ -177,8 +177,6 @@ def test_the_image_runs_gateway_serve_as_a_fixed_non_root_user():
     assert cmd[0] == "serve" and cmd_option("--host") == "0.0.0.0" and cmd_option("--log-format") == "json"
 
 
-@pytest.mark.xfail(strict=True, reason="`gateway serve --log-format` lands with the logging/SIGTERM branch; "
-                                       "drop this marker when it does")
 def test_gateway_serve_accepts_the_image_cmd(monkeypatch):
     served = []
     monkeypatch.setattr(cli, "serve_command", lambda args: served.append(args) or 0)

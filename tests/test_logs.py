@@ -28,6 +28,7 @@ from .conftest import (
     API_KEY,
     BASE_CONFIG,
     CARRIER_NAMES,
+    PUBLIC_URL,
     SUPPORT_NUMBER,
     TOOL_SECRET,
     TRANSFER_CARRIERS,
@@ -333,3 +334,28 @@ def test_the_redacting_filter_knows_credentials_by_value_and_by_shape():
     assert redacting.filter(record)
     assert record.getMessage() == "[redacted] used 2 times"
     assert record.headers == {"authorization": "[redacted]", "nested": ["[redacted]"]}
+
+
+def test_every_worker_process_writes_json_lines(tmp_path, fake_ultravox):
+    config = tmp_path / "gateway.toml"
+    config.write_text(BASE_CONFIG)
+    environ = gateway_environ(fake_ultravox, f"sqlite:///{tmp_path / 'gateway.db'}")
+    process = ServeProcess(config, environ, tmp_path / "stderr.log", "--workers", "2", "--log-format", "json")
+    carrier = CARRIER_NAMES[0]
+    ids = []
+    for _ in range(4):
+        request = double(carrier).inbound_request(PUBLIC_URL, f"/{carrier}/inbound", double(carrier).inbound_form(to=SUPPORT_NUMBER))
+        response = httpx.post(process.url + f"/{carrier}/inbound", content=request.body, headers=request.headers)
+        assert response.status_code == 200
+        ids.append(response.headers["x-request-id"])
+    stderr, stdout = process.output()
+    assert stdout == ""
+    lines = [json.loads(line) for line in stderr.splitlines()]
+    assert all(all(field in line for field in REQUIRED) for line in lines)
+    started = {line["pid"] for line in lines if line["message"].startswith("Started server process")}
+    assert len(started) == 2  # both workers configured alike
+    answered = [line for line in lines if line["logger"] == "uvicorn.access" and "/inbound" in line["message"]]
+    assert [line["request_id"] for line in answered] == ids and all(line["call_id"] for line in answered)
+    assert {line["pid"] for line in answered} <= started
+    for secret in secrets_of(environ):
+        assert secret not in stderr

@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 
 import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.testing import double
+from gateway.settings import load_settings
+from gateway.testing import CarrierStream, double
 
-from .conftest import API_KEY, CARRIER_NAMES, TOOL_SECRET, TRANSFER_CARRIERS, postgres_url
-from .test_bridge import bridged, wait_until  # noqa: F401 (bridged is a fixture)
+from .conftest import (
+    AGENT_ID,
+    API_KEY,
+    BASE_CONFIG,
+    CARRIER_NAMES,
+    TOOL_SECRET,
+    TRANSFER_CARRIERS,
+    Gateway,
+    gateway_environ,
+    postgres_url,
+)
+from .test_bridge import bridged, local, wait_until  # noqa: F401 (bridged is a fixture)
+from .test_logs import ServeProcess
 from .test_transfer import LiveCall, live  # noqa: F401 (live is a fixture)
 
 
@@ -88,10 +101,42 @@ def test_a_warm_transfer_under_way_is_a_live_transfer(live, carrier):  # noqa: F
     assert live_calls(call.gateway, carrier, "direct") == 1  # the phone call goes on, with the operator
 
 
-def test_draining_is_a_gauge_the_shutdown_sets(gateway):
-    assert samples(gateway, "gateway_draining") == {(): 0}
-    gateway.server.app.state.gateway.metrics.draining.set(1)
-    assert samples(gateway, "gateway_draining") == {(): 1}
+def test_draining_shows_while_a_sigterm_lets_a_bridged_call_finish(tmp_path, fake_ultravox):
+    carrier = CARRIER_NAMES[0]
+    config = tmp_path / "gateway.toml"
+    config.write_text(BASE_CONFIG + f"""
+[[routes]]
+number = "+15550005555"
+name = "bridged"
+agent_id = "{AGENT_ID}"
+mode = "bridge"
+""")
+    environ = gateway_environ(fake_ultravox, f"sqlite:///{tmp_path / 'gateway.db'}")
+    process = ServeProcess(config, environ, tmp_path / "stderr.log")
+    gateway = Gateway(server=process, settings=load_settings(config, environ))
+    try:
+        form = double(carrier).inbound_form(to="+15550005555")
+        stream_url, _ = double(carrier).connected_url(gateway.post(carrier, form).text)
+        assert samples(gateway, "gateway_draining") == {(): 0}
+
+        async def call_through_the_drain():
+            headers = double(carrier).stream_headers(stream_url)
+            async with CarrierStream(carrier, local(gateway, stream_url), headers=headers) as stream:
+                await stream.start(call_id=form[double(carrier).call_id_param])
+                await asyncio.to_thread(fake_ultravox.wait_for_session)
+                process.process.send_signal(signal.SIGTERM)
+                # The call goes on; the process says it is draining, and is not ready.
+                draining = await asyncio.to_thread(
+                    wait_until, lambda: samples(gateway, "gateway_draining") == {(): 1})
+                ready = (await asyncio.to_thread(gateway.client.get, "/readyz")).status_code
+                live = await asyncio.to_thread(live_calls, gateway, carrier, "bridge")
+                await stream.stop()
+                return draining, ready, live
+
+        assert asyncio.run(call_through_the_drain()) == (True, 503, 1)
+        assert process.process.wait(30) == 0  # drained: the call ended, the process exits
+    finally:
+        gateway.close()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import httpx
 from .. import statuses
 from ..carriers.base import Carrier
 from ..http import RemoteError
+from ..logs import bind_call
 from ..settings import Settings
 from ..store import CallRecord, CallStore, CallUpdate
 from ..ultravox import UltravoxClient, UltravoxError
@@ -93,6 +94,7 @@ class HandoverFlow:
         record = await self.store.get(call_id)
         if record is None or record.carrier != carrier.name:
             return carrier.hangup_answer()
+        bind_call(record)
         if record.is_final or not record.join_url:
             fallback = self.settings.fallback
             return carrier.apology_answer(fallback.message, fallback.dial_number)

@@ -213,6 +213,7 @@ class TransferFlow:
         if transfer is None or transfer.status != status.REQUESTED:
             return  # started already (this job ran before, in a process that died after starting it)
         record = await self.calls.get(transfer.call_id)
+        bind_call(record)
         start = self._start_cold if transfer.kind == "cold" else self._start_warm
         await start(transfer, record)
 
@@ -221,6 +222,7 @@ class TransferFlow:
         if transfer is None or transfer.is_final or transfer.leg != job.leg:
             return  # the leg was settled already: accepted, or moved on by an earlier event
         record = await self.calls.get(transfer.call_id)
+        bind_call(record)
         why = job.why or f"{transfer.operator} did not pick up in time"
         await self._operator_unavailable(self.carriers[record.carrier], transfer, job.leg, why)
 
