@@ -8,10 +8,8 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -22,6 +20,7 @@ from gateway import logs
 from gateway.carriers import CARRIERS
 from gateway.settings import load_settings
 from gateway.testing import CarrierStream, FakeResponse, double
+from gateway.testing.processes import GatewayProcess
 
 from .conftest import (
     AGENT_ID,
@@ -47,39 +46,20 @@ SECRET_VARIABLE = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY|API_KEYS)$")
 # --- the real `gateway serve`, as a process --------------------------------------------------------------
 
 
-class ServeProcess:
-    """`gateway serve` in a process of its own, its stderr in a file; what conftest.Gateway drives."""
+class ServeProcess(GatewayProcess):
+    """The real `gateway serve` (gateway.testing's GatewayProcess), started, as conftest.Gateway drives it."""
 
-    def __init__(self, config: Path, environ: dict[str, str], stderr: Path, *args: str):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.stderr_path = stderr
-        self._stderr = open(stderr, "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port), *args],
-            env={**os.environ, **environ}, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,
-        )
-        for _ in range(200):
-            try:
-                if httpx.get(self.url + "/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.05)
-        self.stop()
-        raise AssertionError(f"gateway serve did not start:\n{stderr.read_text()}")
+    def __init__(self, config: Path, environ: dict[str, str], work_dir: Path, *args: str):
+        super().__init__(config, environ, work_dir=work_dir, extra_args=args)
+        self.start().wait_ready()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(15)
-        self._stderr.close()
+        self.close(grace_seconds=15)
 
     def output(self) -> tuple[str, str]:
         """(stderr, stdout), once stopped."""
         self.stop()
-        return self.stderr_path.read_text(), self.process.stdout.read().decode()
+        return self.stderr_text(), self.stdout_text()
 
 
 @pytest.fixture
@@ -94,7 +74,7 @@ agent_id = "{AGENT_ID}"
 mode = "bridge"
 """)
     environ = gateway_environ(fake_ultravox, f"sqlite:///{tmp_path / 'gateway.db'}", fake_carriers)
-    process = ServeProcess(config, environ, tmp_path / "stderr.log", "--log-format", "json", "--log-level", "debug")
+    process = ServeProcess(config, environ, tmp_path, "--log-format", "json", "--log-level", "debug")
     for fake in fake_carriers.values():
         fake.deliver_to = process.url
     gateway = Gateway(server=process, settings=load_settings(config, environ))
@@ -340,7 +320,7 @@ def test_every_worker_process_writes_json_lines(tmp_path, fake_ultravox):
     config = tmp_path / "gateway.toml"
     config.write_text(BASE_CONFIG)
     environ = gateway_environ(fake_ultravox, f"sqlite:///{tmp_path / 'gateway.db'}")
-    process = ServeProcess(config, environ, tmp_path / "stderr.log", "--workers", "2", "--log-format", "json")
+    process = ServeProcess(config, environ, tmp_path, "--workers", "2", "--log-format", "json")
     carrier = CARRIER_NAMES[0]
     ids = []
     for _ in range(4):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import uuid
 
 import asyncpg
@@ -112,7 +111,7 @@ agent_id = "{AGENT_ID}"
 mode = "bridge"
 """)
     environ = gateway_environ(fake_ultravox, f"sqlite:///{tmp_path / 'gateway.db'}")
-    process = ServeProcess(config, environ, tmp_path / "stderr.log")
+    process = ServeProcess(config, environ, tmp_path, "--log-level", "info")
     gateway = Gateway(server=process, settings=load_settings(config, environ))
     try:
         form = double(carrier).inbound_form(to="+15550005555")
@@ -124,7 +123,7 @@ mode = "bridge"
             async with CarrierStream(carrier, local(gateway, stream_url), headers=headers) as stream:
                 await stream.start(call_id=form[double(carrier).call_id_param])
                 await asyncio.to_thread(fake_ultravox.wait_for_session)
-                process.process.send_signal(signal.SIGTERM)
+                process.terminate()
                 # The call goes on; the process says it is draining, and is not ready.
                 draining = await asyncio.to_thread(
                     wait_until, lambda: samples(gateway, "gateway_draining") == {(): 1})
@@ -134,7 +133,7 @@ mode = "bridge"
                 return draining, ready, live
 
         assert asyncio.run(call_through_the_drain()) == (True, 503, 1)
-        assert process.process.wait(30) == 0  # drained: the call ended, the process exits
+        assert process.wait(30) == 0  # drained: the call ended, the process exits
     finally:
         gateway.close()
 
