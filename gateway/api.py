@@ -162,6 +162,7 @@ class CallsApi:
         record = await self.store.get(request.path_params["call_id"])
         if record is None:
             return problem(404, "no such call")
+        bind_call(record)
         paths = record.recordings
         if not paths:
             return problem(404, "this call has no recording")

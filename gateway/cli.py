@@ -108,8 +108,7 @@ def serve_command(args) -> int:
     try:
         settings = load_settings(args.config)
     except ConfigError as error:
-        for problem in error.problems:
-            log.error("configuration problem: %s", problem)
+        log.error("The configuration has problems: %s", "; ".join(error.problems))  # one line, also in JSON
         return 2
     if args.workers < 1:
         log.error("--workers must be 1 or more")
