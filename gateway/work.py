@@ -143,7 +143,8 @@ class Work:
             self._wake.clear()
             try:
                 await self.run_due()
-                wait = await self._until_next()
+                # All slots busy: a finishing job wakes the loop; else sleep until the next is due.
+                wait = self.poll_seconds if len(self._running) >= BATCH else await self._until_next()
             except Exception:
                 log.exception("durable work: claiming failed; trying again")
                 wait = self.poll_seconds
@@ -154,7 +155,8 @@ class Work:
         due = await self.jobs.next_due()
         if due is None:
             return self.poll_seconds
-        return min(self.poll_seconds, max(0.0, (due - self._now()).total_seconds()))
+        # (A due job just claimed by another process still shows as pending for an instant: no spin.)
+        return min(self.poll_seconds, max(0.01, (due - self._now()).total_seconds()))
 
     async def _run(self, job: Job) -> None:
         # A task of its own: the ids its payload names (transfer_id…) go on the lines it logs.
