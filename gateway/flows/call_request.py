@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 from ..carriers.base import Carrier
 from ..settings import RouteSettings, Settings
+from ..store import CallRecord
 from ..tools import transfer_tools
 from ..ultravox import CallRequest
 from ..urls import Urls
@@ -94,11 +95,13 @@ class CallBodies:
         return CallRequest(agent_id=route.agent_id, body=body)
 
     def continuation(
-        self, *, identity: CallIdentity, medium: dict[str, Any], prior_call_id: str | None, prompt: str,
-        route: RouteSettings | None, extra_metadata: Mapping[str, str],
+        self, record: CallRecord, *, medium: dict[str, Any], prior_call_id: str | None, prompt: str,
+        extra_metadata: Mapping[str, str],
     ) -> CallRequest:
-        """A new call continuing `prior_call_id`'s conversation (its settings and messages), opened by
-        the agent following `prompt`."""
+        """A new call for `record`'s phone call continuing `prior_call_id`'s conversation (its
+        settings and messages), opened by the agent following `prompt`."""
+        identity = CallIdentity(record.carrier, record.carrier_call_id, record.id, record.route)
+        route = self.settings.route_named(record.route) if record.route else None
         body: dict[str, Any] = {
             "medium": medium,
             "firstSpeakerSettings": {"agent": {"prompt": prompt}},

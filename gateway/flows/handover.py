@@ -23,7 +23,7 @@ from ..settings import Settings
 from ..store import CallRecord, CallStore, CallUpdate
 from ..ultravox import UltravoxClient, UltravoxError
 from ..urls import Urls
-from .call_request import CallBodies, CallIdentity
+from .call_request import CallBodies
 from .connect import Connector
 
 log = logging.getLogger("gateway.handover")
@@ -61,11 +61,10 @@ class HandoverFlow:
         carrier = self.carriers[record.carrier]
         deadline = self._clock() + WORK_SECONDS
         request = self.bodies.continuation(
-            identity=CallIdentity(record.carrier, record.carrier_call_id, record.id, record.route),
+            record,
             medium=self.connector.medium(carrier, record.route, record.id),
             prior_call_id=record.ultravox_call_id,
             prompt=CONTINUE_PROMPT,
-            route=self.settings.route_named(record.route) if record.route else None,
             extra_metadata={"gateway.handed_over_from": record.ultravox_call_id or ""},
         )
         created = None

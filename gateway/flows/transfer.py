@@ -29,7 +29,7 @@ from ..store.calls import utcnow
 from ..ultravox import UltravoxClient, UltravoxError
 from ..urls import Urls
 from ..work import Work
-from .call_request import CallBodies, CallIdentity
+from .call_request import CallBodies
 from .connect import Connector
 
 log = logging.getLogger("gateway.transfer")
@@ -492,14 +492,13 @@ class TransferFlow:
         bind_call(record)
         operator = self.settings.operators[transfer.operator]
         request = self.bodies.continuation(
-            identity=CallIdentity(record.carrier, record.carrier_call_id, record.id, record.route),
+            record,
             medium=self.connector.medium(carrier, record.route, record.id),
             prior_call_id=transfer.prior_ultravox_call_id,
             prompt=(
                 f"You tried to transfer the caller to {transfer.operator} ({operator.description}), but it did not "
                 f"go through: {why}. Tell the caller briefly, apologise, and offer to help another way or take a message."
             ),
-            route=self.settings.route_named(record.route) if record.route else None,
             extra_metadata={"gateway.returned_from_transfer": transfer.id},
         )
         deadline = self._clock() + self.settings.ultravox.inbound_deadline_seconds - 0.5
