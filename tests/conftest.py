@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import uuid
@@ -265,21 +266,21 @@ def pretty(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True)
 
 
-@pytest.fixture(scope="session")
-def postgres_database_url():
-    """A fresh PostgreSQL database for this test session, dropped afterwards.
-
-    Skipped when no PostgreSQL answers, unless GATEWAY_REQUIRE_POSTGRES=1 (as in .ci/run).
-    """
+@contextlib.contextmanager
+def new_postgres_database(prefix: str):
+    """A fresh PostgreSQL database, dropped afterwards: (its URL, its name, `admin(*statements)`
+    running statements on the server's admin database). Skipped when no PostgreSQL answers, unless
+    GATEWAY_REQUIRE_POSTGRES=1 (as in .ci/run)."""
     import asyncpg
 
     admin_url = postgres_url()
-    name = f"gateway_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
 
-    async def admin(statement: str) -> None:
+    async def admin(*statements: str) -> None:
         connection = await asyncpg.connect(admin_url, timeout=5)
         try:
-            await connection.execute(statement)
+            for statement in statements:
+                await connection.execute(statement)
         finally:
             await connection.close()
 
@@ -290,8 +291,17 @@ def postgres_database_url():
             raise
         pytest.skip(f"PostgreSQL not available at {admin_url}: {error}")
     base, _, _ = admin_url.rpartition("/")
-    yield f"{base}/{name}"
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    try:
+        yield f"{base}/{name}", name, admin
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def postgres_database_url():
+    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+    with new_postgres_database("gateway_test") as (url, _, _):
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
-import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,7 +19,7 @@ from .conftest import (
     TRANSFER_CARRIERS,
     Gateway,
     gateway_environ,
-    postgres_url,
+    new_postgres_database,
 )
 from .test_bridge import bridged, local, wait_until  # noqa: F401 (bridged is a fixture)
 from .test_logs import ServeProcess
@@ -141,24 +139,8 @@ mode = "bridge"
 @pytest.fixture
 def own_postgres_database():
     """A PostgreSQL database of this test's own, which it may take down."""
-    admin_url = postgres_url()
-    name = f"gateway_outage_{uuid.uuid4().hex[:10]}"
-
-    async def admin(*statements: str) -> None:
-        connection = await asyncpg.connect(admin_url, timeout=5)
-        try:
-            for statement in statements:
-                await connection.execute(statement)
-        finally:
-            await connection.close()
-
-    try:
-        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    except (OSError, asyncpg.PostgresError) as error:
-        pytest.skip(f"PostgreSQL not available at {admin_url}: {error}")
-    base, _, _ = admin_url.rpartition("/")
-    yield f"{base}/{name}", name, admin
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with new_postgres_database("gateway_outage") as database:
+        yield database
 
 
 def test_metrics_answer_without_the_live_gauges_while_the_store_is_down(make_gateway, own_postgres_database):
