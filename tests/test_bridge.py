@@ -71,6 +71,17 @@ class BridgedCall:
         headers = self.double.stream_headers(self.public_stream_url) if signed else None
         return CarrierStream(self.carrier, url or self.local_url, headers=headers)
 
+    def talk(self, seconds: float) -> None:
+        """A whole short call: the stream starts, the caller speaks `seconds`, the stream stops."""
+
+        async def scenario():
+            async with self.stream() as stream:
+                await stream.start(call_id=self.carrier_call_id)
+                await stream.play(speech(self.rate, seconds))
+                await stream.stop()
+
+        asyncio.run(scenario())
+
     def record(self):
         (record,) = [r for r in self.gateway.records() if r.carrier_call_id == self.carrier_call_id]
         return record
@@ -414,14 +425,7 @@ def test_frames_of_the_wrong_shape_are_skipped_too(bridged):
 @pytest.mark.parametrize("carrier", CARRIER_NAMES)
 def test_the_call_is_completed_when_the_bridged_stream_ends(bridged, carrier):
     call = bridged(carrier)
-
-    async def scenario():
-        async with call.stream() as stream:
-            await stream.start(call_id=call.carrier_call_id)
-            await stream.play(speech(call.rate, 0.1))
-            await stream.stop()
-
-    asyncio.run(scenario())
+    call.talk(0.1)
     assert wait_until(lambda: call.record().status == "completed")
 
 

@@ -109,14 +109,7 @@ def test_a_recording_is_listed_when_it_starts_and_downloadable_during_and_after_
 
 def test_recording_download_refusals(bridged, tmp_path):
     call = bridged("plivo")
-
-    async def scenario():
-        async with call.stream() as stream:
-            await stream.start(call_id=call.carrier_call_id)
-            await stream.play(speech(call.rate, 0.2))
-            await stream.stop()
-
-    asyncio.run(scenario())
+    call.talk(0.2)
     assert wait_until(lambda: call.record().status == "completed")
     client, call_id = call.gateway.client, call.record().id
     url = f"/v1/calls/{call_id}/recording"
@@ -285,14 +278,7 @@ def _healthy(client: httpx.Client) -> bool:
 
 def test_recordings_past_their_routes_retention_are_deleted_and_taken_off_their_calls(bridged, make_gateway, tmp_path):
     call = bridged("telnyx")
-
-    async def scenario():
-        async with call.stream() as stream:
-            await stream.start(call_id=call.carrier_call_id)
-            await stream.play(speech(call.rate, 0.2))
-            await stream.stop()
-
-    asyncio.run(scenario())
+    call.talk(0.2)
     assert wait_until(lambda: call.record().status == "completed")
     old = Path(call.record().recording_path)
     young = old.with_name(f"{call.record().id}-{int(time.time() * 1000) + 1}.wav")
