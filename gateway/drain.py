@@ -16,14 +16,15 @@ from typing import Awaitable, Callable
 
 from .flows.handover import HandoverFlow
 from .logs import bind_call
-from .media.bridge import MediaBridge
+from .media.bridge import HANDOVER_STREAM_SECONDS, MediaBridge
 from .store import CallRecord
 
 log = logging.getLogger("gateway.drain")
 
 POLL_SECONDS = 0.1
-# After the handover's redirect the carrier closes the old stream; past this, it is closed here.
-HANDOVER_SECONDS = 15.0
+# After the handovers, how long their old streams may stay: the bridge closes each one itself once
+# the carrier has had HANDOVER_STREAM_SECONDS to do it; the second is for that clean-up.
+HANDED_OVER_STREAMS_SECONDS = HANDOVER_STREAM_SECONDS + 1.0
 
 
 class Drain:
@@ -52,7 +53,7 @@ class Drain:
             if outcome is not True:
                 log.warning("call %s could not be handed over (%s); it ends with this process", session.record.id,
                             outcome if isinstance(outcome, BaseException) else "no redirect")
-        if not await self._until_idle(HANDOVER_SECONDS):
+        if not await self._until_idle(HANDED_OVER_STREAMS_SECONDS):
             log.warning("%d handed-over stream(s) still open; closing them", len(self.bridge.live))
 
     async def _hand_over(self, record: CallRecord) -> bool:
