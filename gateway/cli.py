@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import logging
 import os
 import sys
@@ -127,9 +126,7 @@ def serve_command(args) -> int:
     log_config = logs.log_config(args.log_format or settings.log_format, args.log_level, settings.secrets())
     config = server_config(app, host=args.host or settings.host, port=args.port if args.port is not None else settings.port,
                            log_level=args.log_level, log_config=log_config)
-    # setup_logging runs after uvicorn's in each process: the same configuration (picklable, as it
-    # travels to spawned workers).
-    return serve(config, workers=args.workers, setup_logging=functools.partial(logs.apply, log_config))
+    return serve(config, workers=args.workers)
 
 
 async def _migrate(database_url: str) -> None:

@@ -21,7 +21,7 @@ import os
 import signal
 import socket
 import time
-from typing import Any, Callable
+from typing import Any
 
 import uvicorn
 
@@ -84,34 +84,31 @@ def _gateway_of(app: Any):
     return None
 
 
-def serve(config: uvicorn.Config, workers: int = 1, *, setup_logging: Callable[[], None] = lambda: None) -> int:
-    """Run until drained. `setup_logging` configures this process's logging (and each worker's:
-    a spawned process starts with none); it must be picklable (a module-level function)."""
-    setup_logging()
+def serve(config: uvicorn.Config, workers: int = 1) -> int:
+    """Run until drained. The config's `log_config` is this process's logging (uvicorn applied it
+    when the config was made) and each worker's."""
     if workers <= 1:
         GatewayServer(config).run()
         return 0
-    return Workers(config, workers, setup_logging).run()
+    return Workers(config, workers).run()
 
 
-def _serve_worker(config: uvicorn.Config, sock: socket.socket, setup_logging: Callable[[], None]) -> None:
+def _serve_worker(config: uvicorn.Config, sock: socket.socket) -> None:
     # Out of the terminal's process group: a Ctrl-C reaches the supervisor only, which passes one
     # SIGTERM on (two signals would stop the worker without draining).
     os.setpgrp()
-    config.configure_logging()
-    setup_logging()
+    config.configure_logging()  # a spawned process starts with none
     GatewayServer(config).run(sockets=[sock])
 
 
 class Workers:
     """`count` GatewayServer processes on one socket, kept running until a SIGTERM or Ctrl-C."""
 
-    def __init__(self, config: uvicorn.Config, count: int, setup_logging: Callable[[], None]):
+    def __init__(self, config: uvicorn.Config, count: int):
         self.config = config
         self.count = count
-        self.setup_logging = setup_logging
         self.processes: list = []
-        self._stop_signal: int | None = None
+        self._stopping = False
         self._context = multiprocessing.get_context("spawn")
 
     def run(self) -> int:
@@ -120,37 +117,35 @@ class Workers:
             signal.signal(sig, self._on_signal)
         self.processes = [self._start(sock) for _ in range(self.count)]
         log.info("serving with %d worker processes on %s:%d", self.count, self.config.host, self.config.port)
-        while self._stop_signal is None:
+        while not self._stopping:
             time.sleep(0.2)
             for index, process in enumerate(self.processes):
-                if process.exitcode is None or self._stop_signal is not None:
+                if process.exitcode is None or self._stopping:
                     continue
                 if process.exitcode == STARTUP_FAILURE:
                     log.error("worker %d could not start; stopping", process.pid)
-                    self._stop_signal = signal.SIGTERM
+                    self._stopping = True
                     break
                 log.warning("worker %d exited (%s); starting another", process.pid, process.exitcode)
                 self.processes[index] = self._start(sock)
-        self._forward(signal.SIGTERM)  # each worker drains on its own, then exits
+        self._forward()  # each worker drains on its own, then exits
         for process in self.processes:
             process.join()
         sock.close()
         return 0 if all(process.exitcode == 0 for process in self.processes) else 1
 
     def _on_signal(self, sig: int, frame: Any) -> None:
-        if self._stop_signal is None:
-            self._stop_signal = sig
-        else:  # a second signal: the workers stop at once
-            self._forward(signal.SIGTERM)
+        if self._stopping:  # a second signal: a second SIGTERM stops each worker at once
+            self._forward()
+        self._stopping = True
 
-    def _forward(self, sig: int) -> None:
+    def _forward(self) -> None:
         for process in self.processes:
             if process.exitcode is None and process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, sig)
+                    os.kill(process.pid, signal.SIGTERM)
 
     def _start(self, sock: socket.socket):
-        process = self._context.Process(target=_serve_worker, args=(self.config, sock, self.setup_logging),
-                                        name="gateway-worker")
+        process = self._context.Process(target=_serve_worker, args=(self.config, sock), name="gateway-worker")
         process.start()
         return process
