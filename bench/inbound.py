@@ -1,7 +1,7 @@
 """Inbound webhook benchmark: the gateway against a minimal Starlette baseline.
 
     python bench/inbound.py [--carrier NAME] [--concurrency 100] [--requests 3000] [--warmup 200]
-                            [--delay-ms 250] [--pool-size 100] [--workers 1 2]
+                            [--delay-ms 250] [--pool-size 100] [--workers 1 2] [--webhook]
 
 Each target (the real `gateway serve`, then the baseline app below) runs in its own process
 against its own fake Ultravox process, which answers every call after a fixed delay. The load
@@ -10,7 +10,10 @@ gateway.carriers.CARRIERS, by default the registry's first), built and signed by
 test double (gateway.testing.double), on keep-alive connections, one in flight per connection,
 and prints figures. It never asserts timings; it exits 1 only when requests failed.
 
-The same file is also the entry point of the child processes (`_fake`, `_baseline`).
+--webhook adds a run of the gateway with one [[webhooks]] endpoint (a receiver process that
+answers 204), so the events each call sends are written and delivered while the load runs.
+
+The same file is also the entry point of the child processes (`_fake`, `_baseline`, `_receiver`).
 """
 
 from __future__ import annotations
@@ -104,6 +107,29 @@ def serve_fake(port: int, delay: float) -> None:
 
 
 ANSWER_PLACEHOLDER = "wss://join.invalid/placeholder"
+
+
+def serve_receiver(port: int) -> None:
+    """The user's endpoint for events: counts deliveries, answers 204 (no verification: its CPU
+    is not the gateway's)."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    received = {"deliveries": 0, "ids": set()}
+
+    async def event(request):
+        await request.body()
+        received["deliveries"] += 1
+        received["ids"].add(request.headers.get("webhook-id"))
+        return Response(status_code=204)
+
+    async def stats(request):
+        return JSONResponse({"deliveries": received["deliveries"], "unique": len(received["ids"])})
+
+    app = Starlette(routes=[Route("/events", event, methods=["POST"]), Route("/_bench/stats", stats)])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 def baseline_answer(carrier: str) -> dict:
@@ -459,6 +485,8 @@ class Result:
     connections_seen: int
     peak_upstream: int
     calls_created: int
+    events: dict | None = None  # --webhook: what the receiver got, and the server's CPU until then
+
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -468,12 +496,17 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[min(len(sorted_values), max(1, rank)) - 1]
 
 
+BENCH_WEBHOOK_SECRET = "whsec_" + "QmVuY2hXZWJob29rU2VjcmV0S2V5MDEyMzQ1Njc4OQ=="
+
+
 def start_gateway(workdir: Path, fake: Child, agent_id: str, pool_size: int, database_url: str | None,
-                  carrier_double, workers: int = 1) -> Child:
+                  carrier_double, workers: int = 1, webhook_url: str | None = None) -> Child:
     config = workdir / "gateway.toml"
+    webhook = (f'\n[[webhooks]]\nname = "bench"\nurl = "{webhook_url}"\nsecret = "{BENCH_WEBHOOK_SECRET}"\n'
+               if webhook_url else "")
     config.write_text(
         f'[ultravox]\npool_size = {pool_size}\n\n[[routes]]\nnumber = "{CALLED_NUMBER}"\nagent_id = "{agent_id}"\n'
-        + carrier_double.config_toml()
+        + webhook + carrier_double.config_toml()
     )
     port = free_port()
     env = child_env({
@@ -503,7 +536,16 @@ def measure(name: str, args, workdir: Path, children: list[Child], carrier_doubl
                  fake_port, workdir, child_env())
     children.append(fake)
     fake.wait_ready("/_bench/stats")
-    if name.startswith("gateway"):
+    receiver = None
+    if name == "gateway+webhook":
+        receiver_port = free_port()
+        receiver = Child("receiver", [sys.executable, HERE, "_receiver", str(receiver_port)], receiver_port, workdir,
+                         child_env())
+        children.append(receiver)
+        receiver.wait_ready("/_bench/stats")
+        server = start_gateway(workdir, fake, agent_id, args.pool_size, args.database_url, carrier_double,
+                               webhook_url=receiver.url + "/events")
+    elif name.startswith("gateway"):
         workers = int(name.partition("x")[2] or 1)
         server = start_gateway(workdir, fake, agent_id, args.pool_size, args.database_url, carrier_double, workers)
     else:
@@ -521,12 +563,18 @@ def measure(name: str, args, workdir: Path, children: list[Child], carrier_doubl
         print(f"  {name}: {len(warm.failures)} warm-up request(s) failed, first: {warm.failures[0]}")
 
     server_cpu, fake_cpu, client_cpu = cpu_seconds(server.pid), cpu_seconds(fake.pid), time.process_time()
+    cpu_before = server_cpu
     phase = run_async(run_load(server.port, measured, args.concurrency, fake.port, stagger, connected))
     server_cpu = cpu_seconds(server.pid) - server_cpu
     fake_cpu = cpu_seconds(fake.pid) - fake_cpu
     client_cpu = time.process_time() - client_cpu
 
     stats = fake.get_json("/_bench/stats")
+    events = None
+    if receiver is not None:
+        # Deliveries still owed after the load: the server's CPU until the last one counts too.
+        events = drained(receiver, expected=2 * (args.warmup + args.requests))  # call.started, status_changed
+        events["server_cpu_ms_with_deliveries"] = (cpu_seconds(server.pid) - cpu_before) * 1000 / max(1, args.requests)
     server.stop()
     fake.stop()
 
@@ -546,7 +594,18 @@ def measure(name: str, args, workdir: Path, children: list[Child], carrier_doubl
         connections_seen=stats["connections_seen"],
         peak_upstream=max(warm.peak_upstream, phase.peak_upstream),
         calls_created=stats["calls_created"],
+        events=events,
     )
+
+
+def drained(receiver: Child, expected: int, timeout: float = 60.0) -> dict:
+    """Wait for the receiver to have `expected` events (the deliveries still owed after the load)."""
+    started = time.monotonic()
+    while True:
+        stats = receiver.get_json("/_bench/stats")
+        if stats["unique"] >= expected or time.monotonic() - started > timeout:
+            return {**stats, "expected": expected, "drain_seconds": time.monotonic() - started}
+        time.sleep(0.1)
 
 
 def run_async(coroutine):
@@ -649,6 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", help="the gateway's store (default: SQLite in a temporary directory)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1],
                         help="`gateway serve --workers` counts to measure, each in turn (default 1)")
+    parser.add_argument("--webhook", action="store_true",
+                        help="also measure the gateway with one [[webhooks]] endpoint receiving every event")
     args = parser.parse_args(argv)
 
     from gateway.testing import double
@@ -672,6 +733,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-inbound-") as tmp:
         try:
             names = [f"gateway x{count}" if count > 1 else "gateway" for count in args.workers]
+            if args.webhook:
+                names.append("gateway+webhook")
             results = [measure(name, args, Path(tmp), children, carrier_double) for name in (*names, "baseline")]
         except KeyboardInterrupt:
             print("\ninterrupted")
@@ -680,9 +743,29 @@ def main(argv: list[str] | None = None) -> int:
             for child in children:
                 child.stop()
     report(args, results[0], results[-1])
-    if len(results) > 2:
-        report_workers(args, results[:-1])
+    if len(args.workers) > 1:
+        report_workers(args, results[:len(args.workers)])
+    if args.webhook:
+        report_webhook(results[0], results[-2])
     return 1 if any(result.failures for result in results) else 0
+
+
+def report_webhook(plain: Result, hooked: Result) -> None:
+    events = hooked.events or {}
+    print()
+    print("  one [[webhooks]] endpoint: every call writes call.started and call.status_changed, delivered meanwhile")
+    print(f"  {'':<28}{'no webhook':>14}{'one webhook':>14}{'ratio':>8}")
+    for label, a, b in (
+        ("throughput req/s", plain.throughput, hooked.throughput),
+        ("overhead p50 ms", plain.overhead_ms["p50"], hooked.overhead_ms["p50"]),
+        ("overhead p99 ms", plain.overhead_ms["p99"], hooked.overhead_ms["p99"]),
+        ("server CPU ms/req", plain.server_cpu_ms, hooked.server_cpu_ms),
+    ):
+        print(f"  {label:<28}{a:>14.2f}{b:>14.2f}{b / a if a else float('nan'):>7.2f}x")
+    if events:
+        print(f"  {'CPU ms/req incl. deliveries':<28}{'':>14}{events['server_cpu_ms_with_deliveries']:>14.2f}")
+        print(f"  events received {events['unique']} of {events['expected']} ({events['deliveries']} deliveries), "
+              f"the last {events['drain_seconds']:.1f} s after the load ended")
 
 
 def report_workers(args, gateways: list[Result]) -> None:
@@ -698,6 +781,8 @@ def report_workers(args, gateways: list[Result]) -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_fake"]:
         serve_fake(int(sys.argv[2]), float(sys.argv[3]))
+    elif sys.argv[1:2] == ["_receiver"]:
+        serve_receiver(int(sys.argv[2]))
     elif sys.argv[1:2] == ["_baseline"]:
         serve_baseline(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]), json.loads(sys.argv[6]))
     else:

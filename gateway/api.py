@@ -10,93 +10,29 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import Request
 from starlette.concurrency import iterate_in_threadpool
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .carriers import CARRIERS
+from .flows.events import EVENT_DATA, EventOutbox
 from .flows.outbound import DialRejected, DialRequest, OutboundFlow
 from .logs import bind_call
 from .media.recording import recording_dirs, snapshot
 from .security import api_key_id, match_api_key
-from .settings import Settings
+from .settings import EVENT_TYPES, Settings
 from .statuses import STATUSES
-from .store import CallFilters, CallRecord, CallStore, TransferRecord, TransferStore
+from .store import CallFilters, CallRecord, CallStore, TransferStore
+from .store.events import DELIVERY_STATUSES, Delivery, EventFilters, EventStore, StoredEvent
+from .views import CallView, TransferView
 
 MAX_PAGE = 200
 DEFAULT_PAGE = 50
 
 
-class CallView(BaseModel):
-    """A call as the API shows it (inbound and outbound)."""
-
-    id: str
-    direction: str
-    carrier: str
-    via: str | None
-    status: str
-    from_: str | None
-    to: str
-    route: str | None
-    carrier_call_id: str | None
-    ultravox_call_id: str | None
-    failure_reason: str | None
-    end_reason: str | None
-    answered_by: str | None
-    duration_seconds: int | None
-    summary: str | None
-    created_at: dt.datetime
-    updated_at: dt.datetime
-    answered_at: dt.datetime | None
-    ended_at: dt.datetime | None
-    # Bridge mode with recording: the call's stereo WAVs on the gateway's disk (comma-separated, one
-    # per stretch of the call), how many, and where to download them (?part=N, from 0).
-    recording_path: str | None
-    recording_parts: int
-    recording_url: str | None
-    media: dict[str, int] | None  # bridge mode: audio counters (frames, gaps, late frames, clears…)
-
-    @classmethod
-    def of(cls, record: CallRecord) -> dict[str, Any]:
-        computed = {
-            "from_": record.from_number,
-            "to": record.to_number,
-            "media": record.media,
-            "recording_parts": len(record.recordings),
-            "recording_url": f"/v1/calls/{record.id}/recording" if record.recordings else None,
-        }
-        view = cls(**computed, **{name: getattr(record, name) for name in cls.model_fields if name not in computed})
-        data = view.model_dump(mode="json")
-        data["from"] = data.pop("from_")
-        return data
-
-
 def problem(status: int, detail: Any, **headers: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers or None)
-
-
-class TransferView(BaseModel):
-    id: str
-    kind: str
-    operator: str
-    operators_tried: list[str]
-    reason: str
-    status: str
-    outcome: str | None
-    created_at: dt.datetime
-    answered_at: dt.datetime | None
-    ended_at: dt.datetime | None
-    duration_seconds: float | None
-
-    @classmethod
-    def of(cls, transfer: TransferRecord) -> dict[str, Any]:
-        end = transfer.ended_at or transfer.answered_at
-        return cls(
-            operators_tried=list(transfer.tried),
-            duration_seconds=(end - transfer.created_at).total_seconds() if end else None,
-            **{name: getattr(transfer, name) for name in cls.model_fields if name not in ("operators_tried", "duration_seconds")},
-        ).model_dump(mode="json")
 
 
 class CallsApi:
@@ -108,8 +44,7 @@ class CallsApi:
         self.recording_dirs = [directory.path for directory in recording_dirs(settings.routes)]
 
     def _key_id(self, request: Request) -> str | None:
-        key = match_api_key(request.headers.get("authorization"), self.settings.api_keys)
-        return api_key_id(key) if key else None
+        return authorized(request, self.settings)
 
     async def create(self, request: Request) -> Response:
         key_id = self._key_id(request)
@@ -206,6 +141,131 @@ class CallsApi:
         return JSONResponse(openapi_document())
 
 
+def authorized(request: Request, settings: Settings) -> str | None:
+    """The id of the API key the request presents, or None when it presents none of ours."""
+    key = match_api_key(request.headers.get("authorization"), settings.api_keys)
+    return api_key_id(key) if key else None
+
+
+class EventsApi:
+    """/v1/events (what was sent to the user's endpoints, and how it went) and /v1/webhooks."""
+
+    def __init__(self, settings: Settings, events: EventStore, outbox: EventOutbox):
+        self.settings = settings
+        self.events = events
+        self.outbox = outbox
+
+    async def list(self, request: Request) -> Response:
+        if authorized(request, self.settings) is None:
+            return _unauthorized()
+        query = request.query_params
+        try:
+            filters = EventFilters(
+                call_id=query.get("call_id"),
+                type=_choice(query.get("type"), list(EVENT_TYPES), "type"),
+                delivery_status=_choice(query.get("status"), DELIVERY_STATUSES, "status"),
+                endpoint=query.get("endpoint"),
+            )
+            limit = _limit(query.get("limit"))
+            cursor = query.get("cursor")
+            if cursor is not None and not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 18):
+                raise ValueError("cursor is not one this API handed out")
+        except ValueError as error:
+            return problem(400, str(error))
+        found, more = await self.events.list(filters, limit=limit, before_seq=int(cursor) if cursor else None)
+        return JSONResponse({"events": [EventView.of(event) for event in found],
+                             "next_cursor": str(found[-1].seq) if more and found else None})
+
+    async def get(self, request: Request) -> Response:
+        if authorized(request, self.settings) is None:
+            return _unauthorized()
+        event = await self.events.get(request.path_params["event_id"])
+        if event is None:
+            return problem(404, "no such event")
+        return JSONResponse(EventView.of(event))
+
+    async def redeliver(self, request: Request) -> Response:
+        """Send an event again: to every endpoint configured now, or to `{"endpoint": name}`."""
+        if authorized(request, self.settings) is None:
+            return _unauthorized()
+        body = await read_limited(request, self.settings.max_body_bytes)
+        if body is None:
+            return problem(413, f"body larger than {self.settings.max_body_bytes} bytes")
+        name = None
+        if body.strip():
+            if request.headers.get("content-type", "").split(";", 1)[0].strip().lower() != "application/json":
+                return problem(415, 'send {"endpoint": NAME} as application/json, or no body')
+            try:
+                name = Redelivery.model_validate_json(body).endpoint
+            except ValidationError:
+                return problem(422, 'expected {"endpoint": NAME} or no body')
+        names = [webhook.name for webhook in self.settings.webhooks]
+        if name is not None and name not in names:
+            return problem(422, f"no endpoint is named {name!r}; configured: {', '.join(names) or 'none'}")
+        targets = [name] if name else names
+        if not targets:
+            return problem(409, "no [[webhooks]] endpoint is configured to deliver to")
+        for target in targets:
+            state = await self.events.endpoint(target)
+            if state.disabled_at is not None:
+                return problem(409, f"endpoint {target} is disabled ({state.disabled_reason}); enable it first with "
+                                    f"POST /v1/webhooks/{target}/enable")
+        event = await self.outbox.redeliver(self.events, request.path_params["event_id"], targets)
+        if event is None:
+            return problem(404, "no such event")
+        return JSONResponse(EventView.of(event), status_code=202)
+
+    async def webhooks(self, request: Request) -> Response:
+        if authorized(request, self.settings) is None:
+            return _unauthorized()
+        return JSONResponse({"webhooks": [await self._webhook_view(webhook.name) for webhook in self.settings.webhooks]})
+
+    async def enable(self, request: Request) -> Response:
+        if authorized(request, self.settings) is None:
+            return _unauthorized()
+        name = request.path_params["name"]
+        if self.settings.webhook_named(name) is None:
+            return problem(404, "no such endpoint")
+        await self.events.enable(name)
+        return JSONResponse(await self._webhook_view(name))
+
+    async def _webhook_view(self, name: str) -> dict[str, Any]:
+        webhook = self.settings.webhook_named(name)
+        state = await self.events.endpoint(name)
+        return {"name": name, "url": webhook.url, "events": webhook.events, "routes": webhook.routes,
+                "disabled_at": state.disabled_at.isoformat() if state.disabled_at else None,
+                "disabled_reason": state.disabled_reason}
+
+
+class Redelivery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    endpoint: str | None = None
+
+
+class EventView(BaseModel):
+    id: str
+    type: str
+    timestamp: str
+    call_id: str | None
+    data: dict[str, Any]
+    # Each endpoint's delivery; its `history` (every attempt) in GET /v1/events/{id} only.
+    deliveries: list[Delivery]
+
+    @classmethod
+    def of(cls, event: StoredEvent) -> dict[str, Any]:
+        envelope = event.envelope
+        return cls(id=event.id, type=event.type, timestamp=envelope["timestamp"], call_id=event.call_id,
+                   data=envelope["data"], deliveries=list(event.deliveries)).model_dump(mode="json")
+
+
+def _limit(value: str | None) -> int:
+    if value is None:
+        return DEFAULT_PAGE
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_PAGE:
+        raise ValueError(f"limit must be 1 to {MAX_PAGE}")
+    return int(value)
+
+
 def _unauthorized() -> JSONResponse:
     return problem(401, "send Authorization: Bearer <one of GATEWAY_API_KEYS>", **{"WWW-Authenticate": "Bearer"})
 
@@ -266,15 +326,19 @@ def openapi_document() -> dict[str, Any]:
         "429": {"description": "dial rate for this API key exceeded"},
     }
     call_ref = {"$ref": "#/components/schemas/Call"}
+    schemas = {"DialRequest": dial_schema, "Call": call_schema}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Ultravox telephony gateway dialer API", "version": "1"},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"DialRequest": dial_schema, "Call": call_schema},
+            "schemas": schemas,
         },
         "security": [{"bearer": []}],
+        # What the gateway sends to the [[webhooks]] endpoints, signed per Standard Webhooks.
+        "webhooks": _event_webhooks(schemas),
         "paths": {
+            **_event_paths(schemas, errors),
             "/v1/calls": {
                 "post": {
                     "summary": "Phone someone with an agent",
@@ -337,4 +401,92 @@ def openapi_document() -> dict[str, Any]:
                 },
             },
         },
+    }
+
+
+def _event_webhooks(schemas: dict[str, Any]) -> dict[str, Any]:
+    headers = {
+        "webhook-id": "the event's id: the same on every attempt (deduplicate on it)",
+        "webhook-timestamp": "this attempt's time, in Unix seconds",
+        "webhook-signature": "v1,<base64 HMAC-SHA256 with the endpoint's secret over id.timestamp.body>",
+    }
+    hooks = {}
+    for event_type, model in EVENT_DATA.items():
+        name = model.__name__.removesuffix("Data") + "Event"
+        schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for nested, schema in schemas[model.__name__].pop("$defs", {}).items():
+            schemas[nested] = schema
+        schemas[name] = {"type": "object", "required": ["type", "timestamp", "data"], "properties": {
+            "type": {"const": event_type},
+            "timestamp": {"type": "string", "format": "date-time", "description": "when it happened"},
+            "data": {"$ref": f"#/components/schemas/{model.__name__}"},
+        }}
+        hooks[event_type] = {"post": {
+            "summary": (model.__doc__ or event_type).strip().splitlines()[0],
+            "parameters": [{"name": header, "in": "header", "required": True, "schema": {"type": "string"},
+                            "description": description} for header, description in headers.items()],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{name}"}}}},
+            "responses": {"2XX": {"description": "delivered"},
+                          "410": {"description": "disables the endpoint (until POST /v1/webhooks/{name}/enable)"},
+                          "default": {"description": "retried per [events] retry_schedule_seconds"}},
+        }}
+    return hooks
+
+
+def _event_paths(schemas: dict[str, Any], errors: dict[str, Any]) -> dict[str, Any]:
+    schemas["DeliveredEvent"] = EventView.model_json_schema(ref_template="#/components/schemas/{model}")
+    for nested, schema in schemas["DeliveredEvent"].pop("$defs", {}).items():
+        schemas[nested] = schema
+    event_ref = {"$ref": "#/components/schemas/DeliveredEvent"}
+    event_id = {"name": "event_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    one = {"application/json": {"schema": event_ref}}
+    unknown = {"description": "no such event"}
+    webhook = {"type": "object", "properties": {
+        name: {"type": ["string", "null"]} for name in ("name", "url", "disabled_at", "disabled_reason")}}
+    return {
+        "/v1/events": {"get": {
+            "summary": "Events sent to the webhooks endpoints, newest first, with how each delivery went",
+            "parameters": [
+                {"name": "call_id", "in": "query", "required": False, "schema": {"type": "string"}},
+                {"name": "type", "in": "query", "required": False, "schema": {"type": "string", "enum": list(EVENT_TYPES)}},
+                {"name": "status", "in": "query", "required": False, "description": "events with a delivery in this state",
+                 "schema": {"type": "string", "enum": DELIVERY_STATUSES}},
+                {"name": "endpoint", "in": "query", "required": False, "schema": {"type": "string"}},
+                {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}},
+                {"name": "limit", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}},
+            ],
+            "responses": {"200": {"description": "a page of events", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"events": {"type": "array", "items": event_ref},
+                                                 "next_cursor": {"type": ["string", "null"]}}}}}},
+                "400": {"description": "a filter is not one of the listed values"}, "401": errors["401"]},
+        }},
+        "/v1/events/{event_id}": {"get": {
+            "summary": "One event, with every delivery attempt",
+            "parameters": [event_id],
+            "responses": {"200": {"description": "the event", "content": one}, "401": errors["401"], "404": unknown},
+        }},
+        "/v1/events/{event_id}/redeliver": {"post": {
+            "summary": "Send an event again (same webhook-id), to every endpoint or to one",
+            "parameters": [event_id],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"endpoint": {"type": "string"}}, "additionalProperties": False}}}},
+            "responses": {"202": {"description": "the deliveries are pending again", "content": one},
+                          "401": errors["401"], "404": unknown,
+                          "409": {"description": "the endpoint is disabled, or none is configured"},
+                          "422": {"description": "no endpoint of that name"}},
+        }},
+        "/v1/webhooks": {"get": {
+            "summary": "The configured endpoints and whether a 410 disabled them",
+            "responses": {"200": {"description": "the endpoints", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"webhooks": {"type": "array", "items": webhook}}}}}},
+                "401": errors["401"]},
+        }},
+        "/v1/webhooks/{name}/enable": {"post": {
+            "summary": "Deliver to an endpoint again after it answered 410",
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "the endpoint, enabled", "content": {"application/json": {
+                "schema": webhook}}}, "401": errors["401"], "404": {"description": "no such endpoint"}},
+        }},
     }

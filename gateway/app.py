@@ -18,12 +18,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
-from .api import CallsApi
+from .api import CallsApi, EventsApi
 from .callbacks import UltravoxCallbacks
 from .carriers import CARRIERS, Carrier
 from .drain import Drain
 from .flows.call_request import CallBodies
 from .flows.connect import Connector
+from .flows.events import CallEndedReports, EventDelivery, EventOutbox
 from .flows.handover import HandoverFlow
 from .flows.inbound import InboundFlow
 from .flows.outbound import OutboundFlow
@@ -38,6 +39,7 @@ from .metrics import LiveCounts, Metrics
 from .settings import Settings
 from .store import CallRecord, CallStore, TransferStore
 from .store.calls import utcnow
+from .store.events import EventStore
 from .store.jobs import JobStore
 from .ultravox import UltravoxClient, create_http_client
 from .urls import Urls
@@ -71,6 +73,9 @@ class Gateway:
         self.media: MediaSockets | None = None
         self.api: CallsApi | None = None
         self.work: Work | None = None
+        self.delivery_work: Work | None = None
+        self.events_http: httpx.AsyncClient | None = None
+        self.events_api: EventsApi | None = None
         self.handover: HandoverFlow | None = None
         self.drainer: Drain | None = None
         self.recording_upkeep: RecordingUpkeep | None = None
@@ -95,8 +100,19 @@ class Gateway:
         self.carrier_http = create_client(pool_size=20, timeout=10.0)
         ultravox = UltravoxClient(self.http, settings.ultravox, clock=clock)
         self.transfers = transfers = TransferStore(store.database)
-        # Each flow registers the durable work it does; the loop starts once all have.
-        self.work = work = Work(JobStore(store.database))
+        # Each flow registers the durable work it does; the loops start once all have. Deliveries
+        # to the user's endpoints have a loop of their own, so a slow endpoint never holds a
+        # transfer's timer.
+        jobs = JobStore(store.database)
+        self.work = work = Work(jobs)
+        self.delivery_work = Work(jobs)
+        events = EventStore(store.database)
+        outbox = EventOutbox(settings, urls, calls_work=work, delivery_work=self.delivery_work)
+        if outbox.active:  # no endpoint: no events written at all
+            store.observer = transfers.observer = outbox
+        self.events_http = create_client(pool_size=20, timeout=settings.events.timeout_seconds)
+        EventDelivery(settings, events, jobs, self.delivery_work, self.events_http, metrics=self.metrics)
+        self.events_api = EventsApi(settings, events, outbox)
         bodies, connector = CallBodies(settings, urls), self.connector
         outbound = OutboundFlow(settings, store, ultravox, carriers, self.carrier_http, urls=urls, bodies=bodies,
                                 connector=connector, work=work, clock=clock)
@@ -115,6 +131,7 @@ class Gateway:
         )
         self.callbacks = UltravoxCallbacks(settings, self.transfer, tracking)
         self.api = CallsApi(settings, store, outbound, transfers)
+        CallEndedReports(settings, store, transfers, ultravox, outbox, events, urls, clock=clock)
         # Repair and retention of the recording directories: at start, then hourly. Each process
         # looks after the directories it sees (a pod's own volume, or a shared one: both idempotent),
         # so this is not shared durable work: any replica could not reach another's local volume.
@@ -134,6 +151,7 @@ class Gateway:
             on_refused=lambda carrier: self.metrics.webhooks.labels(carrier.name, "media_refused").inc(),
         )
         await work.start()
+        await self.delivery_work.start()
         # The ~120k objects of the loaded libraries never die: keep them out of the collector's
         # full passes, which otherwise paused the event loop 20–50 ms (measured in bench/bridge.py).
         gc.freeze()
@@ -148,9 +166,10 @@ class Gateway:
             self._upkeep.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._upkeep
-        if self.work is not None:
-            await self.work.stop()
-        for client in (self.http, self.carrier_http):
+        for loop in (self.work, self.delivery_work):
+            if loop is not None:
+                await loop.stop()
+        for client in (self.http, self.carrier_http, self.events_http):
             if client is not None:
                 await client.aclose()
         if self.store is not None:
@@ -233,6 +252,13 @@ class Gateway:
             Route("/v1/calls/{call_id}", later(lambda g: g.api.get), methods=["GET"], name="call"),
             Route("/v1/calls/{call_id}/recording", later(lambda g: g.api.recording), methods=["GET"],
                   name="call-recording"),
+            Route("/v1/events", later(lambda g: g.events_api.list), methods=["GET"], name="events"),
+            Route("/v1/events/{event_id}", later(lambda g: g.events_api.get), methods=["GET"], name="event"),
+            Route("/v1/events/{event_id}/redeliver", later(lambda g: g.events_api.redeliver), methods=["POST"],
+                  name="event-redeliver"),
+            Route("/v1/webhooks", later(lambda g: g.events_api.webhooks), methods=["GET"], name="webhooks"),
+            Route("/v1/webhooks/{name}/enable", later(lambda g: g.events_api.enable), methods=["POST"],
+                  name="webhook-enable"),
             Route("/v1/openapi.json", later(lambda g: g.api.openapi), methods=["GET"], name="openapi"),
             Route("/ultravox/events", later(lambda g: g.callbacks.events), methods=["POST"], name="ultravox-events"),
             Route("/tools/transfer", later(lambda g: g.callbacks.cold_tool), methods=["POST"], name="tool-transfer"),

@@ -90,6 +90,16 @@ class Metrics:
             "gateway_draining", "1 while this process is draining for shutdown, else 0", registry=self.registry,
             multiprocess_mode="livemax",
         )
+        self.deliveries = Counter(
+            "gateway_event_deliveries", "Attempts to deliver events to the user's endpoints, by endpoint and result "
+            "(delivered, retrying, failed: given up, disabled: the endpoint answered 410)",
+            ["endpoint", "result"], registry=self.registry,
+        )
+        self.delivery_lag = Histogram(
+            "gateway_event_delivery_lag_seconds", "From an event happening to its delivery being accepted",
+            ["endpoint"], registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 21600, 86400),
+        )
         self.live = LiveGauges(carriers)
         self.registry.register(self.live)
         for carrier in carriers:  # every carrier's series exists from the start, at zero

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
+import fnmatch
 import functools
 import os
 import re
@@ -236,6 +239,93 @@ class TransferSettings(_Section):
     leg_timeout_seconds: float | None = Field(default=None, gt=0, le=600)
 
 
+# What events there are (gateway.flows.events); an endpoint's `events` filter names these, or
+# a family with a wildcard ("call.*").
+EVENT_TYPES = ("call.started", "call.status_changed", "call.ended", "transfer.started", "transfer.ended")
+ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A Standard Webhooks secret: "whsec_" and base64 of 24 to 64 random bytes (the spec's range).
+MIN_SECRET_BYTES, MAX_SECRET_BYTES = 24, 64
+
+
+class WebhookSettings(_Section):
+    """One of the user's endpoints that receive the gateway's events ([[webhooks]])."""
+
+    # Names the endpoint in the store (its deliveries, whether a 410 disabled it) and the API.
+    name: str = "default"
+    url: str
+    # Signs every delivery (Standard Webhooks); "whsec_" + base64, as the receiver's SDK expects.
+    secret: str
+    # Event types to send (default: all); "call.*" matches a family.
+    events: list[str] = Field(default_factory=lambda: ["*"])
+    # Only events of calls on these routes (names of [[routes]]); default: every call.
+    routes: list[str] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not ENDPOINT_NAME.match(value):
+            raise ValueError(f"webhook name {value!r} must be 1 to 64 letters, digits, - or _")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"must be an absolute http(s) URL like https://crm.example.com/hooks, got {value!r}")
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, value: str) -> str:
+        raw = value.removeprefix("whsec_")
+        try:
+            key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if not value.startswith("whsec_") or not MIN_SECRET_BYTES <= len(key) <= MAX_SECRET_BYTES:
+            raise ValueError(
+                f"must be whsec_ followed by base64 of {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES} random bytes; make one "
+                "with: python3 -c \"import base64,os; print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
+            )
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if not fnmatch.filter(EVENT_TYPES, pattern):
+                raise ValueError(f"{pattern!r} matches no event type; the types are {', '.join(EVENT_TYPES)}")
+        return value
+
+    def wants(self, event_type: str, route: str | None) -> bool:
+        if self.routes and route not in self.routes:
+            return False
+        return any(fnmatch.fnmatchcase(event_type, pattern) for pattern in self.events)
+
+
+class EventSettings(_Section):
+    # Seconds between a failed delivery and the next attempt, one entry per retry, each with ±20 %
+    # jitter; after the last, the delivery has failed. The default reaches about 24 hours.
+    retry_schedule_seconds: list[float] = Field(
+        default_factory=lambda: [5, 30, 120, 600, 1800, 3600, 7200, 14400, 21600, 36000],
+        min_length=1, max_length=30)
+    # How long one delivery attempt may take (the receiver should answer at once and work later).
+    timeout_seconds: float = Field(default=15.0, gt=0, le=60)
+    # call.ended waits this long after the call ended for Ultravox's summary and transcript; then it
+    # goes without what is still missing.
+    artifacts_wait_seconds: float = Field(default=120.0, ge=0, le=3600)
+    # Events (and their delivery records) are deleted this many days after they happened, once
+    # no delivery is pending.
+    retention_days: int = Field(default=30, ge=1)
+
+    @field_validator("retry_schedule_seconds")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(delay <= 0 for delay in value):
+            raise ValueError("every delay must be more than 0 seconds")
+        return value
+
+
 class RouteSettings(_Section):
     number: str
     name: str | None = None
@@ -347,6 +437,9 @@ class Settings(_Section):
     transfer: TransferSettings = Field(default_factory=TransferSettings)
     operators: dict[str, OperatorSettings] = Field(default_factory=dict)
     routes: list[RouteSettings] = Field(default_factory=list)
+    # The user's endpoints for events ([[webhooks]]; env GATEWAY_WEBHOOK_URL and _SECRET add one).
+    webhooks: list[WebhookSettings] = Field(default_factory=list)
+    events: EventSettings = Field(default_factory=EventSettings)
 
     @field_validator("operators")
     @classmethod
@@ -398,7 +491,18 @@ class Settings(_Section):
             unknown = [name for name in route.operators if name not in self.operators]
             if unknown:
                 raise ValueError(f"route {route.name} names operators that are not configured: {', '.join(unknown)}")
+        names = [webhook.name for webhook in self.webhooks]
+        if len(set(names)) != len(names):
+            raise ValueError("two [[webhooks]] have the same name; give each its own `name`")
+        routes = {route.name for route in self.routes}
+        for webhook in self.webhooks:
+            unknown = [name for name in webhook.routes if name not in routes]
+            if unknown:
+                raise ValueError(f"webhook {webhook.name} names routes that are not configured: {', '.join(unknown)}")
         return self
+
+    def webhook_named(self, name: str) -> WebhookSettings | None:
+        return next((webhook for webhook in self.webhooks if webhook.name == name), None)
 
     def route_named(self, name: str) -> RouteSettings | None:
         return next((route for route in self.routes if route.name == name), None)
@@ -415,7 +519,8 @@ class Settings(_Section):
     def secrets(self) -> list[str]:
         """Every configured value that must never be written to a log: the gateway's own keys and
         secrets, then each carrier's credentials (its `secret_keys`)."""
-        values = [self.ultravox.api_key, self.ultravox.webhook_secret, self.tool_secret, *self.api_keys]
+        values = [self.ultravox.api_key, self.ultravox.webhook_secret, self.tool_secret, *self.api_keys,
+                  *(webhook.secret for webhook in self.webhooks)]
         from .carriers import CARRIERS
 
         for carrier in CARRIERS.values():
@@ -444,6 +549,9 @@ class Settings(_Section):
             )
         if self.insecure_skip_signature_verification:
             notes.append("insecure_skip_signature_verification is on: anyone can send forged carrier webhooks")
+        for webhook in self.webhooks:
+            if webhook.url.startswith("http://") and not re.match(r"^http://(localhost|127\.|\[::1\])", webhook.url):
+                notes.append(f"webhook {webhook.name} is sent over plain http to {webhook.url}: use https")
         from .carriers import CARRIERS
 
         for carrier in CARRIERS.values():
@@ -465,8 +573,20 @@ ENVIRONMENT: dict[str, tuple[str | None, str]] = {
 }
 
 
+# One [[webhooks]] endpoint from the environment (see _webhook_from_environment).
+WEBHOOK_ENVIRONMENT: dict[str, tuple[str | None, str]] = {
+    "GATEWAY_WEBHOOK_URL": ("webhooks", "url"),
+    "GATEWAY_WEBHOOK_SECRET": ("webhooks", "secret"),
+}
+
+
 def environment() -> dict[str, tuple[str | None, str]]:
     """Every environment variable the gateway reads: its own, then each carrier's."""
+    return {**_settings_environment(), **WEBHOOK_ENVIRONMENT}
+
+
+def _settings_environment() -> dict[str, tuple[str | None, str]]:
+    """The variables that set one setting each (the gateway's own, then each carrier's)."""
     from .carriers import CARRIERS
 
     variables = dict(ENVIRONMENT)
@@ -501,7 +621,8 @@ def load_settings(path: str | os.PathLike | None = None, environ: Mapping[str, s
         except tomllib.TOMLDecodeError as error:
             raise ConfigError([f"config file {path} is not valid TOML: {error}"]) from None
     data = _flatten_gateway_table(data)
-    for variable, (section, key) in environment().items():
+    data = _webhook_from_environment(data, environ)
+    for variable, (section, key) in _settings_environment().items():
         value = environ.get(variable)
         if value:
             target = data if section is None else data.setdefault(section, {})
@@ -512,6 +633,20 @@ def load_settings(path: str | os.PathLike | None = None, environ: Mapping[str, s
         return settings_class().model_validate(data)
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error, data)) from None
+
+
+def _webhook_from_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """GATEWAY_WEBHOOK_URL (and _SECRET): the endpoint named "default", over one of that name in the file."""
+    url, secret = environ.get("GATEWAY_WEBHOOK_URL"), environ.get("GATEWAY_WEBHOOK_SECRET")
+    if not url and not secret:
+        return data
+    if not url or not secret:
+        raise ConfigError(["GATEWAY_WEBHOOK_URL and GATEWAY_WEBHOOK_SECRET go together: set both, or neither"])
+    webhooks = data.get("webhooks", [])
+    if not isinstance(webhooks, list):
+        raise ConfigError(["webhooks in the config file must be an array of tables: [[webhooks]]"])
+    others = [entry for entry in webhooks if not (isinstance(entry, dict) and entry.get("name", "default") == "default")]
+    return dict(data, webhooks=[*others, {"name": "default", "url": url, "secret": secret}])
 
 
 def _flatten_gateway_table(data: dict[str, Any]) -> dict[str, Any]:
@@ -551,7 +686,7 @@ def _location(loc: tuple, data: Mapping[str, Any]) -> str:
         else:
             parts.append(str(part))
     # Top-level settings are written under [gateway]; sections keep their own name.
-    if parts and not parts[0].startswith("routes[") and not isinstance(data.get(parts[0]), (dict, list)):
+    if parts and not parts[0].startswith("routes[") and not isinstance(data.get(parts[0].split("[")[0]), (dict, list)):
         parts[0] = f"gateway.{parts[0]}"
     return ".".join(parts)
 

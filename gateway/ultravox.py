@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import httpx
 
-from .http import RemoteError, RetryPolicy, create_client, post_with_retries
+from .http import RemoteError, RetryPolicy, create_client, post_with_retries, request_with_retries
 from .security import WebhookRejected, verify_ultravox_webhook
 from .settings import UltravoxSettings
 
@@ -79,6 +79,83 @@ class UltravoxClient:
             raise UltravoxError(error.reason) from None
         if response.status_code != 204:
             raise UltravoxError(f"Ultravox answered {response.status_code} to a data message")
+
+
+    async def call_report(self, call_id: str, *, deadline: float) -> "CallReport | None":
+        """What Ultravox has on a call after it (summary, transcript); None: it does not know the call."""
+        call = await self._get(f"/api/calls/{call_id}", deadline=deadline)
+        if call is None:
+            return None
+        transcript: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"pageSize": MESSAGES_PAGE}
+        for _ in range(MAX_MESSAGE_PAGES):
+            page = await self._get(f"/api/calls/{call_id}/messages", deadline=deadline, params=params)
+            results = page.get("results") if isinstance(page, dict) else None
+            if not isinstance(results, list):
+                break
+            transcript += [line for line in map(transcript_line, results) if line is not None]
+            cursor = _cursor_of(page.get("next"))
+            if cursor is None:
+                break
+            params = {"pageSize": MESSAGES_PAGE, "cursor": cursor}
+        return CallReport(
+            ended=_time(call.get("ended")), summary=_text(call.get("summary")),
+            short_summary=_text(call.get("shortSummary")), end_reason=_text(call.get("endReason")),
+            transcript=tuple(transcript),
+        )
+
+    async def _get(self, path: str, *, deadline: float, params: dict[str, Any] | None = None) -> Any:
+        if not self._settings.api_key:
+            raise UltravoxError("ULTRAVOX_API_KEY is not configured")
+        try:
+            response = await request_with_retries(
+                self._http, "GET", path, service="Ultravox", policy=self._policy, deadline=deadline, params=params)
+        except RemoteError as error:
+            raise UltravoxError(error.reason) from None
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise UltravoxError(f"Ultravox answered {response.status_code} to GET {path}")
+        try:
+            return response.json()
+        except ValueError:
+            raise UltravoxError(f"Ultravox answered GET {path} with a body that is not JSON") from None
+
+
+MESSAGES_PAGE = 200
+MAX_MESSAGE_PAGES = 20  # a transcript of up to 4,000 messages; longer ones are cut
+
+
+@dataclass(frozen=True)
+class CallReport:
+    ended: dt.datetime | None  # None: Ultravox has the call as still going
+    summary: str | None
+    short_summary: str | None
+    end_reason: str | None
+    transcript: tuple[dict[str, Any], ...]
+
+
+# Ultravox's message roles, as the gateway's events name them.
+ROLES = {"MESSAGE_ROLE_USER": "user", "MESSAGE_ROLE_AGENT": "agent", "MESSAGE_ROLE_TOOL_CALL": "tool_call",
+         "MESSAGE_ROLE_TOOL_RESULT": "tool_result"}
+
+
+def transcript_line(message: Any) -> dict[str, Any] | None:
+    if not isinstance(message, dict) or message.get("role") not in ROLES:
+        return None
+    line: dict[str, Any] = {"role": ROLES[message["role"]], "text": _text(message.get("text")) or ""}
+    medium = message.get("medium")
+    if medium in ("MESSAGE_MEDIUM_VOICE", "MESSAGE_MEDIUM_TEXT"):
+        line["medium"] = medium.removeprefix("MESSAGE_MEDIUM_").lower()
+    if _text(message.get("toolName")):
+        line["tool_name"] = message["toolName"]
+    return line
+
+
+def _cursor_of(next_url: Any) -> str | None:
+    if not isinstance(next_url, str) or not next_url:
+        return None
+    return httpx.URL(next_url).params.get("cursor")
 
 
 def _created_call(response: httpx.Response) -> CreatedCall:

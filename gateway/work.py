@@ -1,13 +1,20 @@
 """Durable work: timers and periodic sweeps as rows, run by whichever process claims them.
 
 Every process runs a `Work` loop. A job is scheduled as a row with a due time; when it is due, one
-process claims it (a lease), runs its handler and deletes the row. A process that dies holding a
-lease loses it when it runs out, and another process runs the job again; so handlers must be
+process claims it (a lease, renewed every few seconds while the handler runs), runs its handler and
+deletes the row. A process that dies holding a lease loses it within seconds, when it runs out
+unrenewed, and another process runs the job again; so handlers must be
 idempotent (they re-read what they act on and act only if it still holds). Nothing waits in an
 asyncio task that a crash would lose: the row is the timer.
 
 A job's payload is a frozen dataclass of its own type; each type is registered once with its
-handler, and the type's name (`kind`) is what the row stores.
+handler, and the type's name (`kind`) is what the row stores. A handler that returns a number
+of seconds asks to run again that much later (work it paces itself, like webhook deliveries
+backing off); one that raises is retried on the schedule below.
+
+A process may run several loops over the one table, each claiming only the kinds registered
+with it: slow work (deliveries to the user's endpoints) then never holds the slots of work that
+a caller waits for (a transfer).
 """
 
 from __future__ import annotations
@@ -31,7 +38,10 @@ log = logging.getLogger("gateway.work")
 
 P = TypeVar("P")
 
-LEASE_SECONDS = 60.0  # longer than any handler runs (they bound their remote calls to ~10 s)
+# A lease this long, renewed a third of the way through: a job held by a process that died is
+# claimable again within it (a caller on hold, an event owed, waits that much longer at most).
+LEASE_SECONDS = 15.0
+MAX_RUN_SECONDS = 50.0  # a handler running longer is cancelled and retried (they bound remote calls to ~10 s)
 POLL_SECONDS = 1.0  # how soon a job scheduled by another process, or left by a dead one, is seen
 BATCH = 16  # jobs claimed at once by one process
 RETRY_SECONDS = (1, 5, 30, 120, 600)  # after the 1st, 2nd, … failure
@@ -41,7 +51,7 @@ RETRY_SECONDS = (1, 5, 30, 120, 600)  # after the 1st, 2nd, … failure
 class JobKind(Generic[P]):
     name: str
     payload_type: type[P]
-    run: Callable[[P], Awaitable[None]]
+    run: Callable[[P], Awaitable[float | None]]
     max_attempts: int
     every: dt.timedelta | None  # periodic: runs again this long after each run
 
@@ -53,8 +63,9 @@ def process_name() -> str:
 
 class Work:
     def __init__(self, jobs: JobStore, *, owner: str | None = None, lease_seconds: float = LEASE_SECONDS,
-                 poll_seconds: float = POLL_SECONDS, now: Callable[[], dt.datetime] = utcnow):
+                 poll_seconds: float = POLL_SECONDS, batch: int = BATCH, now: Callable[[], dt.datetime] = utcnow):
         self.jobs = jobs
+        self.batch = batch
         self.owner = owner or process_name()
         self.lease = dt.timedelta(seconds=lease_seconds)
         self.poll_seconds = poll_seconds
@@ -63,11 +74,12 @@ class Work:
         self._by_type: dict[type, JobKind] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
-        self._running: set[asyncio.Task] = set()
+        self._heartbeat_task: asyncio.Task | None = None
+        self._running: dict[asyncio.Task, Job] = {}
         self._stopping = False
 
     # --- what there is to do -------------------------------------------------------------------------
-    def register(self, payload_type: type[P], run: Callable[[P], Awaitable[None]], *, max_attempts: int = 5,
+    def register(self, payload_type: type[P], run: Callable[[P], Awaitable[float | None]], *, max_attempts: int = 5,
                  every: float | None = None) -> None:
         """`run(payload)` is what a job of `payload_type` does; `every` seconds makes it periodic."""
         if not dataclasses.is_dataclass(payload_type):
@@ -78,11 +90,12 @@ class Work:
             raise ValueError(f"a job kind named {kind.name} is registered already")
         self._kinds[kind.name] = self._by_type[payload_type] = kind
 
-    def job(self, payload: Any, *, delay: float = 0.0, key: str | None = None) -> NewJob:
+    def job(self, payload: Any, *, delay: float = 0.0, key: str | None = None, coalesce: bool = False) -> NewJob:
         """The row that runs `payload`'s handler `delay` seconds from now, on whichever process
-        claims it first; for a store transaction to write along with what it implies (`wake` after)."""
+        claims it first; for a store transaction to write along with what it implies (`wake` after).
+        `key`, `coalesce`: see NewJob."""
         kind = self._by_type[type(payload)]
-        return NewJob(kind.name, dataclasses.asdict(payload), self._now() + dt.timedelta(seconds=delay), key)
+        return NewJob(kind.name, dataclasses.asdict(payload), self._now() + dt.timedelta(seconds=delay), key, coalesce)
 
     async def schedule(self, payload: Any, *, delay: float = 0.0, key: str | None = None) -> bool:
         """Schedule `payload` (see `job`) on its own. With a `key`, a job already scheduled under it
@@ -102,6 +115,7 @@ class Work:
     async def start(self) -> None:
         await self.seed_periodic()
         self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name="work")
+        self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat(), name="work-leases")
 
     async def seed_periodic(self) -> None:
         """One row per periodic job, whichever process seeds it first; due at once."""
@@ -121,22 +135,40 @@ class Work:
             _, unfinished = await asyncio.wait(set(self._running), timeout=timeout)
             for task in unfinished:
                 task.cancel()
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat_task
 
     async def run_due(self) -> int:
         """Claim what is due now and start it; returns how many jobs were started."""
-        free = BATCH - len(self._running)
-        if free <= 0 or self._stopping:
+        free = self.batch - len(self._running)
+        if free <= 0 or self._stopping or not self._kinds:
             return 0
-        claimed = await self.jobs.claim(self.owner, lease=self.lease, limit=free, now=self._now())
+        claimed = await self.jobs.claim(self.owner, lease=self.lease, limit=free, kinds=list(self._kinds),
+                                        now=self._now())
         for job in claimed:
             task = asyncio.get_running_loop().create_task(self._run(job), name=f"job:{job.kind}")
-            self._running.add(task)
+            self._running[task] = job
             task.add_done_callback(self._finished)
         return len(claimed)
 
     def _finished(self, task: asyncio.Task) -> None:
-        self._running.discard(task)
+        self._running.pop(task, None)
         self._wake.set()  # a slot is free
+
+    async def _heartbeat(self) -> None:
+        """Renew the leases of the jobs running here, in one statement, a third of a lease apart."""
+        every = self.lease.total_seconds() / 3
+        while True:
+            await asyncio.sleep(every)
+            held = list(self._running.values())
+            if not held:
+                continue
+            try:
+                await self.jobs.renew(self.owner, held, until=self._now() + self.lease)
+            except Exception:
+                log.exception("durable work: renewing %d lease(s) failed; trying again", len(held))
 
     async def _loop(self) -> None:
         while not self._stopping:
@@ -144,7 +176,7 @@ class Work:
             try:
                 await self.run_due()
                 # All slots busy: a finishing job wakes the loop; else sleep until the next is due.
-                wait = self.poll_seconds if len(self._running) >= BATCH else await self._until_next()
+                wait = self.poll_seconds if len(self._running) >= self.batch else await self._until_next()
             except Exception:
                 log.exception("durable work: claiming failed; trying again")
                 wait = self.poll_seconds
@@ -152,7 +184,7 @@ class Work:
                 await asyncio.wait_for(self._wake.wait(), timeout=wait)
 
     async def _until_next(self) -> float:
-        due = await self.jobs.next_due()
+        due = await self.jobs.next_due(list(self._kinds))
         if due is None:
             return self.poll_seconds
         # (A due job just claimed by another process still shows as pending for an instant: no spin.)
@@ -161,13 +193,10 @@ class Work:
     async def _run(self, job: Job) -> None:
         # A task of its own: the ids its payload names (transfer_id…) go on the lines it logs.
         bind(**{name: value for name, value in job.payload.items() if name in CONTEXT_FIELDS and isinstance(value, str)})
-        kind = self._kinds.get(job.kind)
-        if kind is None:  # written by a newer version of the gateway: leave it for one that knows it
-            await self.jobs.again(job, self._now() + self.lease, f"no handler for {job.kind} in this process")
-            return
+        kind = self._kinds[job.kind]  # claimed by kind (a newer version's kinds wait for a newer process)
         try:
-            await asyncio.wait_for(kind.run(kind.payload_type(**job.payload)),
-                                   timeout=self.lease.total_seconds() * 0.8)
+            later = await asyncio.wait_for(kind.run(kind.payload_type(**job.payload)),
+                                           timeout=MAX_RUN_SECONDS)
         except asyncio.CancelledError:
             raise  # stopping: the lease runs out and another process runs it
         except Exception as error:
@@ -183,7 +212,9 @@ class Work:
                     delay = max(delay, kind.every.total_seconds())
                 await self.jobs.again(job, self._now() + dt.timedelta(seconds=delay), reason)
             return
-        if kind.every is not None:
+        if later is not None:
+            await self.jobs.again(job, self._now() + dt.timedelta(seconds=later))
+        elif kind.every is not None:
             await self.jobs.again(job, self._now() + kind.every)
         else:
             await self.jobs.done(job)

@@ -314,7 +314,11 @@ def database_url(request, tmp_path):
     async def clear():
         store = CallStore.open(url)
         await store.migrate()
-        await store.database.transaction(lambda connection: (connection.exec_driver_sql("DELETE FROM jobs"), connection.exec_driver_sql("DELETE FROM transfers"), connection.exec_driver_sql("DELETE FROM calls")))
+        def delete(connection):
+            for table in ("jobs", "delivery_attempts", "deliveries", "events", "webhook_endpoints", "transfers", "calls"):
+                connection.exec_driver_sql(f"DELETE FROM {table}")
+
+        await store.database.transaction(delete)
         await store.close()
 
     asyncio.run(clear())

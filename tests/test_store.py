@@ -11,6 +11,7 @@ from gateway.store import TransferStore
 from gateway.store.calls import live_calls_query
 from gateway.store.transfers import FAILED as TRANSFER_FAILED, live_transfers_query
 from gateway.store.database import engine_url
+from gateway.store.schema import MIGRATIONS
 
 STALE = dt.timedelta(seconds=30)
 
@@ -108,7 +109,7 @@ def test_migrations_run_once_and_are_recorded(database_url):
         versions = await store.database.transaction(
             lambda connection: connection.exec_driver_sql("SELECT version FROM schema_version").all()
         )
-        assert [v[0] for v in versions] == [1, 2, 3, 4, 5, 6, 7]
+        assert [v[0] for v in versions] == list(range(1, len(MIGRATIONS) + 1))
 
     run(database_url, scenario)
 
@@ -149,7 +150,7 @@ def test_a_database_from_before_the_media_columns_is_upgraded(tmp_path):
     engine.dispose()
 
     async def scenario(store):
-        assert await store.migrate() == 7
+        assert await store.migrate() == len(MIGRATIONS)
         columns = await store.database.transaction(
             lambda connection: {c["name"] for c in sa.inspect(connection).get_columns("calls")}
         )
@@ -250,5 +251,25 @@ def test_transfers_under_way_are_counted_by_kind_from_an_index(database_url):
         if store.database.dialect == "sqlite":
             plan = await store.database.transaction(query_plan, live_transfers_query(since))
             assert "USING INDEX ix_transfers_live" in str(plan), plan
+
+    run(database_url, scenario)
+
+
+def test_a_database_of_version_7_gets_the_events_tables_and_the_jobs_rerun_column(database_url):
+    import sqlalchemy as sa
+
+    async def scenario(store):
+        def back_to_7(connection):
+            for table in ("delivery_attempts", "deliveries", "events", "webhook_endpoints"):
+                connection.exec_driver_sql(f"DROP TABLE {table}")
+            connection.exec_driver_sql("ALTER TABLE jobs DROP COLUMN rerun")
+            connection.exec_driver_sql("DELETE FROM schema_version WHERE version = 8")
+
+        await store.database.transaction(back_to_7)
+        assert await store.migrate() == len(MIGRATIONS)
+        tables, columns = await store.database.transaction(lambda connection: (
+            set(sa.inspect(connection).get_table_names()),
+            {c["name"] for c in sa.inspect(connection).get_columns("jobs")}))
+        assert {"events", "deliveries", "delivery_attempts", "webhook_endpoints"} <= tables and "rerun" in columns
 
     run(database_url, scenario)

@@ -88,7 +88,7 @@ def test_a_dead_holders_job_runs_again_after_its_lease_and_its_late_finish_chang
         work.register(Ping, ping)
         await work.schedule(Ping(7))
         # A process claims it and dies before finishing.
-        (held,) = await jobs.claim("dead", lease=dt.timedelta(seconds=30), limit=10, now=clock())
+        (held,) = await jobs.claim("dead", lease=dt.timedelta(seconds=30), limit=10, kinds=["Ping"], now=clock())
         assert await work.run_due() == 0  # held, and the lease still runs
         clock.advance(31)
         assert await work.run_due() == 1
@@ -179,9 +179,170 @@ def test_a_job_this_version_does_not_know_is_left_for_one_that_does(database_url
         jobs = JobStore(store.database)
         await jobs.schedule(NewJob("FromTheFuture", {"x": 1}, utcnow()))
         work = Work(jobs)
+        work.register(Ping, lambda job: asyncio.sleep(0))
+        assert await work.run_due() == 0  # it claims only the kinds it knows
+        (job,) = await jobs.pending()
+        assert job.kind == "FromTheFuture" and job.attempts == 0
+
+    run(database_url, scenario)
+
+
+def test_loops_of_one_table_each_claim_their_own_kinds(database_url):
+    @dataclass(frozen=True)
+    class Slow:
+        number: int
+
+    async def scenario(store):
+        jobs = JobStore(store.database)
+        calls, deliveries = Work(jobs, batch=2), Work(jobs, batch=2)
+        ran: list[str] = []
+
+        async def ping(job: Ping) -> None:
+            ran.append(f"ping {job.number}")
+
+        async def slow(job: Slow) -> None:
+            ran.append(f"slow {job.number}")
+
+        calls.register(Ping, ping)
+        deliveries.register(Slow, slow)
+        for number in range(3):
+            await deliveries.schedule(Slow(number))
+        await calls.schedule(Ping(1))
+        assert await calls.run_due() == 1  # the three slow ones before it are not its to claim
+        await until(lambda: not calls._running)
+        assert ran == ["ping 1"]
+        assert await deliveries.run_due() == 2  # its own batch
+        await until(lambda: not deliveries._running)
+        assert sorted(ran[1:]) == ["slow 0", "slow 1"]
+
+    run(database_url, scenario)
+
+
+def test_a_handler_that_returns_seconds_runs_again_then(database_url):
+    async def scenario(store):
+        jobs = JobStore(store.database)
+        clock = Clock()
+        work = Work(jobs, now=clock)
+        runs = []
+
+        async def paced(job: Ping) -> float | None:
+            runs.append(job.number)
+            return 30.0 if len(runs) < 2 else None
+
+        work.register(Ping, paced, max_attempts=1)
+        await work.schedule(Ping(5))
         assert await work.run_due() == 1
         await until(lambda: not work._running)
         (job,) = await jobs.pending()
-        assert job.kind == "FromTheFuture" and job.attempts == 1 and job.due_at > utcnow()
+        assert job.attempts == 0 and 29 < (job.due_at - clock()).total_seconds() <= 30  # not counted as a failure
+        assert await work.run_due() == 0
+        clock.advance(31)
+        assert await work.run_due() == 1
+        await until(lambda: not work._running)
+        assert runs == [5, 5] and await jobs.pending() == []
+
+    run(database_url, scenario)
+
+
+def test_a_coalescing_job_asked_for_while_it_runs_runs_once_more(database_url):
+    """A stream's delivery job has just read "nothing more to send" when a new event's
+    transaction asks for it again: it must run again, not be deleted with the event unsent."""
+
+    async def scenario(store):
+        jobs = JobStore(store.database)
+        work = Work(jobs)
+        started, release = asyncio.Event(), asyncio.Event()
+        runs = []
+
+        async def stream(job: Ping) -> None:
+            runs.append(job.number)
+            if len(runs) == 1:
+                started.set()
+                await release.wait()
+
+        work.register(Ping, stream)
+        job = work.job(Ping(1), key="stream:1", coalesce=True)
+        assert await work.add(job)
+        assert await work.run_due() == 1
+        await started.wait()
+        assert await work.add(work.job(Ping(1), key="stream:1", coalesce=True))  # while it runs
+        release.set()
+        await until(lambda: not work._running)
+        (again,) = await jobs.pending()
+        assert again.key == "stream:1" and again.due_at <= utcnow()
+        assert await work.run_due() == 1
+        await until(lambda: not work._running)
+        assert runs == [1, 1] and await jobs.pending() == []
+        # Waiting: asked for sooner, it is due sooner; asked for later, it keeps its time.
+        await work.add(work.job(Ping(2), delay=600, key="stream:2", coalesce=True))
+        await work.add(work.job(Ping(2), delay=5, key="stream:2", coalesce=True))
+        await work.add(work.job(Ping(2), delay=900, key="stream:2", coalesce=True))
+        (waiting,) = await jobs.pending()
+        assert 0 < (waiting.due_at - utcnow()).total_seconds() <= 5
+
+    run(database_url, scenario)
+
+
+# --- the events' rows --------------------------------------------------------------------------------------
+
+
+def test_events_are_written_once_per_key_and_pruned_once_settled(database_url):
+    from gateway.store.events import DELIVERED, EventFilters, EventStore, NewEvent, insert_events
+
+    async def scenario(store):
+        events = EventStore(store.database)
+        old = utcnow() - dt.timedelta(days=40)
+        written = [
+            NewEvent("call.ended", {"n": 1}, ("crm",), call_id="c1", key="call.ended:c1", occurred_at=old),
+            NewEvent("call.ended", {"n": 2}, ("crm",), call_id="c1", key="call.ended:c1", occurred_at=old),
+            NewEvent("call.started", {"n": 3}, ("crm", "bi"), call_id="c2", occurred_at=old),
+            NewEvent("call.started", {"n": 4}, ("crm",), call_id="c3"),
+        ]
+        streams = await store.database.transaction(insert_events, written)
+        assert streams == {("crm", "c1"), ("crm", "c2"), ("bi", "c2"), ("crm", "c3")}
+        found, more = await events.list(EventFilters(), limit=10, before_seq=None)
+        assert [e.envelope["data"]["n"] for e in found] == [4, 3, 1] and not more  # the repeated key: once
+        (first,) = await events.pending("crm", "c1", 10)
+        from gateway.store.events import Attempt
+
+        assert await events.attempted(first, Attempt(utcnow(), 200, None, 3), DELIVERED)
+        assert not await events.attempted(first, Attempt(utcnow(), 200, None, 3), DELIVERED)  # fenced: once
+        # Old and settled (c1) goes; old with a delivery pending (c2) stays; recent (c3) stays.
+        assert await events.prune(utcnow() - dt.timedelta(days=30)) == 1
+        found, _ = await events.list(EventFilters(), limit=10, before_seq=None)
+        assert [e.envelope["data"]["n"] for e in found] == [4, 3]
+        (pending,) = (await events.list(EventFilters(delivery_status="pending", endpoint="bi"), limit=10,
+                                        before_seq=None))[0]
+        assert pending.call_id == "c2"
+
+    run(database_url, scenario)
+
+
+def test_a_running_jobs_lease_is_renewed_so_no_one_else_claims_it(database_url):
+    async def scenario(store):
+        jobs = JobStore(store.database)
+        holder, other = Work(jobs, owner="holder", lease_seconds=0.6), Work(jobs, owner="other", lease_seconds=0.6)
+        release, runs = asyncio.Event(), []
+
+        async def long(job: Ping) -> None:
+            runs.append(job.number)
+            await release.wait()
+
+        holder.register(Ping, long)
+        other.register(Ping, long)
+        await holder.start()
+        try:
+            await holder.schedule(Ping(1))
+            await until(lambda: runs == [1])
+            for _ in range(8):  # well past the 0.6 s lease: the holder keeps renewing it
+                await asyncio.sleep(0.2)
+                assert await other.run_due() == 0
+            release.set()
+            await until(lambda: not holder._running)
+            assert runs == [1] and await jobs.pending() == []
+        finally:
+            release.set()
+            await holder.stop()
+            await other.stop()
 
     run(database_url, scenario)

@@ -9,7 +9,7 @@ import json
 import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import PurePath
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -135,10 +135,32 @@ def _record(row: sa.Row) -> CallRecord:
     return CallRecord(**{name: data[name] for name in _COLUMNS})
 
 
+class ChangeObserver(Protocol):
+    """Told of each change of a call (or transfer) inside the transaction that makes it, it answers
+    with what the change implies (events, jobs), written by `write` in that same transaction."""
+
+    def call_changed(self, before: "CallRecord | None", after: "CallRecord") -> list: ...
+
+    def transfer_changed(self, before, after, route: str | None) -> list: ...
+
+    def write(self, connection: sa.Connection, effects: list) -> None: ...
+
+    def committed(self) -> None: ...
+
+
 class CallStore:
-    def __init__(self, database: Database):
+    def __init__(self, database: Database, observer: ChangeObserver | None = None):
         self.database = database
         self._writer = _GroupCommit(self._apply)
+        # Set before the first write (the outbox needs the durable work, which needs the store).
+        self.observer = observer
+
+    async def _observed(self, work, *args):
+        """A transaction whose changes the observer sees (and whose effects it then looks for)."""
+        result = await self.database.transaction(work, *args, self.observer)
+        if self.observer is not None:
+            self.observer.committed()
+        return result
 
     @classmethod
     def open(cls, database_url: str) -> "CallStore":
@@ -214,19 +236,19 @@ class CallStore:
         now = utcnow()
         values = dict(values, request_json=json.dumps(request), id=str(uuid.uuid4()), direction="outbound", status=QUEUED,
                       status_rank=STATUS_RANK[QUEUED], attempts=1, created_at=now, updated_at=now)
-        return await self.database.transaction(_create_outbound, values, max_recent, now - window)
+        return await self._observed(_create_outbound, values, max_recent, now - window)
 
     async def update(self, call_id: str, change: CallUpdate) -> "Updated":
         """Apply what a flow learnt about the call (see CallUpdate)."""
         status, rank = change.status, None
         if status is not None:
             rank = STATUS_RANK[status] - (1 if change.provisional and status in FINAL_STATUSES else 0)
-        return await self.database.transaction(_update, call_id, status, rank, change.details(), {}, utcnow())
+        return await self._observed(_update, call_id, status, rank, change.details(), {}, utcnow())
 
     async def rejoin(self, call_id: str, *, ultravox_call_id: str, join_url: str) -> None:
         """The call is with a new Ultravox call now (back from a transfer)."""
         replace = {"ultravox_call_id": ultravox_call_id, "join_url": join_url}
-        await self.database.transaction(_update, call_id, None, None, {}, replace, utcnow())
+        await self._observed(_update, call_id, None, None, {}, replace, utcnow())
 
     async def record_media(self, call_id: str, stats: Mapping[str, int]) -> None:
         """A bridged stretch of the call ended: its audio counters."""
@@ -255,7 +277,7 @@ class CallStore:
     async def fail_abandoned(self, stage: str, *, before: dt.datetime, reason: str) -> list[CallRecord]:
         """Calls left half-made at `stage` (see ABANDONED) since before `before` by a process that
         died: failed now, with `reason`. Returns them as they were."""
-        return await self.database.transaction(_fail_abandoned, ABANDONED[stage], before, reason[:MAX_REASON], utcnow())
+        return await self._observed(_fail_abandoned, ABANDONED[stage], before, reason[:MAX_REASON], utcnow())
 
     async def find_by_ultravox_call_id(self, ultravox_call_id: str) -> CallRecord | None:
         return await self.database.transaction(_find_by, calls.c.ultravox_call_id == ultravox_call_id)
@@ -279,7 +301,7 @@ class CallStore:
 
     # --- group commit ---------------------------------------------------------------------------------
     async def _apply(self, batch: list["_Write"]) -> list[Claim | None]:
-        return await self.database.transaction(_apply_batch, batch)
+        return await self._observed(_apply_batch, batch)
 
 
 @dataclass(frozen=True)
@@ -311,7 +333,8 @@ def insert_for(connection: sa.Connection):
     return postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
 
 
-def _create_outbound(connection: sa.Connection, values: dict, max_recent: int, since: dt.datetime) -> OutboundInsert:
+def _create_outbound(connection: sa.Connection, values: dict, max_recent: int, since: dt.datetime,
+                     observer: ChangeObserver | None) -> OutboundInsert:
     key = values.get("idempotency_key")
     by_key = sa.select(calls).where(calls.c.api_key_id == values["api_key_id"], calls.c.idempotency_key == key)
     if key:
@@ -334,13 +357,26 @@ def _create_outbound(connection: sa.Connection, values: dict, max_recent: int, s
     ).first()
     if inserted is None:
         return OutboundInsert(_record(connection.execute(by_key).one()), created=False)
-    return OutboundInsert(_get(connection, values["id"]), created=True)
+    record = _get(connection, values["id"])
+    _observe(connection, observer, [(None, record)])
+    return OutboundInsert(record, created=True)
+
+
+def _observe(connection: sa.Connection, observer: ChangeObserver | None,
+             changes: list[tuple[CallRecord | None, CallRecord | None]]) -> None:
+    if observer is None:
+        return
+    effects = [effect for before, after in changes if after is not None for effect in observer.call_changed(before, after)]
+    if effects:
+        observer.write(connection, effects)
 
 
 def _update(
     connection: sa.Connection, call_id: str, status: str | None, rank: int | None, fill: dict, replace: dict,
-    now: dt.datetime,
+    now: dt.datetime, observer: ChangeObserver | None,
 ):
+    # Read under the row's lock: what the change changed, for the observer.
+    before = _get(connection, call_id, lock=True) if observer is not None else None
     advanced = False
     if fill or replace:
         # A late or repeated event must not overwrite what an earlier one established.
@@ -357,7 +393,10 @@ def _update(
         advanced = connection.execute(
             sa.update(calls).where(calls.c.id == call_id, calls.c.status_rank < rank).values(**values)
         ).rowcount == 1
-    return Updated(_get(connection, call_id), advanced)
+    after = _get(connection, call_id)
+    if before is not None:
+        _observe(connection, observer, [(before, after)])
+    return Updated(after, advanced)
 
 
 # Where a dying process can leave a call, and since when it has been there (for `before`).
@@ -375,7 +414,7 @@ ABANDONED = {
 
 
 def _fail_abandoned(connection: sa.Connection, condition, before: dt.datetime, reason: str,
-                    now: dt.datetime) -> list[CallRecord]:
+                    now: dt.datetime, observer: ChangeObserver | None) -> list[CallRecord]:
     # Row by row with a compare-and-set on the status, so a call that moved on meanwhile is left alone.
     stuck = [_record(row) for row in connection.execute(sa.select(calls).where(condition(before)).limit(500))]
     failed = []
@@ -387,6 +426,7 @@ def _fail_abandoned(connection: sa.Connection, condition, before: dt.datetime, r
         ).rowcount
         if changed:
             failed.append(record)
+    _observe(connection, observer, [(record, _get(connection, record.id)) for record in failed] if observer else [])
     return failed
 
 
@@ -460,26 +500,37 @@ def _live_calls(connection: sa.Connection, since: dt.datetime) -> list[tuple[str
     return [(carrier, route, count) for carrier, route, count in connection.execute(live_calls_query(since))]
 
 
-def _get(connection: sa.Connection, call_id: str) -> CallRecord | None:
-    row = connection.execute(sa.select(calls).where(calls.c.id == call_id)).first()
+def _get(connection: sa.Connection, call_id: str, *, lock: bool = False) -> CallRecord | None:
+    query = sa.select(calls).where(calls.c.id == call_id)
+    row = connection.execute(query.with_for_update() if lock else query).first()
     return _record(row) if row else None
+
+
+def _get_many(connection: sa.Connection, call_ids: list[str], *, lock: bool = False) -> dict[str, CallRecord]:
+    query = sa.select(calls).where(calls.c.id.in_(call_ids)).order_by(calls.c.id)  # locks taken in one order
+    return {row.id: _record(row) for row in connection.execute(query.with_for_update() if lock else query)}
 
 
 def _list_all(connection: sa.Connection) -> list[CallRecord]:
     return [_record(row) for row in connection.execute(sa.select(calls).order_by(calls.c.created_at))]
 
 
-def _apply_batch(connection: sa.Connection, batch: list["_Write"]) -> list[Claim | None]:
+def _apply_batch(connection: sa.Connection, batch: list["_Write"], observer: ChangeObserver | None) -> list[Claim | None]:
     """One transaction for a batch: outcomes first (a retry in the same batch then sees them)."""
     outcomes = [write.values for write in batch if write.kind == "outcome"]
     claims = [write for write in batch if write.kind == "claim"]
     if outcomes:
+        ids = [outcome["call_id"] for outcome in outcomes]
+        before = _get_many(connection, ids, lock=True) if observer is not None else {}
         connection.execute(_SET_OUTCOME, outcomes)
-    results = _claim_all(connection, claims) if claims else {}
+        if observer is not None:
+            after = _get_many(connection, ids)
+            _observe(connection, observer, [(before[i], after[i]) for i in dict.fromkeys(ids) if i in before])
+    results = _claim_all(connection, claims, observer) if claims else {}
     return [results.get(id(write)) for write in batch]
 
 
-def _claim_all(connection: sa.Connection, claims: list["_Write"]) -> dict[int, Claim]:
+def _claim_all(connection: sa.Connection, claims: list["_Write"], observer: ChangeObserver | None) -> dict[int, Claim]:
     statement = (
         insert_for(connection)(calls).on_conflict_do_nothing(index_elements=["carrier", "carrier_call_id"]).returning(calls.c.id)
     )
@@ -490,12 +541,13 @@ def _claim_all(connection: sa.Connection, claims: list["_Write"]) -> dict[int, C
             values = {k: v for k, v in write.values.items() if k != "status_rank"}
             record = CallRecord(join_url=None, ultravox_call_id=None, **values)
             results[id(write)] = Claim(record, owned=True)
+            _observe(connection, observer, [(None, record)])
         else:
-            results[id(write)] = _claim_existing(connection, write)
+            results[id(write)] = _claim_existing(connection, write, observer)
     return results
 
 
-def _claim_existing(connection: sa.Connection, write: "_Write") -> Claim:
+def _claim_existing(connection: sa.Connection, write: "_Write", observer: ChangeObserver | None) -> Claim:
     """The carrier call is known already: a retry, or a race with another delivery."""
     values = write.values
     row = connection.execute(
@@ -516,7 +568,10 @@ def _claim_existing(connection: sa.Connection, write: "_Write") -> Claim:
                 attempts=calls.c.attempts + 1, updated_at=now)
     )
     # Whoever won, hand back the record as it is now, not the stale one.
-    return Claim(_get(connection, existing.id), owned=taken.rowcount == 1)
+    now_record = _get(connection, existing.id)
+    if taken.rowcount == 1:
+        _observe(connection, observer, [(existing, now_record)])
+    return Claim(now_record, owned=taken.rowcount == 1)
 
 
 # One statement for every outcome in a batch (executemany); NULL keeps what is stored.

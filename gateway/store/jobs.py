@@ -48,6 +48,9 @@ class NewJob:
     payload: dict[str, Any]
     due_at: dt.datetime
     key: str | None = None  # at most one job per key
+    # With a key: asked for again while the job waits, it runs at the earlier time; while it runs,
+    # it runs once more afterwards. (Without: the job already scheduled under the key stands.)
+    coalesce: bool = False
 
 
 def schedule_job(connection: sa.Connection, job: NewJob) -> bool:
@@ -59,8 +62,15 @@ def schedule_job(connection: sa.Connection, job: NewJob) -> bool:
     if key is None:
         connection.execute(sa.insert(jobs).values(**values))
         return True
-    insert = _insert_for(connection)(jobs).values(**values).on_conflict_do_nothing(index_elements=["key"])
-    return connection.execute(insert).rowcount == 1
+    insert = _insert_for(connection)(jobs).values(**values)
+    if not job.coalesce:
+        return connection.execute(insert.on_conflict_do_nothing(index_elements=["key"])).rowcount == 1
+    # The row lock this takes also orders it with a finishing run's `_done` (see there).
+    connection.execute(insert.on_conflict_do_update(index_elements=["key"], set_={
+        "due_at": sa.case((jobs.c.due_at > insert.excluded.due_at, insert.excluded.due_at), else_=jobs.c.due_at),
+        "rerun": sa.or_(jobs.c.rerun, jobs.c.status == RUNNING),
+    }))
+    return True
 
 
 def _insert_for(connection: sa.Connection):
@@ -78,9 +88,14 @@ class JobStore:
     async def schedule(self, job: NewJob) -> bool:
         return await self.database.transaction(schedule_job, job)
 
-    async def claim(self, owner: str, *, lease: dt.timedelta, limit: int, now: dt.datetime | None = None) -> list[Job]:
-        """Due jobs, and jobs whose holder's lease ran out (it died), now held by `owner`."""
-        return await self.database.transaction(_claim, owner, lease, limit, now or utcnow())
+    async def claim(self, owner: str, *, lease: dt.timedelta, limit: int, kinds: list[str],
+                    now: dt.datetime | None = None) -> list[Job]:
+        """Due jobs of `kinds`, and those whose holder's lease ran out (it died), now held by `owner`."""
+        return await self.database.transaction(_claim, owner, lease, limit, kinds, now or utcnow())
+
+    async def renew(self, owner: str, held: list[Job], *, until: dt.datetime) -> int:
+        """Extend the leases `owner` holds on `held` (still its own: not lost and claimed since)."""
+        return await self.database.transaction(_renew, owner, held, until)
 
     async def done(self, job: Job) -> bool:
         return await self.database.transaction(_done, job)
@@ -93,9 +108,13 @@ class JobStore:
         """Given up: kept for inspection, its key freed."""
         return await self.database.transaction(_failed, job, error)
 
-    async def next_due(self) -> dt.datetime | None:
-        """When the earliest pending job is due (to sleep until then)."""
-        return await self.database.transaction(_next_due)
+    async def expedite(self, kind: str, key_prefix: str) -> int:
+        """Jobs of `kind` under keys starting with `key_prefix` that wait for later: due now."""
+        return await self.database.transaction(_expedite, kind, key_prefix, utcnow())
+
+    async def next_due(self, kinds: list[str]) -> dt.datetime | None:
+        """When the earliest pending job of `kinds` is due (to sleep until then)."""
+        return await self.database.transaction(_next_due, kinds)
 
     async def pending(self, kind: str | None = None) -> list[Job]:
         return await self.database.transaction(_pending, kind)
@@ -105,10 +124,11 @@ def _held(job: Job):
     return sa.and_(jobs.c.id == job.id, jobs.c.attempts == job.attempts, jobs.c.status == RUNNING)
 
 
-def _claim(connection: sa.Connection, owner: str, lease: dt.timedelta, limit: int, now: dt.datetime) -> list[Job]:
+def _claim(connection: sa.Connection, owner: str, lease: dt.timedelta, limit: int, kinds: list[str],
+           now: dt.datetime) -> list[Job]:
     claimable = (
         sa.select(jobs.c.id)
-        .where(sa.or_(
+        .where(jobs.c.kind.in_(kinds), sa.or_(
             sa.and_(jobs.c.status == PENDING, jobs.c.due_at <= now),
             sa.and_(jobs.c.status == RUNNING, jobs.c.lease_until < now),
         ))
@@ -126,12 +146,28 @@ def _claim(connection: sa.Connection, owner: str, lease: dt.timedelta, limit: in
     return sorted((_job(row) for row in rows), key=lambda job: job.due_at)
 
 
+def _renew(connection: sa.Connection, owner: str, held: list[Job], until: dt.datetime) -> int:
+    return connection.execute(
+        sa.update(jobs)
+        .where(jobs.c.id.in_([job.id for job in held]), jobs.c.lease_owner == owner, jobs.c.status == RUNNING)
+        .values(lease_until=until)
+    ).rowcount
+
+
 def _done(connection: sa.Connection, job: Job) -> bool:
-    return connection.execute(sa.delete(jobs).where(_held(job))).rowcount == 1
+    # A coalescing schedule that came while the job ran set `rerun` holding the row's lock; on
+    # PostgreSQL this DELETE waits for that lock and then re-checks `rerun` on the row as committed.
+    if connection.execute(sa.delete(jobs).where(_held(job), jobs.c.rerun.is_(False))).rowcount == 1:
+        return True
+    return _again(connection, job, utcnow(), None)
 
 
 def _again(connection: sa.Connection, job: Job, due_at: dt.datetime, error: str | None) -> bool:
-    values: dict[str, Any] = dict(status=PENDING, due_at=due_at, lease_owner=None, lease_until=None, updated_at=utcnow())
+    now = utcnow()
+    # Asked for again while it ran: not later than now.
+    due = sa.case((jobs.c.rerun.is_(True), now), else_=due_at) if due_at > now else due_at
+    values: dict[str, Any] = dict(status=PENDING, due_at=due, rerun=False, lease_owner=None, lease_until=None,
+                                  updated_at=now)
     if error is None:
         values["attempts"] = 0
     else:
@@ -146,8 +182,19 @@ def _failed(connection: sa.Connection, job: Job, error: str) -> bool:
     ).rowcount == 1
 
 
-def _next_due(connection: sa.Connection) -> dt.datetime | None:
-    due = connection.execute(sa.select(sa.func.min(jobs.c.due_at)).where(jobs.c.status == PENDING)).scalar()
+def _expedite(connection: sa.Connection, kind: str, key_prefix: str, now: dt.datetime) -> int:
+    return connection.execute(
+        sa.update(jobs)
+        .where(jobs.c.kind == kind, jobs.c.status == PENDING, jobs.c.due_at > now,
+               jobs.c.key.startswith(key_prefix, autoescape=True))
+        .values(due_at=now, updated_at=now)
+    ).rowcount
+
+
+def _next_due(connection: sa.Connection, kinds: list[str]) -> dt.datetime | None:
+    due = connection.execute(
+        sa.select(sa.func.min(jobs.c.due_at)).where(jobs.c.status == PENDING, jobs.c.kind.in_(kinds))
+    ).scalar()
     return as_utc(due) if due is not None else None
 
 

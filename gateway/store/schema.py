@@ -120,7 +120,72 @@ jobs = sa.Table(
     sa.Column("last_error", sa.Text),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # (Migration 8.) Asked for again while it ran: run once more when this run is done, instead of
+    # being deleted (new work for a job that had just read what there was to do).
+    sa.Column("rerun", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("ix_jobs_status_due", "status", "due_at"),
+)
+
+
+# Events for the user's systems (migration 8): written in the transaction of the change that caused
+# them (an outbox), one delivery per endpoint, delivered by durable work in order per call.
+events = sa.Table(
+    "events",
+    metadata,
+    # The order events happened in; deliveries of one call go out in this order.
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(40), nullable=False, unique=True),  # the webhook-id, the same on every attempt
+    sa.Column("type", sa.String(40), nullable=False),
+    sa.Column("call_id", sa.String(36)),
+    # At most one event per key (call.ended once per call, however often its job runs).
+    sa.Column("key", sa.String(255), unique=True),
+    sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("body", sa.Text, nullable=False),  # the JSON sent, byte for byte on every attempt
+    sa.Index("ix_events_call", "call_id", "seq"),
+    sa.Index("ix_events_type", "type", "seq"),
+)
+
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("event_seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), sa.ForeignKey("events.seq"),
+              nullable=False),
+    sa.Column("endpoint", sa.String(64), nullable=False),
+    # Deliveries of one stream (a call, or an event of no call) go out one at a time, in event order.
+    sa.Column("stream", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # pending | delivered | failed | skipped
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_status_code", sa.Integer),
+    sa.Column("last_error", sa.Text),
+    sa.Column("last_attempt_at", sa.DateTime(timezone=True)),
+    sa.Column("delivered_at", sa.DateTime(timezone=True)),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("event_seq", "endpoint", name="uq_deliveries_event_endpoint"),
+    sa.Index("ix_deliveries_stream", "endpoint", "stream", "status", "event_seq"),
+    sa.Index("ix_deliveries_status", "status", "event_seq"),
+)
+
+delivery_attempts = sa.Table(
+    "delivery_attempts",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("delivery_id", sa.String(36), sa.ForeignKey("deliveries.id"), nullable=False),
+    sa.Column("attempted_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("status_code", sa.Integer),  # None: no answer (refused, timed out)
+    sa.Column("error", sa.Text),
+    sa.Column("duration_ms", sa.Integer, nullable=False),
+    sa.Index("ix_delivery_attempts_delivery", "delivery_id", "id"),
+)
+
+# What the gateway learnt about an endpoint: a 410 disables it until someone enables it again.
+webhook_endpoints = sa.Table(
+    "webhook_endpoints",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("disabled_at", sa.DateTime(timezone=True)),
+    sa.Column("disabled_reason", sa.Text),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 
@@ -172,7 +237,14 @@ def _add_indexes(*names: str):
 _add_live_indexes = _add_indexes("ix_calls_status_created", "ix_transfers_live")
 
 
+def _create_events(connection: sa.Connection) -> None:
+    existing = {column["name"] for column in sa.inspect(connection).get_columns("jobs")}
+    if "rerun" not in existing:
+        connection.execute(sa.text("ALTER TABLE jobs ADD COLUMN rerun BOOLEAN NOT NULL DEFAULT FALSE"))
+    metadata.create_all(connection, tables=[events, deliveries, delivery_attempts, webhook_endpoints])
+
+
 # Append new migrations; never edit one that has shipped. (Version 1 grew the outbound columns
 # before the first release.)
 MIGRATIONS = [_create_v1, _create_transfers, _add_media_columns, _add_media_token_column, _add_placed_column,
-              _create_jobs, _add_live_indexes]
+              _create_jobs, _add_live_indexes, _create_events]

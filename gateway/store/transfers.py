@@ -9,10 +9,10 @@ from typing import Any, Callable
 
 import sqlalchemy as sa
 
-from .calls import as_utc, insert_for, utcnow
+from .calls import ChangeObserver, as_utc, insert_for, utcnow
 from .database import Database
 from .jobs import NewJob, schedule_job
-from .schema import transfers
+from .schema import calls, transfers
 
 REQUESTED = "requested"
 DIALING = "dialing"
@@ -101,8 +101,15 @@ def _transfer(row: sa.Row) -> TransferRecord:
 
 
 class TransferStore:
-    def __init__(self, database: Database):
+    def __init__(self, database: Database, observer: ChangeObserver | None = None):
         self.database = database
+        self.observer = observer  # sees transfers start and end (see CallStore)
+
+    async def _observed(self, work, *args):
+        result = await self.database.transaction(work, *args, self.observer)
+        if self.observer is not None:
+            self.observer.committed()
+        return result
 
     async def start(
         self, *, call_id: str, kind: str, operator: str, reason: str, summary: str | None, prior_ultravox_call_id: str | None,
@@ -116,7 +123,7 @@ class TransferStore:
             reason=reason, summary=summary, status=REQUESTED, leg=0, prior_ultravox_call_id=prior_ultravox_call_id,
             active_call_id=call_id, created_at=now, updated_at=now,
         )
-        return await self.database.transaction(_start, values, then(values["id"]) if then else None)
+        return await self._observed(_start, values, then(values["id"]) if then else None)
 
     async def get(self, transfer_id: str) -> TransferRecord | None:
         return await self.database.transaction(_get, transfer_id)
@@ -140,7 +147,7 @@ class TransferStore:
     async def _write(self, transfer_id: str, values: dict[str, Any], only_if_active: bool,
                      expect: TransferExpectation | None) -> TransferRecord | None:
         expected = expect.columns() if expect else {}
-        return await self.database.transaction(_update, transfer_id, only_if_active, expected, values, utcnow())
+        return await self._observed(_update, transfer_id, only_if_active, expected, values, utcnow())
 
     async def release_leg(self, transfer_id: str, leg: int, then: NewJob | None = None) -> TransferRecord | None:
         """Move past operator leg `leg`; None if another event did first, or the transfer ended.
@@ -165,7 +172,20 @@ class TransferStore:
         await self._write(transfer_id, {"ended_at": utcnow()}, False, None)
 
 
-def _start(connection: sa.Connection, values: dict, then: NewJob | None) -> TransferRecord | None:
+def _observe(connection: sa.Connection, observer: ChangeObserver | None, before: TransferRecord | None,
+             after: TransferRecord | None) -> None:
+    if observer is None or after is None:
+        return
+    # Under the call's row lock, like every change of the call itself: its events take their
+    # places in the call's order one transaction at a time, in the order they commit.
+    route = connection.execute(sa.select(calls.c.route).where(calls.c.id == after.call_id).with_for_update()).scalar()
+    effects = observer.transfer_changed(before, after, route)
+    if effects:
+        observer.write(connection, effects)
+
+
+def _start(connection: sa.Connection, values: dict, then: NewJob | None,
+           observer: ChangeObserver | None) -> TransferRecord | None:
     inserted = connection.execute(
         insert_for(connection)(transfers).values(**values)
         .on_conflict_do_nothing(index_elements=["active_call_id"]).returning(transfers.c.id)
@@ -175,11 +195,14 @@ def _start(connection: sa.Connection, values: dict, then: NewJob | None) -> Tran
         return None
     if then is not None:
         schedule_job(connection, then)
-    return _get(connection, values["id"])
+    started = _get(connection, values["id"])
+    _observe(connection, observer, None, started)
+    return started
 
 
-def _get(connection: sa.Connection, transfer_id: str) -> TransferRecord | None:
-    row = connection.execute(sa.select(transfers).where(transfers.c.id == transfer_id)).first()
+def _get(connection: sa.Connection, transfer_id: str, *, lock: bool = False) -> TransferRecord | None:
+    query = sa.select(transfers).where(transfers.c.id == transfer_id)
+    row = connection.execute(query.with_for_update() if lock else query).first()
     return _transfer(row) if row else None
 
 
@@ -216,8 +239,10 @@ def _release_leg(connection: sa.Connection, transfer_id: str, leg: int, now: dt.
 
 
 def _update(
-    connection: sa.Connection, transfer_id: str, only_if_active: bool, expect: dict, values: dict, now: dt.datetime
+    connection: sa.Connection, transfer_id: str, only_if_active: bool, expect: dict, values: dict, now: dt.datetime,
+    observer: ChangeObserver | None,
 ):
+    before = _get(connection, transfer_id, lock=True) if observer is not None and "status" in values else None
     statement = sa.update(transfers).where(transfers.c.id == transfer_id)
     if only_if_active:
         statement = statement.where(transfers.c.active_call_id.is_not(None))
@@ -225,4 +250,7 @@ def _update(
         statement = statement.where(transfers.c[column] == value)
     if connection.execute(statement.values(updated_at=now, **values)).rowcount != 1:
         return None
-    return _get(connection, transfer_id)
+    after = _get(connection, transfer_id)
+    if before is not None:
+        _observe(connection, observer, before, after)
+    return after

@@ -60,6 +60,7 @@ from .carrier import (
     double,
 )
 from .processes import REPLICA_HEADER, Backend, GatewayProcess, LoadBalancer, ProcessFailed, Replicas, free_port, haproxy_path
+from .receiver import EventReceiver, ReceivedEvent, new_webhook_secret
 from .server import ServerThread
 from .stream import CarrierStream, Received, StreamDialect
 from .ultravox import (
@@ -92,6 +93,9 @@ __all__ = [
     "ProcessFailed",
     "REPLICA_HEADER",
     "Received",
+    "EventReceiver",
+    "ReceivedEvent",
+    "new_webhook_secret",
     "RecordedRequest",
     "Replicas",
     "ServerThread",
@@ -105,7 +109,7 @@ __all__ = [
 ]
 
 # The carriers' own modules: whatever module of this package has a DOUBLE is one.
-_SHARED = {"carrier", "processes", "server", "stream", "ultravox"}
+_SHARED = {"carrier", "processes", "receiver", "server", "stream", "ultravox"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _SHARED:
         _carrier = importlib.import_module(f"{__name__}.{_module.name}")

@@ -302,6 +302,9 @@ class FakeUltravox:
     * ``POST /api/calls/{call_id}/send_data_message``: kept in
       ``data_messages`` as ``(call_id, body)``; 404 for a call the fake did not
       create, 422 for one in ``ended_calls``.
+    * ``GET /api/calls/{call_id}`` and ``GET /api/calls/{call_id}/messages``
+      (paginated by ``pageSize`` and ``cursor``): a created call, still going
+      until `end_call` gives it its end, summary and messages.
     * ``GET``/``POST /api/tools`` and ``GET``/``PUT /api/tools/{tool_id}``:
       durable tools, kept in ``tools`` (tool id -> Tool JSON).
     * A call created with ``medium.serverWebSocket`` gets a ``joinUrl`` on the
@@ -337,6 +340,7 @@ class FakeUltravox:
         self.created_calls: list[dict[str, Any]] = []  # the Call JSON of each 201
         self.data_messages: list[tuple[str, dict[str, Any]]] = []  # (call_id, body)
         self.ended_calls: set[str] = set()  # call ids whose data messages get 422
+        self.call_reports: dict[str, dict[str, Any]] = {}  # call id -> its end (see end_call)
         self.tools: dict[str, dict[str, Any]] = {}  # tool id -> Tool JSON
         # serverWebSocket medium: see the "serverWebSocket side" section below.
         self.base_url: str | None = None  # http://host:port, set by serve()
@@ -355,6 +359,8 @@ class FakeUltravox:
                     self._send_data_message,
                     methods=["POST"],
                 ),
+                Route("/api/calls/{call_id}", self._get_call, methods=["GET"]),
+                Route("/api/calls/{call_id}/messages", self._messages, methods=["GET"]),
                 Route("/api/tools", self._tools, methods=["GET", "POST"]),
                 Route("/api/tools/{tool_id}", self._tool, methods=["GET", "PUT"]),
                 Route("/{path:path}", self._unknown_path, methods=_ALL_METHODS),
@@ -374,6 +380,17 @@ class FakeUltravox:
         with self._lock:
             self._data_script.extend(responses)
 
+    def end_call(self, call_id: str, *, summary: str | None = None, short_summary: str | None = None,
+                 messages: list[dict[str, Any]] | None = None, end_reason: str = "hangup") -> None:
+        """What Ultravox has on the call once it is over: its end, summary and transcript
+        (``messages`` as Ultravox's Message objects: role, text, medium…)."""
+        with self._lock:
+            self.ended_calls.add(call_id)
+            self.call_reports[call_id] = {
+                "ended": _now_iso(), "endReason": end_reason, "summary": summary, "shortSummary": short_summary,
+                "messages": list(messages or []),
+            }
+
     def reset(self) -> None:
         with self._lock:
             self._script.clear()
@@ -385,6 +402,7 @@ class FakeUltravox:
             self.created_calls.clear()
             self.data_messages.clear()
             self.ended_calls.clear()
+            self.call_reports.clear()
             self.tools.clear()
             self.delay = 0.0
             self.sessions.clear()
@@ -637,6 +655,45 @@ class FakeUltravox:
             tool["name"] = body["name"]
             tool["definition"] = copy.deepcopy(body["definition"])
             return JSONResponse(copy.deepcopy(tool))
+
+    def _created(self, call_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            return next((dict(call) for call in self.created_calls if call.get("callId") == call_id), None)
+
+    async def _get_call(self, request: Request) -> JSONResponse:
+        await self._receive(request)
+        unauthorized = self._unauthorized(request)
+        if unauthorized is not None:
+            return unauthorized
+        call_id = request.path_params["call_id"]
+        call = self._created(call_id)
+        if call is None:
+            return JSONResponse({"detail": "Not found."}, status_code=404)
+        with self._lock:
+            report = dict(self.call_reports.get(call_id) or {})
+        report.pop("messages", None)
+        return JSONResponse({**call, "joined": None, "ended": None, "endReason": None, "summary": None,
+                             "shortSummary": None, **report})
+
+    async def _messages(self, request: Request) -> JSONResponse:
+        await self._receive(request)
+        unauthorized = self._unauthorized(request)
+        if unauthorized is not None:
+            return unauthorized
+        call_id = request.path_params["call_id"]
+        if self._created(call_id) is None:
+            return JSONResponse({"detail": "Not found."}, status_code=404)
+        try:
+            size = max(1, int(request.query_params.get("pageSize", "100")))
+            start = int(request.query_params.get("cursor", "0"))
+        except ValueError:
+            return JSONResponse({"detail": "Invalid cursor or pageSize."}, status_code=400)
+        with self._lock:
+            messages = list((self.call_reports.get(call_id) or {}).get("messages", []))
+        page = messages[start:start + size]
+        more = start + size < len(messages)
+        following = str(request.url.include_query_params(cursor=start + size, pageSize=size)) if more else None
+        return JSONResponse({"results": page, "next": following, "previous": None, "total": len(messages)})
 
     async def _unknown_path(self, request: Request) -> JSONResponse:
         await self._receive(request)
