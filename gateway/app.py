@@ -20,10 +20,12 @@ from starlette.routing import Route, WebSocketRoute
 
 from .api import CallsApi
 from .callbacks import UltravoxCallbacks
+from .control import CallControlApi
 from .carriers import CARRIERS, Carrier
 from .drain import Drain
 from .flows.call_request import CallBodies
 from .flows.connect import Connector
+from .flows.control import CallControl
 from .flows.handover import HandoverFlow
 from .flows.inbound import InboundFlow
 from .flows.outbound import OutboundFlow
@@ -70,6 +72,7 @@ class Gateway:
         self.callbacks: UltravoxCallbacks | None = None
         self.media: MediaSockets | None = None
         self.api: CallsApi | None = None
+        self.control: CallControlApi | None = None
         self.work: Work | None = None
         self.handover: HandoverFlow | None = None
         self.drainer: Drain | None = None
@@ -100,7 +103,8 @@ class Gateway:
         bodies, connector = CallBodies(settings, urls), self.connector
         outbound = OutboundFlow(settings, store, ultravox, carriers, self.carrier_http, urls=urls, bodies=bodies,
                                 connector=connector, work=work, clock=clock)
-        tracking = CallTracking(store, transfers)
+        control = CallControl(store, ultravox, carriers, self.carrier_http, clock=clock)
+        tracking = CallTracking(store, transfers, on_stray_leg=control.stray_leg)
         self.transfer = TransferFlow(
             settings, store, transfers, ultravox, carriers, self.carrier_http, work=work, urls=urls, bodies=bodies,
             connector=connector, on_outcome=lambda t: self.metrics.transfers.labels(t.operator, t.kind, t.status).inc(),
@@ -115,6 +119,7 @@ class Gateway:
         )
         self.callbacks = UltravoxCallbacks(settings, self.transfer, tracking)
         self.api = CallsApi(settings, store, outbound, transfers)
+        self.control = CallControlApi(settings, store, carriers, control, self.transfer)
         # Repair and retention of the recording directories: at start, then hourly. Each process
         # looks after the directories it sees (a pod's own volume, or a shared one: both idempotent),
         # so this is not shared durable work: any replica could not reach another's local volume.
@@ -233,6 +238,8 @@ class Gateway:
             Route("/v1/calls/{call_id}", later(lambda g: g.api.get), methods=["GET"], name="call"),
             Route("/v1/calls/{call_id}/recording", later(lambda g: g.api.recording), methods=["GET"],
                   name="call-recording"),
+            *[Route(f"/v1/calls/{{call_id}}/{action}", later(lambda g, action=action: getattr(g.control, action)),
+                    methods=["POST"], name=f"call-{action}") for action in ("hangup", "transfer", "messages")],
             Route("/v1/openapi.json", later(lambda g: g.api.openapi), methods=["GET"], name="openapi"),
             Route("/ultravox/events", later(lambda g: g.callbacks.events), methods=["POST"], name="ultravox-events"),
             Route("/tools/transfer", later(lambda g: g.callbacks.cold_tool), methods=["POST"], name="tool-transfer"),

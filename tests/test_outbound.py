@@ -431,7 +431,7 @@ def test_listing_filters_and_pages_with_a_cursor(gateway, fake_carriers):
 
 def test_openapi_document_describes_the_api(gateway):
     document = gateway.client.get("/v1/openapi.json").json()
-    assert set(document["paths"]) == {"/v1/calls", "/v1/calls/{call_id}", "/v1/calls/{call_id}/recording"}
+    assert {"/v1/calls", "/v1/calls/{call_id}", "/v1/calls/{call_id}/recording"} <= set(document["paths"])
     assert "to" in document["components"]["schemas"]["DialRequest"]["properties"]
     assert {"from", "recording_url", "recording_parts"} <= set(document["components"]["schemas"]["Call"]["properties"])
 
