@@ -190,7 +190,7 @@ def openapi_paths() -> dict[str, Any]:
                 "409": {"description": "the call has ended or is not answered yet, a transfer is under way, "
                                        "or the operator (and its fallbacks) is closed"},
                 "422": {"description": "invalid body, an operator the call's route does not allow (the allowed "
-                                       "ones are named), or a carrier that cannot move a live call (Exotel)"},
+                                       "ones are named), or a carrier that cannot move a live call"},
             },
         ),
         "/v1/calls/{call_id}/messages": route(
