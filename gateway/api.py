@@ -8,7 +8,7 @@ import binascii
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.requests import Request
@@ -44,25 +44,16 @@ class CallsApi:
         self.recording_dirs = [directory.path for directory in recording_dirs(settings.routes)]
 
     def _key_id(self, request: Request) -> str | None:
-        return authorized(request, self.settings)
+        return request_key_id(request, self.settings)
 
     async def create(self, request: Request) -> Response:
         key_id = self._key_id(request)
         if key_id is None:
             return _unauthorized()
-        content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if content_type != "application/json":
-            return problem(415, "send the dial request as application/json")
-        body = await read_limited(request, self.settings.max_body_bytes)
-        if body is None:
-            return problem(413, f"body larger than {self.settings.max_body_bytes} bytes")
         try:
-            dial = DialRequest.model_validate_json(body)
-        except ValidationError as error:
-            return problem(422, [
-                {"field": ".".join(str(p) for p in e["loc"]) or None, "problem": e["msg"].removeprefix("Value error, ")}
-                for e in error.errors()
-            ])
+            dial = await json_body(request, DialRequest, self.settings.max_body_bytes, what="the dial request")
+        except ApiRefusal as rejection:
+            return rejection.response
         idempotency_key = request.headers.get("idempotency-key")
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             return problem(400, "Idempotency-Key must be 1 to 255 characters")
@@ -141,12 +132,6 @@ class CallsApi:
         return JSONResponse(openapi_document())
 
 
-def authorized(request: Request, settings: Settings) -> str | None:
-    """The id of the API key the request presents, or None when it presents none of ours."""
-    key = match_api_key(request.headers.get("authorization"), settings.api_keys)
-    return api_key_id(key) if key else None
-
-
 class EventsApi:
     """/v1/events (what was sent to the user's endpoints, and how it went) and /v1/webhooks."""
 
@@ -156,7 +141,7 @@ class EventsApi:
         self.outbox = outbox
 
     async def list(self, request: Request) -> Response:
-        if authorized(request, self.settings) is None:
+        if request_key_id(request, self.settings) is None:
             return _unauthorized()
         query = request.query_params
         try:
@@ -177,7 +162,7 @@ class EventsApi:
                              "next_cursor": str(found[-1].seq) if more and found else None})
 
     async def get(self, request: Request) -> Response:
-        if authorized(request, self.settings) is None:
+        if request_key_id(request, self.settings) is None:
             return _unauthorized()
         event = await self.events.get(request.path_params["event_id"])
         if event is None:
@@ -186,7 +171,7 @@ class EventsApi:
 
     async def redeliver(self, request: Request) -> Response:
         """Send an event again: to every endpoint configured now, or to `{"endpoint": name}`."""
-        if authorized(request, self.settings) is None:
+        if request_key_id(request, self.settings) is None:
             return _unauthorized()
         body = await read_limited(request, self.settings.max_body_bytes)
         if body is None:
@@ -216,12 +201,12 @@ class EventsApi:
         return JSONResponse(EventView.of(event), status_code=202)
 
     async def webhooks(self, request: Request) -> Response:
-        if authorized(request, self.settings) is None:
+        if request_key_id(request, self.settings) is None:
             return _unauthorized()
         return JSONResponse({"webhooks": [await self._webhook_view(webhook.name) for webhook in self.settings.webhooks]})
 
     async def enable(self, request: Request) -> Response:
-        if authorized(request, self.settings) is None:
+        if request_key_id(request, self.settings) is None:
             return _unauthorized()
         name = request.path_params["name"]
         if self.settings.webhook_named(name) is None:
@@ -268,6 +253,46 @@ def _limit(value: str | None) -> int:
 
 def _unauthorized() -> JSONResponse:
     return problem(401, "send Authorization: Bearer <one of GATEWAY_API_KEYS>", **{"WWW-Authenticate": "Bearer"})
+
+
+def request_key_id(request: Request, settings: Settings) -> str | None:
+    """The id of the API key the request presents (Authorization: Bearer), None without a known one."""
+    key = match_api_key(request.headers.get("authorization"), settings.api_keys)
+    return api_key_id(key) if key else None
+
+
+class ApiRefusal(Exception):
+    """The request is refused with `response` (a body the route does not take: 413, 415, 422; …)."""
+
+    def __init__(self, response: Response):
+        super().__init__(response.status_code)
+        self.response = response
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def json_body(request: Request, model: type[Body], limit: int, *, what: str, optional: bool = False) -> Body:
+    """The request's JSON body as `model`; `optional`: a request without a body is the model's defaults.
+    Raises ApiRefusal."""
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    wrong_type = problem(415, f"send {what} as application/json")
+    if content_type != "application/json" and not (optional and not content_type):
+        raise ApiRefusal(wrong_type)
+    body = await read_limited(request, limit)
+    if body is None:
+        raise ApiRefusal(problem(413, f"body larger than {limit} bytes"))
+    if not content_type:  # optional: no body at all
+        if body:
+            raise ApiRefusal(wrong_type)
+        return model()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as error:
+        raise ApiRefusal(problem(422, [
+            {"field": ".".join(str(p) for p in e["loc"]) or None, "problem": e["msg"].removeprefix("Value error, ")}
+            for e in error.errors()
+        ])) from None
 
 
 async def read_limited(request: Request, limit: int) -> bytes | None:
@@ -326,7 +351,9 @@ def openapi_document() -> dict[str, Any]:
         "429": {"description": "dial rate for this API key exceeded"},
     }
     call_ref = {"$ref": "#/components/schemas/Call"}
-    schemas = {"DialRequest": dial_schema, "Call": call_schema}
+    from . import control  # the call-control API, built on this module, documents its own routes
+
+    schemas = {"DialRequest": dial_schema, "Call": call_schema, **control.openapi_schemas()}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Ultravox telephony gateway dialer API", "version": "1"},
@@ -339,6 +366,7 @@ def openapi_document() -> dict[str, Any]:
         "webhooks": _event_webhooks(schemas),
         "paths": {
             **_event_paths(schemas, errors),
+            **control.openapi_paths(),
             "/v1/calls": {
                 "post": {
                     "summary": "Phone someone with an agent",

@@ -20,11 +20,13 @@ from starlette.routing import Route, WebSocketRoute
 
 from .api import CallsApi, EventsApi
 from .callbacks import UltravoxCallbacks
+from .control import CallControlApi
 from .carriers import CARRIERS, Carrier
 from .drain import Drain
 from .flows.call_request import CallBodies
 from .flows.connect import Connector
 from .flows.events import CallEndedReports, EventDelivery, EventOutbox
+from .flows.control import CallControl
 from .flows.handover import HandoverFlow
 from .flows.inbound import InboundFlow
 from .flows.outbound import OutboundFlow
@@ -72,6 +74,7 @@ class Gateway:
         self.callbacks: UltravoxCallbacks | None = None
         self.media: MediaSockets | None = None
         self.api: CallsApi | None = None
+        self.control: CallControlApi | None = None
         self.work: Work | None = None
         self.delivery_work: Work | None = None
         self.events_http: httpx.AsyncClient | None = None
@@ -116,7 +119,8 @@ class Gateway:
         bodies, connector = CallBodies(settings, urls), self.connector
         outbound = OutboundFlow(settings, store, ultravox, carriers, self.carrier_http, urls=urls, bodies=bodies,
                                 connector=connector, work=work, clock=clock)
-        tracking = CallTracking(store, transfers)
+        control = CallControl(store, ultravox, carriers, self.carrier_http, clock=clock)
+        tracking = CallTracking(store, transfers, on_stray_leg=control.stray_leg)
         self.transfer = TransferFlow(
             settings, store, transfers, ultravox, carriers, self.carrier_http, work=work, urls=urls, bodies=bodies,
             connector=connector, on_outcome=lambda t: self.metrics.transfers.labels(t.operator, t.kind, t.status).inc(),
@@ -132,6 +136,7 @@ class Gateway:
         self.callbacks = UltravoxCallbacks(settings, self.transfer, tracking)
         self.api = CallsApi(settings, store, outbound, transfers)
         CallEndedReports(settings, store, transfers, ultravox, outbox, events, urls, clock=clock)
+        self.control = CallControlApi(settings, store, carriers, control, self.transfer)
         # Repair and retention of the recording directories: at start, then hourly. Each process
         # looks after the directories it sees (a pod's own volume, or a shared one: both idempotent),
         # so this is not shared durable work: any replica could not reach another's local volume.
@@ -259,6 +264,8 @@ class Gateway:
             Route("/v1/webhooks", later(lambda g: g.events_api.webhooks), methods=["GET"], name="webhooks"),
             Route("/v1/webhooks/{name}/enable", later(lambda g: g.events_api.enable), methods=["POST"],
                   name="webhook-enable"),
+            *[Route(f"/v1/calls/{{call_id}}/{action}", later(lambda g, action=action: getattr(g.control, action)),
+                    methods=["POST"], name=f"call-{action}") for action in ("hangup", "transfer", "messages")],
             Route("/v1/openapi.json", later(lambda g: g.api.openapi), methods=["GET"], name="openapi"),
             Route("/ultravox/events", later(lambda g: g.callbacks.events), methods=["POST"], name="ultravox-events"),
             Route("/tools/transfer", later(lambda g: g.callbacks.cold_tool), methods=["POST"], name="tool-transfer"),

@@ -18,3 +18,8 @@ STATUS_RANK = {QUEUED: 0, CREATING: 0, RINGING: 1, ANSWERED: 2, IN_PROGRESS: 3}
 FINAL_STATUSES = {COMPLETED, NO_ANSWER, BUSY, CANCELED, FAILED, MACHINE_DETECTED, REJECTED}
 STATUS_RANK.update({status: 9 for status in FINAL_STATUSES})
 STATUSES = list(STATUS_RANK)
+
+
+def is_answered(status: str) -> bool:
+    """Whether a call in `status` was picked up (and may still be going on)."""
+    return STATUS_RANK[status] >= STATUS_RANK[ANSWERED]

@@ -27,6 +27,10 @@ class UltravoxError(RemoteError):
     """The call could not be created; `reason` is short and safe to store."""
 
 
+class UltravoxCallInactive(UltravoxError):
+    """Ultravox no longer runs the call (a data message to it answered 422)."""
+
+
 @dataclass(frozen=True)
 class CreatedCall:
     call_id: str
@@ -77,8 +81,18 @@ class UltravoxClient:
             )
         except RemoteError as error:
             raise UltravoxError(error.reason) from None
+        if response.status_code == 422:  # "if the call is not active" (Ultravox's data-message docs)
+            raise UltravoxCallInactive("the Ultravox call is not active")
         if response.status_code != 204:
             raise UltravoxError(f"Ultravox answered {response.status_code} to a data message")
+
+    async def end_call(self, call_id: str, *, deadline: float) -> None:
+        """End a live call. Ultravox has no end-call endpoint (DELETE /api/calls/{id} deletes the call's
+        record): its `hang_up` data message makes the agent hang up. A call already ended counts as success."""
+        try:
+            await self.send_data_message(call_id, {"type": "hang_up"}, deadline=deadline)
+        except UltravoxCallInactive:
+            pass
 
 
     async def call_report(self, call_id: str, *, deadline: float) -> "CallReport | None":

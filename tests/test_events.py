@@ -354,3 +354,14 @@ def test_events_owed_by_a_gateway_killed_with_sigkill_are_delivered_by_the_next(
             assert receiver.order.index(event.id) < receiver.order.index(changed.id)
     finally:
         second.close()
+
+
+def test_a_call_hung_up_through_the_api_ends_with_its_events(events_gateway, receiver):
+    record = call_in(events_gateway, "telnyx")
+    response = events_gateway.client.post(f"/v1/calls/{record.id}/hangup", headers=AUTH)
+    assert response.status_code == 200, response.text
+    ended = receiver.wait_for_type("call.ended", record.id)
+    assert ended.data["status"] == "completed" and ended.data["end_reason"] == "hangup-api"
+    changed = receiver.of_type("call.status_changed", record.id)
+    assert [(e.data["previous_status"], e.data["status"]) for e in changed] == [
+        ("creating", "in-progress"), ("in-progress", "completed")]

@@ -233,6 +233,9 @@ class Carrier(ABC):
     # --- what the carrier can do ----------------------------------------------------------------
     # A live call can be moved to new call instructions (redirect): operator transfers need it.
     can_transfer: ClassVar[bool] = True
+    # Its REST API ends a live call (hang_up, cancel); else the call ends when its media stream
+    # closes, which ending the Ultravox call does.
+    can_hang_up: ClassVar[bool] = True
     # Its dial API takes the stream URL itself, rather than fetching an answer URL on pick-up:
     # the Ultravox call then exists before the phone rings.
     dials_into_stream: ClassVar[bool] = False
@@ -482,6 +485,12 @@ class Carrier(ABC):
     @abstractmethod
     async def hang_up(self, http: httpx.AsyncClient, carrier_call_id: str, *, deadline: float) -> None:
         """End the live call. A call that has already ended counts as success."""
+
+    async def cancel(self, http: httpx.AsyncClient, carrier_call_id: str, *, deadline: float) -> None:
+        """Stop an outbound call not answered yet (queued or ringing); one answered meanwhile is
+        hung up. A call that has already ended counts as success. Carriers whose hang-up also
+        cancels a call that still rings keep this default."""
+        await self.hang_up(http, carrier_call_id, deadline=deadline)
 
     # --- answers --------------------------------------------------------------------------------
     def answer_response(self, body: str) -> Response:

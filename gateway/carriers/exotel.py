@@ -118,6 +118,7 @@ class ExotelCarrier(EventStreamCarrier):
     to_param = "CallTo"
     call_statuses = CALL_STATUSES
     can_transfer = False
+    can_hang_up = False  # no v1 API ends a call: closing its stream does (see hang_up)
     dials_into_stream = True
     # Exotel signs nothing and its status callbacks carry no credentials (reported by integrators):
     # callbacks to URLs the gateway issued are proven by the URL's own token.

@@ -207,6 +207,8 @@ class PlivoCarrier(Carrier):
         response.add(plivoxml.HangupElement())
         return response.to_string()
 
+    # Plivo's hang-up API "can also be used to cancel a queued outbound call" (its docs): the base's
+    # cancel. It needs the CallUUID, which arrives with the first callback (see place_call).
     async def hang_up(self, http: httpx.AsyncClient, carrier_call_id: str, *, deadline: float) -> None:
         await self.rest(http, "DELETE", f"{self._calls}{carrier_call_id}/", deadline=deadline, gone_ok=True)
 

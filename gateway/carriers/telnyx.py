@@ -125,6 +125,8 @@ class TelnyxCarrier(TwimlCarrier):
         await self.rest(http, "POST", f"{self._calls}/{carrier_call_id}", deadline=deadline,
                         json={"Url": url, "Method": "POST"})
 
+    # Telnyx's update-call docs know one Status, completed, which "ends the call": also the cancel of
+    # a call still ringing (the base's cancel). That Telnyx then reports it canceled is [unverified].
     async def hang_up(self, http: httpx.AsyncClient, carrier_call_id: str, *, deadline: float) -> None:
         await self.rest(http, "POST", f"{self._calls}/{carrier_call_id}", deadline=deadline, gone_ok=True,
                         json={"Status": "completed"})

@@ -87,8 +87,28 @@ class TwilioCarrier(TwimlCarrier):
                         data={"Url": url, "Method": "POST"})
 
     async def hang_up(self, http: httpx.AsyncClient, carrier_call_id: str, *, deadline: float) -> None:
-        await self.rest(http, "POST", f"{self._calls}/{carrier_call_id}.json", deadline=deadline, gone_ok=True,
-                        data={"Status": "completed"})
+        await self._set_status(http, carrier_call_id, "completed", deadline=deadline)
+
+    async def cancel(self, http: httpx.AsyncClient, carrier_call_id: str, *, deadline: float) -> None:
+        # Twilio's Call resource: Status=canceled ends a queued or ringing call (Twilio reports it
+        # canceled, unbilled) and leaves one in progress alone; Status=completed ends any call.
+        # The update answers with the call resource: answered meanwhile, the call is hung up.
+        # (That the answer carries the call's status after the update is our reading [unverified].)
+        answered = await self._set_status(http, carrier_call_id, "canceled", deadline=deadline)
+        if answered == "in-progress":
+            await self.hang_up(http, carrier_call_id, deadline=deadline)
+
+    async def _set_status(self, http: httpx.AsyncClient, carrier_call_id: str, status: str, *,
+                          deadline: float) -> str | None:
+        """Update the call's Status; its status as Twilio then reports it (None: gone, or not said)."""
+        response = await self.rest(http, "POST", f"{self._calls}/{carrier_call_id}.json", deadline=deadline,
+                                   gone_ok=True, data={"Status": status})
+        if response.status_code in self.gone_statuses:
+            return None
+        try:
+            return response.json().get("status")
+        except (ValueError, AttributeError):
+            return None
 
     upgrade_is_signed = True
 

@@ -305,7 +305,11 @@ class OutboundFlow:
             return (await self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=error.reason))).record
         bind(carrier_call_id=carrier_call_id)
         log.info("outbound %s placed with %s (%s)", record.id, carrier.name, carrier_call_id or "id on callback")
-        return (await self.store.update(record.id, CallUpdate(carrier_call_id=carrier_call_id, placed=True))).record
+        placed = (await self.store.update(record.id, CallUpdate(carrier_call_id=carrier_call_id, placed=True))).record
+        if placed.is_final and carrier_call_id:  # hung up through the API while the dial was in flight
+            with contextlib.suppress(RemoteError):
+                await carrier.cancel(self.http, carrier_call_id, deadline=self._clock() + PLACE_DEADLINE_SECONDS)
+        return placed
 
     async def _place_with_ultravox(
         self, carrier: Carrier, record: CallRecord, request: DialRequest, route: RouteSettings, deadline: float

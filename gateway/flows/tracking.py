@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Awaitable, Callable
 
 from .. import statuses
 from ..carriers.base import Carrier, Webhook
@@ -14,9 +15,12 @@ log = logging.getLogger("gateway.tracking")
 
 
 class CallTracking:
-    def __init__(self, store: CallStore, transfers: TransferStore):
+    def __init__(self, store: CallStore, transfers: TransferStore, *,
+                 on_stray_leg: Callable[[Carrier, CallRecord], Awaitable[None]] | None = None):
         self.store = store
         self.transfers = transfers
+        # A live leg the carrier names only after the call ended (canceled while its dial was in flight).
+        self.on_stray_leg = on_stray_leg
 
     async def carrier_status(self, carrier: Carrier, webhook: Webhook, call_id: str | None) -> CallRecord | None:
         """A progress callback: for the call named in its URL, or else (inbound) by its carrier call id."""
@@ -35,6 +39,9 @@ class CallTracking:
             end_reason=update.end_reason,
             answered_by=update.answered_by,
         ))
+        if (record.is_final and not record.carrier_call_id and result.record.carrier_call_id
+                and update.status not in statuses.FINAL_STATUSES and self.on_stray_leg is not None):
+            await self.on_stray_leg(carrier, result.record)
         return result.record
 
     async def ultravox_event(self, event: UltravoxEvent) -> CallRecord | None:

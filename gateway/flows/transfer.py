@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Callable, Mapping
 
 import httpx
@@ -39,25 +40,56 @@ MACHINE_DETECTION_SECONDS = 30  # carriers' default answering-machine detection 
 LEG_MARGIN_SECONDS = 15
 
 
+MAX_REASON = 500
+MAX_SUMMARY = 1000
+
+
 @dataclass(frozen=True)
-class ToolInvocation:
-    """What Ultravox sends when the model uses a transfer tool."""
+class TransferRequest:
+    """A transfer asked for by the agent's tool or through the call-control API."""
 
     kind: str  # cold | warm
-    ultravox_call_id: str
     operator: str
     reason: str
     summary: str | None
 
+
+@dataclass(frozen=True)
+class ToolInvocation:
+    """What Ultravox sends when the model uses a transfer tool."""
+
+    ultravox_call_id: str
+    request: TransferRequest
+
     @classmethod
     def of(cls, kind: str, payload: Mapping[str, Any]) -> "ToolInvocation":
-        return cls(
+        return cls(str(payload.get("callId") or ""), TransferRequest(
             kind=kind,
-            ultravox_call_id=str(payload.get("callId") or ""),
             operator=str(payload.get("operator") or ""),
-            reason=str(payload.get("reason") or "").strip()[:500],
-            summary=str(payload.get("summary") or "").strip()[:1000] or None,
-        )
+            reason=str(payload.get("reason") or "").strip()[:MAX_REASON],
+            summary=str(payload.get("summary") or "").strip()[:MAX_SUMMARY] or None,
+        ))
+
+
+class Refusal(StrEnum):
+    """Why a transfer was not started."""
+
+    NOT_CONNECTED = "not-connected"  # ended, or no live carrier leg (yet)
+    CARRIER_CANNOT = "carrier-cannot"  # the call's carrier cannot move a live call
+    UNKNOWN_OPERATOR = "unknown-operator"  # not one the call's route allows
+    MISSING_DETAILS = "missing-details"  # no reason, or a warm transfer without a summary
+    OPERATOR_CLOSED = "operator-closed"  # outside its hours, and every fallback too
+    UNDER_WAY = "under-way"  # the call already has a transfer in progress
+
+
+@dataclass(frozen=True)
+class TransferOutcome:
+    """What became of a transfer request: started (`transfer`), or refused and why."""
+
+    transfer: TransferRecord | None = None
+    refusal: Refusal | None = None
+    allowed: tuple[str, ...] = ()  # UNKNOWN_OPERATOR: the operators the call's route allows
+    detail: str = ""  # MISSING_DETAILS: what is missing; OPERATOR_CLOSED: the operator's hours
 
 
 @dataclass(frozen=True)
@@ -146,49 +178,43 @@ class TransferFlow:
         work.register(TransferStart, self._start)
         work.register(OperatorLegUnavailable, self._leg_unavailable)
 
-    # --- the tool ---------------------------------------------------------------------------------
+    # --- starting a transfer: the agent's tool and the call-control API -----------------------------
     async def invoke(self, invocation: ToolInvocation) -> ToolReply:
-        """Check the request, start the transfer in the background, answer within the tool timeout."""
-        kind = invocation.kind
+        """The tool: check the request, start the transfer in the background, answer within the tool timeout."""
         bind(ultravox_call_id=invocation.ultravox_call_id)
         record = await self.calls.find_by_ultravox_call_id(invocation.ultravox_call_id)
         if record is None:
             return ToolReply("I can't transfer this call: the phone gateway doesn't know it.")
         bind_call(record)
-        if record.is_final or not record.carrier_call_id:
-            return ToolReply("I can't transfer this call: it is not connected to a phone line any more.")
+        return _tool_reply(invocation.request, await self.begin(record, invocation.request))
+
+    async def begin(self, record: CallRecord, request: TransferRequest) -> TransferOutcome:
+        """Start `request` for the call, unless something stands in the way; the carrier work is durable
+        and happens after this returns."""
+        if record.is_final or not record.carrier_call_id or not statuses.is_answered(record.status):
+            return TransferOutcome(refusal=Refusal.NOT_CONNECTED)
         if not self.carriers[record.carrier].can_transfer:
-            return ToolReply(
-                "I can't transfer calls on this phone line. Don't transfer; tell the caller and offer to help "
-                "another way or take a message."
-            )
-        allowed = self._allowed_operators(record)
-        requested = invocation.operator
-        if requested not in allowed:
-            names = ", ".join(allowed) if allowed else "no one"
-            return ToolReply(f"I can't transfer to {requested!r}. I can only transfer to: {names}.")
-        reason, summary = invocation.reason, invocation.summary
-        if not reason or (kind == "warm" and not summary):
-            missing = "a reason" if not reason else "a summary for the person"
-            return ToolReply(f"I need {missing} before I can transfer the caller.")
-        operator = self._first_open(requested, tried=())
+            return TransferOutcome(refusal=Refusal.CARRIER_CANNOT)
+        allowed = tuple(self._allowed_operators(record))
+        if request.operator not in allowed:
+            return TransferOutcome(refusal=Refusal.UNKNOWN_OPERATOR, allowed=allowed)
+        if not request.reason or (request.kind == "warm" and not request.summary):
+            missing = "a reason" if not request.reason else "a summary for the person"
+            return TransferOutcome(refusal=Refusal.MISSING_DETAILS, detail=missing)
+        operator = self._first_open(request.operator, tried=())
         if operator is None:
-            return ToolReply(
-                f"{requested} is not available at the moment ({self._hours(requested)}). "
-                "Don't transfer; tell the caller and offer to help another way or take a message."
-            )
+            return TransferOutcome(refusal=Refusal.OPERATOR_CLOSED, detail=self._hours(request.operator))
         transfer = await self.transfers.start(
-            call_id=record.id, kind=kind, operator=operator, reason=reason, summary=summary,
+            call_id=record.id, kind=request.kind, operator=operator, reason=request.reason, summary=request.summary,
             prior_ultravox_call_id=record.ultravox_call_id,
             then=lambda transfer_id: self.work.job(TransferStart(transfer_id)),
         )
         if transfer is None:
-            return ToolReply("A transfer is already under way for this call. Don't start another one.")
+            return TransferOutcome(refusal=Refusal.UNDER_WAY)
         bind(transfer_id=transfer.id)
         self.work.wake()
-        log.info("call %s: %s transfer %s to %s", record.id, kind, transfer.id, operator)
-        # The carrier takes the caller now; the agent should not start another sentence.
-        return ToolReply(f"Transferring the caller to {operator} now.", reaction="listens")
+        log.info("call %s: %s transfer %s to %s", record.id, request.kind, transfer.id, operator)
+        return TransferOutcome(transfer=transfer)
 
     def _allowed_operators(self, record: CallRecord) -> list[str]:
         route = self.settings.route_named(record.route) if record.route else None
@@ -547,3 +573,27 @@ class TransferFlow:
         return self.urls.transfer_callback(carrier.name, step, transfer_id, leg)
 
 
+def _tool_reply(request: TransferRequest, outcome: TransferOutcome) -> ToolReply:
+    """What the tool tells the model about `outcome`."""
+    if outcome.transfer is not None:
+        # The carrier takes the caller now; the agent should not start another sentence.
+        return ToolReply(f"Transferring the caller to {outcome.transfer.operator} now.", reaction="listens")
+    refusal = outcome.refusal
+    if refusal is Refusal.NOT_CONNECTED:
+        return ToolReply("I can't transfer this call: it is not connected to a phone line any more.")
+    if refusal is Refusal.CARRIER_CANNOT:
+        return ToolReply(
+            "I can't transfer calls on this phone line. Don't transfer; tell the caller and offer to help "
+            "another way or take a message."
+        )
+    if refusal is Refusal.UNKNOWN_OPERATOR:
+        names = ", ".join(outcome.allowed) if outcome.allowed else "no one"
+        return ToolReply(f"I can't transfer to {request.operator!r}. I can only transfer to: {names}.")
+    if refusal is Refusal.MISSING_DETAILS:
+        return ToolReply(f"I need {outcome.detail} before I can transfer the caller.")
+    if refusal is Refusal.OPERATOR_CLOSED:
+        return ToolReply(
+            f"{request.operator} is not available at the moment ({outcome.detail}). "
+            "Don't transfer; tell the caller and offer to help another way or take a message."
+        )
+    return ToolReply("A transfer is already under way for this call. Don't start another one.")

@@ -84,6 +84,8 @@ class MediaSockets:
             return "no bridged call waiting for this media stream"
         if not self.connector.bridged(record.route, record.id):
             return "no bridged call waiting for this media stream"
+        if record.is_final:  # e.g. hung up through the API while it rang: nobody to connect
+            return f"the call has ended ({record.status})"
         if start and start.carrier_call_id and record.carrier_call_id and start.carrier_call_id != record.carrier_call_id:
             return "the stream's call is not the one its token names"
         return None

@@ -82,6 +82,9 @@ class CallUpdate:
     call_id: str  # Twilio CallSid, Telnyx CallSid, Plivo CallUUID
     params: dict[str, Any]  # the update parameters as the carrier understood them
     action: str = "update"  # "update", or "hangup" for Plivo's DELETE
+    # How the update ended the call: "completed" (hung up once answered), "canceled" (stopped before
+    # it was answered), or None (it did not end it: a redirect, or a cancel of an answered call).
+    ended_as: str | None = None
 
 
 class _Invalid(Exception):
@@ -94,6 +97,8 @@ class _Invalid(Exception):
 
 
 _HTTP_METHODS = ("GET", "POST")
+# A call's states in the fake (`FakeCarrier.state`) while it lasts; any other word is how it ended.
+LIVE_STATES = ("queued", "ringing", "in-progress")
 _STATUS_EVENTS = frozenset({"initiated", "ringing", "answered", "completed"})
 
 
@@ -188,9 +193,18 @@ class FakeCarrier:
     recorded in ``requests``; unknown paths answer 404.
 
     Live-call updates (the ``update_path`` endpoint) are accepted for the
-    calls the fake placed and for the ids tests add to ``live_calls``; others
-    answer 404. Accepted updates are kept in ``updates``; `script_updates`
-    queues their overrides separately from `script`.
+    calls the fake placed and for the ids tests add to ``live_calls``, until
+    the call ends; others answer 404. Accepted updates are kept in
+    ``updates``; `script_updates` queues their overrides separately from
+    `script`.
+
+    Each call has a `state`: a placed call is "queued", "ringing" once a
+    ringing status was sent, "in-progress" once answered (`answer`, or an
+    answered status); a call in ``live_calls`` is "in-progress". A hang-up
+    (an update asking for ``Status``, Plivo's DELETE) ends it as the carrier
+    would: "completed" once answered, "canceled" before; ``Status=canceled``
+    leaves an answered call alone (Twilio's rule). A final status sent with
+    `send_status` ends it too.
 
     Callbacks (`callback`, `answer`, `send_status`) sign the URL the gateway
     handed over but are delivered to ``deliver_to`` (the gateway's loopback
@@ -222,6 +236,7 @@ class FakeCarrier:
         self.calls: list[PlacedCarrierCall] = []
         self.updates: list[CallUpdate] = []
         self.live_calls: set[str] = set()  # ids of calls the fake did not place (e.g. inbound)
+        self._states: dict[str, str] = {}  # live id -> state (see the class docs)
         self._script: deque[FakeResponse] = deque()
         self._update_script: deque[FakeResponse] = deque()
         self._sequence: dict[str, int] = {}
@@ -262,6 +277,7 @@ class FakeCarrier:
             self.calls.clear()
             self.updates.clear()
             self.live_calls.clear()
+            self._states.clear()
             self._sequence.clear()
 
     def serve(self, **kwargs: Any) -> ServerThread:
@@ -344,6 +360,7 @@ class FakeCarrier:
         with self._lock:
             self.calls.append(call)
             self._sequence[call.call_id] = 0
+            self._states[self._live_id(call)] = "queued"
         headers = {"Retry-After": scripted.retry_after} if scripted.retry_after else None
         content = scripted.body if scripted.body is not None else self._created_body(call)
         return JSONResponse(content, status_code=self.create_status, headers=headers)
@@ -379,11 +396,40 @@ class FakeCarrier:
         return self._placed(call_id)
 
     def is_live(self, call_id: str) -> bool:
-        """Whether the update endpoint knows ``call_id`` (placed here, or in ``live_calls``)."""
+        """Whether the update endpoint knows ``call_id`` (placed here, or in ``live_calls``) and it has not ended."""
+        return self.state(call_id) in LIVE_STATES
+
+    def state(self, call_id: str) -> str | None:
+        """The call's state (see the class docs); None for a call the fake does not know."""
         with self._lock:
+            if call_id in self._states:
+                return self._states[call_id]
             if call_id in self.live_calls:
-                return True
-        return self._placed(call_id) is not None
+                return "in-progress"
+        return None
+
+    def set_state(self, call_id: str, state: str) -> None:
+        """Put the call in ``state`` without telling the gateway (e.g. answered unbeknown to it)."""
+        with self._lock:
+            self._states[call_id] = state
+
+    def _end(self, call_id: str, asked: str) -> str | None:
+        """A hang-up asking for ``asked`` ("completed": end the call; "canceled": stop it if not
+        answered yet); how it ended the call, or None."""
+        with self._lock:
+            answered = self._states.get(call_id, "in-progress" if call_id in self.live_calls else None) == "in-progress"
+            if asked == "canceled" and answered:
+                return None
+            self._states[call_id] = ended = "completed" if answered else "canceled"
+            return ended
+
+    def _reported(self, call: PlacedCarrierCall, status: str) -> None:
+        """The fake told the gateway ``call`` is now ``status`` (its own word, or the neutral ones)."""
+        state = {"ringing": "ringing", "answered": "in-progress", "in-progress": "in-progress"}.get(status, status)
+        if status in ("initiated", "queued"):
+            state = "queued"
+        with self._lock:
+            self._states[self._live_id(call)] = state
 
     def _parse_update(self, request: Request, raw: bytes) -> dict[str, Any]:
         return self._parse(request, raw)
@@ -417,8 +463,10 @@ class FakeCarrier:
         if failure is not None:
             return failure
         params = {name: _one(params, name) for name in params}
+        asked = params.get("Status")  # the TwiML dialect's hang-up (Twilio, Telnyx)
+        ended_as = self._end(call_id, asked) if asked else None
         with self._lock:
-            self.updates.append(CallUpdate(call_id, params))
+            self.updates.append(CallUpdate(call_id, params, ended_as=ended_as))
         headers = {"Retry-After": scripted.retry_after} if scripted.retry_after else None
         content = scripted.body if scripted.body is not None else self._updated_body(call_id, params)
         return JSONResponse(content, status_code=self.update_status, headers=headers)
@@ -503,6 +551,7 @@ class FakeCarrier:
         """POST the carrier's answer webhook for ``call`` to its answer URL, signed."""
         if not call.answer_url:
             raise ValueError(f"call {call.call_id} has no answer URL")
+        self._reported(call, "in-progress")
         return self.callback(call.answer_url, {**self._answer_form(call), **extra})
 
     def send_status(self, call: PlacedCarrierCall, status: str, **extra: Any) -> httpx.Response:
@@ -510,6 +559,7 @@ class FakeCarrier:
         url, form = self._status_callback(call, status)
         if not url:
             raise ValueError(f"call {call.call_id} has no callback URL for status {status!r}")
+        self._reported(call, status)
         return self.callback(url, {**form, **extra})
 
     def _next_sequence(self, call: PlacedCarrierCall) -> str:

@@ -235,8 +235,9 @@ class FakePlivo(FakeCarrier):
         failure = self._scripted_failure(scripted)
         if failure is not None:
             return failure
+        ended_as = self._end(call_id, "completed")  # Plivo's DELETE also cancels a call not answered yet
         with self._lock:
-            self.updates.append(CallUpdate(call_id, {}, action="hangup"))
+            self.updates.append(CallUpdate(call_id, {}, action="hangup", ended_as=ended_as))
         return Response(status_code=204)
 
     def _not_found(self, request: Request) -> JSONResponse:

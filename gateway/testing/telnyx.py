@@ -210,7 +210,7 @@ class FakeTelnyx(FakeCarrier):
         return {
             "account_sid": self.account_sid,
             "sid": call_id,
-            "status": params.get("Status", "in-progress"),
+            "status": self.state(call_id),  # after the update (a cancel may have left it going)
             "from": call.from_ if call else None,
             "to": call.to if call else None,
             "direction": "outbound-api" if call else "inbound",

@@ -210,7 +210,7 @@ class FakeTwilio(FakeCarrier):
         return {
             "sid": call_id,
             "account_sid": self.account_sid,
-            "status": params.get("Status", "in-progress"),
+            "status": self.state(call_id),  # after the update (a cancel may have left it going)
             "to": call.to if call else None,
             "from": call.from_ if call else None,
             "direction": "outbound-api" if call else "inbound",

@@ -248,6 +248,15 @@ _CALL_QUERY_PARAMS = {
     True: frozenset({"throttle"}),
 }
 DATA_MESSAGE_TYPES = frozenset({"forced_agent_message", "hang_up", "user_text_message"})
+# The fields of each data message the REST API takes (Ultravox's data-message docs): name -> (kind,
+# required). The OpenAPI schema only says "type"; strict mode also refuses fields not listed.
+_DATA_MESSAGE_FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
+    "user_text_message": {"text": (str, True), "urgency": (str, False)},
+    "hang_up": {"message": (str, False)},
+    "forced_agent_message": {"content": (str, False), "toolCalls": (list, False), "knownToolResults": (list, False),
+                             "uninterruptible": (bool, False), "urgency": (str, False)},
+}
+_URGENCIES = ("immediate", "soon", "later")
 _TOOL_READ_ONLY = frozenset({"toolId", "created", "ownership"})
 
 
@@ -301,7 +310,9 @@ class FakeUltravox:
       ``created_calls``.
     * ``POST /api/calls/{call_id}/send_data_message``: kept in
       ``data_messages`` as ``(call_id, body)``; 404 for a call the fake did not
-      create, 422 for one in ``ended_calls``.
+      create, 422 for one in ``ended_calls``; the message's fields are checked
+      (400, and noted in ``schema_errors``). A ``hang_up`` ends the call: it
+      joins ``ended_calls`` and its serverWebSocket, if any, is closed.
     * ``GET /api/calls/{call_id}`` and ``GET /api/calls/{call_id}/messages``
       (paginated by ``pageSize`` and ``cursor``): a created call, still going
       until `end_call` gives it its end, summary and messages.
@@ -555,6 +566,9 @@ class FakeUltravox:
             return self._rejected(
                 [f"type: {kind!r} is not one of {sorted(DATA_MESSAGE_TYPES)}"]
             )
+        field_errors = self._data_message_errors(kind, body)
+        if field_errors:
+            return self._rejected(field_errors)
 
         with self._lock:
             ended = call_id in self.ended_calls
@@ -571,7 +585,27 @@ class FakeUltravox:
             return JSONResponse(content, status_code=scripted.status, headers=headers)
         with self._lock:
             self.data_messages.append((call_id, body))
+            if kind == "hang_up":
+                self.ended_calls.add(call_id)
+            session = self.sessions.get(call_id) if kind == "hang_up" else None
+        if session is not None:  # Ultravox ends the call: its socket closes
+            await session._hang_up(1000)
         return Response(status_code=204)
+
+    def _data_message_errors(self, kind: str, body: dict[str, Any]) -> list[str]:
+        fields = _DATA_MESSAGE_FIELDS[kind]
+        errors = []
+        for name, (expected, required) in fields.items():
+            if name not in body:
+                if required:
+                    errors.append(f"{kind}.{name}: required")
+            elif not isinstance(body[name], expected) or (expected is str and required and not body[name]):
+                errors.append(f"{kind}.{name}: {body[name]!r} is not a valid {name}")
+        if "urgency" in body and body["urgency"] not in _URGENCIES:
+            errors.append(f"{kind}.urgency: {body['urgency']!r} is not one of {list(_URGENCIES)}")
+        if self.strict:
+            errors += [f"{kind}.{name}: not a field of {kind}" for name in sorted(set(body) - set(fields) - {"type"})]
+        return errors
 
     def _tool_errors(self, body: Any) -> list[str]:
         if not isinstance(body, dict):
