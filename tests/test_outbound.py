@@ -115,6 +115,17 @@ def test_carrier_mode_creates_the_ultravox_call_only_when_the_callee_answers(gat
     assert created.body["metadata"]["gateway.call_id"] == call["id"]
 
 
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+def test_an_agent_call_without_a_greeting_keeps_the_agents_first_speaker_settings(gateway, fake_ultravox, fake_carriers, carrier):
+    """Any firstSpeakerSettings, even `agent: {}` or `user: {}`, would override the agent's own."""
+    dial(gateway, carrier=carrier, route=None, agent_id=AGENT_ID)
+    (placed,) = fake_carriers[carrier].calls
+    double(carrier).pick_up(fake_carriers[carrier], placed)
+    (created,) = fake_ultravox.requests
+    assert created.agent_id == AGENT_ID
+    assert "firstSpeakerSettings" not in created.body
+
+
 def test_carrier_mode_asks_for_machine_detection_and_hangs_up_on_a_machine(gateway, fake_ultravox, fake_carriers):
     call = dial(gateway, carrier="twilio", answering_machine_detection=True).json()
     (placed,) = fake_carriers["twilio"].calls

@@ -117,12 +117,18 @@ USER_FIRST_FALLBACK_DELAY = "4s"
 
 
 def _first_speaker(route: RouteSettings, agent_speaks_first: bool) -> dict[str, Any] | None:
-    if not agent_speaks_first:
-        if route.greeting:
-            return {"user": {"fallback": {"delay": USER_FIRST_FALLBACK_DELAY, "text": route.greeting}}}
-        return {"user": {}}
-    # Without a greeting of the route's own, the agent's (or inline call's) settings apply.
-    return {"agent": {"text": route.greeting}} if route.greeting else None
+    """The call's firstSpeakerSettings, or None to leave them to the agent (or the inline call)."""
+    if route.greeting:
+        if agent_speaks_first:
+            return {"agent": {"text": route.greeting}}
+        return {"user": {"fallback": {"delay": USER_FIRST_FALLBACK_DELAY, "text": route.greeting}}}
+    # An agent route without a greeting of its own keeps the agent's settings: any value sent
+    # here, even `agent: {}`, overrides them (StartAgentCallRequest.firstSpeakerSettings).
+    if route.agent_id is not None or agent_speaks_first:
+        return None
+    # An inline call defaults to the agent speaking first (Ultravox's default): on a call the
+    # gateway placed, the callee answers first.
+    return {"user": {}}
 
 
 def template_context(mapping: Mapping[str, str], params: Mapping[str, str]) -> dict[str, Any]:
