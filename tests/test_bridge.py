@@ -56,6 +56,7 @@ class BridgedCall:
         response = gateway.post(carrier, self.form)
         assert response.status_code == 200, response.text
         self.public_stream_url, _ = self.double.connected_url(response.text)
+        self.parameters = self.double.stream_parameters(response.text)
         self.ultravox_request = fake_ultravox.requests[-1]
 
     @property
@@ -69,7 +70,7 @@ class BridgedCall:
 
     def stream(self, url: str | None = None, *, signed: bool = True) -> CarrierStream:
         headers = self.double.stream_headers(self.public_stream_url) if signed else None
-        return CarrierStream(self.carrier, url or self.local_url, headers=headers)
+        return CarrierStream(self.carrier, url or self.local_url, headers=headers, parameters=self.parameters)
 
     def talk(self, seconds: float) -> None:
         """A whole short call: the stream starts, the caller speaks `seconds`, the stream stops."""
@@ -85,6 +86,19 @@ class BridgedCall:
     def record(self):
         (record,) = [r for r in self.gateway.records() if r.carrier_call_id == self.carrier_call_id]
         return record
+
+
+def media_credentials(carrier: str, stream_url: str, parameters: dict[str, str]) -> dict[str, str]:
+    """The call and token an answer gives the gateway's media socket: in the stream URL's query, or
+    (carriers whose stream URLs take none) in the stream's parameters only."""
+    from urllib.parse import parse_qs
+
+    base, _, query = stream_url.partition("?")
+    assert base == f"wss://gateway.example.test/media/{carrier}"
+    if double(carrier).stream_url_takes_query:
+        return {name: values[0] for name, values in parse_qs(query).items()}
+    assert query == "" and set(parameters) == {"call", "token"}
+    return parameters
 
 
 def local(gateway, public_stream_url: str) -> str:
@@ -120,7 +134,7 @@ def test_audio_round_trips_through_each_carrier_protocol(bridged, carrier):
     call = bridged(carrier)
     medium = call.ultravox_request.body["medium"]["serverWebSocket"]
     assert medium == {"inputSampleRate": call.rate, "outputSampleRate": call.rate, "clientBufferSizeMs": 30000}
-    assert call.public_stream_url.startswith(f"wss://gateway.example.test/media/{carrier}?")
+    assert set(media_credentials(carrier, call.public_stream_url, call.parameters)) == {"call", "token"}
     sent = speech(call.rate, 1.0)
 
     async def scenario():
@@ -268,7 +282,8 @@ def test_twilio_media_socket_needs_twilios_signature(bridged):
     https_spelling = call.public_stream_url.replace("wss://", "https://")
 
     async def signed_as_https():
-        async with CarrierStream("twilio", call.local_url, headers=twilio_stream_headers(TWILIO_TOKEN, https_spelling)) as s:
+        async with CarrierStream("twilio", call.local_url, headers=twilio_stream_headers(TWILIO_TOKEN, https_spelling),
+                                 parameters=call.parameters) as s:
             await s.start(call_id=call.carrier_call_id)
             await asyncio.to_thread(call.ultravox.wait_for_session)
 
@@ -371,8 +386,9 @@ def test_a_failed_transfer_in_bridge_mode_reconnects_the_stream_to_the_agent(bri
     no_answer = {**form, carrier_double.dial_status_param: "no-answer"}
     action = carrier_double.dialled(fake.callback(carrier_double.redirect_url(fake.updates[-1]), form).text).action
     action = carrier_double.dialled(fake.callback(action, no_answer).text).action
-    back, _ = carrier_double.connected_url(fake.callback(action, no_answer).text)
-    assert back.startswith(f"wss://gateway.example.test/media/{carrier}?")
+    answer = fake.callback(action, no_answer).text
+    back, _ = carrier_double.connected_url(answer)
+    assert set(media_credentials(carrier, back, carrier_double.stream_parameters(answer))) == {"call", "token"}
     returned = call.ultravox.requests[-1]
     assert returned.query["priorCallId"] == ultravox_call_id
     assert "serverWebSocket" in returned.body["medium"]
@@ -381,25 +397,25 @@ def test_a_failed_transfer_in_bridge_mode_reconnects_the_stream_to_the_agent(bri
 # --- review findings ---------------------------------------------------------------------------------
 
 
-def test_twilio_stream_without_the_query_uses_the_stream_parameters(bridged):
-    """Should Twilio drop the stream URL's query, the <Parameter>s carry the call and its token."""
-    from urllib.parse import parse_qs, urlsplit
-
+def test_twilio_streams_take_no_query_the_parameters_carry_the_call_and_its_token(bridged):
+    """Twilio's <Stream url> supports no query string: the TwiML gives the call and its token as
+    <Parameter>s, which the start message's customParameters bring, checked before anything
+    reaches Ultravox (the upgrade's signature proves Twilio, but is the same for every call)."""
     call = bridged("twilio")
-    params = {k: v[0] for k, v in parse_qs(urlsplit(call.public_stream_url).query).items()}
-    bare_public, bare_local = call.public_stream_url.split("?")[0], call.local_url.split("?")[0]
+    assert "?" not in call.public_stream_url
+    other = bridged("twilio")  # another call's valid credentials
 
-    async def scenario(token):
-        headers = twilio_stream_headers(TWILIO_TOKEN, bare_public)  # Twilio signs what it requested
-        async with CarrierStream("twilio", bare_local, headers=headers) as stream:
-            await stream.start(call_id=call.carrier_call_id, custom_parameters={"call": params["call"], "token": token})
+    async def scenario(parameters):
+        async with call.stream() as stream:
+            await stream.start(call_id=call.carrier_call_id, custom_parameters=parameters)
             await stream.play(speech(8000, 0.2))
             await asyncio.sleep(0.2)
             return len(stream.agent_audio()), stream.closed.is_set()
 
-    assert asyncio.run(scenario("1.forged")) == (0, True)  # refused before anything reached Ultravox
-    assert call.ultravox.sessions == {}
-    heard, closed = asyncio.run(scenario(params["token"]))
+    for refused in ({"token": "1.forged"}, other.parameters, {"call": "", "token": ""}):
+        assert asyncio.run(scenario(refused)) == (0, True)
+    assert call.ultravox.sessions == {}  # refused before anything reached Ultravox
+    heard, closed = asyncio.run(scenario({}))  # the TwiML's own parameters
     assert heard > 0 and not closed  # bridged: the echo came back
 
 
@@ -473,13 +489,15 @@ def test_an_outbound_call_on_a_bridged_route_is_bridged_too(bridged, fake_carrie
                                    json={"to": "+15557654321", "route": "bridged", "carrier": carrier})
     assert response.status_code == 201, response.text
     (placed,) = fake.calls
-    stream_url = carrier_double.pick_up(fake, placed).stream_url
-    assert stream_url.startswith(f"wss://gateway.example.test/media/{carrier}?")
+    picked_up = carrier_double.pick_up(fake, placed)
+    stream_url = picked_up.stream_url
+    assert set(media_credentials(carrier, stream_url, picked_up.stream_parameters)) == {"call", "token"}
     assert "serverWebSocket" in call.ultravox.requests[-1].body["medium"]
 
     async def scenario():
         headers = carrier_double.stream_headers(stream_url)
-        async with CarrierStream(carrier, local(gateway, stream_url), headers=headers) as stream:
+        async with CarrierStream(carrier, local(gateway, stream_url), headers=headers,
+                                 parameters=picked_up.stream_parameters) as stream:
             await stream.start(call_id=fake.live_id(placed))
             await stream.play(speech(call.rate, 0.2))
             await asyncio.sleep(0.2)

@@ -433,6 +433,9 @@ class Carrier(ABC):
 
     # Whether upgrade_problem proves the carrier sent the socket (then the token may come later).
     upgrade_is_signed: ClassVar[bool] = False
+    # Whether the stream URL may carry a query (the media socket's credentials). Carriers that
+    # take none get the credentials as stream parameters only, checked on the start message.
+    stream_url_takes_query: ClassVar[bool] = True
 
     def upgrade_problem(self, url: str, headers: Mapping[str, str]) -> str | None:
         """Why the carrier's media-socket upgrade request is not authentic, or None.

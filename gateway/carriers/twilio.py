@@ -91,9 +91,15 @@ class TwilioCarrier(TwimlCarrier):
                         data={"Status": "completed"})
 
     upgrade_is_signed = True
+    # "The url does not support query string parameters" (Twilio's <Stream> docs): the socket's
+    # credentials go as <Parameter>s, which Twilio sends in the start message's customParameters.
+    stream_url_takes_query = False
 
     def upgrade_problem(self, url: str, headers) -> str | None:
-        """Twilio signs the stream URL exactly as written in the TwiML (wss://…, with its query), no params."""
+        """Twilio signs the wss:// URL it connects to with no parameters (twilio-agent-connect-python,
+        Twilio's own server library, validates the upgrade so); its https:// spelling is accepted too.
+        With no query, the signature proves Twilio but names no call: the token does, in the start
+        message."""
         signature = headers.get("x-twilio-signature")
         if not signature:
             return "missing X-Twilio-Signature on the media socket"
@@ -124,8 +130,7 @@ class TwilioCarrier(TwimlCarrier):
         return json.dumps({"event": "mark", "streamSid": stream_id, "mark": {"name": name}})
 
     def connect_answer(self, join_url: str, parameters: dict[str, str] | None = None) -> str:
-        """<Connect><Stream>; `parameters` also go as <Parameter>s, which reach us in the start message
-        even if Twilio does not pass the URL's query on to the socket."""
+        """<Connect><Stream>; `parameters` go as <Parameter>s, which reach the socket in the start message."""
         response = VoiceResponse()
         stream = response.connect().stream(**self.stream_attributes(join_url))
         for name, value in (parameters or {}).items():

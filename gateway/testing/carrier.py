@@ -604,6 +604,11 @@ class PickUp:
             return self.dialled_stream_url
         return self.double.connected_url(self.answer.text)[0]
 
+    @property
+    def stream_parameters(self) -> dict[str, str]:
+        """The parameters the stream starts with (Twilio's <Parameter>s)."""
+        return self.double.stream_parameters(self.answer.text) if self.answer is not None else {}
+
 
 class CarrierDouble(ABC):
     """Everything a test needs to play one carrier against the gateway, in the carrier's own words.
@@ -650,6 +655,11 @@ class CarrierDouble(ABC):
     def stream_rate(self) -> int:
         """Hz of its bridge-mode media stream."""
         return self._stream_dialect().rate
+
+    @property
+    def stream_url_takes_query(self) -> bool:
+        """Whether its stream URLs may carry a query (else the socket's credentials are stream parameters)."""
+        return self._stream_dialect().url_takes_query
 
     @property
     def stream_lossless(self) -> bool:
@@ -705,6 +715,10 @@ class CarrierDouble(ABC):
     @abstractmethod
     def connected_url(self, answer_text: str) -> tuple[str, dict[str, str]]:
         """The stream URL an answer connects the call to, and the stream's other attributes."""
+
+    def stream_parameters(self, answer_text: str) -> dict[str, str]:
+        """The parameters an answer gives its stream, which the carrier sends in the start message."""
+        return {}
 
     @abstractmethod
     def spoken(self, answer_text: str) -> list[str]:
@@ -766,6 +780,10 @@ class XmlDouble(CarrierDouble):
         if element is None:
             raise ValueError(f"no {path} in the answer: {answer_text}")
         return element
+
+    def stream_parameters(self, answer_text: str) -> dict[str, str]:
+        stream = self._find(answer_text, self.stream_path)
+        return {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
 
     def connected_url(self, answer_text: str) -> tuple[str, dict[str, str]]:
         stream = self._find(answer_text, self.stream_path)

@@ -38,6 +38,7 @@ import time
 import uuid
 import warnings
 from typing import Any
+from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -82,6 +83,9 @@ class StreamDialect:
     clear_acks_marks = True  # a clear returns the pending marks (Twilio, Telnyx)
     mark_ack_event = "mark"  # the event acknowledging a played mark
     clear_ack_event: str | None = None  # the event acknowledging a clear, if the carrier sends one
+    # Whether the carrier connects to a stream URL with a query string (Twilio's takes none: its
+    # custom parameters travel in the start message).
+    url_takes_query = True
 
     # -- stream identity --------------------------------------------------------
 
@@ -207,15 +211,21 @@ class CarrierStream:
         url: str,
         *,
         headers: dict[str, str] | None = None,
+        parameters: dict[str, str] | None = None,
         playback: str = "realtime",
         open_timeout: float = 10.0,
     ) -> None:
         dialect = _stream_dialect(carrier)
         if playback not in ("realtime", "instant"):
             raise ValueError("playback must be 'realtime' or 'instant'")
+        if not dialect.url_takes_query and urlsplit(url).query:
+            raise ValueError(f"{carrier} stream URLs take no query string, got {url!r}: "
+                             "give what the socket needs as stream parameters")
         self.carrier = carrier
         self.url = url
         self.headers = dict(headers or {})
+        # The stream's parameters as the answer gave them (Twilio's <Parameter>s): `start` sends them.
+        self.parameters = dict(parameters or {})
         self.playback = playback
         self.open_timeout = open_timeout
         self._dialect = dialect
@@ -347,13 +357,14 @@ class CarrierStream:
         account_id: str | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        """Send the carrier's opening messages (``extra`` is merged into the ``start`` object)."""
+        """Send the carrier's opening messages with the stream's ``parameters`` (``custom_parameters``
+        win); ``extra`` is merged into the ``start`` object."""
         self._require_ws()
         self.call_id = call_id
         self.stream_id = stream_id or self._dialect.new_stream_id()
         self.account_id = account_id or self._dialect.new_account_id()
         self.session_id = self._dialect.new_session_id()
-        custom = dict(custom_parameters or {})
+        custom = {**self.parameters, **(custom_parameters or {})}
         self._dialect.prepare(self, custom)
         loop = asyncio.get_running_loop()
         self.started_at = loop.time()

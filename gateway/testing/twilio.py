@@ -237,8 +237,8 @@ class FakeTwilio(FakeCarrier):
 def twilio_stream_headers(auth_token: str, url: str) -> dict[str, str]:
     """The ``X-Twilio-Signature`` header Twilio sends when it opens a media stream.
 
-    Twilio signs the stream URL exactly as written in the TwiML (``wss://``,
-    with its query string) with no POST parameters.
+    Twilio signs the ``wss://`` URL it connects to (the TwiML's, which takes no
+    query string) with no POST parameters.
     """
     from twilio.request_validator import RequestValidator
 
@@ -249,6 +249,7 @@ class _Twilio(StreamDialect):
     name = "twilio"
     rate = 8000
     lossless = False  # mu-law
+    url_takes_query = False  # "The url does not support query string parameters" (<Stream> docs)
 
     def new_stream_id(self) -> str:
         return "MZ" + secrets.token_hex(16)
