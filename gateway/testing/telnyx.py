@@ -28,7 +28,7 @@ from .carrier import (
     _rfc2822_now,
     _validate_texml_update,
 )
-from .stream import StreamDialect, _b64
+from .stream import StreamDialect, _b64, audioop
 from .ultravox import _ERROR_DETAILS
 
 __all__ = ["FakeTelnyx", "TelnyxDouble", "TelnyxSigner", "telnyx_inbound_form"]
@@ -263,12 +263,19 @@ class _Telnyx(StreamDialect):
     name = "telnyx"
     rate = 16000
     min_chunk_ms = 20  # "RTP media chunks sent back to Telnyx can contain 20 milliseconds to 30 seconds"
+    # When it cannot transcode to the codec asked for, Telnyx streams the call's own (its media
+    # streaming docs): G.711 at 8 kHz. The agent's audio is then expected in it too [our reading].
+    fallback_codecs = {"PCMU": 8000, "PCMA": 8000}
+    _g711 = {"PCMU": (audioop.lin2ulaw, audioop.ulaw2lin), "PCMA": (audioop.lin2alaw, audioop.alaw2lin)}
 
     def new_session_id(self) -> str:
         return str(uuid.uuid4())
 
     def encode(self, pcm16: bytes) -> bytes:
         return _swap16(pcm16)  # L16 is network byte order
+
+    def encode_for(self, s, pcm16: bytes) -> bytes:
+        return self._g711[s.codec][0](pcm16, 2) if s.codec else self.encode(pcm16)
 
     def opening(self, s, custom, extra):
         start = {
@@ -279,7 +286,7 @@ class _Telnyx(StreamDialect):
             "to": "+15550001111",
             "tags": [],
             "client_state": "",
-            "media_format": {"encoding": "L16", "sample_rate": 16000, "channels": 1},
+            "media_format": {"encoding": s.codec or "L16", "sample_rate": s.rate, "channels": 1},
         }
         if custom:
             start["custom_parameters"] = dict(custom)
@@ -336,6 +343,10 @@ class _Telnyx(StreamDialect):
         if raw is None:
             return b"", [f"media: {error}"]
         errors = []
+        if s.codec:
+            if len(raw) < s.rate * self.min_chunk_ms // 1000:
+                errors.append(f"media: {len(raw)} {s.codec} samples is shorter than {self.min_chunk_ms} ms")
+            return self._g711[s.codec][1](raw, 2), errors
         if len(raw) % 2:
             errors.append(f"media: L16 payload of odd length {len(raw)}")
             raw = raw[:-1]
