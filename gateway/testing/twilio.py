@@ -6,6 +6,7 @@ Twilio with (`TwilioDouble`).
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from typing import Any
 
@@ -28,7 +29,8 @@ from .carrier import (
 )
 from .stream import StreamDialect, _b64, audioop
 
-__all__ = ["FakeTwilio", "TwilioDouble", "twilio_inbound_form", "twilio_signature", "twilio_stream_headers"]
+__all__ = ["FakeTwilio", "SharedKeySigning", "TwilioDouble", "twilio_inbound_form", "twilio_signature",
+           "twilio_stream_headers"]
 
 
 # ---------------------------------------------------------------------------
@@ -36,11 +38,28 @@ __all__ = ["FakeTwilio", "TwilioDouble", "twilio_inbound_form", "twilio_signatur
 # ---------------------------------------------------------------------------
 
 
-def twilio_signature(auth_token: str, url: str, params: dict[str, str]) -> str:
-    """The ``X-Twilio-Signature`` Twilio would send for a form POST to ``url``."""
+def twilio_signature(auth_token: str, url: str, params: dict[str, str], algorithm: str | None = None) -> str:
+    """The ``X-Twilio-Signature`` Twilio would send for a form POST to ``url`` (``algorithm``:
+    HMAC_SHA1 by default, or HMAC_SHA256; ``auth_token``: or a SharedKey's secret)."""
     from twilio.request_validator import RequestValidator
 
-    return RequestValidator(auth_token).compute_signature(url, params)
+    return RequestValidator(auth_token).compute_signature(url, params, algorithm)
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedKeySigning:
+    """Twilio signing a URL's webhooks with a Webhooks SharedKey (a Webhook Rule's Setting) instead
+    of the auth token: the secret and the algorithm it hashes with, named in a settings header."""
+
+    secret: str
+    algorithm: str = "HMAC_SHA256"
+    key_id: str = "webhooks_sharedkey_01" + "0" * 24
+
+    def headers(self, url: str, params: dict[str, str]) -> dict[str, str]:
+        return {
+            "X-Twilio-Signature": twilio_signature(self.secret, url, params, self.algorithm),
+            "X-Twilio-Webhooks-Signature-Settings": f"key={self.key_id},algorithm={self.algorithm}",
+        }
 
 
 # ---------------------------------------------------------------------------
@@ -105,6 +124,12 @@ class FakeTwilio(FakeCarrier):
         super().__init__(**kwargs)
         self.account_sid = account_sid
         self.auth_token = auth_token
+        # Set by a test: the callbacks are signed with a Webhooks SharedKey, not the auth token.
+        self.shared_key: SharedKeySigning | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.shared_key = None
 
     def _authorized(self, request: Request) -> bool:
         # The path's account must be the one whose credentials are presented.
@@ -198,6 +223,8 @@ class FakeTwilio(FakeCarrier):
         return call.status_url, form
 
     def _signature_headers(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
+        if self.shared_key is not None:
+            return self.shared_key.headers(url, form)
         return {"X-Twilio-Signature": twilio_signature(self.auth_token, url, form)}
 
     def _validate_update(self, params: dict[str, Any]) -> None:
