@@ -14,6 +14,14 @@ FAILED = "failed"  # inbound: the caller got the apology; outbound: could not be
 MACHINE_DETECTED = "machine-detected"
 REJECTED = "rejected"  # inbound: no route for the called number
 
+# Who picked up an outbound call, as answering-machine detection tells it (the record's answered_by),
+# whatever the carrier's own words.
+HUMAN = "human"
+MACHINE = "machine"  # an answering machine or voicemail
+FAX = "fax"
+UNKNOWN = "unknown"  # detection could not tell (it timed out)
+ANSWERED_BY = (HUMAN, MACHINE, FAX, UNKNOWN)
+
 STATUS_RANK = {QUEUED: 0, CREATING: 0, RINGING: 1, ANSWERED: 2, IN_PROGRESS: 3}
 FINAL_STATUSES = {COMPLETED, NO_ANSWER, BUSY, CANCELED, FAILED, MACHINE_DETECTED, REJECTED}
 STATUS_RANK.update({status: 9 for status in FINAL_STATUSES})

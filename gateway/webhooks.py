@@ -144,6 +144,7 @@ class CarrierWebhooks:
         self.inbound = self._endpoint(self._inbound)
         self.outbound_answer = self._endpoint(self._outbound_answer)
         self.status = self._endpoint(self._status)
+        self.machine_detection = self._endpoint(self._machine_detection)
         self.handover = self._endpoint(self._handover)
         self.transfer_steps = {step.name: self._endpoint(self._step_handler(step)) for step in TRANSFER_STEPS}
 
@@ -222,6 +223,26 @@ class CarrierWebhooks:
         record = await self.tracking.carrier_status(carrier, webhook, call_id)
         if record is None:
             log.info("%s status callback for a call this gateway does not know", carrier.name)
+        elif call_id is not None and (verdict := carrier.parse_machine_verdict(webhook)) is not None:
+            # Where the carrier reports detection in its status callbacks (Telnyx TeXML's
+            # synchronous mode), it is acted on as from the report URL.
+            await self.outbound_flow.machine_detected(carrier, verdict, call_id)
+        return Response(status_code=204)
+
+    async def _machine_detection(self, carrier: Carrier, request: Request) -> Response:
+        """The verdict of answering-machine detection on a call the gateway placed (its report URL)."""
+        try:
+            webhook = await self._verified(carrier, request,
+                                           issued=self._call_issued(request, "machine-detection", carrier))
+        except RequestRejected as rejection:
+            return self._refused(carrier, rejection)
+        call_id = request.query_params.get("call", "")
+        bind(call_id=call_id)
+        verdict = carrier.parse_machine_verdict(webhook)
+        if verdict is None:
+            log.warning("%s machine detection callback without a verdict", carrier.name)
+        else:
+            await self.outbound_flow.machine_detected(carrier, verdict, call_id)
         return Response(status_code=204)
 
     async def _transfer_step(self, step: TransferStep, carrier: Carrier, request: Request) -> Response:

@@ -26,6 +26,8 @@ from .conftest import (
     OTHER_API_KEY,
     PUBLIC_URL,
     SUPPORT_NUMBER,
+    MACHINE_DETECTING_CARRIERS,
+    NO_MACHINE_DETECTION_CARRIERS,
     ULTRAVOX_DIAL_CARRIERS,
     WEBHOOK_SECRET,
 )
@@ -126,15 +128,71 @@ def test_an_agent_call_without_a_greeting_keeps_the_agents_first_speaker_setting
     assert "firstSpeakerSettings" not in created.body
 
 
-def test_carrier_mode_asks_for_machine_detection_and_hangs_up_on_a_machine(gateway, fake_ultravox, fake_carriers):
-    call = dial(gateway, carrier="twilio", answering_machine_detection=True).json()
-    (placed,) = fake_carriers["twilio"].calls
-    assert placed.params["MachineDetection"] == "Enable"
-    answer = fake_carriers["twilio"].answer(placed, AnsweredBy="machine_start")
-    assert double("twilio").verbs(answer.text) == ["hangup"]
-    assert fake_ultravox.requests == []
+# --- answering machines -------------------------------------------------------------------------------
+
+
+def answered_with_detection(gateway, fake_carriers, carrier, **body):
+    """A call dialled with answering-machine detection, picked up: (its view, the placed call)."""
+    call = dial(gateway, carrier=carrier, answering_machine_detection=True, **body).json()
+    fake = fake_carriers[carrier]
+    (placed,) = fake.calls
+    double(carrier).pick_up(fake, placed)
+    return call, placed
+
+
+def hung_up(fake, placed) -> bool:
+    live_id = fake.live_id(placed)
+    return any(u.call_id == live_id and (u.action == "hangup" or u.params.get("Status") == "completed")
+               for u in fake.updates)
+
+
+@pytest.mark.parametrize("carrier", MACHINE_DETECTING_CARRIERS)
+def test_detection_runs_in_the_background_and_a_person_is_connected_at_once(gateway, fake_ultravox, fake_carriers, carrier):
+    """Nobody waits in silence for the verdict: the agent takes the call as it is answered."""
+    call = dial(gateway, carrier=carrier, answering_machine_detection=True).json()
+    fake = fake_carriers[carrier]
+    (placed,) = fake.calls
+    detection = fake.detection(placed)
+    assert detection.report_url.startswith(f"{PUBLIC_URL}/{carrier}/machine-detection?call={call['id']}&t=")
+    answer = double(carrier).pick_up(fake, placed)
+    assert answer.stream_url == fake_ultravox.created_calls[-1]["joinUrl"]  # the agent, before any verdict
+    fake.answered_by(placed, "human")
     tracked = call_of(gateway, call["id"])
-    assert tracked["status"] == "machine-detected" and tracked["answered_by"] == "machine"
+    assert tracked["status"] == "in-progress" and not hung_up(fake, placed)
+    # Plivo reports machines only; the others say it was a person.
+    assert tracked["answered_by"] in ("human", None)
+
+
+@pytest.mark.parametrize("who", ["machine", "fax"])
+@pytest.mark.parametrize("carrier", MACHINE_DETECTING_CARRIERS)
+def test_a_machine_is_hung_up_once_however_often_the_verdict_comes(gateway, fake_ultravox, fake_carriers, carrier, who):
+    call, placed = answered_with_detection(gateway, fake_carriers, carrier)
+    fake = fake_carriers[carrier]
+    assert fake.answered_by(placed, who).status_code == 204
+    fake.answered_by(placed, who)  # delivered twice
+    tracked = call_of(gateway, call["id"])
+    # Plivo tells no fax from a machine.
+    assert tracked["status"] == "machine-detected" and tracked["answered_by"] in (who, "machine")
+    hangups = [u for u in fake.updates if u.call_id == fake.live_id(placed)]
+    assert len(hangups) == 1 and hung_up(fake, placed)
+
+
+@pytest.mark.parametrize("carrier", MACHINE_DETECTING_CARRIERS)
+def test_a_forged_verdict_is_refused_and_changes_nothing(gateway, fake_ultravox, fake_carriers, carrier):
+    call, placed = answered_with_detection(gateway, fake_carriers, carrier)
+    fake = fake_carriers[carrier]
+    report_url = fake.detection(placed).report_url
+    forged = report_url.split("&t=")[0] + "&t=" + "0" * 32
+    assert fake.callback(forged, {**fake.form_for(fake.live_id(placed)), "AnsweredBy": "machine_start",
+                                  "Machine": "true"}).status_code == 403
+    assert call_of(gateway, call["id"])["status"] == "in-progress" and not hung_up(fake, placed)
+
+
+@pytest.mark.parametrize("carrier", NO_MACHINE_DETECTION_CARRIERS)
+def test_carriers_without_detection_refuse_it_cleanly(gateway, fake_ultravox, fake_carriers, carrier):
+    response = dial(gateway, carrier=carrier, answering_machine_detection=True)
+    assert response.status_code == 422 and "reports no answering machines" in response.text
+    assert fake_carriers[carrier].calls == [] and fake_ultravox.requests == []
 
 
 @pytest.mark.parametrize("carrier", ANSWER_WEBHOOK_CARRIERS)
@@ -368,7 +426,7 @@ def test_a_signed_callback_replayed_to_another_calls_url_is_refused(gateway, fak
 
 
 def test_status_answered_before_the_answer_webhook_still_connects_the_agent(gateway, fake_ultravox, fake_carriers):
-    """Twilio holds the answer webhook until machine detection is done; its `answered` callback wins the race."""
+    """The `answered` callback may beat the answer webhook (detection used to hold it back): the agent still joins."""
     call = dial(gateway, carrier="twilio", answering_machine_detection=True).json()
     (placed,) = fake_carriers["twilio"].calls
     fake_carriers["twilio"].send_status(placed, "in-progress")

@@ -100,7 +100,7 @@ class TwilioCarrier(TwimlCarrier):
         ]
         form += [("StatusCallbackEvent", event) for event in STATUS_CALLBACK_EVENTS]
         if dial.machine_detection:
-            form.append(("MachineDetection", "Enable"))
+            form += self.detection_params(dial.machine_detection).items()
         response = await self.rest(
             http, "POST", f"{self._calls}.json", deadline=deadline,
             # Encoded here: StatusCallbackEvent repeats, which httpx's `data=` cannot express.

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .. import numbers, statuses
 from ..carriers import CarrierName
-from ..carriers.base import Carrier, OutboundDial, Webhook
+from ..carriers.base import Carrier, MachineDetection, MachineVerdict, OutboundDial, Webhook
 from ..http import RemoteError
 from ..logs import bind, bind_call
 from ..settings import RouteSettings, Settings
@@ -244,8 +244,9 @@ class OutboundFlow:
             raise DialRejected(422, f"Ultravox cannot place {carrier.title} calls itself: use via=carrier")
         if via == "carrier" and not carrier.can_dial:
             raise DialRejected(422, f"{carrier_name} REST credentials are not configured on this gateway")
-        if request.answering_machine_detection and carrier.dials_into_stream:
-            raise DialRejected(422, f"answering_machine_detection is not available on {carrier.title} calls")
+        if request.answering_machine_detection and not carrier.detects_machines:
+            raise DialRejected(422, f"answering_machine_detection is not available on {carrier.title} calls: "
+                                    f"{carrier.title} reports no answering machines on the calls the gateway places")
         if not self.settings.ultravox.api_key:
             raise DialRejected(422, "ULTRAVOX_API_KEY is not configured on this gateway")
         if not self.settings.public_url:
@@ -295,7 +296,7 @@ class OutboundFlow:
             answer_url=self.urls.call_callback("outbound-answer", carrier.name, record.id),
             status_url=self.urls.call_callback("status", carrier.name, record.id),
             ring_timeout_seconds=ring_timeout,
-            machine_detection=request.answering_machine_detection,
+            machine_detection=self._machine_detection(carrier, record, request),
             stream_url=stream_url,
         )
         try:
@@ -306,6 +307,13 @@ class OutboundFlow:
         bind(carrier_call_id=carrier_call_id)
         log.info("outbound %s placed with %s (%s)", record.id, carrier.name, carrier_call_id or "id on callback")
         return (await self.store.update(record.id, CallUpdate(carrier_call_id=carrier_call_id, placed=True))).record
+
+    def _machine_detection(self, carrier: Carrier, record: CallRecord, request: DialRequest) -> MachineDetection | None:
+        """Asynchronous detection: the agent takes the call at once (a person never waits in silence
+        for the verdict), and a machine's verdict comes to machine_detected."""
+        if not request.answering_machine_detection:
+            return None
+        return MachineDetection(report_url=self.urls.call_callback("machine-detection", carrier.name, record.id))
 
     async def _place_with_ultravox(
         self, carrier: Carrier, record: CallRecord, request: DialRequest, route: RouteSettings, deadline: float
@@ -409,6 +417,32 @@ class OutboundFlow:
             return AnswerOutcome()
         await self.store.update(record.id, CallUpdate(status=statuses.IN_PROGRESS))
         return AnswerOutcome(join_url=created.join_url)
+
+    async def machine_detected(self, carrier: Carrier, verdict: MachineVerdict, call_id: str) -> None:
+        """Answering-machine detection's verdict on a call the gateway placed: recorded; a machine
+        (or a fax) is hung up, once however often the verdict is delivered."""
+        record = await self.store.get(call_id)
+        if record is None or record.via != "carrier" or record.carrier != carrier.name:
+            return
+        bind_call(record)
+        carrier_call_id = record.carrier_call_id or verdict.carrier_call_id
+        if not verdict.machine:
+            await self.store.update(record.id, CallUpdate(answered_by=verdict.answered_by, carrier_call_id=carrier_call_id))
+            return
+        request = DialRequest.model_validate(record.request["request"])
+        if not request.answering_machine_detection:
+            await self.store.update(record.id, CallUpdate(answered_by=verdict.answered_by))
+            return
+        # The one delivery whose update moves the call to machine-detected acts on it.
+        changed = await self.store.update(record.id, CallUpdate(
+            status=statuses.MACHINE_DETECTED, answered_by=verdict.answered_by, carrier_call_id=carrier_call_id))
+        if not changed.advanced or not carrier_call_id:
+            return
+        log.info("outbound %s: a %s answered; hanging up", record.id, verdict.answered_by)
+        try:
+            await carrier.hang_up(self.http, carrier_call_id, deadline=self._clock() + PLACE_DEADLINE_SECONDS)
+        except RemoteError as error:
+            log.warning("outbound %s: hanging up the %s failed: %s", record.id, verdict.answered_by, error.reason)
 
     async def _join_url_of(self, call_id: str, deadline: float) -> str | None:
         while self._clock() + POLL_SECONDS < deadline:

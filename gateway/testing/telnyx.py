@@ -11,6 +11,7 @@ import time
 import uuid
 from typing import Any
 
+import httpx
 import numpy as np
 from starlette.requests import Request
 
@@ -19,6 +20,7 @@ from .carrier import (
     _STATUS_EVENTS,
     _TWIML_VERBS,
     CallUpdate,
+    Detection,
     FakeCarrier,
     PlacedCarrierCall,
     XmlDouble,
@@ -26,7 +28,10 @@ from .carrier import (
     _Invalid,
     _is_int,
     _rfc2822_now,
+    _twiml_answered_by,
+    _twiml_detection,
     _validate_texml_update,
+    _validate_twiml_detection,
 )
 from .stream import StreamDialect, _b64, audioop
 from .ultravox import _ERROR_DETAILS
@@ -173,6 +178,9 @@ class FakeTelnyx(FakeCarrier):
             "DetectMessageEnd",
         ):
             raise _Invalid("MachineDetection must be Enable, Disable or DetectMessageEnd")
+        if "AsyncAmd" in params and not isinstance(params["AsyncAmd"], bool):
+            raise _Invalid("AsyncAmd must be a boolean")  # the JSON body's type (the SDK's call_calls_params)
+        _validate_twiml_detection(params)
 
     def _place(self, params: dict[str, Any]) -> PlacedCarrierCall:
         return PlacedCarrierCall(
@@ -247,6 +255,23 @@ class FakeTelnyx(FakeCarrier):
 
     def _signature_headers(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
         return self.signer.headers(raw)
+
+    def detection(self, call: PlacedCarrierCall) -> Detection | None:
+        return _twiml_detection(call.params)
+
+    def _tell_detection(self, call: PlacedCarrierCall, detection: Detection, who: str) -> httpx.Response | None:
+        """Asynchronous (AsyncAmd): AnsweredBy to AsyncAmdStatusCallback (TexmlCallAmdWebhook), the
+        TeXML running meanwhile. Synchronous: the TeXML waits; AnsweredBy comes in a status callback,
+        and a person's TeXML is fetched after it (Telnyx's TeXML answering-machine guide)."""
+        answered_by = _twiml_answered_by(who, detection)
+        if detection.report_url is not None:
+            return self.callback(detection.report_url, {
+                "AccountSid": self.account_sid, "AnsweredBy": answered_by, "CallSid": call.call_id,
+                "CallSidLegacy": call.call_id, "ConnectionId": call.params["ApplicationSid"],
+                "MachineDetectionDuration": "2500",
+            })
+        told = self.send_status(call, "in-progress", AnsweredBy=answered_by)
+        return self.answer(call) if who == "human" else told
 
 
 # ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import dataclasses
 import secrets
 from typing import Any
 
+import httpx
 from starlette.requests import Request
 
 from .carrier import (
@@ -17,6 +18,7 @@ from .carrier import (
     _STATUS_EVENTS,
     _TWIML_VERBS,
     CallUpdate,
+    Detection,
     FakeCarrier,
     PlacedCarrierCall,
     XmlDouble,
@@ -25,7 +27,10 @@ from .carrier import (
     _is_int,
     _one,
     _rfc2822_now,
+    _twiml_answered_by,
+    _twiml_detection,
     _validate_texml_update,
+    _validate_twiml_detection,
 )
 from .stream import StreamDialect, _b64, audioop
 
@@ -160,6 +165,7 @@ class FakeTwilio(FakeCarrier):
             "DetectMessageEnd",
         ):
             raise _Invalid("MachineDetection must be Enable or DetectMessageEnd")
+        _validate_twiml_detection(params)
 
     def _place(self, params: dict[str, Any]) -> PlacedCarrierCall:
         understood = {name: _one(params, name) for name in params}
@@ -221,6 +227,21 @@ class FakeTwilio(FakeCarrier):
         if status in ("completed", "busy", "failed", "no-answer", "canceled"):
             form["CallDuration"] = "0"  # Twilio reports a duration on final events
         return call.status_url, form
+
+    def detection(self, call: PlacedCarrierCall) -> Detection | None:
+        return _twiml_detection(call.params)
+
+    def _tell_detection(self, call: PlacedCarrierCall, detection: Detection, who: str) -> httpx.Response | None:
+        """Asynchronous (AsyncAmd): AnsweredBy to AsyncAmdStatusCallback, the call going on meanwhile.
+        Synchronous: the answer webhook waits for the verdict and carries AnsweredBy (Twilio's
+        answering-machine detection docs)."""
+        answered_by = _twiml_answered_by(who, detection)
+        if detection.report_url is None:
+            return self.answer(call, AnsweredBy=answered_by)
+        return self.callback(detection.report_url, {
+            "CallSid": call.call_id, "AccountSid": self.account_sid, "AnsweredBy": answered_by,
+            "MachineDetectionDuration": "2100",
+        })
 
     def _signature_headers(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
         if self.shared_key is not None:
