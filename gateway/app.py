@@ -226,6 +226,7 @@ class Gateway:
             Route("/{carrier}/status", later(lambda g: g.webhooks.status), methods=webhook, name="status"),
             Route("/{carrier}/machine-detection", later(lambda g: g.webhooks.machine_detection), methods=webhook,
                   name="machine-detection"),
+            Route("/{carrier}/voicemail", later(lambda g: g.webhooks.voicemail), methods=webhook, name="voicemail"),
             Route("/{carrier}/handover", later(lambda g: g.webhooks.handover), methods=webhook, name="handover"),
             *[Route(f"/{{carrier}}/transfer/{step.name}", later(lambda g, step=step: g.webhooks.transfer_steps[step.name]),
                     methods=webhook, name=f"transfer-{step.name}") for step in TRANSFER_STEPS],

@@ -145,6 +145,7 @@ class CarrierWebhooks:
         self.outbound_answer = self._endpoint(self._outbound_answer)
         self.status = self._endpoint(self._status)
         self.machine_detection = self._endpoint(self._machine_detection)
+        self.voicemail = self._endpoint(self._voicemail)
         self.handover = self._endpoint(self._handover)
         self.transfer_steps = {step.name: self._endpoint(self._step_handler(step)) for step in TRANSFER_STEPS}
 
@@ -193,6 +194,21 @@ class CarrierWebhooks:
         except Exception:  # the deadline, or a bug: the callee hears the apology either way
             log.exception("%s answer for outbound call %s failed", carrier.name, call_id)
             body = carrier.apology_answer(self.settings.fallback.message, None)
+        return carrier.answer_response(body)
+
+    async def _voicemail(self, carrier: Carrier, request: Request) -> Response:
+        """An answering machine's call, moved here to be left the voicemail message."""
+        try:
+            await self._verified(carrier, request, issued=self._call_issued(request, "voicemail", carrier))
+        except RequestRejected as rejection:
+            return self._refused(carrier, rejection)
+        call_id = request.query_params.get("call", "")
+        bind(call_id=call_id)
+        try:
+            body = await self.outbound_flow.voicemail_answer(carrier, call_id)
+        except Exception:  # nobody is listening but a machine: end the call
+            log.exception("%s voicemail for outbound call %s failed", carrier.name, call_id)
+            body = carrier.hangup_answer()
         return carrier.answer_response(body)
 
     async def _handover(self, carrier: Carrier, request: Request) -> Response:

@@ -433,6 +433,12 @@ class Carrier(ABC):
     def hangup_answer(self) -> str:
         """An answer that ends the call at once."""
 
+    def voicemail_answer(self, message: str) -> str:
+        """An answer leaving `message` on the answering machine that took the call, then hanging up.
+        Fetched once detection has found the machine (carriers that detects_machines): after its
+        greeting where the carrier reports its end, else the answer itself waits for the beep."""
+        raise NotImplementedError(f"{self.title} detects no answering machines")
+
     # --- live call control and transfers (carriers that can_transfer) ------------------------------
     async def redirect(self, http: httpx.AsyncClient, carrier_call_id: str, url: str, *, deadline: float) -> None:
         """Make the live call fetch and run new XML from `url` (which ends its current stream).

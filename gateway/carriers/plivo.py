@@ -58,6 +58,10 @@ CALL_STATUSES = {
     "cancel": statuses.CANCELED,
 }
 
+# Longest wait for a voicemail's beep before the message is left anyway (peers wait about 30 s:
+# less cuts long greetings short).
+VOICEMAIL_BEEP_WAIT_SECONDS = 30
+
 # Ultravox's plivo medium speaks 16 kHz linear PCM.
 STREAM_CONTENT_TYPE = "audio/x-l16;rate=16000"
 
@@ -130,6 +134,15 @@ class PlivoCarrier(Carrier):
 
     def hangup_answer(self) -> str:
         response = plivoxml.ResponseElement()
+        response.add(plivoxml.HangupElement())
+        return response.to_string()
+
+    def voicemail_answer(self, message: str) -> str:
+        # Plivo reports a machine while it still greets, and no end of the greeting: <Wait beep>
+        # waits for the beep (at most `length` seconds) before the message (its Wait XML docs).
+        response = plivoxml.ResponseElement()
+        response.add(plivoxml.WaitElement(length=VOICEMAIL_BEEP_WAIT_SECONDS, beep=True))
+        response.add(plivoxml.SpeakElement(message))
         response.add(plivoxml.HangupElement())
         return response.to_string()
 

@@ -84,6 +84,13 @@ class TwimlCarrier(EventStreamCarrier):
         response.hangup()
         return response.to_xml()
 
+    def voicemail_answer(self, message: str) -> str:
+        # Fetched on a machine_end_* verdict (DetectMessageEnd): the greeting is over, speak now.
+        response = VoiceResponse()
+        response.say(message)
+        response.hangup()
+        return response.to_xml()
+
     def dial_answer(self, *, say: str | None, target: str, action_url: str, ring_timeout: int, caller_id: str | None) -> str:
         response = VoiceResponse()
         if say:

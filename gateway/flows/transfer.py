@@ -531,10 +531,7 @@ class TransferFlow:
         if not ultravox_call_id:
             return
         try:
-            await self.ultravox.send_data_message(
-                ultravox_call_id, {"type": "user_text_message", "text": text, "urgency": "immediate"},
-                deadline=self._clock() + CARRIER_WORK_SECONDS,
-            )
+            await self.ultravox.tell_agent(ultravox_call_id, text, deadline=self._clock() + CARRIER_WORK_SECONDS)
         except UltravoxError as error:
             log.warning("could not tell Ultravox call %s about the transfer: %s", ultravox_call_id, error.reason)
 
