@@ -196,35 +196,35 @@ class CarrierWebhooks:
             body = carrier.apology_answer(self.settings.fallback.message, None)
         return carrier.answer_response(body)
 
-    async def _voicemail(self, carrier: Carrier, request: Request) -> Response:
-        """An answering machine's call, moved here to be left the voicemail message."""
+    async def _instructions(self, carrier: Carrier, request: Request, route: str,
+                            answer: Callable[[str], Awaitable[str]], fallback: Callable[[], str]) -> Response:
+        """A live call fetching new instructions from a URL issued for it on `route`: `answer`'s for
+        the call's id, or `fallback`'s should that fail."""
         try:
-            await self._verified(carrier, request, issued=self._call_issued(request, "voicemail", carrier))
+            await self._verified(carrier, request, issued=self._call_issued(request, route, carrier))
         except RequestRejected as rejection:
             return self._refused(carrier, rejection)
         call_id = request.query_params.get("call", "")
         bind(call_id=call_id)
         try:
-            body = await self.outbound_flow.voicemail_answer(carrier, call_id)
-        except Exception:  # nobody is listening but a machine: end the call
-            log.exception("%s voicemail for outbound call %s failed", carrier.name, call_id)
-            body = carrier.hangup_answer()
+            body = await answer(call_id)
+        except Exception:
+            log.exception("%s %s of call %s failed", carrier.name, route, call_id)
+            body = fallback()
         return carrier.answer_response(body)
+
+    async def _voicemail(self, carrier: Carrier, request: Request) -> Response:
+        """An answering machine's call, moved here to be left the voicemail message."""
+        return await self._instructions(
+            carrier, request, "voicemail", lambda call_id: self.outbound_flow.voicemail_answer(carrier, call_id),
+            carrier.hangup_answer)  # failing, nobody but a machine listens: end the call
 
     async def _handover(self, carrier: Carrier, request: Request) -> Response:
         """A live call moved off a draining replica fetches its new stream here (on any replica)."""
-        try:
-            await self._verified(carrier, request, issued=self._call_issued(request, "handover", carrier))
-        except RequestRejected as rejection:
-            return self._refused(carrier, rejection)
-        call_id = request.query_params.get("call", "")
-        bind(call_id=call_id)
-        try:
-            body = await self.handover_flow.answer(carrier, call_id)
-        except Exception:  # never silence: the apology (and the fallback number, if any)
-            log.exception("%s handover of call %s failed", carrier.name, call_id)
-            body = carrier.apology_answer(self.settings.fallback.message, self.settings.fallback.dial_number)
-        return carrier.answer_response(body)
+        fallback = self.settings.fallback  # never silence: the apology (and the fallback number, if any)
+        return await self._instructions(
+            carrier, request, "handover", lambda call_id: self.handover_flow.answer(carrier, call_id),
+            lambda: carrier.apology_answer(fallback.message, fallback.dial_number))
 
     async def _status(self, carrier: Carrier, request: Request) -> Response:
         """Call progress callbacks: the call named in the URL, or an inbound call by its carrier id."""
