@@ -209,15 +209,16 @@ async def relay_main(port: int, carrier: str) -> None:
         return None
 
     async def handler(carrier_ws) -> None:
-        # /media/<carrier>?join=<Ultravox join URL>: the load generator created the call.
-        join = parse_qs(urlsplit(carrier_ws.request.path).query)["join"][0]
+        # /media/<carrier>?join=<Ultravox join URL>, or a `join` stream parameter for a carrier whose
+        # stream URLs take no query: the load generator created the call.
+        join = parse_qs(urlsplit(carrier_ws.request.path).query).get("join", [None])[0]
         sid = None
         async for message in carrier_ws:
             event = parsed(message)
             if isinstance(event, StreamStart):
-                sid = event.stream_id
+                sid, join = event.stream_id, join or event.parameters.get("join")
                 break
-        if sid is None:
+        if sid is None or join is None:
             return
         async with websockets.connect(join, compression=None, max_size=2**20) as ultravox:
             async def caller_to_agent():
@@ -323,8 +324,9 @@ def build_setups(spec: dict, carrier_double) -> dict[int, dict]:
     return setups
 
 
-async def open_call(spec: dict, setup: dict, http, carrier_double) -> tuple[str, dict | None]:
-    """The stream URL to connect to (on loopback) and its headers, as the carrier would open it."""
+async def open_call(spec: dict, setup: dict, http, carrier_double) -> tuple[str, dict | None, dict[str, str]]:
+    """The stream URL to connect to (on loopback), its headers and its parameters, as the carrier
+    would open it."""
     carrier = carrier_double.name
     if spec["target"] == "gateway":
         response = await http.request(setup["method"], spec["target_url"] + setup["target"],
@@ -340,7 +342,7 @@ async def open_call(spec: dict, setup: dict, http, carrier_double) -> tuple[str,
             raise RuntimeError(f"stream URL {public!r} is not under {public_base}")
         local = "ws://" + spec["target_url"].split("://", 1)[1] + public[len(public_base):]
         # A carrier signing the upgrade signs the URL as written in its answer, not the loopback one.
-        return local, carrier_double.stream_headers(public)
+        return local, carrier_double.stream_headers(public), carrier_double.stream_parameters(response.text)
     # Baseline: create the Ultravox call ourselves, as the gateway does for a bridged route.
     rate = CARRIERS[carrier].media_rate
     response = await http.post(
@@ -353,7 +355,10 @@ async def open_call(spec: dict, setup: dict, http, carrier_double) -> tuple[str,
     if response.status_code != 201:
         raise RuntimeError(f"fake Ultravox: HTTP {response.status_code}: {response.text[:200]}")
     join = response.json()["joinUrl"]
-    return "ws://" + spec["target_url"].split("://", 1)[1] + f"/media/{carrier}?join={quote(join, safe='')}", None
+    base = "ws://" + spec["target_url"].split("://", 1)[1] + f"/media/{carrier}"
+    if not carrier_double.stream_url_takes_query:
+        return base, None, {"join": join}
+    return f"{base}?join={quote(join, safe='')}", None, {}
 
 
 async def run_call(spec: dict, setup: dict, frames: list[bytes], start_at: float, http, samples: dict[str, list],
@@ -371,8 +376,8 @@ async def run_call(spec: dict, setup: dict, frames: list[bytes], start_at: float
     stream = None
     sent_at = [math.nan] * len(frames)
     try:
-        url, headers = await open_call(spec, setup, http, carrier_double)
-        stream = CarrierStream(carrier_double.name, url, headers=headers)
+        url, headers, parameters = await open_call(spec, setup, http, carrier_double)
+        stream = CarrierStream(carrier_double.name, url, headers=headers, parameters=parameters)
         await stream.connect()
         await stream.start(call_id=setup["call_id"])
         schedule = time.monotonic()  # frame k is due at schedule + k * 20 ms

@@ -82,17 +82,18 @@ class Bench:
         request = self.double.inbound_request(PUBLIC_URL, f"/{self.args.carrier}/inbound", form)
         target = f"{lb_url}/{self.args.carrier}/inbound" + (f"?{request.query}" if request.query else "")
         response = await http.request(request.method, target, content=request.body, headers=request.headers)
-        public_url, _ = self.double.connected_url(response.text)
         local = lb_url.replace("http", "ws")
 
-        async def open_stream(url: str) -> CarrierStream:
+        async def open_stream(answer: str) -> CarrierStream:
+            url, _ = self.double.connected_url(answer)
             stream = CarrierStream(self.args.carrier, url.replace(PUBLIC_URL.replace("https", "wss"), local),
-                                   headers=self.double.stream_headers(url))
+                                   headers=self.double.stream_headers(url),
+                                   parameters=self.double.stream_parameters(answer))
             await stream.connect()
             await stream.start(call_id=call_id)
             return stream
 
-        stream = await open_stream(public_url)
+        stream = await open_stream(response.text)
         audio = tone(stream.rate, CHUNK_SECONDS)
         moves_seen = 0
         last_echo = time.monotonic()
@@ -107,11 +108,10 @@ class Bench:
                 before = stream.received[-1].at if stream.received else time.monotonic()
                 answer = await asyncio.to_thread(self.fake_carrier.callback, self.double.redirect_url(moves[-1]),
                                                  self.fake_carrier.form_for(call_id))
-                new_url, _ = self.double.connected_url(answer.text)
                 stats.echoed_bytes += len(stream.agent_audio())
                 await stream.stop()
                 await stream.close()
-                stream = await open_stream(new_url)
+                stream = await open_stream(answer.text)
                 stats.handovers += 1
                 await stream.play(audio)
                 await self._first_echo(stream)

@@ -90,6 +90,11 @@ class DialPolicySettings(_Section):
         return [numbers.prefix(prefix) for prefix in value]
 
 
+# What a call the gateway placed does when answering-machine detection finds a machine: hang up;
+# leave `voicemail_message` after the greeting, spoken by the carrier; or have the agent leave one.
+VoicemailPolicy = Literal["hangup", "message", "agent"]
+
+
 def carrier_names() -> list[str]:
     from .carriers import CARRIERS  # carriers import settings; the registry is read when needed
 
@@ -110,6 +115,11 @@ class OutboundSettings(_Section):
     # into the Ultravox account.
     default_via: Literal["carrier", "ultravox"] = "carrier"
     ring_timeout_seconds: int = Field(default=30, ge=5, le=120)
+    # When answering-machine detection finds a machine (routes and dial requests may say otherwise).
+    voicemail: VoicemailPolicy = "hangup"
+    # What voicemail = "message" leaves after the greeting (routes may have their own).
+    voicemail_message: str = Field(
+        default="Hello, we tried to reach you and will try again later. Goodbye.", min_length=1)
     # Numbers this deployment owns, per carrier; a dial request's `from` must be one of them.
     numbers: dict[str, list[str]] = Field(default_factory=dict)
     policy: DialPolicySettings = Field(default_factory=DialPolicySettings)
@@ -339,6 +349,10 @@ class RouteSettings(_Section):
     metadata: dict[str, str] = Field(default_factory=dict)
     # Operators this route's agent may transfer to (names of [operators.NAME]).
     operators: list[str] = Field(default_factory=list)
+    # Calls placed on this route that answering-machine detection finds a machine on: what to do,
+    # and the message to leave (default: [outbound] voicemail and voicemail_message).
+    voicemail: VoicemailPolicy | None = None
+    voicemail_message: str | None = Field(default=None, min_length=1)
     # "direct": the carrier streams to Ultravox itself. "bridge": the carrier streams to the gateway,
     # which relays the audio to Ultravox (recording, keypad handling, audio counters).
     mode: Literal["direct", "bridge"] = "direct"

@@ -23,6 +23,10 @@ SECRET_REQUIREMENT = "gatewayToolSecret"
 DURABLE_NAMES = {COLD_TOOL: "gateway-transfer", WARM_TOOL: "gateway-warm-transfer"}
 # The gateway's routes serving them (see gateway.app).
 TOOL_ROUTES = {COLD_TOOL: "tool-transfer", WARM_TOOL: "tool-warm-transfer"}
+# Ultravox's built-in tool that leaves a voicemail (its `message`, model-written), then ends the call
+# (docs.ultravox.ai/tools/built-in-tools, per research/operations-and-voicemail.md A4; built-in
+# tools are not in the OpenAPI schema, which only says a SelectedTool may name one by toolName).
+LEAVE_VOICEMAIL = "leaveVoicemail"
 
 
 def _body(name: str, description: str, schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
@@ -71,6 +75,11 @@ def transfer_tools(settings: Settings, urls: Urls, operators: list[str]) -> list
         {"temporaryTool": tool_definition(settings, urls, tool, operators), "authTokens": {SECRET_REQUIREMENT: settings.tool_secret}}
         for tool in (COLD_TOOL, WARM_TOOL)
     ]
+
+
+def voicemail_tool() -> dict[str, Any]:
+    """The SelectedTool of Ultravox's leaveVoicemail (the model writes the message)."""
+    return {"toolName": LEAVE_VOICEMAIL}
 
 
 async def sync_tools(settings: Settings, urls: Urls, http: httpx.AsyncClient) -> list[str]:

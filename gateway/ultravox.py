@@ -72,6 +72,11 @@ class UltravoxClient:
             raise UltravoxError(error.reason) from None
         return _created_call(response)
 
+    async def tell_agent(self, call_id: str, text: str, *, deadline: float) -> None:
+        """Tell a live call's agent something it must act on now (a user_text_message it answers)."""
+        await self.send_data_message(call_id, {"type": "user_text_message", "text": text, "urgency": "immediate"},
+                                     deadline=deadline)
+
     async def send_data_message(self, call_id: str, message: dict[str, Any], *, deadline: float) -> None:
         """Inject a message into a live call (204), e.g. to tell the agent what happened meanwhile."""
         try:

@@ -66,15 +66,15 @@ class Urls:
                                 token: str | None) -> bool:
         return valid_callback_token(self._key, transfer_subject(carrier, transfer_id, step, leg), token)
 
-    def media_socket(self, carrier: str, call_id: str, *, lifetime: float = MEDIA_TOKEN_SECONDS) -> tuple[str, dict[str, str]]:
-        """The gateway's media socket for one call (bridge mode), and the credentials in its query.
-
-        The credentials are also given to carriers as stream parameters (Twilio's <Parameter>),
-        which arrive in the start message should the query be dropped.
-        """
+    def media_socket(self, carrier: str, call_id: str, *, lifetime: float = MEDIA_TOKEN_SECONDS,
+                     in_query: bool = True) -> tuple[str, dict[str, str]]:
+        """The gateway's media socket for one call (bridge mode), and its credentials: in the URL's
+        query too (`in_query`), or only for the carrier to give as stream parameters (Twilio's
+        <Parameter>s, which arrive in the start message)."""
         expires = int(time.time() + lifetime)
         credentials = {"call": call_id, "token": media_token(self._key, carrier, call_id, expires)}
-        return as_websocket_url(self.public("media", credentials, carrier=carrier)), credentials
+        url = self.public("media", credentials if in_query else None, carrier=carrier)
+        return as_websocket_url(url), credentials
 
     # --- what Ultravox is given -----------------------------------------------------------------
     def ultravox_events(self) -> str | None:

@@ -144,6 +144,8 @@ class CarrierWebhooks:
         self.inbound = self._endpoint(self._inbound)
         self.outbound_answer = self._endpoint(self._outbound_answer)
         self.status = self._endpoint(self._status)
+        self.machine_detection = self._endpoint(self._machine_detection)
+        self.voicemail = self._endpoint(self._voicemail)
         self.handover = self._endpoint(self._handover)
         self.transfer_steps = {step.name: self._endpoint(self._step_handler(step)) for step in TRANSFER_STEPS}
 
@@ -194,20 +196,35 @@ class CarrierWebhooks:
             body = carrier.apology_answer(self.settings.fallback.message, None)
         return carrier.answer_response(body)
 
-    async def _handover(self, carrier: Carrier, request: Request) -> Response:
-        """A live call moved off a draining replica fetches its new stream here (on any replica)."""
+    async def _instructions(self, carrier: Carrier, request: Request, route: str,
+                            answer: Callable[[str], Awaitable[str]], fallback: Callable[[], str]) -> Response:
+        """A live call fetching new instructions from a URL issued for it on `route`: `answer`'s for
+        the call's id, or `fallback`'s should that fail."""
         try:
-            await self._verified(carrier, request, issued=self._call_issued(request, "handover", carrier))
+            await self._verified(carrier, request, issued=self._call_issued(request, route, carrier))
         except RequestRejected as rejection:
             return self._refused(carrier, rejection)
         call_id = request.query_params.get("call", "")
         bind(call_id=call_id)
         try:
-            body = await self.handover_flow.answer(carrier, call_id)
-        except Exception:  # never silence: the apology (and the fallback number, if any)
-            log.exception("%s handover of call %s failed", carrier.name, call_id)
-            body = carrier.apology_answer(self.settings.fallback.message, self.settings.fallback.dial_number)
+            body = await answer(call_id)
+        except Exception:
+            log.exception("%s %s of call %s failed", carrier.name, route, call_id)
+            body = fallback()
         return carrier.answer_response(body)
+
+    async def _voicemail(self, carrier: Carrier, request: Request) -> Response:
+        """An answering machine's call, moved here to be left the voicemail message."""
+        return await self._instructions(
+            carrier, request, "voicemail", lambda call_id: self.outbound_flow.voicemail_answer(carrier, call_id),
+            carrier.hangup_answer)  # failing, nobody but a machine listens: end the call
+
+    async def _handover(self, carrier: Carrier, request: Request) -> Response:
+        """A live call moved off a draining replica fetches its new stream here (on any replica)."""
+        fallback = self.settings.fallback  # never silence: the apology (and the fallback number, if any)
+        return await self._instructions(
+            carrier, request, "handover", lambda call_id: self.handover_flow.answer(carrier, call_id),
+            lambda: carrier.apology_answer(fallback.message, fallback.dial_number))
 
     async def _status(self, carrier: Carrier, request: Request) -> Response:
         """Call progress callbacks: the call named in the URL, or an inbound call by its carrier id."""
@@ -222,6 +239,26 @@ class CarrierWebhooks:
         record = await self.tracking.carrier_status(carrier, webhook, call_id)
         if record is None:
             log.info("%s status callback for a call this gateway does not know", carrier.name)
+        elif call_id is not None and (verdict := carrier.parse_machine_verdict(webhook)) is not None:
+            # Where the carrier reports detection in its status callbacks (Telnyx TeXML's
+            # synchronous mode), it is acted on as from the report URL.
+            await self.outbound_flow.machine_detected(carrier, verdict, call_id)
+        return Response(status_code=204)
+
+    async def _machine_detection(self, carrier: Carrier, request: Request) -> Response:
+        """The verdict of answering-machine detection on a call the gateway placed (its report URL)."""
+        try:
+            webhook = await self._verified(carrier, request,
+                                           issued=self._call_issued(request, "machine-detection", carrier))
+        except RequestRejected as rejection:
+            return self._refused(carrier, rejection)
+        call_id = request.query_params.get("call", "")
+        bind(call_id=call_id)
+        verdict = carrier.parse_machine_verdict(webhook)
+        if verdict is None:
+            log.warning("%s machine detection callback without a verdict", carrier.name)
+        else:
+            await self.outbound_flow.machine_detected(carrier, verdict, call_id)
         return Response(status_code=204)
 
     async def _transfer_step(self, step: TransferStep, carrier: Carrier, request: Request) -> Response:

@@ -26,6 +26,9 @@ TRANSFER_CARRIERS = [name for name, c in CARRIERS.items() if c.can_transfer]  # 
 ULTRAVOX_DIAL_CARRIERS = [name for name, c in CARRIERS.items() if c.ultravox_can_dial]  # via=ultravox
 # Outbound calls that fetch an answer URL when the callee picks up (not dialled into the stream).
 ANSWER_WEBHOOK_CARRIERS = [name for name, c in CARRIERS.items() if not c.dials_into_stream]
+# Tell answering machines from people on the calls the gateway places (and those that cannot).
+MACHINE_DETECTING_CARRIERS = [name for name, c in CARRIERS.items() if c.detects_machines]
+NO_MACHINE_DETECTION_CARRIERS = [name for name in CARRIERS if name not in MACHINE_DETECTING_CARRIERS]
 # Webhook signatures that cover the URL (a proxy's path prefix must be signed too), and the fields
 # (a field changed on the way is noticed).
 URL_SIGNING_CARRIERS = [name for name in CARRIERS if double(name).signs_url]

@@ -56,6 +56,7 @@ class BridgedCall:
         response = gateway.post(carrier, self.form)
         assert response.status_code == 200, response.text
         self.public_stream_url, _ = self.double.connected_url(response.text)
+        self.parameters = self.double.stream_parameters(response.text)
         self.ultravox_request = fake_ultravox.requests[-1]
 
     @property
@@ -67,9 +68,10 @@ class BridgedCall:
         """Where the carrier would connect, reached on loopback (the signature stays on the public URL)."""
         return local(self.gateway, self.public_stream_url)
 
-    def stream(self, url: str | None = None, *, signed: bool = True) -> CarrierStream:
+    def stream(self, url: str | None = None, *, signed: bool = True, codec: str | None = None) -> CarrierStream:
         headers = self.double.stream_headers(self.public_stream_url) if signed else None
-        return CarrierStream(self.carrier, url or self.local_url, headers=headers)
+        return CarrierStream(self.carrier, url or self.local_url, headers=headers, parameters=self.parameters,
+                             codec=codec)
 
     def talk(self, seconds: float) -> None:
         """A whole short call: the stream starts, the caller speaks `seconds`, the stream stops."""
@@ -85,6 +87,19 @@ class BridgedCall:
     def record(self):
         (record,) = [r for r in self.gateway.records() if r.carrier_call_id == self.carrier_call_id]
         return record
+
+
+def media_credentials(carrier: str, stream_url: str, parameters: dict[str, str]) -> dict[str, str]:
+    """The call and token an answer gives the gateway's media socket: in the stream URL's query, or
+    (carriers whose stream URLs take none) in the stream's parameters only."""
+    from urllib.parse import parse_qs
+
+    base, _, query = stream_url.partition("?")
+    assert base == f"wss://gateway.example.test/media/{carrier}"
+    if double(carrier).stream_url_takes_query:
+        return {name: values[0] for name, values in parse_qs(query).items()}
+    assert query == "" and set(parameters) == {"call", "token"}
+    return parameters
 
 
 def local(gateway, public_stream_url: str) -> str:
@@ -120,7 +135,7 @@ def test_audio_round_trips_through_each_carrier_protocol(bridged, carrier):
     call = bridged(carrier)
     medium = call.ultravox_request.body["medium"]["serverWebSocket"]
     assert medium == {"inputSampleRate": call.rate, "outputSampleRate": call.rate, "clientBufferSizeMs": 30000}
-    assert call.public_stream_url.startswith(f"wss://gateway.example.test/media/{carrier}?")
+    assert set(media_credentials(carrier, call.public_stream_url, call.parameters)) == {"call", "token"}
     sent = speech(call.rate, 1.0)
 
     async def scenario():
@@ -268,7 +283,8 @@ def test_twilio_media_socket_needs_twilios_signature(bridged):
     https_spelling = call.public_stream_url.replace("wss://", "https://")
 
     async def signed_as_https():
-        async with CarrierStream("twilio", call.local_url, headers=twilio_stream_headers(TWILIO_TOKEN, https_spelling)) as s:
+        async with CarrierStream("twilio", call.local_url, headers=twilio_stream_headers(TWILIO_TOKEN, https_spelling),
+                                 parameters=call.parameters) as s:
             await s.start(call_id=call.carrier_call_id)
             await asyncio.to_thread(call.ultravox.wait_for_session)
 
@@ -371,8 +387,9 @@ def test_a_failed_transfer_in_bridge_mode_reconnects_the_stream_to_the_agent(bri
     no_answer = {**form, carrier_double.dial_status_param: "no-answer"}
     action = carrier_double.dialled(fake.callback(carrier_double.redirect_url(fake.updates[-1]), form).text).action
     action = carrier_double.dialled(fake.callback(action, no_answer).text).action
-    back, _ = carrier_double.connected_url(fake.callback(action, no_answer).text)
-    assert back.startswith(f"wss://gateway.example.test/media/{carrier}?")
+    answer = fake.callback(action, no_answer).text
+    back, _ = carrier_double.connected_url(answer)
+    assert set(media_credentials(carrier, back, carrier_double.stream_parameters(answer))) == {"call", "token"}
     returned = call.ultravox.requests[-1]
     assert returned.query["priorCallId"] == ultravox_call_id
     assert "serverWebSocket" in returned.body["medium"]
@@ -381,25 +398,25 @@ def test_a_failed_transfer_in_bridge_mode_reconnects_the_stream_to_the_agent(bri
 # --- review findings ---------------------------------------------------------------------------------
 
 
-def test_twilio_stream_without_the_query_uses_the_stream_parameters(bridged):
-    """Should Twilio drop the stream URL's query, the <Parameter>s carry the call and its token."""
-    from urllib.parse import parse_qs, urlsplit
-
+def test_twilio_streams_take_no_query_the_parameters_carry_the_call_and_its_token(bridged):
+    """Twilio's <Stream url> supports no query string: the TwiML gives the call and its token as
+    <Parameter>s, which the start message's customParameters bring, checked before anything
+    reaches Ultravox (the upgrade's signature proves Twilio, but is the same for every call)."""
     call = bridged("twilio")
-    params = {k: v[0] for k, v in parse_qs(urlsplit(call.public_stream_url).query).items()}
-    bare_public, bare_local = call.public_stream_url.split("?")[0], call.local_url.split("?")[0]
+    assert "?" not in call.public_stream_url
+    other = bridged("twilio")  # another call's valid credentials
 
-    async def scenario(token):
-        headers = twilio_stream_headers(TWILIO_TOKEN, bare_public)  # Twilio signs what it requested
-        async with CarrierStream("twilio", bare_local, headers=headers) as stream:
-            await stream.start(call_id=call.carrier_call_id, custom_parameters={"call": params["call"], "token": token})
+    async def scenario(parameters):
+        async with call.stream() as stream:
+            await stream.start(call_id=call.carrier_call_id, custom_parameters=parameters)
             await stream.play(speech(8000, 0.2))
             await asyncio.sleep(0.2)
             return len(stream.agent_audio()), stream.closed.is_set()
 
-    assert asyncio.run(scenario("1.forged")) == (0, True)  # refused before anything reached Ultravox
-    assert call.ultravox.sessions == {}
-    heard, closed = asyncio.run(scenario(params["token"]))
+    for refused in ({"token": "1.forged"}, other.parameters, {"call": "", "token": ""}):
+        assert asyncio.run(scenario(refused)) == (0, True)
+    assert call.ultravox.sessions == {}  # refused before anything reached Ultravox
+    heard, closed = asyncio.run(scenario({}))  # the TwiML's own parameters
     assert heard > 0 and not closed  # bridged: the echo came back
 
 
@@ -473,13 +490,15 @@ def test_an_outbound_call_on_a_bridged_route_is_bridged_too(bridged, fake_carrie
                                    json={"to": "+15557654321", "route": "bridged", "carrier": carrier})
     assert response.status_code == 201, response.text
     (placed,) = fake.calls
-    stream_url = carrier_double.pick_up(fake, placed).stream_url
-    assert stream_url.startswith(f"wss://gateway.example.test/media/{carrier}?")
+    picked_up = carrier_double.pick_up(fake, placed)
+    stream_url = picked_up.stream_url
+    assert set(media_credentials(carrier, stream_url, picked_up.stream_parameters)) == {"call", "token"}
     assert "serverWebSocket" in call.ultravox.requests[-1].body["medium"]
 
     async def scenario():
         headers = carrier_double.stream_headers(stream_url)
-        async with CarrierStream(carrier, local(gateway, stream_url), headers=headers) as stream:
+        async with CarrierStream(carrier, local(gateway, stream_url), headers=headers,
+                                 parameters=picked_up.stream_parameters) as stream:
             await stream.start(call_id=fake.live_id(placed))
             await stream.play(speech(call.rate, 0.2))
             await asyncio.sleep(0.2)
@@ -526,41 +545,38 @@ def aligned_snr_db(sent: bytes, got: bytes, max_lag: int = 200) -> float:
     return max(snr_db(*shifted(lag)) for lag in range(-max_lag, max_lag + 1))
 
 
-def test_a_telnyx_stream_in_the_calls_own_g711_codec_is_resampled_both_ways(bridged):
-    """Telnyx falls back to the call's codec (PCMU, 8 kHz) when it cannot transcode to L16: the
-    bridge resamples to the 16 kHz the Ultravox call speaks, and answers in PCMU."""
-    import base64
-
-    from gateway.media.codecs import Resampler, audioop
+@pytest.mark.parametrize("codec", ["PCMU", "PCMA"])
+def test_a_telnyx_stream_in_the_calls_own_g711_codec_is_transcoded_both_ways_never_hung_up(bridged, fake_carriers, codec):
+    """Telnyx falls back to the call's codec (PCMU or PCMA, 8 kHz) when it cannot transcode to the
+    L16 asked for: the bridge decodes and resamples it to the 16 kHz the Ultravox call was created
+    with, and answers in that codec at 8 kHz; the call goes on and ends as any other."""
+    from gateway.media.codecs import Resampler
 
     call = bridged("telnyx")
+    fake_carriers["telnyx"].live_calls.add(call.carrier_call_id)
+    assert call.ultravox_request.body["medium"]["serverWebSocket"]["inputSampleRate"] == 16000
     sent = speech(8000, 1.0)
 
     async def scenario():
-        async with call.stream() as stream:
-            await stream.start(call_id=call.carrier_call_id,
-                               extra={"media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1}})
-            for i in range(50):
-                frame = audioop.lin2ulaw(sent[i * 320:(i + 1) * 320], 2)
-                await stream.send_raw(json.dumps({"event": "media", "stream_id": stream.stream_id, "media": {
-                    "track": "inbound", "chunk": str(i), "timestamp": str(20 * i),
-                    "payload": base64.b64encode(frame).decode()}}))
-                await asyncio.sleep(0.02)
-            await asyncio.sleep(0.3)
+        async with call.stream(codec=codec) as stream:
+            await stream.start(call_id=call.carrier_call_id)
+            await stream.play(sent)
+            await asyncio.sleep(0.3)  # the echo of the last frames
             await stream.stop()
-            return [r.data for r in stream.of_kind("audio")]
+            return stream.agent_audio(), stream.format_errors
 
-    echoed = asyncio.run(scenario())
+    back, errors = asyncio.run(scenario())
+    assert errors == []  # the agent's audio came in whole 20 ms frames of the stream's own codec
     session = call.ultravox.sessions[call.ultravox.created_calls[-1]["callId"]]
     heard = bytes(session.audio_in)  # Ultravox heard 16 kHz PCM: twice the samples
     assert abs(len(heard) / 2 / 16000 - 1.0) < 0.05
     # G.711 and two resampling filters (whose delay need not be a whole 8 kHz sample) bound the
     # figure; garbled audio (no resampling, wrong codec) scores below 0 dB.
     assert aligned_snr_db(sent, Resampler(16000, 8000).convert(heard)) > 12
-    back = audioop.ulaw2lin(b"".join(base64.b64decode(m["media"]["payload"]) for m in echoed), 2)
-    assert abs(len(back) / 2 / 8000 - 1.0) < 0.05  # the caller hears PCMU at 8 kHz again
+    assert abs(len(back) / 2 / 8000 - 1.0) < 0.05  # the caller hears its codec at 8 kHz again
     assert aligned_snr_db(sent, back) > 12
-    assert call.record().status != "failed"
+    assert wait_until(lambda: call.record().status == "completed")
+    assert fake_carriers["telnyx"].updates == []  # never hung up
 
 
 @pytest.mark.parametrize("carrier", CARRIER_NAMES)

@@ -90,8 +90,11 @@ def answered_stream(replica: Replica, carrier: str) -> tuple[str, str, str]:
     return form[double(carrier).call_id_param], url, response.text
 
 
-def open_stream(replica: Replica, carrier: str, public_url: str) -> CarrierStream:
-    return CarrierStream(carrier, replica.local(public_url), headers=double(carrier).stream_headers(public_url))
+def open_stream(replica: Replica, carrier: str, answer: str) -> CarrierStream:
+    """The carrier opening the stream `answer` connects to, on `replica`."""
+    public_url, _ = double(carrier).connected_url(answer)
+    return CarrierStream(carrier, replica.local(public_url), headers=double(carrier).stream_headers(public_url),
+                         parameters=double(carrier).stream_parameters(answer))
 
 
 async def echoed(stream: CarrierStream, audio: bytes, timeout: float = 5.0) -> None:
@@ -114,10 +117,10 @@ async def until(condition, what: str, timeout: float = 10.0) -> None:
 def test_sigterm_lets_a_bridged_call_go_on_and_exits_0_when_it_ends(tmp_path, start_replica):
     carrier = "twilio"
     replica = start_replica("a", f"sqlite:///{tmp_path / 'g.db'}").ready()
-    call_id, stream_url, _ = answered_stream(replica, carrier)
+    call_id, _, answer = answered_stream(replica, carrier)
 
     async def scenario():
-        async with open_stream(replica, carrier, stream_url) as stream:
+        async with open_stream(replica, carrier, answer) as stream:
             await stream.start(call_id=call_id)
             await echoed(stream, tone(stream.rate, 0.4))
             replica.process.terminate()
@@ -143,12 +146,12 @@ def test_a_call_live_at_the_deadline_is_handed_over_to_another_replica(start_rep
     a.ready(), b.ready()
     fake = fake_carriers[carrier]
     fake.deliver_to = b.url  # the load balancer's choice once A is not ready
-    call_id, stream_url, _ = answered_stream(a, carrier)
+    call_id, _, first_answer = answered_stream(a, carrier)
     fake.live_calls.add(call_id)
     first_agent = fake_ultravox.created_calls[-1]["callId"]
 
     async def scenario():
-        old = open_stream(a, carrier, stream_url)
+        old = open_stream(a, carrier, first_answer)
         await old.connect()
         await old.start(call_id=call_id)
         await echoed(old, tone(old.rate, 0.4))
@@ -159,10 +162,9 @@ def test_a_call_live_at_the_deadline_is_handed_over_to_another_replica(start_rep
         # The carrier fetches the new instructions (on B), ends the old stream, opens the new one.
         answer = fake.callback(double(carrier).redirect_url(update), fake.form_for(call_id))
         assert answer.status_code == 200, answer.text
-        new_url, _ = double(carrier).connected_url(answer.text)
         await old.stop()
         await old.close()
-        async with open_stream(b, carrier, new_url) as new:
+        async with open_stream(b, carrier, answer.text) as new:
             await new.start(call_id=call_id)
             await echoed(new, tone(new.rate, 0.6))
             await new.stop()

@@ -13,10 +13,19 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 
-from gateway.testing import Declined, FakeResponse, TelnyxSigner, double, plivo_v3_headers, twilio_signature
+from gateway.testing import (
+    Declined,
+    FakeResponse,
+    SharedKeySigning,
+    TelnyxSigner,
+    double,
+    plivo_v3_headers,
+    twilio_signature,
+)
 
 from .conftest import (
     AGENT_ID,
+    API_KEY,
     BASE_CONFIG,
     CARRIER_NAMES,
     FORM_SIGNING_CARRIERS,
@@ -132,6 +141,56 @@ def test_twilio_signature_with_another_token_is_refused(gateway, fake_ultravox):
     forged = twilio_signature("not-the-auth-token", PUBLIC_URL + "/twilio/inbound", form)
     response = gateway.post("twilio", form, sign=False, headers={"X-Twilio-Signature": forged})
     assert response.status_code == 403
+    assert fake_ultravox.requests == []
+
+
+SHARED_KEY = "twilio-webhooks-shared-key-secret"
+
+
+@pytest.mark.parametrize("algorithm", ["HMAC_SHA256", "HMAC_SHA1"])
+def test_twilio_webhooks_signed_with_a_shared_key_are_checked_with_it_and_the_algorithm_named(
+        make_gateway, fake_ultravox, fake_carriers, algorithm):
+    """A Webhook Rule's SharedKey signs instead of the auth token, with the algorithm its settings
+    header names; webhooks without that header are still checked with the auth token."""
+    gateway = make_gateway(TWILIO_WEBHOOK_SHARED_KEY=SHARED_KEY)
+    url = PUBLIC_URL + "/twilio/inbound"
+
+    def post(headers):
+        return gateway.post("twilio", form, sign=False, headers=headers)
+
+    signing = SharedKeySigning(SHARED_KEY, algorithm)
+    form = form_for("twilio")
+    assert post(signing.headers(url, form)).status_code == 200
+    assert double("twilio").connected_url(post(signing.headers(url, form)).text)
+    # The same header with the auth token's signature, or the other algorithm's, or one unknown: refused.
+    other = "HMAC_SHA1" if algorithm == "HMAC_SHA256" else "HMAC_SHA256"
+    settings = signing.headers(url, form)["X-Twilio-Webhooks-Signature-Settings"]
+    for forged in (
+        {"X-Twilio-Signature": twilio_signature(double("twilio").auth_token, url, form, algorithm)},
+        {"X-Twilio-Signature": twilio_signature(SHARED_KEY, url, form, other)},
+        {**SharedKeySigning(SHARED_KEY, "HMAC_SHA1").headers(url, form),
+         "X-Twilio-Webhooks-Signature-Settings": settings.replace(algorithm, "HMAC_MD5")},
+    ):
+        assert post({"X-Twilio-Webhooks-Signature-Settings": settings, **forged}).status_code == 403
+    assert gateway.post("twilio", form_for("twilio")).status_code == 200  # the auth token's, no header
+
+    # The callbacks of a call the gateway placed, signed by the same rule.
+    twilio = fake_carriers["twilio"]
+    twilio.shared_key = signing
+    dialled = gateway.client.post("/v1/calls", json={"to": "+15557654321", "route": "support", "carrier": "twilio"},
+                                  headers={"Authorization": f"Bearer {API_KEY}"})
+    (placed,) = twilio.calls
+    assert double("twilio").pick_up(twilio, placed).stream_url
+    assert twilio.send_status(placed, "completed").status_code == 204
+    view = gateway.client.get(f"/v1/calls/{dialled.json()['id']}", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert view.json()["status"] == "completed"
+
+
+def test_a_shared_key_signature_is_refused_while_no_shared_key_is_configured(gateway, fake_ultravox, caplog):
+    form = form_for("twilio")
+    headers = SharedKeySigning(double("twilio").auth_token).headers(PUBLIC_URL + "/twilio/inbound", form)
+    response = gateway.post("twilio", form, sign=False, headers=headers)
+    assert response.status_code == 403 and "TWILIO_WEBHOOK_SHARED_KEY is not configured" in response.text
     assert fake_ultravox.requests == []
 
 

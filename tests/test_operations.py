@@ -113,12 +113,14 @@ mode = "bridge"
     gateway = Gateway(server=process, settings=load_settings(config, environ))
     try:
         form = double(carrier).inbound_form(to="+15550005555")
-        stream_url, _ = double(carrier).connected_url(gateway.post(carrier, form).text)
+        answer = gateway.post(carrier, form).text
+        stream_url, _ = double(carrier).connected_url(answer)
         assert samples(gateway, "gateway_draining") == {(): 0}
 
         async def call_through_the_drain():
             headers = double(carrier).stream_headers(stream_url)
-            async with CarrierStream(carrier, local(gateway, stream_url), headers=headers) as stream:
+            async with CarrierStream(carrier, local(gateway, stream_url), headers=headers,
+                                     parameters=double(carrier).stream_parameters(answer)) as stream:
                 await stream.start(call_id=form[double(carrier).call_id_param])
                 await asyncio.to_thread(fake_ultravox.wait_for_session)
                 process.terminate()

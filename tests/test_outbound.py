@@ -19,6 +19,7 @@ from gateway.testing import Declined, FakeResponse, double, validate_ultravox_re
 
 from .conftest import (
     AGENT_ID,
+    BASE_CONFIG,
     ANSWER_WEBHOOK_CARRIERS,
     API_KEY,
     CARRIER_NAMES,
@@ -26,6 +27,8 @@ from .conftest import (
     OTHER_API_KEY,
     PUBLIC_URL,
     SUPPORT_NUMBER,
+    MACHINE_DETECTING_CARRIERS,
+    NO_MACHINE_DETECTION_CARRIERS,
     ULTRAVOX_DIAL_CARRIERS,
     WEBHOOK_SECRET,
 )
@@ -115,15 +118,178 @@ def test_carrier_mode_creates_the_ultravox_call_only_when_the_callee_answers(gat
     assert created.body["metadata"]["gateway.call_id"] == call["id"]
 
 
-def test_carrier_mode_asks_for_machine_detection_and_hangs_up_on_a_machine(gateway, fake_ultravox, fake_carriers):
-    call = dial(gateway, carrier="twilio", answering_machine_detection=True).json()
-    (placed,) = fake_carriers["twilio"].calls
-    assert placed.params["MachineDetection"] == "Enable"
-    answer = fake_carriers["twilio"].answer(placed, AnsweredBy="machine_start")
-    assert double("twilio").verbs(answer.text) == ["hangup"]
-    assert fake_ultravox.requests == []
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+def test_an_agent_call_without_a_greeting_keeps_the_agents_first_speaker_settings(gateway, fake_ultravox, fake_carriers, carrier):
+    """Any firstSpeakerSettings, even `agent: {}` or `user: {}`, would override the agent's own."""
+    dial(gateway, carrier=carrier, route=None, agent_id=AGENT_ID)
+    (placed,) = fake_carriers[carrier].calls
+    double(carrier).pick_up(fake_carriers[carrier], placed)
+    (created,) = fake_ultravox.requests
+    assert created.agent_id == AGENT_ID
+    assert "firstSpeakerSettings" not in created.body
+
+
+# --- answering machines -------------------------------------------------------------------------------
+
+
+def answered_with_detection(gateway, fake_carriers, carrier, **body):
+    """A call dialled with answering-machine detection, picked up: (its view, the placed call)."""
+    call = dial(gateway, carrier=carrier, answering_machine_detection=True, **body).json()
+    fake = fake_carriers[carrier]
+    (placed,) = fake.calls
+    double(carrier).pick_up(fake, placed)
+    return call, placed
+
+
+def hung_up(fake, placed) -> bool:
+    live_id = fake.live_id(placed)
+    return any(u.call_id == live_id and (u.action == "hangup" or u.params.get("Status") == "completed")
+               for u in fake.updates)
+
+
+@pytest.mark.parametrize("carrier", MACHINE_DETECTING_CARRIERS)
+def test_detection_runs_in_the_background_and_a_person_is_connected_at_once(gateway, fake_ultravox, fake_carriers, carrier):
+    """Nobody waits in silence for the verdict: the agent takes the call as it is answered."""
+    call = dial(gateway, carrier=carrier, answering_machine_detection=True).json()
+    fake = fake_carriers[carrier]
+    (placed,) = fake.calls
+    detection = fake.detection(placed)
+    assert detection.report_url.startswith(f"{PUBLIC_URL}/{carrier}/machine-detection?call={call['id']}&t=")
+    answer = double(carrier).pick_up(fake, placed)
+    assert answer.stream_url == fake_ultravox.created_calls[-1]["joinUrl"]  # the agent, before any verdict
+    fake.answered_by(placed, "human")
     tracked = call_of(gateway, call["id"])
-    assert tracked["status"] == "machine-detected" and tracked["answered_by"] == "machine"
+    assert tracked["status"] == "in-progress" and not hung_up(fake, placed)
+    # Plivo reports machines only; the others say it was a person.
+    assert tracked["answered_by"] in ("human", None)
+
+
+@pytest.mark.parametrize("who", ["machine", "fax"])
+@pytest.mark.parametrize("carrier", MACHINE_DETECTING_CARRIERS)
+def test_a_machine_is_hung_up_once_however_often_the_verdict_comes(gateway, fake_ultravox, fake_carriers, carrier, who):
+    call, placed = answered_with_detection(gateway, fake_carriers, carrier)
+    fake = fake_carriers[carrier]
+    assert fake.answered_by(placed, who).status_code == 204
+    fake.answered_by(placed, who)  # delivered twice
+    tracked = call_of(gateway, call["id"])
+    # Plivo tells no fax from a machine.
+    assert tracked["status"] == "machine-detected" and tracked["answered_by"] in (who, "machine")
+    hangups = [u for u in fake.updates if u.call_id == fake.live_id(placed)]
+    assert len(hangups) == 1 and hung_up(fake, placed)
+
+
+@pytest.mark.parametrize("carrier", MACHINE_DETECTING_CARRIERS)
+def test_a_forged_verdict_is_refused_and_changes_nothing(gateway, fake_ultravox, fake_carriers, carrier):
+    call, placed = answered_with_detection(gateway, fake_carriers, carrier)
+    fake = fake_carriers[carrier]
+    report_url = fake.detection(placed).report_url
+    forged = report_url.split("&t=")[0] + "&t=" + "0" * 32
+    assert fake.callback(forged, {**fake.form_for(fake.live_id(placed)), "AnsweredBy": "machine_start",
+                                  "Machine": "true"}).status_code == 403
+    assert call_of(gateway, call["id"])["status"] == "in-progress" and not hung_up(fake, placed)
+
+
+@pytest.mark.parametrize("asked", [{"answering_machine_detection": True}, {"voicemail": "message"}])
+@pytest.mark.parametrize("carrier", NO_MACHINE_DETECTION_CARRIERS)
+def test_carriers_without_detection_refuse_it_cleanly(gateway, fake_ultravox, fake_carriers, carrier, asked):
+    response = dial(gateway, carrier=carrier, **asked)
+    assert response.status_code == 422 and "reports no answering machines" in response.text
+    assert fake_carriers[carrier].calls == [] and fake_ultravox.requests == []
+
+
+# --- voicemail policies: what a machine gets -----------------------------------------------------------
+
+
+def leaves_the_message(gateway, fake, carrier, call, placed) -> str:
+    """The voicemail the gateway moved the machine's call to, as the carrier fetches it: its answer."""
+    (url,) = [double(carrier).redirect_url(u) for u in fake.updates if u.call_id == fake.live_id(placed)]
+    assert url.startswith(f"{PUBLIC_URL}/{carrier}/voicemail?call={call['id']}&t=")
+    answer = fake.callback(url, fake.form_for(fake.live_id(placed)))
+    assert answer.status_code == 200, answer.text
+    return answer.text
+
+
+@pytest.mark.parametrize("carrier", MACHINE_DETECTING_CARRIERS)
+def test_voicemail_message_is_left_after_the_greeting_then_the_call_hangs_up(gateway, fake_ultravox, fake_carriers, carrier):
+    call, placed = answered_with_detection(gateway, fake_carriers, carrier, voicemail="message")
+    fake, carrier_double = fake_carriers[carrier], double(carrier)
+    # The machine's verdict waits for the end of its greeting, where the carrier can tell it.
+    assert fake.detection(placed).greeting_end == CARRIERS[carrier].reports_greeting_end
+    fake.answered_by(placed, "machine")
+    fake.answered_by(placed, "machine")  # delivered twice: moved once
+    assert call_of(gateway, call["id"])["status"] == "machine-detected"
+    # The move ends the agent's stream: Ultravox says the call ended, before the message is fetched.
+    ultravox_event(gateway, "call.ended", {"callId": call_of(gateway, call["id"])["ultravox_call_id"], "endReason": "hangup"})
+    message = leaves_the_message(gateway, fake, carrier, call, placed)
+    assert carrier_double.spoken(message) == [gateway.settings.outbound.voicemail_message]
+    # Plivo, which tells no end of the greeting, waits for the beep first.
+    assert carrier_double.verbs(message) in (["say", "hangup"], ["wait", "say", "hangup"])
+    fake.send_status(placed, "completed", **carrier_double.status_fields("completed", 25))
+    tracked = call_of(gateway, call["id"])
+    assert (tracked["status"], tracked["answered_by"], tracked["duration_seconds"]) == ("voicemail-left", "machine", 25)
+
+
+@pytest.mark.parametrize("carrier", MACHINE_DETECTING_CARRIERS)
+def test_voicemail_policy_agent_has_the_agent_leave_a_message(gateway, fake_ultravox, fake_carriers, carrier):
+    call, placed = answered_with_detection(gateway, fake_carriers, carrier, voicemail="agent")
+    fake = fake_carriers[carrier]
+    (created,) = fake_ultravox.requests
+    assert {"toolName": "leaveVoicemail"} in created.body["toolOverrides"]["add"]  # Ultravox's built-in tool
+    assert fake.detection(placed).greeting_end == CARRIERS[carrier].reports_greeting_end
+    fake.answered_by(placed, "machine")
+    fake.answered_by(placed, "machine")
+    ((told, message),) = fake_ultravox.data_messages  # told once
+    assert told == fake_ultravox.created_calls[-1]["callId"]
+    assert message["type"] == "user_text_message" and "leaveVoicemail" in message["text"]
+    assert fake.updates == []  # neither hung up nor moved: the agent speaks, and its tool ends the call
+    ultravox_event(gateway, "call.ended", {"callId": told, "endReason": "agent_hangup"})
+    tracked = call_of(gateway, call["id"])
+    assert (tracked["status"], tracked["answered_by"]) == ("voicemail-left", "machine")
+
+
+@pytest.mark.parametrize("carrier", MACHINE_DETECTING_CARRIERS)
+def test_a_person_is_left_with_the_agent_whatever_the_voicemail_policy(gateway, fake_ultravox, fake_carriers, carrier):
+    for policy in ("message", "agent"):
+        call, placed = answered_with_detection(gateway, fake_carriers, carrier, voicemail=policy)
+        fake_carriers[carrier].answered_by(placed, "human")
+        assert call_of(gateway, call["id"])["status"] == "in-progress"
+        fake_carriers[carrier].reset()
+    assert fake_ultravox.data_messages == []
+
+
+@pytest.mark.parametrize("carrier", MACHINE_DETECTING_CARRIERS)
+def test_the_voicemail_policy_comes_from_the_request_the_route_or_the_config(make_gateway, fake_ultravox, fake_carriers,
+                                                                             carrier):
+    gateway = make_gateway(f"""
+[[routes]]
+number = "+15550006666"
+name = "reminders"
+agent_id = "{AGENT_ID}"
+voicemail = "agent"
+
+[[routes]]
+number = "+15550007777"
+name = "notes"
+agent_id = "{AGENT_ID}"
+voicemail_message = "This is the notes line, please call back."
+""", config=BASE_CONFIG.replace("[outbound]\n", '[outbound]\nvoicemail = "message"\nvoicemail_message = "Config message."\n'))
+    fake = fake_carriers[carrier]
+
+    def machine_answers(**body):
+        fake.reset()
+        call, placed = answered_with_detection(gateway, fake_carriers, carrier, **body)
+        fake.answered_by(placed, "machine")
+        return call, placed
+
+    call, placed = machine_answers(route="support")  # no policy of its own: the config's
+    assert double(carrier).spoken(leaves_the_message(gateway, fake, carrier, call, placed)) == ["Config message."]
+    call, placed = machine_answers(route="notes")  # the config's policy, the route's message
+    assert double(carrier).spoken(leaves_the_message(gateway, fake, carrier, call, placed)) == [
+        "This is the notes line, please call back."]
+    call, _ = machine_answers(route="reminders")  # the route's policy
+    assert call_of(gateway, call["id"])["status"] == "voicemail-left" and len(fake_ultravox.data_messages) == 1
+    call, placed = machine_answers(route="reminders", voicemail="hangup")  # the request's
+    assert call_of(gateway, call["id"])["status"] == "machine-detected" and hung_up(fake, placed)
 
 
 @pytest.mark.parametrize("carrier", ANSWER_WEBHOOK_CARRIERS)
@@ -357,7 +523,7 @@ def test_a_signed_callback_replayed_to_another_calls_url_is_refused(gateway, fak
 
 
 def test_status_answered_before_the_answer_webhook_still_connects_the_agent(gateway, fake_ultravox, fake_carriers):
-    """Twilio holds the answer webhook until machine detection is done; its `answered` callback wins the race."""
+    """The `answered` callback may beat the answer webhook (detection used to hold it back): the agent still joins."""
     call = dial(gateway, carrier="twilio", answering_machine_detection=True).json()
     (placed,) = fake_carriers["twilio"].calls
     fake_carriers["twilio"].send_status(placed, "in-progress")

@@ -151,8 +151,9 @@ def test_a_call_back_from_a_transfer_has_a_second_recording(bridged, fake_carrie
         assert wait_until(lambda: any(carrier_double.redirect_url(update) for update in fake.updates))
         return next(url for url in map(carrier_double.redirect_url, fake.updates) if url)
 
-    async def stretch(url, public_url, then=None):
-        async with CarrierStream(carrier, url, headers=carrier_double.stream_headers(public_url)) as stream:
+    async def stretch(url, public_url, parameters, then=None):
+        async with CarrierStream(carrier, url, headers=carrier_double.stream_headers(public_url),
+                                 parameters=parameters) as stream:
             await stream.start(call_id=call.carrier_call_id)
             await stream.play(speech(call.rate, 0.3))
             # The agent hands the caller over while they talk; the carrier then ends the stream.
@@ -160,7 +161,7 @@ def test_a_call_back_from_a_transfer_has_a_second_recording(bridged, fake_carrie
             await stream.stop()
             return result
 
-    redirect = asyncio.run(stretch(call.local_url, call.public_stream_url, then=transfer))
+    redirect = asyncio.run(stretch(call.local_url, call.public_stream_url, call.parameters, then=transfer))
     form = fake.form_for(call.carrier_call_id)
     no_answer = {**form, carrier_double.dial_status_param: "no-answer"}
     action = carrier_double.dialled(fake.callback(redirect, form).text).action
@@ -170,9 +171,10 @@ def test_a_call_back_from_a_transfer_has_a_second_recording(bridged, fake_carrie
     started = int(time.time())
     while int(time.time()) == started:
         time.sleep(0.05)
-    back, _ = carrier_double.connected_url(fake.callback(action, no_answer).text)
+    returned = fake.callback(action, no_answer).text
+    back, _ = carrier_double.connected_url(returned)
     assert wait_until(lambda: len(call.record().recordings) == 1 and call.record().media_stats is not None)
-    asyncio.run(stretch(local(call.gateway, back), back))
+    asyncio.run(stretch(local(call.gateway, back), back, carrier_double.stream_parameters(returned)))
     assert len(call.record().recordings) == 2  # listed when the stretch started
     assert wait_until(lambda: call.record().status == "completed")  # and the stretch is over: written
     url = f"/v1/calls/{call.record().id}/recording"
@@ -222,7 +224,8 @@ def test_a_recording_survives_its_process_being_killed_mid_call(make_gateway, fa
             return record
 
         async def call_then_kill():
-            async with CarrierStream("twilio", stream_url, headers=carrier.stream_headers(public_stream_url)) as stream:
+            async with CarrierStream("twilio", stream_url, headers=carrier.stream_headers(public_stream_url),
+                                     parameters=carrier.stream_parameters(answer.text)) as stream:
                 await stream.start(call_id=form[carrier.call_id_param])
                 playing = asyncio.create_task(stream.play(sent))
                 # Listed on the call as soon as the stretch starts, not only at its end.

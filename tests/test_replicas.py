@@ -312,7 +312,8 @@ def test_media_streams_pass_the_balancer_and_open_on_any_replica(shared_replicas
 
         async def call() -> tuple[bytes, list[str]]:
             headers = carrier_double.stream_headers(public_stream_url)
-            async with CarrierStream(carrier, local_url, headers=headers) as stream:
+            async with CarrierStream(carrier, local_url, headers=headers,
+                                     parameters=carrier_double.stream_parameters(answer.text)) as stream:
                 await stream.start(call_id=carrier_call_id(carrier, form))
                 await stream.play(sent)
                 # The fake Ultravox echoes what it hears: wait for most of it to come back.

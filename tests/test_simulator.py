@@ -128,7 +128,8 @@ def test_carrier_stream_round_trip(relay, carrier):
     async def main() -> None:
         rate = CARRIERS[carrier].media_rate  # the rate the gateway asks the carrier to stream at
         pcm = sine(rate, 0.2)
-        url = f"{relay.url}/media/{carrier}?token=t1"
+        # A query where the carrier's stream URLs take one (the rest get stream parameters only).
+        url = f"{relay.url}/media/{carrier}" + ("?token=t1" if double(carrier).stream_url_takes_query else "")
         async with CarrierStream(carrier, url, headers={"X-Test": carrier}, playback="instant") as stream:
             assert stream.rate == rate == double(carrier).stream_rate
             await stream.start(call_id=f"call-{carrier}", custom_parameters={"token": "abc"})

@@ -184,16 +184,35 @@ def test_warm_decline_and_no_answer_return_the_caller_to_the_agent(live, carrier
     assert transfer["status"] == "returned" and transfer["operators_tried"] == ["sales", "frontdesk"]
 
 
-def test_warm_transfer_to_voicemail_counts_as_no(live):
-    call = live("twilio")
+@pytest.mark.parametrize("carrier", TRANSFER_CARRIERS)
+def test_warm_transfer_to_voicemail_counts_as_no_and_never_briefs_it(live, carrier):
+    """The operator's leg waits for the verdict before its first word: a voicemail is hung up
+    unbriefed (an answering machine is a no-answer) and the caller goes back to the agent."""
+    call = live(carrier)
     call.tool("frontdesk", warm=True)
     call.fetch(call.redirects()[0])
     (leg,) = call.operator_legs()
-    assert leg.params["MachineDetection"] == "Enable"
-    assert call.double.verbs(call.fake.answer(leg, AnsweredBy="machine_end_beep").text) == ["hangup"]
+    assert call.fake.detection(leg).report_url is None  # synchronous: the instructions wait for the verdict
+    told = call.fake.answered_by(leg, "machine")
+    assert "40 seats" not in told.text and "Acme" not in told.text  # no briefing, whatever was answered
+    # The leg is over: the gateway's answer hangs up, the gateway hung it up, or the carrier did.
+    leg_id = call.fake.live_id(leg)
+    answered_with_hangup = told.status_code == 200 and call.double.verbs(told.text) == ["hangup"]
+    assert answered_with_hangup or any(u.call_id == leg_id for u in call.fake.updates) or call.fake.state(leg_id) == "completed"
     _, return_url = call.redirects(2)
     call.double.connected_url(call.fetch(return_url))
-    assert "voicemail" in call.view()["transfers"][0]["outcome"]
+    (transfer,) = call.view()["transfers"]
+    assert transfer["status"] == "returned" and "voicemail" in transfer["outcome"]
+
+
+@pytest.mark.parametrize("carrier", TRANSFER_CARRIERS)
+def test_an_operator_found_to_be_a_person_is_briefed(live, carrier):
+    call = live(carrier)
+    call.tool("frontdesk", warm=True)
+    call.fetch(call.redirects()[0])
+    (leg,) = call.operator_legs()
+    briefing, _ = call.double.gather(call.fake.answered_by(leg, "human").text)
+    assert "Ada from Acme" in briefing and "Press 1" in briefing
 
 
 @pytest.mark.parametrize("carrier", TRANSFER_CARRIERS)

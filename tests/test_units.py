@@ -51,15 +51,23 @@ def test_template_context_nests_dotted_names_and_skips_missing_parameters():
 def test_outbound_style_request_lets_the_user_speak_first_and_validates(carrier_name):
     settings = load_settings(None, {})
     carrier = CARRIERS[carrier_name](settings)
-    route = RouteSettings(number="*", agent_id=AGENT, metadata={"campaign": "spring"})
-    request = CallBodies(settings, Urls(settings)).for_route(
-        route, carrier=carrier, identity=CallIdentity(carrier.name, None, "call-1", "api"),
-        medium=carrier.ultravox_medium(), webhook_params={}, agent_speaks_first=False,
-    )
-    assert request.body["firstSpeakerSettings"] == {"user": {}}
-    assert request.body["metadata"] == {"campaign": "spring", "gateway.carrier": carrier.name,
-                                        "gateway.call_id": "call-1", "gateway.route": "api"}
-    assert validate_ultravox_request(request.body, agent=True) == []
+    bodies = CallBodies(settings, Urls(settings))
+
+    def outbound(route):
+        return bodies.for_route(
+            route, carrier=carrier, identity=CallIdentity(carrier.name, None, "call-1", "api"),
+            medium=carrier.ultravox_medium(), webhook_params={}, agent_speaks_first=False,
+        )
+
+    inline = outbound(RouteSettings(number="*", call={"systemPrompt": "Hi"}, metadata={"campaign": "spring"}))
+    assert inline.body["firstSpeakerSettings"] == {"user": {}}
+    assert inline.body["metadata"] == {"campaign": "spring", "gateway.carrier": carrier.name,
+                                       "gateway.call_id": "call-1", "gateway.route": "api"}
+    assert validate_ultravox_request(inline.body, agent=False) == []
+    # An agent route without a greeting keeps the agent's own first-speaker settings.
+    agent = outbound(RouteSettings(number="*", agent_id=AGENT))
+    assert "firstSpeakerSettings" not in agent.body
+    assert validate_ultravox_request(agent.body, agent=True) == []
 
 
 def test_route_settings_refuse_what_ultravox_would_refuse():

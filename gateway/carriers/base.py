@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Mapping
 import httpx
 from starlette.responses import Response
 
-from .. import numbers
+from .. import numbers, statuses
 from ..media.codecs import AudioFormat
 from ..http import RemoteError, RetryPolicy, request_with_retries
 from ..settings import CarrierSettings, Settings
@@ -77,6 +77,19 @@ class Webhook:
 
 
 @dataclass(frozen=True)
+class MachineDetection:
+    """Answering-machine detection asked for with a dial (carriers that detects_machines)."""
+
+    # Asynchronous: the call's instructions run at once (a person never waits in silence) and the
+    # verdict is reported here. None: the call's instructions wait for the verdict, and a machine
+    # gets none (the carrier or the gateway hangs it up): for a leg that must not hear a word first.
+    report_url: str | None = None
+    # A machine is reported once its greeting has ended (to speak after the beep), where the
+    # carrier can tell (reports_greeting_end).
+    greeting_end: bool = False
+
+
+@dataclass(frozen=True)
 class OutboundDial:
     """An outbound call for the carrier to place; the URLs point back at the gateway."""
 
@@ -85,7 +98,7 @@ class OutboundDial:
     answer_url: str  # fetched when the callee answers; answers with the connect XML
     status_url: str  # call progress callbacks
     ring_timeout_seconds: int
-    machine_detection: bool = False
+    machine_detection: MachineDetection | None = None
     # Carriers whose dial names the media stream itself (dials_into_stream): where to stream.
     stream_url: str | None = None
 
@@ -93,7 +106,25 @@ class OutboundDial:
 @dataclass(frozen=True)
 class AnsweredCall:
     carrier_call_id: str | None
-    machine: bool  # an answering machine (or fax) picked up, as far as the carrier could tell
+    answered_by: str | None = None  # statuses.ANSWERED_BY, where the answer request says
+
+    @property
+    def machine(self) -> bool:
+        """An answering machine (or a fax) picked up, as far as the carrier could tell."""
+        return self.answered_by in (statuses.MACHINE, statuses.FAX)
+
+
+@dataclass(frozen=True)
+class MachineVerdict:
+    """What answering-machine detection found, from a carrier's callback."""
+
+    carrier_call_id: str | None
+    answered_by: str  # statuses.ANSWERED_BY
+    greeting_ended: bool = False  # a machine's greeting is over: a message now follows the beep
+
+    @property
+    def machine(self) -> bool:
+        return self.answered_by in (statuses.MACHINE, statuses.FAX)
 
 
 @dataclass(frozen=True)
@@ -244,6 +275,10 @@ class Carrier(ABC):
     # Its callbacks to URLs the gateway issued are authenticated like its webhooks (else the URL's
     # own token is the proof).
     authenticates_callbacks: ClassVar[bool] = True
+    # It tells answering machines from people on the calls the gateway places (OutboundDial.machine_detection).
+    detects_machines: ClassVar[bool] = True
+    # Its detection can report a machine once the greeting has ended (MachineDetection.greeting_end).
+    reports_greeting_end: ClassVar[bool] = False
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -374,11 +409,24 @@ class Carrier(ABC):
 
     def parse_answer(self, webhook: Webhook) -> AnsweredCall:
         params = webhook.flat_params()
-        return AnsweredCall(carrier_call_id=params.get(self.call_id_param), machine=self.answered_by_machine(params))
+        return AnsweredCall(carrier_call_id=params.get(self.call_id_param), answered_by=self.answered_by(params))
 
-    @abstractmethod
-    def answered_by_machine(self, params: Mapping[str, str]) -> bool:
-        """Whether the answer webhook says a machine picked up."""
+    def answered_by(self, params: Mapping[str, str]) -> str | None:
+        """Who picked up, in statuses.ANSWERED_BY words, where a request's parameters say (else None)."""
+        return None
+
+    def greeting_ended(self, params: Mapping[str, str]) -> bool:
+        """Whether a request reporting a machine says its greeting has ended."""
+        return False
+
+    def parse_machine_verdict(self, webhook: Webhook) -> MachineVerdict | None:
+        """The verdict of answering-machine detection in a callback (its report URL's, or a status
+        callback carrying one); None when the callback carries none."""
+        params = webhook.flat_params()
+        answered_by = self.answered_by(params)
+        if answered_by is None:
+            return None
+        return MachineVerdict(params.get(self.call_id_param), answered_by, self.greeting_ended(params))
 
     @abstractmethod
     def parse_status(self, webhook: Webhook) -> StatusUpdate:
@@ -387,6 +435,12 @@ class Carrier(ABC):
     @abstractmethod
     def hangup_answer(self) -> str:
         """An answer that ends the call at once."""
+
+    def voicemail_answer(self, message: str) -> str:
+        """An answer leaving `message` on the answering machine that took the call, then hanging up.
+        Fetched once detection has found the machine (carriers that detects_machines): after its
+        greeting where the carrier reports its end, else the answer itself waits for the beep."""
+        raise NotImplementedError(f"{self.title} detects no answering machines")
 
     # --- live call control and transfers (carriers that can_transfer) ------------------------------
     async def redirect(self, http: httpx.AsyncClient, carrier_call_id: str, url: str, *, deadline: float) -> None:
@@ -436,6 +490,9 @@ class Carrier(ABC):
 
     # Whether upgrade_problem proves the carrier sent the socket (then the token may come later).
     upgrade_is_signed: ClassVar[bool] = False
+    # Whether the stream URL may carry a query (the media socket's credentials). Carriers that
+    # take none get the credentials as stream parameters only, checked on the start message.
+    stream_url_takes_query: ClassVar[bool] = True
 
     def upgrade_problem(self, url: str, headers: Mapping[str, str]) -> str | None:
         """Why the carrier's media-socket upgrade request is not authentic, or None.

@@ -27,7 +27,7 @@ import hmac
 import ipaddress
 import json
 import secrets
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
@@ -124,6 +124,9 @@ class ExotelCarrier(EventStreamCarrier):
     # callbacks to URLs the gateway issued are proven by the URL's own token.
     authenticates_callbacks = False
     ultravox_can_dial = False  # the exotel medium has no `outgoing`
+    # Exotel's AMD (Beta, on request) covers the second leg of Connect-two-numbers only; on the
+    # stream calls the gateway places it documents none (research/exotel.md §5).
+    detects_machines = False
 
     def normalize_number(self, number: str) -> str:
         return numbers.from_carrier(number, self.config.region)
@@ -219,8 +222,6 @@ class ExotelCarrier(EventStreamCarrier):
             duration_seconds=int(duration) if duration.isdigit() else None,
         )
 
-    def answered_by_machine(self, params: Mapping[str, str]) -> bool:
-        return False  # Exotel's detection (Beta) does not cover stream calls
 
     # --- media stream --------------------------------------------------------------------------------
     media_encoding = "l16-le"

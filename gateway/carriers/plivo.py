@@ -20,6 +20,7 @@ from ..settings import CarrierSettings
 from .base import (
     Carrier,
     DialResult,
+    MachineDetection,
     MalformedFrame,
     OutboundDial,
     SignatureRejected,
@@ -56,6 +57,10 @@ CALL_STATUSES = {
     "no-answer": statuses.NO_ANSWER,
     "cancel": statuses.CANCELED,
 }
+
+# Longest wait for a voicemail's beep before the message is left anyway (peers wait about 30 s:
+# less cuts long greetings short).
+VOICEMAIL_BEEP_WAIT_SECONDS = 30
 
 # Ultravox's plivo medium speaks 16 kHz linear PCM.
 STREAM_CONTENT_TYPE = "audio/x-l16;rate=16000"
@@ -132,6 +137,15 @@ class PlivoCarrier(Carrier):
         response.add(plivoxml.HangupElement())
         return response.to_string()
 
+    def voicemail_answer(self, message: str) -> str:
+        # Plivo reports a machine while it still greets, and no end of the greeting: <Wait beep>
+        # waits for the beep (at most `length` seconds) before the message (its Wait XML docs).
+        response = plivoxml.ResponseElement()
+        response.add(plivoxml.WaitElement(length=VOICEMAIL_BEEP_WAIT_SECONDS, beep=True))
+        response.add(plivoxml.SpeakElement(message))
+        response.add(plivoxml.HangupElement())
+        return response.to_string()
+
     # --- outbound ---------------------------------------------------------------------------------
     async def place_call(self, http: httpx.AsyncClient, dial: OutboundDial, *, deadline: float) -> str | None:
         body = {
@@ -147,11 +161,22 @@ class PlivoCarrier(Carrier):
             "ring_timeout": dial.ring_timeout_seconds,
         }
         if dial.machine_detection:
-            body["machine_detection"] = "true"
+            body.update(self.detection_params(dial.machine_detection))
         await self.rest(http, "POST", self._calls, deadline=deadline, json=body)
         # Plivo answers with a request_uuid; the call's own CallUUID (what its call-control API
         # wants) arrives with the first callback.
         return None
+
+    def detection_params(self, detection: MachineDetection) -> dict[str, Any]:
+        """Plivo's machine detection (its Call API and asynchronous machine detection pages): with a
+        machine_detection_url it runs in the background and posts Machine=true there (only for a
+        machine: a person is never reported); without one the call's XML waits for it, and "hangup"
+        has Plivo hang a machine up itself (its hangup_url then says Machine=true). It has no verdict
+        for the end of a greeting."""
+        if detection.report_url:
+            return {"machine_detection": "true", "machine_detection_url": detection.report_url,
+                    "machine_detection_method": "POST"}
+        return {"machine_detection": "hangup"}
 
     async def redirect(self, http: httpx.AsyncClient, carrier_call_id: str, url: str, *, deadline: float) -> None:
         await self.rest(http, "POST", f"{self._calls}{carrier_call_id}/", deadline=deadline,
@@ -254,8 +279,9 @@ class PlivoCarrier(Carrier):
     def outgoing_status_params(self, status_url: str) -> dict[str, Any]:
         return {"ring_url": status_url, "ring_method": "POST", "hangup_url": status_url, "hangup_method": "POST"}
 
-    def answered_by_machine(self, params: Mapping[str, str]) -> bool:
-        return params.get("Machine", "").lower() == "true"
+    def answered_by(self, params: Mapping[str, str]) -> str | None:
+        machine = params.get("Machine", "").lower()
+        return {"true": statuses.MACHINE, "false": statuses.HUMAN}.get(machine)
 
     def parse_status(self, webhook: Webhook) -> StatusUpdate:
         params = webhook.flat_params()
@@ -265,7 +291,7 @@ class PlivoCarrier(Carrier):
             carrier_call_id=params.get("CallUUID"),
             duration_seconds=int(duration) if duration.isdigit() else None,
             end_reason=params.get("HangupCause") or None,
-            answered_by="machine" if self.answered_by_machine(params) else None,
+            answered_by=self.answered_by(params),
         )
 
     def reject_answer(self, message: str) -> str:

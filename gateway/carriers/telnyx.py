@@ -64,6 +64,10 @@ class TelnyxCarrier(TwimlCarrier):
     call_id_param = "CallSid"  # TeXML's CallSid is the call_control_id
     # 422: the call is no longer active.
     gone_statuses = (404, 422)
+    # TeXML's AMD (its SDK's call_calls_params): Twilio's parameters, AsyncAmd a JSON boolean. Its
+    # synchronous mode reports AnsweredBy in the status callback (the TeXML waits for it), its
+    # asynchronous mode to AsyncAmdStatusCallback (its answering-machine guide and callback reference).
+    async_amd = True
 
     def __init__(self, settings, clock=time.time):
         super().__init__(settings)
@@ -115,7 +119,7 @@ class TelnyxCarrier(TwimlCarrier):
             "Timeout": dial.ring_timeout_seconds,
         }
         if dial.machine_detection:
-            body["MachineDetection"] = "Enable"
+            body.update(self.detection_params(dial.machine_detection))
         response = await self.rest(http, "POST", self._calls, deadline=deadline, json=body)
         # The account-scoped endpoint answers without a call id; callbacks bring CallSid.
         payload = response.json()

@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
-from twilio.request_validator import RequestValidator, get_signature_algorithm
+from twilio.request_validator import SIGNATURE_SETTINGS_HEADER, RequestValidator, get_signature_algorithm
 from twilio.twiml.voice_response import VoiceResponse
 
 from ..http import as_websocket_url
@@ -22,7 +22,14 @@ from .twiml import STATUS_CALLBACK_EVENTS, TwimlCarrier
 class TwilioSettings(CarrierSettings):
     account_sid: str | None = None
     auth_token: str | None = None
+    # The secret of a Webhooks SharedKey, for webhooks a Webhook Rule has Twilio sign with it
+    # (those carry X-Twilio-Webhooks-Signature-Settings; the others stay signed with auth_token).
+    webhook_shared_key: str | None = None
     api_base_url: str = "https://api.twilio.com"
+
+
+NO_SHARED_KEY = ("signed with a Webhooks SharedKey (X-Twilio-Webhooks-Signature-Settings), but "
+                 "TWILIO_WEBHOOK_SHARED_KEY is not configured on this gateway")
 
 
 class _FormFields(dict):
@@ -39,16 +46,33 @@ class TwilioCarrier(TwimlCarrier):
     environment = {
         "TWILIO_ACCOUNT_SID": "account_sid",
         "TWILIO_AUTH_TOKEN": "auth_token",
+        "TWILIO_WEBHOOK_SHARED_KEY": "webhook_shared_key",
         "TWILIO_API_BASE_URL": "api_base_url",
     }
     verification_keys = ("auth_token",)
-    secret_keys = ("auth_token",)
+    secret_keys = ("auth_token", "webhook_shared_key")
     dial_keys = ("account_sid", "auth_token")
     call_id_param = "CallSid"
 
     @cached_property
     def _validator(self) -> RequestValidator:
         return RequestValidator(self.config.auth_token or "")
+
+    @cached_property
+    def _shared_key_validator(self) -> RequestValidator:
+        return RequestValidator(self.config.webhook_shared_key or "")
+
+    def _signed_with(self, headers) -> tuple[RequestValidator | None, str]:
+        """The validator and algorithm a request's signature is checked with (None: the key it was
+        signed with is not configured). Twilio's docs (Sign webhooks with shared keys) and its SDKs:
+        a request carrying X-Twilio-Webhooks-Signature-Settings ("key=<SharedKey id>,algorithm=
+        HMAC_SHA256") is signed with that SharedKey's secret and the algorithm it names, over the
+        same string (URL + sorted parameters); without it, with the auth token and HMAC-SHA1."""
+        settings = headers.get(SIGNATURE_SETTINGS_HEADER.lower())  # headers: lower-cased names
+        algorithm = get_signature_algorithm(settings)
+        if not settings:
+            return self._validator, algorithm
+        return (self._shared_key_validator if self.config.webhook_shared_key else None), algorithm
 
     def rest_credentials(self) -> dict[str, Any]:
         return {"auth": (self.config.account_sid, self.config.auth_token)}
@@ -61,9 +85,11 @@ class TwilioCarrier(TwimlCarrier):
         signature = webhook.headers.get("x-twilio-signature")
         if not signature:
             raise SignatureRejected("missing X-Twilio-Signature header")
-        # Twilio names the algorithm (HMAC-SHA1 unless told otherwise) in a settings header.
-        algorithm = get_signature_algorithm(webhook.headers.get("x-twilio-webhooks-signature-settings"))
-        if not self._validator.validate(webhook.url, _FormFields(webhook.params), signature, algorithm):
+        validator, algorithm = self._signed_with(webhook.headers)
+        if validator is None:
+            raise SignatureRejected(NO_SHARED_KEY)
+        # An algorithm the library does not know fails validation (it logs a warning).
+        if not validator.validate(webhook.url, _FormFields(webhook.params), signature, algorithm):
             raise SignatureRejected("X-Twilio-Signature does not match this request")
 
     async def place_call(self, http: httpx.AsyncClient, dial: OutboundDial, *, deadline: float) -> str | None:
@@ -74,7 +100,7 @@ class TwilioCarrier(TwimlCarrier):
         ]
         form += [("StatusCallbackEvent", event) for event in STATUS_CALLBACK_EVENTS]
         if dial.machine_detection:
-            form.append(("MachineDetection", "Enable"))
+            form += self.detection_params(dial.machine_detection).items()
         response = await self.rest(
             http, "POST", f"{self._calls}.json", deadline=deadline,
             # Encoded here: StatusCallbackEvent repeats, which httpx's `data=` cannot express.
@@ -111,18 +137,27 @@ class TwilioCarrier(TwimlCarrier):
             return None
 
     upgrade_is_signed = True
+    # "The url does not support query string parameters" (Twilio's <Stream> docs): the socket's
+    # credentials go as <Parameter>s, which Twilio sends in the start message's customParameters.
+    stream_url_takes_query = False
 
     def upgrade_problem(self, url: str, headers) -> str | None:
-        """Twilio signs the stream URL exactly as written in the TwiML (wss://…, with its query), no params."""
+        """Twilio signs the wss:// URL it connects to with no parameters (twilio-agent-connect-python,
+        Twilio's own server library, validates the upgrade so); its https:// spelling is accepted too.
+        With no query, the signature proves Twilio but names no call: the token does, in the start
+        message. A SharedKey applies as for webhooks; that Webhook Rules cover stream URLs at all is
+        not documented [unverified]."""
         signature = headers.get("x-twilio-signature")
         if not signature:
             return "missing X-Twilio-Signature on the media socket"
         if not self.can_verify:
             return "TWILIO_AUTH_TOKEN is not configured on this gateway"
+        validator, algorithm = self._signed_with(headers)
+        if validator is None:
+            return NO_SHARED_KEY
         written = as_websocket_url(url)
         spellings = {written, written.replace("wss://", "https://", 1).replace("ws://", "http://", 1)}
-        algorithm = get_signature_algorithm(headers.get("x-twilio-webhooks-signature-settings"))
-        if not any(self._validator.validate(spelling, {}, signature, algorithm) for spelling in spellings):
+        if not any(validator.validate(spelling, {}, signature, algorithm) for spelling in spellings):
             return "X-Twilio-Signature does not match the media socket URL"
         return None
 
@@ -144,8 +179,7 @@ class TwilioCarrier(TwimlCarrier):
         return json.dumps({"event": "mark", "streamSid": stream_id, "mark": {"name": name}})
 
     def connect_answer(self, join_url: str, parameters: dict[str, str] | None = None) -> str:
-        """<Connect><Stream>; `parameters` also go as <Parameter>s, which reach us in the start message
-        even if Twilio does not pass the URL's query on to the socket."""
+        """<Connect><Stream>; `parameters` go as <Parameter>s, which reach the socket in the start message."""
         response = VoiceResponse()
         stream = response.connect().stream(**self.stream_attributes(join_url))
         for name, value in (parameters or {}).items():

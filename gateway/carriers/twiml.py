@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from twilio.twiml.voice_response import VoiceResponse
 
 from .. import statuses
-from .base import DialResult, StatusUpdate, Webhook
+from .base import DialResult, MachineDetection, StatusUpdate, Webhook
 from .event_stream import EventStreamCarrier
 
 # CallStatus values of Twilio and of Telnyx's TwiML-compatible callbacks.
@@ -26,11 +26,35 @@ CALL_STATUSES = {
     "canceled": statuses.CANCELED,
 }
 STATUS_CALLBACK_EVENTS = ["initiated", "ringing", "answered", "completed"]
+# AnsweredBy, Twilio's and Telnyx TeXML's (its AMD callback reference lists Twilio's seven; its
+# guide writes "machine"): a machine_end_* verdict comes once the greeting has ended (DetectMessageEnd).
+ANSWERED_BY = {
+    "human": statuses.HUMAN,
+    "machine": statuses.MACHINE,
+    "machine_start": statuses.MACHINE,
+    "machine_end_beep": statuses.MACHINE,
+    "machine_end_silence": statuses.MACHINE,
+    "machine_end_other": statuses.MACHINE,
+    "fax": statuses.FAX,
+    "unknown": statuses.UNKNOWN,
+}
 
 
 class TwimlCarrier(EventStreamCarrier):
     answer_media_type = "text/xml"
     call_statuses = CALL_STATUSES
+    reports_greeting_end = True  # MachineDetection=DetectMessageEnd
+    # AsyncAmd as the create-call body spells true (a form's text, or a JSON boolean).
+    async_amd: ClassVar[Any] = "true"
+
+    def detection_params(self, detection: MachineDetection) -> dict[str, Any]:
+        """Create-call parameters asking for `detection` (Twilio's names, which TeXML shares): async
+        (AsyncAmd) with a report URL, else the call's instructions wait for the verdict."""
+        params: dict[str, Any] = {"MachineDetection": "DetectMessageEnd" if detection.greeting_end else "Enable"}
+        if detection.report_url:
+            params.update(AsyncAmd=self.async_amd, AsyncAmdStatusCallback=detection.report_url,
+                          AsyncAmdStatusCallbackMethod="POST")
+        return params
 
     def stream_attributes(self, join_url: str) -> dict[str, Any]:
         """Attributes of <Connect><Stream>; carriers add what their media stream needs."""
@@ -57,6 +81,13 @@ class TwimlCarrier(EventStreamCarrier):
 
     def hangup_answer(self) -> str:
         response = VoiceResponse()
+        response.hangup()
+        return response.to_xml()
+
+    def voicemail_answer(self, message: str) -> str:
+        # Fetched on a machine_end_* verdict (DetectMessageEnd): the greeting is over, speak now.
+        response = VoiceResponse()
+        response.say(message)
         response.hangup()
         return response.to_xml()
 
@@ -95,10 +126,14 @@ class TwimlCarrier(EventStreamCarrier):
         response.hangup()
         return response.to_xml()
 
-    def answered_by_machine(self, params: Mapping[str, str]) -> bool:
-        # AnsweredBy: human, machine_start, machine_end_beep|silence|other, fax, unknown.
-        answered_by = params.get("AnsweredBy", "")
-        return answered_by.startswith("machine") or answered_by == "fax"
+    def answered_by(self, params: Mapping[str, str]) -> str | None:
+        value = params.get("AnsweredBy")
+        if not value:
+            return None
+        return ANSWERED_BY.get(value, statuses.MACHINE if value.startswith("machine") else statuses.UNKNOWN)
+
+    def greeting_ended(self, params: Mapping[str, str]) -> bool:
+        return params.get("AnsweredBy", "").startswith("machine_end")
 
     def parse_status(self, webhook: Webhook) -> StatusUpdate:
         params = webhook.flat_params()
@@ -108,7 +143,7 @@ class TwimlCarrier(EventStreamCarrier):
             carrier_call_id=params.get(self.call_id_param),
             duration_seconds=int(duration) if duration.isdigit() else None,
             end_reason=params.get("HangupCause") or params.get("ErrorMessage") or None,
-            answered_by=params.get("AnsweredBy") or None,
+            answered_by=self.answered_by(params),
         )
 
     # --- the carrier's own side (gateway simulate) -------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ..carriers.base import Carrier
 from ..settings import RouteSettings, Settings
@@ -60,10 +60,12 @@ class CallBodies:
         extra_template_context: Mapping[str, Any] | None = None,
         extra_metadata: Mapping[str, str] | None = None,
         join_timeout_seconds: float | None = None,
+        extra_tools: Sequence[dict[str, Any]] = (),
     ) -> CallRequest:
         """Body for StartAgentCallRequest (agent routes) or StartCallRequest (inline routes).
 
-        The route's metadata (and the request's, `extra_metadata`) is kept beside the gateway's own.
+        The route's metadata (and the request's, `extra_metadata`) is kept beside the gateway's own;
+        `extra_tools` (SelectedTools) join the transfer tools.
         """
         body: dict[str, Any] = copy.deepcopy(route.call) if route.call is not None else {}
         body["medium"] = medium
@@ -86,6 +88,7 @@ class CallBodies:
         if callbacks := self._callbacks():
             body["callbacks"] = callbacks
         tools = transfer_tools(self.settings, self.urls, route.operators) if carrier.can_transfer else []
+        tools = [*tools, *extra_tools]
         if tools:
             # Inline calls list their tools; agent calls add to the agent's own.
             if route.agent_id is None:
@@ -117,12 +120,18 @@ USER_FIRST_FALLBACK_DELAY = "4s"
 
 
 def _first_speaker(route: RouteSettings, agent_speaks_first: bool) -> dict[str, Any] | None:
-    if not agent_speaks_first:
-        if route.greeting:
-            return {"user": {"fallback": {"delay": USER_FIRST_FALLBACK_DELAY, "text": route.greeting}}}
-        return {"user": {}}
-    # Without a greeting of the route's own, the agent's (or inline call's) settings apply.
-    return {"agent": {"text": route.greeting}} if route.greeting else None
+    """The call's firstSpeakerSettings, or None to leave them to the agent (or the inline call)."""
+    if route.greeting:
+        if agent_speaks_first:
+            return {"agent": {"text": route.greeting}}
+        return {"user": {"fallback": {"delay": USER_FIRST_FALLBACK_DELAY, "text": route.greeting}}}
+    # An agent route without a greeting of its own keeps the agent's settings: any value sent
+    # here, even `agent: {}`, overrides them (StartAgentCallRequest.firstSpeakerSettings).
+    if route.agent_id is not None or agent_speaks_first:
+        return None
+    # An inline call defaults to the agent speaking first (Ultravox's default): on a call the
+    # gateway placed, the callee answers first.
+    return {"user": {}}
 
 
 def template_context(mapping: Mapping[str, str], params: Mapping[str, str]) -> dict[str, Any]:

@@ -52,7 +52,7 @@ class Connector:
         """Where the carrier streams the call's audio, and the parameters to give with the stream."""
         if not self.bridged(route, call_id):
             return join_url, {}
-        return self.urls.media_socket(carrier.name, call_id, lifetime=lifetime)
+        return self.urls.media_socket(carrier.name, call_id, lifetime=lifetime, in_query=carrier.stream_url_takes_query)
 
     def answer(self, carrier: Carrier, route: str | None, call_id: str | None, join_url: str) -> str:
         """The carrier answer that connects the call's audio."""

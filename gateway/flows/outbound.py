@@ -17,13 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .. import numbers, statuses
 from ..carriers import CarrierName
-from ..carriers.base import Carrier, OutboundDial, Webhook
+from ..carriers.base import Carrier, MachineDetection, MachineVerdict, OutboundDial, Webhook
 from ..http import RemoteError
 from ..logs import bind, bind_call
-from ..settings import RouteSettings, Settings
+from ..settings import RouteSettings, Settings, VoicemailPolicy
 from ..store import CallRecord, CallStore, CallUpdate
 from ..ultravox import CreatedCall, UltravoxClient, UltravoxError
 from ..store.calls import utcnow
+from ..tools import LEAVE_VOICEMAIL, voicemail_tool
 from ..urls import Urls
 from ..work import Work
 from .call_request import CallBodies, CallIdentity
@@ -73,6 +74,9 @@ class DialRequest(BaseModel):
     template_context: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, str] = Field(default_factory=dict)
     answering_machine_detection: bool = False
+    voicemail: VoicemailPolicy | None = Field(
+        default=None, description="When a machine answers: hangup, message (the configured voicemail_message, "
+        "after the greeting) or agent (the agent leaves one); implies answering_machine_detection. Default: the route's")
     max_duration: float | None = Field(default=None, gt=0, description="Seconds")
     greeting: str | None = Field(default=None, description="Said by the agent if the callee stays silent")
 
@@ -104,9 +108,13 @@ class DialRequest(BaseModel):
     def _one_agent(self) -> "DialRequest":
         if sum(x is not None for x in (self.route, self.agent_id, self.call)) != 1:
             raise ValueError("give exactly one of route, agent_id or call")
-        if self.answering_machine_detection and self.via == "ultravox":
+        if self.detects_machines and self.via == "ultravox":
             raise ValueError("answering_machine_detection needs via=carrier (the gateway decides on answer)")
         return self
+
+    @property
+    def detects_machines(self) -> bool:
+        return self.answering_machine_detection or self.voicemail is not None
 
     def fingerprint(self) -> str:
         canonical = json.dumps(self.model_dump(by_alias=True), sort_keys=True, separators=(",", ":"))
@@ -244,8 +252,9 @@ class OutboundFlow:
             raise DialRejected(422, f"Ultravox cannot place {carrier.title} calls itself: use via=carrier")
         if via == "carrier" and not carrier.can_dial:
             raise DialRejected(422, f"{carrier_name} REST credentials are not configured on this gateway")
-        if request.answering_machine_detection and carrier.dials_into_stream:
-            raise DialRejected(422, f"answering_machine_detection is not available on {carrier.title} calls")
+        if request.detects_machines and not carrier.detects_machines:
+            raise DialRejected(422, f"answering_machine_detection is not available on {carrier.title} calls: "
+                                    f"{carrier.title} reports no answering machines on the calls the gateway places")
         if not self.settings.ultravox.api_key:
             raise DialRejected(422, "ULTRAVOX_API_KEY is not configured on this gateway")
         if not self.settings.public_url:
@@ -268,6 +277,10 @@ class OutboundFlow:
                 base["greeting"] = request.greeting
             if request.max_duration is not None:
                 base["max_duration_seconds"] = request.max_duration
+            # Resolved now, and recorded with the call: a config reloaded meanwhile changes nothing.
+            outbound = self.settings.outbound
+            base["voicemail"] = request.voicemail or base.get("voicemail") or outbound.voicemail
+            base["voicemail_message"] = base.get("voicemail_message") or outbound.voicemail_message
             return RouteSettings.model_validate(base)
         except ValueError as error:
             raise DialRejected(422, str(error)) from None
@@ -295,7 +308,7 @@ class OutboundFlow:
             answer_url=self.urls.call_callback("outbound-answer", carrier.name, record.id),
             status_url=self.urls.call_callback("status", carrier.name, record.id),
             ring_timeout_seconds=ring_timeout,
-            machine_detection=request.answering_machine_detection,
+            machine_detection=self._machine_detection(carrier, record, request, route),
             stream_url=stream_url,
         )
         try:
@@ -310,6 +323,16 @@ class OutboundFlow:
             with contextlib.suppress(RemoteError):
                 await carrier.cancel(self.http, carrier_call_id, deadline=self._clock() + PLACE_DEADLINE_SECONDS)
         return placed
+
+    def _machine_detection(self, carrier: Carrier, record: CallRecord, request: DialRequest,
+                           route: RouteSettings) -> MachineDetection | None:
+        """Asynchronous detection: the agent takes the call at once (a person never waits in silence
+        for the verdict), and the verdict comes to machine_detected; a message is left after the
+        greeting, so its machine verdict waits for the greeting's end."""
+        if not request.detects_machines:
+            return None
+        return MachineDetection(report_url=self.urls.call_callback("machine-detection", carrier.name, record.id),
+                                greeting_end=route.voicemail != "hangup")
 
     async def _place_with_ultravox(
         self, carrier: Carrier, record: CallRecord, request: DialRequest, route: RouteSettings, deadline: float
@@ -338,6 +361,8 @@ class OutboundFlow:
             extra_template_context=request.template_context,
             extra_metadata=request.metadata,
             join_timeout_seconds=join_timeout_seconds,
+            # Told to leave a message should a machine answer (machine_detected), it needs the tool.
+            extra_tools=[voicemail_tool()] if request.detects_machines and route.voicemail == "agent" else (),
         )
 
     async def _create_agent_call(
@@ -398,7 +423,7 @@ class OutboundFlow:
         bind(carrier_call_id=answered.carrier_call_id)
         stored = record.request
         request = DialRequest.model_validate(stored["request"])
-        if request.answering_machine_detection and answered.machine:
+        if request.detects_machines and answered.machine:
             await self.store.update(record.id, CallUpdate(status=statuses.MACHINE_DETECTED, answered_by="machine", carrier_call_id=answered.carrier_call_id))
             return AnswerOutcome(hang_up=True)
         record = (await self.store.update(record.id, CallUpdate(status=statuses.ANSWERED, carrier_call_id=answered.carrier_call_id))).record
@@ -413,6 +438,77 @@ class OutboundFlow:
             return AnswerOutcome()
         await self.store.update(record.id, CallUpdate(status=statuses.IN_PROGRESS))
         return AnswerOutcome(join_url=created.join_url)
+
+    # --- answering machines --------------------------------------------------------------------------
+    async def machine_detected(self, carrier: Carrier, verdict: MachineVerdict, call_id: str) -> None:
+        """Answering-machine detection's verdict on a call the gateway placed: recorded, and for a
+        machine the call's voicemail policy, once however often the verdict is delivered."""
+        record = await self.store.get(call_id)
+        if record is None or record.via != "carrier" or record.carrier != carrier.name or record.request is None:
+            return
+        bind_call(record)
+        carrier_call_id = record.carrier_call_id or verdict.carrier_call_id
+        noted = CallUpdate(answered_by=verdict.answered_by, carrier_call_id=carrier_call_id)
+        request = DialRequest.model_validate(record.request["request"])
+        if not verdict.machine or not request.detects_machines:
+            await self.store.update(record.id, noted)
+            return
+        route = RouteSettings.model_validate(record.request["route"])
+        # A fax takes no message (nor does a call placed before voicemail policies were recorded).
+        policy = (route.voicemail or "hangup") if verdict.answered_by == statuses.MACHINE else "hangup"
+        if policy != "hangup" and carrier.reports_greeting_end and not verdict.greeting_ended:
+            await self.store.update(record.id, noted)  # still greeting: the verdict at its end acts
+            return
+        # The one delivery whose update moves the call on acts on it.
+        status = statuses.VOICEMAIL_LEFT if policy == "agent" else statuses.MACHINE_DETECTED
+        changed = await self.store.update(record.id, CallUpdate(
+            status=status, answered_by=verdict.answered_by, carrier_call_id=carrier_call_id))
+        if not changed.advanced or not carrier_call_id:
+            return
+        log.info("outbound %s: a %s answered; voicemail policy %s", record.id, verdict.answered_by, policy)
+        if policy == "message":
+            # The call fetches voicemail_answer (and the agent's stream ends with the redirect).
+            await self._carrier_does(carrier.redirect, carrier, record, carrier_call_id,
+                                     self.urls.call_callback("voicemail", carrier.name, record.id))
+        elif policy == "agent" and await self._agent_leaves_voicemail(changed.record, verdict):
+            return
+        else:
+            await self._carrier_does(carrier.hang_up, carrier, record, carrier_call_id)
+
+    async def _agent_leaves_voicemail(self, record: CallRecord, verdict: MachineVerdict) -> bool:
+        """Tell the call's agent to leave its message with Ultravox's leaveVoicemail (which then ends
+        the call); False when it cannot be told."""
+        when = "Its greeting is over: leave" if verdict.greeting_ended else "As soon as its greeting ends, leave"
+        text = (f"(An answering machine took this call, not a person. {when} a short voicemail: call the "
+                f"{LEAVE_VOICEMAIL} tool with a brief message saying who you are, why you called and how to "
+                "reach you back. Do not wait for an answer.)")
+        if not record.ultravox_call_id:
+            return False
+        try:
+            await self.ultravox.tell_agent(record.ultravox_call_id, text,
+                                           deadline=self._clock() + PLACE_DEADLINE_SECONDS)
+        except UltravoxError as error:
+            log.warning("outbound %s: the agent could not be told to leave a voicemail (%s); hanging up",
+                        record.id, error.reason)
+            return False
+        return True
+
+    async def _carrier_does(self, action, carrier: Carrier, record: CallRecord, carrier_call_id: str, *args) -> None:
+        try:
+            await action(self.http, carrier_call_id, *args, deadline=self._clock() + PLACE_DEADLINE_SECONDS)
+        except RemoteError as error:
+            log.warning("outbound %s: %s refused to act on the answering machine: %s", record.id, carrier.title,
+                        error.reason)
+
+    async def voicemail_answer(self, carrier: Carrier, call_id: str) -> str:
+        """The call an answering machine took, moved here by voicemail policy "message": the message."""
+        record = await self.store.get(call_id)
+        if record is None or record.via != "carrier" or record.carrier != carrier.name or record.request is None:
+            return carrier.hangup_answer()
+        bind_call(record)
+        route = RouteSettings.model_validate(record.request["route"])
+        await self.store.update(record.id, CallUpdate(status=statuses.VOICEMAIL_LEFT))
+        return carrier.voicemail_answer(route.voicemail_message or self.settings.outbound.voicemail_message)
 
     async def _join_url_of(self, call_id: str, deadline: float) -> str | None:
         while self._clock() + POLL_SECONDS < deadline:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import httpx
 
 from .. import statuses
-from ..carriers.base import Carrier, OutboundDial, Webhook
+from ..carriers.base import Carrier, MachineDetection, OutboundDial, Webhook
 from ..http import RemoteError
 from ..logs import bind, bind_call
 from ..settings import Settings
@@ -326,7 +326,9 @@ class TransferFlow:
             answer_url=self.url(carrier, "whisper", transfer.id, leg=leg),
             status_url=self.url(carrier, "operator-status", transfer.id, leg=leg),
             ring_timeout_seconds=operator.ring_timeout_seconds,
-            machine_detection=True,  # a voicemail greeting must not count as the operator
+            # A voicemail must neither count as the operator nor hear the briefing: the leg's
+            # instructions wait for the verdict (a few seconds of silence for the operator).
+            machine_detection=MachineDetection(),
         )
         # If no event about this leg ever comes (a lost callback, a carrier outage, this process
         # dying), the caller must not wait on hold for ever: past its deadline the leg counts as a no.
@@ -392,6 +394,15 @@ class TransferFlow:
         if update.carrier_call_id and not transfer.is_final and leg == transfer.leg and not transfer.operator_leg_id:
             await self.transfers.update(transfer.id, TransferChange(operator_leg_id=update.carrier_call_id),
                                         expect=TransferExpectation(leg=leg))
+        if update.answered_by in (statuses.MACHINE, statuses.FAX) and not transfer.is_final and leg == transfer.leg:
+            # The verdict in a status callback (Telnyx TeXML, whose instructions wait for it; Plivo
+            # hanging a machine up itself): the briefing is never played, the leg is ended.
+            leg_id = update.carrier_call_id or transfer.operator_leg_id
+            if leg_id:
+                with contextlib.suppress(RemoteError):
+                    await carrier.hang_up(self.http, leg_id, deadline=self._clock() + CARRIER_WORK_SECONDS)
+            await self._operator_unavailable(carrier, transfer, leg, f"{transfer.operator}'s voicemail answered")
+            return
         if update.status in statuses.FINAL_STATUSES and not transfer.is_final:
             # Hung up, busy, no answer…: before accepting, any end of the operator's leg is a no.
             why = f"{transfer.operator} did not take the call ({update.status})"
@@ -546,10 +557,7 @@ class TransferFlow:
         if not ultravox_call_id:
             return
         try:
-            await self.ultravox.send_data_message(
-                ultravox_call_id, {"type": "user_text_message", "text": text, "urgency": "immediate"},
-                deadline=self._clock() + CARRIER_WORK_SECONDS,
-            )
+            await self.ultravox.tell_agent(ultravox_call_id, text, deadline=self._clock() + CARRIER_WORK_SECONDS)
         except UltravoxError as error:
             log.warning("could not tell Ultravox call %s about the transfer: %s", ultravox_call_id, error.reason)
 

@@ -1,8 +1,9 @@
 """Who may open the media socket (bridge mode): the carrier, for a bridged call waiting for it, once.
 
-The credentials are the gateway's own short-lived token naming the call (in the stream URL's
-query, or as stream parameters in the start message when the carrier signs its upgrade and may
-drop the query), plus the carrier's own upgrade signature where it has one.
+The credentials are the gateway's own short-lived token naming the call, plus the carrier's own
+upgrade signature where it has one. The token comes in the stream URL's query, or, for a carrier
+whose stream URL takes no query (Twilio), as stream parameters in the start message: that carrier
+must sign its upgrade, and nothing reaches Ultravox before the start message's token is checked.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ class MediaSockets:
             return await self._refuse(carrier, websocket, problem)
         start = None
         if token is None:
-            # A signed upgrade without our query (Twilio may drop it): the credentials come as
-            # stream parameters in the start message, checked before anything reaches Ultravox.
+            # A signed upgrade without our query (Twilio's stream URLs take none): the credentials
+            # come as stream parameters in the start message, checked before anything reaches Ultravox.
             await websocket.accept()
             start = await self.bridge.read_start(carrier, websocket, MediaStats())
             params = start.parameters if start else {}

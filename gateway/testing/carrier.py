@@ -39,6 +39,7 @@ __all__ = [
     "CarrierRequest",
     "Conference",
     "Declined",
+    "Detection",
     "Dialled",
     "FakeCarrier",
     "PickUp",
@@ -73,6 +74,17 @@ class PlacedCarrierCall:
     status_url: str | None
     params: dict[str, Any]  # the create-call parameters as the carrier understood them
     call_uuid: str | None = None  # Plivo only: the CallUUID, which differs from request_uuid
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    """The answering-machine detection a placed call asked for, as the carrier understood it."""
+
+    report_url: str | None  # asynchronous: where the verdict goes; None: the call's instructions wait for it
+    greeting_end: bool = False  # a machine is reported once its greeting has ended
+
+
+WHO_ANSWERS = ("human", "machine", "fax")
 
 
 @dataclasses.dataclass
@@ -166,6 +178,31 @@ def _validate_texml_update(params: dict[str, Any], markup: str) -> None:
     if "Url" in given and markup in given:
         # The fake refuses the ambiguity rather than guess which one the carrier obeys.
         raise _Invalid(f"Url and {markup} are mutually exclusive")
+
+
+def _twiml_answered_by(who: str, detection: Detection) -> str:
+    """AnsweredBy as Twilio (and Telnyx TeXML) write it: with DetectMessageEnd, a machine is
+    reported only once its greeting has ended (machine_end_beep), else at once (machine_start)."""
+    if who == "machine":
+        return "machine_end_beep" if detection.greeting_end else "machine_start"
+    return who
+
+
+def _twiml_detection(params: dict[str, Any]) -> Detection | None:
+    """What Twilio's (and TeXML's) create-call parameters ask of answering-machine detection."""
+    mode = _one(params, "MachineDetection")
+    if mode in (None, "Disable"):
+        return None
+    asynchronous = str(_one(params, "AsyncAmd")).lower() == "true"
+    return Detection(_one(params, "AsyncAmdStatusCallback") if asynchronous else None, mode == "DetectMessageEnd")
+
+
+def _validate_twiml_detection(params: dict[str, Any]) -> None:
+    """The AMD parameters Twilio's and Telnyx's create-call endpoints share."""
+    if "AsyncAmd" in params and str(_one(params, "AsyncAmd")).lower() not in ("true", "false"):
+        raise _Invalid("AsyncAmd must be true or false")
+    if "AsyncAmdStatusCallbackMethod" in params and str(_one(params, "AsyncAmdStatusCallbackMethod")).upper() not in _HTTP_METHODS:
+        raise _Invalid("AsyncAmdStatusCallbackMethod must be GET or POST")
 
 
 # TwiML's (and TeXML's) verbs in the neutral words of `CarrierDouble.verbs`.
@@ -554,6 +591,25 @@ class FakeCarrier:
         self._reported(call, "in-progress")
         return self.callback(call.answer_url, {**self._answer_form(call), **extra})
 
+    def detection(self, call: PlacedCarrierCall) -> Detection | None:
+        """The answering-machine detection ``call`` asked for (None: none)."""
+        return None
+
+    def answered_by(self, call: PlacedCarrierCall, who: str) -> httpx.Response | None:
+        """``who`` ("human", "machine" or "fax") picked ``call`` up, and the carrier's detection
+        tells the gateway as it does for the detection the call asked for (each fake says how:
+        its report URL, the answer webhook, a status callback). Returns the gateway's answer to the
+        last request that makes (None: the carrier tells nothing, as Plivo for a person)."""
+        if who not in WHO_ANSWERS:
+            raise ValueError(f"who must be one of {WHO_ANSWERS}, got {who!r}")
+        detection = self.detection(call)
+        if detection is None:
+            raise ValueError(f"call {call.call_id} asked for no answering-machine detection")
+        return self._tell_detection(call, detection, who)
+
+    def _tell_detection(self, call: PlacedCarrierCall, detection: Detection, who: str) -> httpx.Response | None:
+        raise NotImplementedError(f"{type(self).__name__} detects no answering machines")
+
     def send_status(self, call: PlacedCarrierCall, status: str, **extra: Any) -> httpx.Response:
         """POST a status callback for ``call`` the way the carrier does, signed."""
         url, form = self._status_callback(call, status)
@@ -654,6 +710,11 @@ class PickUp:
             return self.dialled_stream_url
         return self.double.connected_url(self.answer.text)[0]
 
+    @property
+    def stream_parameters(self) -> dict[str, str]:
+        """The parameters the stream starts with (Twilio's <Parameter>s)."""
+        return self.double.stream_parameters(self.answer.text) if self.answer is not None else {}
+
 
 class CarrierDouble(ABC):
     """Everything a test needs to play one carrier against the gateway, in the carrier's own words.
@@ -700,6 +761,11 @@ class CarrierDouble(ABC):
     def stream_rate(self) -> int:
         """Hz of its bridge-mode media stream."""
         return self._stream_dialect().rate
+
+    @property
+    def stream_url_takes_query(self) -> bool:
+        """Whether its stream URLs may carry a query (else the socket's credentials are stream parameters)."""
+        return self._stream_dialect().url_takes_query
 
     @property
     def stream_lossless(self) -> bool:
@@ -755,6 +821,10 @@ class CarrierDouble(ABC):
     @abstractmethod
     def connected_url(self, answer_text: str) -> tuple[str, dict[str, str]]:
         """The stream URL an answer connects the call to, and the stream's other attributes."""
+
+    def stream_parameters(self, answer_text: str) -> dict[str, str]:
+        """The parameters an answer gives its stream, which the carrier sends in the start message."""
+        return {}
 
     @abstractmethod
     def spoken(self, answer_text: str) -> list[str]:
@@ -816,6 +886,10 @@ class XmlDouble(CarrierDouble):
         if element is None:
             raise ValueError(f"no {path} in the answer: {answer_text}")
         return element
+
+    def stream_parameters(self, answer_text: str) -> dict[str, str]:
+        stream = self._find(answer_text, self.stream_path)
+        return {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
 
     def connected_url(self, answer_text: str) -> tuple[str, dict[str, str]]:
         stream = self._find(answer_text, self.stream_path)

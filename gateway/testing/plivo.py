@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Any
 
+import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -19,6 +20,7 @@ from starlette.routing import Route
 from .carrier import (
     _HTTP_METHODS,
     CallUpdate,
+    Detection,
     FakeCarrier,
     PlacedCarrierCall,
     XmlDouble,
@@ -147,6 +149,8 @@ class FakePlivo(FakeCarrier):
             raise _Invalid("ring_timeout must be an integer")
         if "machine_detection" in params and params["machine_detection"] not in ("true", "hangup"):
             raise _Invalid("machine_detection must be 'true' or 'hangup'")
+        if "machine_detection_method" in params and str(params["machine_detection_method"]).upper() not in _HTTP_METHODS:
+            raise _Invalid("machine_detection_method must be GET or POST")
 
     def _place(self, params: dict[str, Any]) -> PlacedCarrierCall:
         return PlacedCarrierCall(
@@ -203,6 +207,31 @@ class FakePlivo(FakeCarrier):
 
     def _signature_headers(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
         return plivo_v3_headers(self.auth_token, url, form)
+
+    def detection(self, call: PlacedCarrierCall) -> Detection | None:
+        if call.params.get("machine_detection") not in ("true", "hangup"):
+            return None
+        return Detection(call.params.get("machine_detection_url"))  # Plivo tells no end of a greeting
+
+    def _tell_detection(self, call: PlacedCarrierCall, detection: Detection, who: str) -> httpx.Response | None:
+        """With machine_detection_url: a machine (a fax too: Plivo tells no fax) is reported there,
+        Machine=true, the XML running meanwhile; a person is never reported (Plivo's asynchronous
+        machine detection page). Without one the XML waits: a person's answer_url is fetched after
+        the analysis; a machine, with machine_detection=hangup, is hung up by Plivo and its
+        hangup_url says Machine=true (Plivo support: the types of machine detection)."""
+        if detection.report_url is not None:
+            if who == "human":
+                return None
+            return self.callback(detection.report_url, {
+                **self._common_form(call), "Machine": "true", "IfMachine": "continue",
+                "Event": "MachineDetection", "CallStatus": "in-progress",
+            })
+        if who == "human":
+            return self.answer(call)
+        if call.params.get("machine_detection") == "hangup":
+            self.set_state(self._live_id(call), "completed")  # Plivo hangs the machine up itself
+            return self.send_status(call, "completed", Machine="true")
+        return self.answer(call, Machine="true")
 
     # A live Plivo call is addressed by its CallUUID, not the request_uuid.
     def _live_id(self, call: PlacedCarrierCall) -> str:

@@ -38,6 +38,7 @@ import time
 import uuid
 import warnings
 from typing import Any
+from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -82,6 +83,12 @@ class StreamDialect:
     clear_acks_marks = True  # a clear returns the pending marks (Twilio, Telnyx)
     mark_ack_event = "mark"  # the event acknowledging a played mark
     clear_ack_event: str | None = None  # the event acknowledging a clear, if the carrier sends one
+    # Whether the carrier connects to a stream URL with a query string (Twilio's takes none: its
+    # custom parameters travel in the start message).
+    url_takes_query = True
+    # Codecs the carrier may stream in instead of the one asked for, by name -> sample rate
+    # (Telnyx falls back to the call's own G.711 when it cannot transcode); `CarrierStream(codec=)`.
+    fallback_codecs: dict[str, int] = {}
 
     # -- stream identity --------------------------------------------------------
 
@@ -104,6 +111,10 @@ class StreamDialect:
 
     def encode(self, pcm16: bytes) -> bytes:
         raise NotImplementedError
+
+    def encode_for(self, s: "CarrierStream", pcm16: bytes) -> bytes:
+        """The caller's audio in the stream's codec (``s.codec``; None: the one asked for)."""
+        return self.encode(pcm16)
 
     def opening(
         self, s: "CarrierStream", custom: dict[str, str], extra: dict[str, Any]
@@ -207,15 +218,26 @@ class CarrierStream:
         url: str,
         *,
         headers: dict[str, str] | None = None,
+        parameters: dict[str, str] | None = None,
+        codec: str | None = None,
         playback: str = "realtime",
         open_timeout: float = 10.0,
     ) -> None:
         dialect = _stream_dialect(carrier)
         if playback not in ("realtime", "instant"):
             raise ValueError("playback must be 'realtime' or 'instant'")
+        if codec is not None and codec not in dialect.fallback_codecs:
+            raise ValueError(f"{carrier} streams in no codec {codec!r} (its fallbacks: {sorted(dialect.fallback_codecs)})")
+        if not dialect.url_takes_query and urlsplit(url).query:
+            raise ValueError(f"{carrier} stream URLs take no query string, got {url!r}: "
+                             "give what the socket needs as stream parameters")
         self.carrier = carrier
         self.url = url
         self.headers = dict(headers or {})
+        # The stream's parameters as the answer gave them (Twilio's <Parameter>s): `start` sends them.
+        self.parameters = dict(parameters or {})
+        # A codec the carrier fell back to (None: the one the gateway asked for), both ways.
+        self.codec = codec
         self.playback = playback
         self.open_timeout = open_timeout
         self._dialect = dialect
@@ -259,7 +281,7 @@ class CarrierStream:
     @property
     def rate(self) -> int:
         """Sample rate of the caller's and the agent's audio on this stream."""
-        return self._dialect.rate
+        return self._dialect.fallback_codecs[self.codec] if self.codec else self._dialect.rate
 
     @property
     def frame_bytes(self) -> int:
@@ -347,13 +369,14 @@ class CarrierStream:
         account_id: str | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        """Send the carrier's opening messages (``extra`` is merged into the ``start`` object)."""
+        """Send the carrier's opening messages with the stream's ``parameters`` (``custom_parameters``
+        win); ``extra`` is merged into the ``start`` object."""
         self._require_ws()
         self.call_id = call_id
         self.stream_id = stream_id or self._dialect.new_stream_id()
         self.account_id = account_id or self._dialect.new_account_id()
         self.session_id = self._dialect.new_session_id()
-        custom = dict(custom_parameters or {})
+        custom = {**self.parameters, **(custom_parameters or {})}
         self._dialect.prepare(self, custom)
         loop = asyncio.get_running_loop()
         self.started_at = loop.time()
@@ -370,7 +393,7 @@ class CarrierStream:
         self._chunk += 1
         position_ms = self._samples_sent * 1000 // self.rate
         self._samples_sent += len(pcm16) // 2
-        message = self._dialect.media(self, self._dialect.encode(bytes(pcm16)), self._chunk, position_ms)
+        message = self._dialect.media(self, self._dialect.encode_for(self, bytes(pcm16)), self._chunk, position_ms)
         await self._send_json(message)
         self.frames_sent += 1
 

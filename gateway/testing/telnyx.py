@@ -11,6 +11,7 @@ import time
 import uuid
 from typing import Any
 
+import httpx
 import numpy as np
 from starlette.requests import Request
 
@@ -19,6 +20,7 @@ from .carrier import (
     _STATUS_EVENTS,
     _TWIML_VERBS,
     CallUpdate,
+    Detection,
     FakeCarrier,
     PlacedCarrierCall,
     XmlDouble,
@@ -26,9 +28,12 @@ from .carrier import (
     _Invalid,
     _is_int,
     _rfc2822_now,
+    _twiml_answered_by,
+    _twiml_detection,
     _validate_texml_update,
+    _validate_twiml_detection,
 )
-from .stream import StreamDialect, _b64
+from .stream import StreamDialect, _b64, audioop
 from .ultravox import _ERROR_DETAILS
 
 __all__ = ["FakeTelnyx", "TelnyxDouble", "TelnyxSigner", "telnyx_inbound_form"]
@@ -173,6 +178,9 @@ class FakeTelnyx(FakeCarrier):
             "DetectMessageEnd",
         ):
             raise _Invalid("MachineDetection must be Enable, Disable or DetectMessageEnd")
+        if "AsyncAmd" in params and not isinstance(params["AsyncAmd"], bool):
+            raise _Invalid("AsyncAmd must be a boolean")  # the JSON body's type (the SDK's call_calls_params)
+        _validate_twiml_detection(params)
 
     def _place(self, params: dict[str, Any]) -> PlacedCarrierCall:
         return PlacedCarrierCall(
@@ -248,6 +256,23 @@ class FakeTelnyx(FakeCarrier):
     def _signature_headers(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
         return self.signer.headers(raw)
 
+    def detection(self, call: PlacedCarrierCall) -> Detection | None:
+        return _twiml_detection(call.params)
+
+    def _tell_detection(self, call: PlacedCarrierCall, detection: Detection, who: str) -> httpx.Response | None:
+        """Asynchronous (AsyncAmd): AnsweredBy to AsyncAmdStatusCallback (TexmlCallAmdWebhook), the
+        TeXML running meanwhile. Synchronous: the TeXML waits; AnsweredBy comes in a status callback,
+        and a person's TeXML is fetched after it (Telnyx's TeXML answering-machine guide)."""
+        answered_by = _twiml_answered_by(who, detection)
+        if detection.report_url is not None:
+            return self.callback(detection.report_url, {
+                "AccountSid": self.account_sid, "AnsweredBy": answered_by, "CallSid": call.call_id,
+                "CallSidLegacy": call.call_id, "ConnectionId": call.params["ApplicationSid"],
+                "MachineDetectionDuration": "2500",
+            })
+        told = self.send_status(call, "in-progress", AnsweredBy=answered_by)
+        return self.answer(call) if who == "human" else told
+
 
 # ---------------------------------------------------------------------------
 # Media stream
@@ -263,12 +288,19 @@ class _Telnyx(StreamDialect):
     name = "telnyx"
     rate = 16000
     min_chunk_ms = 20  # "RTP media chunks sent back to Telnyx can contain 20 milliseconds to 30 seconds"
+    # When it cannot transcode to the codec asked for, Telnyx streams the call's own (its media
+    # streaming docs): G.711 at 8 kHz. The agent's audio is then expected in it too [our reading].
+    fallback_codecs = {"PCMU": 8000, "PCMA": 8000}
+    _g711 = {"PCMU": (audioop.lin2ulaw, audioop.ulaw2lin), "PCMA": (audioop.lin2alaw, audioop.alaw2lin)}
 
     def new_session_id(self) -> str:
         return str(uuid.uuid4())
 
     def encode(self, pcm16: bytes) -> bytes:
         return _swap16(pcm16)  # L16 is network byte order
+
+    def encode_for(self, s, pcm16: bytes) -> bytes:
+        return self._g711[s.codec][0](pcm16, 2) if s.codec else self.encode(pcm16)
 
     def opening(self, s, custom, extra):
         start = {
@@ -279,7 +311,7 @@ class _Telnyx(StreamDialect):
             "to": "+15550001111",
             "tags": [],
             "client_state": "",
-            "media_format": {"encoding": "L16", "sample_rate": 16000, "channels": 1},
+            "media_format": {"encoding": s.codec or "L16", "sample_rate": s.rate, "channels": 1},
         }
         if custom:
             start["custom_parameters"] = dict(custom)
@@ -336,6 +368,10 @@ class _Telnyx(StreamDialect):
         if raw is None:
             return b"", [f"media: {error}"]
         errors = []
+        if s.codec:
+            if len(raw) < s.rate * self.min_chunk_ms // 1000:
+                errors.append(f"media: {len(raw)} {s.codec} samples is shorter than {self.min_chunk_ms} ms")
+            return self._g711[s.codec][1](raw, 2), errors
         if len(raw) % 2:
             errors.append(f"media: L16 payload of odd length {len(raw)}")
             raw = raw[:-1]

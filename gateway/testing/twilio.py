@@ -6,9 +6,11 @@ Twilio with (`TwilioDouble`).
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from typing import Any
 
+import httpx
 from starlette.requests import Request
 
 from .carrier import (
@@ -16,6 +18,7 @@ from .carrier import (
     _STATUS_EVENTS,
     _TWIML_VERBS,
     CallUpdate,
+    Detection,
     FakeCarrier,
     PlacedCarrierCall,
     XmlDouble,
@@ -24,11 +27,15 @@ from .carrier import (
     _is_int,
     _one,
     _rfc2822_now,
+    _twiml_answered_by,
+    _twiml_detection,
     _validate_texml_update,
+    _validate_twiml_detection,
 )
 from .stream import StreamDialect, _b64, audioop
 
-__all__ = ["FakeTwilio", "TwilioDouble", "twilio_inbound_form", "twilio_signature", "twilio_stream_headers"]
+__all__ = ["FakeTwilio", "SharedKeySigning", "TwilioDouble", "twilio_inbound_form", "twilio_signature",
+           "twilio_stream_headers"]
 
 
 # ---------------------------------------------------------------------------
@@ -36,11 +43,28 @@ __all__ = ["FakeTwilio", "TwilioDouble", "twilio_inbound_form", "twilio_signatur
 # ---------------------------------------------------------------------------
 
 
-def twilio_signature(auth_token: str, url: str, params: dict[str, str]) -> str:
-    """The ``X-Twilio-Signature`` Twilio would send for a form POST to ``url``."""
+def twilio_signature(auth_token: str, url: str, params: dict[str, str], algorithm: str | None = None) -> str:
+    """The ``X-Twilio-Signature`` Twilio would send for a form POST to ``url`` (``algorithm``:
+    HMAC_SHA1 by default, or HMAC_SHA256; ``auth_token``: or a SharedKey's secret)."""
     from twilio.request_validator import RequestValidator
 
-    return RequestValidator(auth_token).compute_signature(url, params)
+    return RequestValidator(auth_token).compute_signature(url, params, algorithm)
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedKeySigning:
+    """Twilio signing a URL's webhooks with a Webhooks SharedKey (a Webhook Rule's Setting) instead
+    of the auth token: the secret and the algorithm it hashes with, named in a settings header."""
+
+    secret: str
+    algorithm: str = "HMAC_SHA256"
+    key_id: str = "webhooks_sharedkey_01" + "0" * 24
+
+    def headers(self, url: str, params: dict[str, str]) -> dict[str, str]:
+        return {
+            "X-Twilio-Signature": twilio_signature(self.secret, url, params, self.algorithm),
+            "X-Twilio-Webhooks-Signature-Settings": f"key={self.key_id},algorithm={self.algorithm}",
+        }
 
 
 # ---------------------------------------------------------------------------
@@ -105,6 +129,12 @@ class FakeTwilio(FakeCarrier):
         super().__init__(**kwargs)
         self.account_sid = account_sid
         self.auth_token = auth_token
+        # Set by a test: the callbacks are signed with a Webhooks SharedKey, not the auth token.
+        self.shared_key: SharedKeySigning | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.shared_key = None
 
     def _authorized(self, request: Request) -> bool:
         # The path's account must be the one whose credentials are presented.
@@ -135,6 +165,7 @@ class FakeTwilio(FakeCarrier):
             "DetectMessageEnd",
         ):
             raise _Invalid("MachineDetection must be Enable or DetectMessageEnd")
+        _validate_twiml_detection(params)
 
     def _place(self, params: dict[str, Any]) -> PlacedCarrierCall:
         understood = {name: _one(params, name) for name in params}
@@ -197,7 +228,24 @@ class FakeTwilio(FakeCarrier):
             form["CallDuration"] = "0"  # Twilio reports a duration on final events
         return call.status_url, form
 
+    def detection(self, call: PlacedCarrierCall) -> Detection | None:
+        return _twiml_detection(call.params)
+
+    def _tell_detection(self, call: PlacedCarrierCall, detection: Detection, who: str) -> httpx.Response | None:
+        """Asynchronous (AsyncAmd): AnsweredBy to AsyncAmdStatusCallback, the call going on meanwhile.
+        Synchronous: the answer webhook waits for the verdict and carries AnsweredBy (Twilio's
+        answering-machine detection docs)."""
+        answered_by = _twiml_answered_by(who, detection)
+        if detection.report_url is None:
+            return self.answer(call, AnsweredBy=answered_by)
+        return self.callback(detection.report_url, {
+            "CallSid": call.call_id, "AccountSid": self.account_sid, "AnsweredBy": answered_by,
+            "MachineDetectionDuration": "2100",
+        })
+
     def _signature_headers(self, url: str, form: dict[str, str], raw: bytes) -> dict[str, str]:
+        if self.shared_key is not None:
+            return self.shared_key.headers(url, form)
         return {"X-Twilio-Signature": twilio_signature(self.auth_token, url, form)}
 
     def _validate_update(self, params: dict[str, Any]) -> None:
@@ -237,8 +285,8 @@ class FakeTwilio(FakeCarrier):
 def twilio_stream_headers(auth_token: str, url: str) -> dict[str, str]:
     """The ``X-Twilio-Signature`` header Twilio sends when it opens a media stream.
 
-    Twilio signs the stream URL exactly as written in the TwiML (``wss://``,
-    with its query string) with no POST parameters.
+    Twilio signs the ``wss://`` URL it connects to (the TwiML's, which takes no
+    query string) with no POST parameters.
     """
     from twilio.request_validator import RequestValidator
 
@@ -249,6 +297,7 @@ class _Twilio(StreamDialect):
     name = "twilio"
     rate = 8000
     lossless = False  # mu-law
+    url_takes_query = False  # "The url does not support query string parameters" (<Stream> docs)
 
     def new_stream_id(self) -> str:
         return "MZ" + secrets.token_hex(16)
