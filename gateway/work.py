@@ -174,9 +174,10 @@ class Work:
         while not self._stopping:
             self._wake.clear()
             try:
-                await self.run_due()
-                # All slots busy: a finishing job wakes the loop; else sleep until the next is due.
-                wait = self.poll_seconds if len(self._running) >= self.batch else await self._until_next()
+                claimed = await self.run_due()
+                # Jobs started: each wakes the loop as it finishes (and a job written meanwhile, its
+                # writer). Nothing due: sleep until the next is.
+                wait = self.poll_seconds if claimed or len(self._running) >= self.batch else await self._until_next()
             except Exception:
                 log.exception("durable work: claiming failed; trying again")
                 wait = self.poll_seconds

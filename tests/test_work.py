@@ -305,8 +305,11 @@ def test_events_are_written_once_per_key_and_pruned_once_settled(database_url):
         (first,) = await events.pending("crm", "c1", 10)
         from gateway.store.events import Attempt
 
-        assert await events.attempted(first, Attempt(utcnow(), 200, None, 3), DELIVERED)
-        assert not await events.attempted(first, Attempt(utcnow(), 200, None, 3), DELIVERED)  # fenced: once
+        from gateway.flows.events import Outcome
+
+        delivered = Outcome(first, Attempt(utcnow(), 200, None, 3), DELIVERED)
+        assert await events.attempted([delivered]) == 1
+        assert await events.attempted([delivered]) == 0  # fenced: recorded once
         # Old and settled (c1) goes; old with a delivery pending (c2) stays; recent (c3) stays.
         assert await events.prune(utcnow() - dt.timedelta(days=30)) == 1
         found, _ = await events.list(EventFilters(), limit=10, before_seq=None)

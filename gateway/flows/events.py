@@ -304,6 +304,15 @@ class Sent:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
+@dataclass(frozen=True)
+class Outcome:
+    pending: Pending
+    attempt: Attempt
+    status: str  # DELIVERED, FAILED (given up) or PENDING (retry_in seconds from now)
+    retry_in: float | None = None
+    gone: bool = False  # 410: the endpoint is to be disabled
+
+
 class EventDelivery:
     """Runs DeliverEvents: a stream's deliveries in order, until it is empty or has to wait."""
 
@@ -319,6 +328,7 @@ class EventDelivery:
         self._random = rng or random.Random()
         self._signers = {webhook.name: Webhook(webhook.secret) for webhook in settings.webhooks}
         self._enabled_seen: dict[str, float] = {}  # endpoint -> when it was last read as enabled
+        self._expedited: dict[str, float] = {}  # endpoint -> when its waiting deliveries were last expedited
         # A stream's job fails only when the store does: keep at it for hours rather than strand the
         # stream's deliveries (a new event or a redelivery would start it again, but may never come).
         work.register(DeliverEvents, self.run, max_attempts=100)
@@ -342,17 +352,30 @@ class EventDelivery:
         started = self._clock()
         while self._clock() - started < STREAM_BUDGET_SECONDS:
             batch = await self.events.pending(endpoint.name, job.stream, STREAM_BATCH)
+            # What the attempts came to, recorded together (a crash before that sends them again:
+            # at least once, the same webhook-id).
+            outcomes: list[Outcome] = []
+            later: float | None = None
             for pending in batch:
                 if self._clock() - started >= STREAM_BUDGET_SECONDS:
                     break
-                later = await self._deliver(endpoint, job.stream, pending)
-                if later is not None:
-                    return later if later >= 0 else None
-            else:
-                if len(batch) < STREAM_BATCH:
-                    # All there was. An event written since asked for this job again (it coalesces),
-                    # so it runs once more: no need to look here.
-                    return None
+                outcome = await self._deliver(endpoint, pending)
+                outcomes.append(outcome)
+                if outcome.status == PENDING or outcome.gone:
+                    later = outcome.retry_in
+                    break
+            await self.events.attempted(outcomes)
+            if any(o.status == DELIVERED and o.pending.attempts for o in outcomes):
+                await self._recovered(endpoint)
+            if outcomes and outcomes[-1].gone:
+                await self._disable(endpoint, job.stream, outcomes[-1].pending)
+                return None
+            if later is not None:
+                return later
+            if len(outcomes) == len(batch) and len(batch) < STREAM_BATCH:
+                # All there was. An event written since asked for this job again (it coalesces), so
+                # it runs once more: no need to look here.
+                return None
         return 0.0  # more to send: again at once, after others had their turn
 
     async def _disabled(self, name: str) -> str | None:
@@ -368,44 +391,51 @@ class EventDelivery:
         self._enabled_seen[name] = self._clock()
         return None
 
-    async def _deliver(self, endpoint: WebhookSettings, stream: str, pending: Pending) -> float | None:
-        """Send one delivery. None: go on with the next; a delay: try again then; negative: stop."""
+    async def _deliver(self, endpoint: WebhookSettings, pending: Pending) -> "Outcome":
+        """Send one delivery; what it comes to (delivered, failed for good, or pending a retry)."""
         sent = await self._send(endpoint, pending)
         attempt = Attempt(self._now(), sent.status_code, sent.error, sent.duration_ms)
         if sent.delivered:
-            await self.events.attempted(pending, attempt, DELIVERED)
             self._count(endpoint, "delivered")
             if self.metrics is not None:
                 self.metrics.delivery_lag.labels(endpoint.name).observe(
                     max(0.0, (attempt.attempted_at - pending.occurred_at).total_seconds()))
-            if pending.attempts:  # it had been failing: the endpoint is back, so its other calls need not wait
-                await self.jobs.expedite(DeliverEvents.__name__, stream_key(endpoint.name, ""))
-            return None
+            return Outcome(pending, attempt, DELIVERED)
         if sent.status_code == 410:
-            await self.events.attempted(pending, attempt, FAILED)
-            reason = f"answered 410 Gone to {pending.event_id}"
-            await self.events.disable(endpoint.name, reason)
-            self._enabled_seen.pop(endpoint.name, None)
-            await self.events.skip_stream(endpoint.name, stream, f"the endpoint is disabled: {reason}")
-            self._count(endpoint, "disabled")
-            log.warning("endpoint %s disabled: it %s; enable it with POST /v1/webhooks/%s/enable",
-                        endpoint.name, reason, endpoint.name)
-            return -1.0
+            return Outcome(pending, attempt, FAILED, gone=True)
         schedule = self.settings.events.retry_schedule_seconds
         if pending.attempts + 1 > len(schedule):
-            await self.events.attempted(pending, attempt, FAILED)
             self._count(endpoint, "failed")
             log.warning("event %s to %s given up after %d attempts: %s", pending.event_id, endpoint.name,
                         pending.attempts + 1, sent.error or sent.status_code)
-            return None
-        await self.events.attempted(pending, attempt, PENDING)
+            return Outcome(pending, attempt, FAILED)
         self._count(endpoint, "retrying")
         delay = schedule[pending.attempts] * self._random.uniform(1 - JITTER, 1 + JITTER)
         if sent.retry_after is not None:  # the receiver says when (429, 503), within the schedule's longest wait
             delay = min(max(delay, sent.retry_after), max(schedule))
         log.info("event %s to %s: %s; attempt %d in %.0f s", pending.event_id, endpoint.name,
                  sent.error or f"answered {sent.status_code}", pending.attempts + 2, delay)
-        return delay
+        return Outcome(pending, attempt, PENDING, retry_in=delay)
+
+    async def _recovered(self, endpoint: WebhookSettings) -> None:
+        """A delivery that had failed went through: the endpoint is back, so its other calls' deliveries
+        need not wait for their next retry (once for a recovery, not for each of those deliveries)."""
+        last = self._expedited.get(endpoint.name)
+        if last is not None and self._clock() - last < ENDPOINT_STATE_SECONDS:
+            return
+        self._expedited[endpoint.name] = self._clock()
+        woken = await self.jobs.expedite(DeliverEvents.__name__, stream_key(endpoint.name, ""))
+        log.info("endpoint %s answers again: %d call(s) waiting to retry go now", endpoint.name, woken)
+
+    async def _disable(self, endpoint: WebhookSettings, stream: str, pending: Pending) -> None:
+        """The endpoint answered 410 Gone: nothing more goes to it until it is enabled again."""
+        reason = f"answered 410 Gone to {pending.event_id}"
+        await self.events.disable(endpoint.name, reason)
+        self._enabled_seen.pop(endpoint.name, None)
+        await self.events.skip_stream(endpoint.name, stream, f"the endpoint is disabled: {reason}")
+        self._count(endpoint, "disabled")
+        log.warning("endpoint %s disabled: it %s; enable it with POST /v1/webhooks/%s/enable",
+                    endpoint.name, reason, endpoint.name)
 
     async def _send(self, endpoint: WebhookSettings, pending: Pending) -> Sent:
         now = self._now()

@@ -64,17 +64,22 @@ def insert_events(connection: sa.Connection, new: list[NewEvent]) -> set[tuple[s
     rows of their calls: see `lock_calls`). Returns the streams (endpoint, stream) that have new
     deliveries. An event whose key exists already is left out."""
     now = utcnow()
+    seqs: list[tuple[NewEvent, int]] = []
+    if all(event.key is None for event in new):  # one statement for them all, their seqs in order
+        rows = connection.execute(
+            sa.insert(events).returning(events.c.seq, sort_by_parameter_order=True), [_event_row(e) for e in new])
+        seqs += zip(new, rows.scalars().all())
+    else:  # in order, one by one (an event whose key exists is left out)
+        for event in new:
+            statement = insert_for(connection)(events).values(**_event_row(event))
+            if event.key is not None:
+                statement = statement.on_conflict_do_nothing(index_elements=["key"])
+            seq = connection.execute(statement.returning(events.c.seq)).scalar()
+            if seq is not None:
+                seqs.append((event, seq))
     streams: set[tuple[str, str]] = set()
     rows = []
-    for event in new:
-        values = dict(id=event.id, type=event.type, call_id=event.call_id, key=event.key,
-                      occurred_at=event.occurred_at, body=event.body())
-        statement = insert_for(connection)(events).values(**values)
-        if event.key is not None:
-            statement = statement.on_conflict_do_nothing(index_elements=["key"])
-        seq = connection.execute(statement.returning(events.c.seq)).scalar()
-        if seq is None:
-            continue
+    for event, seq in seqs:
         for endpoint in event.endpoints:
             rows.append(dict(id=str(uuid.uuid4()), event_seq=seq, endpoint=endpoint, stream=event.stream,
                              status=PENDING, attempts=0, created_at=now))
@@ -82,6 +87,11 @@ def insert_events(connection: sa.Connection, new: list[NewEvent]) -> set[tuple[s
     if rows:
         connection.execute(sa.insert(deliveries), rows)
     return streams
+
+
+def _event_row(event: NewEvent) -> dict[str, Any]:
+    return dict(id=event.id, type=event.type, call_id=event.call_id, key=event.key, occurred_at=event.occurred_at,
+                body=event.body())
 
 
 @dataclass(frozen=True)
@@ -154,9 +164,12 @@ class EventStore:
         """The stream's undelivered deliveries, first first."""
         return await self.database.transaction(_pending, endpoint, stream, limit)
 
-    async def attempted(self, pending: Pending, attempt: Attempt, status: str) -> bool:
-        """Record an attempt and what the delivery is now (pending again, delivered, failed)."""
-        return await self.database.transaction(_attempted, pending, attempt, status)
+    async def attempted(self, outcomes) -> int:
+        """Record attempts (each with .pending, .attempt and .status: what the delivery is now,
+        pending again, delivered or failed) in one transaction; how many were still as read."""
+        if not outcomes:
+            return 0
+        return await self.database.transaction(_attempted_all, outcomes)
 
     async def skip_stream(self, endpoint: str, stream: str, reason: str) -> int:
         """Give up the stream's undelivered deliveries without sending them (endpoint disabled or gone)."""
@@ -196,21 +209,33 @@ def _pending(connection: sa.Connection, endpoint: str, stream: str, limit: int) 
     return [Pending(row.id, row.event_id, row.type, as_utc(row.occurred_at), row.body, row.attempts) for row in rows]
 
 
-def _attempted(connection: sa.Connection, pending: Pending, attempt: Attempt, status: str) -> bool:
-    error = attempt.error[:MAX_REASON] if attempt.error else None
-    changed = connection.execute(
-        sa.update(deliveries)
-        .where(deliveries.c.id == pending.delivery_id, deliveries.c.attempts == pending.attempts,
-               deliveries.c.status == PENDING)
-        .values(status=status, attempts=pending.attempts + 1, last_status_code=attempt.status_code, last_error=error,
-                last_attempt_at=attempt.attempted_at,
-                delivered_at=attempt.attempted_at if status == DELIVERED else None)
-    ).rowcount == 1
-    if changed:
-        connection.execute(sa.insert(delivery_attempts).values(
-            delivery_id=pending.delivery_id, attempted_at=attempt.attempted_at, status_code=attempt.status_code,
-            error=error, duration_ms=attempt.duration_ms))
-    return changed
+# Built once (executemany with bound values): recording attempts is most of what a delivery costs
+# the store, and building the statements afresh each time cost more than running them.
+_RECORD_ATTEMPT = (
+    sa.update(deliveries)
+    .where(deliveries.c.id == sa.bindparam("delivery_id"), deliveries.c.attempts == sa.bindparam("before"),
+           deliveries.c.status == PENDING)
+    .values(status=sa.bindparam("new_status"), attempts=sa.bindparam("after"),
+            last_status_code=sa.bindparam("status_code"), last_error=sa.bindparam("error"),
+            last_attempt_at=sa.bindparam("attempted_at"), delivered_at=sa.bindparam("delivered_at"))
+)
+_INSERT_ATTEMPT = sa.insert(delivery_attempts)
+
+
+def _attempted_all(connection: sa.Connection, outcomes) -> int:
+    rows = [dict(
+        delivery_id=o.pending.delivery_id, before=o.pending.attempts, after=o.pending.attempts + 1,
+        new_status=o.status, status_code=o.attempt.status_code,
+        error=o.attempt.error[:MAX_REASON] if o.attempt.error else None, attempted_at=o.attempt.attempted_at,
+        delivered_at=o.attempt.attempted_at if o.status == DELIVERED else None, duration_ms=o.attempt.duration_ms,
+    ) for o in outcomes]
+    # The stream's job holds its lease, so these rows are its own; the fence only guards against a
+    # redelivery asked for meanwhile (which resets the attempts: that delivery goes again).
+    recorded = connection.execute(_RECORD_ATTEMPT, rows).rowcount
+    connection.execute(_INSERT_ATTEMPT, [
+        {name: row[name] for name in ("delivery_id", "attempted_at", "status_code", "error", "duration_ms")}
+        for row in rows])
+    return recorded
 
 
 def _skip_stream(connection: sa.Connection, endpoint: str, stream: str, reason: str, now: dt.datetime) -> int:
