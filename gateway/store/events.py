@@ -197,15 +197,19 @@ class EventStore:
         return await self.database.transaction(_list, filters, limit, before_seq)
 
 
+_PENDING = (
+    sa.select(deliveries.c.id, deliveries.c.attempts, events.c.id.label("event_id"), events.c.type,
+              events.c.occurred_at, events.c.body)
+    .join(events, events.c.seq == deliveries.c.event_seq)
+    .where(deliveries.c.endpoint == sa.bindparam("endpoint"), deliveries.c.stream == sa.bindparam("stream"),
+           deliveries.c.status == PENDING)
+    .order_by(deliveries.c.event_seq)
+    .limit(sa.bindparam("limit", type_=sa.Integer))
+)
+
+
 def _pending(connection: sa.Connection, endpoint: str, stream: str, limit: int) -> list[Pending]:
-    rows = connection.execute(
-        sa.select(deliveries.c.id, deliveries.c.attempts, events.c.id.label("event_id"), events.c.type,
-                  events.c.occurred_at, events.c.body)
-        .join(events, events.c.seq == deliveries.c.event_seq)
-        .where(deliveries.c.endpoint == endpoint, deliveries.c.stream == stream, deliveries.c.status == PENDING)
-        .order_by(deliveries.c.event_seq)
-        .limit(limit)
-    )
+    rows = connection.execute(_PENDING, dict(endpoint=endpoint, stream=stream, limit=limit))
     return [Pending(row.id, row.event_id, row.type, as_utc(row.occurred_at), row.body, row.attempts) for row in rows]
 
 

@@ -62,15 +62,49 @@ def schedule_job(connection: sa.Connection, job: NewJob) -> bool:
     if key is None:
         connection.execute(sa.insert(jobs).values(**values))
         return True
-    insert = _insert_for(connection)(jobs).values(**values)
-    if not job.coalesce:
-        return connection.execute(insert.on_conflict_do_nothing(index_elements=["key"])).rowcount == 1
+    statement = _KEYED_INSERTS[(connection.dialect.name, job.coalesce)]
+    return connection.execute(statement, values).rowcount == 1 or job.coalesce
+
+
+def _keyed_insert(dialect: str, coalesce: bool):
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    insert = (postgresql if dialect == "postgresql" else sqlite).insert(jobs)
+    if not coalesce:
+        return insert.on_conflict_do_nothing(index_elements=["key"])
     # The row lock this takes also orders it with a finishing run's `_done` (see there).
-    connection.execute(insert.on_conflict_do_update(index_elements=["key"], set_={
+    return insert.on_conflict_do_update(index_elements=["key"], set_={
         "due_at": sa.case((jobs.c.due_at > insert.excluded.due_at, insert.excluded.due_at), else_=jobs.c.due_at),
         "rerun": sa.or_(jobs.c.rerun, jobs.c.status == RUNNING),
-    }))
-    return True
+    })
+
+
+# The statements of every claim and schedule, built once: building them afresh cost more CPU than
+# running them (most of a webhook delivery's cost to the store).
+_KEYED_INSERTS = {(dialect, coalesce): _keyed_insert(dialect, coalesce)
+                  for dialect in ("postgresql", "sqlite") for coalesce in (False, True)}
+_CLAIMABLE = (
+    sa.select(jobs.c.id)
+    .where(jobs.c.kind.in_(sa.bindparam("kinds", expanding=True)), sa.or_(
+        sa.and_(jobs.c.status == PENDING, jobs.c.due_at <= sa.bindparam("now")),
+        sa.and_(jobs.c.status == RUNNING, jobs.c.lease_until < sa.bindparam("now")),
+    ))
+    .order_by(jobs.c.due_at)
+    .limit(sa.bindparam("limit", type_=sa.Integer))
+    .with_for_update(skip_locked=True)
+)
+_CLAIM = (
+    sa.update(jobs)
+    .where(jobs.c.id.in_(_CLAIMABLE.scalar_subquery()))
+    .values(status=RUNNING, lease_owner=sa.bindparam("owner"), lease_until=sa.bindparam("until"),
+            attempts=jobs.c.attempts + 1, updated_at=sa.bindparam("now"))
+    .returning(*jobs.c)
+)
+_DONE = sa.delete(jobs).where(
+    jobs.c.id == sa.bindparam("job_id"), jobs.c.attempts == sa.bindparam("held_attempts"), jobs.c.status == RUNNING,
+    jobs.c.rerun.is_(False))
+_NEXT_DUE = sa.select(sa.func.min(jobs.c.due_at)).where(
+    jobs.c.status == PENDING, jobs.c.kind.in_(sa.bindparam("kinds", expanding=True)))
 
 
 def _insert_for(connection: sa.Connection):
@@ -126,23 +160,7 @@ def _held(job: Job):
 
 def _claim(connection: sa.Connection, owner: str, lease: dt.timedelta, limit: int, kinds: list[str],
            now: dt.datetime) -> list[Job]:
-    claimable = (
-        sa.select(jobs.c.id)
-        .where(jobs.c.kind.in_(kinds), sa.or_(
-            sa.and_(jobs.c.status == PENDING, jobs.c.due_at <= now),
-            sa.and_(jobs.c.status == RUNNING, jobs.c.lease_until < now),
-        ))
-        .order_by(jobs.c.due_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    rows = connection.execute(
-        sa.update(jobs)
-        .where(jobs.c.id.in_(claimable.scalar_subquery()))
-        .values(status=RUNNING, lease_owner=owner, lease_until=now + lease, attempts=jobs.c.attempts + 1,
-                updated_at=now)
-        .returning(*jobs.c)
-    ).all()
+    rows = connection.execute(_CLAIM, dict(kinds=kinds, now=now, limit=limit, owner=owner, until=now + lease)).all()
     return sorted((_job(row) for row in rows), key=lambda job: job.due_at)
 
 
@@ -157,7 +175,7 @@ def _renew(connection: sa.Connection, owner: str, held: list[Job], until: dt.dat
 def _done(connection: sa.Connection, job: Job) -> bool:
     # A coalescing schedule that came while the job ran set `rerun` holding the row's lock; on
     # PostgreSQL this DELETE waits for that lock and then re-checks `rerun` on the row as committed.
-    if connection.execute(sa.delete(jobs).where(_held(job), jobs.c.rerun.is_(False))).rowcount == 1:
+    if connection.execute(_DONE, dict(job_id=job.id, held_attempts=job.attempts)).rowcount == 1:
         return True
     return _again(connection, job, utcnow(), None)
 
@@ -192,9 +210,7 @@ def _expedite(connection: sa.Connection, kind: str, key_prefix: str, now: dt.dat
 
 
 def _next_due(connection: sa.Connection, kinds: list[str]) -> dt.datetime | None:
-    due = connection.execute(
-        sa.select(sa.func.min(jobs.c.due_at)).where(jobs.c.status == PENDING, jobs.c.kind.in_(kinds))
-    ).scalar()
+    due = connection.execute(_NEXT_DUE, dict(kinds=kinds)).scalar()
     return as_utc(due) if due is not None else None
 
 
