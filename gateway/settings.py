@@ -336,6 +336,19 @@ class EventSettings(_Section):
         return value
 
 
+class CampaignSettings(_Section):
+    """[campaigns]: call lists dialled by the gateway (gateway.flows.campaigns)."""
+
+    # A campaign's rows come in one request: its body may be this large (the rest of /v1 keeps
+    # [gateway] max_body_bytes).
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_rows: int = Field(default=100_000, ge=1)
+    # The concurrency the Ultravox account allows (0: not known, not enforced): campaigns then
+    # dial only while the live calls in the store leave `inbound_headroom` of it free for callers.
+    account_concurrency: int = Field(default=0, ge=0)
+    inbound_headroom: int = Field(default=0, ge=0)
+
+
 class RouteSettings(_Section):
     number: str
     name: str | None = None
@@ -454,6 +467,7 @@ class Settings(_Section):
     # The user's endpoints for events ([[webhooks]]; env GATEWAY_WEBHOOK_URL and _SECRET add one).
     webhooks: list[WebhookSettings] = Field(default_factory=list)
     events: EventSettings = Field(default_factory=EventSettings)
+    campaigns: CampaignSettings = Field(default_factory=CampaignSettings)
 
     @field_validator("operators")
     @classmethod
