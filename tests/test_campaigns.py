@@ -282,3 +282,21 @@ def test_two_replicas_share_a_campaign_and_one_killed_mid_run_dials_no_row_twice
     assert view["counts"].get("completed", 0) + view["counts"].get("failed", 0) == 60, view
     assert all(row["to"] in callees.dialled for row in rows if row["status"] == "completed")
     assert callees.most_live <= 4
+
+
+def test_the_campaign_command_creates_and_follows_a_campaign(gateway, fake_carriers, tmp_path, capsys):
+    from gateway.cli import main as cli_main
+
+    rows = tmp_path / "rows.csv"
+    rows.write_text("to,name\n+15557000001,Ada\n+15557000002,Grace\n")
+    common = ["--url", gateway.server.url, "--api-key", API_KEY, "--poll-seconds", "0.05"]
+    with Callees(fake_carriers[CARRIER], script={"+15557000002": ["busy", "completed"]}):
+        code = cli_main(["campaign", "create", str(rows), "--name", "cli", "--route", "support", "--carrier", CARRIER,
+                         "--calls-per-second", "50", "--retry", "busy=2/0", "--follow", *common])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "2/2 done (completed 2)" in lines[-1] and "completed" in lines[-1]
+    campaign_id = lines[-1].split()[1]
+    assert cli_main(["campaign", "status", campaign_id, *common]) == 0
+    assert cli_main(["campaign", "pause", campaign_id, *common]) == 2  # completed: nothing to pause
+    assert "409" in capsys.readouterr().err
