@@ -300,3 +300,11 @@ def test_the_campaign_command_creates_and_follows_a_campaign(gateway, fake_carri
     assert cli_main(["campaign", "status", campaign_id, *common]) == 0
     assert cli_main(["campaign", "pause", campaign_id, *common]) == 2  # completed: nothing to pause
     assert "409" in capsys.readouterr().err
+
+
+def test_inbound_headroom_keeps_account_capacity_free_for_callers(make_gateway, fake_carriers):
+    gateway = make_gateway("\n[campaigns]\naccount_concurrency = 3\ninbound_headroom = 2\n")
+    with Callees(fake_carriers[CARRIER], hold=lambda: 0.1) as callees:
+        created = create(gateway, numbers(4), max_concurrency=4)
+        wait_for(gateway, created["id"], lambda view: view["status"] == "completed", "completed")
+    assert sum(callees.dialled.values()) == 4 and callees.most_live == 1  # 3 the account allows, 2 kept for callers
