@@ -178,6 +178,15 @@ def parse_hours(text: str) -> OpeningSpan:
     return OpeningSpan(frozenset(weekdays), start, end)
 
 
+def known_zone(value: str) -> str:
+    """`value` if it names an IANA time zone, else ValueError."""
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r} (use names like Europe/Paris)") from None
+    return value
+
+
 class OperatorSettings(_Section):
     """A person (or team) the agent may hand the caller to. The model names it, never its number."""
 
@@ -210,11 +219,7 @@ class OperatorSettings(_Section):
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, value: str) -> str:
-        try:
-            zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r} (use names like Europe/Paris)") from None
-        return value
+        return known_zone(value)
 
     @model_validator(mode="after")
     def _one_target(self) -> "OperatorSettings":

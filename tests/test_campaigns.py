@@ -19,7 +19,7 @@ from gateway.store.calls import CallStore
 from gateway.testing.callees import Callees
 
 from .conftest import API_KEY, CARRIER_NAMES
-from .test_replicas import make_replicas  # noqa: F401  (the fixture: replicas on PostgreSQL behind HAProxy)
+from .test_replicas import make_replicas as _replicas_fixture  # noqa: F401  (fixture make_replicas)
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CARRIER = CARRIER_NAMES[0]

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .. import numbers, statuses
 from ..carriers import CarrierName
-from ..settings import OpeningSpan, Settings, VoicemailPolicy, parse_hours
+from ..settings import OpeningSpan, Settings, VoicemailPolicy, known_zone, parse_hours
 from ..store import CallStore
 from ..store.calls import utcnow
 from ..store.campaigns import (
@@ -76,7 +76,7 @@ class CampaignRow(BaseModel):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str | None) -> str | None:
-        return None if value is None else _known_zone(value)
+        return None if value is None else known_zone(value)
 
 
 class RetryRule(BaseModel):
@@ -123,14 +123,12 @@ class CampaignSpec(BaseModel):
     @field_validator("window")
     @classmethod
     def _window(cls, value: list[str]) -> list[str]:
-        for text in value:
-            parse_hours(text)
-        return value
+        return [text for text in value if parse_hours(text)]  # each parsed: refused when it does not
 
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str) -> str:
-        return _known_zone(value)
+        return known_zone(value)
 
     @field_validator("starts_at", "ends_at")
     @classmethod
@@ -216,14 +214,6 @@ def rows_from_csv(text: str) -> list[CampaignRow]:
         except ValueError as error:
             raise ValueError(f"CSV line {line}: {error}") from None
     return rows
-
-
-def _known_zone(value: str) -> str:
-    try:
-        zoneinfo.ZoneInfo(value)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown time zone {value!r} (use names like Europe/Paris)") from None
-    return value
 
 
 def zones_of(number: str, row_zone: str | None, default: str) -> tuple[str, ...]:
