@@ -19,7 +19,7 @@ from gateway.store.calls import CallStore
 from gateway.testing.callees import Callees
 
 from .conftest import API_KEY, CARRIER_NAMES
-from .test_replicas import make_replicas as _replicas_fixture  # noqa: F401  (fixture make_replicas)
+from .test_replicas import make_replicas  # noqa: F401  (the fixture: replicas on PostgreSQL behind HAProxy)
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CARRIER = CARRIER_NAMES[0]
@@ -246,7 +246,7 @@ def test_invalid_campaign_fields_are_refused(gateway, field, value):
 # --- several replicas, one killed ------------------------------------------------------------------
 
 
-def test_two_replicas_share_a_campaign_and_one_killed_mid_run_dials_no_row_twice(make_replicas, fake_carriers,
+def test_two_replicas_share_a_campaign_and_one_killed_mid_run_dials_no_row_twice(make_replicas, fake_carriers,  # noqa: F811
                                                                                  postgres_database_url):
     replicas = make_replicas(2)
     client = httpx.Client(base_url=replicas.url, timeout=30)
