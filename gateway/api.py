@@ -351,9 +351,11 @@ def openapi_document() -> dict[str, Any]:
         "429": {"description": "dial rate for this API key exceeded"},
     }
     call_ref = {"$ref": "#/components/schemas/Call"}
-    from . import control  # the call-control API, built on this module, documents its own routes
+    # The call-control and campaigns APIs, built on this module, document their own routes.
+    from . import campaigns_api, control
 
-    schemas = {"DialRequest": dial_schema, "Call": call_schema, **control.openapi_schemas()}
+    schemas = {"DialRequest": dial_schema, "Call": call_schema, **control.openapi_schemas(),
+               **campaigns_api.openapi_schemas()}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Ultravox telephony gateway dialer API", "version": "1"},
@@ -367,6 +369,7 @@ def openapi_document() -> dict[str, Any]:
         "paths": {
             **_event_paths(schemas, errors),
             **control.openapi_paths(),
+            **campaigns_api.openapi_paths(),
             "/v1/calls": {
                 "post": {
                     "summary": "Phone someone with an agent",

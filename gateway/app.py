@@ -20,10 +20,12 @@ from starlette.routing import Route, WebSocketRoute
 
 from .api import CallsApi, EventsApi
 from .callbacks import UltravoxCallbacks
+from .campaigns_api import CampaignsApi
 from .control import CallControlApi
 from .carriers import CARRIERS, Carrier
 from .drain import Drain
 from .flows.call_request import CallBodies
+from .flows.campaigns import CampaignFlow
 from .flows.connect import Connector
 from .flows.events import CallEndedReports, EventDelivery, EventOutbox
 from .flows.control import CallControl
@@ -41,6 +43,7 @@ from .metrics import LiveCounts, Metrics
 from .settings import Settings
 from .store import CallRecord, CallStore, TransferStore
 from .store.calls import utcnow
+from .store.campaigns import CampaignStore
 from .store.events import EventStore
 from .store.jobs import JobStore
 from .ultravox import UltravoxClient, create_http_client
@@ -77,6 +80,8 @@ class Gateway:
         self.control: CallControlApi | None = None
         self.work: Work | None = None
         self.delivery_work: Work | None = None
+        self.campaign_work: Work | None = None
+        self.campaigns_api: CampaignsApi | None = None
         self.events_http: httpx.AsyncClient | None = None
         self.events_api: EventsApi | None = None
         self.handover: HandoverFlow | None = None
@@ -135,6 +140,12 @@ class Gateway:
         )
         self.callbacks = UltravoxCallbacks(settings, self.transfer, tracking)
         self.api = CallsApi(settings, store, outbound, transfers)
+        # Campaign dispatch has a loop of its own too: a burst of dials never holds a transfer's timer.
+        self.campaign_work = Work(jobs)
+        campaign_store = CampaignStore(store.database)
+        campaigns = CampaignFlow(settings, campaign_store, store, outbound, work=self.campaign_work, clock=clock,
+                                 on_row_outcome=self.metrics.campaign_row_outcome)
+        self.campaigns_api = CampaignsApi(settings, campaign_store, campaigns)
         CallEndedReports(settings, store, transfers, ultravox, outbox, events, urls, clock=clock)
         self.control = CallControlApi(settings, store, carriers, control, self.transfer)
         # Repair and retention of the recording directories: at start, then hourly. Each process
@@ -157,6 +168,7 @@ class Gateway:
         )
         await work.start()
         await self.delivery_work.start()
+        await self.campaign_work.start()
         # The ~120k objects of the loaded libraries never die: keep them out of the collector's
         # full passes, which otherwise paused the event loop 20–50 ms (measured in bench/bridge.py).
         gc.freeze()
@@ -171,7 +183,7 @@ class Gateway:
             self._upkeep.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._upkeep
-        for loop in (self.work, self.delivery_work):
+        for loop in (self.work, self.delivery_work, self.campaign_work):
             if loop is not None:
                 await loop.stop()
         for client in (self.http, self.carrier_http, self.events_http):
@@ -269,6 +281,17 @@ class Gateway:
                   name="webhook-enable"),
             *[Route(f"/v1/calls/{{call_id}}/{action}", later(lambda g, action=action: getattr(g.control, action)),
                     methods=["POST"], name=f"call-{action}") for action in ("hangup", "transfer", "messages")],
+            Route("/v1/campaigns", later(lambda g: g.campaigns_api.create), methods=["POST"], name="campaigns-create"),
+            Route("/v1/campaigns", later(lambda g: g.campaigns_api.list), methods=["GET"], name="campaigns-list"),
+            Route("/v1/campaigns/{campaign_id}", later(lambda g: g.campaigns_api.get), methods=["GET"], name="campaign"),
+            Route("/v1/campaigns/{campaign_id}/rows", later(lambda g: g.campaigns_api.rows), methods=["GET"],
+                  name="campaign-rows"),
+            *[Route(f"/v1/campaigns/{{campaign_id}}/{action}", later(lambda g, action=action: getattr(g.campaigns_api, action)),
+                    methods=["POST"], name=f"campaign-{action}") for action in ("pause", "resume", "cancel")],
+            Route("/v1/suppressions", later(lambda g: g.campaigns_api.suppress), methods=["POST"], name="suppressions-add"),
+            Route("/v1/suppressions", later(lambda g: g.campaigns_api.suppressions), methods=["GET"], name="suppressions"),
+            Route("/v1/suppressions/{number}", later(lambda g: g.campaigns_api.unsuppress), methods=["DELETE"],
+                  name="suppression"),
             Route("/v1/openapi.json", later(lambda g: g.api.openapi), methods=["GET"], name="openapi"),
             Route("/ultravox/events", later(lambda g: g.callbacks.events), methods=["POST"], name="ultravox-events"),
             Route("/tools/transfer", later(lambda g: g.callbacks.cold_tool), methods=["POST"], name="tool-transfer"),

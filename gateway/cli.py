@@ -1,4 +1,4 @@
-"""`gateway serve | check | dial | tools sync | simulate`."""
+"""`gateway serve | check | dial | tools sync | simulate | campaign`."""
 
 from __future__ import annotations
 
@@ -74,7 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--private-key", help="for carriers signing with a private key (the gateway holds the "
                           "public half): that key, base64")
 
+    from . import campaign_cli
+
+    campaign_cli.add_parser(commands, api_key_of)
     args = parser.parse_args(argv)
+    if args.command == "campaign":
+        return args.run(args)
     if args.command == "simulate":
         return simulate_command(args)
     if args.command == "tools":
@@ -139,19 +144,24 @@ async def _migrate(database_url: str) -> None:
         await store.close()
 
 
+def api_key_of(args) -> str | None:
+    key = args.api_key or os.environ.get("GATEWAY_API_KEY") or os.environ.get("GATEWAY_API_KEYS", "").split(",")[0]
+    return key.strip() or None
+
+
 def dial_command(args) -> int:
     import httpx
 
     from .statuses import FINAL_STATUSES
 
-    key = args.api_key or os.environ.get("GATEWAY_API_KEY") or os.environ.get("GATEWAY_API_KEYS", "").split(",")[0]
+    key = api_key_of(args)
     if not key:
         print("No API key: pass --api-key or set GATEWAY_API_KEY.", file=sys.stderr)
         return 2
     body = {"to": args.to, "route": args.route, "agent_id": args.agent_id, "carrier": args.carrier,
             "from": args.from_, "via": args.via, "greeting": args.greeting}
     # Always idempotent: if the answer to the POST is lost, sending it again cannot dial twice.
-    headers = {"Authorization": f"Bearer {key.strip()}", "Idempotency-Key": args.idempotency_key or uuid.uuid4().hex}
+    headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": args.idempotency_key or uuid.uuid4().hex}
     payload = {k: v for k, v in body.items() if v is not None}
     with httpx.Client(base_url=args.url, headers=headers, timeout=30) as client:
         response = None

@@ -101,10 +101,18 @@ class Metrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 21600, 86400),
         )
         self.live = LiveGauges(carriers)
+        # Campaign rows settled by this process, by campaign and outcome (pending: a retry is due).
+        self.campaign_rows = Counter(
+            "gateway_campaign_rows_total", "Campaign row attempts settled, by outcome", ["campaign", "status"],
+            registry=self.registry,
+        )
         self.registry.register(self.live)
         for carrier in carriers:  # every carrier's series exists from the start, at zero
             self.webhooks.labels(carrier, "connected")
             self.webhook_seconds.labels(carrier)
+
+    def campaign_row_outcome(self, campaign_id: str, status: str) -> None:
+        self.campaign_rows.labels(campaign_id, status).inc()
 
     def add_media_stats(self, stats) -> None:
         self.media_frames.labels("caller_to_agent").inc(stats.frames_in)

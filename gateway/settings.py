@@ -178,6 +178,15 @@ def parse_hours(text: str) -> OpeningSpan:
     return OpeningSpan(frozenset(weekdays), start, end)
 
 
+def known_zone(value: str) -> str:
+    """`value` if it names an IANA time zone, else ValueError."""
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r} (use names like Europe/Paris)") from None
+    return value
+
+
 class OperatorSettings(_Section):
     """A person (or team) the agent may hand the caller to. The model names it, never its number."""
 
@@ -210,11 +219,7 @@ class OperatorSettings(_Section):
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, value: str) -> str:
-        try:
-            zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r} (use names like Europe/Paris)") from None
-        return value
+        return known_zone(value)
 
     @model_validator(mode="after")
     def _one_target(self) -> "OperatorSettings":
@@ -336,6 +341,19 @@ class EventSettings(_Section):
         return value
 
 
+class CampaignSettings(_Section):
+    """[campaigns]: call lists dialled by the gateway (gateway.flows.campaigns)."""
+
+    # A campaign's rows come in one request: its body may be this large (the rest of /v1 keeps
+    # [gateway] max_body_bytes).
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_rows: int = Field(default=100_000, ge=1)
+    # The concurrency the Ultravox account allows (0: not known, not enforced): campaigns then
+    # dial only while the live calls in the store leave `inbound_headroom` of it free for callers.
+    account_concurrency: int = Field(default=0, ge=0)
+    inbound_headroom: int = Field(default=0, ge=0)
+
+
 class RouteSettings(_Section):
     number: str
     name: str | None = None
@@ -454,6 +472,7 @@ class Settings(_Section):
     # The user's endpoints for events ([[webhooks]]; env GATEWAY_WEBHOOK_URL and _SECRET add one).
     webhooks: list[WebhookSettings] = Field(default_factory=list)
     events: EventSettings = Field(default_factory=EventSettings)
+    campaigns: CampaignSettings = Field(default_factory=CampaignSettings)
 
     @field_validator("operators")
     @classmethod

@@ -50,6 +50,8 @@ JOIN_MARGIN_SECONDS = 30
 # was left by a process that died placing it.
 ABANDONED_AFTER_SECONDS = PLACE_DEADLINE_SECONDS + 20
 SWEEP_SECONDS = 30.0
+# Why such a call failed: the carrier may or may not have dialled it (a campaign never retries it).
+ABANDONED_UNPLACED = "the gateway stopped while placing the call"
 
 
 @dataclass(frozen=True)
@@ -167,9 +169,7 @@ class OutboundFlow:
         accepted it just before the process died, and dialling twice is worse than failing once.
         (An Ultravox call created for such a dial ends by itself at its joinTimeout.)"""
         before = utcnow() - dt.timedelta(seconds=ABANDONED_AFTER_SECONDS)
-        for record in await self.store.fail_abandoned(
-            "unplaced", before=before, reason="the gateway stopped while placing the call",
-        ):
+        for record in await self.store.fail_abandoned("unplaced", before=before, reason=ABANDONED_UNPLACED):
             log.warning("outbound %s: left unplaced by a stopped process; marked failed", record.id)
         for record in await self.store.fail_abandoned(
             "unjoined", before=before, reason="the gateway stopped while connecting the agent",
@@ -181,8 +181,16 @@ class OutboundFlow:
                         self.http, record.carrier_call_id, deadline=self._clock() + PLACE_DEADLINE_SECONDS)
 
     # --- placing the call ---------------------------------------------------------------------------
-    async def dial(self, request: DialRequest, *, api_key_id: str, idempotency_key: str | None) -> tuple[CallRecord, bool]:
-        """Record and place the call; a repeat of an idempotent request returns the first call."""
+    def check(self, request: DialRequest) -> None:
+        """The dial policy's verdict on `request`, without placing it: DialRejected, or None."""
+        carrier_name = request.carrier or self.settings.outbound.carrier
+        self._check_policy(request, carrier_name, self.carriers[carrier_name], request.via or self.settings.outbound.default_via)
+        self._route(request)
+
+    async def dial(self, request: DialRequest, *, api_key_id: str, idempotency_key: str | None,
+                   paced: bool = False) -> tuple[CallRecord, bool]:
+        """Record and place the call; a repeat of an idempotent request returns the first call.
+        `paced`: the caller keeps its own rate (a campaign), the key's calls_per_minute does not apply."""
         carrier_name = request.carrier or self.settings.outbound.carrier
         carrier = self.carriers[carrier_name]
         via = request.via or self.settings.outbound.default_via
@@ -201,7 +209,7 @@ class OutboundFlow:
             ),
             # The route as it is now: answering must not depend on a config reloaded meanwhile.
             request={"request": request.model_dump(by_alias=True), "route": route.model_dump()},
-            max_recent=self.settings.outbound.policy.calls_per_minute_per_key,
+            max_recent=None if paced else self.settings.outbound.policy.calls_per_minute_per_key,
             window=dt.timedelta(seconds=RATE_WINDOW_SECONDS),
         )
         if inserted.rate_limited:

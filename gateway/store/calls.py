@@ -229,7 +229,7 @@ class CallStore:
 
     # --- outbound calls and call tracking ---------------------------------------------------------------
     async def create_outbound(
-        self, values: dict, *, request: Mapping[str, Any], max_recent: int, window: dt.timedelta
+        self, values: dict, *, request: Mapping[str, Any], max_recent: int | None, window: dt.timedelta
     ) -> "OutboundInsert":
         """Record a dial request (`request`: what was asked, kept for when the call is answered) once
         per idempotency key, within the key's dialling rate."""
@@ -333,7 +333,7 @@ def insert_for(connection: sa.Connection):
     return postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
 
 
-def _create_outbound(connection: sa.Connection, values: dict, max_recent: int, since: dt.datetime,
+def _create_outbound(connection: sa.Connection, values: dict, max_recent: int | None, since: dt.datetime,
                      observer: ChangeObserver | None) -> OutboundInsert:
     key = values.get("idempotency_key")
     by_key = sa.select(calls).where(calls.c.api_key_id == values["api_key_id"], calls.c.idempotency_key == key)
@@ -341,15 +341,16 @@ def _create_outbound(connection: sa.Connection, values: dict, max_recent: int, s
         existing = connection.execute(by_key).first()
         if existing:
             return OutboundInsert(_record(existing), created=False)
-    if connection.dialect.name == "postgresql":
-        # Count-then-insert is only a limit if requests of one key take turns (several replicas).
-        connection.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": values["api_key_id"]})
-    recent = connection.execute(
-        sa.select(sa.func.count()).select_from(calls)
-        .where(calls.c.api_key_id == values["api_key_id"], calls.c.created_at >= since)
-    ).scalar_one()
-    if recent >= max_recent:
-        return OutboundInsert(None, created=False, rate_limited=True)
+    if max_recent is not None:  # None: paced by its caller (a campaign)
+        if connection.dialect.name == "postgresql":
+            # Count-then-insert is only a limit if requests of one key take turns (several replicas).
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": values["api_key_id"]})
+        recent = connection.execute(
+            sa.select(sa.func.count()).select_from(calls)
+            .where(calls.c.api_key_id == values["api_key_id"], calls.c.created_at >= since)
+        ).scalar_one()
+        if recent >= max_recent:
+            return OutboundInsert(None, created=False, rate_limited=True)
     # Two racing requests with one key: the unique index lets one in, the other reads it back.
     inserted = connection.execute(
         insert_for(connection)(calls).values(**values)

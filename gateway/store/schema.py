@@ -189,6 +189,60 @@ webhook_endpoints = sa.Table(
 )
 
 
+# Campaigns (migration 9): call lists dialled by durable work. A row is claimed (pending -> dialing)
+# by a compare-and-set on its status and attempt count before its call is placed; its attempt's
+# idempotency key finds that call again, so a crash between the dial and its record never dials twice.
+campaigns = sa.Table(
+    "campaigns",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # running | paused | canceled | completed
+    sa.Column("api_key_id", sa.String(16), nullable=False),
+    sa.Column("spec_json", sa.Text, nullable=False),  # what was asked, rows aside (CampaignSpec)
+    sa.Column("starts_at", sa.DateTime(timezone=True)),
+    sa.Column("ends_at", sa.DateTime(timezone=True)),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("ended_at", sa.DateTime(timezone=True)),
+    sa.Index("ix_campaigns_created", "created_at", "id"),
+)
+
+campaign_rows = sa.Table(
+    "campaign_rows",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("campaign_id", sa.String(36), sa.ForeignKey("campaigns.id"), nullable=False),
+    sa.Column("position", sa.Integer, nullable=False),  # order in the list, 0 first
+    sa.Column("to_number", sa.Text, nullable=False),
+    # Comma-separated IANA zones the window must be open in (the row's own, else the number's).
+    sa.Column("timezones", sa.Text, nullable=False),
+    sa.Column("template_context_json", sa.Text),
+    sa.Column("metadata_json", sa.Text),
+    # pending | dialing | a call's final status | suppressed | rejected | expired | canceled
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),  # dials so far
+    sa.Column("due_at", sa.DateTime(timezone=True), nullable=False),  # pending: not before
+    sa.Column("attempt_key", sa.String(255)),  # the Idempotency-Key of the current attempt's call
+    sa.Column("claimed_at", sa.DateTime(timezone=True)),
+    sa.Column("call_id", sa.String(36)),  # the current (or last) attempt's call
+    sa.Column("reason", sa.Text),  # why it is rejected, or what the last attempt came to
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("campaign_id", "position", name="uq_campaign_rows_position"),
+    sa.Index("ix_campaign_rows_due", "campaign_id", "status", "due_at"),
+)
+
+# Numbers never to dial (do-not-call list, opt-outs).
+suppressions = sa.Table(
+    "suppressions",
+    metadata,
+    sa.Column("number", sa.String(32), primary_key=True),
+    sa.Column("reason", sa.Text),
+    sa.Column("source", sa.String(16), nullable=False),  # api | import | opt-out
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
 def _create_v1(connection: sa.Connection) -> None:
     metadata.create_all(connection, tables=[calls])
 
@@ -244,7 +298,11 @@ def _create_events(connection: sa.Connection) -> None:
     metadata.create_all(connection, tables=[events, deliveries, delivery_attempts, webhook_endpoints])
 
 
+def _create_campaigns(connection: sa.Connection) -> None:
+    metadata.create_all(connection, tables=[campaigns, campaign_rows, suppressions])
+
+
 # Append new migrations; never edit one that has shipped. (Version 1 grew the outbound columns
 # before the first release.)
 MIGRATIONS = [_create_v1, _create_transfers, _add_media_columns, _add_media_token_column, _add_placed_column,
-              _create_jobs, _add_live_indexes, _create_events]
+              _create_jobs, _add_live_indexes, _create_events, _create_campaigns]
