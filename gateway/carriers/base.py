@@ -291,6 +291,13 @@ class Carrier(ABC):
         missing = " / ".join(var for var, key in self.environment.items() if key in self.verification_keys)
         return [f"{missing or 'the ' + self.title + ' secret'} is not set: {self.title} webhooks will be refused"]
 
+    # What one webhook may weigh, refused before it is parsed or its signature computed: a flood of
+    # forged requests must stay cheap. Far above what any carrier sends (a few dozen fields, 2–3 KB).
+    webhook_max_fields: ClassVar[int] = 128
+    webhook_max_bytes: ClassVar[int] = 16 * 1024
+    # Headers carrying the signature: a request with none of them is refused before its body is read.
+    signature_headers: ClassVar[tuple[str, ...]] = ()
+
     verification_keys: ClassVar[tuple[str, ...]] = ()  # settings keys that webhook checks need
     # Settings keys holding credentials: their values are removed from every log line.
     secret_keys: ClassVar[tuple[str, ...]] = ()
@@ -311,6 +318,15 @@ class Carrier(ABC):
 
     def check_source(self, webhook: Webhook) -> None:
         """Raise RequestRejected when the request comes from where the carrier's never do."""
+
+    def refuse_unsigned(self, headers: Mapping[str, str], *, issued_url: bool = False) -> None:
+        """Raise SignatureRejected, before the body is read, when no signature header came at all."""
+        if self.settings.insecure_skip_signature_verification or not self.signature_headers:
+            return
+        if issued_url and not self.authenticates_callbacks:
+            return
+        if not any(headers.get(name) for name in self.signature_headers):
+            raise SignatureRejected(f"missing {' or '.join(self.signature_headers)} header")
 
     def verify(self, webhook: Webhook, *, issued_url: bool = False) -> None:
         """Raise RequestRejected unless the carrier sent `webhook`; `issued_url`: to a URL the gateway

@@ -79,6 +79,7 @@ class PlivoCarrier(Carrier):
     secret_keys = ("auth_token",)
     dial_keys = ("auth_id", "auth_token")
     call_id_param = "CallUUID"
+    signature_headers = ("x-plivo-signature-v3", "x-plivo-signature-ma-v3")
     call_statuses = CALL_STATUSES
     # Phone numbers arrive as digits with the country code ("15551230001"): the base reads them so.
 

@@ -62,6 +62,7 @@ class TelnyxCarrier(TwimlCarrier):
     secret_keys = ("api_key",)  # the public key is public
     dial_keys = ("api_key", "account_sid", "texml_application_id")
     call_id_param = "CallSid"  # TeXML's CallSid is the call_control_id
+    signature_headers = ("telnyx-signature-ed25519",)
     # 422: the call is no longer active.
     gone_statuses = (404, 422)
     # TeXML's AMD (its SDK's call_calls_params): Twilio's parameters, AsyncAmd a JSON boolean. Its

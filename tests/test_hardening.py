@@ -1,0 +1,101 @@
+"""What an adversarial test of the running gateway broke (issue 14), each kept broken no more."""
+
+from __future__ import annotations
+
+import random
+import socket
+import string
+
+import pytest
+from twilio.request_validator import RequestValidator
+
+from gateway.carriers import CARRIERS
+from gateway.carriers.base import Webhook
+from gateway.carriers.twilio import signature_matches
+from gateway.settings import load_settings
+from gateway.testing import double
+
+from .conftest import BASE_CONFIG, SUPPORT_NUMBER
+
+SIGNING_CARRIERS = [name for name, carrier in CARRIERS.items() if carrier.signature_headers]
+
+
+def form_for(carrier: str, **fields: str) -> dict[str, str]:
+    return double(carrier).inbound_form(to=SUPPORT_NUMBER, **fields)
+
+
+def roomy(make_gateway, body_bytes: int = 64 * 1024):
+    """A gateway whose own max_body_bytes leaves the carriers' limits to decide."""
+    return make_gateway(config=BASE_CONFIG.replace("max_body_bytes = 8192", f"max_body_bytes = {body_bytes}"))
+
+
+# --- 1. the unauthenticated CPU flood -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("carrier", CARRIER_NAMES := list(CARRIERS))
+def test_more_fields_than_the_carrier_ever_sends_are_refused_unparsed(make_gateway, fake_ultravox, carrier):
+    gateway = roomy(make_gateway)
+    limit = CARRIERS[carrier].webhook_max_fields
+    form = form_for(carrier, **{f"X{index}": "1" for index in range(limit)})  # signed, within max_body_bytes
+    response = gateway.post(carrier, form)
+    assert response.status_code == 400, response.text
+    assert fake_ultravox.requests == [] and gateway.records() == []
+
+
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+def test_a_body_larger_than_the_carrier_ever_sends_is_refused(make_gateway, fake_ultravox, carrier):
+    gateway = roomy(make_gateway)
+    padding = "x" * CARRIERS[carrier].webhook_max_bytes
+    response = gateway.post(carrier, form_for(carrier, Padding=padding))
+    assert response.status_code in (413, 414), response.text
+    assert fake_ultravox.requests == []
+
+
+@pytest.mark.parametrize("carrier", SIGNING_CARRIERS)
+def test_a_request_without_any_signature_header_is_refused_before_its_body_is_read(gateway, carrier):
+    # Headers announcing a body that never comes: refused at once, not after waiting for it.
+    head = (f"POST /{carrier}/inbound HTTP/1.1\r\nHost: {gateway.server.host}\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 4000\r\n\r\n")
+    with socket.create_connection((gateway.server.host, gateway.server.port), timeout=10) as sock:
+        sock.sendall(head.encode())
+        answer = sock.recv(4096).decode()  # a hang fails the test through the socket's timeout
+    assert answer.startswith("HTTP/1.1 403"), answer
+
+
+class _CountingFields(dict):
+    """Webhook parameters that count how often the signature check walks them."""
+
+    walks = 0
+
+    def __iter__(self):
+        type(self).walks += 1
+        return super().__iter__()
+
+
+def test_twilio_verification_builds_the_signed_text_once():
+    carrier = CARRIERS["twilio"](load_settings(environ=double("twilio").environ("http://127.0.0.1:9")))
+    url = "https://gateway.example.test/twilio/inbound"
+    form = form_for("twilio")
+    params = _CountingFields({name: [value] for name, value in form.items()})
+    headers = {name.lower(): value for name, value in double("twilio").sign(url, form, b"").items()}
+    carrier.verify(Webhook(url=url, method="POST", headers=headers, body=b"", params=params))
+    assert _CountingFields.walks == 1
+
+
+def test_twilio_signature_check_agrees_with_twilios_validator():
+    validator, rng = RequestValidator("secret"), random.Random(14)
+
+    class Fields(dict):
+        def getall(self, name):
+            return self[name]
+
+    for _ in range(300):
+        params = {rng.choice(string.ascii_letters) + str(n): [rng.choice(["a", "b", "é", "+1 2", ""])
+                                                              for _ in range(rng.randint(1, 3))]
+                  for n in range(rng.randint(0, 6))}
+        received = rng.choice(["https://h.example/p?q=1", "https://h.example:443/p", "http://h:8080/x"])
+        for signed in (received, received.replace(":443", ""), received.replace("h.example/", "h.example:443/")):
+            signature = validator.compute_signature(signed, Fields(params))
+            for sent in (signature, signature[:-4] + "AAA="):
+                assert (signature_matches(b"secret", received, params, sent, "HMAC_SHA1")
+                        == validator.validate(received, Fields(params), sent))
