@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import string
+import threading
+
+import httpx
 
 import pytest
 from twilio.request_validator import RequestValidator
@@ -99,3 +103,85 @@ def test_twilio_signature_check_agrees_with_twilios_validator():
             for sent in (signature, signature[:-4] + "AAA="):
                 assert (signature_matches(b"secret", received, params, sent, "HMAC_SHA1")
                         == validator.validate(received, Fields(params), sent))
+
+
+# --- 2. a stalled PostgreSQL connection ------------------------------------------------------------
+
+
+class StallingProxy:
+    """A TCP proxy on loopback to PostgreSQL whose `stall()` leaves every connection open at that
+    moment half-open: nothing more crosses it either way, and nothing is closed (new connections
+    still go through, as to a server whose other sockets are fine)."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._stalled: set[socket.socket] = set()
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            with self._lock:
+                self._open += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                return
+            with self._lock:
+                stalled = source in self._stalled
+            if not data or stalled:  # stalled: what arrives is swallowed, never forwarded
+                if not data:
+                    return
+                continue
+            try:
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def stall(self) -> None:
+        with self._lock:
+            self._stalled.update(self._open)
+
+    def close(self) -> None:
+        self.listener.close()
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+
+def test_a_stalled_postgresql_connection_connects_callers_unrecorded_and_readyz_says_so(
+        make_gateway, fake_ultravox, postgres_database_url):
+    url = httpx.URL(postgres_database_url.replace("postgresql://", "http://"))
+    proxy = StallingProxy((url.host, url.port or 5432))
+    try:
+        proxied = postgres_database_url.replace(f"{url.host}:{url.port}", f"127.0.0.1:{proxy.port}")
+        gateway = make_gateway(database_url=proxied)
+        first = form_for("twilio")
+        assert double("twilio").connected_url(gateway.post("twilio", first).text)
+        assert gateway.client.get("/readyz").status_code == 200
+        proxy.stall()  # the writer's pooled connection (and every other open one) now swallows all
+
+        second = form_for("twilio")
+        answer = gateway.post("twilio", second)
+        assert answer.status_code == 200
+        double("twilio").connected_url(answer.text)  # connected (unrecorded), not the apology
+        ready = gateway.client.get("/readyz")
+        assert ready.status_code == 503 and any("store" in p for p in ready.json()["problems"]), ready.text
+        assert len(fake_ultravox.created_calls) == 2
+    finally:
+        proxy.close()
