@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from typing import Awaitable, Callable
 from urllib.parse import parse_qsl
@@ -62,6 +63,11 @@ async def read_webhook(
                    client=_client(request), format=chosen)
 
 
+# NUL and the other C0 controls but tab, CR and LF: no carrier field holds one, and PostgreSQL
+# refuses a NUL in text (the insert failed, and the call went ahead unrecorded).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def _fields(raw: bytes | str, max_fields: int) -> dict[str, list[str]]:
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
@@ -71,6 +77,8 @@ def _fields(raw: bytes | str, max_fields: int) -> dict[str, list[str]]:
         raise RequestRejected("body is not a valid URL-encoded form (or has too many fields)") from None
     params: dict[str, list[str]] = {}
     for name, value in pairs:
+        if _CONTROL.search(name) or _CONTROL.search(value):
+            raise RequestRejected("a field holds a NUL or another control character")
         params.setdefault(name, []).append(value)
     return params
 
@@ -83,10 +91,13 @@ def _json_fields(body: bytes, max_fields: int) -> dict[str, list[str]]:
         raise RequestRejected("body is not valid JSON") from None
     if not isinstance(data, dict) or len(data) > max_fields:
         raise RequestRejected("expected a JSON object")
-    return {
+    fields = {
         str(name): [value if isinstance(value, str) else json.dumps(value)]
         for name, value in data.items() if value is not None
     }
+    if any(_CONTROL.search(name) or _CONTROL.search(values[0]) for name, values in fields.items()):
+        raise RequestRejected("a field holds a NUL or another control character")
+    return fields
 
 
 def _client(request: Request) -> str | None:

@@ -185,3 +185,40 @@ def test_a_stalled_postgresql_connection_connects_callers_unrecorded_and_readyz_
         assert len(fake_ultravox.created_calls) == 2
     finally:
         proxy.close()
+
+
+# --- 3. and 4. call ids in the carrier's own shape; no control characters -------------------------
+
+
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+@pytest.mark.parametrize("call_id", ["x" * 300, "CA" + "0" * 31 + "\x00", "a b"])
+def test_a_call_id_not_in_the_carriers_shape_is_refused_and_creates_nothing(gateway, fake_ultravox, carrier, call_id):
+    form = form_for(carrier, **{double(carrier).call_id_param: call_id})
+    for _ in range(3):  # every delivery: refused, never an unrecorded Ultravox call
+        assert gateway.post(carrier, form).status_code == 400
+    assert fake_ultravox.requests == [] and gateway.records() == []
+
+
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+def test_a_nul_in_any_field_or_a_status_callback_is_a_400(gateway, fake_ultravox, carrier):
+    assert gateway.post(carrier, form_for(carrier, From="+1555\x000001")).status_code == 400
+    status = {**form_for(carrier), "CallStatus": "completed\x00"}
+    assert gateway.post(carrier, status, path=f"/{carrier}/status").status_code == 400
+    assert fake_ultravox.requests == []
+
+
+@pytest.mark.parametrize("carrier", [name for name in ("twilio", "plivo") if name in CARRIERS])
+def test_moving_the_next_fields_text_into_the_call_id_keeps_no_signature_valid(gateway, fake_ultravox, carrier):
+    # Names and values are signed concatenated: "CallSid" + id + "From" + number. Moving "From…"
+    # into the id keeps the signed text (and the signature) the same; the id's shape refuses it.
+    call_id_param = double(carrier).call_id_param
+    form = form_for(carrier)
+    url = gateway.settings.public_url + f"/{carrier}/inbound"
+    headers = double(carrier).sign(url, form, b"")
+    names = sorted(form)
+    after = names[names.index(call_id_param) + 1]
+    shifted = {name: value for name, value in form.items() if name != after}
+    shifted[call_id_param] = form[call_id_param] + after + form[after]
+    response = gateway.post(carrier, shifted, headers=headers, sign=False)
+    assert response.status_code in (400, 403)
+    assert fake_ultravox.requests == []

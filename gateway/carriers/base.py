@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
@@ -256,6 +257,10 @@ class Carrier(ABC):
     callback_formats: ClassVar[tuple[WebhookFormat, ...] | None] = None
     answer_media_type: ClassVar[str] = "application/xml"
     call_id_param: ClassVar[str]
+    # The shape of the carrier's call ids: anything else is refused before it reaches the store or
+    # Ultravox (a signed field's text moved into the id would otherwise make a new call). Carriers
+    # that document no format bound the length and the characters.
+    call_id_pattern: ClassVar[re.Pattern[str]] = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
     from_param: ClassVar[str] = "From"
     to_param: ClassVar[str] = "To"
     # The carrier's call status words -> gateway.statuses (words not listed are not tracked).
@@ -351,6 +356,8 @@ class Carrier(ABC):
         missing = [p for p in (self.call_id_param, self.to_param) if not params.get(p)]
         if missing:
             raise MalformedWebhook(f"missing {', '.join(missing)} in {self.title} webhook")
+        if not self.call_id_pattern.fullmatch(params[self.call_id_param]):
+            raise MalformedWebhook(f"{self.call_id_param} is not a {self.title} call id")
         return InboundCall(
             carrier=self.name,
             call_id=params[self.call_id_param],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import hashlib
 import hmac
 import json
@@ -79,6 +80,7 @@ class TwilioCarrier(TwimlCarrier):
     dial_keys = ("account_sid", "auth_token")
     call_id_param = "CallSid"
     signature_headers = ("x-twilio-signature",)
+    call_id_pattern = re.compile(r"CA[0-9a-f]{32}")  # a Call SID: "CA" and 32 hex digits (Twilio's API reference)
 
     @cached_property
     def _validator(self) -> RequestValidator:
