@@ -245,13 +245,14 @@ def _die_with_parent() -> None:
 class Child:
     """A server process with its output in a file, reachable on 127.0.0.1:port."""
 
-    def __init__(self, name: str, argv: list[str], port: int, workdir: Path, env: dict[str, str]):
+    def __init__(self, name: str, argv: list[str], port: int, workdir: Path, env: dict[str, str],
+                 cwd: Path | None = None):
         self.name = name
         self.port = port
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             # Own session: a Ctrl-C in the terminal reaches only the bench, which stops children in order.
             start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
@@ -500,7 +501,10 @@ BENCH_WEBHOOK_SECRET = "whsec_" + "QmVuY2hXZWJob29rU2VjcmV0S2V5MDEyMzQ1Njc4OQ=="
 
 
 def start_gateway(workdir: Path, fake: Child, agent_id: str, pool_size: int, database_url: str | None,
-                  carrier_double, workers: int = 1, webhook_url: str | None = None) -> Child:
+                  carrier_double, workers: int = 1, webhook_url: str | None = None, source: Path | None = None,
+                  name: str = "gateway") -> Child:
+    """`gateway serve` on a free port; `source`: the gateway's code from that directory (another
+    revision's tree) instead of the installed one."""
     config = workdir / "gateway.toml"
     webhook = (f'\n[[webhooks]]\nname = "bench"\nurl = "{webhook_url}"\nsecret = "{BENCH_WEBHOOK_SECRET}"\n'
                if webhook_url else "")
@@ -516,10 +520,11 @@ def start_gateway(workdir: Path, fake: Child, agent_id: str, pool_size: int, dat
         "ULTRAVOX_BASE_URL": fake.url,
         # The double's credentials: the ones it signs the webhooks with.
         **carrier_double.environ(DEAD_API),
+        **({"PYTHONPATH": str(source)} if source else {}),
     })
     argv = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port),
             "--log-level", "warning", "--workers", str(workers)]
-    return Child("gateway", argv, port, workdir, env)
+    return Child(name, argv, port, workdir, env, cwd=source)
 
 
 def start_baseline(workdir: Path, fake: Child, agent_id: str, pool_size: int, carrier: str) -> Child:

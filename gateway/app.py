@@ -210,6 +210,8 @@ class Gateway:
             await asyncio.wait_for(self.store.ping(), timeout=2)
         except Exception as error:
             problems.append(f"store unavailable: {type(error).__name__}")
+        if stalled := self.store.writer_stalled_for():  # one stranded connection, while others answer
+            problems.append(f"store writer stalled for {stalled:.1f} s")
         if not self.settings.ultravox.api_key:
             problems.append("ULTRAVOX_API_KEY is not set")
         if not self.settings.routes:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from typing import Awaitable, Callable
 from urllib.parse import parse_qsl
@@ -29,23 +30,26 @@ from .urls import Urls
 
 log = logging.getLogger("gateway")
 
-# More fields than any carrier sends: parsing (and signing) a flood of them costs the event loop.
-MAX_FIELDS = 256
-
-
 async def read_webhook(
-    request: Request, carrier: Carrier, *, max_bytes: int, url: str, callback: bool = False
+    request: Request, carrier: Carrier, *, max_bytes: int, url: str, callback: bool = False, issued_url: bool = False
 ) -> Webhook:
-    """The request as the carrier sent it, bounded in size, in one of the formats the carrier sends
-    its webhooks (or, `callback`, its callbacks to URLs the gateway issued) in."""
+    """The request as the carrier sent it, in one of the formats the carrier sends its webhooks (or,
+    `callback`, its callbacks to URLs the gateway issued) in. Bounded in size (declared, then read) and
+    in fields (counted before parsing) by the carrier's limits: refusing costs next to nothing."""
+    max_bytes = min(max_bytes, carrier.webhook_max_bytes)
+    max_fields = carrier.webhook_max_fields
     accepted = carrier.formats(callback=callback)
     formats = [f for f in accepted if f.method == request.method]
     if not formats:
         methods = sorted({f.method for f in accepted})
         raise RequestRejected(f"{carrier.title} webhooks are sent with {' or '.join(methods)}", 405)
+    carrier.refuse_unsigned(request.headers, issued_url=issued_url)
     if formats[0] is QUERY:
+        query = request.url.query
+        if len(query) > max_bytes:
+            raise RequestRejected(f"query longer than {max_bytes} bytes", 414)
         return Webhook(url=url, method=request.method, headers=request.headers, body=b"",
-                       params=_fields(request.url.query), client=_client(request), format=QUERY)
+                       params=_fields(query, max_fields), client=_client(request), format=QUERY)
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     chosen = next((f for f in formats if f.content_type == content_type), None)
     if chosen is None:
@@ -54,35 +58,46 @@ async def read_webhook(
     body = await read_limited(request, max_bytes)
     if body is None:
         raise RequestRejected(f"body larger than {max_bytes} bytes", 413)
-    params = _json_fields(body) if chosen.name == "json" else _fields(body)
+    params = _json_fields(body, max_fields) if chosen.name == "json" else _fields(body, max_fields)
     return Webhook(url=url, method=request.method, headers=request.headers, body=body, params=params,
                    client=_client(request), format=chosen)
 
 
-def _fields(raw: bytes | str) -> dict[str, list[str]]:
+# NUL and the other C0 controls but tab, CR and LF: no carrier field holds one, and PostgreSQL
+# refuses a NUL in text (the insert failed, and the call went ahead unrecorded).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _fields(raw: bytes | str, max_fields: int) -> dict[str, list[str]]:
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=True, max_num_fields=MAX_FIELDS) if text else []
+        # parse_qsl counts the separators before it splits anything: too many fields cost one count.
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=True, max_num_fields=max_fields) if text else []
     except (UnicodeDecodeError, ValueError):
         raise RequestRejected("body is not a valid URL-encoded form (or has too many fields)") from None
     params: dict[str, list[str]] = {}
     for name, value in pairs:
+        if _CONTROL.search(name) or _CONTROL.search(value):
+            raise RequestRejected("a field holds a NUL or another control character")
         params.setdefault(name, []).append(value)
     return params
 
 
-def _json_fields(body: bytes) -> dict[str, list[str]]:
+def _json_fields(body: bytes, max_fields: int) -> dict[str, list[str]]:
     """A JSON object's top-level values as fields (nested ones as their JSON text)."""
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise RequestRejected("body is not valid JSON") from None
-    if not isinstance(data, dict) or len(data) > MAX_FIELDS:
+    if not isinstance(data, dict) or len(data) > max_fields:
         raise RequestRejected("expected a JSON object")
-    return {
+    fields = {
         str(name): [value if isinstance(value, str) else json.dumps(value)]
         for name, value in data.items() if value is not None
     }
+    if any(_CONTROL.search(name) or _CONTROL.search(values[0]) for name, values in fields.items()):
+        raise RequestRejected("a field holds a NUL or another control character")
+    return fields
 
 
 def _client(request: Request) -> str | None:
@@ -113,7 +128,8 @@ class CarrierWebhooks:
         """The carrier's authenticated request (`callback`: to a callback route, not its inbound
         webhook); with `issued`, also the gateway's own token in the URL."""
         webhook = await read_webhook(request, carrier, max_bytes=self.settings.max_body_bytes,
-                                     url=self.urls.of_request(request), callback=callback)
+                                     url=self.urls.of_request(request), callback=callback,
+                                     issued_url=issued is not None)
         carrier.verify(webhook, issued_url=issued is not None)
         if issued is not None and not issued():
             raise SignatureRejected("this callback URL was not issued by this gateway")

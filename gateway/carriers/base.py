@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
@@ -256,6 +257,10 @@ class Carrier(ABC):
     callback_formats: ClassVar[tuple[WebhookFormat, ...] | None] = None
     answer_media_type: ClassVar[str] = "application/xml"
     call_id_param: ClassVar[str]
+    # The shape of the carrier's call ids: anything else is refused before it reaches the store or
+    # Ultravox (a signed field's text moved into the id would otherwise make a new call). Carriers
+    # that document no format bound the length and the characters.
+    call_id_pattern: ClassVar[re.Pattern[str]] = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
     from_param: ClassVar[str] = "From"
     to_param: ClassVar[str] = "To"
     # The carrier's call status words -> gateway.statuses (words not listed are not tracked).
@@ -291,6 +296,13 @@ class Carrier(ABC):
         missing = " / ".join(var for var, key in self.environment.items() if key in self.verification_keys)
         return [f"{missing or 'the ' + self.title + ' secret'} is not set: {self.title} webhooks will be refused"]
 
+    # What one webhook may weigh, refused before it is parsed or its signature computed: a flood of
+    # forged requests must stay cheap. Far above what any carrier sends (a few dozen fields, 2–3 KB).
+    webhook_max_fields: ClassVar[int] = 128
+    webhook_max_bytes: ClassVar[int] = 16 * 1024
+    # Headers carrying the signature: a request with none of them is refused before its body is read.
+    signature_headers: ClassVar[tuple[str, ...]] = ()
+
     verification_keys: ClassVar[tuple[str, ...]] = ()  # settings keys that webhook checks need
     # Settings keys holding credentials: their values are removed from every log line.
     secret_keys: ClassVar[tuple[str, ...]] = ()
@@ -311,6 +323,15 @@ class Carrier(ABC):
 
     def check_source(self, webhook: Webhook) -> None:
         """Raise RequestRejected when the request comes from where the carrier's never do."""
+
+    def refuse_unsigned(self, headers: Mapping[str, str], *, issued_url: bool = False) -> None:
+        """Raise SignatureRejected, before the body is read, when no signature header came at all."""
+        if self.settings.insecure_skip_signature_verification or not self.signature_headers:
+            return
+        if issued_url and not self.authenticates_callbacks:
+            return
+        if not any(headers.get(name) for name in self.signature_headers):
+            raise SignatureRejected(f"missing {' or '.join(self.signature_headers)} header")
 
     def verify(self, webhook: Webhook, *, issued_url: bool = False) -> None:
         """Raise RequestRejected unless the carrier sent `webhook`; `issued_url`: to a URL the gateway
@@ -335,6 +356,8 @@ class Carrier(ABC):
         missing = [p for p in (self.call_id_param, self.to_param) if not params.get(p)]
         if missing:
             raise MalformedWebhook(f"missing {', '.join(missing)} in {self.title} webhook")
+        if not self.call_id_pattern.fullmatch(params[self.call_id_param]):
+            raise MalformedWebhook(f"{self.call_id_param} is not a {self.title} call id")
         return InboundCall(
             carrier=self.name,
             call_id=params[self.call_id_param],

@@ -24,6 +24,7 @@ import base64
 import binascii
 import dataclasses
 import hmac
+import re
 import ipaddress
 import json
 import secrets
@@ -114,6 +115,8 @@ class ExotelCarrier(EventStreamCarrier):
     callback_formats = (FORM, JSON)  # StatusCallbacks are POSTs: no GET (a bare link) moves a call
     answer_media_type = "application/json"
     call_id_param = "CallSid"
+    # Exotel documents no CallSid format (its examples: 32 hex digits): bounded, letters and digits.
+    call_id_pattern = re.compile(r"[A-Za-z0-9_-]{1,64}")
     from_param = "CallFrom"
     to_param = "CallTo"
     call_statuses = CALL_STATUSES

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import binascii
 import json
 import time
@@ -62,6 +63,10 @@ class TelnyxCarrier(TwimlCarrier):
     secret_keys = ("api_key",)  # the public key is public
     dial_keys = ("api_key", "account_sid", "texml_application_id")
     call_id_param = "CallSid"  # TeXML's CallSid is the call_control_id
+    signature_headers = ("telnyx-signature-ed25519",)
+    # TeXML's CallSid is the call_control_id: "v3:" and URL-safe base64 in Telnyx's examples (54
+    # characters after it); no documented length, so bounded.
+    call_id_pattern = re.compile(r"(v[0-9]+:)?[A-Za-z0-9_-]{1,128}")
     # 422: the call is no longer active.
     gone_statuses = (404, 422)
     # TeXML's AMD (its SDK's call_calls_params): Twilio's parameters, AsyncAmd a JSON boolean. Its

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import time
 import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import PurePath
@@ -169,6 +170,10 @@ class CallStore:
     async def migrate(self) -> int:
         """Create or upgrade the schema; returns the version now in place."""
         return await self.database.transaction(_migrate)
+
+    def writer_stalled_for(self) -> float:
+        """Seconds the store's writer has been stuck in one transaction past its deadline (else 0)."""
+        return self._writer.stalled_for()
 
     async def ping(self) -> None:
         await self.database.transaction(lambda connection: connection.execute(sa.text("SELECT 1")))
@@ -596,6 +601,15 @@ class _Write:
     values: dict
     stale_after: dt.timedelta | None = None
     future: asyncio.Future | None = None
+    abandoned: bool = False  # its caller stopped waiting: a claim not yet written is dropped
+
+
+class StoreStalled(Exception):
+    """The store did not write in time (a stalled database): the caller goes on without it."""
+
+
+# How long a write on the inbound path waits for the store: a caller is connected unrecorded past it.
+WRITE_DEADLINE_SECONDS = 1.0
 
 
 class _GroupCommit:
@@ -607,10 +621,18 @@ class _GroupCommit:
 
     MAX_BATCH = 256
 
-    def __init__(self, apply):
+    def __init__(self, apply, deadline: float = WRITE_DEADLINE_SECONDS, clock=time.monotonic):
         self._apply = apply
+        self._deadline = deadline
+        self._clock = clock
         self._queue: asyncio.Queue[_Write] | None = None
         self._task: asyncio.Task | None = None
+        self._busy_since: float | None = None  # when the running transaction began
+
+    def stalled_for(self) -> float:
+        """Seconds the running transaction has taken, once past the deadline; else 0."""
+        busy = self._clock() - self._busy_since if self._busy_since is not None else 0.0
+        return busy if busy > self._deadline else 0.0
 
     async def submit(self, write: _Write):
         if self._task is None:
@@ -618,7 +640,12 @@ class _GroupCommit:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="call-store-writer")
         write.future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(write)
-        return await write.future
+        try:
+            # Shielded: an outcome still gets written once the store answers again.
+            return await asyncio.wait_for(asyncio.shield(write.future), self._deadline)
+        except TimeoutError:
+            write.abandoned = True
+            raise StoreStalled(f"the store did not write within {self._deadline:g} s") from None
 
     async def close(self) -> None:
         if self._task is not None:
@@ -636,22 +663,56 @@ class _GroupCommit:
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < self.MAX_BATCH:
                 batch.append(self._queue.get_nowait())
+            batch = self._pending(batch)
+            if not batch:
+                continue
+            self._busy_since = self._clock()
             try:
                 self._settle(batch, await self._apply(batch))
-            except Exception:
+            except Exception as error:
+                if _unavailable(error):  # the store, not one write: retrying each would wait again
+                    for write in batch:
+                        _fail(write, error)
+                    continue
                 # One bad write must not fail its neighbours: apply them one by one.
                 for write in batch:
                     try:
                         self._settle([write], await self._apply([write]))
                     except Exception as error:
-                        if not write.future.done():
-                            write.future.set_exception(error)
+                        _fail(write, error)
+            finally:
+                self._busy_since = None
+
+    @staticmethod
+    def _pending(batch: list[_Write]) -> list[_Write]:
+        """The writes still to make: a claim whose caller gave up (it connected the caller
+        unrecorded) would only leave a record of a call made without it."""
+        for write in batch:
+            if write.abandoned and write.kind == "claim":
+                write.future.cancel()
+        return [write for write in batch if not write.future.done()]
 
     @staticmethod
     def _settle(batch: list[_Write], results: list) -> None:
         for write, result in zip(batch, results):
             if not write.future.done():  # its caller may have given up (cancelled)
                 write.future.set_result(result)
+
+
+def _fail(write: _Write, error: Exception) -> None:
+    if not write.future.done():
+        write.future.set_exception(error)
+        if write.abandoned:  # nobody awaits it any more: retrieved here, or asyncio would warn
+            write.future.exception()
+
+
+def _unavailable(error: Exception) -> bool:
+    """Whether `error` says the database could not be reached in time (not that a write was wrong)."""
+    if isinstance(error, (TimeoutError, OSError, StoreStalled)):
+        return True
+    return isinstance(error, sa.exc.DBAPIError) and (
+        error.connection_invalidated or isinstance(error.orig, (TimeoutError, OSError))
+        or isinstance(error, sa.exc.OperationalError))
 
 
 def _migrate(connection: sa.Connection) -> int:

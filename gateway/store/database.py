@@ -10,6 +10,7 @@ the whole transaction in one hop to a thread of its own.
 from __future__ import annotations
 
 import asyncio
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
@@ -20,6 +21,33 @@ T = TypeVar("T")
 Work = Callable[..., T]
 
 MIGRATION_LOCK_KEY = 0x6761_7465  # any constant shared by every replica of this gateway
+
+# A stalled server or a half-open connection fails a statement instead of hanging it: asyncpg's
+# command timeout on each statement (pool pre-pings included), the server's statement timeout,
+# bounded connects and pool waits, and TCP keepalives both ways (client side set on the socket:
+# asyncpg has no option for it, MagicStack/asyncpg#606). Callers needing a shorter bound (the
+# inbound path, see calls.py) put their own deadline in front; these free the connection after.
+COMMAND_TIMEOUT_SECONDS = 10.0
+CONNECT_TIMEOUT_SECONDS = 3.0
+POOL_TIMEOUT_SECONDS = 3.0
+KEEPALIVE_IDLE_SECONDS, KEEPALIVE_INTERVAL_SECONDS, KEEPALIVE_COUNT = 10, 5, 3
+SERVER_SETTINGS = {
+    "statement_timeout": str(int(COMMAND_TIMEOUT_SECONDS * 1000)),
+    "idle_in_transaction_session_timeout": str(int(6 * COMMAND_TIMEOUT_SECONDS * 1000)),
+    "tcp_keepalives_idle": str(KEEPALIVE_IDLE_SECONDS),
+    "tcp_keepalives_interval": str(KEEPALIVE_INTERVAL_SECONDS),
+    "tcp_keepalives_count": str(KEEPALIVE_COUNT),
+}
+
+
+def keep_alive(sock) -> None:
+    """Probe an idle connection, and give up on unacknowledged data, within about 25 s (Linux)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_SECONDS), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_SECONDS),
+                          ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+                          ("TCP_USER_TIMEOUT", 1000 * (KEEPALIVE_IDLE_SECONDS + KEEPALIVE_INTERVAL_SECONDS * KEEPALIVE_COUNT))):
+        if hasattr(socket, option):  # Linux names; elsewhere the system's defaults stand
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def engine_url(url: str) -> str:
@@ -53,8 +81,19 @@ class AsyncPostgres(Database):
         # Every transaction ends in commit or rollback, so the pool's reset on check-in is a
         # wasted round trip.
         self.engine = create_async_engine(
-            url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_reset_on_return=None
+            url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_reset_on_return=None,
+            pool_timeout=POOL_TIMEOUT_SECONDS,
+            connect_args={"command_timeout": COMMAND_TIMEOUT_SECONDS, "timeout": CONNECT_TIMEOUT_SECONDS,
+                          "server_settings": SERVER_SETTINGS},
         )
+
+        @sa.event.listens_for(self.engine.sync_engine, "connect")
+        def _keepalive(dbapi_connection, _record):
+            # asyncpg's Connection keeps its transport private; absent, the server's keepalives remain.
+            transport = getattr(dbapi_connection.driver_connection, "_transport", None)
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            if sock is not None:
+                keep_alive(sock)
 
     async def transaction(self, work: Work, *args: Any) -> T:
         async with self.engine.begin() as connection:
