@@ -246,11 +246,11 @@ class TransferSettings(_Section):
     connecting_message: str = "Please hold while I connect you."
     # Music for a caller waiting in a warm transfer; empty: the carrier's default.
     hold_music_url: str | None = None
-    # Seconds an operator has to press 1 after hearing the briefing.
+    # Seconds an operator has for each key press: to hear the briefing, then to take the call.
     accept_timeout_seconds: int = Field(default=10, ge=3, le=60)
     # How long a caller on hold waits for an operator's leg that never reports (lost callbacks, a
-    # carrier outage) before it counts as a no. Default: the operator's ring timeout + 30 s of
-    # answering-machine detection + accept_timeout_seconds + 15 s.
+    # carrier outage) before it counts as a no. Default: the operator's ring timeout + 30 s for the
+    # briefing + 2 × accept_timeout_seconds (its two key presses) + 15 s.
     leg_timeout_seconds: float | None = Field(default=None, gt=0, le=600)
 
 

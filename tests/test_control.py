@@ -277,7 +277,7 @@ def test_warm_transfer_through_the_api_briefs_the_operator(live, carrier):
     conference = call.double.conference(call.fetch(hold_url))
     (leg,) = call.operator_legs()
     assert leg.to.lstrip("+") == SALES.lstrip("+")
-    briefing, accept_url = call.double.gather(call.fake.answer(leg).text)
+    briefing, accept_url = call.briefing(leg)
     assert "Ada from Acme, 40 seats." in briefing
     assert call.double.conference(call.press(leg, accept_url, "1")).name == conference.name
     assert call.view()["transfers"][0]["status"] == "connected"

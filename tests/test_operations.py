@@ -91,7 +91,7 @@ def test_a_warm_transfer_under_way_is_a_live_transfer(live, carrier):  # noqa: F
     call.fetch(url)  # the caller on hold
     (leg,) = call.operator_legs()
     assert (live_transfers(call.gateway, "warm"), live_transfers(call.gateway, "cold")) == (1, 0)
-    _, accept_url = call.double.gather(call.fake.answer(leg).text)
+    _, accept_url = call.briefing(leg)
     call.press(leg, accept_url, "1")  # the operator takes the caller: the transfer is done
     assert call.view()["transfers"][0]["status"] == "connected"
     assert live_transfers(call.gateway, "warm") == 0

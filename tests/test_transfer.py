@@ -56,6 +56,13 @@ class LiveCall:
         """The carrier reporting to a dial's `action` URL that the dial ended with `status`."""
         return self.fetch(action, **{self.double.dial_status_param: status}, **fields)
 
+    def briefing(self, leg):
+        """The operator picks up and hears only that a caller is being transferred; pressing 1 plays
+        the briefing. Returns (the briefing, the URL its key press to take the call goes to)."""
+        gate, brief_url = self.double.gather(self.fake.answer(leg).text)
+        assert "Press 1" in gate and "40 seats" not in gate and "Acme" not in gate  # nothing before the key press
+        return self.double.gather(self.press(leg, brief_url, "1"))
+
     def press(self, leg, url, digits):
         """An operator's leg pressing `digits` at a key-press prompt whose keys go to `url`."""
         form = self.fake.form_for(self.fake.live_id(leg), **{self.double.digits_param: digits})
@@ -153,7 +160,7 @@ def test_warm_transfer_briefs_the_operator_who_accepts(live, carrier):
     assert conference.starts is False and conference.ends is True
     (leg,) = call.operator_legs()
     assert leg.to.lstrip("+") == SALES.lstrip("+")
-    briefing, accept_url = call.double.gather(call.fake.answer(leg).text)
+    briefing, accept_url = call.briefing(leg)
     assert "40 seats" in briefing and "Ada from Acme" in briefing and "Press 1" in briefing
     joined = call.double.conference(call.press(leg, accept_url, "1"))
     assert joined.name == conference.name and joined.starts is True
@@ -168,7 +175,7 @@ def test_warm_decline_and_no_answer_return_the_caller_to_the_agent(live, carrier
     (hold_url,) = call.redirects()
     call.fetch(hold_url)
     (sales,) = call.operator_legs()
-    _, accept_url = call.double.gather(call.fake.answer(sales).text)
+    _, accept_url = call.briefing(sales)
     assert call.double.verbs(call.press(sales, accept_url, "9")) == ["hangup"]
     _, frontdesk = call.operator_legs(2)  # the fallback operator is called; the caller stays on hold
     assert frontdesk.to.lstrip("+") == FRONTDESK.lstrip("+")
@@ -186,33 +193,35 @@ def test_warm_decline_and_no_answer_return_the_caller_to_the_agent(live, carrier
 
 @pytest.mark.parametrize("carrier", TRANSFER_CARRIERS)
 def test_warm_transfer_to_voicemail_counts_as_no_and_never_briefs_it(live, carrier):
-    """The operator's leg waits for the verdict before its first word: a voicemail is hung up
-    unbriefed (an answering machine is a no-answer) and the caller goes back to the agent."""
+    """The operator's leg asks for a key press before a word of the briefing, with no answering-
+    machine detection keeping a person in silence: a voicemail records the question, presses
+    nothing, and the leg ends a no-answer; the caller goes back to the agent."""
     call = live(carrier)
     call.tool("frontdesk", warm=True)
     call.fetch(call.redirects()[0])
     (leg,) = call.operator_legs()
-    assert call.fake.detection(leg).report_url is None  # synchronous: the instructions wait for the verdict
-    told = call.fake.answered_by(leg, "machine")
-    assert "40 seats" not in told.text and "Acme" not in told.text  # no briefing, whatever was answered
-    # The leg is over: the gateway's answer hangs up, the gateway hung it up, or the carrier did.
-    leg_id = call.fake.live_id(leg)
-    answered_with_hangup = told.status_code == 200 and call.double.verbs(told.text) == ["hangup"]
-    assert answered_with_hangup or any(u.call_id == leg_id for u in call.fake.updates) or call.fake.state(leg_id) == "completed"
+    assert call.fake.detection(leg) is None  # the operator hears the question at once
+    gate, _ = call.double.gather(call.fake.answer(leg).text)
+    assert "Press 1" in gate and "40 seats" not in gate and "Acme" not in gate
+    call.fake.send_status(leg, "completed")  # the voicemail's recording ends; no key was pressed
     _, return_url = call.redirects(2)
     call.double.connected_url(call.fetch(return_url))
     (transfer,) = call.view()["transfers"]
-    assert transfer["status"] == "returned" and "voicemail" in transfer["outcome"]
+    assert transfer["status"] == "returned" and "did not take the call" in transfer["outcome"]
 
 
 @pytest.mark.parametrize("carrier", TRANSFER_CARRIERS)
-def test_an_operator_found_to_be_a_person_is_briefed(live, carrier):
+def test_an_operator_pressing_another_key_at_the_question_declines_unbriefed(live, carrier):
     call = live(carrier)
     call.tool("frontdesk", warm=True)
     call.fetch(call.redirects()[0])
     (leg,) = call.operator_legs()
-    briefing, _ = call.double.gather(call.fake.answered_by(leg, "human").text)
-    assert "Ada from Acme" in briefing and "Press 1" in briefing
+    gate, brief_url = call.double.gather(call.fake.answer(leg).text)
+    assert call.double.verbs(call.press(leg, brief_url, "7")) == ["hangup"]
+    _, return_url = call.redirects(2)
+    call.double.connected_url(call.fetch(return_url))
+    (transfer,) = call.view()["transfers"]
+    assert transfer["status"] == "returned" and "declined" in transfer["outcome"]
 
 
 @pytest.mark.parametrize("carrier", TRANSFER_CARRIERS)

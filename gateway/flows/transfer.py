@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import httpx
 
 from .. import statuses
-from ..carriers.base import Carrier, MachineDetection, OutboundDial, Webhook
+from ..carriers.base import Carrier, OutboundDial, Webhook
 from ..http import RemoteError
 from ..logs import bind, bind_call
 from ..settings import Settings
@@ -36,7 +36,7 @@ from .connect import Connector
 log = logging.getLogger("gateway.transfer")
 
 CARRIER_WORK_SECONDS = 10.0  # a redirect or an operator call, in the background
-MACHINE_DETECTION_SECONDS = 30  # carriers' default answering-machine detection time
+BRIEFING_SECONDS = 30  # time to speak a reason and a summary
 LEG_MARGIN_SECONDS = 15
 
 
@@ -111,6 +111,7 @@ TRANSFER_STEPS = (
     TransferStep("caller-left", "caller_left"),
     TransferStep("result", "dial_result"),
     TransferStep("whisper", "whisper", operator_leg=True),
+    TransferStep("brief", "brief", operator_leg=True),
     TransferStep("accept", "accept", operator_leg=True),
     TransferStep("operator-status", "operator_status", operator_leg=True, event=True),
 )
@@ -326,9 +327,8 @@ class TransferFlow:
             answer_url=self.url(carrier, "whisper", transfer.id, leg=leg),
             status_url=self.url(carrier, "operator-status", transfer.id, leg=leg),
             ring_timeout_seconds=operator.ring_timeout_seconds,
-            # A voicemail must neither count as the operator nor hear the briefing: the leg's
-            # instructions wait for the verdict (a few seconds of silence for the operator).
-            machine_detection=MachineDetection(),
+            # No answering-machine detection: it would keep the operator in silence while it listens.
+            # A voicemail is kept from the briefing by the key press it never makes (see whisper).
         )
         # If no event about this leg ever comes (a lost callback, a carrier outage, this process
         # dying), the caller must not wait on hold for ever: past its deadline the leg counts as a no.
@@ -347,27 +347,43 @@ class TransferFlow:
                 await carrier.hang_up(self.http, leg_id, deadline=self._clock() + CARRIER_WORK_SECONDS)
 
     def leg_deadline_seconds(self, operator_name: str) -> float:
-        """How long an operator's leg may go without settling: ringing, answering-machine detection
-        and the key press, plus a margin; or the configured [transfer] leg_timeout_seconds."""
+        """How long an operator's leg may go without settling: ringing, the two key presses (to
+        hear the briefing, to take the call) with the briefing between, plus a margin; or the
+        configured [transfer] leg_timeout_seconds."""
         configured = self.settings.transfer.leg_timeout_seconds
         if configured is not None:
             return configured
         operator = self.settings.operators[operator_name]
-        return (operator.ring_timeout_seconds + MACHINE_DETECTION_SECONDS
-                + self.settings.transfer.accept_timeout_seconds + LEG_MARGIN_SECONDS)
+        return (operator.ring_timeout_seconds + BRIEFING_SECONDS
+                + 2 * self.settings.transfer.accept_timeout_seconds + LEG_MARGIN_SECONDS)
 
     async def whisper(self, carrier: Carrier, transfer: TransferRecord, leg: int, webhook: Webhook) -> str:
-        """The operator picked up: brief them, unless it is their voicemail."""
+        """The operator's phone was picked up: ask for a key press before a word of the briefing.
+        A voicemail never presses one, so it records no reason and no summary, and a person is
+        never kept in silence while answering-machine detection listens."""
         if transfer.is_final or leg != transfer.leg:
             return carrier.hangup_answer()
         answered = carrier.parse_answer(webhook)
         if answered.carrier_call_id:  # the leg's own id, to hang it up if the caller leaves
             await self.transfers.update(transfer.id, TransferChange(operator_leg_id=answered.carrier_call_id),
                                         expect=TransferExpectation(leg=leg))
-        if answered.machine:
+        if answered.machine:  # a carrier that says so anyway
             await self._leg_is_a_no(transfer, leg, f"{transfer.operator}'s voicemail answered")
             return carrier.hangup_answer()
-        briefing = f"A caller is being transferred to you. Reason: {transfer.reason}."
+        return carrier.whisper_answer(
+            "A caller is being transferred to you by the assistant. Press 1 to hear why.",
+            accept_url=self.url(carrier, "brief", transfer.id, leg=leg),
+            timeout=self.settings.transfer.accept_timeout_seconds,
+        )
+
+    async def brief(self, carrier: Carrier, transfer: TransferRecord, leg: int, webhook: Webhook) -> str:
+        """A person pressed a key: if 1, the reason and summary, and a key press to take the call."""
+        if transfer.is_final or leg != transfer.leg:
+            return carrier.hangup_answer()
+        if carrier.pressed_digits(webhook) != "1":
+            await self._leg_is_a_no(transfer, leg, f"{transfer.operator} declined")
+            return carrier.hangup_answer()
+        briefing = f"Reason: {transfer.reason}."
         if transfer.summary:
             briefing += f" Summary: {transfer.summary}"
         briefing += " Press 1 to take the call."
