@@ -77,6 +77,7 @@ class Work:
         self._heartbeat_task: asyncio.Task | None = None
         self._running: dict[asyncio.Task, Job] = {}
         self._stopping = False
+        self._more_due = False
 
     # --- what there is to do -------------------------------------------------------------------------
     def register(self, payload_type: type[P], run: Callable[[P], Awaitable[float | None]], *, max_attempts: int = 5,
@@ -147,6 +148,9 @@ class Work:
             return 0
         claimed = await self.jobs.claim(self.owner, lease=self.lease, limit=free, kinds=list(self._kinds),
                                         now=self._now())
+        # Every free slot taken: more may be due, to claim as slots free up. Else all that was due
+        # runs now, and a finishing job needs no new look (a claim and a next-due query each time).
+        self._more_due = len(claimed) == free
         for job in claimed:
             task = asyncio.get_running_loop().create_task(self._run(job), name=f"job:{job.kind}")
             self._running[task] = job
@@ -155,7 +159,8 @@ class Work:
 
     def _finished(self, task: asyncio.Task) -> None:
         self._running.pop(task, None)
-        self._wake.set()  # a slot is free
+        if self._more_due:
+            self._wake.set()  # a slot is free for what waits
 
     async def _heartbeat(self) -> None:
         """Renew the leases of the jobs running here, in one statement, a third of a lease apart."""
@@ -215,7 +220,9 @@ class Work:
             return
         if later is not None:
             await self.jobs.again(job, self._now() + dt.timedelta(seconds=later))
+            if later < self.poll_seconds:
+                self.wake()
         elif kind.every is not None:
             await self.jobs.again(job, self._now() + kind.every)
-        else:
-            await self.jobs.done(job)
+        elif not await self.jobs.done(job):
+            self.wake()  # asked for while it ran: it is due again now

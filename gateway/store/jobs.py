@@ -132,6 +132,8 @@ class JobStore:
         return await self.database.transaction(_renew, owner, held, until)
 
     async def done(self, job: Job) -> bool:
+        """The job ran: deleted (True), or put back to run again at once because it was asked for
+        while it ran (False; also when its lease was lost)."""
         return await self.database.transaction(_done, job)
 
     async def again(self, job: Job, due_at: dt.datetime, error: str | None = None) -> bool:
@@ -177,7 +179,8 @@ def _done(connection: sa.Connection, job: Job) -> bool:
     # PostgreSQL this DELETE waits for that lock and then re-checks `rerun` on the row as committed.
     if connection.execute(_DONE, dict(job_id=job.id, held_attempts=job.attempts)).rowcount == 1:
         return True
-    return _again(connection, job, utcnow(), None)
+    _again(connection, job, utcnow(), None)
+    return False
 
 
 def _again(connection: sa.Connection, job: Job, due_at: dt.datetime, error: str | None) -> bool:
