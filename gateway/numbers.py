@@ -7,8 +7,9 @@ import re
 import phonenumbers
 
 # A prefix of an E.164 number, for dial-policy lists ("+1", "+4420"): no library models these.
-_PREFIX = re.compile(r"^\+[1-9]\d{0,14}$")
-_SIP = re.compile(r"^sips?:[^@\s]+@[^\s]+$")
+# ASCII digits only (`\d` would take any script's, and `$` a trailing newline).
+_PREFIX = re.compile(r"\+[1-9][0-9]{0,14}")
+_SIP = re.compile(r"sips?:[^@\s]+@[^\s]+")
 
 
 class InvalidNumber(ValueError):
@@ -72,12 +73,12 @@ def national(number: str, region: str) -> str:
 
 
 def prefix(text: str) -> str:
-    if not isinstance(text, str) or not _PREFIX.match(text):
+    if not isinstance(text, str) or not _PREFIX.fullmatch(text):
         raise InvalidNumber(f"prefixes look like +1 or +4420, got {text!r}")
     return text
 
 
 def sip_uri(text: str) -> str:
-    if not _SIP.match(text):
+    if not _SIP.fullmatch(text):
         raise InvalidNumber(f"must be a SIP URI like sip:desk@pbx.example.com, got {text!r}")
     return text

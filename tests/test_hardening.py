@@ -222,3 +222,30 @@ def test_moving_the_next_fields_text_into_the_call_id_keeps_no_signature_valid(g
     response = gateway.post(carrier, shifted, headers=headers, sign=False)
     assert response.status_code in (400, 403)
     assert fake_ultravox.requests == []
+
+
+@pytest.mark.parametrize("lookalike", ["+1٩٠٠5551234", "+1８765551234", "+15557654321\n"])
+def test_lookalike_numbers_are_refused_by_the_dial_api_and_dial_nothing(gateway, fake_carriers, lookalike):
+    """Arabic-Indic digits for a 900 number, full-width digits for a denied prefix, a trailing newline."""
+    from .test_outbound import dial
+
+    response = dial(gateway, to=lookalike, carrier="twilio")
+    assert response.status_code == 422, response.text
+    assert fake_carriers["twilio"].calls == []
+
+
+@pytest.mark.parametrize("prefix", ["+1٩", "+44８", "+1\n"])
+def test_dial_policy_prefixes_take_ascii_digits_only(prefix):
+    from gateway import numbers
+
+    with pytest.raises(numbers.InvalidNumber):
+        numbers.prefix(prefix)
+    assert numbers.prefix("+1900") == "+1900"
+
+
+def test_sip_uris_with_a_trailing_newline_are_refused():
+    from gateway import numbers
+
+    with pytest.raises(numbers.InvalidNumber):
+        numbers.sip_uri("sip:desk@pbx.example.com\n")
+    assert numbers.sip_uri("sip:desk@pbx.example.com") == "sip:desk@pbx.example.com"
