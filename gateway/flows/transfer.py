@@ -378,11 +378,8 @@ class TransferFlow:
 
     async def brief(self, carrier: Carrier, transfer: TransferRecord, leg: int, webhook: Webhook) -> str:
         """A person pressed a key: if 1, the reason and summary, and a key press to take the call."""
-        if transfer.is_final or leg != transfer.leg:
-            return carrier.hangup_answer()
-        if carrier.pressed_digits(webhook) != "1":
-            await self._leg_is_a_no(transfer, leg, f"{transfer.operator} declined")
-            return carrier.hangup_answer()
+        if (refused := await self._unless_pressed_one(carrier, transfer, leg, webhook)) is not None:
+            return refused
         briefing = f"Reason: {transfer.reason}."
         if transfer.summary:
             briefing += f" Summary: {transfer.summary}"
@@ -392,12 +389,20 @@ class TransferFlow:
             timeout=self.settings.transfer.accept_timeout_seconds,
         )
 
-    async def accept(self, carrier: Carrier, transfer: TransferRecord, leg: int, webhook: Webhook) -> str:
+    async def _unless_pressed_one(self, carrier: Carrier, transfer: TransferRecord, leg: int,
+                                  webhook: Webhook) -> str | None:
+        """The hang-up for a key press of a leg that is not current, or of a key other than 1 (the
+        operator declines); None when the current leg's operator pressed 1."""
         if transfer.is_final or leg != transfer.leg:
             return carrier.hangup_answer()
         if carrier.pressed_digits(webhook) != "1":
             await self._leg_is_a_no(transfer, leg, f"{transfer.operator} declined")
             return carrier.hangup_answer()
+        return None
+
+    async def accept(self, carrier: Carrier, transfer: TransferRecord, leg: int, webhook: Webhook) -> str:
+        if (refused := await self._unless_pressed_one(carrier, transfer, leg, webhook)) is not None:
+            return refused
         # Only if this leg is still the current one: its hang-up callback may have moved on already.
         if not await self._finish(transfer, status.CONNECTED, "accepted", expect=TransferExpectation(leg=leg)):
             return carrier.hangup_answer()
