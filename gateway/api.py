@@ -173,17 +173,11 @@ class EventsApi:
         """Send an event again: to every endpoint configured now, or to `{"endpoint": name}`."""
         if request_key_id(request, self.settings) is None:
             return _unauthorized()
-        body = await read_limited(request, self.settings.max_body_bytes)
-        if body is None:
-            return problem(413, f"body larger than {self.settings.max_body_bytes} bytes")
-        name = None
-        if body.strip():
-            if request.headers.get("content-type", "").split(";", 1)[0].strip().lower() != "application/json":
-                return problem(415, 'send {"endpoint": NAME} as application/json, or no body')
-            try:
-                name = Redelivery.model_validate_json(body).endpoint
-            except ValidationError:
-                return problem(422, 'expected {"endpoint": NAME} or no body')
+        try:
+            name = (await json_body(request, Redelivery, self.settings.max_body_bytes, what='{"endpoint": NAME}',
+                                    optional=True)).endpoint
+        except ApiRefusal as refusal:
+            return refusal.response
         names = [webhook.name for webhook in self.settings.webhooks]
         if name is not None and name not in names:
             return problem(422, f"no endpoint is named {name!r}; configured: {', '.join(names) or 'none'}")

@@ -107,14 +107,6 @@ _NEXT_DUE = sa.select(sa.func.min(jobs.c.due_at)).where(
     jobs.c.status == PENDING, jobs.c.kind.in_(sa.bindparam("kinds", expanding=True)))
 
 
-def _insert_for(connection: sa.Connection):
-    if connection.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert
-
-
 class JobStore:
     def __init__(self, database: Database):
         self.database = database

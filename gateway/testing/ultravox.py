@@ -690,33 +690,34 @@ class FakeUltravox:
             tool["definition"] = copy.deepcopy(body["definition"])
             return JSONResponse(copy.deepcopy(tool))
 
-    def _created(self, call_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            return next((dict(call) for call in self.created_calls if call.get("callId") == call_id), None)
-
-    async def _get_call(self, request: Request) -> JSONResponse:
+    async def _known_call(self, request: Request) -> tuple[dict[str, Any] | None, JSONResponse | None]:
+        """(the created call the path names, None), or (None, the refusal: 401 or 404)."""
         await self._receive(request)
         unauthorized = self._unauthorized(request)
         if unauthorized is not None:
-            return unauthorized
+            return None, unauthorized
         call_id = request.path_params["call_id"]
-        call = self._created(call_id)
-        if call is None:
-            return JSONResponse({"detail": "Not found."}, status_code=404)
         with self._lock:
-            report = dict(self.call_reports.get(call_id) or {})
+            call = next((dict(call) for call in self.created_calls if call.get("callId") == call_id), None)
+        if call is None:
+            return None, JSONResponse({"detail": "Not found."}, status_code=404)
+        return call, None
+
+    async def _get_call(self, request: Request) -> JSONResponse:
+        call, refusal = await self._known_call(request)
+        if refusal is not None:
+            return refusal
+        with self._lock:
+            report = dict(self.call_reports.get(call["callId"]) or {})
         report.pop("messages", None)
         return JSONResponse({**call, "joined": None, "ended": None, "endReason": None, "summary": None,
                              "shortSummary": None, **report})
 
     async def _messages(self, request: Request) -> JSONResponse:
-        await self._receive(request)
-        unauthorized = self._unauthorized(request)
-        if unauthorized is not None:
-            return unauthorized
+        _, refusal = await self._known_call(request)
+        if refusal is not None:
+            return refusal
         call_id = request.path_params["call_id"]
-        if self._created(call_id) is None:
-            return JSONResponse({"detail": "Not found."}, status_code=404)
         try:
             size = max(1, int(request.query_params.get("pageSize", "100")))
             start = int(request.query_params.get("cursor", "0"))
