@@ -186,6 +186,24 @@ def test_a_receiver_down_for_a_while_gets_every_event_once_in_order_across_a_res
     _wait(lambda: events_of(second, status="pending")["events"] == [])
 
 
+def test_an_endpoint_back_from_an_outage_gets_what_waits_at_once_not_at_the_next_retry(make_gateway, receiver):
+    """The schedule puts the next retry a minute away; a probe sent early finds the endpoint back,
+    and everything waiting goes then. A probe that fails counts for no retry."""
+    gateway = make_gateway(webhooks_config(("crm", receiver), retries="[60, 60, 60]"))
+    receiver.status = 503
+    records = [call_in(gateway, "twilio") for _ in range(3)]
+    # Each call's first event failed (its second waits behind it), then a probe or two.
+    _wait(lambda: all(e["deliveries"][0]["attempts"] >= 1 and e["deliveries"][0]["last_status_code"] == 503
+                      for e in events_of(gateway, type="call.started")["events"]) and receiver.deliveries > 4,
+          timeout=15)
+    receiver.status = 200
+    for record in records:
+        receiver.wait_for(lambda r, record=record: len(r.for_call(record.id)) >= 2, timeout=15)
+    for event in recorded_delivered(gateway, call_id=records[0].id):
+        (delivery,) = event["deliveries"]
+        assert delivery["attempts"] <= 2  # the failed attempt, and the one that went through
+
+
 def test_a_410_disables_the_endpoint_until_it_is_enabled(events_gateway, receiver):
     receiver.status = 410
     record = call_in(events_gateway, "twilio")

@@ -71,6 +71,10 @@ PACE_PROBE_SECONDS = 0.05
 LOOP_BEHIND_SECONDS = 0.005  # how late the probe's timer may fire (smoothed) before that
 IN_FLIGHT_WHILE_BEHIND = 4
 PAUSE_WHILE_BEHIND_SECONDS = 0.25
+# An endpoint whose last attempt failed is probed this often with its soonest retry, sent early: the
+# moment it answers again, every delivery waiting for a retry goes (instead of at the next retry,
+# which the schedule may put minutes away).
+PROBE_EVERY_SECONDS = 5.0
 LEASE_MARGIN_SECONDS = 10.0  # a claim's lease: the send's timeout and this
 STORE_RETRY_SECONDS = 1.0  # the store failed a claim or a record: again after this
 JITTER = 0.2
@@ -323,6 +327,7 @@ class Outcome:
     status: str  # DELIVERED, FAILED (given up) or PENDING (again at retry_at)
     retry_at: dt.datetime | None = None
     gone: bool = False  # 410: the endpoint is to be disabled
+    probe_failed: bool = False  # sent before its retry was due, and failed: it counts for no retry
 
 
 class EventDelivery:
@@ -336,7 +341,7 @@ class EventDelivery:
         self.events = events
         self.http = http
         self.metrics = metrics
-        self._clock = clock
+        self.clock = clock
         self._now = now
         self._random = rng or random.Random()
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # whose claims these are
@@ -392,17 +397,18 @@ class EventDelivery:
         """Why the endpoint is disabled (a 410), or None. That it is enabled is read at most every
         few seconds; that it is disabled, every time (so enabling it takes effect at once)."""
         enabled_at = self._enabled_seen.get(name)
-        if enabled_at is not None and self._clock() - enabled_at < ENDPOINT_STATE_SECONDS:
+        if enabled_at is not None and self.clock() - enabled_at < ENDPOINT_STATE_SECONDS:
             return None
         state = await self.events.endpoint(name)
         if state.disabled_at is not None:
             self._enabled_seen.pop(name, None)
             return state.disabled_reason or "disabled"
-        self._enabled_seen[name] = self._clock()
+        self._enabled_seen[name] = self.clock()
         return None
 
     async def deliver(self, endpoint: WebhookSettings, pending: Pending) -> Outcome:
         """Send one delivery; what it comes to (delivered, failed for good, or pending a retry)."""
+        sent_at = self._now()
         sent = await self._send(endpoint, pending)
         attempt = Attempt(self._now(), sent.status_code, sent.error, sent.duration_ms)
         if sent.delivered:
@@ -413,6 +419,8 @@ class EventDelivery:
             return Outcome(pending, attempt, DELIVERED)
         if sent.status_code == 410:
             return Outcome(pending, attempt, FAILED, gone=True)
+        if pending.due_at > sent_at:  # a probe, sent before its retry was due: that retry stands
+            return Outcome(pending, attempt, PENDING, retry_at=pending.due_at, probe_failed=True)
         schedule = self.settings.events.retry_schedule_seconds
         if pending.attempts + 1 > len(schedule):
             self._count(endpoint, "failed")
@@ -431,9 +439,9 @@ class EventDelivery:
         """A delivery that had failed went through: the endpoint is back, so its other calls' deliveries
         need not wait for their next retry (once for a recovery, not for each of those deliveries)."""
         last = self._expedited.get(endpoint.name)
-        if last is not None and self._clock() - last < ENDPOINT_STATE_SECONDS:
+        if last is not None and self.clock() - last < ENDPOINT_STATE_SECONDS:
             return
-        self._expedited[endpoint.name] = self._clock()
+        self._expedited[endpoint.name] = self.clock()
         woken = await self.events.expedite(endpoint.name)
         log.info("endpoint %s answers again: %d deliveries waiting to retry go now", endpoint.name, woken)
 
@@ -457,7 +465,7 @@ class EventDelivery:
             "content-type": "application/json",
             "user-agent": USER_AGENT,
         }
-        started = self._clock()
+        started = self.clock()
         status_code, error, retry_after = None, None, None
         try:
             async with asyncio.timeout(self.settings.events.timeout_seconds):
@@ -471,7 +479,7 @@ class EventDelivery:
             error = f"{type(failure).__name__}: {failure}"[:200]
         if status_code is not None and not 200 <= status_code < 300:
             error = f"answered {status_code}"
-        return Sent(status_code, error, retry_after, round((self._clock() - started) * 1000))
+        return Sent(status_code, error, retry_after, round((self.clock() - started) * 1000))
 
     def _count(self, endpoint: WebhookSettings, result: str) -> None:
         if self.metrics is not None:
@@ -495,6 +503,8 @@ class _Dispatcher:
         self._sending: set[asyncio.Task] = set()
         self._finished: list[Outcome] = []
         self._look = True  # claim at the next turn (woken, polled, or successors freed)
+        self._failing = False  # the last attempt recorded here failed: probe (PROBE_EVERY_SECONDS)
+        self._probed_at = float("-inf")
         self._stopping = False
         self._task: asyncio.Task | None = None
 
@@ -543,6 +553,8 @@ class _Dispatcher:
                 raise
             if any(o.status != PENDING for o in finished):
                 self._look = True  # their streams' next deliveries are due now
+            last = finished[-1]
+            self._failing = last.status == PENDING or (last.status == FAILED and not last.gone)
         behind = self.delivery.giving_way()
         room = (IN_FLIGHT_WHILE_BEHIND if behind else IN_FLIGHT_PER_ENDPOINT) - len(self._sending)
         if self._look and room > 0 and not self._stopping:
@@ -552,6 +564,9 @@ class _Dispatcher:
             else:
                 claimed = await self.delivery.events.claim(self.endpoint.name, self.delivery.owner,
                                                            lease=self.delivery.lease(), limit=room)
+                if not claimed and self._failing and self._probe_due():
+                    claimed = await self.delivery.events.claim(self.endpoint.name, self.delivery.owner,
+                                                               lease=self.delivery.lease(), limit=1, early=True)
                 for pending in claimed:
                     task = asyncio.get_running_loop().create_task(self._send(pending))
                     self._sending.add(task)
@@ -572,6 +587,13 @@ class _Dispatcher:
             self._look = True
         else:
             await asyncio.sleep(GATHER_SECONDS)  # let more commits and sends gather
+
+    def _probe_due(self) -> bool:
+        now = self.delivery.clock()
+        if now - self._probed_at < PROBE_EVERY_SECONDS:
+            return False
+        self._probed_at = now
+        return True
 
     async def _send(self, pending: Pending) -> None:
         try:

@@ -107,6 +107,7 @@ class Pending:
     occurred_at: dt.datetime
     body: str
     attempts: int  # made so far
+    due_at: dt.datetime  # when it was due (later than now for a probe: see EventStore.claim)
 
 
 @dataclass(frozen=True)
@@ -164,11 +165,13 @@ class EventStore:
         self.database = database
 
     async def claim(self, endpoint: str, owner: str, *, lease: dt.timedelta, limit: int,
-                    now: dt.datetime | None = None) -> list[Pending]:
+                    now: dt.datetime | None = None, early: bool = False) -> list[Pending]:
         """Up to `limit` of the endpoint's due deliveries that head their streams (nothing earlier of
-        their stream is pending), now held by `owner` until the lease runs out; first first."""
+        their stream is pending), now held by `owner` until the lease runs out; first first.
+        `early`: those waiting for a retry instead, the soonest due first (to probe whether an
+        endpoint that failed answers again)."""
         now = now or utcnow()
-        return await self.database.transaction(_claim, endpoint, owner, now, now + lease, limit)
+        return await self.database.transaction(_claim, endpoint, owner, now, now + lease, limit, early)
 
     async def attempted(self, owner: str, outcomes) -> None:
         """Record attempts (each with .pending, .attempt, .status: what the delivery is now, pending
@@ -214,42 +217,50 @@ class EventStore:
 
 
 _earlier = deliveries.alias("earlier")
-_HEADS = (
-    sa.select(deliveries.c.id)
-    .where(
-        deliveries.c.endpoint == sa.bindparam("for_endpoint"), deliveries.c.status == PENDING,
-        deliveries.c.due_at <= sa.bindparam("now"),
-        sa.or_(deliveries.c.lease_until.is_(None), deliveries.c.lease_until < sa.bindparam("now")),
-        # The head of its stream: an earlier delivery of the stream still pending (waiting for a
-        # retry, or held by another process) holds the later ones back.
-        ~sa.exists().where(_earlier.c.endpoint == deliveries.c.endpoint, _earlier.c.stream == deliveries.c.stream,
-                           _earlier.c.status == PENDING, _earlier.c.event_seq < deliveries.c.event_seq),
+
+
+def _claim_statement(early: bool):
+    due = deliveries.c.due_at > sa.bindparam("now") if early else deliveries.c.due_at <= sa.bindparam("now")
+    heads = (
+        sa.select(deliveries.c.id)
+        .where(
+            deliveries.c.endpoint == sa.bindparam("for_endpoint"), deliveries.c.status == PENDING, due,
+            sa.or_(deliveries.c.lease_until.is_(None), deliveries.c.lease_until < sa.bindparam("now")),
+            # The head of its stream: an earlier delivery of the stream still pending (waiting for a
+            # retry, or held by another process) holds the later ones back.
+            ~sa.exists().where(_earlier.c.endpoint == deliveries.c.endpoint, _earlier.c.stream == deliveries.c.stream,
+                               _earlier.c.status == PENDING, _earlier.c.event_seq < deliveries.c.event_seq),
+        )
+        .order_by(deliveries.c.due_at, deliveries.c.event_seq)
+        .limit(sa.bindparam("limit", type_=sa.Integer))
+        .with_for_update(skip_locked=True, of=deliveries)
     )
-    .order_by(deliveries.c.due_at, deliveries.c.event_seq)
-    .limit(sa.bindparam("limit", type_=sa.Integer))
-    .with_for_update(skip_locked=True, of=deliveries)
-)
+    return (
+        sa.update(deliveries)
+        .where(deliveries.c.id.in_(heads.scalar_subquery()))
+        .values(lease_owner=sa.bindparam("owner"), lease_until=sa.bindparam("until"))
+        .returning(deliveries.c.id, deliveries.c.event_seq, deliveries.c.attempts, deliveries.c.due_at)
+    )
+
+
 # Built once (executemany with bound values where there are many): the claims and records are most
 # of what a delivery costs the store, and building the statements afresh each time cost more than
 # running them.
-_CLAIM = (
-    sa.update(deliveries)
-    .where(deliveries.c.id.in_(_HEADS.scalar_subquery()))
-    .values(lease_owner=sa.bindparam("owner"), lease_until=sa.bindparam("until"))
-    .returning(deliveries.c.id, deliveries.c.event_seq, deliveries.c.attempts)
-)
+_CLAIMS = {early: _claim_statement(early) for early in (False, True)}
 _CLAIMED_EVENTS = sa.select(events.c.seq, events.c.id, events.c.type, events.c.occurred_at, events.c.body).where(
     events.c.seq.in_(sa.bindparam("seqs", expanding=True)))
 
 
 def _claim(connection: sa.Connection, endpoint: str, owner: str, now: dt.datetime, until: dt.datetime,
-           limit: int) -> list[Pending]:
-    claimed = connection.execute(_CLAIM, dict(for_endpoint=endpoint, now=now, limit=limit, owner=owner, until=until)).all()
+           limit: int, early: bool) -> list[Pending]:
+    claimed = connection.execute(_CLAIMS[early], dict(
+        for_endpoint=endpoint, now=now, limit=limit, owner=owner, until=until)).all()
     if not claimed:
         return []
     by_seq = {row.seq: row for row in connection.execute(_CLAIMED_EVENTS, dict(seqs=[row.event_seq for row in claimed]))}
-    return [Pending(row.id, event.id, event.type, as_utc(event.occurred_at), event.body, row.attempts)
-            for row in sorted(claimed, key=lambda row: row.event_seq) for event in (by_seq[row.event_seq],)]
+    return [Pending(row.id, event.id, event.type, as_utc(event.occurred_at), event.body, row.attempts,
+                    as_utc(row.due_at))
+            for row in sorted(claimed, key=lambda row: (row.due_at, row.event_seq)) for event in (by_seq[row.event_seq],)]
 
 
 _RECORD_ATTEMPT = (
@@ -266,11 +277,13 @@ _INSERT_ATTEMPT = sa.insert(delivery_attempts)
 
 def _attempted_all(connection: sa.Connection, owner: str, outcomes) -> None:
     rows = [dict(
-        delivery_id=o.pending.delivery_id, owner=owner, before=o.pending.attempts, after=o.pending.attempts + 1,
+        delivery_id=o.pending.delivery_id, owner=owner, before=o.pending.attempts,
+        # A probe that failed leaves the schedule as it was: its retry stays where it was due.
+        after=o.pending.attempts + (0 if o.probe_failed else 1),
         new_status=o.status, status_code=o.attempt.status_code,
         error=o.attempt.error[:MAX_REASON] if o.attempt.error else None, attempted_at=o.attempt.attempted_at,
         delivered_at=o.attempt.attempted_at if o.status == DELIVERED else None, duration_ms=o.attempt.duration_ms,
-        next_due=o.retry_at or o.attempt.attempted_at,
+        next_due=o.pending.due_at if o.probe_failed else o.retry_at or o.attempt.attempted_at,
     ) for o in outcomes]
     # The fence: a holder whose lease ran out (another process claimed the delivery and may have
     # recorded it first) and a redelivery asked for meanwhile (it releases the claim: the delivery
