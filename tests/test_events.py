@@ -412,11 +412,12 @@ def test_the_loop_pace_tells_a_loop_that_is_behind_from_one_on_time():
             on_time = pace.late
             for _ in range(10):  # a loop with more to do than it gets through: every turn blocks
                 await asyncio.sleep(0)
-                time.sleep(0.02)
+                time.sleep(0.05)
             behind = pace.late
         finally:
             await pace.stop()
         return on_time, behind
 
     on_time, behind = asyncio.run(scenario())
-    assert on_time < LOOP_BEHIND_SECONDS < behind
+    # (An idle loop's timers run late only by what the machine's other load costs it.)
+    assert LOOP_BEHIND_SECONDS < behind and on_time < behind / 4

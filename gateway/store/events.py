@@ -82,14 +82,32 @@ def insert_events(connection: sa.Connection, new: list[NewEvent]) -> set[tuple[s
     rows = [dict(id=str(uuid.uuid4()), event_id=event.id, endpoint=endpoint, stream=event.stream,
                  status=PENDING, attempts=0, created_at=now, due_at=now)
             for event in written for endpoint in event.endpoints]
-    if rows:
-        connection.execute(_INSERT_DELIVERY, rows)
+    if not rows:
+        return set()
+    # Only the head of a stream is due; a delivery behind another of its stream still pending waits
+    # (due_at NULL) until that one is settled (see _attempted_all). The call's row lock, which the
+    # caller holds, keeps this read and that hand-over from crossing.
+    call_streams = {(event.stream, endpoint) for event in written if event.call_id for endpoint in event.endpoints}
+    behind = set()
+    if call_streams:
+        behind = {(row.endpoint, row.stream) for row in connection.execute(_PENDING_STREAMS, dict(
+            streams=sorted({stream for stream, _ in call_streams}),
+            endpoints=sorted({endpoint for _, endpoint in call_streams})))}
+    for row in rows:
+        stream = (row["endpoint"], row["stream"])
+        if stream in behind:
+            row["due_at"] = None
+        behind.add(stream)
+    connection.execute(_INSERT_DELIVERY, rows)
     return {(row["endpoint"], row["stream"]) for row in rows}
 
 
 _INSERT_EVENT = sa.insert(events)
 _INSERT_DELIVERY = sa.insert(deliveries).values(
     event_seq=sa.select(events.c.seq).where(events.c.id == sa.bindparam("event_id")).scalar_subquery())
+_PENDING_STREAMS = sa.select(deliveries.c.endpoint, deliveries.c.stream).distinct().where(
+    deliveries.c.endpoint.in_(sa.bindparam("endpoints", expanding=True)),
+    deliveries.c.stream.in_(sa.bindparam("streams", expanding=True)), deliveries.c.status == PENDING)
 
 
 def _event_row(event: NewEvent) -> dict[str, Any]:
@@ -108,6 +126,8 @@ class Pending:
     body: str
     attempts: int  # made so far
     due_at: dt.datetime  # when it was due (later than now for a probe: see EventStore.claim)
+    endpoint: str
+    stream: str
 
 
 @dataclass(frozen=True)
@@ -166,8 +186,9 @@ class EventStore:
 
     async def claim(self, endpoint: str, owner: str, *, lease: dt.timedelta, limit: int,
                     now: dt.datetime | None = None, early: bool = False) -> list[Pending]:
-        """Up to `limit` of the endpoint's due deliveries that head their streams (nothing earlier of
-        their stream is pending), now held by `owner` until the lease runs out; first first.
+        """Up to `limit` of the endpoint's due deliveries (each the head of its stream: the deliveries
+        behind it are not due until it is settled), now held by `owner` until the lease runs out,
+        the soonest due first.
         `early`: those waiting for a retry instead, the soonest due first (to probe whether an
         endpoint that failed answers again)."""
         now = now or utcnow()
@@ -216,30 +237,22 @@ class EventStore:
         return await self.database.transaction(_list, filters, limit, before_seq)
 
 
-_earlier = deliveries.alias("earlier")
-
-
 def _claim_statement(early: bool):
     due = deliveries.c.due_at > sa.bindparam("now") if early else deliveries.c.due_at <= sa.bindparam("now")
-    heads = (
+    claimable = (
         sa.select(deliveries.c.id)
-        .where(
-            deliveries.c.endpoint == sa.bindparam("for_endpoint"), deliveries.c.status == PENDING, due,
-            sa.or_(deliveries.c.lease_until.is_(None), deliveries.c.lease_until < sa.bindparam("now")),
-            # The head of its stream: an earlier delivery of the stream still pending (waiting for a
-            # retry, or held by another process) holds the later ones back.
-            ~sa.exists().where(_earlier.c.endpoint == deliveries.c.endpoint, _earlier.c.stream == deliveries.c.stream,
-                               _earlier.c.status == PENDING, _earlier.c.event_seq < deliveries.c.event_seq),
-        )
+        .where(deliveries.c.endpoint == sa.bindparam("for_endpoint"), deliveries.c.status == PENDING, due,
+               sa.or_(deliveries.c.lease_until.is_(None), deliveries.c.lease_until < sa.bindparam("now")))
         .order_by(deliveries.c.due_at, deliveries.c.event_seq)
         .limit(sa.bindparam("limit", type_=sa.Integer))
-        .with_for_update(skip_locked=True, of=deliveries)
+        .with_for_update(skip_locked=True)
     )
     return (
         sa.update(deliveries)
-        .where(deliveries.c.id.in_(heads.scalar_subquery()))
+        .where(deliveries.c.id.in_(claimable.scalar_subquery()))
         .values(lease_owner=sa.bindparam("owner"), lease_until=sa.bindparam("until"))
-        .returning(deliveries.c.id, deliveries.c.event_seq, deliveries.c.attempts, deliveries.c.due_at)
+        .returning(deliveries.c.id, deliveries.c.event_seq, deliveries.c.attempts, deliveries.c.due_at,
+                   deliveries.c.endpoint, deliveries.c.stream)
     )
 
 
@@ -259,7 +272,7 @@ def _claim(connection: sa.Connection, endpoint: str, owner: str, now: dt.datetim
         return []
     by_seq = {row.seq: row for row in connection.execute(_CLAIMED_EVENTS, dict(seqs=[row.event_seq for row in claimed]))}
     return [Pending(row.id, event.id, event.type, as_utc(event.occurred_at), event.body, row.attempts,
-                    as_utc(row.due_at))
+                    as_utc(row.due_at), row.endpoint, row.stream)
             for row in sorted(claimed, key=lambda row: (row.due_at, row.event_seq)) for event in (by_seq[row.event_seq],)]
 
 
@@ -273,6 +286,15 @@ _RECORD_ATTEMPT = (
             due_at=sa.bindparam("next_due"), lease_owner=None, lease_until=None)
 )
 _INSERT_ATTEMPT = sa.insert(delivery_attempts)
+# The stream's first pending delivery, if it is waiting (it is the one settled when the record was
+# fenced off, and then due already: left alone).
+_next = deliveries.alias("next_delivery")
+_HAND_ON = sa.update(deliveries).where(
+    deliveries.c.id == sa.select(_next.c.id).where(
+        _next.c.endpoint == sa.bindparam("for_endpoint"), _next.c.stream == sa.bindparam("for_stream"),
+        _next.c.status == PENDING).order_by(_next.c.event_seq).limit(1).scalar_subquery(),
+    deliveries.c.due_at.is_(None),
+).values(due_at=sa.bindparam("handed_at"))
 
 
 def _attempted_all(connection: sa.Connection, owner: str, outcomes) -> None:
@@ -288,10 +310,17 @@ def _attempted_all(connection: sa.Connection, owner: str, outcomes) -> None:
     # The fence: a holder whose lease ran out (another process claimed the delivery and may have
     # recorded it first) and a redelivery asked for meanwhile (it releases the claim: the delivery
     # goes again) change nothing here; the attempt itself is kept either way.
+    settled = sorted({(o.pending.endpoint, o.pending.stream) for o in outcomes if o.status != PENDING})
+    # Before anything else, as every writer of a call's events: see insert_events.
+    lock_calls(connection, [stream for _, stream in settled])
     connection.execute(_RECORD_ATTEMPT, rows)
     connection.execute(_INSERT_ATTEMPT, [
         {name: row[name] for name in ("delivery_id", "attempted_at", "status_code", "error", "duration_ms")}
         for row in rows])
+    if settled:  # the next delivery of each settled stream is due now
+        now = utcnow()
+        connection.execute(_HAND_ON, [dict(for_endpoint=endpoint, for_stream=stream, handed_at=now)
+                                      for endpoint, stream in settled])
 
 
 def _not_held(now: dt.datetime):

@@ -162,8 +162,9 @@ deliveries = sa.Table(
     sa.Column("delivered_at", sa.DateTime(timezone=True)),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     # (Migration 10.) Deliveries are claimed directly by each endpoint's dispatcher: a pending
-    # delivery is due at `due_at` (its next attempt), and a process sending it holds it until
-    # `lease_until` (a process that dies holding it loses it then, and another sends it again).
+    # delivery is due at `due_at` (its next attempt; NULL while an earlier delivery of its stream is
+    # pending), and a process sending it holds it until `lease_until` (a process that dies holding
+    # it loses it then, and another sends it again).
     sa.Column("due_at", sa.DateTime(timezone=True)),
     sa.Column("lease_owner", sa.String(64)),
     sa.Column("lease_until", sa.DateTime(timezone=True)),
@@ -321,7 +322,14 @@ def _add_delivery_dispatch(connection: sa.Connection) -> None:
                            ("lease_until", "TIMESTAMP WITH TIME ZONE")):
         if name not in existing:
             connection.execute(sa.text(f"ALTER TABLE deliveries ADD COLUMN {name} {sql_type}"))
-    connection.execute(sa.update(deliveries).where(deliveries.c.due_at.is_(None)).values(due_at=deliveries.c.created_at))
+    # Due: the first pending delivery of each stream; the others wait for it (due_at NULL).
+    first = deliveries.alias("first")
+    connection.execute(sa.update(deliveries).where(
+        deliveries.c.status == "pending",
+        deliveries.c.event_seq == sa.select(sa.func.min(first.c.event_seq)).where(
+            first.c.endpoint == deliveries.c.endpoint, first.c.stream == deliveries.c.stream,
+            first.c.status == "pending").scalar_subquery(),
+    ).values(due_at=deliveries.c.created_at))
     if "ix_deliveries_due" not in {index["name"] for index in sa.inspect(connection).get_indexes("deliveries")}:
         next(index for index in deliveries.indexes if index.name == "ix_deliveries_due").create(connection)
 
