@@ -1,4 +1,4 @@
-"""`gateway serve | check | dial | tools sync | simulate | campaign`."""
+"""`gateway serve | check | dial | tools sync | simulate | demo | campaign`, and `gateway --version`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
 
     carriers = list(CARRIERS)
     parser = argparse.ArgumentParser(prog="gateway", description="Telephony gateway for Ultravox")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the gateway's HTTP server")
@@ -74,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--private-key", help="for carriers signing with a private key (the gateway holds the "
                           "public half): that key, base64")
 
+    demo = commands.add_parser(
+        "demo", help="try the gateway with no account: it runs with a local stand-in for Ultravox and the carriers "
+        "faked on loopback, and prints commands to try")
+    demo.add_argument("--port", type=int, default=8080, help="port the gateway listens on (default 8080)")
+
     from . import campaign_cli
 
     campaign_cli.add_parser(commands, api_key_of)
@@ -82,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     if args.command == "simulate":
         return simulate_command(args)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(args.port)
     if args.command == "tools":
         return tools_sync_command(args)
     if args.command == "serve":
@@ -89,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dial":
         return dial_command(args)
     return check_command(args)
+
+
+def installed_version() -> str:
+    """The version of the installed package (its metadata), as pip shows it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ultravox-gateway")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _load(path: str | None):
