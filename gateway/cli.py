@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check", help="validate a config file and say what is wrong")
     check.add_argument("--config", help="TOML config file (default: $GATEWAY_CONFIG)")
     check.add_argument("config_path", nargs="?", help="same as --config")
+    check.add_argument("--online", action="store_true",
+                       help="also reach Ultravox and each configured carrier with the configured credentials")
 
     dial = commands.add_parser("dial", help="phone someone through the running gateway and follow the call")
     dial.add_argument("to", help="number to call, E.164 (+15551234567)")
@@ -298,7 +300,15 @@ def check_command(args) -> int:
         print(f"  {route.number:>16}  {route.name}: {target}")
     for note in settings.warnings():
         print(f"warning: {note}")
-    return 0
+    if not args.online:
+        return 0
+    from .online import check_online
+
+    print("Online (each service's API, with the configured credentials):")
+    probes = asyncio.run(check_online(settings))
+    for probe in probes:
+        print(probe.line())
+    return 1 if any(probe.outcome == "failed" for probe in probes) else 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from .. import numbers, statuses
 from ..media.codecs import AudioFormat
-from ..http import RemoteError, RetryPolicy, request_with_retries
+from ..http import RemoteError, RetryPolicy, request_with_retries, transport_problem
 from ..settings import CarrierSettings, Settings
 
 
@@ -400,6 +400,50 @@ class Carrier(ABC):
                 return response
             raise CallGone(f"{self.title} no longer has this call (it ended)")
         raise RemoteError(f"{self.title} answered {response.status_code}: {response.text[:200]}")
+
+    # --- the account: `gateway check --online` reads it to prove the REST credentials -------------
+    # Settings keys of the REST credentials (none: no REST API to check).
+    rest_keys: ClassVar[tuple[str, ...]] = ()
+
+    def account_path(self) -> str:
+        """A cheap authenticated GET of the carrier's API (under its api_base_url) that reads the account."""
+        raise NotImplementedError(f"{self.title} has no account to read")
+
+    def describe_account(self, body: Any) -> str:
+        """What the account read answered (its JSON), in a few words."""
+        return "the credentials work"
+
+    def variables(self, keys: tuple[str, ...]) -> list[str]:
+        """The environment variables of settings `keys` (the [section] key where there is none)."""
+        by_key = {key: variable for variable, key in self.environment.items()}
+        return [by_key.get(key, f"[{self.name}] {key}") for key in keys]
+
+    async def read_account(self, http: httpx.AsyncClient, *, timeout: float) -> str:
+        """Read the account with the configured credentials; what it says, else RemoteError saying
+        what to fix."""
+        url = f"{self.config.api_base_url}{self.account_path()}"
+        credentials = self.rest_credentials()
+        try:
+            response = await http.get(url, timeout=timeout, **credentials)
+        except httpx.HTTPError as error:
+            variable = self.variables(("api_base_url",))[0]
+            raise RemoteError(f"cannot reach {self.config.api_base_url} ({transport_problem(error)}): check {variable}"
+                              ) from None
+        if response.status_code in (401, 403):
+            raise RemoteError(f"{self.title} refused the credentials ({response.status_code}): check "
+                              + " and ".join(self.variables(self.rest_keys)))
+        if response.status_code == 404:
+            raise RemoteError(f"{self.title} knows no such account (404 for {url}): check "
+                              + " and ".join(self.variables(self.rest_keys)))
+        if not 200 <= response.status_code < 300:
+            raise RemoteError(f"{self.title} answered {response.status_code}: {response.text[:200]}")
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise RemoteError(f"{self.title} answered {url} with a body that is not a JSON object")
+        return self.describe_account(body)
 
     # --- Ultravox -------------------------------------------------------------------------------
     def ultravox_medium(self) -> dict[str, Any]:

@@ -184,6 +184,15 @@ class ExotelCarrier(EventStreamCarrier):
     def rest_credentials(self) -> dict[str, Any]:
         return {"auth": (self.config.api_key, self.config.api_token)}
 
+    rest_keys = ("account_sid", "api_key", "api_token")
+
+    def account_path(self) -> str:
+        # Active Stream Monitoring (the AgentStream docs): cheap, and it says what the streams are limited to.
+        return f"/v1/Accounts/{self.config.account_sid}/ActiveStreams"
+
+    def describe_account(self, body: Any) -> str:
+        return f"{body.get('active_streams')} of {body.get('max_allowed_streams')} streams in use"
+
     async def place_call(self, http: httpx.AsyncClient, dial: OutboundDial, *, deadline: float) -> str | None:
         if not dial.stream_url or len(dial.stream_url) >= MAX_STREAM_URL:
             raise RemoteError(f"Exotel needs a stream URL under {MAX_STREAM_URL} characters")

@@ -88,6 +88,14 @@ class PlivoCarrier(Carrier):
     def rest_credentials(self) -> dict[str, Any]:
         return {"auth": (self.config.auth_id, self.config.auth_token)}
 
+    rest_keys = ("auth_id", "auth_token")
+
+    def account_path(self) -> str:
+        return f"/v1/Account/{self.config.auth_id}/"  # "Retrieve account details"
+
+    def describe_account(self, body: Any) -> str:
+        return f"account {body.get('name')!r} ({body.get('account_type')})"
+
     @property
     def _calls(self) -> str:
         return f"/v1/Account/{self.config.auth_id}/Call/"

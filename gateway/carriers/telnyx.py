@@ -86,6 +86,16 @@ class TelnyxCarrier(TwimlCarrier):
     def rest_credentials(self) -> dict[str, Any]:
         return {"headers": {"Authorization": f"Bearer {self.config.api_key}"}}
 
+    rest_keys = ("api_key",)
+
+    def account_path(self) -> str:
+        # "Get user balance details": read-only, what Telnyx's docs suggest as a first authentication check.
+        return "/v2/balance"
+
+    def describe_account(self, body: Any) -> str:
+        data = body.get("data") or {}
+        return f"balance {data.get('balance')} {data.get('currency')}"
+
     @property
     def _calls(self) -> str:
         return f"/v2/texml/Accounts/{self.config.account_sid}/Calls"

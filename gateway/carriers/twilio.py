@@ -105,6 +105,14 @@ class TwilioCarrier(TwimlCarrier):
     def rest_credentials(self) -> dict[str, Any]:
         return {"auth": (self.config.account_sid, self.config.auth_token)}
 
+    rest_keys = ("account_sid", "auth_token")
+
+    def account_path(self) -> str:
+        return f"/2010-04-01/Accounts/{self.config.account_sid}.json"  # "Fetch an Account resource"
+
+    def describe_account(self, body: Any) -> str:
+        return f"account {body.get('friendly_name')!r} ({body.get('status')}, {body.get('type')})"
+
     @property
     def _calls(self) -> str:
         return f"/2010-04-01/Accounts/{self.config.account_sid}/Calls"
