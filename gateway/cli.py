@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 import time
 import uuid
+from pathlib import Path
 
 from .settings import ConfigError, load_settings
 
@@ -139,10 +141,16 @@ def serve_command(args) -> int:
     if args.workers < 1:
         log.error("--workers must be 1 or more")
         return 2
+    # The store opened and its schema brought up to date here, before serving: a database URL that
+    # leads nowhere is a configuration problem, said in one line rather than a start-up traceback.
+    # (With several workers it must be once anyway: on SQLite, workers migrating one file at once
+    # could each find it unmigrated; PostgreSQL replicas take a lock instead.)
+    problem = asyncio.run(_store_problem(settings.database_url))
+    if problem:
+        log.error("Cannot open the store at %s: %s. Check GATEWAY_DATABASE_URL ([gateway] database_url).",
+                  _without_password(settings.database_url), problem)
+        return 2
     if args.workers > 1:
-        # The schema once, here, before the workers start: on SQLite, workers migrating one file at
-        # once could each find it unmigrated (PostgreSQL replicas take a lock instead).
-        asyncio.run(_migrate(settings.database_url))
         # Each worker process builds its own app from the same configuration.
         if args.config:
             os.environ["GATEWAY_CONFIG"] = os.path.abspath(args.config)
@@ -156,14 +164,42 @@ def serve_command(args) -> int:
     return serve(config, workers=args.workers)
 
 
-async def _migrate(database_url: str) -> None:
+async def _store_problem(database_url: str) -> str | None:
+    """Why the store cannot be opened and migrated, in a few words; None when it can."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     from .store import CallStore
 
-    store = CallStore.open(database_url)
     try:
-        await store.migrate()
-    finally:
-        await store.close()
+        path = make_url(database_url).database if database_url.startswith("sqlite") else None
+    except ArgumentError:
+        path = None
+    if path and path != ":memory:" and not Path(path).parent.is_dir():
+        return f"the directory {Path(path).parent} does not exist"
+    try:
+        store = CallStore.open(database_url)
+        try:
+            await store.migrate()
+        finally:
+            await store.close()
+    except Exception as error:
+        cause = getattr(error, "orig", None) or error.__cause__ or error  # the driver's own error
+        if isinstance(cause, OSError) and cause.errno:
+            return os.strerror(cause.errno).lower()
+        text = re.sub(r"^<class '[^']+'>: ", "", str(cause).split("\n")[0]).strip()
+        return text or type(cause).__name__
+    return None
+
+
+def _without_password(database_url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(database_url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return database_url.partition("://")[0] + "://…"
 
 
 def api_key_of(args) -> str | None:

@@ -137,7 +137,11 @@ class CarrierWebhooks:
 
     def _refused(self, carrier: Carrier, rejection: RequestRejected) -> Response:
         self.metrics.webhooks.labels(carrier.name, f"http_{rejection.status}").inc()
-        log.warning("%s webhook refused (%d): %s", carrier.name, rejection.status, rejection.detail)
+        if rejection.explanation:
+            log.warning("%s webhook refused (%d): %s; %s", carrier.name, rejection.status, rejection.detail,
+                        rejection.explanation)
+        else:
+            log.warning("%s webhook refused (%d): %s", carrier.name, rejection.status, rejection.detail)
         return PlainTextResponse(rejection.detail + "\n", status_code=rejection.status)
 
     def _endpoint(self, handler: Callable[[Carrier, Request], Awaitable[Response]]):

@@ -20,13 +20,17 @@ from ..settings import CarrierSettings, Settings
 
 
 class RequestRejected(Exception):
-    """The request is not acceptable; answer `status` with `detail` and change nothing."""
+    """The request is not acceptable; answer `status` with `detail` and change nothing.
+
+    `explanation` goes to the log only, never into the answer: what was checked, against which
+    setting, and the most likely cause, so that a person can fix it."""
 
     status = 400
 
-    def __init__(self, detail: str, status: int | None = None):
+    def __init__(self, detail: str, status: int | None = None, *, explanation: str | None = None):
         super().__init__(detail)
         self.detail = detail
+        self.explanation = explanation
         if status is not None:
             self.status = status
 
@@ -323,6 +327,19 @@ class Carrier(ABC):
 
     def check_source(self, webhook: Webhook) -> None:
         """Raise RequestRejected when the request comes from where the carrier's never do."""
+
+    def url_signature_explanation(self, url: str, secret_keys: tuple[str, ...] | None = None) -> str:
+        """Why a signature over `url` (the URL the gateway checked) most likely did not match: for the
+        log of a carrier that signs the URL it calls."""
+        public_url = self.settings.public_url
+        built_from = (f"GATEWAY_PUBLIC_URL ([gateway] public_url = {public_url}) and the request's path" if public_url
+                      else "the address the request arrived on, since GATEWAY_PUBLIC_URL ([gateway] public_url) is not "
+                      "set")
+        secret = " / ".join(self.variables(secret_keys or self.verification_keys))
+        return (f"checked against {url}, built from {built_from}. Most likely cause: {self.title} calls another URL "
+                f"(the one in its console, or behind a proxy or tunnel): set GATEWAY_PUBLIC_URL to exactly the scheme, "
+                f"host, port and path prefix {self.title} calls. Otherwise {secret} is not that of the {self.title} "
+                "account sending it")
 
     def refuse_unsigned(self, headers: Mapping[str, str], *, issued_url: bool = False) -> None:
         """Raise SignatureRejected, before the body is read, when no signature header came at all."""

@@ -113,7 +113,8 @@ class PlivoCarrier(Carrier):
         # A header may carry several comma-separated signatures (token rotation).
         candidates = [s.strip().encode() for header in sent if header for s in header.split(",")]
         if not any(hmac.compare_digest(expected, candidate) for candidate in candidates):
-            raise SignatureRejected("X-Plivo-Signature-V3 does not match this request")
+            raise SignatureRejected("X-Plivo-Signature-V3 does not match this request",
+                                    explanation=self.url_signature_explanation(webhook.url))
 
     def v3_signature(self, webhook: Webhook) -> bytes:
         """base64(HMAC-SHA256(auth token, signed URL + "." + nonce)); the URL is built by Plivo's SDK."""

@@ -125,7 +125,9 @@ class TwilioCarrier(TwimlCarrier):
         if validator is None:
             raise SignatureRejected(NO_SHARED_KEY)
         if not signature_matches(validator.token, webhook.url, webhook.params, signature, algorithm):
-            raise SignatureRejected("X-Twilio-Signature does not match this request")
+            secret = ("webhook_shared_key",) if validator is self._shared_key_validator else None
+            raise SignatureRejected("X-Twilio-Signature does not match this request",
+                                    explanation=self.url_signature_explanation(webhook.url, secret))
 
     async def place_call(self, http: httpx.AsyncClient, dial: OutboundDial, *, deadline: float) -> str | None:
         form: list[tuple[str, str]] = [
@@ -193,7 +195,9 @@ class TwilioCarrier(TwimlCarrier):
         written = as_websocket_url(url)
         spellings = {written, written.replace("wss://", "https://", 1).replace("ws://", "http://", 1)}
         if not any(validator.validate(spelling, {}, signature, algorithm) for spelling in spellings):
-            return "X-Twilio-Signature does not match the media socket URL"
+            secret = ("webhook_shared_key",) if validator is self._shared_key_validator else None
+            return ("X-Twilio-Signature does not match the media socket URL; "
+                    + self.url_signature_explanation(written, secret))
         return None
 
     # Media Streams: mu-law 8 kHz both ways; numbers arrive as strings.
