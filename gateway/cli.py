@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from .settings import ConfigError, load_settings
 
@@ -154,7 +155,7 @@ def serve_command(args) -> int:
         # Each worker process builds its own app from the same configuration.
         if args.config:
             os.environ["GATEWAY_CONFIG"] = os.path.abspath(args.config)
-        app = "gateway.app:create_app_from_environment"
+        app: Any = "gateway.app:create_app_from_environment"
     else:
         app = create_app(settings)
     # uvicorn applies log_config (dictConfig) in this process and again in each worker process.
@@ -260,7 +261,7 @@ def dial_command(args) -> int:
 
 
 def _why(call: dict) -> str:
-    details = [call.get(k) for k in ("failure_reason", "end_reason") if call.get(k)]
+    details = [str(call[k]) for k in ("failure_reason", "end_reason") if call.get(k)]
     if call.get("duration_seconds") is not None:
         details.append(f"{call['duration_seconds']} s")
     return f" ({'; '.join(details)})" if details else ""

@@ -78,10 +78,12 @@ async def request_with_retries(
             if response.status_code not in RETRYABLE_STATUSES:
                 return response
             problem = f"{service} answered {response.status_code}"
-            wait = retry_after_seconds(response.headers.get("retry-after"))
-            if wait is None:
+            after = retry_after_seconds(response.headers.get("retry-after"))
+            if after is None:
                 wait = backoff
                 backoff *= 2
+            else:
+                wait = after
         if attempt == policy.max_attempts:
             break
         if policy.clock() + wait + MIN_ATTEMPT_SECONDS >= deadline:

@@ -355,7 +355,7 @@ class EventSettings(_Section):
     # Seconds between a failed delivery and the next attempt, one entry per retry, each with ±20 %
     # jitter; after the last, the delivery has failed. The default reaches about 24 hours.
     retry_schedule_seconds: list[float] = Field(
-        default_factory=lambda: [5, 30, 120, 600, 1800, 3600, 7200, 14400, 21600, 36000],
+        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 21600.0, 36000.0],
         min_length=1, max_length=30)
     # How long one delivery attempt may take (the receiver should answer at once and work later).
     timeout_seconds: float = Field(default=15.0, gt=0, le=60)
@@ -648,7 +648,7 @@ def reference_problems(data: Mapping[str, Any]) -> list[str]:
     def names(value: Any) -> list[str]:
         return [name for name in value if isinstance(name, str)] if isinstance(value, list) else []
 
-    operators = data.get("operators") if isinstance(data.get("operators"), Mapping) else {}
+    operators: Mapping[str, Any] = data["operators"] if isinstance(data.get("operators"), Mapping) else {}
     routes = tables(data.get("routes"))
     problems, seen = [], set()
     for route in routes:
@@ -718,7 +718,8 @@ def settings_class() -> type[Settings]:
         name: (carrier.settings_model, Field(default_factory=carrier.settings_model))
         for name, carrier in CARRIERS.items()
     }
-    return create_model("Settings", __base__=Settings, **sections)
+    # pydantic's overloads of create_model cannot type field definitions passed as **kwargs.
+    return create_model("Settings", __base__=Settings, **sections)  # type: ignore[call-overload]
 
 
 def load_settings(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -792,8 +793,8 @@ def describe_validation_error(error: ValidationError, data: Mapping[str, Any],
         loc = item["loc"]
         where = _location(loc, data)
         message = _plain(item, loc)
-        key = (None, loc[0]) if len(loc) == 1 else (loc[0], loc[1]) if len(loc) == 2 else None
-        if key in sources:
+        key = (None, str(loc[0])) if len(loc) == 1 else (str(loc[0]), str(loc[1])) if len(loc) == 2 else None
+        if key is not None and key in sources:
             message += f" (set by {sources[key]})"
         problems.append(f"{where}: {message}" if where else message)
     return problems

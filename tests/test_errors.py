@@ -16,7 +16,7 @@ from gateway.cli import main as cli_main
 from gateway.media.simulate import SimulationError, simulate_call
 from gateway.testing import double, shipped_wav
 
-from .conftest import BASE_CONFIG, CARRIER_NAMES, INLINE_NUMBER, PUBLIC_URL, UNREACHABLE, URL_SIGNING_CARRIERS
+from .conftest import CARRIER_NAMES, INLINE_NUMBER, PUBLIC_URL, UNREACHABLE, URL_SIGNING_CARRIERS
 
 GATEWAY = str(Path(sys.executable).parent / "gateway")
 BRIDGED_NUMBER = "+15550009999"

@@ -8,7 +8,7 @@ import json
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import httpx
 from starlette.responses import Response
@@ -45,6 +45,14 @@ class MalformedWebhook(RequestRejected):
 
 class CallGone(RemoteError):
     """The carrier no longer has the call (it ended); for a hang-up, that is success."""
+
+
+def carrier_leg(carrier_call_id: str | None) -> str:
+    """The carrier's id of a call to act on; RemoteError, as a refusal by the carrier would be, while
+    the carrier has not named the call yet."""
+    if not carrier_call_id:
+        raise RemoteError("the carrier has not named this call yet")
+    return carrier_call_id
 
 
 @dataclass(frozen=True)
@@ -325,7 +333,7 @@ class Carrier(ABC):
     def _verify(self, webhook: Webhook) -> None:
         """Raise SignatureRejected unless the carrier sent this exact request."""
 
-    def check_source(self, webhook: Webhook) -> None:
+    def check_source(self, webhook: Webhook) -> None:  # noqa: B027 (a hook: most carriers check no source)
         """Raise RequestRejected when the request comes from where the carrier's never do."""
 
     def url_signature_explanation(self, url: str, secret_keys: tuple[str, ...] | None = None) -> str:
@@ -671,7 +679,7 @@ class Carrier(ABC):
         return {}
 
     @abstractmethod
-    def simulated_start(self, stream_id: str, call_id: str, parameters: Mapping[str, str]) -> list[str | bytes]:
+    def simulated_start(self, stream_id: str, call_id: str, parameters: Mapping[str, str]) -> Sequence[str | bytes]:
         """The messages opening the carrier's media stream."""
 
     @abstractmethod

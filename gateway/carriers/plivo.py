@@ -81,7 +81,8 @@ class PlivoCarrier(Carrier):
     dial_keys = ("auth_id", "auth_token")
     call_id_param = "CallUUID"
     signature_headers = ("x-plivo-signature-v3", "x-plivo-signature-ma-v3")
-    call_id_pattern = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")  # CallUUID: a UUID
+    # CallUUID: a UUID.
+    call_id_pattern = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
     call_statuses = CALL_STATUSES
     # Phone numbers arrive as digits with the country code ("15551230001"): the base reads them so.
 

@@ -64,9 +64,9 @@ async def _inbound_webhook(
     if webhook_format is QUERY:
         url, body, headers = f"{url}?{urlencode(call.params)}", b"", {}
     elif webhook_format.name == "json":
-        body, headers = json.dumps(call.params).encode(), {"content-type": webhook_format.content_type}
+        body, headers = json.dumps(call.params).encode(), {"content-type": str(webhook_format.content_type)}
     else:
-        body, headers = urlencode(call.params).encode(), {"content-type": webhook_format.content_type}
+        body, headers = urlencode(call.params).encode(), {"content-type": str(webhook_format.content_type)}
     try:
         headers.update(carrier.simulated_signature(url, call.params, body, private_key))
     except ValueError as error:

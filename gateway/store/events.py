@@ -66,9 +66,9 @@ def insert_events(connection: sa.Connection, new: list[NewEvent]) -> set[tuple[s
     now = utcnow()
     seqs: list[tuple[NewEvent, int]] = []
     if all(event.key is None for event in new):  # one statement for them all, their seqs in order
-        rows = connection.execute(
+        inserted = connection.execute(
             sa.insert(events).returning(events.c.seq, sort_by_parameter_order=True), [_event_row(e) for e in new])
-        seqs += zip(new, rows.scalars().all())
+        seqs += zip(new, inserted.scalars().all())
     else:  # in order, one by one (an event whose key exists is left out)
         for event in new:
             statement = insert_for(connection)(events).values(**_event_row(event))
@@ -78,7 +78,7 @@ def insert_events(connection: sa.Connection, new: list[NewEvent]) -> set[tuple[s
             if seq is not None:
                 seqs.append((event, seq))
     streams: set[tuple[str, str]] = set()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for event, seq in seqs:
         for endpoint in event.endpoints:
             rows.append(dict(id=str(uuid.uuid4()), event_seq=seq, endpoint=endpoint, stream=event.stream,

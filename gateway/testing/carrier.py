@@ -201,7 +201,8 @@ def _validate_twiml_detection(params: dict[str, Any]) -> None:
     """The AMD parameters Twilio's and Telnyx's create-call endpoints share."""
     if "AsyncAmd" in params and str(_one(params, "AsyncAmd")).lower() not in ("true", "false"):
         raise _Invalid("AsyncAmd must be true or false")
-    if "AsyncAmdStatusCallbackMethod" in params and str(_one(params, "AsyncAmdStatusCallbackMethod")).upper() not in _HTTP_METHODS:
+    method = _one(params, "AsyncAmdStatusCallbackMethod")
+    if "AsyncAmdStatusCallbackMethod" in params and str(method).upper() not in _HTTP_METHODS:
         raise _Invalid("AsyncAmdStatusCallbackMethod must be GET or POST")
 
 

@@ -735,8 +735,8 @@ class FakeUltravox:
 
     async def _get_call(self, request: Request) -> JSONResponse:
         call, refusal = await self._known_call(request)
-        if refusal is not None:
-            return refusal
+        if refusal is not None or call is None:
+            return refusal or JSONResponse({"detail": "Not found."}, status_code=404)
         with self._lock:
             report = dict(self.call_reports.get(call["callId"]) or {})
         report.pop("messages", None)
