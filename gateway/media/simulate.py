@@ -127,11 +127,13 @@ async def simulate_call(
 
     if not settings.public_url:
         raise SimulationError("GATEWAY_PUBLIC_URL is needed: carriers sign and stream to the public URL")
+    # Said before anything is sent when the configuration read here has routes (the gateway's, with
+    # --config); without any (secrets from the environment alone) the gateway's answer tells.
     route = settings.route_for(to)
-    if route is None:
+    if settings.routes and route is None:
         raise SimulationError(f"no route for {to}, and no default route (number = \"*\"): add a [[routes]] with "
                               f"number = \"{to}\" and mode = \"bridge\"")
-    if route.mode != "bridge":
+    if route is not None and route.mode != "bridge":
         raise SimulationError(
             f"the route for {to} ({route.name}) is in direct mode: the carrier would stream to Ultravox itself, and "
             "no audio would pass the gateway to play or record here. Set mode = \"bridge\" on it to simulate it")
@@ -176,9 +178,12 @@ async def _why_not_connected(client: httpx.AsyncClient, settings: Settings, carr
 
     with contextlib.suppress(httpx.HTTPError, ValueError):
         ready = (await client.get("/readyz")).json()
-        if any("ULTRAVOX_API_KEY" in problem for problem in ready.get("problems", [])):
+        problems = ready.get("problems", [])
+        if any("ULTRAVOX_API_KEY" in problem for problem in problems):
             return ("the gateway has no Ultravox API key (ULTRAVOX_API_KEY, or [ultravox] api_key), so it answers "
                     "every call with its apology")
+        if any("no routes" in problem for problem in problems):
+            return "the gateway has no [[routes]]: every call hears its no-route message"
     reason = None
     if settings.api_keys:
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
