@@ -1,7 +1,7 @@
 """Inbound webhook benchmark: the gateway against a minimal Starlette baseline.
 
     python bench/inbound.py [--carrier NAME] [--concurrency 100] [--requests 3000] [--warmup 200]
-                            [--delay-ms 250] [--pool-size 100] [--workers 1 2] [--webhook]
+                            [--delay-ms 250] [--pool-size 100] [--workers 1 2] [--webhook] [--rate R]
 
 Each target (the real `gateway serve`, then the baseline app below) runs in its own process
 against its own fake Ultravox process, which answers every call after a fixed delay. The load
@@ -413,7 +413,7 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]
 
 async def run_load(
     port: int, requests: list[bytes], concurrency: int, upstream_port: int, stagger: float, connected,
-    timeout: float = 30.0,
+    timeout: float = 30.0, rate: float | None = None,
 ) -> Phase:
     """`concurrency` workers, each sending back-to-back on its own keep-alive connection.
 
@@ -421,15 +421,24 @@ async def run_load(
     fake delay would stay in lockstep and hit the server in bursts of `concurrency` requests,
     which carriers' webhooks (one per ringing call) do not; the burst would then be measured as
     overhead. `connected(body)` tells a successful answer.
+
+    With `rate`, request n is due n / rate seconds after the start instead (an open loop: calls
+    arrive whether or not the gateway keeps up), sent by the first free worker; its latency counts
+    from when it was due, so a request that waited for a free worker counts that wait too.
     """
     phase = Phase()
-    queue = iter(requests)  # one event loop: workers can share a plain iterator
+    queue = iter(enumerate(requests))  # one event loop: workers can share a plain iterator
+    begun = time.perf_counter()
 
     async def worker(index: int) -> None:
-        await asyncio.sleep(index * stagger)
+        if rate is None:
+            await asyncio.sleep(index * stagger)
         reader = writer = None
-        for request in queue:
+        for number, request in queue:
             started = time.perf_counter()
+            if rate is not None:
+                started = begun + number / rate
+                await asyncio.sleep(max(0.0, started - time.perf_counter()))
             try:
                 if writer is None:
                     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -460,9 +469,8 @@ async def run_load(
             await asyncio.sleep(0.25)  # reading /proc/net/tcp is not free; pooled connections live long
 
     sampler = asyncio.create_task(sample_upstream())
-    started = time.perf_counter()
     await asyncio.gather(*(worker(index) for index in range(concurrency)))
-    phase.wall = time.perf_counter() - started
+    phase.wall = time.perf_counter() - begun
     sampler.cancel()
     return phase
 
@@ -563,13 +571,13 @@ def measure(name: str, args, workdir: Path, children: list[Child], carrier_doubl
     connected = connects(carrier_double)
     # Spread the workers' first requests over one fake delay (see run_load).
     stagger = args.delay_ms / 1000 / args.concurrency
-    warm = run_async(run_load(server.port, warmup, args.concurrency, fake.port, stagger, connected))
+    warm = run_async(run_load(server.port, warmup, args.concurrency, fake.port, stagger, connected, rate=args.rate))
     if warm.failures:
         print(f"  {name}: {len(warm.failures)} warm-up request(s) failed, first: {warm.failures[0]}")
 
     server_cpu, fake_cpu, client_cpu = cpu_seconds(server.pid), cpu_seconds(fake.pid), time.process_time()
     cpu_before = server_cpu
-    phase = run_async(run_load(server.port, measured, args.concurrency, fake.port, stagger, connected))
+    phase = run_async(run_load(server.port, measured, args.concurrency, fake.port, stagger, connected, rate=args.rate))
     server_cpu = cpu_seconds(server.pid) - server_cpu
     fake_cpu = cpu_seconds(fake.pid) - fake_cpu
     client_cpu = time.process_time() - client_cpu
@@ -715,6 +723,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="`gateway serve --workers` counts to measure, each in turn (default 1)")
     parser.add_argument("--webhook", action="store_true",
                         help="also measure the gateway with one [[webhooks]] endpoint receiving every event")
+    parser.add_argument("--rate", type=float,
+                        help="send webhooks at this many per second (an open loop; at most --concurrency in "
+                             "flight) instead of back-to-back: the overhead at a load the gateway carries")
     args = parser.parse_args(argv)
 
     from gateway.testing import double

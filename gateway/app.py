@@ -27,7 +27,7 @@ from .drain import Drain
 from .flows.call_request import CallBodies
 from .flows.campaigns import CampaignFlow
 from .flows.connect import Connector
-from .flows.events import CallEndedReports, EventDelivery, EventOutbox
+from .flows.events import IN_FLIGHT_PER_ENDPOINT, CallEndedReports, EventDelivery, EventOutbox
 from .flows.control import CallControl
 from .flows.handover import HandoverFlow
 from .flows.inbound import InboundFlow
@@ -79,7 +79,7 @@ class Gateway:
         self.api: CallsApi | None = None
         self.control: CallControlApi | None = None
         self.work: Work | None = None
-        self.delivery_work: Work | None = None
+        self.delivery: EventDelivery | None = None
         self.campaign_work: Work | None = None
         self.campaigns_api: CampaignsApi | None = None
         self.events_http: httpx.AsyncClient | None = None
@@ -109,17 +109,18 @@ class Gateway:
         ultravox = UltravoxClient(self.http, settings.ultravox, clock=clock)
         self.transfers = transfers = TransferStore(store.database)
         # Each flow registers the durable work it does; the loops start once all have. Deliveries
-        # to the user's endpoints have a loop of their own, so a slow endpoint never holds a
-        # transfer's timer.
+        # to the user's endpoints are not jobs: each endpoint has a dispatcher of its own (so a
+        # slow endpoint never holds a transfer's timer), claiming the deliveries themselves.
         jobs = JobStore(store.database)
         self.work = work = Work(jobs)
-        self.delivery_work = Work(jobs)
         events = EventStore(store.database)
-        outbox = EventOutbox(settings, urls, calls_work=work, delivery_work=self.delivery_work)
+        self.events_http = create_client(pool_size=IN_FLIGHT_PER_ENDPOINT, timeout=settings.events.timeout_seconds)
+        self.delivery = EventDelivery(
+            settings, events, work, self.events_http, metrics=self.metrics,
+            callers_waiting=lambda: self.webhooks is not None and self.webhooks.in_flight > 0)
+        outbox = EventOutbox(settings, urls, calls_work=work, wake=self.delivery.wake)
         if outbox.active:  # no endpoint: no events written at all
             store.observer = transfers.observer = outbox
-        self.events_http = create_client(pool_size=20, timeout=settings.events.timeout_seconds)
-        EventDelivery(settings, events, jobs, self.delivery_work, self.events_http, metrics=self.metrics)
         self.events_api = EventsApi(settings, events, outbox)
         bodies, connector = CallBodies(settings, urls), self.connector
         outbound = OutboundFlow(settings, store, ultravox, carriers, self.carrier_http, urls=urls, bodies=bodies,
@@ -167,7 +168,7 @@ class Gateway:
             on_refused=lambda carrier: self.metrics.webhooks.labels(carrier.name, "media_refused").inc(),
         )
         await work.start()
-        await self.delivery_work.start()
+        await self.delivery.start()
         await self.campaign_work.start()
         # The ~120k objects of the loaded libraries never die: keep them out of the collector's
         # full passes, which otherwise paused the event loop 20–50 ms (measured in bench/bridge.py).
@@ -183,7 +184,9 @@ class Gateway:
             self._upkeep.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._upkeep
-        for loop in (self.work, self.delivery_work, self.campaign_work):
+        if self.delivery is not None:
+            await self.delivery.stop()
+        for loop in (self.work, self.campaign_work):
             if loop is not None:
                 await loop.stop()
         for client in (self.http, self.carrier_http, self.events_http):

@@ -121,6 +121,7 @@ class CarrierWebhooks:
         self.transfers = transfers
         self.handover_flow = handover
         self.clock = clock
+        self.in_flight = 0  # carrier webhooks being answered now (deliveries give way to them)
         self._endpoints()
 
     async def _verified(self, carrier: Carrier, request: Request, *, callback: bool = True,
@@ -150,7 +151,11 @@ class CarrierWebhooks:
             if carrier is None:
                 return PlainTextResponse("not found\n", status_code=404)
             bind(carrier=carrier.name)
-            return await handler(carrier, request)
+            self.in_flight += 1
+            try:
+                return await handler(carrier, request)
+            finally:
+                self.in_flight -= 1
 
         endpoint.__name__ = handler.__name__
         return endpoint

@@ -187,6 +187,24 @@ def test_a_receiver_down_for_a_while_gets_every_event_once_in_order_across_a_res
     _wait(lambda: events_of(second, status="pending")["events"] == [])
 
 
+def test_an_endpoint_back_from_an_outage_gets_what_waits_at_once_not_at_the_next_retry(make_gateway, receiver):
+    """The schedule puts the next retry a minute away; a probe sent early finds the endpoint back,
+    and everything waiting goes then. A probe that fails counts for no retry."""
+    gateway = make_gateway(webhooks_config(("crm", receiver), retries="[60, 60, 60]"))
+    receiver.status = 503
+    records = [call_in(gateway, "twilio") for _ in range(3)]
+    # Each call's first event failed (its second waits behind it), then a probe or two.
+    _wait(lambda: all(e["deliveries"][0]["attempts"] >= 1 and e["deliveries"][0]["last_status_code"] == 503
+                      for e in events_of(gateway, type="call.started")["events"]) and receiver.deliveries > 4,
+          timeout=15)
+    receiver.status = 200
+    for record in records:
+        receiver.wait_for(lambda r, record=record: len(r.for_call(record.id)) >= 2, timeout=15)
+    for event in recorded_delivered(gateway, call_id=records[0].id):
+        (delivery,) = event["deliveries"]
+        assert delivery["attempts"] <= 2  # the failed attempt, and the one that went through
+
+
 def test_a_410_disables_the_endpoint_until_it_is_enabled(events_gateway, receiver):
     receiver.status = 410
     record = call_in(events_gateway, "twilio")
@@ -264,10 +282,15 @@ def test_events_list_pages_newest_first(events_gateway, receiver):
     receiver.wait_for(lambda r: len(r.order) >= 6)
     first = events_of(events_gateway, limit=4)
     second = events_of(events_gateway, limit=4, cursor=first["next_cursor"])
-    ids = [e["id"] for e in first["events"] + second["events"]]
+    listed = first["events"] + second["events"]
+    ids = [e["id"] for e in listed]
     assert len(ids) == len(set(ids)) == 6 and second["next_cursor"] is None
-    assert ids == list(reversed(receiver.order))  # newest first; the receiver got them oldest first
-    assert {e["call_id"] for e in first["events"] + second["events"]} == {r.id for r in records}
+    assert {e["call_id"] for e in listed} == {r.id for r in records}
+    # Newest first: each call's events in the reverse of the order the receiver got them (calls
+    # are delivered side by side, each in its own order).
+    for record in records:
+        of_call = [e["id"] for e in listed if e["call_id"] == record.id]
+        assert of_call == [i for i in reversed(receiver.order) if i in of_call]
 
 
 def test_openapi_documents_every_event_and_the_events_routes(events_gateway):
@@ -373,3 +396,28 @@ def test_a_call_hung_up_through_the_api_ends_with_its_events(events_gateway, rec
     changed = receiver.of_type("call.status_changed", record.id)
     assert [(e.data["previous_status"], e.data["status"]) for e in changed] == [
         ("creating", "in-progress"), ("in-progress", "completed")]
+
+
+def test_the_loop_pace_tells_a_loop_that_is_behind_from_one_on_time():
+    """What deliveries go by to give way to callers (EventDelivery.giving_way)."""
+    import asyncio
+    import time
+
+    from gateway.flows.events import LOOP_BEHIND_SECONDS, LoopPace
+
+    async def scenario():
+        pace = LoopPace()
+        pace.start()
+        try:
+            await asyncio.sleep(0.3)
+            on_time = pace.late
+            for _ in range(10):  # a loop with more to do than it gets through: every turn blocks
+                await asyncio.sleep(0)
+                time.sleep(0.02)
+            behind = pace.late
+        finally:
+            await pace.stop()
+        return on_time, behind
+
+    on_time, behind = asyncio.run(scenario())
+    assert on_time < LOOP_BEHIND_SECONDS < behind

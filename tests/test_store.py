@@ -273,3 +273,29 @@ def test_a_database_of_version_7_gets_the_events_tables_and_the_jobs_rerun_colum
         assert {"events", "deliveries", "delivery_attempts", "webhook_endpoints"} <= tables and "rerun" in columns
 
     run(database_url, scenario)
+
+
+def test_a_database_of_version_9_gets_deliveries_claimed_directly_and_keeps_what_was_pending(database_url):
+    import sqlalchemy as sa
+
+    from gateway.store.events import EventStore, NewEvent, insert_events
+
+    async def scenario(store):
+        await store.database.transaction(insert_events, [NewEvent("call.started", {}, ("crm",), call_id="c1")])
+
+        def back_to_9(connection):
+            connection.exec_driver_sql("DROP INDEX ix_deliveries_due")
+            for column in ("due_at", "lease_owner", "lease_until"):
+                connection.exec_driver_sql(f"ALTER TABLE deliveries DROP COLUMN {column}")
+            connection.exec_driver_sql("DELETE FROM schema_version WHERE version >= 10")
+
+        await store.database.transaction(back_to_9)
+        assert await store.migrate() == len(MIGRATIONS)
+        indexes = await store.database.transaction(
+            lambda connection: {index["name"] for index in sa.inspect(connection).get_indexes("deliveries")})
+        assert "ix_deliveries_due" in indexes
+        # The delivery pending from before is due: the next dispatcher sends it.
+        (pending,) = await EventStore(store.database).claim("crm", "p1", lease=dt.timedelta(seconds=30), limit=10)
+        assert pending.event_type == "call.started"
+
+    run(database_url, scenario)

@@ -287,7 +287,8 @@ def test_a_coalescing_job_asked_for_while_it_runs_runs_once_more(database_url):
 
 
 def test_events_are_written_once_per_key_and_pruned_once_settled(database_url):
-    from gateway.store.events import DELIVERED, EventFilters, EventStore, NewEvent, insert_events
+    from gateway.flows.events import Outcome
+    from gateway.store.events import DELIVERED, Attempt, EventFilters, EventStore, NewEvent, insert_events
 
     async def scenario(store):
         events = EventStore(store.database)
@@ -302,14 +303,14 @@ def test_events_are_written_once_per_key_and_pruned_once_settled(database_url):
         assert streams == {("crm", "c1"), ("crm", "c2"), ("bi", "c2"), ("crm", "c3")}
         found, more = await events.list(EventFilters(), limit=10, before_seq=None)
         assert [e.envelope["data"]["n"] for e in found] == [4, 3, 1] and not more  # the repeated key: once
-        (first,) = await events.pending("crm", "c1", 10)
-        from gateway.store.events import Attempt
-
-        from gateway.flows.events import Outcome
-
+        claimed = await events.claim("crm", "me", lease=dt.timedelta(seconds=30), limit=10)
+        assert sorted(p.body for p in claimed) == sorted(e.body() for e in written if e.id != written[1].id)[:3]
+        (first,) = [p for p in claimed if p.event_id == written[0].id]
         delivered = Outcome(first, Attempt(utcnow(), 200, None, 3), DELIVERED)
-        assert await events.attempted([delivered]) == 1
-        assert await events.attempted([delivered]) == 0  # fenced: recorded once
+        await events.attempted("me", [delivered])
+        await events.attempted("me", [delivered])  # fenced: recorded once (the attempt is kept twice)
+        (delivery,) = (await events.get(first.event_id)).deliveries
+        assert (delivery.status, delivery.attempts, len(delivery.history)) == (DELIVERED, 1, 2)
         # Old and settled (c1) goes; old with a delivery pending (c2) stays; recent (c3) stays.
         assert await events.prune(utcnow() - dt.timedelta(days=30)) == 1
         found, _ = await events.list(EventFilters(), limit=10, before_seq=None)
@@ -347,5 +348,90 @@ def test_a_running_jobs_lease_is_renewed_so_no_one_else_claims_it(database_url):
             release.set()
             await holder.stop()
             await other.stop()
+
+    run(database_url, scenario)
+
+
+def test_deliveries_are_claimed_by_the_heads_of_their_streams_one_holder_at_a_time(database_url):
+    """A stream's next delivery is claimable only once its head is recorded; a claim's lease keeps
+    others off until it runs out; a holder whose lease ran out, or whose delivery was asked for
+    again meanwhile, records nothing over the newer state."""
+    from gateway.flows.events import Outcome
+    from gateway.store.events import (
+        DELIVERED, FAILED, PENDING, Attempt, EventStore, NewEvent, insert_events, redeliver,
+    )
+
+    lease = dt.timedelta(seconds=30)
+
+    async def scenario(store):
+        events = EventStore(store.database)
+
+        async def state(event):
+            (delivery,) = (await events.get(event.id)).deliveries
+            return delivery.status, delivery.attempts
+
+        a1, a2, a3 = (NewEvent("call.status_changed", {"n": n}, ("crm",), call_id="a") for n in (1, 2, 3))
+        b1 = NewEvent("call.started", {"n": 4}, ("crm",), call_id="b")
+        await store.database.transaction(insert_events, [a1, a2, b1])
+        await store.database.transaction(insert_events, [a3])
+
+        def outcome(pending, status=DELIVERED, retry_at=None):
+            return Outcome(pending, Attempt(utcnow(), 200 if status == DELIVERED else 500, None, 1), status,
+                           retry_at=retry_at)
+
+        heads = await events.claim("crm", "p1", lease=lease, limit=10)
+        assert [p.event_id for p in heads] == [a1.id, b1.id]  # one per stream: its first
+        assert await events.claim("crm", "p2", lease=lease, limit=10) == []  # held, and the rest wait behind them
+        (head_a, head_b) = heads
+        # a1 fails and waits for a retry: a2 and a3 stay behind it; b's stream is done.
+        later = utcnow() + dt.timedelta(minutes=5)
+        await events.attempted("p1", [outcome(head_a, PENDING, later), outcome(head_b)])
+        assert (await state(a1), await state(b1)) == ((PENDING, 1), (DELIVERED, 1))
+        assert await events.claim("crm", "p2", lease=lease, limit=10) == []
+        assert await events.expedite("crm") == 1  # the endpoint answers again: due now
+        (again,) = await events.claim("crm", "p2", lease=lease, limit=10)
+        assert again.event_id == a1.id and again.attempts == 1
+        # p2 dies holding it; once its lease has run out, p3 claims it, and p2's late record changes nothing.
+        (taken,) = await events.claim("crm", "p3", lease=lease, limit=10, now=utcnow() + lease * 2)
+        assert taken.event_id == a1.id
+        await events.attempted("p2", [outcome(again)])
+        assert await state(a1) == (PENDING, 1)
+        await events.attempted("p3", [outcome(taken)])
+        assert await state(a1) == (DELIVERED, 2)
+        (second,) = await events.claim("crm", "p3", lease=lease, limit=10)
+        assert second.event_id == a2.id
+        # Asked for again while being sent: the send's record is fenced off, and it goes again.
+        await store.database.transaction(redeliver, a2.id, ["crm"])
+        await events.attempted("p3", [outcome(second)])
+        assert await state(a2) == (PENDING, 0)
+        (resent,) = await events.claim("crm", "p1", lease=lease, limit=10)
+        assert resent.event_id == a2.id and resent.attempts == 0
+        await events.attempted("p1", [outcome(resent, FAILED)])  # given up: the stream moves on
+        assert await state(a2) == (FAILED, 1)
+        (last,) = await events.claim("crm", "p1", lease=lease, limit=10)
+        assert last.event_id == a3.id
+
+    run(database_url, scenario)
+
+
+def test_two_processes_claiming_deliveries_at_once_never_hold_the_same_one(database_url):
+    from gateway.store.events import EventStore, NewEvent, insert_events
+
+    lease = dt.timedelta(seconds=30)
+
+    async def scenario(store):
+        events = EventStore(store.database)
+        written = [NewEvent("call.started", {"n": n}, ("crm",), call_id=f"c{n}") for n in range(60)]
+        await store.database.transaction(insert_events, written)
+        other = CallStore.open(database_url)  # a second process's connections
+        try:
+            claims = await asyncio.gather(*(
+                EventStore(s.database).claim("crm", owner, lease=lease, limit=25)
+                for _ in range(3) for s, owner in ((store, "p1"), (other, "p2"))))
+        finally:
+            await other.close()
+        held = [p.delivery_id for claim in claims for p in claim]
+        assert len(held) == len(set(held)) == 60  # each once, all of them
+        assert await events.claim("crm", "p3", lease=lease, limit=100) == []
 
     run(database_url, scenario)

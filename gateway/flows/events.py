@@ -4,22 +4,27 @@
   it, and answers with what that change implies: events (written in the same transaction, so an
   event exists if and only if its change does) and durable work (call.ended waits for Ultravox's
   summary and transcript). The inbound webhook never waits for a delivery: it only writes rows.
-* `EventDelivery` sends them: durable work per stream (one endpoint, one call), so deliveries of
-  a call go out one at a time in the order they happened, by whichever replica claims the stream.
-  Signed per Standard Webhooks (the `standardwebhooks` library), the same `webhook-id` on every
-  attempt; 2xx is delivered, 410 disables the endpoint, anything else is retried per
-  `[events] retry_schedule_seconds` with jitter.
+* `EventDelivery` sends them: in every process, one dispatcher per endpoint claims the deliveries
+  that are due and head their stream (one endpoint, one call), so a call's deliveries go out one
+  at a time in the order they happened, by whichever replica claims them; many streams at once.
+  It claims and records in batches (one transaction for many deliveries), which is what keeps
+  the cost per event small. Signed per Standard Webhooks (the `standardwebhooks` library), the
+  same `webhook-id` on every attempt; 2xx is delivered, 410 disables the endpoint, anything else
+  is retried per `[events] retry_schedule_seconds` with jitter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
+import os
 import random
 import time
+import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import httpx
 import sqlalchemy as sa
@@ -33,7 +38,7 @@ from ..store.calls import utcnow
 from ..store.events import (
     DELIVERED, FAILED, PENDING, Attempt, EventStore, NewEvent, Pending, insert_events, lock_calls, redeliver,
 )
-from ..store.jobs import JobStore, NewJob, schedule_job
+from ..store.jobs import NewJob, schedule_job
 from ..store.transfers import CONNECTED, RETURNED
 from ..ultravox import CallReport, UltravoxClient, UltravoxError
 from ..urls import Urls
@@ -48,11 +53,30 @@ ENDED_SETTLE_SECONDS = 2.0
 ARTIFACTS_POLL_SECONDS = 10.0
 ULTRAVOX_DEADLINE_SECONDS = 10.0
 PRUNE_EVERY_SECONDS = 3600.0
-STREAM_BATCH = 20
 # How long a replica trusts having read an endpoint as enabled: one another replica disabled meanwhile
 # gets at most a few more attempts from it, each answered 410 again.
-ENDPOINT_STATE_SECONDS = 5.0  # deliveries read at once from a stream
-STREAM_BUDGET_SECONDS = 25.0  # then the stream's job yields its slot (and runs again at once)
+ENDPOINT_STATE_SECONDS = 5.0
+IN_FLIGHT_PER_ENDPOINT = 64  # deliveries one process sends to one endpoint at once (distinct streams)
+# A dispatcher woken by a commit waits this long before it claims, and one whose sends finished
+# before it records them: one transaction then covers the deliveries of many calls. It adds this
+# much to each delivery's lag, which is not the caller's wait.
+GATHER_SECONDS = 0.02
+# Due deliveries no commit of this process announced (other replicas' events, retries that came
+# due) are looked for this often.
+POLL_SECONDS = 1.0
+# Deliveries give way to callers: while this process's event loop runs late (it has more to do
+# than it can, e.g. a burst of inbound calls), a dispatcher keeps only a few deliveries going, and
+# catches up once the loop is on time again. Events are late then; no caller waits for them.
+PACE_PROBE_SECONDS = 0.05
+LOOP_BEHIND_SECONDS = 0.005  # how late the probe's timer may fire (smoothed) before that
+IN_FLIGHT_WHILE_BEHIND = 4
+PAUSE_WHILE_BEHIND_SECONDS = 0.25
+# An endpoint whose last attempt failed is probed this often with its soonest retry, sent early: the
+# moment it answers again, every delivery waiting for a retry goes (instead of at the next retry,
+# which the schedule may put minutes away).
+PROBE_EVERY_SECONDS = 5.0
+LEASE_MARGIN_SECONDS = 10.0  # a claim's lease: the send's timeout and this
+STORE_RETRY_SECONDS = 1.0  # the store failed a claim or a record: again after this
 JITTER = 0.2
 USER_AGENT = "ultravox-telephony-gateway"
 
@@ -125,12 +149,11 @@ class PruneEvents:
 
 @dataclass(frozen=True)
 class DeliverEvents:
+    """The first version's job per stream. Deliveries are claimed directly now, so such a job
+    left in the store by that version has nothing to do (its deliveries go out all the same)."""
+
     endpoint: str
-    stream: str  # a call id (or an event id, for an event of no call)
-
-
-def stream_key(endpoint: str, stream: str) -> str:
-    return f"deliver:{endpoint}:{stream}"
+    stream: str
 
 
 Effect = NewEvent | NewJob
@@ -139,11 +162,11 @@ Effect = NewEvent | NewJob
 class EventOutbox:
     """What a change means for the user's endpoints, decided in one place (see the module doc)."""
 
-    def __init__(self, settings: Settings, urls: Urls, *, calls_work: Work, delivery_work: Work):
+    def __init__(self, settings: Settings, urls: Urls, *, calls_work: Work, wake: Callable[[], None] = lambda: None):
         self.settings = settings
         self.urls = urls
         self.calls_work = calls_work
-        self.delivery_work = delivery_work
+        self._wake = wake  # the dispatchers of this process: new deliveries
 
     @property
     def active(self) -> bool:
@@ -155,11 +178,14 @@ class EventOutbox:
     # --- changes (called inside the store's transactions, on its connection's thread) -------------
     def call_changed(self, before: CallRecord | None, after: CallRecord) -> list[Effect]:
         effects: list[Effect] = []
-        if after.ultravox_call_id and (before is None or not before.ultravox_call_id):
-            effects += self.event("call.started", after, CallStartedData(call=CallView.of(after)))
-        if before is not None and before.status != after.status:
+        started = after.ultravox_call_id and (before is None or not before.ultravox_call_id)
+        previous = before.status if before is not None and before.status != after.status else None
+        view = CallView.of(after) if started or previous else {}  # the same call in both
+        if started:
+            effects += self.event("call.started", after, CallStartedData(call=view))
+        if previous:
             effects += self.event("call.status_changed", after, CallStatusChangedData(
-                call=CallView.of(after), previous_status=before.status, status=after.status))
+                call=view, previous_status=previous, status=after.status))
         if after.is_final and (before is None or not before.is_final) and self.endpoints_for("call.ended", after.route):
             effects.append(self.calls_work.job(ReportCallEnded(after.id), delay=ENDED_SETTLE_SECONDS,
                                                key=f"call-ended:{after.id}"))
@@ -187,22 +213,18 @@ class EventOutbox:
         return [NewEvent(event_type, data.model_dump(mode="json"), endpoints, call_id=call_id, key=key)]
 
     def write(self, connection: sa.Connection, effects: list[Effect]) -> None:
-        """Write `effects` in the caller's transaction: events with their deliveries, the streams'
-        jobs (one per endpoint and call, run again if they are running), other jobs."""
+        """Write `effects` in the caller's transaction: events with their deliveries, and jobs."""
         new_events = [effect for effect in effects if isinstance(effect, NewEvent)]
-        for endpoint, stream in insert_events(connection, new_events) if new_events else ():
-            schedule_job(connection, self._stream_job(endpoint, stream))
+        if new_events:
+            insert_events(connection, new_events)
         for effect in effects:
             if isinstance(effect, NewJob):
                 schedule_job(connection, effect)
 
-    def _stream_job(self, endpoint: str, stream: str) -> NewJob:
-        return self.delivery_work.job(DeliverEvents(endpoint, stream), key=stream_key(endpoint, stream), coalesce=True)
-
     def committed(self) -> None:
-        """A transaction that may have written events committed: deliver them now. (The jobs it
+        """A transaction that may have written events committed: deliver them soon. (The jobs it
         may have written are due seconds later, and the loops look every second anyway.)"""
-        self.delivery_work.wake()
+        self._wake()
 
     # --- the API's actions ----------------------------------------------------------------------------
     async def emit(self, store: EventStore, effects: list[Effect]) -> None:
@@ -215,13 +237,7 @@ class EventOutbox:
         self.committed()
 
     async def redeliver(self, store: EventStore, event_id: str, endpoints: list[str]):
-        def run(connection: sa.Connection):
-            event, streams = redeliver(connection, event_id, endpoints)
-            for endpoint, stream in streams:
-                schedule_job(connection, self._stream_job(endpoint, stream))
-            return event
-
-        event = await store.database.transaction(run)
+        event = await store.database.transaction(redeliver, event_id, endpoints)
         self.committed()
         return event
 
@@ -310,91 +326,91 @@ class Sent:
 class Outcome:
     pending: Pending
     attempt: Attempt
-    status: str  # DELIVERED, FAILED (given up) or PENDING (retry_in seconds from now)
-    retry_in: float | None = None
+    status: str  # DELIVERED, FAILED (given up) or PENDING (again at retry_at)
+    retry_at: dt.datetime | None = None
     gone: bool = False  # 410: the endpoint is to be disabled
+    probe_failed: bool = False  # sent before its retry was due, and failed: it counts for no retry
 
 
 class EventDelivery:
-    """Runs DeliverEvents: a stream's deliveries in order, until it is empty or has to wait."""
+    """Sends the events: one `_Dispatcher` per configured endpoint in this process (see the module doc)."""
 
-    def __init__(self, settings: Settings, events: EventStore, jobs: JobStore, work: Work, http: httpx.AsyncClient,
-                 *, metrics=None, clock=time.monotonic, now=utcnow, rng: random.Random | None = None):
+    def __init__(self, settings: Settings, events: EventStore, work: Work, http: httpx.AsyncClient,
+                 *, callers_waiting: Callable[[], bool] = lambda: False, metrics=None, clock=time.monotonic,
+                 now=utcnow, rng: random.Random | None = None):
         self.settings = settings
+        self.callers_waiting = callers_waiting  # carrier webhooks are being answered
         self.events = events
-        self.jobs = jobs
         self.http = http
         self.metrics = metrics
-        self._clock = clock
+        self.clock = clock
         self._now = now
         self._random = rng or random.Random()
+        self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # whose claims these are
         self._signers = {webhook.name: Webhook(webhook.secret) for webhook in settings.webhooks}
         self._enabled_seen: dict[str, float] = {}  # endpoint -> when it was last read as enabled
         self._expedited: dict[str, float] = {}  # endpoint -> when its waiting deliveries were last expedited
-        # A stream's job fails only when the store does: keep at it for hours rather than strand the
-        # stream's deliveries (a new event or a redelivery would start it again, but may never come).
-        work.register(DeliverEvents, self.run, max_attempts=100)
+        self._dispatchers = [_Dispatcher(self, webhook) for webhook in settings.webhooks]
+        self.pace = LoopPace()
         work.register(PruneEvents, self.prune, every=PRUNE_EVERY_SECONDS)
+        work.register(DeliverEvents, _nothing_left)
+
+    def wake(self) -> None:
+        for dispatcher in self._dispatchers:
+            dispatcher.wake()
+
+    def giving_way(self) -> bool:
+        """Callers are waiting and the loop is behind: deliveries keep to a trickle. (The loop being
+        behind with no caller waiting is the deliveries' own doing: they go on at full pace.)"""
+        return self.pace.behind() and self.callers_waiting()
+
+    async def start(self) -> None:
+        if self._dispatchers:
+            self.pace.start()
+        for dispatcher in self._dispatchers:
+            dispatcher.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(dispatcher.stop() for dispatcher in self._dispatchers))
+        await self.pace.stop()
 
     async def prune(self, _: PruneEvents) -> None:
         before = self._now() - dt.timedelta(days=self.settings.events.retention_days)
+        skipped = await self.events.skip_unconfigured([webhook.name for webhook in self.settings.webhooks], before)
+        if skipped:
+            log.warning("%d old event deliveries given up: their endpoints are no longer configured", skipped)
         while await self.events.prune(before) > 0:
             pass
 
-    async def run(self, job: DeliverEvents) -> float | None:
-        endpoint = self.settings.webhook_named(job.endpoint)
-        if endpoint is None:
-            skipped = await self.events.skip_stream(job.endpoint, job.stream, "the endpoint is no longer configured")
-            log.warning("%d event(s) for endpoint %s not sent: it is no longer configured", skipped, job.endpoint)
-            return None
-        disabled = await self._disabled(endpoint.name)
-        if disabled is not None:
-            await self.events.skip_stream(endpoint.name, job.stream, f"the endpoint is disabled: {disabled}")
-            return None
-        started = self._clock()
-        while self._clock() - started < STREAM_BUDGET_SECONDS:
-            batch = await self.events.pending(endpoint.name, job.stream, STREAM_BATCH)
-            # What the attempts came to, recorded together (a crash before that sends them again:
-            # at least once, the same webhook-id).
-            outcomes: list[Outcome] = []
-            later: float | None = None
-            for pending in batch:
-                if self._clock() - started >= STREAM_BUDGET_SECONDS:
-                    break
-                outcome = await self._deliver(endpoint, pending)
-                outcomes.append(outcome)
-                if outcome.status == PENDING or outcome.gone:
-                    later = outcome.retry_in
-                    break
-            await self.events.attempted(outcomes)
-            if any(o.status == DELIVERED and o.pending.attempts for o in outcomes):
-                await self._recovered(endpoint)
-            if outcomes and outcomes[-1].gone:
-                await self._disable(endpoint, job.stream, outcomes[-1].pending)
-                return None
-            if later is not None:
-                return later
-            if len(outcomes) == len(batch) and len(batch) < STREAM_BATCH:
-                # All there was. An event written since asked for this job again (it coalesces), so
-                # it runs once more: no need to look here.
-                return None
-        return 0.0  # more to send: again at once, after others had their turn
+    def lease(self) -> dt.timedelta:
+        return dt.timedelta(seconds=self.settings.events.timeout_seconds + LEASE_MARGIN_SECONDS)
 
-    async def _disabled(self, name: str) -> str | None:
+    async def record(self, endpoint: WebhookSettings, outcomes: list[Outcome]) -> None:
+        """What the attempts came to, in one transaction (a crash before it sends them again: at
+        least once, the same webhook-id); then what they mean for the endpoint."""
+        await self.events.attempted(self.owner, outcomes)
+        if any(o.status == DELIVERED and o.pending.attempts for o in outcomes):
+            await self._recovered(endpoint)
+        gone = next((o for o in outcomes if o.gone), None)
+        if gone is not None:
+            await self._disable(endpoint, gone.pending)
+
+    async def disabled(self, name: str) -> str | None:
         """Why the endpoint is disabled (a 410), or None. That it is enabled is read at most every
         few seconds; that it is disabled, every time (so enabling it takes effect at once)."""
         enabled_at = self._enabled_seen.get(name)
-        if enabled_at is not None and self._clock() - enabled_at < ENDPOINT_STATE_SECONDS:
+        if enabled_at is not None and self.clock() - enabled_at < ENDPOINT_STATE_SECONDS:
             return None
         state = await self.events.endpoint(name)
         if state.disabled_at is not None:
             self._enabled_seen.pop(name, None)
             return state.disabled_reason or "disabled"
-        self._enabled_seen[name] = self._clock()
+        self._enabled_seen[name] = self.clock()
         return None
 
-    async def _deliver(self, endpoint: WebhookSettings, pending: Pending) -> "Outcome":
+    async def deliver(self, endpoint: WebhookSettings, pending: Pending) -> Outcome:
         """Send one delivery; what it comes to (delivered, failed for good, or pending a retry)."""
+        sent_at = self._now()
         sent = await self._send(endpoint, pending)
         attempt = Attempt(self._now(), sent.status_code, sent.error, sent.duration_ms)
         if sent.delivered:
@@ -405,6 +421,8 @@ class EventDelivery:
             return Outcome(pending, attempt, DELIVERED)
         if sent.status_code == 410:
             return Outcome(pending, attempt, FAILED, gone=True)
+        if pending.due_at > sent_at:  # a probe, sent before its retry was due: that retry stands
+            return Outcome(pending, attempt, PENDING, retry_at=pending.due_at, probe_failed=True)
         schedule = self.settings.events.retry_schedule_seconds
         if pending.attempts + 1 > len(schedule):
             self._count(endpoint, "failed")
@@ -417,24 +435,24 @@ class EventDelivery:
             delay = min(max(delay, sent.retry_after), max(schedule))
         log.info("event %s to %s: %s; attempt %d in %.0f s", pending.event_id, endpoint.name,
                  sent.error or f"answered {sent.status_code}", pending.attempts + 2, delay)
-        return Outcome(pending, attempt, PENDING, retry_in=delay)
+        return Outcome(pending, attempt, PENDING, retry_at=attempt.attempted_at + dt.timedelta(seconds=delay))
 
     async def _recovered(self, endpoint: WebhookSettings) -> None:
         """A delivery that had failed went through: the endpoint is back, so its other calls' deliveries
         need not wait for their next retry (once for a recovery, not for each of those deliveries)."""
         last = self._expedited.get(endpoint.name)
-        if last is not None and self._clock() - last < ENDPOINT_STATE_SECONDS:
+        if last is not None and self.clock() - last < ENDPOINT_STATE_SECONDS:
             return
-        self._expedited[endpoint.name] = self._clock()
-        woken = await self.jobs.expedite(DeliverEvents.__name__, stream_key(endpoint.name, ""))
-        log.info("endpoint %s answers again: %d call(s) waiting to retry go now", endpoint.name, woken)
+        self._expedited[endpoint.name] = self.clock()
+        woken = await self.events.expedite(endpoint.name)
+        log.info("endpoint %s answers again: %d deliveries waiting to retry go now", endpoint.name, woken)
 
-    async def _disable(self, endpoint: WebhookSettings, stream: str, pending: Pending) -> None:
+    async def _disable(self, endpoint: WebhookSettings, pending: Pending) -> None:
         """The endpoint answered 410 Gone: nothing more goes to it until it is enabled again."""
         reason = f"answered 410 Gone to {pending.event_id}"
         await self.events.disable(endpoint.name, reason)
         self._enabled_seen.pop(endpoint.name, None)
-        await self.events.skip_stream(endpoint.name, stream, f"the endpoint is disabled: {reason}")
+        await self.events.skip_endpoint(endpoint.name, f"the endpoint is disabled: {reason}")
         self._count(endpoint, "disabled")
         log.warning("endpoint %s disabled: it %s; enable it with POST /v1/webhooks/%s/enable",
                     endpoint.name, reason, endpoint.name)
@@ -449,7 +467,7 @@ class EventDelivery:
             "content-type": "application/json",
             "user-agent": USER_AGENT,
         }
-        started = self._clock()
+        started = self.clock()
         status_code, error, retry_after = None, None, None
         try:
             async with asyncio.timeout(self.settings.events.timeout_seconds):
@@ -463,8 +481,155 @@ class EventDelivery:
             error = f"{type(failure).__name__}: {failure}"[:200]
         if status_code is not None and not 200 <= status_code < 300:
             error = f"answered {status_code}"
-        return Sent(status_code, error, retry_after, round((self._clock() - started) * 1000))
+        return Sent(status_code, error, retry_after, round((self.clock() - started) * 1000))
 
     def _count(self, endpoint: WebhookSettings, result: str) -> None:
         if self.metrics is not None:
             self.metrics.deliveries.labels(endpoint.name, result).inc()
+
+
+async def _nothing_left(_: DeliverEvents) -> None:
+    return None
+
+
+class _Dispatcher:
+    """One endpoint's deliveries from this process: claims what is due (the heads of their
+    streams), sends each at once, up to IN_FLIGHT_PER_ENDPOINT at a time, and records what they
+    came to together. A stream's next delivery is due only once its head is recorded, so the
+    order per call holds whichever replica sends what."""
+
+    def __init__(self, delivery: EventDelivery, endpoint: WebhookSettings):
+        self.delivery = delivery
+        self.endpoint = endpoint
+        self._wake = asyncio.Event()
+        self._sending: set[asyncio.Task] = set()
+        self._finished: list[Outcome] = []
+        self._look = True  # claim at the next turn (woken, polled, or successors freed)
+        self._failing = False  # the last attempt recorded here failed: probe (PROBE_EVERY_SECONDS)
+        self._probed_at = float("-inf")
+        self._stopping = False
+        self._task: asyncio.Task | None = None
+
+    def wake(self) -> None:
+        self._look = True
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"deliver-{self.endpoint.name}")
+
+    async def stop(self) -> None:
+        """Let the sends under way finish (within the send timeout) and record them; what is not
+        recorded is sent again by whichever process claims it once its lease runs out."""
+        if self._task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), self.delivery.settings.events.timeout_seconds + 1)
+        except TimeoutError:  # the store does not answer: leave it to the leases
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for task in list(self._sending):
+            task.cancel()
+
+    async def _run(self) -> None:
+        while not self._stopping or self._sending or self._finished:
+            try:
+                await self._turn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the store failed: nothing is lost (leases run out), try again shortly
+                log.exception("deliveries to %s: the store failed; again in %.0f s", self.endpoint.name,
+                              STORE_RETRY_SECONDS)
+                await asyncio.sleep(STORE_RETRY_SECONDS)
+                self._look = True
+
+    async def _turn(self) -> None:
+        if self._finished:
+            finished, self._finished = self._finished, []
+            try:
+                await self.delivery.record(self.endpoint, finished)
+            except Exception:
+                self._finished[:0] = finished  # recorded with the next ones
+                raise
+            if any(o.status != PENDING for o in finished):
+                self._look = True  # their streams' next deliveries are due now
+            last = finished[-1]
+            self._failing = last.status == PENDING or (last.status == FAILED and not last.gone)
+        behind = self.delivery.giving_way()
+        room = (IN_FLIGHT_WHILE_BEHIND if behind else IN_FLIGHT_PER_ENDPOINT) - len(self._sending)
+        if self._look and room > 0 and not self._stopping:
+            self._look = False
+            if await self.delivery.disabled(self.endpoint.name) is not None:
+                await self.delivery.events.skip_endpoint(self.endpoint.name, "the endpoint is disabled")
+            else:
+                claimed = await self.delivery.events.claim(self.endpoint.name, self.delivery.owner,
+                                                           lease=self.delivery.lease(), limit=room)
+                if not claimed and self._failing and self._probe_due():
+                    claimed = await self.delivery.events.claim(self.endpoint.name, self.delivery.owner,
+                                                               lease=self.delivery.lease(), limit=1, early=True)
+                for pending in claimed:
+                    task = asyncio.get_running_loop().create_task(self._send(pending))
+                    self._sending.add(task)
+                    task.add_done_callback(self._sending.discard)
+                self._look = len(claimed) == room  # a full claim: there may be more
+        if behind and not self._stopping:
+            await asyncio.sleep(PAUSE_WHILE_BEHIND_SECONDS)
+            self._look = True
+            return
+        if self._finished or self._look and len(self._sending) < IN_FLIGHT_PER_ENDPOINT:
+            await asyncio.sleep(GATHER_SECONDS)
+            return
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), POLL_SECONDS if not self._stopping else
+                                   self.delivery.settings.events.timeout_seconds)
+        except TimeoutError:
+            self._look = True
+        else:
+            await asyncio.sleep(GATHER_SECONDS)  # let more commits and sends gather
+
+    def _probe_due(self) -> bool:
+        now = self.delivery.clock()
+        if now - self._probed_at < PROBE_EVERY_SECONDS:
+            return False
+        self._probed_at = now
+        return True
+
+    async def _send(self, pending: Pending) -> None:
+        try:
+            outcome = await self.delivery.deliver(self.endpoint, pending)
+        except Exception:  # a bug, not the receiver: its lease runs out and it goes again
+            log.exception("event %s to %s: not sent", pending.event_id, self.endpoint.name)
+            return
+        self._finished.append(outcome)
+        self._wake.set()
+
+
+class LoopPace:
+    """Whether this process's event loop is behind: how late a timer set PACE_PROBE_SECONDS ahead
+    fires (a loop with more ready work than it gets through runs timers late), smoothed."""
+
+    def __init__(self):
+        self.late = 0.0
+        self._task: asyncio.Task | None = None
+
+    def behind(self) -> bool:
+        return self.late > LOOP_BEHIND_SECONDS
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._probe(), name="loop-pace")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _probe(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            planned = loop.time() + PACE_PROBE_SECONDS
+            await asyncio.sleep(PACE_PROBE_SECONDS)
+            self.late = 0.7 * self.late + 0.3 * max(0.0, loop.time() - planned)

@@ -3,7 +3,9 @@
 An event is written by the transaction of the change that caused it, with one delivery per
 endpoint that wants it. A delivery belongs to a stream (an endpoint and a call): the stream's
 deliveries go out one at a time in event order, so a receiver never sees a call end before it
-started. Every attempt is kept.
+started. Each endpoint's dispatcher claims the heads of its streams that are due (`claim`: a
+lease, row locks with SKIP LOCKED on PostgreSQL), sends them, and records what they came to in
+one transaction per batch (`attempted`). Every attempt is kept.
 """
 
 from __future__ import annotations
@@ -64,29 +66,31 @@ def insert_events(connection: sa.Connection, new: list[NewEvent]) -> set[tuple[s
     rows of their calls: see `lock_calls`). Returns the streams (endpoint, stream) that have new
     deliveries. An event whose key exists already is left out."""
     now = utcnow()
-    seqs: list[tuple[NewEvent, int]] = []
-    if all(event.key is None for event in new):  # one statement for them all, their seqs in order
-        inserted = connection.execute(
-            sa.insert(events).returning(events.c.seq, sort_by_parameter_order=True), [_event_row(e) for e in new])
-        seqs += zip(new, inserted.scalars().all())
-    else:  # in order, one by one (an event whose key exists is left out)
+    if all(event.key is None for event in new):
+        # Two executemany statements, the deliveries finding their event's seq by its id: with
+        # RETURNING, SQLite would take one statement per row to keep the seqs in order.
+        connection.execute(_INSERT_EVENT, [_event_row(event) for event in new])
+        written = new
+    else:  # one by one: an event whose key exists is left out
+        written = []
         for event in new:
             statement = insert_for(connection)(events).values(**_event_row(event))
             if event.key is not None:
                 statement = statement.on_conflict_do_nothing(index_elements=["key"])
-            seq = connection.execute(statement.returning(events.c.seq)).scalar()
-            if seq is not None:
-                seqs.append((event, seq))
-    streams: set[tuple[str, str]] = set()
-    rows: list[dict[str, Any]] = []
-    for event, seq in seqs:
-        for endpoint in event.endpoints:
-            rows.append(dict(id=str(uuid.uuid4()), event_seq=seq, endpoint=endpoint, stream=event.stream,
-                             status=PENDING, attempts=0, created_at=now))
-            streams.add((endpoint, event.stream))
+            if connection.execute(statement).rowcount == 1:
+                written.append(event)
+    rows: list[dict[str, Any]] = [
+        dict(id=str(uuid.uuid4()), event_id=event.id, endpoint=endpoint, stream=event.stream, status=PENDING,
+             attempts=0, created_at=now, due_at=now)
+        for event in written for endpoint in event.endpoints]
     if rows:
-        connection.execute(sa.insert(deliveries), rows)
-    return streams
+        connection.execute(_INSERT_DELIVERY, rows)
+    return {(row["endpoint"], row["stream"]) for row in rows}
+
+
+_INSERT_EVENT = sa.insert(events)
+_INSERT_DELIVERY = sa.insert(deliveries).values(
+    event_seq=sa.select(events.c.seq).where(events.c.id == sa.bindparam("event_id")).scalar_subquery())
 
 
 def _event_row(event: NewEvent) -> dict[str, Any]:
@@ -104,6 +108,7 @@ class Pending:
     occurred_at: dt.datetime
     body: str
     attempts: int  # made so far
+    due_at: dt.datetime  # when it was due (later than now for a probe: see EventStore.claim)
 
 
 @dataclass(frozen=True)
@@ -160,20 +165,35 @@ class EventStore:
     def __init__(self, database: Database):
         self.database = database
 
-    async def pending(self, endpoint: str, stream: str, limit: int) -> list[Pending]:
-        """The stream's undelivered deliveries, first first."""
-        return await self.database.transaction(_pending, endpoint, stream, limit)
+    async def claim(self, endpoint: str, owner: str, *, lease: dt.timedelta, limit: int,
+                    now: dt.datetime | None = None, early: bool = False) -> list[Pending]:
+        """Up to `limit` of the endpoint's due deliveries that head their streams (nothing earlier of
+        their stream is pending), now held by `owner` until the lease runs out; first first.
+        `early`: those waiting for a retry instead, the soonest due first (to probe whether an
+        endpoint that failed answers again)."""
+        now = now or utcnow()
+        return await self.database.transaction(_claim, endpoint, owner, now, now + lease, limit, early)
 
-    async def attempted(self, outcomes) -> int:
-        """Record attempts (each with .pending, .attempt and .status: what the delivery is now,
-        pending again, delivered or failed) in one transaction; how many were still as read."""
-        if not outcomes:
-            return 0
-        return await self.database.transaction(_attempted_all, outcomes)
+    async def attempted(self, owner: str, outcomes) -> None:
+        """Record attempts (each with .pending, .attempt, .status: what the delivery is now, pending
+        again, delivered or failed, and .retry_at for pending) in one transaction, releasing their
+        leases. A delivery no longer as `owner` claimed it keeps its state (see _attempted_all)."""
+        if outcomes:
+            await self.database.transaction(_attempted_all, owner, outcomes)
 
-    async def skip_stream(self, endpoint: str, stream: str, reason: str) -> int:
-        """Give up the stream's undelivered deliveries without sending them (endpoint disabled or gone)."""
-        return await self.database.transaction(_skip_stream, endpoint, stream, reason, utcnow())
+    async def skip_endpoint(self, endpoint: str, reason: str) -> int:
+        """Give up the endpoint's undelivered deliveries that no one is sending (it is disabled)."""
+        return await self.database.transaction(_skip_endpoint, endpoint, reason, utcnow())
+
+    async def expedite(self, endpoint: str) -> int:
+        """The endpoint's deliveries waiting for a retry are due now (it answers again)."""
+        return await self.database.transaction(_expedite, endpoint, utcnow())
+
+    async def skip_unconfigured(self, configured: list[str], before: dt.datetime) -> int:
+        """Give up deliveries still pending since before `before` to endpoints no longer configured.
+        (Only old ones: during a rolling deploy, a replica of the previous config sees deliveries to
+        an endpoint the new one added.)"""
+        return await self.database.transaction(_skip_unconfigured, configured, before, utcnow())
 
     async def disable(self, endpoint: str, reason: str) -> None:
         await self.database.transaction(_set_endpoint, endpoint, utcnow(), reason)
@@ -197,56 +217,110 @@ class EventStore:
         return await self.database.transaction(_list, filters, limit, before_seq)
 
 
-_PENDING = (
-    sa.select(deliveries.c.id, deliveries.c.attempts, events.c.id.label("event_id"), events.c.type,
-              events.c.occurred_at, events.c.body)
-    .join(events, events.c.seq == deliveries.c.event_seq)
-    .where(deliveries.c.endpoint == sa.bindparam("endpoint"), deliveries.c.stream == sa.bindparam("stream"),
-           deliveries.c.status == PENDING)
-    .order_by(deliveries.c.event_seq)
-    .limit(sa.bindparam("limit", type_=sa.Integer))
-)
+_earlier = deliveries.alias("earlier")
 
 
-def _pending(connection: sa.Connection, endpoint: str, stream: str, limit: int) -> list[Pending]:
-    rows = connection.execute(_PENDING, dict(endpoint=endpoint, stream=stream, limit=limit))
-    return [Pending(row.id, row.event_id, row.type, as_utc(row.occurred_at), row.body, row.attempts) for row in rows]
+def _claim_statement(early: bool):
+    due = deliveries.c.due_at > sa.bindparam("now") if early else deliveries.c.due_at <= sa.bindparam("now")
+    heads = (
+        sa.select(deliveries.c.id)
+        .where(
+            deliveries.c.endpoint == sa.bindparam("for_endpoint"), deliveries.c.status == PENDING, due,
+            sa.or_(deliveries.c.lease_until.is_(None), deliveries.c.lease_until < sa.bindparam("now")),
+            # The head of its stream: an earlier delivery of the stream still pending (waiting for a
+            # retry, or held by another process) holds the later ones back.
+            ~sa.exists().where(_earlier.c.endpoint == deliveries.c.endpoint, _earlier.c.stream == deliveries.c.stream,
+                               _earlier.c.status == PENDING, _earlier.c.event_seq < deliveries.c.event_seq),
+        )
+        .order_by(deliveries.c.due_at, deliveries.c.event_seq)
+        .limit(sa.bindparam("limit", type_=sa.Integer))
+        .with_for_update(skip_locked=True, of=deliveries)
+    )
+    return (
+        sa.update(deliveries)
+        .where(deliveries.c.id.in_(heads.scalar_subquery()))
+        .values(lease_owner=sa.bindparam("owner"), lease_until=sa.bindparam("until"))
+        .returning(deliveries.c.id, deliveries.c.event_seq, deliveries.c.attempts, deliveries.c.due_at)
+    )
 
 
-# Built once (executemany with bound values): recording attempts is most of what a delivery costs
-# the store, and building the statements afresh each time cost more than running them.
+# Built once (executemany with bound values where there are many): the claims and records are most
+# of what a delivery costs the store, and building the statements afresh each time cost more than
+# running them.
+_CLAIMS = {early: _claim_statement(early) for early in (False, True)}
+_CLAIMED_EVENTS = sa.select(events.c.seq, events.c.id, events.c.type, events.c.occurred_at, events.c.body).where(
+    events.c.seq.in_(sa.bindparam("seqs", expanding=True)))
+
+
+def _claim(connection: sa.Connection, endpoint: str, owner: str, now: dt.datetime, until: dt.datetime,
+           limit: int, early: bool) -> list[Pending]:
+    claimed = connection.execute(_CLAIMS[early], dict(
+        for_endpoint=endpoint, now=now, limit=limit, owner=owner, until=until)).all()
+    if not claimed:
+        return []
+    by_seq = {row.seq: row for row in connection.execute(_CLAIMED_EVENTS, dict(seqs=[row.event_seq for row in claimed]))}
+    return [Pending(row.id, event.id, event.type, as_utc(event.occurred_at), event.body, row.attempts,
+                    as_utc(row.due_at))
+            for row in sorted(claimed, key=lambda row: (row.due_at, row.event_seq)) for event in (by_seq[row.event_seq],)]
+
+
 _RECORD_ATTEMPT = (
     sa.update(deliveries)
     .where(deliveries.c.id == sa.bindparam("delivery_id"), deliveries.c.attempts == sa.bindparam("before"),
-           deliveries.c.status == PENDING)
+           deliveries.c.status == PENDING, deliveries.c.lease_owner == sa.bindparam("owner"))
     .values(status=sa.bindparam("new_status"), attempts=sa.bindparam("after"),
             last_status_code=sa.bindparam("status_code"), last_error=sa.bindparam("error"),
-            last_attempt_at=sa.bindparam("attempted_at"), delivered_at=sa.bindparam("delivered_at"))
+            last_attempt_at=sa.bindparam("attempted_at"), delivered_at=sa.bindparam("delivered_at"),
+            due_at=sa.bindparam("next_due"), lease_owner=None, lease_until=None)
 )
 _INSERT_ATTEMPT = sa.insert(delivery_attempts)
 
 
-def _attempted_all(connection: sa.Connection, outcomes) -> int:
+def _attempted_all(connection: sa.Connection, owner: str, outcomes) -> None:
     rows = [dict(
-        delivery_id=o.pending.delivery_id, before=o.pending.attempts, after=o.pending.attempts + 1,
+        delivery_id=o.pending.delivery_id, owner=owner, before=o.pending.attempts,
+        # A probe that failed leaves the schedule as it was: its retry stays where it was due.
+        after=o.pending.attempts + (0 if o.probe_failed else 1),
         new_status=o.status, status_code=o.attempt.status_code,
         error=o.attempt.error[:MAX_REASON] if o.attempt.error else None, attempted_at=o.attempt.attempted_at,
         delivered_at=o.attempt.attempted_at if o.status == DELIVERED else None, duration_ms=o.attempt.duration_ms,
+        next_due=o.pending.due_at if o.probe_failed else o.retry_at or o.attempt.attempted_at,
     ) for o in outcomes]
-    # The stream's job holds its lease, so these rows are its own; the fence only guards against a
-    # redelivery asked for meanwhile (which resets the attempts: that delivery goes again).
-    recorded = connection.execute(_RECORD_ATTEMPT, rows).rowcount
+    # The fence: a holder whose lease ran out (another process claimed the delivery and may have
+    # recorded it first) and a redelivery asked for meanwhile (it releases the claim: the delivery
+    # goes again) change nothing here; the attempt itself is kept either way.
+    connection.execute(_RECORD_ATTEMPT, rows)
     connection.execute(_INSERT_ATTEMPT, [
         {name: row[name] for name in ("delivery_id", "attempted_at", "status_code", "error", "duration_ms")}
         for row in rows])
-    return recorded
 
 
-def _skip_stream(connection: sa.Connection, endpoint: str, stream: str, reason: str, now: dt.datetime) -> int:
+def _not_held(now: dt.datetime):
+    return sa.or_(deliveries.c.lease_until.is_(None), deliveries.c.lease_until < now)
+
+
+def _skip_endpoint(connection: sa.Connection, endpoint: str, reason: str, now: dt.datetime) -> int:
     return connection.execute(
         sa.update(deliveries)
-        .where(deliveries.c.endpoint == endpoint, deliveries.c.stream == stream, deliveries.c.status == PENDING)
+        .where(deliveries.c.endpoint == endpoint, deliveries.c.status == PENDING, _not_held(now))
         .values(status=SKIPPED, last_error=reason[:MAX_REASON], last_attempt_at=now)
+    ).rowcount
+
+
+def _expedite(connection: sa.Connection, endpoint: str, now: dt.datetime) -> int:
+    return connection.execute(
+        sa.update(deliveries)
+        .where(deliveries.c.endpoint == endpoint, deliveries.c.status == PENDING, deliveries.c.due_at > now)
+        .values(due_at=now)
+    ).rowcount
+
+
+def _skip_unconfigured(connection: sa.Connection, configured: list[str], before: dt.datetime, now: dt.datetime) -> int:
+    return connection.execute(
+        sa.update(deliveries)
+        .where(deliveries.c.endpoint.not_in(configured), deliveries.c.status == PENDING,
+               deliveries.c.created_at < before, _not_held(now))
+        .values(status=SKIPPED, last_error="the endpoint is no longer configured", last_attempt_at=now)
     ).rowcount
 
 
@@ -338,20 +412,22 @@ def _prune(connection: sa.Connection, before: dt.datetime, limit: int) -> int:
     return connection.execute(sa.delete(events).where(events.c.seq.in_(seqs))).rowcount
 
 
-def redeliver(connection: sa.Connection, event_id: str, endpoints: list[str]) -> tuple[StoredEvent | None, set[tuple[str, str]]]:
-    """Send the event again to `endpoints`: their deliveries pending anew with fresh attempts (an
-    endpoint added since gets one). Returns the event and the streams to run."""
+def redeliver(connection: sa.Connection, event_id: str, endpoints: list[str]) -> StoredEvent | None:
+    """Send the event again to `endpoints`: their deliveries pending anew, due now, with fresh
+    attempts (an endpoint added since gets one). Returns the event."""
     row = connection.execute(sa.select(events).where(events.c.id == event_id)).first()
     if row is None:
-        return None, set()
+        return None
     stream = row.call_id or row.id
     now = utcnow()
     for endpoint in endpoints:
         values = dict(id=str(uuid.uuid4()), event_seq=row.seq, endpoint=endpoint, stream=stream, status=PENDING,
-                      attempts=0, created_at=now)
+                      attempts=0, created_at=now, due_at=now)
         connection.execute(
             insert_for(connection)(deliveries).values(**values).on_conflict_do_update(
                 index_elements=["event_seq", "endpoint"],
-                set_=dict(status=PENDING, attempts=0, last_error=None, delivered_at=None))
+                # Released: a dispatcher sending it at this moment records nothing (see _attempted_all).
+                set_=dict(status=PENDING, attempts=0, last_error=None, delivered_at=None, due_at=now,
+                          lease_owner=None, lease_until=None))
         )
-    return _get(connection, event_id), {(endpoint, stream) for endpoint in endpoints}
+    return _get(connection, event_id)

@@ -161,9 +161,19 @@ deliveries = sa.Table(
     sa.Column("last_attempt_at", sa.DateTime(timezone=True)),
     sa.Column("delivered_at", sa.DateTime(timezone=True)),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # (Migration 10.) Deliveries are claimed directly by each endpoint's dispatcher: a pending
+    # delivery is due at `due_at` (its next attempt), and a process sending it holds it until
+    # `lease_until` (a process that dies holding it loses it then, and another sends it again).
+    sa.Column("due_at", sa.DateTime(timezone=True)),
+    sa.Column("lease_owner", sa.String(64)),
+    sa.Column("lease_until", sa.DateTime(timezone=True)),
     sa.UniqueConstraint("event_seq", "endpoint", name="uq_deliveries_event_endpoint"),
     sa.Index("ix_deliveries_stream", "endpoint", "stream", "status", "event_seq"),
     sa.Index("ix_deliveries_status", "status", "event_seq"),
+    # What a dispatcher's claim reads: its endpoint's pending deliveries by due time (a small index,
+    # since settled deliveries leave it).
+    sa.Index("ix_deliveries_due", "endpoint", "due_at", sqlite_where=sa.text("status = 'pending'"),
+             postgresql_where=sa.text("status = 'pending'")),
 )
 
 delivery_attempts = sa.Table(
@@ -302,7 +312,22 @@ def _create_campaigns(connection: sa.Connection) -> None:
     metadata.create_all(connection, tables=[campaigns, campaign_rows, suppressions])
 
 
+def _add_delivery_dispatch(connection: sa.Connection) -> None:
+    """Deliveries claimed directly (due time and lease) instead of through one job per stream.
+    Deliveries pending from before are due at once; the jobs of the old kind are left to finish
+    as no-ops (see flows/events.py)."""
+    existing = {column["name"] for column in sa.inspect(connection).get_columns("deliveries")}
+    for name, sql_type in (("due_at", "TIMESTAMP WITH TIME ZONE"), ("lease_owner", "VARCHAR(64)"),
+                           ("lease_until", "TIMESTAMP WITH TIME ZONE")):
+        if name not in existing:
+            connection.execute(sa.text(f"ALTER TABLE deliveries ADD COLUMN {name} {sql_type}"))
+    connection.execute(sa.update(deliveries).where(deliveries.c.due_at.is_(None)).values(due_at=deliveries.c.created_at))
+    if "ix_deliveries_due" not in {index["name"] for index in sa.inspect(connection).get_indexes("deliveries")}:
+        next(index for index in deliveries.indexes if index.name == "ix_deliveries_due").create(connection)
+
+
 # Append new migrations; never edit one that has shipped. (Version 1 grew the outbound columns
 # before the first release.)
 MIGRATIONS = [_create_v1, _create_transfers, _add_media_columns, _add_media_token_column, _add_placed_column,
-              _create_jobs, _add_live_indexes, _create_events, _create_campaigns]
+              _create_jobs, _add_live_indexes, _create_events, _create_campaigns,
+              _add_delivery_dispatch]
