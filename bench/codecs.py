@@ -159,8 +159,9 @@ def main() -> None:
         t = Transcoder(fmt, rate)
         payload = codecs.encode(fmt, pcm(speech(timeline(fmt.rate, 0.02))))
         out_frame = pcm(speech(timeline(rate, 0.02)))
-        print(f"{label:<30}{rate:>9}{per_frame_us(lambda: t.to_pcm(payload), n):>11.2f}"
-              f"{per_frame_us(lambda: t.from_pcm(out_frame), n):>13.2f}")
+        to_pcm = per_frame_us(lambda t=t, payload=payload: t.to_pcm(payload), n)
+        from_pcm = per_frame_us(lambda t=t, out_frame=out_frame: t.from_pcm(out_frame), n)
+        print(f"{label:<30}{rate:>9}{to_pcm:>11.2f}{from_pcm:>13.2f}")
     print(f"\ncodecs.IMPLEMENTATION = {impl}")
 
 

@@ -7,9 +7,10 @@ Each target (`gateway serve` from git revision --before, by default main, extrac
 `git archive` into a temporary directory; then this tree's) runs in its own process against
 its own fake Ultravox process (bench/inbound.py's). For each target the load generator first
 sends genuine signed inbound webhooks alone, one after the other (quiet), then again while
---senders connections post (--flood-kbps in all, 850 KB/s by default as in the issue; 0: back-to-back) inbound webhooks whose signature does not match: the
-issue's 9000-field form, the largest forms the older revision parses (256 fields, 60 KB), then forms within this tree's
-per-carrier limits (carrier.webhook_max_fields / webhook_max_bytes), which both accept to parse.
+--senders connections post (--flood-kbps in all, 850 KB/s by default as in the issue; 0: back-to-back)
+inbound webhooks whose signature does not match: the issue's 9000-field form, the largest forms the
+older revision parses (256 fields, 60 KB), then forms within this tree's per-carrier limits
+(carrier.webhook_max_fields / webhook_max_bytes), which both accept to parse.
 It prints the genuine webhooks' latency and outcome for each phase, side by side. It never
 asserts timings; it exits 1 only when the bench itself could not run.
 """

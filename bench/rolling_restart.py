@@ -230,7 +230,8 @@ def report(args, bench: Bench, exits) -> int:
     print(f"  calls: {len(bench.stats)}  handovers: {handed}  calls cut: {len(cut)}")
     if gaps:
         print(f"  silence per handover (last echo on the old stream -> first on the new): "
-              f"p50 {1000 * statistics.median(gaps):.0f} ms, p99 {1000 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))]:.0f} ms, "
+              f"p50 {1000 * statistics.median(gaps):.0f} ms, "
+              f"p99 {1000 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))]:.0f} ms, "
               f"max {1000 * gaps[-1]:.0f} ms")
     for s in cut[:10]:
         print(f"  CUT call {s.index}: {s.cut}")

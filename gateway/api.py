@@ -210,6 +210,7 @@ class EventsApi:
 
     async def _webhook_view(self, name: str) -> dict[str, Any]:
         webhook = self.settings.webhook_named(name)
+        assert webhook is not None  # callers name configured endpoints
         state = await self.events.endpoint(name)
         return {"name": name, "url": webhook.url, "events": webhook.events, "routes": webhook.routes,
                 "disabled_at": state.disabled_at.isoformat() if state.disabled_at else None,
@@ -329,7 +330,10 @@ def _decode_cursor(value: str | None) -> tuple[dt.datetime, str] | None:
         return None
     try:
         created_at, call_id = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
-        return _time(created_at, "cursor"), str(call_id)
+        when = _time(created_at, "cursor")
+        if when is None:
+            raise ValueError("cursor has no time")
+        return when, str(call_id)
     except (ValueError, TypeError, binascii.Error):
         raise ValueError("cursor is not one this API handed out") from None
 

@@ -16,7 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route, WebSocketRoute
 
 from .api import CallsApi, EventsApi
 from .callbacks import UltravoxCallbacks
@@ -209,6 +209,7 @@ class Gateway:
         if self.drainer is not None and self.drainer.draining:  # the load balancer sends new calls elsewhere
             return JSONResponse({"status": "draining"}, status_code=503)
         problems = []
+        assert self.store is not None  # started before any request is served
         try:
             await asyncio.wait_for(self.store.ping(), timeout=2)
         except Exception as error:
@@ -232,6 +233,7 @@ class Gateway:
         end reaches whichever replica its callback lands on, so no process knows its own). None when
         the store does not answer in time: /metrics still answers, without these series."""
         since = utcnow() - LIVE_HORIZON
+        assert self.store is not None and self.transfers is not None  # started before any request is served
         try:
             calls, transfers = await asyncio.wait_for(
                 asyncio.gather(self.store.live_calls(since), self.transfers.live_transfers(since)),
@@ -250,7 +252,7 @@ class Gateway:
         return LiveCounts(calls=by_mode, transfers=dict(transfers))
 
     # --- the route table: every URL the gateway serves, by name -------------------------------------
-    def routes(self) -> list[Route]:
+    def routes(self) -> list[BaseRoute]:
         def later(endpoint_of):
             # The services behind the endpoints exist once the app has started, on its event loop.
             async def endpoint(request):

@@ -1,4 +1,4 @@
-"""`gateway serve | check | dial | tools sync | simulate | campaign`."""
+"""`gateway serve | check | dial | tools sync | simulate | demo | campaign`, and `gateway --version`."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 import time
 import uuid
+from pathlib import Path
+from typing import Any
 
 from .settings import ConfigError, load_settings
 
@@ -20,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     carriers = list(CARRIERS)
     parser = argparse.ArgumentParser(prog="gateway", description="Telephony gateway for Ultravox")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the gateway's HTTP server")
@@ -36,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check", help="validate a config file and say what is wrong")
     check.add_argument("--config", help="TOML config file (default: $GATEWAY_CONFIG)")
     check.add_argument("config_path", nargs="?", help="same as --config")
+    check.add_argument("--online", action="store_true",
+                       help="also reach Ultravox and each configured carrier with the configured credentials")
 
     dial = commands.add_parser("dial", help="phone someone through the running gateway and follow the call")
     dial.add_argument("to", help="number to call, E.164 (+15551234567)")
@@ -74,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--private-key", help="for carriers signing with a private key (the gateway holds the "
                           "public half): that key, base64")
 
+    demo = commands.add_parser(
+        "demo", help="try the gateway with no account: it runs with a local stand-in for Ultravox and the carriers "
+        "faked on loopback, and prints commands to try")
+    demo.add_argument("--port", type=int, default=8080, help="port the gateway listens on (default 8080)")
+
     from . import campaign_cli
 
     campaign_cli.add_parser(commands, api_key_of)
@@ -82,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     if args.command == "simulate":
         return simulate_command(args)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(args.port)
     if args.command == "tools":
         return tools_sync_command(args)
     if args.command == "serve":
@@ -89,6 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dial":
         return dial_command(args)
     return check_command(args)
+
+
+def installed_version() -> str:
+    """The version of the installed package (its metadata), as pip shows it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ultravox-gateway")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _load(path: str | None):
@@ -117,14 +142,20 @@ def serve_command(args) -> int:
     if args.workers < 1:
         log.error("--workers must be 1 or more")
         return 2
+    # The store opened and its schema brought up to date here, before serving: a database URL that
+    # leads nowhere is a configuration problem, said in one line rather than a start-up traceback.
+    # (With several workers it must be once anyway: on SQLite, workers migrating one file at once
+    # could each find it unmigrated; PostgreSQL replicas take a lock instead.)
+    problem = asyncio.run(_store_problem(settings.database_url))
+    if problem:
+        log.error("Cannot open the store at %s: %s. Check GATEWAY_DATABASE_URL ([gateway] database_url).",
+                  _without_password(settings.database_url), problem)
+        return 2
     if args.workers > 1:
-        # The schema once, here, before the workers start: on SQLite, workers migrating one file at
-        # once could each find it unmigrated (PostgreSQL replicas take a lock instead).
-        asyncio.run(_migrate(settings.database_url))
         # Each worker process builds its own app from the same configuration.
         if args.config:
             os.environ["GATEWAY_CONFIG"] = os.path.abspath(args.config)
-        app = "gateway.app:create_app_from_environment"
+        app: Any = "gateway.app:create_app_from_environment"
     else:
         app = create_app(settings)
     # uvicorn applies log_config (dictConfig) in this process and again in each worker process.
@@ -134,14 +165,42 @@ def serve_command(args) -> int:
     return serve(config, workers=args.workers)
 
 
-async def _migrate(database_url: str) -> None:
+async def _store_problem(database_url: str) -> str | None:
+    """Why the store cannot be opened and migrated, in a few words; None when it can."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     from .store import CallStore
 
-    store = CallStore.open(database_url)
     try:
-        await store.migrate()
-    finally:
-        await store.close()
+        path = make_url(database_url).database if database_url.startswith("sqlite") else None
+    except ArgumentError:
+        path = None
+    if path and path != ":memory:" and not Path(path).parent.is_dir():
+        return f"the directory {Path(path).parent} does not exist"
+    try:
+        store = CallStore.open(database_url)
+        try:
+            await store.migrate()
+        finally:
+            await store.close()
+    except Exception as error:
+        cause = getattr(error, "orig", None) or error.__cause__ or error  # the driver's own error
+        if isinstance(cause, OSError) and cause.errno:
+            return os.strerror(cause.errno).lower()
+        text = re.sub(r"^<class '[^']+'>: ", "", str(cause).split("\n")[0]).strip()
+        return text or type(cause).__name__
+    return None
+
+
+def _without_password(database_url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(database_url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return database_url.partition("://")[0] + "://…"
 
 
 def api_key_of(args) -> str | None:
@@ -202,7 +261,7 @@ def dial_command(args) -> int:
 
 
 def _why(call: dict) -> str:
-    details = [call.get(k) for k in ("failure_reason", "end_reason") if call.get(k)]
+    details = [str(call[k]) for k in ("failure_reason", "end_reason") if call.get(k)]
     if call.get("duration_seconds") is not None:
         details.append(f"{call['duration_seconds']} s")
     return f" ({'; '.join(details)})" if details else ""
@@ -278,7 +337,15 @@ def check_command(args) -> int:
         print(f"  {route.number:>16}  {route.name}: {target}")
     for note in settings.warnings():
         print(f"warning: {note}")
-    return 0
+    if not args.online:
+        return 0
+    from .online import check_online
+
+    print("Online (each service's API, with the configured credentials):")
+    probes = asyncio.run(check_online(settings))
+    for probe in probes:
+        print(probe.line())
+    return 1 if any(probe.outcome == "failed" for probe in probes) else 0
 
 
 if __name__ == "__main__":

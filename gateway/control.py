@@ -157,7 +157,7 @@ def openapi_paths() -> dict[str, Any]:
         return {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
 
     def route(summary: str, body: str, *, required: bool = True, answer: tuple[str, str, str],
-              errors: dict[str, str]) -> dict[str, Any]:
+              errors: dict[str, dict[str, str]]) -> dict[str, Any]:
         status, description, schema = answer
         return {"post": {
             "summary": summary,

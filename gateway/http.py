@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -76,10 +78,12 @@ async def request_with_retries(
             if response.status_code not in RETRYABLE_STATUSES:
                 return response
             problem = f"{service} answered {response.status_code}"
-            wait = retry_after_seconds(response.headers.get("retry-after"))
-            if wait is None:
+            after = retry_after_seconds(response.headers.get("retry-after"))
+            if after is None:
                 wait = backoff
                 backoff *= 2
+            else:
+                wait = after
         if attempt == policy.max_attempts:
             break
         if policy.clock() + wait + MIN_ATTEMPT_SECONDS >= deadline:
@@ -132,6 +136,21 @@ def request_never_sent(error: httpx.HTTPError) -> bool:
     if isinstance(cause, aiohttp.ClientConnectionError):
         return isinstance(cause, aiohttp.ClientConnectorError)
     return True
+
+
+def transport_problem(error: httpx.HTTPError) -> str:
+    """Why a request got no answer, in a person's words ("connection refused", "name not found…").
+
+    httpx_aiohttp reports most connection failures as ConnectTimeout; the aiohttp error it chains
+    holds the system's reason."""
+    os_error = getattr(error.__cause__, "os_error", None)
+    if isinstance(os_error, socket.gaierror):
+        return f"its host name was not found ({os_error.strerror})"
+    if isinstance(os_error, OSError) and os_error.errno:
+        return os.strerror(os_error.errno).lower()
+    if isinstance(error, httpx.TimeoutException):
+        return "no answer in time"
+    return type(error).__name__
 
 
 def retry_after_seconds(value: str | None) -> float | None:

@@ -55,11 +55,17 @@ def bind(**ids: str | None) -> Binding:
 
 
 class CallLike(Protocol):
-    id: str
-    carrier: str
-    route: str | None
-    carrier_call_id: str | None
-    ultravox_call_id: str | None
+    # Read-only (properties): a frozen dataclass such as CallRecord matches.
+    @property
+    def id(self) -> str: ...
+    @property
+    def carrier(self) -> str: ...
+    @property
+    def route(self) -> str | None: ...
+    @property
+    def carrier_call_id(self) -> str | None: ...
+    @property
+    def ultravox_call_id(self) -> str | None: ...
 
 
 def bind_call(record: CallLike) -> Binding:
@@ -167,7 +173,8 @@ class RedactingFilter(logging.Filter):
         try:
             self._redact_record(record)
         except Exception:  # never let a line through unredacted, nor break the code that logged it
-            record.msg, record.args, record.exc_info, record.exc_text = "(log line dropped: it could not be redacted)", None, None, None
+            record.msg, record.args = "(log line dropped: it could not be redacted)", None
+            record.exc_info, record.exc_text = None, None
         return True
 
     def _redact_record(self, record: logging.LogRecord) -> None:

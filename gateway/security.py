@@ -27,7 +27,7 @@ def match_api_key(authorization: str | None, keys: list[str]) -> str | None:
 
 
 def tool_secret_matches(presented: str | None, secret: str | None) -> bool:
-    return bool(presented and secret) and hmac.compare_digest(presented.encode(), secret.encode())
+    return bool(presented and secret) and hmac.compare_digest((presented or "").encode(), (secret or "").encode())
 
 
 def callback_token(key: str, call_id: str) -> str:
@@ -40,7 +40,7 @@ def callback_token(key: str, call_id: str) -> str:
 
 
 def valid_callback_token(key: str, call_id: str, token: str | None) -> bool:
-    return bool(token) and hmac.compare_digest(callback_token(key, call_id), token)
+    return bool(token) and hmac.compare_digest(callback_token(key, call_id), token or "")
 
 
 def media_token(key: str, carrier: str, call_id: str, expires_at: int) -> str:
@@ -54,7 +54,7 @@ def media_token_problem(key: str, carrier: str, call_id: str, token: str | None,
     expires, _, _ = (token or "").partition(".")
     if not expires.isdigit():
         return "missing or malformed media token"
-    if not hmac.compare_digest(media_token(key, carrier, call_id, int(expires)), token):
+    if not hmac.compare_digest(media_token(key, carrier, call_id, int(expires)), token or ""):
         return "media token does not match this call"
     if now > int(expires):
         return "media token has expired"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import difflib
 import fnmatch
 import functools
 import os
@@ -13,9 +14,20 @@ import tomllib
 import uuid
 import zoneinfo
 from dataclasses import dataclass
+import types
+import typing
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from . import numbers
 
@@ -35,6 +47,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def http_base_url(value: str) -> str:
+    """An absolute http(s) URL of a remote API, without a trailing slash (paths are appended)."""
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError(f"must be an absolute http(s) URL like https://api.example.com, got {value!r}")
+    return value.rstrip("/")
+
+
+# What the store opens (gateway.store.database): SQLite, or PostgreSQL through asyncpg.
+DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres", "postgresql+asyncpg")
+
+
 class UltravoxSettings(_Section):
     api_key: str | None = None
     base_url: str = "https://api.ultravox.ai"
@@ -48,11 +71,21 @@ class UltravoxSettings(_Section):
     # Ultravox's own advice: refuse webhooks whose timestamp is older than a minute.
     webhook_tolerance_seconds: float = Field(default=60.0, gt=0)
 
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        return http_base_url(value)
+
 
 class CarrierSettings(_Section):
     """A carrier's [section]; each carrier module declares its own (gateway.carriers)."""
 
     api_base_url: str
+
+    @field_validator("api_base_url")
+    @classmethod
+    def _api_base_url(cls, value: str) -> str:
+        return http_base_url(value)
 
 
 class FallbackSettings(_Section):
@@ -322,7 +355,7 @@ class EventSettings(_Section):
     # Seconds between a failed delivery and the next attempt, one entry per retry, each with ±20 %
     # jitter; after the last, the delivery has failed. The default reaches about 24 hours.
     retry_schedule_seconds: list[float] = Field(
-        default_factory=lambda: [5, 30, 120, 600, 1800, 3600, 7200, 14400, 21600, 36000],
+        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 21600.0, 36000.0],
         min_length=1, max_length=30)
     # How long one delivery attempt may take (the receiver should answer at once and work later).
     timeout_seconds: float = Field(default=15.0, gt=0, le=60)
@@ -505,6 +538,17 @@ class Settings(_Section):
                 raise ValueError("API keys must be at least 16 characters (they guard who may place calls)")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        scheme, separator, _ = value.partition("://")
+        if not separator or scheme.lower() not in DATABASE_SCHEMES:
+            # Only the scheme is repeated: the rest of a database URL may hold a password.
+            got = f"a {scheme}:// URL" if separator else "no URL"
+            raise ValueError(f"must be sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DATABASE (the gateway stores "
+                             f"calls in SQLite or PostgreSQL), got {got}")
+        return value
+
     @field_validator("public_url")
     @classmethod
     def _public_url(cls, value: str | None) -> str | None:
@@ -515,23 +559,12 @@ class Settings(_Section):
         return value.rstrip("/")
 
     @model_validator(mode="after")
-    def _unique_routes(self) -> "Settings":
-        seen: set[str] = set()
-        for route in self.routes:
-            if route.number in seen:
-                raise ValueError(f"two routes are configured for {route.number}")
-            seen.add(route.number)
-            unknown = [name for name in route.operators if name not in self.operators]
-            if unknown:
-                raise ValueError(f"route {route.name} names operators that are not configured: {', '.join(unknown)}")
-        names = [webhook.name for webhook in self.webhooks]
-        if len(set(names)) != len(names):
-            raise ValueError("two [[webhooks]] have the same name; give each its own `name`")
-        routes = {route.name for route in self.routes}
-        for webhook in self.webhooks:
-            unknown = [name for name in webhook.routes if name not in routes]
-            if unknown:
-                raise ValueError(f"webhook {webhook.name} names routes that are not configured: {', '.join(unknown)}")
+    def _references(self, info: ValidationInfo) -> "Settings":
+        # load_settings checks them on the file's data, with every other problem, in one pass.
+        if not (info.context or {}).get("references_checked"):
+            problems = reference_problems(self.model_dump(include={"routes", "operators", "webhooks"}))
+            if problems:
+                raise ValueError("; ".join(problems))
         return self
 
     def webhook_named(self, name: str) -> WebhookSettings | None:
@@ -592,6 +625,54 @@ class Settings(_Section):
         return notes
 
 
+def did_you_mean(name: str, known: typing.Iterable[str]) -> str:
+    """ "; did you mean X?" when `name` is close to one of `known`, else ""."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _unknown_names(unknown: list[str], known: typing.Iterable[str]) -> str:
+    """ "a (did you mean 'b'?), c" """
+    known = list(known)
+    return ", ".join(name + (f" ({hint[2:]})" if (hint := did_you_mean(name, known)) else "") for name in unknown)
+
+
+def reference_problems(data: Mapping[str, Any]) -> list[str]:
+    """Names that point at nothing (a route's operators, a webhook's routes) and numbers routed twice.
+    Read from the settings as written, whatever else is wrong with them, so that `gateway check`
+    reports these along with every other problem in one pass."""
+
+    def tables(value: Any) -> list[Mapping[str, Any]]:
+        return [entry for entry in value if isinstance(entry, Mapping)] if isinstance(value, list) else []
+
+    def names(value: Any) -> list[str]:
+        return [name for name in value if isinstance(name, str)] if isinstance(value, list) else []
+
+    operators: Mapping[str, Any] = data["operators"] if isinstance(data.get("operators"), Mapping) else {}
+    routes = tables(data.get("routes"))
+    problems, seen = [], set()
+    for route in routes:
+        number = route.get("number")
+        if isinstance(number, str) and number in seen:
+            problems.append(f"two routes are configured for {number}")
+        seen.add(number)
+        unknown = [name for name in names(route.get("operators")) if name not in operators]
+        if unknown:
+            problems.append(f"route {route.get('name') or number} names operators that are not configured: "
+                            f"{_unknown_names(unknown, operators)}")
+    route_names = {route.get("name") or route.get("number") for route in routes}
+    webhooks = tables(data.get("webhooks"))
+    endpoint_names = [webhook.get("name", "default") for webhook in webhooks]
+    if len(set(endpoint_names)) != len(endpoint_names):
+        problems.append("two [[webhooks]] have the same name; give each its own `name`")
+    for webhook in webhooks:
+        unknown = [name for name in names(webhook.get("routes")) if name not in route_names]
+        if unknown:
+            problems.append(f"webhook {webhook.get('name', 'default')} names routes that are not configured: "
+                            f"{_unknown_names(unknown, [name for name in route_names if isinstance(name, str)])}")
+    return problems
+
+
 # Environment variable -> (section or None for top level, key). Environment wins over the file.
 ENVIRONMENT: dict[str, tuple[str | None, str]] = {
     "GATEWAY_PUBLIC_URL": (None, "public_url"),
@@ -637,7 +718,8 @@ def settings_class() -> type[Settings]:
         name: (carrier.settings_model, Field(default_factory=carrier.settings_model))
         for name, carrier in CARRIERS.items()
     }
-    return create_model("Settings", __base__=Settings, **sections)
+    # pydantic's overloads of create_model cannot type field definitions passed as **kwargs.
+    return create_model("Settings", __base__=Settings, **sections)  # type: ignore[call-overload]
 
 
 def load_settings(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -655,17 +737,25 @@ def load_settings(path: str | os.PathLike | None = None, environ: Mapping[str, s
             raise ConfigError([f"config file {path} is not valid TOML: {error}"]) from None
     data = _flatten_gateway_table(data)
     data = _webhook_from_environment(data, environ)
+    problems: list[str] = []
+    applied: dict[tuple[str | None, str], str] = {}  # (section, key) -> the variable that set it
     for variable, (section, key) in _settings_environment().items():
         value = environ.get(variable)
         if value:
             target = data if section is None else data.setdefault(section, {})
             if not isinstance(target, dict):
-                raise ConfigError([f"[{section}] in the config file must be a table"])
+                problems.append(f"[{section}] in the config file must be a table (it is set by {variable} too)")
+                continue
             target[key] = value
+            applied[(section, key)] = variable
+    problems += reference_problems(data)
     try:
-        return settings_class().model_validate(data)
+        settings = settings_class().model_validate(data, context={"references_checked": True})
     except ValidationError as error:
-        raise ConfigError(describe_validation_error(error, data)) from None
+        raise ConfigError(describe_validation_error(error, data, applied) + problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return settings
 
 
 def _webhook_from_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
@@ -693,17 +783,88 @@ def _flatten_gateway_table(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def describe_validation_error(error: ValidationError, data: Mapping[str, Any]) -> list[str]:
+def describe_validation_error(error: ValidationError, data: Mapping[str, Any],
+                               environment_sources: Mapping[tuple[str | None, str], str] | None = None) -> list[str]:
+    """Each of pydantic's errors as a sentence: where (as the file spells it), what is wrong in plain
+    words, and which environment variable set the value, if one did."""
+    sources = environment_sources or {}
     problems = []
     for item in error.errors():
-        where = _location(item["loc"], data)
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "is not a known setting (check the spelling against config/gateway.example.toml)"
-        elif item["type"] == "missing":
-            message = "is required"
+        loc = item["loc"]
+        where = _location(loc, data)
+        message = _plain(item, loc)
+        key = (None, str(loc[0])) if len(loc) == 1 else (str(loc[0]), str(loc[1])) if len(loc) == 2 else None
+        if key is not None and key in sources:
+            message += f" (set by {sources[key]})"
         problems.append(f"{where}: {message}" if where else message)
     return problems
+
+
+def _plain(item: Any, loc: tuple) -> str:
+    """A pydantic error's message without validator jargon ("Input should be…")."""
+    kind, context, value = item["type"], item.get("ctx") or {}, item.get("input")
+    if kind == "extra_forbidden":
+        hint = did_you_mean(str(loc[-1]), _known_keys(loc[:-1]))
+        return f"is not a known setting{hint} (config/gateway.example.toml lists every key)"
+    if kind == "missing":
+        return "is required"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"must be a whole number, got {value!r}"
+    if kind in ("float_parsing", "float_type"):
+        return f"must be a number, got {value!r}"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"must be true or false, got {value!r}"
+    if kind == "string_type":
+        return f"must be text (in quotes), got {value!r}"
+    if kind == "literal_error":
+        return f"must be one of {context.get('expected')}, got {value!r}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        words = {"greater_than": "more than", "greater_than_equal": "at least", "less_than": "less than",
+                 "less_than_equal": "at most"}[kind]
+        bound = next(iter(context.values()), "")
+        return f"must be {words} {bound}, got {value!r}"
+    if kind in ("too_short", "too_long", "string_too_short", "string_too_long"):
+        if kind.startswith("string"):
+            size = context.get("min_length") if kind.endswith("short") else context.get("max_length")
+            return "must not be empty" if size == 1 and kind.endswith("short") else (
+                f"must be {'at least' if kind.endswith('short') else 'at most'} {size} characters long")
+        size = context.get("min_length") if kind == "too_short" else context.get("max_length")
+        return f"must have {'at least' if kind == 'too_short' else 'at most'} {size} entries"
+    if kind == "list_type":
+        return f"must be a list, like [\"…\", \"…\"], got {value!r}"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return f"must be a table (a [section] or {{ key = value }}), got {value!r}"
+    return str(item["msg"]).removeprefix("Value error, ")
+
+
+def _known_keys(path: tuple) -> list[str]:
+    """The keys the settings take at `path` (a pydantic error location), for "did you mean"."""
+    annotation: Any = settings_class()
+    for part in path:
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(part, str):
+            field = annotation.model_fields.get(part)
+            if field is None:
+                return []
+            annotation = field.annotation
+        elif typing.get_origin(annotation) is list and isinstance(part, int):
+            annotation = typing.get_args(annotation)[0]
+        elif typing.get_origin(annotation) is dict and isinstance(part, str):
+            annotation = typing.get_args(annotation)[1]
+        else:
+            return []
+    annotation = _unwrap(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return list(annotation.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """`X` for `X | None`."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        others = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return others[0] if len(others) == 1 else annotation
+    return annotation
 
 
 def _location(loc: tuple, data: Mapping[str, Any]) -> str:

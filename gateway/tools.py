@@ -72,7 +72,8 @@ def transfer_tools(settings: Settings, urls: Urls, operators: list[str]) -> list
     if not operators or not settings.tool_secret or not settings.public_url:
         return []
     return [
-        {"temporaryTool": tool_definition(settings, urls, tool, operators), "authTokens": {SECRET_REQUIREMENT: settings.tool_secret}}
+        {"temporaryTool": tool_definition(settings, urls, tool, operators),
+         "authTokens": {SECRET_REQUIREMENT: settings.tool_secret}}
         for tool in (COLD_TOOL, WARM_TOOL)
     ]
 

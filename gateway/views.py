@@ -41,7 +41,7 @@ class CallView(BaseModel):
 
     @classmethod
     def of(cls, record: CallRecord) -> dict[str, Any]:
-        computed = {
+        computed: dict[str, Any] = {
             "from_": record.from_number,
             "to": record.to_number,
             "media": record.media,

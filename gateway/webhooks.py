@@ -53,7 +53,7 @@ async def read_webhook(
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     chosen = next((f for f in formats if f.content_type == content_type), None)
     if chosen is None:
-        expected = " or ".join(f.content_type for f in formats)
+        expected = " or ".join(str(f.content_type) for f in formats)
         raise RequestRejected(f"expected {expected}, got {content_type or 'no content type'}", 415)
     body = await read_limited(request, max_bytes)
     if body is None:
@@ -138,7 +138,11 @@ class CarrierWebhooks:
 
     def _refused(self, carrier: Carrier, rejection: RequestRejected) -> Response:
         self.metrics.webhooks.labels(carrier.name, f"http_{rejection.status}").inc()
-        log.warning("%s webhook refused (%d): %s", carrier.name, rejection.status, rejection.detail)
+        if rejection.explanation:
+            log.warning("%s webhook refused (%d): %s; %s", carrier.name, rejection.status, rejection.detail,
+                        rejection.explanation)
+        else:
+            log.warning("%s webhook refused (%d): %s", carrier.name, rejection.status, rejection.detail)
         return PlainTextResponse(rejection.detail + "\n", status_code=rejection.status)
 
     def _endpoint(self, handler: Callable[[Carrier, Request], Awaitable[Response]]):

@@ -213,7 +213,7 @@ class Work:
             else:
                 log.warning("job %s (%s) failed (attempt %d): %s", job.id, job.kind, job.attempts, reason,
                             exc_info=error)
-                delay = RETRY_SECONDS[min(job.attempts, len(RETRY_SECONDS)) - 1]
+                delay: float = RETRY_SECONDS[min(job.attempts, len(RETRY_SECONDS)) - 1]
                 if kind.every is not None:
                     delay = max(delay, kind.every.total_seconds())
                 await self.jobs.again(job, self._now() + dt.timedelta(seconds=delay), reason)

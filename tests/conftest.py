@@ -318,7 +318,8 @@ def database_url(request, tmp_path):
         store = CallStore.open(url)
         await store.migrate()
         def delete(connection):
-            for table in ("campaign_rows", "campaigns", "suppressions", "jobs", "delivery_attempts", "deliveries", "events", "webhook_endpoints", "transfers", "calls"):
+            for table in ("campaign_rows", "campaigns", "suppressions", "jobs", "delivery_attempts", "deliveries", "events",
+                          "webhook_endpoints", "transfers", "calls"):
                 connection.exec_driver_sql(f"DELETE FROM {table}")
 
         await store.database.transaction(delete)

@@ -452,7 +452,8 @@ def test_a_stream_that_never_starts_or_streams_another_format_fails_the_call(bri
 
     async def scenario():
         async with call.stream() as stream:
-            await stream.start(call_id=call.carrier_call_id, extra={"mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000}})
+            await stream.start(call_id=call.carrier_call_id,
+                               extra={"mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000}})
             return await stream.wait_closed(timeout=5)
 
     asyncio.run(scenario())
@@ -533,7 +534,8 @@ mode = "bridge"
             await asyncio.to_thread(call.ultravox.wait_for_session)
 
     asyncio.run(first_use())
-    on_the_other_replica = call.local_url.replace(gateway.server.url.replace("http", "ws"), other.server.url.replace("http", "ws"))
+    here, there = gateway.server.url.replace("http", "ws"), other.server.url.replace("http", "ws")
+    on_the_other_replica = call.local_url.replace(here, there)
     assert _refused(on_the_other_replica) == 403
 
 

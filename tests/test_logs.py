@@ -299,7 +299,8 @@ def test_the_redacting_filter_knows_credentials_by_value_and_by_shape():
         "auth tok/en+1 and tok%2Fen%2B1 (encoded)": "auth [redacted] and [redacted] (encoded)",
         "wss://gw/media/twilio?call=c1&token=1767225600.0123456789abcdef0123456789abcdef": "wss://gw/media/twilio?call=c1&token=[redacted]",
         "https://gw/plivo/status?call=c1&amp;t=0123456789abcdef0123456789abcdef": "https://gw/plivo/status?call=c1&amp;t=[redacted]",
-        '<Parameter name="token" value="1767225600.0123456789abcdef0123456789abcdef"/>': '<Parameter name="token" value="[redacted]"/>',
+        '<Parameter name="token" value="1767225600.0123456789abcdef0123456789abcdef"/>':
+            '<Parameter name="token" value="[redacted]"/>',
         "Authorization: Bearer abc.DEF-123": "Authorization: Bearer [redacted]",
         "authorization=sk_live_51": "authorization=[redacted]",
         "sent Basic ZXhvdGVsOmhvb2s=": "sent Basic [redacted]",
@@ -327,7 +328,8 @@ def test_every_worker_process_writes_json_lines(tmp_path, fake_ultravox):
     carrier = CARRIER_NAMES[0]
     ids = []
     for _ in range(4):
-        request = double(carrier).inbound_request(PUBLIC_URL, f"/{carrier}/inbound", double(carrier).inbound_form(to=SUPPORT_NUMBER))
+        form = double(carrier).inbound_form(to=SUPPORT_NUMBER)
+        request = double(carrier).inbound_request(PUBLIC_URL, f"/{carrier}/inbound", form)
         response = httpx.post(process.url + f"/{carrier}/inbound", content=request.body, headers=request.headers)
         assert response.status_code == 200
         ids.append(response.headers["x-request-id"])

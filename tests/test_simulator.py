@@ -412,3 +412,42 @@ def test_fake_ultravox_rejects_bad_server_websocket_medium(ultravox, fake):
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=2)
     assert closed.value.rcvd.code == 4404
+
+
+def test_fake_ultravox_converses_greets_then_answers_each_utterance(ultravox, fake):
+    """The stand-in agent (`converse`): its greeting at the session's rate, then its answer once the
+    caller has said something and paused; silence and a click get no answer. By default it speaks
+    the WAVs shipped with the package."""
+    from gateway.testing import Speech
+
+    assert fake.converse().greeting == Speech.shipped("greeting") and fake.answer == Speech.shipped("answer")
+    assert 1.0 < fake.greeting.seconds < 4.0 and 1.0 < fake.answer.seconds < 8.0 and fake.greeting.rate == 8000
+    _, server = ultravox
+    greeting, answer = Speech(sine(8000, 0.2, freq=200), 8000), Speech(sine(8000, 0.3, freq=250), 8000)
+    fake.converse(greeting, answer)
+    call = create_socket_call(server, {"inputSampleRate": 16000, "outputSampleRate": 16000}).json()
+    received = bytearray()
+
+    def receive_until_quiet(ws, quiet: float) -> None:
+        while True:
+            try:
+                received.extend(ws.recv(timeout=quiet))
+            except TimeoutError:
+                return
+
+    with sync_connect(call["joinUrl"]) as ws:
+        session = fake.wait_for_session(call["callId"])
+        receive_until_quiet(ws, 0.3)  # the greeting, resampled to 16 kHz
+        assert abs(len(received) - len(greeting.at(16000))) <= 640
+        heard = len(received)
+        ws.send(bytes(640) * 10)  # silence
+        ws.send(sine(16000, 0.02))  # a click: too short to be speech
+        time.sleep(0.8)
+        assert session.utterances == 0 and len(received) == heard
+        caller = sine(16000, 0.4, freq=300)
+        for offset in range(0, len(caller), 640):
+            ws.send(caller[offset:offset + 640])
+        receive_until_quiet(ws, 1.0)  # the pause ends the utterance, then the answer comes
+        assert session.utterances == 1
+        assert abs(len(received) - heard - len(answer.at(16000))) <= 640
+    assert session.closed.wait(2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .base import Carrier
 
@@ -41,6 +41,9 @@ def _registry() -> dict[str, type[Carrier]]:
 
 
 CARRIERS: dict[str, type[Carrier]] = _registry()
-CarrierName = Literal[tuple(CARRIERS)]  # type: ignore[valid-type]  # the dialer API's enum
+if TYPE_CHECKING:  # the registry is read at run time: to the type checker, a carrier's name is a string
+    CarrierName = str
+else:
+    CarrierName = Literal[tuple(CARRIERS)]  # the dialer API's enum
 
 __all__ = ["CARRIERS", "Carrier", "CarrierName", "ENTRY_POINT_GROUP"]

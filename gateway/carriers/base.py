@@ -8,25 +8,29 @@ import json
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import httpx
 from starlette.responses import Response
 
 from .. import numbers, statuses
 from ..media.codecs import AudioFormat
-from ..http import RemoteError, RetryPolicy, request_with_retries
+from ..http import RemoteError, RetryPolicy, request_with_retries, transport_problem
 from ..settings import CarrierSettings, Settings
 
 
 class RequestRejected(Exception):
-    """The request is not acceptable; answer `status` with `detail` and change nothing."""
+    """The request is not acceptable; answer `status` with `detail` and change nothing.
+
+    `explanation` goes to the log only, never into the answer: what was checked, against which
+    setting, and the most likely cause, so that a person can fix it."""
 
     status = 400
 
-    def __init__(self, detail: str, status: int | None = None):
+    def __init__(self, detail: str, status: int | None = None, *, explanation: str | None = None):
         super().__init__(detail)
         self.detail = detail
+        self.explanation = explanation
         if status is not None:
             self.status = status
 
@@ -41,6 +45,14 @@ class MalformedWebhook(RequestRejected):
 
 class CallGone(RemoteError):
     """The carrier no longer has the call (it ended); for a hang-up, that is success."""
+
+
+def carrier_leg(carrier_call_id: str | None) -> str:
+    """The carrier's id of a call to act on; RemoteError, as a refusal by the carrier would be, while
+    the carrier has not named the call yet."""
+    if not carrier_call_id:
+        raise RemoteError("the carrier has not named this call yet")
+    return carrier_call_id
 
 
 @dataclass(frozen=True)
@@ -321,8 +333,21 @@ class Carrier(ABC):
     def _verify(self, webhook: Webhook) -> None:
         """Raise SignatureRejected unless the carrier sent this exact request."""
 
-    def check_source(self, webhook: Webhook) -> None:
+    def check_source(self, webhook: Webhook) -> None:  # noqa: B027 (a hook: most carriers check no source)
         """Raise RequestRejected when the request comes from where the carrier's never do."""
+
+    def url_signature_explanation(self, url: str, secret_keys: tuple[str, ...] | None = None) -> str:
+        """Why a signature over `url` (the URL the gateway checked) most likely did not match: for the
+        log of a carrier that signs the URL it calls."""
+        public_url = self.settings.public_url
+        built_from = (f"GATEWAY_PUBLIC_URL ([gateway] public_url = {public_url}) and the request's path" if public_url
+                      else "the address the request arrived on, since GATEWAY_PUBLIC_URL ([gateway] public_url) is not "
+                      "set")
+        secret = " / ".join(self.variables(secret_keys or self.verification_keys))
+        return (f"checked against {url}, built from {built_from}. Most likely cause: {self.title} calls another URL "
+                f"(the one in its console, or behind a proxy or tunnel): set GATEWAY_PUBLIC_URL to exactly the scheme, "
+                f"host, port and path prefix {self.title} calls. Otherwise {secret} is not that of the {self.title} "
+                "account sending it")
 
     def refuse_unsigned(self, headers: Mapping[str, str], *, issued_url: bool = False) -> None:
         """Raise SignatureRejected, before the body is read, when no signature header came at all."""
@@ -400,6 +425,50 @@ class Carrier(ABC):
                 return response
             raise CallGone(f"{self.title} no longer has this call (it ended)")
         raise RemoteError(f"{self.title} answered {response.status_code}: {response.text[:200]}")
+
+    # --- the account: `gateway check --online` reads it to prove the REST credentials -------------
+    # Settings keys of the REST credentials (none: no REST API to check).
+    rest_keys: ClassVar[tuple[str, ...]] = ()
+
+    def account_path(self) -> str:
+        """A cheap authenticated GET of the carrier's API (under its api_base_url) that reads the account."""
+        raise NotImplementedError(f"{self.title} has no account to read")
+
+    def describe_account(self, body: Any) -> str:
+        """What the account read answered (its JSON), in a few words."""
+        return "the credentials work"
+
+    def variables(self, keys: tuple[str, ...]) -> list[str]:
+        """The environment variables of settings `keys` (the [section] key where there is none)."""
+        by_key = {key: variable for variable, key in self.environment.items()}
+        return [by_key.get(key, f"[{self.name}] {key}") for key in keys]
+
+    async def read_account(self, http: httpx.AsyncClient, *, timeout: float) -> str:
+        """Read the account with the configured credentials; what it says, else RemoteError saying
+        what to fix."""
+        url = f"{self.config.api_base_url}{self.account_path()}"
+        credentials = self.rest_credentials()
+        try:
+            response = await http.get(url, timeout=timeout, **credentials)
+        except httpx.HTTPError as error:
+            variable = self.variables(("api_base_url",))[0]
+            raise RemoteError(f"cannot reach {self.config.api_base_url} ({transport_problem(error)}): check {variable}"
+                              ) from None
+        if response.status_code in (401, 403):
+            raise RemoteError(f"{self.title} refused the credentials ({response.status_code}): check "
+                              + " and ".join(self.variables(self.rest_keys)))
+        if response.status_code == 404:
+            raise RemoteError(f"{self.title} knows no such account (404 for {url}): check "
+                              + " and ".join(self.variables(self.rest_keys)))
+        if not 200 <= response.status_code < 300:
+            raise RemoteError(f"{self.title} answered {response.status_code}: {response.text[:200]}")
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise RemoteError(f"{self.title} answered {url} with a body that is not a JSON object")
+        return self.describe_account(body)
 
     # --- Ultravox -------------------------------------------------------------------------------
     def ultravox_medium(self) -> dict[str, Any]:
@@ -610,7 +679,7 @@ class Carrier(ABC):
         return {}
 
     @abstractmethod
-    def simulated_start(self, stream_id: str, call_id: str, parameters: Mapping[str, str]) -> list[str | bytes]:
+    def simulated_start(self, stream_id: str, call_id: str, parameters: Mapping[str, str]) -> Sequence[str | bytes]:
         """The messages opening the carrier's media stream."""
 
     @abstractmethod

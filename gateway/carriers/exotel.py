@@ -147,10 +147,16 @@ class ExotelCarrier(EventStreamCarrier):
     def _verify(self, webhook: Webhook) -> None:
         username, password = _basic_credentials(webhook.headers.get("authorization"))
         # Both compared, in constant time, whatever the first gives.
-        good = hmac.compare_digest(username.encode(), (self.config.webhook_username or "").encode())
-        good &= hmac.compare_digest(password.encode(), (self.config.webhook_password or "").encode())
-        if not good:
-            raise RequestRejected("missing or wrong Basic credentials (EXOTEL_WEBHOOK_USERNAME / _PASSWORD)", 401)
+        name_ok = hmac.compare_digest(username.encode(), (self.config.webhook_username or "").encode())
+        password_ok = hmac.compare_digest(password.encode(), (self.config.webhook_password or "").encode())
+        if not (name_ok and password_ok):
+            found = ("no Basic credentials came with it" if not username and not password else
+                     "the user name matches, the password does not" if name_ok else "the user name differs")
+            raise RequestRejected(
+                "missing or wrong Basic credentials (EXOTEL_WEBHOOK_USERNAME / _PASSWORD)", 401,
+                explanation=f"{found}. Most likely cause: the URL in Exotel's Voicebot applet "
+                "(https://USER:PASSWORD@YOUR_HOST/exotel/inbound) does not carry EXOTEL_WEBHOOK_USERNAME and "
+                "EXOTEL_WEBHOOK_PASSWORD as USER and PASSWORD (URL-encode any special characters in them)")
 
     def parse_inbound(self, webhook: Webhook) -> InboundCall:
         params = webhook.flat_params()
@@ -183,6 +189,15 @@ class ExotelCarrier(EventStreamCarrier):
     # --- REST: Calls/connect, with Basic auth --------------------------------------------------------
     def rest_credentials(self) -> dict[str, Any]:
         return {"auth": (self.config.api_key, self.config.api_token)}
+
+    rest_keys = ("account_sid", "api_key", "api_token")
+
+    def account_path(self) -> str:
+        # Active Stream Monitoring (the AgentStream docs): cheap, and it says what the streams are limited to.
+        return f"/v1/Accounts/{self.config.account_sid}/ActiveStreams"
+
+    def describe_account(self, body: Any) -> str:
+        return f"{body.get('active_streams')} of {body.get('max_allowed_streams')} streams in use"
 
     async def place_call(self, http: httpx.AsyncClient, dial: OutboundDial, *, deadline: float) -> str | None:
         if not dial.stream_url or len(dial.stream_url) >= MAX_STREAM_URL:

@@ -81,12 +81,21 @@ class PlivoCarrier(Carrier):
     dial_keys = ("auth_id", "auth_token")
     call_id_param = "CallUUID"
     signature_headers = ("x-plivo-signature-v3", "x-plivo-signature-ma-v3")
-    call_id_pattern = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")  # CallUUID: a UUID
+    # CallUUID: a UUID.
+    call_id_pattern = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
     call_statuses = CALL_STATUSES
     # Phone numbers arrive as digits with the country code ("15551230001"): the base reads them so.
 
     def rest_credentials(self) -> dict[str, Any]:
         return {"auth": (self.config.auth_id, self.config.auth_token)}
+
+    rest_keys = ("auth_id", "auth_token")
+
+    def account_path(self) -> str:
+        return f"/v1/Account/{self.config.auth_id}/"  # "Retrieve account details"
+
+    def describe_account(self, body: Any) -> str:
+        return f"account {body.get('name')!r} ({body.get('account_type')})"
 
     @property
     def _calls(self) -> str:
@@ -105,7 +114,8 @@ class PlivoCarrier(Carrier):
         # A header may carry several comma-separated signatures (token rotation).
         candidates = [s.strip().encode() for header in sent if header for s in header.split(",")]
         if not any(hmac.compare_digest(expected, candidate) for candidate in candidates):
-            raise SignatureRejected("X-Plivo-Signature-V3 does not match this request")
+            raise SignatureRejected("X-Plivo-Signature-V3 does not match this request",
+                                    explanation=self.url_signature_explanation(webhook.url))
 
     def v3_signature(self, webhook: Webhook) -> bytes:
         """base64(HMAC-SHA256(auth token, signed URL + "." + nonce)); the URL is built by Plivo's SDK."""

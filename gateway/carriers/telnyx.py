@@ -86,6 +86,16 @@ class TelnyxCarrier(TwimlCarrier):
     def rest_credentials(self) -> dict[str, Any]:
         return {"headers": {"Authorization": f"Bearer {self.config.api_key}"}}
 
+    rest_keys = ("api_key",)
+
+    def account_path(self) -> str:
+        # "Get user balance details": read-only, what Telnyx's docs suggest as a first authentication check.
+        return "/v2/balance"
+
+    def describe_account(self, body: Any) -> str:
+        data = body.get("data") or {}
+        return f"balance {data.get('balance')} {data.get('currency')}"
+
     @property
     def _calls(self) -> str:
         return f"/v2/texml/Accounts/{self.config.account_sid}/Calls"
@@ -99,8 +109,13 @@ class TelnyxCarrier(TwimlCarrier):
             sent_at = int(timestamp)
         except ValueError:
             raise SignatureRejected("telnyx-timestamp is not a Unix timestamp") from None
-        if abs(self._clock() - sent_at) > self.config.timestamp_tolerance_seconds:
-            raise SignatureRejected("telnyx-timestamp is outside the accepted window (stale or replayed)")
+        skew = self._clock() - sent_at
+        if abs(skew) > self.config.timestamp_tolerance_seconds:
+            raise SignatureRejected(
+                "telnyx-timestamp is outside the accepted window (stale or replayed)",
+                explanation=f"it is {skew:+.0f} s from this machine's clock, over [telnyx] timestamp_tolerance_seconds "
+                f"({self.config.timestamp_tolerance_seconds}). Most likely cause: this machine's clock is wrong (is "
+                "NTP running?); otherwise the request was replayed")
         try:
             signature = base64.b64decode(signature_b64, validate=True)
         except (binascii.Error, ValueError):
@@ -109,7 +124,12 @@ class TelnyxCarrier(TwimlCarrier):
             # Signed bytes are exactly "{timestamp}|{raw body}", before any parsing.
             self._public_key.verify(signature, timestamp.encode() + b"|" + webhook.body)
         except InvalidSignature:
-            raise SignatureRejected("telnyx-signature-ed25519 does not match this request") from None
+            raise SignatureRejected(
+                "telnyx-signature-ed25519 does not match this request",
+                explanation="checked over telnyx-timestamp|body with TELNYX_PUBLIC_KEY ([telnyx] public_key); Telnyx "
+                "signs no URL, so GATEWAY_PUBLIC_URL plays no part. Most likely cause: that is not the public key of "
+                "the Telnyx account sending it (Mission Control portal: Keys & Credentials, Public Key); otherwise "
+                "a proxy changed the body on the way") from None
 
     async def place_call(self, http: httpx.AsyncClient, dial: OutboundDial, *, deadline: float) -> str | None:
         body = {

@@ -105,6 +105,14 @@ class TwilioCarrier(TwimlCarrier):
     def rest_credentials(self) -> dict[str, Any]:
         return {"auth": (self.config.account_sid, self.config.auth_token)}
 
+    rest_keys = ("account_sid", "auth_token")
+
+    def account_path(self) -> str:
+        return f"/2010-04-01/Accounts/{self.config.account_sid}.json"  # "Fetch an Account resource"
+
+    def describe_account(self, body: Any) -> str:
+        return f"account {body.get('friendly_name')!r} ({body.get('status')}, {body.get('type')})"
+
     @property
     def _calls(self) -> str:
         return f"/2010-04-01/Accounts/{self.config.account_sid}/Calls"
@@ -117,7 +125,9 @@ class TwilioCarrier(TwimlCarrier):
         if validator is None:
             raise SignatureRejected(NO_SHARED_KEY)
         if not signature_matches(validator.token, webhook.url, webhook.params, signature, algorithm):
-            raise SignatureRejected("X-Twilio-Signature does not match this request")
+            secret = ("webhook_shared_key",) if validator is self._shared_key_validator else None
+            raise SignatureRejected("X-Twilio-Signature does not match this request",
+                                    explanation=self.url_signature_explanation(webhook.url, secret))
 
     async def place_call(self, http: httpx.AsyncClient, dial: OutboundDial, *, deadline: float) -> str | None:
         form: list[tuple[str, str]] = [
@@ -185,7 +195,9 @@ class TwilioCarrier(TwimlCarrier):
         written = as_websocket_url(url)
         spellings = {written, written.replace("wss://", "https://", 1).replace("ws://", "http://", 1)}
         if not any(validator.validate(spelling, {}, signature, algorithm) for spelling in spellings):
-            return "X-Twilio-Signature does not match the media socket URL"
+            secret = ("webhook_shared_key",) if validator is self._shared_key_validator else None
+            return ("X-Twilio-Signature does not match the media socket URL; "
+                    + self.url_signature_explanation(written, secret))
         return None
 
     # Media Streams: mu-law 8 kHz both ways; numbers arrive as strings.

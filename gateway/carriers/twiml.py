@@ -149,6 +149,7 @@ class TwimlCarrier(EventStreamCarrier):
     # --- the carrier's own side (gateway simulate) -------------------------------------------------
     def connected_stream(self, answer: str) -> tuple[str, dict[str, str]] | None:
         stream = ET.fromstring(answer).find("Connect/Stream")
-        if stream is None or not stream.get("url"):
+        url = stream.get("url") if stream is not None else None
+        if stream is None or not url:
             return None
-        return stream.get("url"), {p.get("name"): p.get("value") for p in stream.findall("Parameter")}
+        return url, {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}

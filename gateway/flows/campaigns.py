@@ -30,7 +30,7 @@ import math
 import time
 import zoneinfo
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import phonenumbers
 import phonenumbers.timezone
@@ -155,7 +155,8 @@ class CampaignSpec(BaseModel):
 
     @property
     def pool(self) -> list[str | None]:
-        return self.from_ if isinstance(self.from_, list) else [self.from_]
+        numbers: list[str | None] = [*self.from_] if isinstance(self.from_, list) else [self.from_]
+        return numbers
 
     @property
     def opening(self) -> "Window":
@@ -425,7 +426,8 @@ class CampaignFlow:
                 changes.append((attempt.row, change))
                 continue
             live += 1
-            if attempt.call is None and now - attempt.row.claimed_at > dt.timedelta(seconds=REDIAL_AFTER_SECONDS):
+            claimed_at = attempt.row.claimed_at
+            if attempt.call is None and claimed_at and now - claimed_at > dt.timedelta(seconds=REDIAL_AFTER_SECONDS):
                 redial.append(attempt.row)
         if changes:
             await self._settled(campaign.id, changes)
@@ -442,7 +444,7 @@ class CampaignFlow:
         status = call.status
         if status == statuses.FAILED and call.failure_reason == ABANDONED_UNPLACED:
             return RowChange(status, "the gateway stopped while placing the call; not retried (it may have rung)")
-        rule = spec.retry.get(status)
+        rule = spec.retry.get(cast(RETRYABLE, status))  # a status that is not RETRYABLE finds no rule
         if rule is not None and attempt.row.attempts < rule.attempts and campaign.status != CANCELED:
             return RowChange(PENDING, f"attempt {attempt.row.attempts}: {status}",
                              due_at=now + dt.timedelta(seconds=rule.delay_seconds))

@@ -50,7 +50,7 @@ class Connector:
     def stream_url(self, carrier: Carrier, route: str | None, call_id: str | None, join_url: str,
                    *, lifetime: float = MEDIA_TOKEN_SECONDS) -> tuple[str, dict[str, str]]:
         """Where the carrier streams the call's audio, and the parameters to give with the stream."""
-        if not self.bridged(route, call_id):
+        if not call_id or not self.bridged(route, call_id):
             return join_url, {}
         return self.urls.media_socket(carrier.name, call_id, lifetime=lifetime, in_query=carrier.stream_url_takes_query)
 

@@ -75,7 +75,7 @@ class CallControl:
             change = CallUpdate(status=statuses.CANCELED, provisional=True, end_reason=CANCEL_REASON)
         else:
             change = CallUpdate(status=statuses.COMPLETED, end_reason=HANGUP_REASON)
-        return (await self.store.update(record.id, change)).record
+        return (await self.store.update(record.id, change)).existing
 
     async def stray_leg(self, carrier: Carrier, record: CallRecord) -> None:
         """The carrier reports a live leg of a call that ended before the gateway knew the leg (hung up

@@ -179,13 +179,13 @@ class EventOutbox:
     def call_changed(self, before: CallRecord | None, after: CallRecord) -> list[Effect]:
         effects: list[Effect] = []
         started = after.ultravox_call_id and (before is None or not before.ultravox_call_id)
-        changed = before is not None and before.status != after.status
-        view = CallView.of(after) if started or changed else None  # the same call in both
+        previous = before.status if before is not None and before.status != after.status else None
+        view = CallView.of(after) if started or previous else {}  # the same call in both
         if started:
             effects += self.event("call.started", after, CallStartedData(call=view))
-        if changed:
+        if previous:
             effects += self.event("call.status_changed", after, CallStatusChangedData(
-                call=view, previous_status=before.status, status=after.status))
+                call=view, previous_status=previous, status=after.status))
         if after.is_final and (before is None or not before.is_final) and self.endpoints_for("call.ended", after.route):
             effects.append(self.calls_work.job(ReportCallEnded(after.id), delay=ENDED_SETTLE_SECONDS,
                                                key=f"call-ended:{after.id}"))
@@ -196,14 +196,15 @@ class EventOutbox:
             return self.event("transfer.started", None, TransferStartedData(
                 call_id=after.call_id, transfer=TransferView.of(after)), call_id=after.call_id, route=route)
         if after.is_final and not before.is_final:
-            result = "connected" if after.status == CONNECTED else "returned" if after.status == RETURNED else "failed"
+            result: Literal["connected", "returned", "failed"] = (
+                "connected" if after.status == CONNECTED else "returned" if after.status == RETURNED else "failed")
             return self.event("transfer.ended", None, TransferEndedData(
                 call_id=after.call_id, transfer=TransferView.of(after), result=result, reason=after.outcome),
                 call_id=after.call_id, route=route)
         return []
 
     def event(self, event_type: str, record: CallRecord | None, data: BaseModel, *, call_id: str | None = None,
-               route: str | None = None, key: str | None = None) -> list[NewEvent]:
+               route: str | None = None, key: str | None = None) -> list[Effect]:
         if record is not None:
             call_id, route = record.id, record.route
         endpoints = self.endpoints_for(event_type, route)
@@ -272,7 +273,8 @@ class CallEndedReports:
         if report is not None and report.summary and not record.summary:
             record = (await self.calls.update(record.id, CallUpdate(summary=report.summary))).record or record
         transfers = await self.transfers.for_call(record.id)
-        artifacts = "none" if report is None else "complete" if complete else "partial"
+        artifacts: Literal["complete", "partial", "none"] = (
+            "none" if report is None else "complete" if complete else "partial")
         data = CallEndedData(
             call=CallView.of(record), status=record.status, end_reason=record.end_reason,
             durations=_durations(record), transfers=[TransferView.of(t) for t in transfers],

@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 import httpx
 
 from .. import statuses
-from ..carriers.base import Carrier
+from ..carriers.base import Carrier, carrier_leg
 from ..http import RemoteError
 from ..logs import bind_call
 from ..settings import Settings
@@ -79,7 +79,7 @@ class HandoverFlow:
         else:
             await self.store.rejoin(record.id, ultravox_call_id=created.call_id, join_url=created.join_url)
         try:
-            await carrier.redirect(self.http, record.carrier_call_id,
+            await carrier.redirect(self.http, carrier_leg(record.carrier_call_id),
                                    self.urls.call_callback("handover", carrier.name, record.id),
                                    deadline=self._clock() + WORK_SECONDS)
         except RemoteError as error:

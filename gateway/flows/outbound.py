@@ -215,6 +215,7 @@ class OutboundFlow:
         if inserted.rate_limited:
             raise DialRejected(429, "too many calls for this API key; try again in a minute")
         record = inserted.record
+        assert record is not None  # only a rate-limited insert has none
         bind_call(record)
         deadline = self._clock() + PLACE_DEADLINE_SECONDS
         if not inserted.created:
@@ -229,7 +230,8 @@ class OutboundFlow:
         except BaseException as error:
             # Never leave a call `queued` forever; a retry with the key would return it forever.
             log.exception("outbound %s: placing failed unexpectedly", record.id)
-            await asyncio.shield(self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=type(error).__name__)))
+            failed = CallUpdate(status=statuses.FAILED, failure_reason=type(error).__name__)
+            await asyncio.shield(self.store.update(record.id, failed))
             raise
         return record, True
 
@@ -239,7 +241,7 @@ class OutboundFlow:
             if self._clock() + POLL_SECONDS >= deadline:
                 break
             await asyncio.sleep(POLL_SECONDS)
-            record = await self.store.get(record.id)
+            record = await self.store.existing(record.id)
         return record
 
     def _check_policy(self, request: DialRequest, carrier_name: str, carrier: Carrier, via: str) -> str:
@@ -279,7 +281,7 @@ class OutboundFlow:
             route = None
             overrides = {"agent_id": request.agent_id, "call": request.call}
         try:
-            base = route.model_dump() if route else {"number": "*", "name": "api"}
+            base: dict[str, Any] = route.model_dump() if route else {"number": "*", "name": "api"}
             base.update({k: v for k, v in overrides.items() if v is not None})
             if request.greeting is not None:
                 base["greeting"] = request.greeting
@@ -306,7 +308,7 @@ class OutboundFlow:
                 carrier, record, request, route, deadline, join_timeout_seconds=ring_timeout + JOIN_MARGIN_SECONDS
             )
             if created is None:
-                return await self.store.get(record.id)
+                return await self.store.existing(record.id)
             stream_url, _ = self.connector.stream_url(
                 carrier, record.route, record.id, created.join_url, lifetime=ring_timeout + JOIN_MARGIN_SECONDS
             )
@@ -323,10 +325,10 @@ class OutboundFlow:
             carrier_call_id = await carrier.place_call(self.http, dial, deadline=deadline)
         except RemoteError as error:
             log.warning("outbound %s via %s: not placed, %s", record.id, carrier.name, error.reason)
-            return (await self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=error.reason))).record
+            return (await self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=error.reason))).existing
         bind(carrier_call_id=carrier_call_id)
         log.info("outbound %s placed with %s (%s)", record.id, carrier.name, carrier_call_id or "id on callback")
-        placed = (await self.store.update(record.id, CallUpdate(carrier_call_id=carrier_call_id, placed=True))).record
+        placed = (await self.store.update(record.id, CallUpdate(carrier_call_id=carrier_call_id, placed=True))).existing
         if placed.is_final and carrier_call_id:  # hung up through the API while the dial was in flight
             with contextlib.suppress(RemoteError):
                 await carrier.cancel(self.http, carrier_call_id, deadline=self._clock() + PLACE_DEADLINE_SECONDS)
@@ -353,9 +355,9 @@ class OutboundFlow:
             created = await self.ultravox.create_call(call_request, deadline=deadline)
         except UltravoxError as error:
             log.warning("outbound %s via Ultravox: not placed, %s", record.id, error.reason)
-            return (await self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=error.reason))).record
+            return (await self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=error.reason))).existing
         bind(ultravox_call_id=created.call_id)
-        return (await self.store.update(record.id, CallUpdate(ultravox_call_id=created.call_id, placed=True))).record
+        return (await self.store.update(record.id, CallUpdate(ultravox_call_id=created.call_id, placed=True))).existing
 
     def _call_request(self, carrier: Carrier, record: CallRecord, request: DialRequest, route: RouteSettings,
                       medium: dict[str, Any], join_timeout_seconds: float | None = None):
@@ -430,11 +432,14 @@ class OutboundFlow:
         answered = carrier.parse_answer(webhook)
         bind(carrier_call_id=answered.carrier_call_id)
         stored = record.request
+        assert stored is not None  # every outbound call records what it was asked
         request = DialRequest.model_validate(stored["request"])
         if request.detects_machines and answered.machine:
-            await self.store.update(record.id, CallUpdate(status=statuses.MACHINE_DETECTED, answered_by="machine", carrier_call_id=answered.carrier_call_id))
+            await self.store.update(record.id, CallUpdate(status=statuses.MACHINE_DETECTED, answered_by="machine",
+                                                          carrier_call_id=answered.carrier_call_id))
             return AnswerOutcome(hang_up=True)
-        record = (await self.store.update(record.id, CallUpdate(status=statuses.ANSWERED, carrier_call_id=answered.carrier_call_id))).record
+        answered_now = CallUpdate(status=statuses.ANSWERED, carrier_call_id=answered.carrier_call_id)
+        record = (await self.store.update(record.id, answered_now)).existing
         if record.is_final:  # canceled or failed meanwhile: nobody to connect
             return AnswerOutcome(hang_up=True)
         if not await self.store.claim_agent(record.id):
@@ -478,7 +483,7 @@ class OutboundFlow:
             # The call fetches voicemail_answer (and the agent's stream ends with the redirect).
             await self._carrier_does(carrier.redirect, carrier, record, carrier_call_id,
                                      self.urls.call_callback("voicemail", carrier.name, record.id))
-        elif policy == "agent" and await self._agent_leaves_voicemail(changed.record, verdict):
+        elif policy == "agent" and await self._agent_leaves_voicemail(changed.existing, verdict):
             return
         else:
             await self._carrier_does(carrier.hang_up, carrier, record, carrier_call_id)
@@ -520,7 +525,7 @@ class OutboundFlow:
 
     async def _join_url_of(self, call_id: str, deadline: float) -> str | None:
         while self._clock() + POLL_SECONDS < deadline:
-            record = await self.store.get(call_id)
+            record = await self.store.existing(call_id)
             if record.join_url or record.is_final:
                 return record.join_url
             await asyncio.sleep(POLL_SECONDS)

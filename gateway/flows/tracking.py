@@ -39,9 +39,9 @@ class CallTracking:
             end_reason=update.end_reason,
             answered_by=update.answered_by,
         ))
-        if (record.is_final and not record.carrier_call_id and result.record.carrier_call_id
+        if (record.is_final and not record.carrier_call_id and result.existing.carrier_call_id
                 and update.status not in statuses.FINAL_STATUSES and self.on_stray_leg is not None):
-            await self.on_stray_leg(carrier, result.record)
+            await self.on_stray_leg(carrier, result.existing)
         return result.record
 
     async def ultravox_event(self, event: UltravoxEvent) -> CallRecord | None:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import httpx
 
 from .. import statuses
-from ..carriers.base import Carrier, OutboundDial, Webhook
+from ..carriers.base import Carrier, OutboundDial, Webhook, carrier_leg
 from ..http import RemoteError
 from ..logs import bind, bind_call
 from ..settings import Settings
@@ -239,7 +239,7 @@ class TransferFlow:
         transfer = await self.transfers.get(job.transfer_id)
         if transfer is None or transfer.status != status.REQUESTED:
             return  # started already (this job ran before, in a process that died after starting it)
-        record = await self.calls.get(transfer.call_id)
+        record = await self.calls.existing(transfer.call_id)
         bind_call(record)
         start = self._start_cold if transfer.kind == "cold" else self._start_warm
         await start(transfer, record)
@@ -248,7 +248,7 @@ class TransferFlow:
         transfer = await self.transfers.get(job.transfer_id)
         if transfer is None or transfer.is_final or transfer.leg != job.leg:
             return  # the leg was settled already: accepted, or moved on by an earlier event
-        record = await self.calls.get(transfer.call_id)
+        record = await self.calls.existing(transfer.call_id)
         bind_call(record)
         why = job.why or f"{transfer.operator} did not pick up in time"
         await self._operator_unavailable(self.carriers[record.carrier], transfer, job.leg, why)
@@ -295,7 +295,7 @@ class TransferFlow:
                 expect=TransferExpectation(tried=transfer.tried),
             )
             if moved is None:  # the same callback, delivered twice at once: answer as the other delivery
-                current = await self.transfers.get(transfer.id)
+                current = await self.transfers.existing(transfer.id)
                 if current.is_final or current.status == status.RETURNING:
                     return await self._after_final(carrier, current)
                 return self._dial_answer(carrier, current, say=None)
@@ -459,7 +459,7 @@ class TransferFlow:
         if current is None:
             return
         self.work.wake()
-        record = await self.calls.get(transfer.call_id)
+        record = await self.calls.existing(transfer.call_id)
         bind_call(record)
         following = self._first_open(current.operator, tried=current.tried)
         if following is not None:
@@ -470,7 +470,7 @@ class TransferFlow:
             return
         await self.transfers.update(current.id, TransferChange(outcome=why))
         try:
-            await carrier.redirect(self.http, record.carrier_call_id, self.url(carrier, "return", current.id),
+            await carrier.redirect(self.http, carrier_leg(record.carrier_call_id), self.url(carrier, "return", current.id),
                                    deadline=self._clock() + CARRIER_WORK_SECONDS)
         except RemoteError as error:
             # The caller hung up while waiting, or the carrier refuses: nobody left to return.
@@ -479,7 +479,7 @@ class TransferFlow:
     # --- moving the caller and bringing them back ---------------------------------------------------
     async def _move_caller(self, carrier: Carrier, transfer: TransferRecord, record: CallRecord, step: str) -> bool:
         try:
-            await carrier.redirect(self.http, record.carrier_call_id, self.url(carrier, step, transfer.id),
+            await carrier.redirect(self.http, carrier_leg(record.carrier_call_id), self.url(carrier, step, transfer.id),
                                    deadline=self._clock() + CARRIER_WORK_SECONDS)
             return True
         except RemoteError as error:
@@ -507,7 +507,8 @@ class TransferFlow:
     async def fetch_hold(self, carrier: Carrier, transfer: TransferRecord, leg: int | None, webhook: Webhook) -> str:
         if transfer.is_final or transfer.status == status.RETURNING:
             return await self._after_final(carrier, transfer)
-        wait_url = self.url(carrier, "music", transfer.id) if carrier.hold_music_is_answer else self.settings.transfer.hold_music_url
+        wait_url = (self.url(carrier, "music", transfer.id) if carrier.hold_music_is_answer
+                    else self.settings.transfer.hold_music_url)
         return carrier.conference_answer(
             self.conference(transfer), say=self.settings.transfer.connecting_message, starts=False, ends=True,
             wait_url=wait_url, action_url=self.url(carrier, "caller-left", transfer.id),
@@ -515,7 +516,7 @@ class TransferFlow:
 
     async def _after_final(self, carrier: Carrier, transfer: TransferRecord) -> str:
         """A carrier repeating a request after the transfer ended, or fetching one it gave up on."""
-        record = await self.calls.get(transfer.call_id)
+        record = await self.calls.existing(transfer.call_id)
         bind_call(record)
         if transfer.status in (status.RETURNED, status.RETURNING):
             join_url = await self._returned_join_url(transfer)
@@ -529,9 +530,9 @@ class TransferFlow:
     async def _returned_join_url(self, transfer: TransferRecord) -> str | None:
         deadline = self._clock() + self.settings.ultravox.inbound_deadline_seconds - 0.5
         while True:
-            transfer = await self.transfers.get(transfer.id)
+            transfer = await self.transfers.existing(transfer.id)
             if transfer.status == status.RETURNED:
-                return (await self.calls.get(transfer.call_id)).join_url
+                return (await self.calls.existing(transfer.call_id)).join_url
             if transfer.status != status.RETURNING or self._clock() + 0.05 >= deadline:
                 return None
             await asyncio.sleep(0.05)
@@ -545,8 +546,8 @@ class TransferFlow:
             expect=TransferExpectation(status=expected),
         )
         if claimed is None or expected in (status.RETURNING, status.RETURNED):
-            return await self._after_final(carrier, await self.transfers.get(transfer.id))
-        record = await self.calls.get(transfer.call_id)
+            return await self._after_final(carrier, await self.transfers.existing(transfer.id))
+        record = await self.calls.existing(transfer.call_id)
         bind_call(record)
         operator = self.settings.operators[transfer.operator]
         request = self.bodies.continuation(

@@ -72,10 +72,10 @@ class MediaSockets:
             bind_call(record)
         problem = self._record_problem(carrier, record, start)
         # One socket per token, on whichever replica it lands: a compare-and-set in the store.
-        if problem is None and not await self.store.claim_media_token(record.id, token):
+        if problem is None and record is not None and not await self.store.claim_media_token(record.id, token):
             problem = "media token already used"
-        if problem is not None:
-            return await self._refuse(carrier, websocket, problem)
+        if problem is not None or record is None:  # (no record is a problem too: _record_problem)
+            return await self._refuse(carrier, websocket, problem or "no call for this media stream")
         if start is None:
             await websocket.accept()
         await self.bridge.run(carrier, websocket, record, start=start)

@@ -172,6 +172,8 @@ class MediaBridge:
             log.warning("call %s: %s", record.id, problem)
             session.failure, session.hang_up = problem, True
             return
+        assert start is not None and stream_format is not None  # else a problem above
+        assert record.join_url is not None  # MediaSockets admits only calls with one
         try:
             session.ultravox = await asyncio.wait_for(
                 websockets.connect(record.join_url, max_size=2**20, compression=None, open_timeout=JOIN_TIMEOUT_SECONDS),
@@ -189,10 +191,10 @@ class MediaBridge:
         session.tasks = [caller, agent]
         done, _ = await asyncio.wait({caller, agent}, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
-            error = None if task.cancelled() else task.exception()
+            failure = None if task.cancelled() else task.exception()
             # The carrier closing its socket while audio was on its way to it is a hang-up, not a failure.
-            if error is not None and not isinstance(error, WebSocketDisconnect) and not session.handed_over:
-                log.error("call %s: media relay failed", record.id, exc_info=error)
+            if failure is not None and not isinstance(failure, WebSocketDisconnect) and not session.handed_over:
+                log.error("call %s: media relay failed", record.id, exc_info=failure)
         if session.handed_over:
             # The carrier ends this stream once it has moved the call; until then its frames go nowhere.
             with contextlib.suppress(asyncio.TimeoutError):

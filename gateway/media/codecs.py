@@ -294,9 +294,9 @@ class Resampler:
                 c = np.correlate(buf[j : j + (m - 1) * down + k], self._branches[t % up], "valid")
                 y[r::up] = c[::down] if down > 1 else c
         else:
-            t = np.arange(n0, n1, dtype=np.int64) * down
-            windows = sliding_window_view(buf, k)[t // up - base]
-            y = np.einsum("ij,ij->i", windows, self._bank[t % up])
+            ts = np.arange(n0, n1, dtype=np.int64) * down
+            windows = sliding_window_view(buf, k)[ts // up - base]
+            y = np.einsum("ij,ij->i", windows, self._bank[ts % up])
         np.rint(y, out=y)
         np.clip(y, -32768, 32767, out=y)
         return y.astype("<i2").tobytes()

@@ -197,7 +197,7 @@ class CallRecorder:
         if not len(block):
             return
         try:
-            self._wav.writeframes(block)  # and patches the header's sizes
+            self._wav.writeframes(block.tobytes())  # and patches the header's sizes
             self._file.flush()
         except OSError as error:
             if self.failure is None:

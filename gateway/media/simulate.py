@@ -64,9 +64,9 @@ async def _inbound_webhook(
     if webhook_format is QUERY:
         url, body, headers = f"{url}?{urlencode(call.params)}", b"", {}
     elif webhook_format.name == "json":
-        body, headers = json.dumps(call.params).encode(), {"content-type": webhook_format.content_type}
+        body, headers = json.dumps(call.params).encode(), {"content-type": str(webhook_format.content_type)}
     else:
-        body, headers = urlencode(call.params).encode(), {"content-type": webhook_format.content_type}
+        body, headers = urlencode(call.params).encode(), {"content-type": str(webhook_format.content_type)}
     try:
         headers.update(carrier.simulated_signature(url, call.params, body, private_key))
     except ValueError as error:
@@ -127,6 +127,16 @@ async def simulate_call(
 
     if not settings.public_url:
         raise SimulationError("GATEWAY_PUBLIC_URL is needed: carriers sign and stream to the public URL")
+    # Said before anything is sent when the configuration read here has routes (the gateway's, with
+    # --config); without any (secrets from the environment alone) the gateway's answer tells.
+    route = settings.route_for(to)
+    if settings.routes and route is None:
+        raise SimulationError(f"no route for {to}, and no default route (number = \"*\"): add a [[routes]] with "
+                              f"number = \"{to}\" and mode = \"bridge\"")
+    if route is not None and route.mode != "bridge":
+        raise SimulationError(
+            f"the route for {to} ({route.name}) is in direct mode: the carrier would stream to Ultravox itself, and "
+            "no audio would pass the gateway to play or record here. Set mode = \"bridge\" on it to simulate it")
     speaker = CARRIERS[carrier](settings)
     rate = speaker.media_rate
     caller_audio = read_wav(input_path, rate)
@@ -134,17 +144,58 @@ async def simulate_call(
     async with httpx.AsyncClient(base_url=gateway_url, timeout=20) as client:
         call_id, response = await _inbound_webhook(client, speaker, inbound_url, from_=from_, to=to,
                                                    private_key=private_key)
-    if response.status_code != 200:
-        raise SimulationError(f"the gateway answered {response.status_code}: {response.text.strip()}")
-    stream = speaker.connected_stream(response.text)
-    public_ws = as_websocket_url(settings.public_url)
-    if stream is None or not stream[0].startswith(public_ws):
-        raise SimulationError(f"the route for {to} is not in bridge mode (the gateway answered: {response.text})")
+        if response.status_code in (401, 403):
+            raise SimulationError(
+                f"the gateway refused the {speaker.title} webhook ({response.status_code}: {response.text.strip()}). "
+                f"It must run with the configuration this command read: public_url {settings.public_url} and the "
+                f"same {speaker.title} credentials (its log says what it checked)")
+        if response.status_code != 200:
+            raise SimulationError(f"the gateway answered {response.status_code}: {response.text.strip()}")
+        stream = speaker.connected_stream(response.text)
+        public_ws = as_websocket_url(settings.public_url)
+        if stream is None:
+            raise SimulationError(await _why_not_connected(client, settings, speaker, call_id, response.text))
+    if not stream[0].startswith(public_ws):
+        raise SimulationError(
+            f"the running gateway connected the call straight to Ultravox ({stream[0].split('?')[0]}): there, the "
+            f"route for {to} is in direct mode. Is it running with the configuration this command read?")
     stream_url, parameters = stream
     local_url = as_websocket_url(gateway_url).rstrip("/") + stream_url[len(public_ws):]
     # The upgrade is signed (where the carrier signs it) for the public URL it was given.
     agent_audio, clears = await _play(speaker, local_url, speaker.simulated_upgrade_headers(stream_url), call_id,
                                       parameters, caller_audio, tail_seconds)
     write_wav(output_path, agent_audio, rate)
-    return (f"played {len(caller_audio) / 2 / rate:.1f} s as a {speaker.title} caller to {to}; "
+    return (f"played {len(caller_audio) / 2 / rate:.1f} s as a caller on {speaker.title} to {to}; "
             f"the agent said {len(agent_audio) / 2 / rate:.1f} s (written to {output_path}), with {clears} barge-in clear(s)")
+
+
+async def _why_not_connected(client: httpx.AsyncClient, settings: Settings, carrier: Carrier, call_id: str,
+                             answer: str) -> str:
+    """Why the gateway answered the call with its apology instead of a stream, as far as can be told
+    from here: its readiness, the call's record (with an API key), and Ultravox reached from here."""
+    from ..online import probe_ultravox
+    from ..http import create_client
+
+    with contextlib.suppress(httpx.HTTPError, ValueError):
+        ready = (await client.get("/readyz")).json()
+        problems = ready.get("problems", [])
+        if any("ULTRAVOX_API_KEY" in problem for problem in problems):
+            return ("the gateway has no Ultravox API key (ULTRAVOX_API_KEY, or [ultravox] api_key), so it answers "
+                    "every call with its apology")
+        if any("no routes" in problem for problem in problems):
+            return "the gateway has no [[routes]]: every call hears its no-route message"
+    reason = None
+    if settings.api_keys:
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+            listed = await client.get("/v1/calls", params={"carrier": carrier.name, "direction": "inbound"},
+                                      headers={"Authorization": f"Bearer {settings.api_keys[0]}"})
+            record = next((c for c in listed.json()["calls"] if c.get("carrier_call_id") == call_id), None)
+            reason = record and record.get("failure_reason")
+    async with create_client(pool_size=1, timeout=10) as http:
+        probe = await probe_ultravox(settings, http)
+    here = "" if probe.outcome == "ok" else f"; from here, {probe.detail}"
+    if reason:
+        return f"the gateway could not create the Ultravox call ({reason}), so the caller heard its apology{here}"
+    if here:
+        return f"the gateway answered with its apology instead of a stream{here}"
+    return f"the gateway answered with its apology instead of a stream (its log says why): {answer.strip()}"

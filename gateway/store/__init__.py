@@ -21,5 +21,6 @@ from .transfers import TransferRecord, TransferStore
 
 __all__ = [
     "ANSWERED", "BUSY", "CANCELED", "COMPLETED", "CREATING", "FAILED", "FINAL_STATUSES", "IN_PROGRESS",
-    "MACHINE_DETECTED", "NO_ANSWER", "QUEUED", "REJECTED", "RINGING", "STATUSES", "CallFilters", "OutboundInsert", "Updated", "CallRecord", "CallStore", "CallUpdate", "Claim", "TransferRecord", "TransferStore",
+    "MACHINE_DETECTED", "NO_ANSWER", "QUEUED", "REJECTED", "RINGING", "STATUSES", "CallFilters", "OutboundInsert",
+    "Updated", "CallRecord", "CallStore", "CallUpdate", "Claim", "TransferRecord", "TransferStore",
 ]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
 import asyncio
 import contextlib
 import datetime as dt
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import PurePath
 from typing import Any, Mapping, Protocol
 
@@ -128,7 +129,14 @@ def as_utc(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
-def _record(row: sa.Row) -> CallRecord:
+class _RowLike(Protocol):
+    """A result row, or the calls columns taken out of a joined one (campaigns)."""
+
+    @property
+    def _mapping(self) -> Mapping[Any, Any]: ...
+
+
+def _record(row: _RowLike) -> CallRecord:
     data = dict(row._mapping)
     for name in ("created_at", "updated_at", "answered_at", "ended_at", "agent_claimed_at", "placed_at"):
         if data[name] is not None:
@@ -232,6 +240,13 @@ class CallStore:
     async def get(self, call_id: str) -> CallRecord | None:
         return await self.database.transaction(_get, call_id)
 
+    async def existing(self, call_id: str) -> CallRecord:
+        """A call the gateway has recorded (calls are never deleted: LookupError means a wrong id)."""
+        record = await self.get(call_id)
+        if record is None:
+            raise LookupError(f"call {call_id} is not in the store")
+        return record
+
     # --- outbound calls and call tracking ---------------------------------------------------------------
     async def create_outbound(
         self, values: dict, *, request: Mapping[str, Any], max_recent: int | None, window: dt.timedelta
@@ -296,16 +311,16 @@ class CallStore:
         """Newest first; the cursor is the (created_at, id) of the last record of the previous page."""
         return await self.database.transaction(_list, filters, limit, cursor)
 
-    async def live_calls(self, since: dt.datetime) -> list[tuple[str, str | None, int]]:
+    async def live_calls(self, since: dt.datetime) -> builtins.list[tuple[str, str | None, int]]:
         """(carrier, route, count) of calls not final yet, created since `since` (for /metrics, at
         every scrape: an index range per live status, never a scan of the table)."""
         return await self.database.transaction(_live_calls, since)
 
-    async def list_all(self) -> list[CallRecord]:
+    async def list_all(self) -> builtins.list[CallRecord]:
         return await self.database.transaction(_list_all)
 
     # --- group commit ---------------------------------------------------------------------------------
-    async def _apply(self, batch: list["_Write"]) -> list[Claim | None]:
+    async def _apply(self, batch: builtins.list["_Write"]) -> builtins.list[Claim | None]:
         return await self._observed(_apply_batch, batch)
 
 
@@ -320,6 +335,13 @@ class OutboundInsert:
 class Updated:
     record: CallRecord | None  # None: no such call
     advanced: bool  # the status moved forward with this update (only one racing update gets True)
+
+    @property
+    def existing(self) -> CallRecord:
+        """`record`, of a call known to be recorded (calls are never deleted)."""
+        if self.record is None:
+            raise LookupError("the updated call is not in the store")
+        return self.record
 
 
 @dataclass(frozen=True)
@@ -386,12 +408,13 @@ def _update(
     advanced = False
     if fill or replace:
         # A late or repeated event must not overwrite what an earlier one established.
-        values = {name: sa.func.coalesce(calls.c[name], value) for name, value in fill.items()}
+        filled = {name: sa.func.coalesce(calls.c[name], value) for name, value in fill.items()}
         connection.execute(
-            sa.update(calls).where(calls.c.id == call_id).values(updated_at=now, **values, **replace)
+            sa.update(calls).where(calls.c.id == call_id).values(updated_at=now, **filled, **replace)
         )
     if status:
-        values = {"status": status, "status_rank": rank, "updated_at": now}
+        assert rank is not None  # given with every status (CallStore.update)
+        values: dict[str, Any] = {"status": status, "status_rank": rank, "updated_at": now}
         if status in FINAL_STATUSES:
             values["ended_at"] = sa.func.coalesce(calls.c.ended_at, now)
         elif rank >= STATUS_RANK[ANSWERED]:
@@ -575,6 +598,7 @@ def _claim_existing(connection: sa.Connection, write: "_Write", observer: Change
     )
     # Whoever won, hand back the record as it is now, not the stale one.
     now_record = _get(connection, existing.id)
+    assert now_record is not None  # read in this transaction a moment ago
     if taken.rowcount == 1:
         _observe(connection, observer, [(existing, now_record)])
     return Claim(now_record, owned=taken.rowcount == 1)
@@ -600,7 +624,8 @@ class _Write:
     kind: str  # "claim" or "outcome"
     values: dict
     stale_after: dt.timedelta | None = None
-    future: asyncio.Future | None = None
+    # Made on the event loop when the write is submitted (the writer's `submit`).
+    future: asyncio.Future = field(init=False)
     abandoned: bool = False  # its caller stopped waiting: a claim not yet written is dropped
 
 
@@ -625,7 +650,8 @@ class _GroupCommit:
         self._apply = apply
         self._deadline = deadline
         self._clock = clock
-        self._queue: asyncio.Queue[_Write] | None = None
+        # Bound to the running loop on first use, not here (asyncio.Queue since Python 3.10).
+        self._queue: asyncio.Queue[_Write] = asyncio.Queue()
         self._task: asyncio.Task | None = None
         self._busy_since: float | None = None  # when the running transaction began
 
@@ -636,7 +662,6 @@ class _GroupCommit:
 
     async def submit(self, write: _Write):
         if self._task is None:
-            self._queue = asyncio.Queue()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="call-store-writer")
         write.future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(write)

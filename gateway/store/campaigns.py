@@ -10,6 +10,7 @@ a crash — reads the attempt's call instead of dialling again. PostgreSQL picks
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import json
 import uuid
@@ -147,7 +148,7 @@ class CampaignStore:
         return await self.database.transaction(_counts, campaign_id)
 
     async def rows(self, campaign_id: str, *, status: str | None = None, after: int = -1,
-                   limit: int = 100) -> list[RowRecord]:
+                   limit: int = 100) -> builtins.list[RowRecord]:
         """Rows in list order from position `after` + 1."""
         return await self.database.transaction(_rows, campaign_id, status, after, limit)
 
@@ -162,16 +163,16 @@ class CampaignStore:
         return await self.database.transaction(_complete_if_done, campaign_id, utcnow())
 
     # --- rows -----------------------------------------------------------------------------------------
-    async def attempts(self, campaign_id: str) -> list[Attempt]:
+    async def attempts(self, campaign_id: str) -> builtins.list[Attempt]:
         """The dialing rows, each with its attempt's call found by its Idempotency-Key."""
         return await self.database.transaction(_attempts, campaign_id)
 
-    async def settle(self, changes: list[tuple[RowRecord, RowChange]]) -> int:
+    async def settle(self, changes: builtins.list[tuple[RowRecord, RowChange]]) -> int:
         """Apply what attempts came to; a row that moved on meanwhile (another settler) is left alone."""
         return await self.database.transaction(_settle, changes, utcnow())
 
     async def claim(self, campaign_id: str, *, limit: int, scan: int,
-                    not_before: Callable[[RowRecord], dt.datetime | None]) -> list[RowRecord]:
+                    not_before: Callable[[RowRecord], dt.datetime | None]) -> builtins.list[RowRecord]:
         """Up to `limit` due pending rows, now dialing (their attempt counted and keyed). Of the first
         `scan` due rows, a suppressed number is suppressed instead, and a row whose window is closed
         (`not_before` gives when it opens; None: open now) waits until then."""
@@ -193,17 +194,17 @@ class CampaignStore:
                                                utcnow())
 
     # --- the suppression list -----------------------------------------------------------------------
-    async def suppress(self, numbers: list[str], *, reason: str | None, source: str) -> int:
+    async def suppress(self, numbers: builtins.list[str], *, reason: str | None, source: str) -> int:
         """Add numbers (one already listed stays as it was); returns how many are new."""
         return await self.database.transaction(_suppress, numbers, reason, source, utcnow())
 
     async def unsuppress(self, number: str) -> bool:
         return await self.database.transaction(_unsuppress, number)
 
-    async def suppressions(self, *, after: str | None, limit: int) -> list[Suppression]:
+    async def suppressions(self, *, after: str | None, limit: int) -> builtins.list[Suppression]:
         return await self.database.transaction(_suppressions, after, limit)
 
-    async def suppressed(self, numbers: list[str]) -> set[str]:
+    async def suppressed(self, numbers: builtins.list[str]) -> set[str]:
         return await self.database.transaction(_suppressed, numbers)
 
 
@@ -219,14 +220,17 @@ def _create(connection: sa.Connection, name: str, api_key_id: str, spec: dict[st
     due = starts_at or now
     values = [dict(
         id=str(uuid.uuid4()), campaign_id=campaign_id, position=position, to_number=row.to_number,
-        timezones=",".join(row.timezones), template_context_json=json.dumps(row.template_context) if row.template_context else None,
+        timezones=",".join(row.timezones),
+        template_context_json=json.dumps(row.template_context) if row.template_context else None,
         metadata_json=json.dumps(row.metadata) if row.metadata else None, status=row.status, attempts=0, due_at=due,
         reason=row.reason, updated_at=now,
     ) for position, row in enumerate(rows)]
     for start in range(0, len(values), INSERT_CHUNK):
         connection.execute(sa.insert(campaign_rows), values[start:start + INSERT_CHUNK])
     schedule_job(connection, job(campaign_id))
-    return _get(connection, campaign_id)
+    created = _get(connection, campaign_id)
+    assert created is not None  # inserted in this transaction
+    return created
 
 
 def _get(connection: sa.Connection, campaign_id: str, *, lock: bool = False) -> CampaignRecord | None:

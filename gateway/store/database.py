@@ -66,7 +66,7 @@ class Database:
         url = engine_url(url)
         return ThreadedSQLite(url) if url.startswith("sqlite") else AsyncPostgres(url)
 
-    async def transaction(self, work: Work, *args: Any) -> T:
+    async def transaction(self, work: Work[T], *args: Any) -> T:
         """Run `work(connection, *args)` in a transaction that commits when it returns."""
         raise NotImplementedError
 
@@ -95,7 +95,7 @@ class AsyncPostgres(Database):
             if sock is not None:
                 keep_alive(sock)
 
-    async def transaction(self, work: Work, *args: Any) -> T:
+    async def transaction(self, work: Work[T], *args: Any) -> T:
         async with self.engine.begin() as connection:
             return await connection.run_sync(work, *args)
 
@@ -118,10 +118,10 @@ class ThreadedSQLite(Database):
             cursor.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; a power cut may lose the last commit
             cursor.close()
 
-    async def transaction(self, work: Work, *args: Any) -> T:
+    async def transaction(self, work: Work[T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, self._run, work, args)
 
-    def _run(self, work: Work, args: tuple) -> T:
+    def _run(self, work: Work[T], args: tuple) -> T:
         with self.engine.begin() as connection:
             return work(connection, *args)
 

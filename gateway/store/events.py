@@ -79,16 +79,17 @@ def insert_events(connection: sa.Connection, new: list[NewEvent]) -> set[tuple[s
                 statement = statement.on_conflict_do_nothing(index_elements=["key"])
             if connection.execute(statement).rowcount == 1:
                 written.append(event)
-    rows = [dict(id=str(uuid.uuid4()), event_id=event.id, endpoint=endpoint, stream=event.stream,
-                 status=PENDING, attempts=0, created_at=now, due_at=now)
-            for event in written for endpoint in event.endpoints]
+    rows: list[dict[str, Any]] = [
+        dict(id=str(uuid.uuid4()), event_id=event.id, endpoint=endpoint, stream=event.stream, status=PENDING,
+             attempts=0, created_at=now, due_at=now)
+        for event in written for endpoint in event.endpoints]
     if not rows:
         return set()
     # Only the head of a stream is due; a delivery behind another of its stream still pending waits
     # (due_at NULL) until that one is settled (see _attempted_all). The call's row lock, which the
     # caller holds, keeps this read and that hand-over from crossing.
     call_streams = {(event.stream, endpoint) for event in written if event.call_id for endpoint in event.endpoints}
-    behind = set()
+    behind: set[tuple[str, str]] = set()
     if call_streams:
         behind = {(row.endpoint, row.stream) for row in connection.execute(_PENDING_STREAMS, dict(
             streams=sorted({stream for stream, _ in call_streams}),

@@ -118,15 +118,23 @@ class TransferStore:
         """A new transfer, or None when the call already has one under way. `then(transfer_id)`: the
         durable work that starts it, written in the same transaction (so neither exists without the other)."""
         now = utcnow()
+        transfer_id = str(uuid.uuid4())
         values = dict(
-            id=str(uuid.uuid4()), call_id=call_id, kind=kind, operator=operator, operators_tried=_encode_tried((operator,)),
+            id=transfer_id, call_id=call_id, kind=kind, operator=operator, operators_tried=_encode_tried((operator,)),
             reason=reason, summary=summary, status=REQUESTED, leg=0, prior_ultravox_call_id=prior_ultravox_call_id,
             active_call_id=call_id, created_at=now, updated_at=now,
         )
-        return await self._observed(_start, values, then(values["id"]) if then else None)
+        return await self._observed(_start, values, then(transfer_id) if then else None)
 
     async def get(self, transfer_id: str) -> TransferRecord | None:
         return await self.database.transaction(_get, transfer_id)
+
+    async def existing(self, transfer_id: str) -> TransferRecord:
+        """A transfer the gateway has recorded (transfers are never deleted: LookupError means a wrong id)."""
+        transfer = await self.get(transfer_id)
+        if transfer is None:
+            raise LookupError(f"transfer {transfer_id} is not in the store")
+        return transfer
 
     async def for_call(self, call_id: str) -> list[TransferRecord]:
         return await self.database.transaction(_for_call, call_id)

@@ -11,7 +11,11 @@ run the real app against local fakes without any network access::
 
 * `gateway.testing.server`: `ServerThread`, any ASGI app served on loopback from a thread.
 * `gateway.testing.ultravox`: `FakeUltravox`, a fake Ultravox REST API that validates every
-  request against Ultravox's OpenAPI schema, and its ``serverWebSocket`` medium.
+  request against Ultravox's OpenAPI schema, and its ``serverWebSocket`` medium; with
+  ``converse()`` it stands in for a real agent (greets, listens, answers), as in ``gateway demo``.
+* `gateway.testing.speech`: `Speech` (PCM from a WAV), the WAVs shipped with the package
+  (`shipped_wav`: the stand-in's greeting and answer, a caller) and `Utterances`.
+* `gateway.testing.callees`: `Callees`, the people a fake carrier's placed calls reach.
 * `gateway.testing.carrier`: `FakeCarrier`, what the fake carrier REST APIs share, and
   `CarrierDouble`, everything a test needs to play one carrier; ``double(name)`` finds it.
 * `gateway.testing.stream`: `CarrierStream`, a carrier's side of a media stream.
@@ -63,6 +67,7 @@ from .carrier import (
 from .processes import REPLICA_HEADER, Backend, GatewayProcess, LoadBalancer, ProcessFailed, Replicas, free_port, haproxy_path
 from .receiver import EventReceiver, ReceivedEvent, new_webhook_secret
 from .server import ServerThread
+from .speech import SHIPPED_SPEECH, Speech, Utterances, shipped_wav
 from .stream import CarrierStream, Received, StreamDialect
 from .ultravox import (
     DATA_MESSAGE_TYPES,
@@ -98,10 +103,14 @@ __all__ = [
     "EventReceiver",
     "ReceivedEvent",
     "new_webhook_secret",
+    "shipped_wav",
     "RecordedRequest",
     "Replicas",
+    "SHIPPED_SPEECH",
     "ServerThread",
+    "Speech",
     "StreamDialect",
+    "Utterances",
     "WebhookRequest",
     "XmlDouble",
     "double",
@@ -111,7 +120,7 @@ __all__ = [
 ]
 
 # The carriers' own modules: whatever module of this package has a DOUBLE is one.
-_SHARED = {"carrier", "processes", "receiver", "server", "stream", "ultravox"}
+_SHARED = {"callees", "carrier", "processes", "receiver", "server", "speech", "stream", "ultravox"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _SHARED:
         _carrier = importlib.import_module(f"{__name__}.{_module.name}")

@@ -1,6 +1,7 @@
 """The people a campaign phones, played against a fake carrier: each call the fake placed is held
 for a while and then ends as the callee's script says (busy, no-answer, completed…), reported with
-the carrier's own status callback. Counts what a campaign test (or bench/campaign.py) checks:
+the carrier's own status callback; with `answer_with`, each call is picked up first, as a person
+would (``gateway demo`` runs them so). Counts what a campaign test (or bench/campaign.py) checks:
 how often each number was dialled, and the most calls live at once as the carrier saw them."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .carrier import FakeCarrier, PlacedCarrierCall
+from .carrier import CarrierDouble, FakeCarrier, PlacedCarrierCall
 
 
 @dataclass
@@ -22,6 +23,9 @@ class Callees:
     script: dict[str, list[str]] = field(default_factory=dict)
     hold: Callable[[], float] = lambda: 0.0  # seconds a call stays live before it ends
     seed: int = 0
+    # When set, each call is answered as soon as it is seen (this carrier's double picks it up: the
+    # answer webhook where the carrier has one), then ends after `hold` as scripted.
+    answer_with: CarrierDouble | None = None
     dialled: Counter = field(default_factory=Counter)
     most_live: int = 0
     errors: list[str] = field(default_factory=list)
@@ -30,6 +34,7 @@ class Callees:
         self._stop = threading.Event()
         self._seen = 0
         self._ending: list[tuple[float, PlacedCarrierCall, str]] = []
+        self._answered_at: dict[str, float] = {}  # call id -> when it was picked up (answer_with)
         self._thread = threading.Thread(target=self._run, name="callees", daemon=True)
         self._random = random.Random(self.seed)
 
@@ -52,6 +57,8 @@ class Callees:
                 outcomes = self.script.get(call.to, ["completed"])
                 outcome = outcomes[min(self.dialled[call.to], len(outcomes) - 1)]
                 self.dialled[call.to] += 1
+                if self.answer_with is not None:
+                    self._pick_up(call)
                 self._ending.append((time.monotonic() + self.hold(), call, outcome))
             self._seen = len(calls)
             self.most_live = max(self.most_live, len(self._ending))
@@ -63,9 +70,24 @@ class Callees:
                     self._ending.append((now + 0.5, entry[1], entry[2]))  # told again, like a carrier
             time.sleep(0.01)
 
-    def _end(self, call: PlacedCarrierCall, outcome: str) -> bool:
+    def _pick_up(self, call: PlacedCarrierCall) -> None:
+        assert self.answer_with is not None
         try:
-            response = self.fake.send_status(call, outcome)
+            picked = self.answer_with.pick_up(self.fake, call)
+        except Exception as error:
+            self.errors.append(f"{call.to}: pick-up: {type(error).__name__}: {error}")
+            return
+        if picked.answer is not None and picked.answer.status_code >= 400:
+            self.errors.append(f"{call.to}: the answer webhook got {picked.answer.status_code}")
+        self._answered_at[call.call_id] = time.monotonic()
+
+    def _end(self, call: PlacedCarrierCall, outcome: str) -> bool:
+        answered_at = self._answered_at.get(call.call_id)
+        # A call that was picked up reports how long it lasted, as carriers do.
+        extra = {} if self.answer_with is None or answered_at is None else self.answer_with.status_fields(
+            outcome, round(time.monotonic() - answered_at))
+        try:
+            response = self.fake.send_status(call, outcome, **extra)
         except Exception as error:  # a replica killed under it: the balancer sends the next elsewhere
             self.errors.append(f"{call.to}: {type(error).__name__}: {error}")
             return False

@@ -201,7 +201,8 @@ def _validate_twiml_detection(params: dict[str, Any]) -> None:
     """The AMD parameters Twilio's and Telnyx's create-call endpoints share."""
     if "AsyncAmd" in params and str(_one(params, "AsyncAmd")).lower() not in ("true", "false"):
         raise _Invalid("AsyncAmd must be true or false")
-    if "AsyncAmdStatusCallbackMethod" in params and str(_one(params, "AsyncAmdStatusCallbackMethod")).upper() not in _HTTP_METHODS:
+    method = _one(params, "AsyncAmdStatusCallbackMethod")
+    if "AsyncAmdStatusCallbackMethod" in params and str(method).upper() not in _HTTP_METHODS:
         raise _Invalid("AsyncAmdStatusCallbackMethod must be GET or POST")
 
 
@@ -257,6 +258,7 @@ class FakeCarrier:
     update_path: str = ""  # Starlette route template of the live-call update endpoint
     update_status: int = 200  # the carrier's status for an accepted update
     update_fields: frozenset[str] = frozenset()  # the parameters the update endpoint takes
+    account_path: str = ""  # route template of the account read `gateway check --online` makes
 
     def __init__(
         self,
@@ -284,6 +286,7 @@ class FakeCarrier:
             routes=[
                 Route(self.create_path, self._create_call, methods=["POST"]),
                 *self._update_routes(),
+                *([Route(self.account_path, self._account, methods=["GET"])] if self.account_path else []),
                 Route("/{path:path}", self._unknown_path, methods=_ALL_METHODS),
             ]
         )
@@ -401,6 +404,12 @@ class FakeCarrier:
         headers = {"Retry-After": scripted.retry_after} if scripted.retry_after else None
         content = scripted.body if scripted.body is not None else self._created_body(call)
         return JSONResponse(content, status_code=self.create_status, headers=headers)
+
+    async def _account(self, request: Request) -> JSONResponse:
+        self._record(request, await request.body())
+        if not self._account_authorized(request):
+            return JSONResponse(self._error_body(401, "Authentication failed"), status_code=401)
+        return JSONResponse(self._account_body())
 
     def _scripted_failure(self, scripted: FakeResponse) -> JSONResponse | None:
         if scripted.status < 300:
@@ -523,6 +532,13 @@ class FakeCarrier:
     # -- carrier specifics (overridden) -------------------------------------
 
     def _authorized(self, request: Request) -> bool:
+        raise NotImplementedError
+
+    def _account_authorized(self, request: Request) -> bool:
+        return self._authorized(request)
+
+    def _account_body(self) -> dict[str, Any]:
+        """What the carrier answers at ``account_path``."""
         raise NotImplementedError
 
     def _validate(self, params: dict[str, Any]) -> None:
@@ -754,6 +770,15 @@ class CarrierDouble(ABC):
     @abstractmethod
     def fake_api(self, **kwargs: Any) -> FakeCarrier:
         """A new fake REST API of the carrier with these credentials (``kwargs`` go to `FakeCarrier`)."""
+
+    def for_session(self) -> "CarrierDouble":
+        """A double of the same carrier with credentials made up now (``gateway demo``'s); a carrier
+        whose double does not say keeps its fixed test credentials."""
+        return self
+
+    def simulate_arguments(self) -> list[str]:
+        """What ``gateway simulate`` needs beyond the configuration to sign as this carrier."""
+        return []
 
     # -- the media stream ---------------------------------------------------------------
 

@@ -70,6 +70,7 @@ class FakeExotel(FakeCarrier):
     """
 
     create_path = "/v1/Accounts/{account_sid}/Calls/connect.json"
+    account_path = "/v1/Accounts/{account_sid}/ActiveStreams"  # Exotel's Active Stream Monitoring
     create_status = 200
     body_kind = "form"
     EVENTS = frozenset({"ringing", "answered", "terminal"})
@@ -122,6 +123,10 @@ class FakeExotel(FakeCarrier):
 
     def _error_body(self, status: int, message: str, code: int | None = None) -> dict[str, Any]:
         return {"RestException": {"Status": status, "Message": message, "Code": code}}
+
+    def _account_body(self) -> dict[str, Any]:
+        live = sum(1 for call in self.calls if self.is_live(call.call_id))
+        return {"status": "success", "active_streams": live, "max_allowed_streams": 10, "account_sid": self.account_sid}
 
     def _common_form(self, call: PlacedCarrierCall) -> dict[str, str]:
         return {"CallSid": call.call_id, "From": call.to, "To": call.from_, "Direction": "outbound-api"}
@@ -246,6 +251,10 @@ class ExotelDouble(CarrierDouble):
 
     def fake_api(self, **kwargs: Any) -> FakeExotel:
         return FakeExotel(self.account_sid, self.api_key, self.api_token, **kwargs)
+
+    def for_session(self) -> "ExotelDouble":
+        return ExotelDouble("demo" + secrets.token_hex(6), secrets.token_hex(20), secrets.token_hex(20),
+                            "exotel-" + secrets.token_hex(4), secrets.token_urlsafe(24))
 
     def inbound_form(self, *, to: str, from_: str = "+15551230001", **fields: str) -> dict[str, str]:
         return exotel_inbound_params(from_=from_, to=to, **fields)

@@ -108,6 +108,7 @@ class FakePlivo(FakeCarrier):
     create_path = "/v1/Account/{auth_id}/Call/"
     body_kind = "json"
     update_path = "/v1/Account/{auth_id}/Call/{call_id}/"
+    account_path = "/v1/Account/{auth_id}/"  # "Retrieve account details"
     update_status = 202
     update_fields = frozenset({"legs", "aleg_url", "aleg_method", "bleg_url", "bleg_method", "blegs"})
 
@@ -165,6 +166,10 @@ class FakePlivo(FakeCarrier):
 
     def _created_body(self, call: PlacedCarrierCall) -> dict[str, Any]:
         return {"api_id": str(uuid.uuid4()), "message": "call fired", "request_uuid": call.call_id}
+
+    def _account_body(self) -> dict[str, Any]:
+        return {"api_id": str(uuid.uuid4()), "auth_id": self.auth_id, "name": "Fake Plivo account",
+                "account_type": "standard", "cash_credits": "10.00"}
 
     def _error_body(self, status: int, message: str, code: int | None = None) -> dict[str, Any]:
         return {"api_id": str(uuid.uuid4()), "error": message}
@@ -479,6 +484,10 @@ class PlivoDouble(XmlDouble):
 
     def fake_api(self, **kwargs: Any) -> FakePlivo:
         return FakePlivo(self.auth_id, self.auth_token, **kwargs)
+
+    def for_session(self) -> "PlivoDouble":
+        alphabet = string.ascii_uppercase + string.digits
+        return PlivoDouble("MA" + "".join(secrets.choice(alphabet) for _ in range(18)), secrets.token_urlsafe(30))
 
     def inbound_form(self, *, to: str, from_: str = "+15551230001", **fields: str) -> dict[str, str]:
         return plivo_inbound_form(from_=from_, to=to, **fields)

@@ -317,6 +317,8 @@ class LoadBalancer(_ChildProcess):
         servers = "\n".join(
             f"    server {b.name} {b.host}:{b.port} check" for b in self.backends
         )
+        every = self.check_interval_ms
+        checks = f"inter {every}ms fastinter {every}ms downinter {every}ms fall 1 rise 1"
         return f"""\
 global
     maxconn 2000
@@ -345,7 +347,7 @@ backend replicas
     balance roundrobin
     option httpchk GET /readyz
     http-check expect status 200
-    default-server inter {self.check_interval_ms}ms fastinter {self.check_interval_ms}ms downinter {self.check_interval_ms}ms fall 1 rise 1
+    default-server {checks}
 {servers}
 
 listen stats

@@ -57,6 +57,14 @@ class TelnyxSigner:
         return cls(Ed25519PrivateKey.generate())
 
     @property
+    def private_key_b64(self) -> str:
+        """The raw private key, base64 (what ``gateway simulate --private-key`` takes)."""
+        from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+        raw = self.private_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        return base64.b64encode(raw).decode("ascii")
+
+    @property
     def public_key_b64(self) -> str:
         """The value to configure as ``TELNYX_PUBLIC_KEY``."""
         from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -122,6 +130,7 @@ class FakeTelnyx(FakeCarrier):
     body_kind = "json"
     invalid_status = 422
     update_path = "/v2/texml/Accounts/{account_sid}/Calls/{call_id}"
+    account_path = "/v2/balance"  # "Get user balance details": Telnyx's own first authentication check
     update_fields = frozenset(
         {
             "Url",
@@ -194,6 +203,13 @@ class FakeTelnyx(FakeCarrier):
 
     def _created_body(self, call: PlacedCarrierCall) -> dict[str, Any]:
         return {"from": call.from_, "to": call.to, "status": "queued"}
+
+    def _account_authorized(self, request: Request) -> bool:
+        return request.headers.get("authorization") == f"Bearer {self.api_key}"  # no account in the path
+
+    def _account_body(self) -> dict[str, Any]:
+        return {"data": {"record_type": "balance", "balance": "100.00", "pending": "0.00", "credit_limit": "0.00",
+                         "available_credit": "100.00", "currency": "USD"}}
 
     def _error_body(self, status: int, message: str, code: int | None = None) -> dict[str, Any]:
         error: dict[str, Any] = {"title": _ERROR_DETAILS.get(status, "Error"), "detail": message}
@@ -435,6 +451,13 @@ class TelnyxDouble(XmlDouble):
 
     def fake_api(self, **kwargs: Any) -> FakeTelnyx:
         return FakeTelnyx(self.api_key, self.signer, self.account_sid, **kwargs)
+
+    def simulate_arguments(self) -> list[str]:
+        return ["--private-key", self.signer.private_key_b64]
+
+    def for_session(self) -> "TelnyxDouble":
+        return TelnyxDouble("KEY" + secrets.token_hex(16).upper(), str(uuid.uuid4()),
+                            str(secrets.randbelow(10**18)), TelnyxSigner.generate())
 
     def inbound_form(self, *, to: str, from_: str = "+15551230001", **fields: str) -> dict[str, str]:
         return telnyx_inbound_form(from_=from_, to=to, account_sid=self.account_sid, **fields)

@@ -106,6 +106,7 @@ class FakeTwilio(FakeCarrier):
 
     create_path = "/2010-04-01/Accounts/{account_sid}/Calls.json"
     update_path = "/2010-04-01/Accounts/{account_sid}/Calls/{call_id}.json"
+    account_path = "/2010-04-01/Accounts/{account_sid}.json"  # Twilio's "Fetch an Account resource"
     update_fields = frozenset(
         {
             "Url",
@@ -180,6 +181,9 @@ class FakeTwilio(FakeCarrier):
             status_url=understood.get("StatusCallback"),
             params=understood,
         )
+
+    def _account_body(self) -> dict[str, Any]:
+        return {"sid": self.account_sid, "friendly_name": "Fake Twilio account", "status": "active", "type": "Full"}
 
     def _created_body(self, call: PlacedCarrierCall) -> dict[str, Any]:
         return {
@@ -406,6 +410,9 @@ class TwilioDouble(XmlDouble):
 
     def fake_api(self, **kwargs: Any) -> FakeTwilio:
         return FakeTwilio(self.account_sid, self.auth_token, **kwargs)
+
+    def for_session(self) -> "TwilioDouble":
+        return TwilioDouble("AC" + secrets.token_hex(16), secrets.token_hex(16))
 
     def inbound_form(self, *, to: str, from_: str = "+15551230001", **fields: str) -> dict[str, str]:
         return twilio_inbound_form(from_=from_, to=to, account_sid=self.account_sid, **fields)

@@ -31,6 +31,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from .server import ServerThread
+from .speech import Speech, Utterances
 
 __all__ = [
     "DATA_MESSAGE_TYPES",
@@ -318,10 +319,13 @@ class FakeUltravox:
       until `end_call` gives it its end, summary and messages.
     * ``GET``/``POST /api/tools`` and ``GET``/``PUT /api/tools/{tool_id}``:
       durable tools, kept in ``tools`` (tool id -> Tool JSON).
+    * ``GET /api/accounts/me``: the account the key belongs to (``account_name``).
     * A call created with ``medium.serverWebSocket`` gets a ``joinUrl`` on the
       fake itself (``ws://127.0.0.1:{port}/calls/{callId}/server?apiVersion=1``);
       the socket behind it plays Ultravox's side of the medium (see
-      `FakeUltravoxSession`, ``sessions``, ``media_mode`` and ``greeting``).
+      `FakeUltravoxSession`, ``sessions``, ``media_mode``, ``greeting`` and
+      ``answer``); `converse` makes it hold a conversation, as a stand-in for a
+      real agent.
 
     Every request is checked for ``X-API-Key`` and recorded in ``requests``;
     validation failures are also collected in ``schema_errors``. The n-th
@@ -356,8 +360,12 @@ class FakeUltravox:
         # serverWebSocket medium: see the "serverWebSocket side" section below.
         self.base_url: str | None = None  # http://host:port, set by serve()
         self.sessions: dict[str, FakeUltravoxSession] = {}  # call id -> its socket session
-        self.media_mode: str = "echo"  # "echo" or "silent"
-        self.greeting: bytes | None = None  # PCM sent (paced) right after a socket connects
+        self.media_mode: str = "echo"  # "echo", "silent" or "converse" (see `converse`)
+        # Sent (paced) right after a socket connects: PCM at the session's output rate, or Speech.
+        self.greeting: bytes | Speech | None = None
+        # "converse": sent (paced) after each thing the caller says.
+        self.answer: bytes | Speech | None = None
+        self.account_name = "Fake Ultravox account"
         self._socket_calls: dict[str, dict[str, Any]] = {}  # call id -> serverWebSocket medium
         self._sessions_changed = threading.Condition(self._lock)
         self.app = Starlette(
@@ -372,6 +380,7 @@ class FakeUltravox:
                 ),
                 Route("/api/calls/{call_id}", self._get_call, methods=["GET"]),
                 Route("/api/calls/{call_id}/messages", self._messages, methods=["GET"]),
+                Route("/api/accounts/me", self._account, methods=["GET"]),
                 Route("/api/tools", self._tools, methods=["GET", "POST"]),
                 Route("/api/tools/{tool_id}", self._tool, methods=["GET", "PUT"]),
                 Route("/{path:path}", self._unknown_path, methods=_ALL_METHODS),
@@ -380,6 +389,16 @@ class FakeUltravox:
         )
 
     # -- configuration (called from the test thread) -----------------------
+
+    def converse(self, greeting: Speech | None = None, answer: Speech | None = None) -> "FakeUltravox":
+        """Hold a conversation on serverWebSocket calls, standing in for a real agent: say
+        `greeting` once the call connects, then `answer` after each thing the caller says (a
+        stretch of speech followed by a pause, see `Utterances`); by default the WAVs shipped in
+        gateway/testing/sounds. Returns the fake."""
+        self.media_mode = "converse"
+        self.greeting = greeting or Speech.shipped("greeting")
+        self.answer = answer or Speech.shipped("answer")
+        return self
 
     def script(self, *responses: FakeResponse) -> None:
         """Queue per-request overrides for start-call requests, consumed in arrival order."""
@@ -420,6 +439,7 @@ class FakeUltravox:
             self._socket_calls.clear()
             self.media_mode = "echo"
             self.greeting = None
+            self.answer = None
 
     @property
     def connections_seen(self) -> int:
@@ -690,6 +710,16 @@ class FakeUltravox:
             tool["definition"] = copy.deepcopy(body["definition"])
             return JSONResponse(copy.deepcopy(tool))
 
+    async def _account(self, request: Request) -> JSONResponse:
+        await self._receive(request)
+        unauthorized = self._unauthorized(request)
+        if unauthorized is not None:
+            return unauthorized
+        with self._lock:
+            live = sum(1 for session in self.sessions.values() if not session.closed.is_set())
+        return JSONResponse({"accountId": "00000000-0000-4000-8000-000000000000", "name": self.account_name,
+                             "activeCalls": live, "hasActiveSubscription": True})
+
     async def _known_call(self, request: Request) -> tuple[dict[str, Any] | None, JSONResponse | None]:
         """(the created call the path names, None), or (None, the refusal: 401 or 404)."""
         await self._receive(request)
@@ -705,8 +735,8 @@ class FakeUltravox:
 
     async def _get_call(self, request: Request) -> JSONResponse:
         call, refusal = await self._known_call(request)
-        if refusal is not None:
-            return refusal
+        if refusal is not None or call is None:
+            return refusal or JSONResponse({"detail": "Not found."}, status_code=404)
         with self._lock:
             report = dict(self.call_reports.get(call["callId"]) or {})
         report.pop("messages", None)
@@ -862,9 +892,12 @@ class FakeUltravoxSession:
     `hang_up` used).
 
     Behaviour follows the fake's ``media_mode`` (read per frame: ``"echo"``
-    sends every binary frame straight back, ``"silent"`` sends nothing) and
-    its ``greeting`` (read at connect: PCM sent as 20 ms frames in real time).
-    A ``ping`` is answered with ``pong``, as Ultravox does.
+    sends every binary frame straight back, ``"silent"`` sends nothing,
+    ``"converse"`` says the fake's ``answer`` after each thing the caller says,
+    counted in ``utterances``) and its ``greeting`` (read at connect). What the
+    session says goes as 20 ms frames in real time, one thing after another;
+    `Speech` is resampled to the session's output rate, bytes are sent as
+    they are. A ``ping`` is answered with ``pong``, as Ultravox does.
 
     `send_audio`, `send_json` and `hang_up` are called from the test thread:
     each runs on the fake's event loop and returns once done.
@@ -889,6 +922,7 @@ class FakeUltravoxSession:
         self.frames_in = 0
         self.frames_out = 0
         self.messages_in: list[dict[str, Any]] = []
+        self.utterances = 0  # things the caller said ("converse")
         self.connected = threading.Event()
         self.closed = threading.Event()
         self.close_code: int | None = None
@@ -899,6 +933,8 @@ class FakeUltravoxSession:
         self._send_lock: asyncio.Lock | None = None
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._speaking: asyncio.Lock | None = None
+        self._listening = Utterances(self.input_sample_rate)
 
     @property
     def frame_bytes(self) -> int:
@@ -1009,6 +1045,23 @@ class FakeUltravoxSession:
             async with self._send_lock:
                 await websocket.close(code=code)
 
+    async def _say(self, speech: bytes | Speech) -> None:
+        """Speak after whatever is being said has been said."""
+        pcm = speech.at(self.output_sample_rate) if isinstance(speech, Speech) else bytes(speech)
+        assert self._speaking is not None
+        async with self._speaking:
+            await self._paced(pcm)
+
+    async def _answer_each_utterance(self) -> None:
+        while not self.closed.is_set():
+            await asyncio.sleep(0.05)
+            if self._listening.finished(self._loop.time()):
+                with self._changed:
+                    self.utterances += 1
+                    self._changed.notify_all()
+                if self.fake.answer:
+                    self._spawn(self._say(self.fake.answer))
+
     def _spawn(self, coro: Any) -> None:
         task = self._loop.create_task(coro)
         self._tasks.add(task)
@@ -1019,9 +1072,11 @@ class FakeUltravoxSession:
         self._send_lock = asyncio.Lock()
         self.connected_at = time.monotonic()
         self.connected.set()
-        greeting = self.fake.greeting
-        if greeting:
-            self._spawn(self._paced(bytes(greeting)))
+        self._speaking = asyncio.Lock()
+        if self.fake.greeting:
+            self._spawn(self._say(self.fake.greeting))
+        if self.fake.media_mode == "converse":
+            self._spawn(self._answer_each_utterance())
         try:
             while True:
                 message = await websocket.receive()
@@ -1037,6 +1092,8 @@ class FakeUltravoxSession:
                         self._changed.notify_all()
                     if self.fake.media_mode == "echo":
                         await self._send(data)
+                    elif self.fake.media_mode == "converse":
+                        self._listening.hear(data, self._loop.time())
                 elif text is not None:
                     await self._on_text(text)
         except Exception:  # the client vanished mid-receive
