@@ -114,7 +114,10 @@ class Gateway:
         jobs = JobStore(store.database)
         self.work = work = Work(jobs)
         events = EventStore(store.database)
-        self.events_http = create_client(pool_size=IN_FLIGHT_PER_ENDPOINT, timeout=settings.events.timeout_seconds)
+        # Connections for every endpoint's sends at once: a slow endpoint holding its own must not
+        # leave another's sends waiting for one (the wait counts against their timeout).
+        self.events_http = create_client(pool_size=IN_FLIGHT_PER_ENDPOINT * max(1, len(settings.webhooks)),
+                                         timeout=settings.events.timeout_seconds)
         self.delivery = EventDelivery(
             settings, events, work, self.events_http, metrics=self.metrics,
             callers_waiting=lambda: self.webhooks is not None and self.webhooks.in_flight > 0)

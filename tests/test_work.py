@@ -304,7 +304,7 @@ def test_events_are_written_once_per_key_and_pruned_once_settled(database_url):
         found, more = await events.list(EventFilters(), limit=10, before_seq=None)
         assert [e.envelope["data"]["n"] for e in found] == [4, 3, 1] and not more  # the repeated key: once
         claimed = await events.claim("crm", "me", lease=dt.timedelta(seconds=30), limit=10)
-        assert sorted(p.body for p in claimed) == sorted(e.body() for e in written if e.id != written[1].id)[:3]
+        assert sorted(p.body for p in claimed) == sorted(e.body() for e in written if e.id != written[1].id)
         (first,) = [p for p in claimed if p.event_id == written[0].id]
         delivered = Outcome(first, Attempt(utcnow(), 200, None, 3), DELIVERED)
         await events.attempted("me", [delivered])

@@ -238,12 +238,17 @@ class EventStore:
         return await self.database.transaction(_list, filters, limit, before_seq)
 
 
+def _not_held(now):
+    """No process is sending it: never claimed, or its holder's lease ran out."""
+    return sa.or_(deliveries.c.lease_until.is_(None), deliveries.c.lease_until < now)
+
+
 def _claim_statement(early: bool):
     due = deliveries.c.due_at > sa.bindparam("now") if early else deliveries.c.due_at <= sa.bindparam("now")
     claimable = (
         sa.select(deliveries.c.id)
         .where(deliveries.c.endpoint == sa.bindparam("for_endpoint"), deliveries.c.status == PENDING, due,
-               sa.or_(deliveries.c.lease_until.is_(None), deliveries.c.lease_until < sa.bindparam("now")))
+               _not_held(sa.bindparam("now")))
         .order_by(deliveries.c.due_at, deliveries.c.event_seq)
         .limit(sa.bindparam("limit", type_=sa.Integer))
         .with_for_update(skip_locked=True)
@@ -322,10 +327,6 @@ def _attempted_all(connection: sa.Connection, owner: str, outcomes) -> None:
         now = utcnow()
         connection.execute(_HAND_ON, [dict(for_endpoint=endpoint, for_stream=stream, handed_at=now)
                                       for endpoint, stream in settled])
-
-
-def _not_held(now: dt.datetime):
-    return sa.or_(deliveries.c.lease_until.is_(None), deliveries.c.lease_until < now)
 
 
 def _skip_endpoint(connection: sa.Connection, endpoint: str, reason: str, now: dt.datetime) -> int:
