@@ -104,8 +104,10 @@ class Gateway:
         self.store = store = CallStore.open(settings.database_url)
         await store.migrate()
         self.http = create_http_client(settings.ultravox)
-        # Carrier REST calls share one client; each request carries its own auth.
-        self.carrier_http = create_client(pool_size=20, timeout=10.0)
+        # Carrier REST calls share one client; each request carries its own auth and its carrier's
+        # timeout (the client's own is only an outer bound).
+        slowest = max((carrier.config.request_timeout_seconds for carrier in carriers.values()), default=10.0)
+        self.carrier_http = create_client(pool_size=20, timeout=slowest)
         ultravox = UltravoxClient(self.http, settings.ultravox, clock=clock)
         self.transfers = transfers = TransferStore(store.database)
         # Each flow registers the durable work it does; the loops start once all have. Deliveries

@@ -81,6 +81,9 @@ class CarrierSettings(_Section):
     """A carrier's [section]; each carrier module declares its own (gateway.carriers)."""
 
     api_base_url: str
+    # How long one request to the carrier's API may take before it is given up (or retried, where a
+    # retry cannot act twice).
+    request_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
 
     @field_validator("api_base_url")
     @classmethod
@@ -362,6 +365,9 @@ class EventSettings(_Section):
     # call.ended waits this long after the call ended for Ultravox's summary and transcript; then it
     # goes without what is still missing.
     artifacts_wait_seconds: float = Field(default=120.0, ge=0, le=3600)
+    # While an endpoint is failing, its soonest retry is sent early this often (a probe): the moment
+    # it answers again, everything waiting goes, not at the next retry the schedule puts minutes away.
+    probe_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
     # Events (and their delivery records) are deleted this many days after they happened, once
     # no delivery is pending.
     retention_days: int = Field(default=30, ge=1)

@@ -16,6 +16,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.carriers import CARRIERS
+from gateway.http import tls_context
 from gateway.settings import Settings, load_settings
 from gateway.store import CallRecord, CallStore
 from gateway.testing import FakeCarrier, FakeUltravox, ServerThread, double
@@ -144,7 +145,7 @@ class Gateway:
     client: httpx.Client = field(default=None)
 
     def __post_init__(self):
-        self.client = httpx.Client(base_url=self.server.url, timeout=30)
+        self.client = httpx.Client(base_url=self.server.url, timeout=30, verify=tls_context())
 
     def records(self) -> list[CallRecord]:
         """Every stored call, read through a store of our own (the server's lives on its own loop)."""

@@ -27,10 +27,12 @@ TRANSCRIPT = [
 ]
 
 
-def webhooks_config(*receivers: tuple[str, EventReceiver], retries: str = FAST_RETRIES, extra: str = "") -> str:
+def webhooks_config(*receivers: tuple[str, EventReceiver], retries: str = FAST_RETRIES, extra: str = "",
+                    probe_interval: float = 5.0) -> str:
     tables = "".join(f'\n[[webhooks]]\nname = "{name}"\nurl = "{receiver.url}"\nsecret = "{receiver.secret}"\n{extra}'
                      for name, receiver in receivers)
-    return tables + f"\n[events]\nretry_schedule_seconds = {retries}\ntimeout_seconds = 2\nartifacts_wait_seconds = 3\n"
+    return tables + (f"\n[events]\nretry_schedule_seconds = {retries}\ntimeout_seconds = 2\nartifacts_wait_seconds = 3\n"
+                     f"probe_interval_seconds = {probe_interval}\n")
 
 
 @pytest.fixture
@@ -190,7 +192,7 @@ def test_a_receiver_down_for_a_while_gets_every_event_once_in_order_across_a_res
 def test_an_endpoint_back_from_an_outage_gets_what_waits_at_once_not_at_the_next_retry(make_gateway, receiver):
     """The schedule puts the next retry a minute away; a probe sent early finds the endpoint back,
     and everything waiting goes then. A probe that fails counts for no retry."""
-    gateway = make_gateway(webhooks_config(("crm", receiver), retries="[60, 60, 60]"))
+    gateway = make_gateway(webhooks_config(("crm", receiver), retries="[60, 60, 60]", probe_interval=1))
     receiver.status = 503
     records = [call_in(gateway, "twilio") for _ in range(3)]
     # Each call's first event failed (its second waits behind it), then a probe or two.

@@ -333,7 +333,8 @@ def test_carrier_rate_limit_is_retried_after_retry_after(gateway, fake_carriers,
     assert len(fake_carriers[carrier].requests) == 2 and len(fake_carriers[carrier].calls) == 1
 
 
-def test_carrier_timing_out_after_the_request_is_not_retried(gateway, fake_carriers):
+def test_carrier_timing_out_after_the_request_is_not_retried(make_gateway, fake_carriers):
+    gateway = make_gateway(config=BASE_CONFIG.replace("[telnyx]\n", "[telnyx]\nrequest_timeout_seconds = 0.5\n"))
     fake_carriers["telnyx"].script(FakeResponse(hang=True))
     response = dial(gateway, carrier="telnyx")
     assert response.json()["status"] == "failed"

@@ -421,7 +421,9 @@ def test_a_replica_killed_mid_run_loses_no_record_and_creates_no_second_call(
     assert {d.replica for ds in deliveries.values() for d in ds if not d.answered} <= {victim.name, None}
     assert all(deliveries[call_id][0].replica == victim.name for call_id in broken)
     # Retries right after the kill, before the health check saw it, were redispatched, never refused.
-    assert all(sum(not d.answered for d in deliveries[call_id]) == 1 for call_id in broken)
+    twice_broken = {call_id: deliveries[call_id] for call_id in broken
+                    if sum(not d.answered for d in deliveries[call_id]) != 1}
+    assert not twice_broken, twice_broken
 
     for call_id, ds in deliveries.items():
         (record,) = records_for(postgres_database_url, call_id)  # none lost, none doubled

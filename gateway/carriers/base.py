@@ -397,7 +397,10 @@ class Carrier(ABC):
 
     # --- REST: one helper for every call to the carrier's API -------------------------------------
     # 429 means "not processed"; the only other retries are errors before sending.
-    rest_policy: ClassVar[RetryPolicy] = RetryPolicy(max_attempts=3, attempt_timeout=10.0)
+    @property
+    def rest_policy(self) -> RetryPolicy:
+        return RetryPolicy(max_attempts=3, attempt_timeout=self.config.request_timeout_seconds)
+
     # Statuses meaning "no such call (any more)"; a hang-up counts them as success.
     gone_statuses: ClassVar[tuple[int, ...]] = (404,)
 

@@ -71,10 +71,6 @@ PACE_PROBE_SECONDS = 0.05
 LOOP_BEHIND_SECONDS = 0.005  # how late the probe's timer may fire (smoothed) before that
 IN_FLIGHT_WHILE_BEHIND = 4
 PAUSE_WHILE_BEHIND_SECONDS = 0.25
-# An endpoint whose last attempt failed is probed this often with its soonest retry, sent early: the
-# moment it answers again, every delivery waiting for a retry goes (instead of at the next retry,
-# which the schedule may put minutes away).
-PROBE_EVERY_SECONDS = 5.0
 LEASE_MARGIN_SECONDS = 10.0  # a claim's lease: the send's timeout and this
 STORE_RETRY_SECONDS = 1.0  # the store failed a claim or a record: again after this
 JITTER = 0.2
@@ -505,7 +501,7 @@ class _Dispatcher:
         self._sending: set[asyncio.Task] = set()
         self._finished: list[Outcome] = []
         self._look = True  # claim at the next turn (woken, polled, or successors freed)
-        self._failing = False  # the last attempt recorded here failed: probe (PROBE_EVERY_SECONDS)
+        self._failing = False  # the last attempt recorded here failed: probe ([events] probe_interval_seconds)
         self._probed_at = float("-inf")
         self._stopping = False
         self._task: asyncio.Task | None = None
@@ -592,7 +588,7 @@ class _Dispatcher:
 
     def _probe_due(self) -> bool:
         now = self.delivery.clock()
-        if now - self._probed_at < PROBE_EVERY_SECONDS:
+        if now - self._probed_at < self.delivery.settings.events.probe_interval_seconds:
             return False
         self._probed_at = now
         return True
