@@ -135,6 +135,8 @@ class CarrierWebhooks:
         carrier.verify(webhook, issued_url=issued is not None)
         if issued is not None and not issued():
             raise SignatureRejected("this callback URL was not issued by this gateway")
+        if callback:  # the inbound webhook's parse_inbound checks its own
+            carrier.check_call_id(webhook)
         return webhook
 
     def _refused(self, carrier: Carrier, rejection: RequestRejected) -> Response:

@@ -204,3 +204,16 @@ def test_times_are_always_aware_utc_and_in_range():
         with pytest.raises(inputs.InvalidInput):
             inputs.timestamp(text, name="t")
     assert inputs.timestamp_or_none(["not", "a", "time"]) is None
+
+
+# --- carrier call ids in the carrier's shape on every callback -----------------------------------------
+
+
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+@pytest.mark.parametrize("call_id", ["x" * 300, "a b", "CA" + "0" * 31 + "'"])
+def test_a_status_callback_naming_a_call_id_not_in_the_carriers_shape_is_a_400(gateway, carrier, call_id):
+    form = {**double(carrier).inbound_form(to=SUPPORT_NUMBER), **double(carrier).status_fields("completed", 42)}
+    form[double(carrier).call_id_param] = call_id
+    response = gateway.post(carrier, form, path=f"/{carrier}/status")
+    assert response.status_code == 400, response.text
+    assert gateway.records() == []

@@ -410,6 +410,13 @@ class Carrier(ABC):
             params=params,
         )
 
+    def check_call_id(self, webhook: Webhook) -> None:
+        """Refuse a callback naming a carrier call id that is not in the carrier's shape, as the
+        inbound webhook is: the id is stored and looked up, whatever route it arrives on."""
+        call_id = webhook.param(self.call_id_param)
+        if call_id and not self.call_id_pattern.fullmatch(call_id):
+            raise MalformedWebhook(f"{self.call_id_param} is not a {self.title} call id")
+
     def normalize_number(self, number: str) -> str:
         """E.164 where the carrier sent a phone number; SIP URIs and client names stay as they are."""
         return numbers.from_carrier(number, self.default_region)
