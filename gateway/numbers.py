@@ -31,6 +31,28 @@ def e164(text: str) -> str:
     return formatted
 
 
+# Number types that bill the caller more than a call: refused by the dial policy unless allowed.
+_COSTLY_TYPES = {
+    phonenumbers.PhoneNumberType.PREMIUM_RATE: ("premium-rate", "allow_premium_rate"),
+    phonenumbers.PhoneNumberType.SHARED_COST: ("shared-cost", "allow_shared_cost"),
+}
+
+
+def costly_refusal(number: str, *, allow_premium_rate: bool, allow_shared_cost: bool) -> str | None:
+    """Why the dial policy refuses E.164 `number` for its type (phonenumbers' metadata: premium-rate,
+    shared-cost), or None. The one decision for dial requests, campaign rows and operators alike."""
+    try:
+        kind = phonenumbers.number_type(phonenumbers.parse(number, None))
+    except phonenumbers.NumberParseException:
+        return None  # not a phone number (a SIP URI): its type is not the phone network's to say
+    described = _COSTLY_TYPES.get(kind)
+    if described is None:
+        return None
+    name, setting = described
+    allowed = {"allow_premium_rate": allow_premium_rate, "allow_shared_cost": allow_shared_cost}[setting]
+    return None if allowed else f"{number} is a {name} number ([outbound.policy] {setting} = true allows it)"
+
+
 def is_e164(text: str) -> bool:
     try:
         e164(text)

@@ -217,3 +217,53 @@ def test_a_status_callback_naming_a_call_id_not_in_the_carriers_shape_is_a_400(g
     response = gateway.post(carrier, form, path=f"/{carrier}/status")
     assert response.status_code == 400, response.text
     assert gateway.records() == []
+
+
+# --- premium-rate and shared-cost numbers -------------------------------------------------------------
+
+PREMIUM_RATE = "+449012345678"  # phonenumbers' example GB premium-rate number (+44 is allowed in the tests)
+SHARED_COST = "+33884012345"  # its example FR shared-cost number
+
+
+@pytest.mark.parametrize("number", [PREMIUM_RATE, SHARED_COST])
+def test_the_dial_api_refuses_premium_rate_and_shared_cost_numbers(make_gateway, fake_carriers, number):
+    from .conftest import BASE_CONFIG
+    from .test_outbound import dial
+
+    gateway = make_gateway(config=BASE_CONFIG.replace('allowed_prefixes = ["+1", "+44"]',
+                                                      'allowed_prefixes = ["+1", "+44", "+33"]'))
+    response = dial(gateway, to=number, carrier="twilio")
+    assert response.status_code == 403, response.text
+    assert "allow_" in response.json()["detail"]
+    assert fake_carriers["twilio"].calls == []
+
+
+def test_allowed_premium_rate_numbers_are_dialled(make_gateway, fake_carriers):
+    from .conftest import BASE_CONFIG
+    from .test_outbound import dial
+
+    gateway = make_gateway(config=BASE_CONFIG.replace("calls_per_minute_per_key = 5",
+                                                      "calls_per_minute_per_key = 5\nallow_premium_rate = true"))
+    assert dial(gateway, to=PREMIUM_RATE, carrier="twilio").status_code == 201
+
+
+def test_a_campaign_row_to_a_premium_rate_number_is_rejected(gateway, fake_carriers):
+    response = gateway.client.post("/v1/campaigns", headers=AUTH, json={
+        "name": "costly", "route": "support", "rows": [{"to": PREMIUM_RATE}, {"to": "+15557654321"}]})
+    assert response.status_code == 201, response.text
+    rows = gateway.client.get(f"/v1/campaigns/{response.json()['id']}/rows", headers=AUTH).json()["rows"]
+    assert rows[0]["status"] == "rejected" and "premium-rate" in rows[0]["reason"]
+
+
+def test_an_operator_with_a_premium_rate_number_is_a_configuration_problem(tmp_path):
+    from gateway.settings import ConfigError, load_settings
+
+    from .conftest import BASE_CONFIG
+
+    path = tmp_path / "gateway.toml"
+    path.write_text(BASE_CONFIG.replace('number = "+15557770003"', f'number = "{PREMIUM_RATE}"'))
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path, {})
+    assert any("operator nightowl" in problem and "premium-rate" in problem for problem in raised.value.problems)
+    path.write_text(path.read_text().replace("calls_per_minute_per_key = 5", "calls_per_minute_per_key = 5\nallow_premium_rate = true"))
+    assert load_settings(path, {}).operators["nightowl"].number == PREMIUM_RATE

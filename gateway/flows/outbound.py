@@ -256,6 +256,8 @@ class OutboundFlow:
         denied = next((prefix for prefix in policy.denied_prefixes if request.to.startswith(prefix)), None)
         if denied:
             raise DialRejected(403, f"destinations starting {denied} are denied by the dial policy")
+        if costly := policy.costly_refusal(request.to):
+            raise DialRejected(403, f"the dial policy refuses the destination: {costly}")
         if via == "ultravox" and request.route and (route := self.settings.route_named(request.route)) and route.mode == "bridge":
             raise DialRejected(422, f"route {request.route} is in bridge mode: the gateway must place the call (via=carrier)")
         if via == "ultravox" and not carrier.ultravox_can_dial:
