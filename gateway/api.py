@@ -355,7 +355,9 @@ def _decode_cursor(value: str | None) -> tuple[dt.datetime, str] | None:
 def openapi_document() -> dict[str, Any]:
     dial_schema = DialRequest.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")
     call_schema = CallView.model_json_schema(ref_template="#/components/schemas/{model}")
+    # The view writes `from` (a keyword in Python): the document says what the API sends.
     call_schema["properties"]["from"] = call_schema["properties"].pop("from_")
+    call_schema["required"] = ["from" if name == "from_" else name for name in call_schema.get("required", [])]
     errors = {
         "401": {"description": "missing or unknown API key"},
         "403": {"description": "refused by the dial policy (destination, from number)"},

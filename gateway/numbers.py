@@ -12,6 +12,11 @@ _PREFIX = re.compile(r"\+[1-9][0-9]{0,14}")
 _SIP = re.compile(r"sips?:[^@\s]+@[^\s]+")
 
 
+# E.164 as the API documents it (its OpenAPI document's `pattern`); e164() below decides.
+E164_PATTERN = r"^\+[1-9][0-9]{1,14}$"
+E164_SCHEMA = {"pattern": E164_PATTERN, "examples": ["+15551234567"]}
+
+
 class InvalidNumber(ValueError):
     pass
 

@@ -265,5 +265,6 @@ def test_an_operator_with_a_premium_rate_number_is_a_configuration_problem(tmp_p
     with pytest.raises(ConfigError) as raised:
         load_settings(path, {})
     assert any("operator nightowl" in problem and "premium-rate" in problem for problem in raised.value.problems)
-    path.write_text(path.read_text().replace("calls_per_minute_per_key = 5", "calls_per_minute_per_key = 5\nallow_premium_rate = true"))
+    allowed = path.read_text().replace("calls_per_minute_per_key = 5", "calls_per_minute_per_key = 5\nallow_premium_rate = true")
+    path.write_text(allowed)
     assert load_settings(path, {}).operators["nightowl"].number == PREMIUM_RATE

@@ -64,8 +64,9 @@ class DialRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    to: str = Field(description="Number to call, E.164 (+15551234567)")
-    from_: str | None = Field(default=None, alias="from", description="One of the deployment's numbers for the carrier")
+    to: str = Field(description="Number to call, E.164 (+15551234567)", json_schema_extra=numbers.E164_SCHEMA)
+    from_: str | None = Field(default=None, alias="from", description="One of the deployment's numbers for the carrier",
+                              json_schema_extra=numbers.E164_SCHEMA)
     carrier: CarrierName | None = None
     via: Literal["carrier", "ultravox"] | None = Field(
         default=None, description="carrier: the gateway dials; ultravox: Ultravox dials with its imported credentials"
