@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import phonenumbers
+from pydantic.json_schema import JsonDict
 
 # A prefix of an E.164 number, for dial-policy lists ("+1", "+4420"): no library models these.
 # ASCII digits only (`\d` would take any script's, and `$` a trailing newline).
@@ -14,7 +15,7 @@ _SIP = re.compile(r"sips?:[^@\s]+@[^\s]+")
 
 # E.164 as the API documents it (its OpenAPI document's `pattern`); e164() below decides.
 E164_PATTERN = r"^\+[1-9][0-9]{1,14}$"
-E164_SCHEMA = {"pattern": E164_PATTERN, "examples": ["+15551234567"]}
+E164_SCHEMA: JsonDict = {"pattern": E164_PATTERN, "examples": ["+15551234567"]}
 
 
 class InvalidNumber(ValueError):
