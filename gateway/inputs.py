@@ -45,7 +45,7 @@ def whole_number(text: str, *, name: str, minimum: int = 0, maximum: int) -> int
     negative = minimum < 0 and text.startswith("-")
     digits = text[1:] if negative else text
     widest = len(str(max(abs(minimum), abs(maximum))))
-    if not _DIGITS.fullmatch(digits) or len(digits) > widest:
+    if not _DIGITS.fullmatch(digits) or len(digits.lstrip("0")) > widest:
         raise InvalidInput(f"{name} must be a whole number from {minimum} to {maximum}")
     value = -int(digits) if negative else int(digits)
     if not minimum <= value <= maximum:
