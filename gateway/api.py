@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import datetime as dt
-import json
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,6 +12,7 @@ from starlette.requests import Request
 from starlette.concurrency import iterate_in_threadpool
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from . import inputs
 from .carriers import CARRIERS
 from .flows.events import EVENT_DATA, EventOutbox
 from .flows.outbound import DialRejected, DialRequest, OutboundFlow
@@ -29,6 +27,11 @@ from .views import CallView, TransferView
 
 MAX_PAGE = 200
 DEFAULT_PAGE = 50
+# Bounds of what a query or path names: ids (UUIDs, names) are far shorter; event sequence numbers
+# and recording parts are a row's integer and a list index.
+MAX_ID_LENGTH = 200
+MAX_SEQ = 2**63 - 1
+MAX_RECORDINGS = 10_000
 
 
 def problem(status: int, detail: Any, **headers: str) -> JSONResponse:
@@ -70,7 +73,7 @@ class CallsApi:
     async def get(self, request: Request) -> Response:
         if self._key_id(request) is None:
             return _unauthorized()
-        record = await self.store.get(request.path_params["call_id"])
+        record = await self._record(request)
         if record is None:
             return problem(404, "no such call")
         bind_call(record)
@@ -82,10 +85,11 @@ class CallsApi:
         """One stretch of a call's recording, as a WAV streamed from disk (?part=N, default 0)."""
         if self._key_id(request) is None:
             return _unauthorized()
-        part = request.query_params.get("part", "0")
-        if not (part.isascii() and part.isdigit()):
+        try:
+            part = inputs.whole_number(request.query_params.get("part", "0"), name="part", maximum=MAX_RECORDINGS)
+        except inputs.InvalidInput:
             return problem(400, "part must be a whole number: 0 for the call's first recording, 1 for the next…")
-        record = await self.store.get(request.path_params["call_id"])
+        record = await self._record(request)
         if record is None:
             return problem(404, "no such call")
         bind_call(record)
@@ -93,10 +97,10 @@ class CallsApi:
         if not paths:
             return problem(404, "this call has no recording")
         parts = {"Recording-Parts": str(len(paths))}
-        if int(part) >= len(paths):
+        if part >= len(paths):
             return problem(404, f"this call has {len(paths)} recording(s): part 0 to {len(paths) - 1}", **parts)
         # The stored path is the gateway's own, but only files in the recording directories are served.
-        found = await asyncio.to_thread(snapshot, Path(paths[int(part)]), self.recording_dirs)
+        found = await asyncio.to_thread(snapshot, Path(paths[part]), self.recording_dirs)
         if found is None:
             return problem(404, "the recording is no longer on disk", **parts)
         # Not FileResponse: that reads to the end of the file, and a recording still being
@@ -118,9 +122,7 @@ class CallsApi:
                 created_after=_time(query.get("created_after"), "created_after"),
                 created_before=_time(query.get("created_before"), "created_before"),
             )
-            limit = int(query.get("limit", DEFAULT_PAGE))
-            if not 1 <= limit <= MAX_PAGE:
-                raise ValueError(f"limit must be 1 to {MAX_PAGE}")
+            limit = _limit(query.get("limit"))
             cursor = _decode_cursor(query.get("cursor"))
         except ValueError as error:
             return problem(400, str(error))
@@ -130,6 +132,10 @@ class CallsApi:
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document())
+
+    async def _record(self, request: Request) -> CallRecord | None:
+        call_id = path_text(request, "call_id")
+        return None if call_id is None else await self.store.get(call_id)
 
 
 class EventsApi:
@@ -146,25 +152,28 @@ class EventsApi:
         query = request.query_params
         try:
             filters = EventFilters(
-                call_id=query.get("call_id"),
+                call_id=_optional_text(query.get("call_id"), "call_id"),
                 type=_choice(query.get("type"), list(EVENT_TYPES), "type"),
                 delivery_status=_choice(query.get("status"), DELIVERY_STATUSES, "status"),
-                endpoint=query.get("endpoint"),
+                endpoint=_optional_text(query.get("endpoint"), "endpoint"),
             )
             limit = _limit(query.get("limit"))
             cursor = query.get("cursor")
-            if cursor is not None and not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 18):
-                raise ValueError("cursor is not one this API handed out")
+            try:
+                before_seq = None if not cursor else inputs.whole_number(cursor, name="cursor", maximum=MAX_SEQ)
+            except inputs.InvalidInput:
+                raise ValueError("cursor is not one this API handed out") from None
         except ValueError as error:
             return problem(400, str(error))
-        found, more = await self.events.list(filters, limit=limit, before_seq=int(cursor) if cursor else None)
+        found, more = await self.events.list(filters, limit=limit, before_seq=before_seq)
         return JSONResponse({"events": [EventView.of(event) for event in found],
                              "next_cursor": str(found[-1].seq) if more and found else None})
 
     async def get(self, request: Request) -> Response:
         if request_key_id(request, self.settings) is None:
             return _unauthorized()
-        event = await self.events.get(request.path_params["event_id"])
+        event_id = path_text(request, "event_id")
+        event = None if event_id is None else await self.events.get(event_id)
         if event is None:
             return problem(404, "no such event")
         return JSONResponse(EventView.of(event))
@@ -189,7 +198,8 @@ class EventsApi:
             if state.disabled_at is not None:
                 return problem(409, f"endpoint {target} is disabled ({state.disabled_reason}); enable it first with "
                                     f"POST /v1/webhooks/{target}/enable")
-        event = await self.outbox.redeliver(self.events, request.path_params["event_id"], targets)
+        event_id = path_text(request, "event_id")
+        event = None if event_id is None else await self.outbox.redeliver(self.events, event_id, targets)
         if event is None:
             return problem(404, "no such event")
         return JSONResponse(EventView.of(event), status_code=202)
@@ -241,9 +251,21 @@ class EventView(BaseModel):
 def _limit(value: str | None) -> int:
     if value is None:
         return DEFAULT_PAGE
-    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_PAGE:
-        raise ValueError(f"limit must be 1 to {MAX_PAGE}")
-    return int(value)
+    try:
+        return inputs.whole_number(value, name="limit", minimum=1, maximum=MAX_PAGE)
+    except inputs.InvalidInput:
+        raise ValueError(f"limit must be 1 to {MAX_PAGE}") from None
+
+
+def _optional_text(value: str | None, name: str) -> str | None:
+    return None if value is None else inputs.plain_text(value, name=name, max_length=MAX_ID_LENGTH)
+
+
+def path_text(request: Request, name: str) -> str | None:
+    """A path parameter naming something the store holds, or None when it could name nothing
+    (too long, or a NUL, which PostgreSQL refuses in text): the route answers 404 without asking."""
+    value = request.path_params[name]
+    return None if len(value) > MAX_ID_LENGTH or inputs.has_control_characters(value) else value
 
 
 def _unauthorized() -> JSONResponse:
@@ -281,6 +303,8 @@ async def json_body(request: Request, model: type[Body], limit: int, *, what: st
         if body:
             raise ApiRefusal(wrong_type)
         return model()
+    if inputs.escapes_control_characters(body):
+        raise ApiRefusal(problem(422, [{"field": None, "problem": "a string holds NUL or another control character"}]))
     try:
         return model.model_validate_json(body)
     except ValidationError as error:
@@ -293,7 +317,7 @@ async def json_body(request: Request, model: type[Body], limit: int, *, what: st
 async def read_limited(request: Request, limit: int) -> bytes | None:
     """The request body, or None when it is (or says it is) larger than `limit` bytes."""
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+    if declared is not None and inputs.whole_number_or_none(declared, maximum=limit) is None:
         return None
     body = bytearray()
     async for chunk in request.stream():
@@ -310,38 +334,30 @@ def _choice(value: str | None, allowed: list[str], name: str) -> str | None:
 
 
 def _time(value: str | None, name: str) -> dt.datetime | None:
-    if value is None:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"{name} must be an ISO-8601 time like 2026-11-20T10:00:00Z") from None
-    # Stored times are UTC; SQLite compares them as text, so the bound value must be UTC too.
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)).astimezone(dt.timezone.utc)
+    # Stored times are UTC; SQLite compares them as text, so the bound value is UTC too.
+    return None if value is None else inputs.timestamp(value, name=name)
 
 
 def _encode_cursor(record: CallRecord) -> str:
-    raw = json.dumps([record.created_at.isoformat(), record.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return inputs.encode_cursor(record.created_at.isoformat(), record.id)
 
 
 def _decode_cursor(value: str | None) -> tuple[dt.datetime, str] | None:
     if not value:
         return None
+    created_at, call_id = inputs.decode_cursor(value, 2)
     try:
-        created_at, call_id = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
-        when = _time(created_at, "cursor")
-        if when is None:
-            raise ValueError("cursor has no time")
-        return when, str(call_id)
-    except (ValueError, TypeError, binascii.Error):
-        raise ValueError("cursor is not one this API handed out") from None
+        return inputs.timestamp(created_at, name="cursor"), call_id
+    except inputs.InvalidInput:
+        raise inputs.InvalidInput("cursor is not one this API handed out") from None
 
 
 def openapi_document() -> dict[str, Any]:
     dial_schema = DialRequest.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")
     call_schema = CallView.model_json_schema(ref_template="#/components/schemas/{model}")
+    # The view writes `from` (a keyword in Python): the document says what the API sends.
     call_schema["properties"]["from"] = call_schema["properties"].pop("from_")
+    call_schema["required"] = ["from" if name == "from_" else name for name in call_schema.get("required", [])]
     errors = {
         "401": {"description": "missing or unknown API key"},
         "403": {"description": "refused by the dial policy (destination, from number)"},

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from . import inputs
 from .api import read_limited
 from .flows.tracking import CallTracking
 from .flows.transfer import ToolInvocation, TransferFlow
@@ -39,11 +39,13 @@ class UltravoxCallbacks:
             if body is None:
                 return PlainTextResponse("body too large\n", status_code=413)
             try:
-                payload = json.loads(body or b"")
-                if not isinstance(payload, dict):
-                    raise ValueError
-            except ValueError:
+                payload = inputs.json_document(body or b"")
+            except inputs.InvalidInput as error:
+                return PlainTextResponse(f"expected a JSON object: {error}\n", status_code=400)
+            if not isinstance(payload, dict):
                 return PlainTextResponse("expected a JSON object\n", status_code=400)
+            if inputs.controls_anywhere(payload):
+                return PlainTextResponse("a value holds NUL or another control character\n", status_code=400)
             reply = await self.transfer.invoke(ToolInvocation.of(kind, payload))
             return PlainTextResponse(reply.text, status_code=reply.status, headers={
                 "X-Ultravox-Agent-Reaction": reply.reaction,

@@ -11,13 +11,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from . import numbers
-from .api import ApiRefusal, _limit, _unauthorized, json_body, problem, read_limited, request_key_id
+from . import inputs, numbers
+from .api import (
+    ApiRefusal, _limit, _optional_text, _unauthorized, json_body, path_text, problem, read_limited,
+    request_key_id,
+)
 from .flows.campaigns import MAX_CAMPAIGN_LIST, CampaignConflict, CampaignFlow, CampaignRequest
 from .flows.outbound import DialRejected
 from .settings import Settings
 from .store.campaigns import CampaignRecord, CampaignStore, RowRecord, Suppression
 
+# Row positions are a 32-bit integer column (PostgreSQL refuses a larger bound: a 500 before).
+MAX_POSITION = 2**31 - 1
 ROW_STATUSES_DOC = ("pending, dialing, a call's final status (completed, busy, no-answer, failed, machine-detected, "
                     "voicemail-left, canceled), suppressed, rejected (dial policy), expired, canceled")
 
@@ -73,7 +78,8 @@ class CampaignsApi:
         return key_id
 
     async def _campaign(self, request: Request) -> CampaignRecord:
-        campaign = await self.store.get(request.path_params["campaign_id"])
+        campaign_id = path_text(request, "campaign_id")
+        campaign = None if campaign_id is None else await self.store.get(campaign_id)
         if campaign is None:
             raise ApiRefusal(problem(404, "no such campaign"))
         return campaign
@@ -117,17 +123,19 @@ class CampaignsApi:
         try:
             self._authorized(request)
             campaign = await self._campaign(request)
-            after = query.get("after", "-1")
-            if not after.lstrip("-").isdigit():
-                raise ValueError("after must be a row position")
+            try:
+                after = inputs.whole_number(query.get("after", "-1"), name="after", minimum=-1, maximum=MAX_POSITION)
+            except inputs.InvalidInput:
+                raise ValueError("after must be a row position") from None
+            status = _optional_text(query.get("status"), "status")
             if query.get("format") == "csv":
-                return await self._csv(campaign, query.get("status"))
+                return await self._csv(campaign, status)
             limit = _limit(query.get("limit"))
         except ApiRefusal as refusal:
             return refusal.response
         except ValueError as error:
             return problem(400, str(error))
-        rows = await self.store.rows(campaign.id, status=query.get("status"), after=int(after), limit=limit + 1)
+        rows = await self.store.rows(campaign.id, status=status, after=after, limit=limit + 1)
         more = len(rows) > limit
         rows = rows[:limit]
         return JSONResponse({"rows": [row_view(row) for row in rows],
@@ -179,7 +187,7 @@ class CampaignsApi:
                 if body is None:
                     return problem(413, "body too large ([campaigns] max_body_bytes)")
                 entry = SuppressionRequest(numbers=numbers_from_csv(body.decode("utf-8-sig")),
-                                           reason=request.query_params.get("reason"))
+                                           reason=_optional_text(request.query_params.get("reason"), "reason"))
                 source = "import"
             else:
                 entry = await json_body(request, SuppressionRequest, self.settings.campaigns.max_body_bytes,
@@ -196,11 +204,12 @@ class CampaignsApi:
         try:
             self._authorized(request)
             limit = _limit(request.query_params.get("limit"))
+            after = _optional_text(request.query_params.get("after"), "after")
         except ApiRefusal as refusal:
             return refusal.response
         except ValueError as error:
             return problem(400, str(error))
-        found = await self.store.suppressions(after=request.query_params.get("after"), limit=limit + 1)
+        found = await self.store.suppressions(after=after, limit=limit + 1)
         more = len(found) > limit
         found = found[:limit]
         return JSONResponse({"suppressions": [suppression_view(entry) for entry in found],
@@ -211,7 +220,8 @@ class CampaignsApi:
             self._authorized(request)
         except ApiRefusal as refusal:
             return refusal.response
-        if not await self.store.unsuppress(request.path_params["number"]):
+        number = path_text(request, "number")
+        if number is None or not await self.store.unsuppress(number):
             return problem(404, "the number is not on the suppression list")
         return Response(status_code=204)
 

@@ -5,11 +5,17 @@ from __future__ import annotations
 import re
 
 import phonenumbers
+from pydantic.json_schema import JsonDict
 
 # A prefix of an E.164 number, for dial-policy lists ("+1", "+4420"): no library models these.
 # ASCII digits only (`\d` would take any script's, and `$` a trailing newline).
 _PREFIX = re.compile(r"\+[1-9][0-9]{0,14}")
 _SIP = re.compile(r"sips?:[^@\s]+@[^\s]+")
+
+
+# E.164 as the API documents it (its OpenAPI document's `pattern`); e164() below decides.
+E164_PATTERN = r"^\+[1-9][0-9]{1,14}$"
+E164_SCHEMA: JsonDict = {"pattern": E164_PATTERN, "examples": ["+15551234567"]}
 
 
 class InvalidNumber(ValueError):
@@ -29,6 +35,28 @@ def e164(text: str) -> str:
     if formatted != text or not phonenumbers.is_possible_number(parsed):
         raise InvalidNumber(f"must be an E.164 number like +15551234567, got {text!r}")
     return formatted
+
+
+# Number types that bill the caller more than a call: refused by the dial policy unless allowed.
+_COSTLY_TYPES = {
+    phonenumbers.PhoneNumberType.PREMIUM_RATE: ("premium-rate", "allow_premium_rate"),
+    phonenumbers.PhoneNumberType.SHARED_COST: ("shared-cost", "allow_shared_cost"),
+}
+
+
+def costly_refusal(number: str, *, allow_premium_rate: bool, allow_shared_cost: bool) -> str | None:
+    """Why the dial policy refuses E.164 `number` for its type (phonenumbers' metadata: premium-rate,
+    shared-cost), or None. The one decision for dial requests, campaign rows and operators alike."""
+    try:
+        kind = phonenumbers.number_type(phonenumbers.parse(number, None))
+    except phonenumbers.NumberParseException:
+        return None  # not a phone number (a SIP URI): its type is not the phone network's to say
+    described = _COSTLY_TYPES.get(kind)
+    if described is None:
+        return None
+    name, setting = described
+    allowed = {"allow_premium_rate": allow_premium_rate, "allow_shared_cost": allow_shared_cost}[setting]
+    return None if allowed else f"{number} is a {name} number ([outbound.policy] {setting} = true allows it)"
 
 
 def is_e164(text: str) -> bool:

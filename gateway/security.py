@@ -6,6 +6,8 @@ import datetime as dt
 import hashlib
 import hmac
 
+from . import inputs
+
 
 def api_key_id(key: str) -> str:
     """A stable, non-secret name for a key, stored with the calls it placed."""
@@ -51,12 +53,15 @@ def media_token(key: str, carrier: str, call_id: str, expires_at: int) -> str:
 
 def media_token_problem(key: str, carrier: str, call_id: str, token: str | None, now: float) -> str | None:
     """Why `token` does not open this call's media socket, or None when it does."""
-    expires, _, _ = (token or "").partition(".")
-    if not expires.isdigit():
+    text, _, _ = (token or "").partition(".")
+    try:
+        expires = inputs.unix_seconds(text, name="media token expiry")
+    except inputs.InvalidInput:
         return "missing or malformed media token"
-    if not hmac.compare_digest(media_token(key, carrier, call_id, int(expires)), token or ""):
+    # Both sides ASCII (compare_digest refuses to compare other text).
+    if not (token or "").isascii() or not hmac.compare_digest(media_token(key, carrier, call_id, expires), token or ""):
         return "media token does not match this call"
-    if now > int(expires):
+    if now > expires:
         return "media token has expired"
     return None
 
@@ -73,11 +78,9 @@ def verify_ultravox_webhook(
     if not timestamp or not signatures:
         raise WebhookRejected("missing X-Ultravox-Webhook-Timestamp or X-Ultravox-Webhook-Signature")
     try:
-        sent_at = dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    except ValueError:
+        sent_at = inputs.timestamp(timestamp, name="X-Ultravox-Webhook-Timestamp")
+    except inputs.InvalidInput:
         raise WebhookRejected("X-Ultravox-Webhook-Timestamp is not an ISO-8601 time") from None
-    if sent_at.tzinfo is None:
-        sent_at = sent_at.replace(tzinfo=dt.timezone.utc)
     now = now or dt.datetime.now(dt.timezone.utc)
     if abs((now - sent_at).total_seconds()) > tolerance_seconds:
         raise WebhookRejected("X-Ultravox-Webhook-Timestamp is outside the accepted window (stale or replayed)")

@@ -119,6 +119,15 @@ class DialPolicySettings(_Section):
     ])
     # Dial requests accepted per API key per minute.
     calls_per_minute_per_key: int = Field(default=30, ge=1)
+    # Premium-rate and shared-cost numbers (by phonenumbers' metadata, in any country) are never
+    # dialled, by the API, campaigns or operator transfers, unless allowed here.
+    allow_premium_rate: bool = False
+    allow_shared_cost: bool = False
+
+    def costly_refusal(self, number: str) -> str | None:
+        """Why this policy refuses `number` for its type, or None."""
+        return numbers.costly_refusal(number, allow_premium_rate=self.allow_premium_rate,
+                                      allow_shared_cost=self.allow_shared_cost)
 
     @field_validator("allowed_prefixes", "denied_prefixes")
     @classmethod
@@ -571,6 +580,15 @@ class Settings(_Section):
             problems = reference_problems(self.model_dump(include={"routes", "operators", "webhooks"}))
             if problems:
                 raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _operators_within_the_dial_policy(self) -> "Settings":
+        # Transfers dial operators: the dial policy's number types hold for them as for the API.
+        problems = [f"operator {name}: {refusal}" for name, operator in self.operators.items()
+                    if operator.number and (refusal := self.outbound.policy.costly_refusal(operator.number))]
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def webhook_named(self, name: str) -> WebhookSettings | None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import httpx
 
+from . import inputs
 from .http import RemoteError, RetryPolicy, create_client, post_with_retries, request_with_retries
 from .security import WebhookRejected, verify_ultravox_webhook
 from .settings import UltravoxSettings
@@ -204,6 +204,10 @@ class EventRejected(Exception):
         self.detail = detail
 
 
+# Ultravox call ids are UUIDs; anything much longer is not one.
+MAX_CALL_ID_LENGTH = 200
+
+
 @dataclass(frozen=True)
 class UltravoxEvent:
     name: str  # call.joined, call.ended, …
@@ -232,13 +236,15 @@ def read_event(settings: UltravoxSettings, body: bytes, headers: Mapping[str, st
     except WebhookRejected as rejection:
         raise EventRejected(403, str(rejection)) from None
     try:
-        event = json.loads(body)
+        event = inputs.json_document(body)
         name, call = event["event"], event["call"]
         call_id = call["callId"]
-        if not isinstance(name, str) or not isinstance(call_id, str):
+        if not isinstance(name, str) or not isinstance(call_id, str) or not 0 < len(call_id) <= MAX_CALL_ID_LENGTH:
             raise TypeError
     except (ValueError, KeyError, TypeError):
         raise EventRejected(400, 'expected {"event": …, "call": {"callId": …}}') from None
+    if inputs.controls_anywhere(event):  # PostgreSQL refuses a NUL in text; nothing Ultravox sends has one
+        raise EventRejected(400, "the event holds NUL or another control character")
     return UltravoxEvent(
         name=name,
         call_id=call_id,
@@ -254,7 +260,5 @@ def _text(value: Any) -> str | None:
 
 
 def _time(value: Any) -> dt.datetime | None:
-    try:
-        return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")) if value else None
-    except ValueError:
-        return None
+    # Always aware: a naive `joined` less an aware `ended` raised TypeError (a 500).
+    return inputs.timestamp_or_none(value)

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 from typing import Awaitable, Callable
 from urllib.parse import parse_qsl
@@ -15,6 +14,7 @@ from urllib.parse import parse_qsl
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from . import inputs
 from .api import read_limited
 from .carriers.base import QUERY, Carrier, RequestRejected, SignatureRejected, Webhook
 from .flows.inbound import InboundFlow
@@ -29,6 +29,8 @@ from .store import TransferStore
 from .urls import Urls
 
 log = logging.getLogger("gateway")
+# A transfer's operator legs are counted from 0; no fallback chain is this long.
+MAX_LEG = 1000
 
 async def read_webhook(
     request: Request, carrier: Carrier, *, max_bytes: int, url: str, callback: bool = False, issued_url: bool = False
@@ -63,9 +65,9 @@ async def read_webhook(
                    client=_client(request), format=chosen)
 
 
-# NUL and the other C0 controls but tab, CR and LF: no carrier field holds one, and PostgreSQL
-# refuses a NUL in text (the insert failed, and the call went ahead unrecorded).
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# No carrier field holds NUL or another control character, and PostgreSQL refuses a NUL in text
+# (the insert failed, and the call went ahead unrecorded).
+_CONTROL = inputs.CONTROL_CHARACTERS
 
 
 def _fields(raw: bytes | str, max_fields: int) -> dict[str, list[str]]:
@@ -86,18 +88,17 @@ def _fields(raw: bytes | str, max_fields: int) -> dict[str, list[str]]:
 def _json_fields(body: bytes, max_fields: int) -> dict[str, list[str]]:
     """A JSON object's top-level values as fields (nested ones as their JSON text)."""
     try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
-        raise RequestRejected("body is not valid JSON") from None
+        data = inputs.json_document(body)  # bounded depth: the nested values are written out below
+    except inputs.InvalidInput as error:
+        raise RequestRejected(f"body is {error}") from None
     if not isinstance(data, dict) or len(data) > max_fields:
         raise RequestRejected("expected a JSON object")
-    fields = {
+    if inputs.controls_anywhere(data):
+        raise RequestRejected("a field holds a NUL or another control character")
+    return {
         str(name): [value if isinstance(value, str) else json.dumps(value)]
         for name, value in data.items() if value is not None
     }
-    if any(_CONTROL.search(name) or _CONTROL.search(values[0]) for name, values in fields.items()):
-        raise RequestRejected("a field holds a NUL or another control character")
-    return fields
 
 
 def _client(request: Request) -> str | None:
@@ -134,6 +135,8 @@ class CarrierWebhooks:
         carrier.verify(webhook, issued_url=issued is not None)
         if issued is not None and not issued():
             raise SignatureRejected("this callback URL was not issued by this gateway")
+        if callback:  # the inbound webhook's parse_inbound checks its own
+            carrier.check_call_id(webhook)
         return webhook
 
     def _refused(self, carrier: Carrier, rejection: RequestRejected) -> Response:
@@ -289,11 +292,15 @@ class CarrierWebhooks:
     async def _transfer_step(self, step: TransferStep, carrier: Carrier, request: Request) -> Response:
         """The carrier fetching a transfer's call instructions, or reporting a dial, a key press or a leg."""
         transfer_id = request.query_params.get("transfer", "")
-        leg_text = request.query_params.get("leg")
-        leg = int(leg_text) if leg_text is not None and leg_text.isdigit() else None
         token = request.query_params.get("t")
         if not carrier.can_transfer:
             return PlainTextResponse("not found\n", status_code=404)
+        try:
+            # Read before the signature check (the URL's token covers it).
+            leg_text = request.query_params.get("leg")
+            leg = None if leg_text is None else inputs.whole_number(leg_text, name="leg", maximum=MAX_LEG)
+        except inputs.InvalidInput as error:
+            return self._refused(carrier, RequestRejected(str(error)))
         try:
             webhook = await self._verified(carrier, request, issued=lambda: self.urls.valid_transfer_callback(
                 carrier.name, transfer_id, step.name, leg, token))

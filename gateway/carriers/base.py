@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import httpx
 from starlette.responses import Response
 
-from .. import numbers, statuses
+from .. import inputs, numbers, statuses
 from ..media.codecs import AudioFormat
 from ..http import RemoteError, RetryPolicy, request_with_retries, transport_problem
 from ..settings import CarrierSettings, Settings
@@ -218,11 +217,17 @@ class SimulatedCall:
     params: dict[str, str]
 
 
+# Far above any telephony stream's (8, 16, 24 kHz); a larger number is not a rate.
+MAX_SAMPLE_RATE = 192_000
+# A call's duration in seconds: a year is far more than any call lasts.
+MAX_DURATION_SECONDS = 366 * 24 * 3600
+
+
 def json_message(text: str | bytes) -> dict[str, Any]:
     try:
-        message = json.loads(text)
-    except ValueError:
-        raise MalformedFrame("not JSON") from None
+        message = inputs.json_document(text)
+    except inputs.InvalidInput:
+        raise MalformedFrame("not JSON, or nested too deeply") from None
     if not isinstance(message, dict) or not isinstance(message.get("event"), str):
         raise MalformedFrame("no event")
     return message
@@ -233,6 +238,20 @@ def number_or_none(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def sample_rate(value: Any, default: int) -> int:
+    """A media format's sample rate, as a JSON number or its digits; `default` where it is left out."""
+    if value is None or value == "" or value == 0:
+        return default
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SAMPLE_RATE:
+        return value
+    if isinstance(value, str):
+        try:
+            return inputs.whole_number(value, name="sample rate", minimum=1, maximum=MAX_SAMPLE_RATE)
+        except inputs.InvalidInput:
+            pass
+    raise MalformedFrame(f"sample rate {str(value)[:20]!r} is not a rate in Hz")
 
 
 def b64_payload(value: Any) -> bytes:
@@ -390,6 +409,13 @@ class Carrier(ABC):
             to_number=self.normalize_number(params[self.to_param]),
             params=params,
         )
+
+    def check_call_id(self, webhook: Webhook) -> None:
+        """Refuse a callback naming a carrier call id that is not in the carrier's shape, as the
+        inbound webhook is: the id is stored and looked up, whatever route it arrives on."""
+        call_id = webhook.param(self.call_id_param)
+        if call_id and not self.call_id_pattern.fullmatch(call_id):
+            raise MalformedWebhook(f"{self.call_id_param} is not a {self.title} call id")
 
     def normalize_number(self, number: str) -> str:
         """E.164 where the carrier sent a phone number; SIP URIs and client names stay as they are."""
@@ -614,7 +640,7 @@ class Carrier(ABC):
             return self._parse_media(message)
         except MalformedFrame:
             raise
-        except (AttributeError, KeyError, TypeError, ValueError) as error:  # a field of the wrong shape
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as error:  # a field of the wrong shape
             raise MalformedFrame(f"unexpected message shape ({type(error).__name__})") from None
 
     @abstractmethod

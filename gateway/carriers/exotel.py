@@ -35,10 +35,12 @@ import httpx
 from pydantic import field_validator
 from starlette.responses import Response
 
-from .. import numbers, statuses
+from .. import inputs, numbers, statuses
 from ..http import RemoteError
 from ..settings import CarrierSettings
 from .base import (
+    MAX_DURATION_SECONDS,
+    sample_rate,
     FORM,
     JSON,
     QUERY,
@@ -237,7 +239,7 @@ class ExotelCarrier(EventStreamCarrier):
         return StatusUpdate(
             status=self.call_statuses.get(status.lower()),
             carrier_call_id=params.get("CallSid"),
-            duration_seconds=int(duration) if duration.isdigit() else None,
+            duration_seconds=inputs.whole_number_or_none(duration, maximum=MAX_DURATION_SECONDS),
         )
 
 
@@ -260,7 +262,7 @@ class ExotelCarrier(EventStreamCarrier):
         return StreamStart(
             str(stream_id), start.get("call_sid") or start.get("callSid"),
             str(media_format.get("encoding") or "audio/x-raw"),
-            int(media_format.get("sample_rate") or self.media_rate),
+            sample_rate(media_format.get("sample_rate"), self.media_rate),
             dict(start.get("custom_parameters") or {}),
         )
 

@@ -16,9 +16,11 @@ import httpx
 from plivo import plivoxml
 from plivo.utils.signature_v3 import construct_post_url
 
-from .. import statuses
+from .. import inputs, statuses
 from ..settings import CarrierSettings
 from .base import (
+    MAX_DURATION_SECONDS,
+    sample_rate,
     Carrier,
     DialResult,
     MachineDetection,
@@ -272,7 +274,7 @@ class PlivoCarrier(Carrier):
             if not stream_id:
                 raise MalformedFrame("start without streamId")
             return StreamStart(stream_id, start.get("callId"), str(media_format.get("encoding", "audio/x-l16")),
-                               int(media_format.get("sampleRate") or self.media_rate))
+                               sample_rate(media_format.get("sampleRate"), self.media_rate))
         if event == "dtmf":
             return StreamDtmf(str((data.get("dtmf") or {}).get("digit", "")))
         if event in ("playedStream", "played"):
@@ -302,7 +304,7 @@ class PlivoCarrier(Carrier):
         return StatusUpdate(
             status=self.call_statuses.get(params.get("CallStatus", "")),
             carrier_call_id=params.get("CallUUID"),
-            duration_seconds=int(duration) if duration.isdigit() else None,
+            duration_seconds=inputs.whole_number_or_none(duration, maximum=MAX_DURATION_SECONDS),
             end_reason=params.get("HangupCause") or None,
             answered_by=self.answered_by(params),
         )

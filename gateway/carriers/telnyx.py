@@ -17,9 +17,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pydantic import Field, field_validator
 
+from .. import inputs
 from ..media.codecs import AudioFormat
 from ..settings import CarrierSettings
-from .base import MalformedFrame, OutboundDial, SignatureRejected, SimulatedCall, StreamStart, Webhook
+from .base import MalformedFrame, OutboundDial, sample_rate, SignatureRejected, SimulatedCall, StreamStart, Webhook
 from .twiml import STATUS_CALLBACK_EVENTS, TwimlCarrier
 
 
@@ -106,8 +107,8 @@ class TelnyxCarrier(TwimlCarrier):
         if not signature_b64 or not timestamp:
             raise SignatureRejected("missing telnyx-signature-ed25519 or telnyx-timestamp header")
         try:
-            sent_at = int(timestamp)
-        except ValueError:
+            sent_at = inputs.unix_seconds(timestamp, name="telnyx-timestamp")
+        except inputs.InvalidInput:
             raise SignatureRejected("telnyx-timestamp is not a Unix timestamp") from None
         skew = self._clock() - sent_at
         if abs(skew) > self.config.timestamp_tolerance_seconds:
@@ -170,7 +171,7 @@ class TelnyxCarrier(TwimlCarrier):
         if not stream_id:
             raise MalformedFrame("start without stream_id")
         return StreamStart(stream_id, start.get("call_control_id"), str(media_format.get("encoding", STREAM_CODEC)),
-                           int(media_format.get("sample_rate") or self.media_rate),
+                           sample_rate(media_format.get("sample_rate"), self.media_rate),
                            dict(start.get("custom_parameters") or {}))
 
     media_start_encodings = ("l16",)

@@ -26,7 +26,7 @@ from twilio.twiml.voice_response import VoiceResponse
 
 from ..http import as_websocket_url
 from ..settings import CarrierSettings
-from .base import MalformedFrame, OutboundDial, SignatureRejected, SimulatedCall, StreamStart, Webhook
+from .base import MalformedFrame, OutboundDial, sample_rate, SignatureRejected, SimulatedCall, StreamStart, Webhook
 from .twiml import STATUS_CALLBACK_EVENTS, TwimlCarrier
 
 
@@ -210,7 +210,8 @@ class TwilioCarrier(TwimlCarrier):
         if not stream_id:
             raise MalformedFrame("start without streamSid")
         return StreamStart(stream_id, start.get("callSid"), str(media_format.get("encoding", "audio/x-mulaw")),
-                           int(media_format.get("sampleRate") or self.media_rate), dict(start.get("customParameters") or {}))
+                           sample_rate(media_format.get("sampleRate"), self.media_rate),
+                           dict(start.get("customParameters") or {}))
 
     media_start_encodings = ("audio/x-mulaw",)
 

@@ -7,8 +7,8 @@ from typing import Any, ClassVar, Mapping
 
 from twilio.twiml.voice_response import VoiceResponse
 
-from .. import statuses
-from .base import DialResult, MachineDetection, StatusUpdate, Webhook
+from .. import inputs, statuses
+from .base import MAX_DURATION_SECONDS, DialResult, MachineDetection, StatusUpdate, Webhook
 from .event_stream import EventStreamCarrier
 
 # CallStatus values of Twilio and of Telnyx's TwiML-compatible callbacks.
@@ -141,7 +141,7 @@ class TwimlCarrier(EventStreamCarrier):
         return StatusUpdate(
             status=self.call_statuses.get(params.get("CallStatus", "")),
             carrier_call_id=params.get(self.call_id_param),
-            duration_seconds=int(duration) if duration.isdigit() else None,
+            duration_seconds=inputs.whole_number_or_none(duration, maximum=MAX_DURATION_SECONDS),
             end_reason=params.get("HangupCause") or params.get("ErrorMessage") or None,
             answered_by=self.answered_by(params),
         )

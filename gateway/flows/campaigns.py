@@ -63,7 +63,7 @@ MAX_CAMPAIGN_LIST = 200
 class CampaignRow(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    to: str = Field(description="Number to call, E.164")
+    to: str = Field(description="Number to call, E.164", json_schema_extra=numbers.E164_SCHEMA)
     template_context: dict[str, Any] = Field(default_factory=dict, description="Agent template variables")
     metadata: dict[str, str] = Field(default_factory=dict)
     timezone: str | None = Field(default=None, description="The recipient's IANA zone; default: the number's")
@@ -96,7 +96,7 @@ class CampaignSpec(BaseModel):
     agent_id: str | None = None
     call: dict[str, Any] | None = Field(default=None, description="Inline Ultravox StartCallRequest fields")
     carrier: CarrierName | None = None
-    from_: str | list[str] | None = Field(default=None, alias="from",
+    from_: str | list[str] | None = Field(default=None, alias="from", json_schema_extra=numbers.E164_SCHEMA,
                                           description="One of the deployment's numbers, or a pool used in turn")
     max_concurrency: int = Field(default=5, ge=1, le=10_000, description="Live calls of the campaign at most")
     calls_per_second: float = Field(default=1.0, gt=0, le=100)

@@ -64,8 +64,9 @@ class DialRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    to: str = Field(description="Number to call, E.164 (+15551234567)")
-    from_: str | None = Field(default=None, alias="from", description="One of the deployment's numbers for the carrier")
+    to: str = Field(description="Number to call, E.164 (+15551234567)", json_schema_extra=numbers.E164_SCHEMA)
+    from_: str | None = Field(default=None, alias="from", description="One of the deployment's numbers for the carrier",
+                              json_schema_extra=numbers.E164_SCHEMA)
     carrier: CarrierName | None = None
     via: Literal["carrier", "ultravox"] | None = Field(
         default=None, description="carrier: the gateway dials; ultravox: Ultravox dials with its imported credentials"
@@ -256,6 +257,8 @@ class OutboundFlow:
         denied = next((prefix for prefix in policy.denied_prefixes if request.to.startswith(prefix)), None)
         if denied:
             raise DialRejected(403, f"destinations starting {denied} are denied by the dial policy")
+        if costly := policy.costly_refusal(request.to):
+            raise DialRejected(403, f"the dial policy refuses the destination: {costly}")
         if via == "ultravox" and request.route and (route := self.settings.route_named(request.route)) and route.mode == "bridge":
             raise DialRejected(422, f"route {request.route} is in bridge mode: the gateway must place the call (via=carrier)")
         if via == "ultravox" and not carrier.ultravox_can_dial:

@@ -22,7 +22,7 @@ import httpx
 import websockets
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .. import statuses
+from .. import inputs, statuses
 from ..carriers.base import (
     Carrier,
     MalformedFrame,
@@ -321,7 +321,7 @@ class MediaBridge:
                     recorder.agent(message)
                 continue
             try:
-                data = json.loads(message)
+                data = inputs.json_document(message)  # bounded depth: a deep one is skipped, not fatal
             except ValueError:
                 stats.malformed += 1
                 continue
