@@ -21,6 +21,7 @@ from .flows.inbound import InboundFlow
 from .flows.handover import HandoverFlow
 from .logs import bind
 from .flows.outbound import OutboundFlow
+from .flows.replays import ReplayMemory
 from .flows.tracking import CallTracking
 from .flows.transfer import TRANSFER_STEPS, TransferFlow, TransferStep
 from .metrics import Metrics
@@ -108,7 +109,7 @@ class CarrierWebhooks:
     def __init__(
         self, settings: Settings, carriers: dict[str, Carrier], urls: Urls, metrics: Metrics, *,
         inbound: InboundFlow, outbound: OutboundFlow, tracking: CallTracking, transfer: TransferFlow,
-        transfers: TransferStore, handover: HandoverFlow, clock=time.monotonic,
+        transfers: TransferStore, handover: HandoverFlow, replays: ReplayMemory, clock=time.monotonic,
     ):
         self.settings = settings
         self.carriers = carriers
@@ -120,6 +121,7 @@ class CarrierWebhooks:
         self.transfer_flow = transfer
         self.transfers = transfers
         self.handover_flow = handover
+        self.replays = replays
         self.clock = clock
         self.in_flight = 0  # carrier webhooks being answered now (deliveries give way to them)
         self._endpoints()
@@ -134,6 +136,12 @@ class CarrierWebhooks:
         carrier.verify(webhook, issued_url=issued is not None)
         if issued is not None and not issued():
             raise SignatureRejected("this callback URL was not issued by this gateway")
+        if callback:
+            await self.replays.refuse_replay(carrier, webhook)
+        elif not await self.replays.first_delivery(carrier, webhook):
+            # The inbound webhook again: a replay, or the carrier re-sending it. Either way it gets
+            # the first delivery's answer (the same Ultravox call, the same media token).
+            log.warning("%s inbound webhook delivered before; answered as the first delivery was", carrier.name)
         return webhook
 
     def _refused(self, carrier: Carrier, rejection: RequestRejected) -> Response:
