@@ -234,12 +234,17 @@ class CallStore:
         )
         return await self._writer.submit(_Write("claim", values, stale_after))
 
-    async def remember_delivery(self, carrier: str, key: str, *, keep_for: dt.timedelta) -> bool:
-        """Whether this is the first time a signed webhook with `key` (its one-time part) came; it is
-        remembered for `keep_for`, on every replica. Batched with the inbound writes."""
+    async def remember_delivery(self, carrier: str, key: str, *, keep_for: dt.timedelta) -> "Remembered":
+        """Whether this is the first time a signed webhook with `key` (its one-time part) came, and
+        if not, the first one's answer (once sent); it is remembered for `keep_for`, on every
+        replica. Batched with the inbound writes."""
         now = utcnow()
         values = {"carrier": carrier, "key": key, "seen_at": now, "expires_at": now + keep_for}
         return await self._writer.submit(_Write("seen", values))
+
+    async def remember_answer(self, carrier: str, key: str, answer: "StoredAnswer") -> None:
+        """What the first delivery with `key` was answered (for its repeats)."""
+        await self.database.transaction(_remember_answer, carrier, key, answer)
 
     async def forget_deliveries(self, *, before: dt.datetime, limit: int = 5000) -> int:
         """Forget webhooks remembered until before `before` (a replay of them is refused by its
@@ -362,6 +367,19 @@ class CallStore:
     # --- group commit ---------------------------------------------------------------------------------
     async def _apply(self, batch: builtins.list["_Write"]) -> builtins.list[Claim | None]:
         return await self._observed(_apply_batch, batch)
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    status_code: int
+    media_type: str | None
+    body: str
+
+
+@dataclass(frozen=True)
+class Remembered:
+    first: bool  # the first delivery with its key
+    answer: StoredAnswer | None = None  # else: the first one's answer, once it was sent
 
 
 @dataclass(frozen=True)
@@ -601,16 +619,33 @@ def _apply_batch(connection: sa.Connection, batch: list["_Write"], observer: Cha
     return [results.get(id(write)) for write in batch]
 
 
-def _remember_all(connection: sa.Connection, writes: list["_Write"]) -> dict[int, bool]:
-    """Each write's key inserted unless known: True for the first write of a key not known before."""
+def _remember_all(connection: sa.Connection, writes: list["_Write"]) -> dict[int, "Remembered"]:
+    """Each write's key inserted unless known: first for the first write of a key not known before;
+    the others get the first delivery's answer, if it has been recorded."""
     if not writes:
         return {}
     unique = {(write.values["carrier"], write.values["key"]): write for write in reversed(writes)}
     statement = (insert_for(connection)(webhook_replays).on_conflict_do_nothing(index_elements=["carrier", "key"])
                  .returning(webhook_replays.c.carrier, webhook_replays.c.key))
     inserted = {(row.carrier, row.key) for row in connection.execute(statement, [w.values for w in unique.values()])}
-    return {id(write): unique.get((write.values["carrier"], write.values["key"])) is write
-            and (write.values["carrier"], write.values["key"]) in inserted for write in writes}
+    known = [pair for pair in unique if pair not in inserted]
+    answers: dict[tuple[str, str], StoredAnswer] = {}
+    if known:
+        rows = connection.execute(sa.select(webhook_replays).where(
+            sa.tuple_(webhook_replays.c.carrier, webhook_replays.c.key).in_(known), webhook_replays.c.answer.is_not(None)))
+        answers = {(row.carrier, row.key): StoredAnswer(row.status_code, row.media_type, row.answer) for row in rows}
+    results = {}
+    for write in writes:
+        pair = (write.values["carrier"], write.values["key"])
+        first = unique[pair] is write and pair in inserted
+        results[id(write)] = Remembered(first, None if first else answers.get(pair))
+    return results
+
+
+def _remember_answer(connection: sa.Connection, carrier: str, key: str, answer: "StoredAnswer") -> None:
+    connection.execute(sa.update(webhook_replays).where(
+        webhook_replays.c.carrier == carrier, webhook_replays.c.key == key, webhook_replays.c.answer.is_(None)
+    ).values(status_code=answer.status_code, media_type=answer.media_type, answer=answer.body))
 
 
 def _forget_deliveries(connection: sa.Connection, before: dt.datetime, limit: int) -> int:

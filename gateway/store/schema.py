@@ -270,6 +270,10 @@ webhook_replays = sa.Table(
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("seen_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    # The first delivery's answer, given again to a repeat (NULL until it is sent).
+    sa.Column("status_code", sa.Integer),
+    sa.Column("media_type", sa.String(128)),
+    sa.Column("answer", sa.Text),
     sa.Index("ix_webhook_replays_expires", "expires_at"),
 )
 
