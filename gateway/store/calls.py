@@ -243,8 +243,10 @@ class CallStore:
         return await self._writer.submit(_Write("seen", values))
 
     async def remember_answer(self, carrier: str, key: str, answer: "StoredAnswer") -> None:
-        """What the first delivery with `key` was answered (for its repeats)."""
-        await self.database.transaction(_remember_answer, carrier, key, answer)
+        """What the first delivery with `key` was answered (for its repeats); batched like the rest."""
+        values = {"answer_carrier": carrier, "answer_key": key, "new_status_code": answer.status_code,
+                  "new_media_type": answer.media_type, "new_answer": answer.body}
+        await self._writer.submit(_Write("answer", values))
 
     async def forget_deliveries(self, *, before: dt.datetime, limit: int = 5000) -> int:
         """Forget webhooks remembered until before `before` (a replay of them is refused by its
@@ -607,6 +609,9 @@ def _apply_batch(connection: sa.Connection, batch: list["_Write"], observer: Cha
     outcomes = [write.values for write in batch if write.kind == "outcome"]
     claims = [write for write in batch if write.kind == "claim"]
     seen = _remember_all(connection, [write for write in batch if write.kind == "seen"])
+    answers = [write.values for write in batch if write.kind == "answer"]
+    if answers:
+        connection.execute(_REMEMBER_ANSWER, answers)
     if outcomes:
         ids = [outcome["call_id"] for outcome in outcomes]
         before = _get_many(connection, ids, lock=True) if observer is not None else {}
@@ -642,10 +647,14 @@ def _remember_all(connection: sa.Connection, writes: list["_Write"]) -> dict[int
     return results
 
 
-def _remember_answer(connection: sa.Connection, carrier: str, key: str, answer: "StoredAnswer") -> None:
-    connection.execute(sa.update(webhook_replays).where(
-        webhook_replays.c.carrier == carrier, webhook_replays.c.key == key, webhook_replays.c.answer.is_(None)
-    ).values(status_code=answer.status_code, media_type=answer.media_type, answer=answer.body))
+# One statement for every answer in a batch (executemany); the first answer recorded stays.
+_REMEMBER_ANSWER = (
+    sa.update(webhook_replays)
+    .where(webhook_replays.c.carrier == sa.bindparam("answer_carrier"), webhook_replays.c.key == sa.bindparam("answer_key"),
+           webhook_replays.c.answer.is_(None))
+    .values(status_code=sa.bindparam("new_status_code"), media_type=sa.bindparam("new_media_type"),
+            answer=sa.bindparam("new_answer"))
+)
 
 
 def _forget_deliveries(connection: sa.Connection, before: dt.datetime, limit: int) -> int:
