@@ -31,6 +31,7 @@ from .flows.events import IN_FLIGHT_PER_ENDPOINT, CallEndedReports, EventDeliver
 from .flows.control import CallControl
 from .flows.handover import HandoverFlow
 from .flows.inbound import InboundFlow
+from .flows.replays import ReplayMemory
 from .flows.outbound import OutboundFlow
 from .flows.tracking import CallTracking
 from .flows.transfer import TRANSFER_STEPS, TransferFlow
@@ -142,7 +143,7 @@ class Gateway:
             settings, carriers, urls, self.metrics, clock=clock, inbound=InboundFlow(
                 settings, store, ultravox, bodies, connector, work=work, clock=clock),
             outbound=outbound, tracking=tracking, transfer=self.transfer, transfers=transfers,
-            handover=self.handover,
+            handover=self.handover, replays=ReplayMemory(settings, store, work=work),
         )
         self.callbacks = UltravoxCallbacks(settings, self.transfer, tracking)
         self.api = CallsApi(settings, store, outbound, transfers)

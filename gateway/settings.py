@@ -506,6 +506,10 @@ class Settings(_Section):
     # What `gateway serve` writes to stderr: "text" lines, or "json" (one object a line) for a log
     # collector (env GATEWAY_LOG_FORMAT; `--log-format` wins).
     log_format: Literal["text", "json"] = "text"
+    # How long a signed webhook's nonce is remembered where its carrier's signature has no time in
+    # it (Plivo V3): a replay within it is refused. Carriers with a timestamp window (Telnyx) are
+    # remembered for that window instead.
+    replay_memory_hours: float = Field(default=24.0, gt=0, le=24 * 90)
     ultravox: UltravoxSettings = Field(default_factory=UltravoxSettings)
     # Each carrier's section ([twilio], …) is added from the registry: see settings_class().
     fallback: FallbackSettings = Field(default_factory=FallbackSettings)

@@ -123,6 +123,19 @@ class UltravoxClient:
             transcript=tuple(transcript),
         )
 
+    async def find_call(self, metadata_key: str, value: str, *, deadline: float) -> "FoundCall | None":
+        """The Ultravox call whose metadata has `metadata_key` = `value` (the gateway writes its own
+        record id into each call's metadata), found with the list's metadata filter; None: none."""
+        page = await self._get("/api/calls", deadline=deadline, params={f"metadata.{metadata_key}": value, "pageSize": 5})
+        results = page.get("results") if isinstance(page, dict) else None
+        for call in results if isinstance(results, list) else []:
+            # Checked here too: a filter the service ignored must not adopt some other call.
+            if isinstance(call, dict) and (call.get("metadata") or {}).get(metadata_key) == value and call.get("callId"):
+                join_url = call.get("joinUrl")
+                return FoundCall(str(call["callId"]), join_url if isinstance(join_url, str) else None,
+                                 ended=call.get("ended") is not None)
+        return None
+
     async def _get(self, path: str, *, deadline: float, params: dict[str, Any] | None = None) -> Any:
         if not self._settings.api_key:
             raise UltravoxError("ULTRAVOX_API_KEY is not configured")
@@ -143,6 +156,13 @@ class UltravoxClient:
 
 MESSAGES_PAGE = 200
 MAX_MESSAGE_PAGES = 20  # a transcript of up to 4,000 messages; longer ones are cut
+
+
+@dataclass(frozen=True)
+class FoundCall:
+    call_id: str
+    join_url: str | None
+    ended: bool
 
 
 @dataclass(frozen=True)

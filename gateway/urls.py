@@ -67,11 +67,12 @@ class Urls:
         return valid_callback_token(self._key, transfer_subject(carrier, transfer_id, step, leg), token)
 
     def media_socket(self, carrier: str, call_id: str, *, lifetime: float = MEDIA_TOKEN_SECONDS,
-                     in_query: bool = True) -> tuple[str, dict[str, str]]:
+                     in_query: bool = True, expires: int | None = None) -> tuple[str, dict[str, str]]:
         """The gateway's media socket for one call (bridge mode), and its credentials: in the URL's
         query too (`in_query`), or only for the carrier to give as stream parameters (Twilio's
-        <Parameter>s, which arrive in the start message)."""
-        expires = int(time.time() + lifetime)
+        <Parameter>s, which arrive in the start message). `expires` (a Unix time) instead of
+        `lifetime`: the token given before, again."""
+        expires = expires if expires is not None else int(time.time() + lifetime)
         credentials = {"call": call_id, "token": media_token(self._key, carrier, call_id, expires)}
         url = self.public("media", credentials if in_query else None, carrier=carrier)
         return as_websocket_url(url), credentials

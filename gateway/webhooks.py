@@ -21,6 +21,7 @@ from .flows.inbound import InboundFlow
 from .flows.handover import HandoverFlow
 from .logs import bind
 from .flows.outbound import OutboundFlow
+from .flows.replays import Replayed, ReplayMemory
 from .flows.tracking import CallTracking
 from .flows.transfer import TRANSFER_STEPS, TransferFlow, TransferStep
 from .metrics import Metrics
@@ -109,7 +110,7 @@ class CarrierWebhooks:
     def __init__(
         self, settings: Settings, carriers: dict[str, Carrier], urls: Urls, metrics: Metrics, *,
         inbound: InboundFlow, outbound: OutboundFlow, tracking: CallTracking, transfer: TransferFlow,
-        transfers: TransferStore, handover: HandoverFlow, clock=time.monotonic,
+        transfers: TransferStore, handover: HandoverFlow, replays: ReplayMemory, clock=time.monotonic,
     ):
         self.settings = settings
         self.carriers = carriers
@@ -121,6 +122,7 @@ class CarrierWebhooks:
         self.transfer_flow = transfer
         self.transfers = transfers
         self.handover_flow = handover
+        self.replays = replays
         self.clock = clock
         self.in_flight = 0  # carrier webhooks being answered now (deliveries give way to them)
         self._endpoints()
@@ -137,6 +139,11 @@ class CarrierWebhooks:
             raise SignatureRejected("this callback URL was not issued by this gateway")
         if callback:  # the inbound webhook's parse_inbound checks its own
             carrier.check_call_id(webhook)
+        # A repeat of a webhook answered before raises Replayed (its endpoint gives that answer);
+        # the first delivery's answer is recorded by its endpoint (see _endpoint).
+        first = await self.replays.check(carrier, webhook)
+        if first is not None:
+            request.state.first_delivery = first
         return webhook
 
     def _refused(self, carrier: Carrier, rejection: RequestRejected) -> Response:
@@ -156,7 +163,16 @@ class CarrierWebhooks:
             bind(carrier=carrier.name)
             self.in_flight += 1
             try:
-                return await handler(carrier, request)
+                try:
+                    response = await handler(carrier, request)
+                except Replayed as replayed:
+                    self.metrics.webhooks.labels(carrier.name, "replayed").inc()
+                    return self.replays.replayed_response(replayed)
+                first = getattr(request.state, "first_delivery", None)
+                # An apology is not an answer to repeat: the carrier's retry gets a fresh attempt.
+                if first is not None and not getattr(request.state, "apology", False):
+                    self.replays.answered(first, response)
+                return response
             finally:
                 self.in_flight -= 1
 
@@ -203,6 +219,7 @@ class CarrierWebhooks:
         except Exception:
             log.exception("%s call %s: unexpected error, answering with the apology", carrier.name, call.call_id)
             answer = self.inbound_flow.apology(carrier)
+        request.state.apology = answer.outcome == "apology"
         self.metrics.webhooks.labels(carrier.name, answer.outcome).inc()
         self.metrics.webhook_seconds.labels(carrier.name).observe(self.clock() - started)
         return carrier.answer_response(answer.body)
@@ -222,6 +239,7 @@ class CarrierWebhooks:
         except Exception:  # the deadline, or a bug: the callee hears the apology either way
             log.exception("%s answer for outbound call %s failed", carrier.name, call_id)
             body = carrier.apology_answer(self.settings.fallback.message, None)
+            request.state.apology = True
         return carrier.answer_response(body)
 
     async def _instructions(self, carrier: Carrier, request: Request, route: str,
@@ -239,6 +257,7 @@ class CarrierWebhooks:
         except Exception:
             log.exception("%s %s of call %s failed", carrier.name, route, call_id)
             body = fallback()
+            request.state.apology = True
         return carrier.answer_response(body)
 
     async def _voicemail(self, carrier: Carrier, request: Request) -> Response:
@@ -315,6 +334,7 @@ class CarrierWebhooks:
             body = await getattr(self.transfer_flow, step.handler)(carrier, transfer, leg, webhook)
         except Exception:
             log.exception("transfer %s: %s failed", transfer_id, step.name)
+            request.state.apology = True
             if step.operator_leg:
                 # The operator's phone: hang it up; the caller, still on hold, goes on to the next
                 # operator or back to the agent.

@@ -72,13 +72,23 @@ def test_a_failed_call_is_taken_over_by_one_retry(database_url):
     run(database_url, scenario)
 
 
-def test_a_stale_creating_record_is_taken_over(database_url):
+def test_a_creating_record_past_its_lease_is_settled_not_taken_over(database_url):
+    """Its Ultravox call may exist (the owner died after creating it): a claim never retakes it;
+    a settle does, once, however many replicas try."""
+    from gateway.store.calls import utcnow
+
     async def scenario(store):
-        first = await claim(store)
-        fresh = await claim(store)
-        assert not fresh.owned  # its owner may still be working on it
-        taken = await claim(store, stale_after=dt.timedelta(seconds=-1))
-        assert taken.owned and taken.record.id == first.record.id
+        first = await claim(store, stale_after=dt.timedelta(seconds=-1))  # its lease lapsed at once
+        assert first.record.lease_until is not None
+        again = await claim(store)
+        assert not again.owned and again.record.status == CREATING
+        (lapsed,) = await store.lapsed_creating(now=utcnow(), stale_after=dt.timedelta(seconds=15))
+        assert lapsed.id == first.record.id
+        tries = await asyncio.gather(*(store.settle_creating(lapsed, retake_for=f"p{n}", lease=dt.timedelta(seconds=15))
+                                       for n in range(5)))
+        (taken,) = [t for t in tries if t.owned]
+        assert taken.record.attempts == 2 and taken.record.lease_owner in {f"p{n}" for n in range(5)}
+        assert await store.lapsed_creating(now=utcnow(), stale_after=dt.timedelta(seconds=15)) == []
 
     run(database_url, scenario)
 

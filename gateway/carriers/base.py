@@ -89,6 +89,15 @@ class Webhook:
 
 
 @dataclass(frozen=True)
+class ReplayKey:
+    """The one-time part of a signed webhook, and how long a replay of it could pass the signature
+    check (None: indefinitely, so remembered for `[gateway] replay_memory_hours`)."""
+
+    value: str
+    window_seconds: float | None = None
+
+
+@dataclass(frozen=True)
 class MachineDetection:
     """Answering-machine detection asked for with a dial (carriers that detects_machines)."""
 
@@ -351,6 +360,13 @@ class Carrier(ABC):
     @abstractmethod
     def _verify(self, webhook: Webhook) -> None:
         """Raise SignatureRejected unless the carrier sent this exact request."""
+
+    def replay_key(self, webhook: Webhook) -> ReplayKey | None:
+        """What makes this signed webhook one of a kind, for the gateway to remember (a second
+        delivery with it is a replay, or a retry the carrier re-sent unchanged). None: the carrier
+        signs nothing one-time, and replays are answered as retries are (one Ultravox call per
+        carrier call, one media token per call)."""
+        return None
 
     def check_source(self, webhook: Webhook) -> None:  # noqa: B027 (a hook: most carriers check no source)
         """Raise RequestRejected when the request comes from where the carrier's never do."""

@@ -24,6 +24,7 @@ from .base import (
     Carrier,
     DialResult,
     MachineDetection,
+    ReplayKey,
     MalformedFrame,
     OutboundDial,
     SignatureRejected,
@@ -118,6 +119,13 @@ class PlivoCarrier(Carrier):
         if not any(hmac.compare_digest(expected, candidate) for candidate in candidates):
             raise SignatureRejected("X-Plivo-Signature-V3 does not match this request",
                                     explanation=self.url_signature_explanation(webhook.url))
+
+    def replay_key(self, webhook: Webhook) -> ReplayKey | None:
+        # V3 signs a nonce but no time: a captured request verifies forever, so its nonce is
+        # remembered for [gateway] replay_memory_hours. (Plivo documents the nonce as unique per
+        # request; whether a retry re-sends it is not documented: a repeat is a replay or a retry.)
+        nonce = webhook.headers.get("x-plivo-signature-v3-nonce")
+        return ReplayKey(nonce) if nonce else None
 
     def v3_signature(self, webhook: Webhook) -> bytes:
         """base64(HMAC-SHA256(auth token, signed URL + "." + nonce)); the URL is built by Plivo's SDK."""

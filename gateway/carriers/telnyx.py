@@ -20,7 +20,8 @@ from pydantic import Field, field_validator
 from .. import inputs
 from ..media.codecs import AudioFormat
 from ..settings import CarrierSettings
-from .base import MalformedFrame, OutboundDial, sample_rate, SignatureRejected, SimulatedCall, StreamStart, Webhook
+from .base import (MalformedFrame, OutboundDial, ReplayKey, sample_rate, SignatureRejected, SimulatedCall,
+                   StreamStart, Webhook)
 from .twiml import STATUS_CALLBACK_EVENTS, TwimlCarrier
 
 
@@ -131,6 +132,18 @@ class TelnyxCarrier(TwimlCarrier):
                 "signs no URL, so GATEWAY_PUBLIC_URL plays no part. Most likely cause: that is not the public key of "
                 "the Telnyx account sending it (Mission Control portal: Keys & Credentials, Public Key); otherwise "
                 "a proxy changed the body on the way") from None
+
+    def replay_key(self, webhook: Webhook) -> ReplayKey | None:
+        # Signed over timestamp|body and accepted within the tolerance either side of now: the pair
+        # is remembered until a replay of it would be refused as stale anyway. The URL is part of
+        # the key: the signature does not cover it, and two callbacks of one call (its status and a
+        # dial action, say) may carry the same body in the same second.
+        timestamp = webhook.headers.get("telnyx-timestamp")
+        signature = webhook.headers.get("telnyx-signature-ed25519")
+        if not timestamp or not signature:
+            return None
+        return ReplayKey(f"{webhook.url}|{timestamp}|{signature}",
+                         window_seconds=2.0 * self.config.timestamp_tolerance_seconds)
 
     async def place_call(self, http: httpx.AsyncClient, dial: OutboundDial, *, deadline: float) -> str | None:
         body = {

@@ -7,6 +7,7 @@ serverWebSocket (recording, keypad handling, audio counters); see gateway.media.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 from ..carriers.base import Carrier
@@ -48,15 +49,23 @@ class Connector:
         }}
 
     def stream_url(self, carrier: Carrier, route: str | None, call_id: str | None, join_url: str,
-                   *, lifetime: float = MEDIA_TOKEN_SECONDS) -> tuple[str, dict[str, str]]:
-        """Where the carrier streams the call's audio, and the parameters to give with the stream."""
+                   *, lifetime: float = MEDIA_TOKEN_SECONDS, expires: int | None = None) -> tuple[str, dict[str, str]]:
+        """Where the carrier streams the call's audio, and the parameters to give with the stream
+        (`expires`: the media token's expiry, to give the same token again)."""
         if not call_id or not self.bridged(route, call_id):
             return join_url, {}
-        return self.urls.media_socket(carrier.name, call_id, lifetime=lifetime, in_query=carrier.stream_url_takes_query)
+        return self.urls.media_socket(carrier.name, call_id, lifetime=lifetime, in_query=carrier.stream_url_takes_query,
+                                      expires=expires)
 
-    def answer(self, carrier: Carrier, route: str | None, call_id: str | None, join_url: str) -> str:
+    def stream_expiry(self, route: str | None, call_id: str | None) -> int | None:
+        """Bridge mode: the expiry of a new media token for the call (recorded, so that every answer
+        to the call's webhook carries the one token: a replayed webhook opens no second socket)."""
+        return int(time.time() + MEDIA_TOKEN_SECONDS) if self.bridged(route, call_id) else None
+
+    def answer(self, carrier: Carrier, route: str | None, call_id: str | None, join_url: str,
+               *, expires: int | None = None) -> str:
         """The carrier answer that connects the call's audio."""
-        url, parameters = self.stream_url(carrier, route, call_id, join_url)
+        url, parameters = self.stream_url(carrier, route, call_id, join_url, expires=expires)
         return carrier.connect_answer(url, parameters=parameters or None)
 
     def record_answer(self, carrier: Carrier, record: CallRecord, join_url: str) -> str:

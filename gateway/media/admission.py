@@ -71,6 +71,10 @@ class MediaSockets:
         if record is not None and record.carrier == carrier.name:
             bind_call(record)
         problem = self._record_problem(carrier, record, start)
+        if problem is None and self.bridge.relaying(call_id):
+            # A second socket for a call relayed here (a replayed answer's token, say) is refused
+            # before it is anywhere near the live call, which goes on untouched.
+            problem = "a media socket for this call is live already"
         # One socket per token, on whichever replica it lands: a compare-and-set in the store.
         if problem is None and record is not None and not await self.store.claim_media_token(record.id, token):
             problem = "media token already used"

@@ -130,6 +130,12 @@ class MediaBridge:
         self._clock = clock
         self.live: dict[str, _Session] = {}  # by the gateway's call id: the calls relayed now
 
+    def relaying(self, call_id: str) -> bool:
+        """Whether this process relays the call's audio now (a handed-over stream no longer counts:
+        its call is moving to a new stream)."""
+        session = self.live.get(call_id)
+        return session is not None and not session.handed_over
+
     async def release(self, call_id: str) -> bool:
         """Let go of a live call's Ultravox call (which ends it) but keep the carrier's stream open
         until the carrier moves the call elsewhere: closing the stream would end a carrier call."""

@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ..statuses import ANSWERED, CREATING, FAILED, FINAL_STATUSES, IN_PROGRESS, QUEUED, STATUS_RANK
 from .database import MIGRATION_LOCK_KEY, Database
-from .schema import MIGRATIONS, calls, schema_version
+from .schema import MIGRATIONS, calls, schema_version, webhook_replays
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ class CallRecord:
     recording_path: str | None = None
     media_token: str | None = None
     placed_at: dt.datetime | None = None
+    lease_owner: str | None = None
+    lease_until: dt.datetime | None = None
+    stream_expires: int | None = None
 
     @property
     def is_final(self) -> bool:
@@ -138,7 +141,7 @@ class _RowLike(Protocol):
 
 def _record(row: _RowLike) -> CallRecord:
     data = dict(row._mapping)
-    for name in ("created_at", "updated_at", "answered_at", "ended_at", "agent_claimed_at", "placed_at"):
+    for name in ("created_at", "updated_at", "answered_at", "ended_at", "agent_claimed_at", "placed_at", "lease_until"):
         if data[name] is not None:
             data[name] = as_utc(data[name])
     return CallRecord(**{name: data[name] for name in _COLUMNS})
@@ -202,11 +205,14 @@ class CallStore:
         status: str = CREATING,
         failure_reason: str | None = None,
         stale_after: dt.timedelta,
+        owner: str | None = None,
     ) -> Claim:
         """Record a carrier call once. The first delivery owns it; retries see the first record.
 
-        A record left `failed`, or `creating` for longer than `stale_after` (its owner died), is
-        handed to the next delivery so a carrier retry gets a fresh attempt.
+        The owner (`owner`, a process) holds a `creating` record for `stale_after`: it finishes it
+        within that time (the carrier's deadline is shorter). A record left `failed` is handed to the
+        next delivery so a carrier retry gets a fresh attempt; one left `creating` past its lease is
+        not (its Ultravox call may exist): the caller settles it first (`settle_creating`).
         """
         now = utcnow()
         values = dict(
@@ -223,18 +229,43 @@ class CallStore:
             attempts=1,
             created_at=now,
             updated_at=now,
+            lease_owner=owner if status == CREATING else None,
+            lease_until=now + stale_after if status == CREATING else None,
         )
         return await self._writer.submit(_Write("claim", values, stale_after))
 
-    async def mark_connected(self, call_id: str, *, ultravox_call_id: str, join_url: str) -> None:
-        await self._set_outcome(call_id, IN_PROGRESS, ultravox_call_id=ultravox_call_id, join_url=join_url)
+    async def remember_delivery(self, carrier: str, key: str, *, keep_for: dt.timedelta) -> "Remembered":
+        """Whether this is the first time a signed webhook with `key` (its one-time part) came, and
+        if not, the first one's answer (once sent); it is remembered for `keep_for`, on every
+        replica. Batched with the inbound writes."""
+        now = utcnow()
+        values = {"carrier": carrier, "key": key, "seen_at": now, "expires_at": now + keep_for}
+        return await self._writer.submit(_Write("seen", values))
+
+    async def remember_answer(self, carrier: str, key: str, answer: "StoredAnswer") -> None:
+        """What the first delivery with `key` was answered (for its repeats); batched like the rest."""
+        values = {"answer_carrier": carrier, "answer_key": key, "new_status_code": answer.status_code,
+                  "new_media_type": answer.media_type, "new_answer": answer.body}
+        await self._writer.submit(_Write("answer", values))
+
+    async def forget_deliveries(self, *, before: dt.datetime, limit: int = 5000) -> int:
+        """Forget webhooks remembered until before `before` (a replay of them is refused by its
+        carrier's own check by then); returns how many."""
+        return await self.database.transaction(_forget_deliveries, before, limit)
+
+    async def mark_connected(self, call_id: str, *, ultravox_call_id: str, join_url: str,
+                             stream_expires: int | None = None) -> None:
+        """`stream_expires`: bridge mode, the expiry of the media token its answer carries."""
+        await self._set_outcome(call_id, IN_PROGRESS, ultravox_call_id=ultravox_call_id, join_url=join_url,
+                                stream_expires=stream_expires)
 
     async def mark_failed(self, call_id: str, reason: str) -> None:
         await self._set_outcome(call_id, FAILED, failure_reason=reason[:MAX_REASON])
 
-    async def _set_outcome(self, call_id: str, status: str, **values: str) -> None:
+    async def _set_outcome(self, call_id: str, status: str, **values: Any) -> None:
         outcome = {"call_id": call_id, "new_status": status, "new_rank": STATUS_RANK[status], "now": utcnow()}
-        outcome.update({f"new_{name}": values.get(name) for name in ("ultravox_call_id", "join_url", "failure_reason")})
+        outcome.update({f"new_{name}": values.get(name)
+                        for name in ("ultravox_call_id", "join_url", "failure_reason", "stream_expires")})
         await self._writer.submit(_Write("outcome", outcome))
 
     async def get(self, call_id: str) -> CallRecord | None:
@@ -294,6 +325,22 @@ class CallStore:
         """Whether this caller is the one to create the Ultravox call for an answered outbound call."""
         return await self.database.transaction(_claim_agent, call_id, utcnow())
 
+    async def lapsed_creating(self, *, now: dt.datetime, stale_after: dt.timedelta,
+                              limit: int = 100) -> builtins.list[CallRecord]:
+        """Inbound records still `creating` past their owner's lease (its process died, or lost
+        the store while creating): to be settled by `settle_creating`."""
+        return await self.database.transaction(_lapsed_creating, now, stale_after, limit)
+
+    async def settle_creating(self, record: CallRecord, *, ultravox_call_id: str | None = None,
+                              join_url: str | None = None, failure_reason: str | None = None,
+                              retake_for: str | None = None, lease: dt.timedelta | None = None) -> Claim:
+        """Settle a lapsed `creating` record, if nobody did meanwhile (a compare-and-set on its
+        attempt): adopt the Ultravox call found for it (`ultravox_call_id`, `join_url`), fail it
+        (`failure_reason`), or hand it to `retake_for` (a process: no Ultravox call was made) for
+        `lease`. Returns the record as it is now, owned when this caller retook it."""
+        return await self._observed(_settle_creating, record, ultravox_call_id, join_url,
+                                    failure_reason[:MAX_REASON] if failure_reason else None, retake_for, lease, utcnow())
+
     async def fail_abandoned(self, stage: str, *, before: dt.datetime, reason: str) -> list[CallRecord]:
         """Calls left half-made at `stage` (see ABANDONED) since before `before` by a process that
         died: failed now, with `reason`. Returns them as they were."""
@@ -322,6 +369,19 @@ class CallStore:
     # --- group commit ---------------------------------------------------------------------------------
     async def _apply(self, batch: builtins.list["_Write"]) -> builtins.list[Claim | None]:
         return await self._observed(_apply_batch, batch)
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    status_code: int
+    media_type: str | None
+    body: str
+
+
+@dataclass(frozen=True)
+class Remembered:
+    first: bool  # the first delivery with its key
+    answer: StoredAnswer | None = None  # else: the first one's answer, once it was sent
 
 
 @dataclass(frozen=True)
@@ -548,6 +608,10 @@ def _apply_batch(connection: sa.Connection, batch: list["_Write"], observer: Cha
     """One transaction for a batch: outcomes first (a retry in the same batch then sees them)."""
     outcomes = [write.values for write in batch if write.kind == "outcome"]
     claims = [write for write in batch if write.kind == "claim"]
+    seen = _remember_all(connection, [write for write in batch if write.kind == "seen"])
+    answers = [write.values for write in batch if write.kind == "answer"]
+    if answers:
+        connection.execute(_REMEMBER_ANSWER, answers)
     if outcomes:
         ids = [outcome["call_id"] for outcome in outcomes]
         before = _get_many(connection, ids, lock=True) if observer is not None else {}
@@ -555,8 +619,89 @@ def _apply_batch(connection: sa.Connection, batch: list["_Write"], observer: Cha
         if observer is not None:
             after = _get_many(connection, ids)
             _observe(connection, observer, [(before[i], after[i]) for i in dict.fromkeys(ids) if i in before])
-    results = _claim_all(connection, claims, observer) if claims else {}
+    results: dict[int, Any] = _claim_all(connection, claims, observer) if claims else {}
+    results.update(seen)
     return [results.get(id(write)) for write in batch]
+
+
+def _remember_all(connection: sa.Connection, writes: list["_Write"]) -> dict[int, "Remembered"]:
+    """Each write's key inserted unless known: first for the first write of a key not known before;
+    the others get the first delivery's answer, if it has been recorded."""
+    if not writes:
+        return {}
+    unique = {(write.values["carrier"], write.values["key"]): write for write in reversed(writes)}
+    statement = (insert_for(connection)(webhook_replays).on_conflict_do_nothing(index_elements=["carrier", "key"])
+                 .returning(webhook_replays.c.carrier, webhook_replays.c.key))
+    inserted = {(row.carrier, row.key) for row in connection.execute(statement, [w.values for w in unique.values()])}
+    known = [pair for pair in unique if pair not in inserted]
+    answers: dict[tuple[str, str], StoredAnswer] = {}
+    if known:
+        rows = connection.execute(sa.select(webhook_replays).where(
+            sa.tuple_(webhook_replays.c.carrier, webhook_replays.c.key).in_(known), webhook_replays.c.answer.is_not(None)))
+        answers = {(row.carrier, row.key): StoredAnswer(row.status_code, row.media_type, row.answer) for row in rows}
+    results = {}
+    for write in writes:
+        pair = (write.values["carrier"], write.values["key"])
+        first = unique[pair] is write and pair in inserted
+        results[id(write)] = Remembered(first, None if first else answers.get(pair))
+    return results
+
+
+# One statement for every answer in a batch (executemany); the first answer recorded stays.
+_REMEMBER_ANSWER = (
+    sa.update(webhook_replays)
+    .where(webhook_replays.c.carrier == sa.bindparam("answer_carrier"), webhook_replays.c.key == sa.bindparam("answer_key"),
+           webhook_replays.c.answer.is_(None))
+    .values(status_code=sa.bindparam("new_status_code"), media_type=sa.bindparam("new_media_type"),
+            answer=sa.bindparam("new_answer"))
+)
+
+
+def _forget_deliveries(connection: sa.Connection, before: dt.datetime, limit: int) -> int:
+    # In slices, oldest first, so one prune never holds a long transaction.
+    keys = sa.select(webhook_replays.c.carrier, webhook_replays.c.key).where(
+        webhook_replays.c.expires_at < before).order_by(webhook_replays.c.expires_at).limit(limit)
+    rows = connection.execute(keys).all()
+    if not rows:
+        return 0
+    return connection.execute(sa.delete(webhook_replays).where(
+        sa.tuple_(webhook_replays.c.carrier, webhook_replays.c.key).in_([tuple(row) for row in rows]))).rowcount
+
+
+def _lease_lapsed(now: dt.datetime, stale_after: dt.timedelta):
+    # Records from before leases (migration 12) count from their last change.
+    return sa.or_(calls.c.lease_until < now, sa.and_(calls.c.lease_until.is_(None), calls.c.updated_at < now - stale_after))
+
+
+def _lapsed_creating(connection: sa.Connection, now: dt.datetime, stale_after: dt.timedelta,
+                     limit: int) -> list[CallRecord]:
+    query = sa.select(calls).where(calls.c.status == CREATING, calls.c.direction == "inbound",
+                                   _lease_lapsed(now, stale_after)).order_by(calls.c.updated_at).limit(limit)
+    return [_record(row) for row in connection.execute(query)]
+
+
+def _settle_creating(connection: sa.Connection, record: CallRecord, ultravox_call_id: str | None,
+                     join_url: str | None, failure_reason: str | None, retake_for: str | None,
+                     lease: dt.timedelta | None, now: dt.datetime, observer: ChangeObserver | None) -> Claim:
+    values: dict[str, Any] = {"updated_at": now, "lease_until": None}
+    if retake_for is not None:
+        assert lease is not None
+        values.update(attempts=calls.c.attempts + 1, lease_owner=retake_for, lease_until=now + lease)
+    elif join_url is not None:
+        values.update(status=IN_PROGRESS, status_rank=STATUS_RANK[IN_PROGRESS], ultravox_call_id=ultravox_call_id,
+                      join_url=join_url)
+    else:
+        values.update(status=FAILED, status_rank=STATUS_RANK[FAILED], failure_reason=failure_reason,
+                      ultravox_call_id=ultravox_call_id, ended_at=sa.func.coalesce(calls.c.ended_at, now))
+    # Only if it is still the attempt that lapsed: another replica may have settled it meanwhile.
+    taken = connection.execute(sa.update(calls).where(
+        calls.c.id == record.id, calls.c.status == CREATING, calls.c.attempts == record.attempts).values(**values)
+    ).rowcount == 1
+    after = _get(connection, record.id)
+    assert after is not None  # calls are never deleted
+    if taken:
+        _observe(connection, observer, [(record, after)])
+    return Claim(after, owned=taken and retake_for is not None)
 
 
 def _claim_all(connection: sa.Connection, claims: list["_Write"], observer: ChangeObserver | None) -> dict[int, Claim]:
@@ -584,9 +729,9 @@ def _claim_existing(connection: sa.Connection, write: "_Write", observer: Change
     ).one()
     existing = _record(row)
     now = values["updated_at"]
-    retryable = existing.status == FAILED or (
-        existing.status == CREATING and now - existing.updated_at > write.stale_after
-    )
+    # A record left `creating` is never retaken here, even past its lease: its Ultravox call may
+    # exist (the owner died after creating it). The caller settles it first (settle_creating).
+    retryable = existing.status == FAILED
     if values["status"] != CREATING or not retryable:
         return Claim(existing, owned=False)
     # Compare-and-set on the attempt count: of two racing retries only one takes it over.
@@ -594,7 +739,8 @@ def _claim_existing(connection: sa.Connection, write: "_Write", observer: Change
         sa.update(calls)
         .where(calls.c.id == existing.id, calls.c.attempts == existing.attempts)
         .values(status=CREATING, status_rank=STATUS_RANK[CREATING], failure_reason=None,
-                attempts=calls.c.attempts + 1, updated_at=now)
+                attempts=calls.c.attempts + 1, updated_at=now, lease_owner=values["lease_owner"],
+                lease_until=values["lease_until"])
     )
     # Whoever won, hand back the record as it is now, not the stale one.
     now_record = _get(connection, existing.id)
@@ -614,6 +760,9 @@ _SET_OUTCOME = (
         ultravox_call_id=sa.func.coalesce(sa.bindparam("new_ultravox_call_id", type_=sa.String), calls.c.ultravox_call_id),
         join_url=sa.func.coalesce(sa.bindparam("new_join_url", type_=sa.Text), calls.c.join_url),
         failure_reason=sa.func.coalesce(sa.bindparam("new_failure_reason", type_=sa.Text), calls.c.failure_reason),
+        stream_expires=sa.func.coalesce(sa.bindparam("new_stream_expires", type_=sa.BigInteger), calls.c.stream_expires),
+        # A finished record has no lease: nothing is left for another replica to settle.
+        lease_until=None,
         updated_at=sa.bindparam("now"),
     )
 )
@@ -621,7 +770,7 @@ _SET_OUTCOME = (
 
 @dataclass
 class _Write:
-    kind: str  # "claim" or "outcome"
+    kind: str  # "claim", "outcome" or "seen" (a signed webhook's one-time part)
     values: dict
     stale_after: dt.timedelta | None = None
     # Made on the event loop when the write is submitted (the writer's `submit`).

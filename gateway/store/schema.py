@@ -49,6 +49,13 @@ calls = sa.Table(
     # Outbound (migration 5): when the carrier (or Ultravox) accepted the dial, so a retried request
     # knows the first one is done placing it.
     sa.Column("placed_at", sa.DateTime(timezone=True)),
+    # Inbound (migration 12): the process creating the Ultravox call and until when it holds the
+    # record; past that another replica settles the record (see flows/inbound.py).
+    sa.Column("lease_owner", sa.String(64)),
+    sa.Column("lease_until", sa.DateTime(timezone=True)),
+    # Bridge mode (migration 12): the expiry of the one media token the call's answer carries, so
+    # every delivery of the call's webhook gets the same token.
+    sa.Column("stream_expires", sa.BigInteger),
     # A carrier retry of the same call must find the first record, also across replicas.
     sa.UniqueConstraint("carrier", "carrier_call_id", name="uq_calls_carrier_call"),
     # A retried dial request must find the first call instead of dialling twice.
@@ -254,6 +261,23 @@ suppressions = sa.Table(
 )
 
 
+# Signed webhooks seen, kept as long as a replay of one could pass its carrier's signature check
+# (migration 11): `key` is a digest of the signature's one-time part (nonce, timestamp|signature).
+webhook_replays = sa.Table(
+    "webhook_replays",
+    metadata,
+    sa.Column("carrier", sa.String(16), primary_key=True),
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("seen_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    # The first delivery's answer, given again to a repeat (NULL until it is sent).
+    sa.Column("status_code", sa.Integer),
+    sa.Column("media_type", sa.String(128)),
+    sa.Column("answer", sa.Text),
+    sa.Index("ix_webhook_replays_expires", "expires_at"),
+)
+
+
 def _create_v1(connection: sa.Connection) -> None:
     metadata.create_all(connection, tables=[calls])
 
@@ -334,8 +358,16 @@ def _add_delivery_dispatch(connection: sa.Connection) -> None:
         next(index for index in deliveries.indexes if index.name == "ix_deliveries_due").create(connection)
 
 
+def _create_webhook_replays(connection: sa.Connection) -> None:
+    metadata.create_all(connection, tables=[webhook_replays])
+
+
+_add_lease_columns = _add_call_columns(lease_owner="VARCHAR(64)", lease_until="TIMESTAMP WITH TIME ZONE",
+                                       stream_expires="BIGINT")
+
+
 # Append new migrations; never edit one that has shipped. (Version 1 grew the outbound columns
 # before the first release.)
 MIGRATIONS = [_create_v1, _create_transfers, _add_media_columns, _add_media_token_column, _add_placed_column,
               _create_jobs, _add_live_indexes, _create_events, _create_campaigns,
-              _add_delivery_dispatch]
+              _add_delivery_dispatch, _create_webhook_replays, _add_lease_columns]

@@ -231,6 +231,9 @@ class FakeResponse:
     omit_join_url: bool = False
     hang: bool = False
     delay: float = 0.0
+    # Held until this is set, then answered as scripted (the call is created even if the client
+    # that asked is gone by then, as a real service would).
+    hold: threading.Event | None = None
 
 
 _HANG_SECONDS = 3600.0
@@ -352,6 +355,8 @@ class FakeUltravox:
         self.requests: list[RecordedRequest] = []
         self.schema_errors: list[str] = []
         self.calls_created = 0
+        self.held_requests = 0  # create requests that reached a FakeResponse(hold=…)
+        self.list_requests = 0  # GET /api/calls
         self.created_calls: list[dict[str, Any]] = []  # the Call JSON of each 201
         self.data_messages: list[tuple[str, dict[str, Any]]] = []  # (call_id, body)
         self.ended_calls: set[str] = set()  # call ids whose data messages get 422
@@ -378,6 +383,7 @@ class FakeUltravox:
                     self._send_data_message,
                     methods=["POST"],
                 ),
+                Route("/api/calls", self._list_calls, methods=["GET"]),
                 Route("/api/calls/{call_id}", self._get_call, methods=["GET"]),
                 Route("/api/calls/{call_id}/messages", self._messages, methods=["GET"]),
                 Route("/api/accounts/me", self._account, methods=["GET"]),
@@ -429,6 +435,8 @@ class FakeUltravox:
             self.requests.clear()
             self.schema_errors.clear()
             self.calls_created = 0
+            self.held_requests = 0
+            self.list_requests = 0
             self.created_calls.clear()
             self.data_messages.clear()
             self.ended_calls.clear()
@@ -522,6 +530,11 @@ class FakeUltravox:
 
         if await _hold(scripted, self._release, self.delay):
             return JSONResponse({"detail": "fake Ultravox shutting down"}, status_code=503)
+        if scripted.hold is not None:
+            with self._lock:
+                self.held_requests += 1
+            while not scripted.hold.is_set() and not self._release.is_set():
+                await asyncio.sleep(0.02)
 
         unauthorized = self._unauthorized(request)
         if unauthorized is not None:
@@ -732,6 +745,24 @@ class FakeUltravox:
         if call is None:
             return None, JSONResponse({"detail": "Not found."}, status_code=404)
         return call, None
+
+    async def _list_calls(self, request: Request) -> JSONResponse:
+        """``GET /api/calls``: the created calls, newest first, filtered by ``metadata.KEY=VALUE``."""
+        await self._receive(request)
+        unauthorized = self._unauthorized(request)
+        if unauthorized is not None:
+            return unauthorized
+        wanted = {name[len("metadata."):]: value for name, value in request.query_params.items()
+                  if name.startswith("metadata.")}
+        with self._lock:
+            self.list_requests += 1
+            found = [dict(call) for call in reversed(self.created_calls)
+                     if all((call.get("metadata") or {}).get(key) == value for key, value in wanted.items())]
+            reports = {call["callId"]: dict(self.call_reports.get(call["callId"]) or {}) for call in found}
+        size = int(request.query_params.get("pageSize") or 100)
+        results = [{**call, "joined": None, "ended": None, **{k: v for k, v in reports[call["callId"]].items()
+                                                            if k != "messages"}} for call in found[:size]]
+        return JSONResponse({"results": results, "next": None, "previous": None, "total": len(found)})
 
     async def _get_call(self, request: Request) -> JSONResponse:
         call, refusal = await self._known_call(request)
