@@ -41,6 +41,7 @@ from .media.admission import MediaSockets
 from .media.bridge import MediaBridge
 from .media.recording import RecordingUpkeep, recording_dirs, recording_file
 from .metrics import LiveCounts, Metrics
+from .security import match_api_key
 from .settings import Settings
 from .store import CallRecord, CallStore, TransferStore
 from .store.calls import utcnow
@@ -231,6 +232,10 @@ class Gateway:
         return JSONResponse({"status": "ready"})
 
     async def metrics_endpoint(self, request: Request) -> Response:
+        token = self.settings.metrics_token
+        if token and match_api_key(request.headers.get("authorization"), [token]) is None:
+            return JSONResponse({"detail": "send Authorization: Bearer <GATEWAY_METRICS_TOKEN>"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
         self.metrics.live.show(await self._live_counts())
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

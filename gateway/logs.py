@@ -20,7 +20,7 @@ import traceback
 from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any, Iterable, Literal, Mapping, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, unquote_plus
 
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
@@ -128,6 +128,43 @@ class ContextFilter(logging.Filter):
 
 
 REDACTED = "[redacted]"
+
+
+# Query parameters whose values the server's request lines may show: ids and filters, none of
+# them a credential. Every other value (media and callback tokens, whatever a client sends) is
+# redacted whatever its shape or spelling (`%74oken=` is `token=` once decoded).
+LOGGED_QUERY_VALUES = frozenset({
+    "call", "transfer", "leg", "part", "limit", "status", "carrier", "direction", "type", "endpoint",
+    "call_id", "created_after", "created_before",
+})
+
+
+def redact_query(target: str) -> str:
+    """A request target (path?query) with the values of its query redacted but LOGGED_QUERY_VALUES'."""
+    path, mark, query = target.partition("?")
+    if not mark:
+        return target
+    fields = []
+    for field in re.split(r"([&;])", query):
+        if field in ("&", ";") or not field:
+            fields.append(field)
+            continue
+        name, equals, _ = field.partition("=")
+        kept = unquote_plus(name) in LOGGED_QUERY_VALUES and not _CREDENTIAL_SHAPE.search(field)
+        fields.append(field if kept or not equals else f"{name}={REDACTED}")
+    return f"{path}?{''.join(fields)}"
+
+
+class RequestLineFilter(logging.Filter):
+    """uvicorn's request lines (its access log, and the WebSocket lines of uvicorn.error) name the
+    request target with its query, where the gateway's media and callback URLs carry their tokens:
+    their query values go, structurally, before the pattern-based RedactingFilter sees the line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("uvicorn") and isinstance(record.args, tuple):
+            record.args = tuple(redact_query(arg) if isinstance(arg, str) and arg.startswith("/") else arg
+                                for arg in record.args)
+        return True
 # What secrets look like even when they are not configured values: credentials in URL queries
 # (media tokens `token=`, callback tokens `t=`, also HTML-escaped), the media token itself
 # ("{expiry}.{32 hex}", as in stream parameters), Authorization values, URL user-info passwords,
@@ -144,6 +181,7 @@ _PATTERNS = [(re.compile(cue, re.IGNORECASE), re.compile(pattern, flags), replac
      r"((?:authorization|signature|secret|password|token)[\w-]*[\"']?\s*[:=]\s*[\"']?)"
      r"(?!(?:Bearer|Basic)\b|\[redacted\])[^\s\"',;}&]+", re.IGNORECASE, rf"\1{REDACTED}"),
 ]]
+_CREDENTIAL_SHAPE = re.compile(r"\d{9,11}(?:\.|%2e)[0-9a-f]{32}", re.IGNORECASE)
 # Ids and other plain words: only a configured secret or a media token can hide in them.
 _PLAIN = re.compile(r"[\w.:-]*")
 _STANDARD_ATTRIBUTES = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -277,12 +315,13 @@ def log_config(log_format: LogFormat = "text", level: str = "info", secrets: Ite
         "disable_existing_loggers": False,
         "filters": {
             "context": {"()": "gateway.logs.ContextFilter"},
+            "request_lines": {"()": "gateway.logs.RequestLineFilter"},
             # The context first: ids are redacted like everything else (a carrier could send anything).
             "redact": {"()": "gateway.logs.RedactingFilter", "secrets": sorted(set(secrets))},
         },
         "formatters": {"gateway": formatter},
         "handlers": {"stderr": {"()": "gateway.logs.stderr_handler", "formatter": "gateway",
-                                "filters": ["context", "redact"]}},
+                                "filters": ["context", "request_lines", "redact"]}},
         "loggers": {
             # uvicorn's loggers come with handlers of their own in its default config: here they
             # go to the one handler like every other logger.

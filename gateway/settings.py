@@ -518,6 +518,10 @@ class Settings(_Section):
     api_keys: list[str] = Field(default_factory=list)
     # What Ultravox presents when it invokes the gateway's transfer tools (env GATEWAY_TOOL_SECRET).
     tool_secret: str | None = None
+    # When set, GET /metrics answers only `Authorization: Bearer TOKEN` (env GATEWAY_METRICS_TOKEN):
+    # the series name operators, routes and carriers. Unset, /metrics is open (for a scraper on a
+    # private network).
+    metrics_token: str | None = None
     transfer: TransferSettings = Field(default_factory=TransferSettings)
     operators: dict[str, OperatorSettings] = Field(default_factory=dict)
     routes: list[RouteSettings] = Field(default_factory=list)
@@ -613,7 +617,8 @@ class Settings(_Section):
     def secrets(self) -> list[str]:
         """Every configured value that must never be written to a log: the gateway's own keys and
         secrets, then each carrier's credentials (its `secret_keys`)."""
-        values = [self.ultravox.api_key, self.ultravox.webhook_secret, self.tool_secret, *self.api_keys,
+        values = [self.ultravox.api_key, self.ultravox.webhook_secret, self.tool_secret, self.metrics_token,
+                  *self.api_keys,
                   *(webhook.secret for webhook in self.webhooks)]
         from .carriers import CARRIERS
 
@@ -707,6 +712,7 @@ ENVIRONMENT: dict[str, tuple[str | None, str]] = {
     "GATEWAY_DATABASE_URL": (None, "database_url"),
     "GATEWAY_API_KEYS": (None, "api_keys"),
     "GATEWAY_TOOL_SECRET": (None, "tool_secret"),
+    "GATEWAY_METRICS_TOKEN": (None, "metrics_token"),
     "GATEWAY_DRAIN_SECONDS": (None, "drain_seconds"),
     "GATEWAY_LOG_FORMAT": (None, "log_format"),
     "ULTRAVOX_API_KEY": ("ultravox", "api_key"),

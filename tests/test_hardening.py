@@ -249,3 +249,23 @@ def test_sip_uris_with_a_trailing_newline_are_refused():
     with pytest.raises(numbers.InvalidNumber):
         numbers.sip_uri("sip:desk@pbx.example.com\n")
     assert numbers.sip_uri("sip:desk@pbx.example.com") == "sip:desk@pbx.example.com"
+
+
+# --- 9. smaller ones ---------------------------------------------------------------------------------
+
+
+def test_metrics_behind_a_bearer_token_when_one_is_configured(make_gateway):
+    token = "metrics-token-for-the-scraper"
+    gateway = make_gateway(GATEWAY_METRICS_TOKEN=token)
+    for authorization in (None, "Bearer wrong-token-of-the-same-size", f"Basic {token}"):
+        headers = {"Authorization": authorization} if authorization else {}
+        refused = gateway.client.get("/metrics", headers=headers)
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert "gateway_" not in refused.text
+    scraped = gateway.client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+    assert scraped.status_code == 200 and "gateway_inbound_webhooks_total" in scraped.text
+    assert token in gateway.settings.secrets()  # kept out of the logs like the other secrets
+
+
+def test_metrics_stay_open_without_a_token(gateway):
+    assert gateway.client.get("/metrics").status_code == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -344,3 +345,32 @@ def test_every_worker_process_writes_json_lines(tmp_path, fake_ultravox):
     assert {line["pid"] for line in answered} <= started
     for secret in secrets_of(environ):
         assert secret not in stderr
+
+
+def test_request_lines_never_show_a_media_or_callback_token_however_it_is_spelled(serve_json):
+    """uvicorn's own lines name the request target with its query: the token in a media socket's
+    URL must not reach the log, even spelled so that no pattern of the redactor recognises it."""
+    import websockets
+
+    gateway, _, process = serve_json
+    streaming = next(name for name in CARRIER_NAMES if double(name).stream_url_takes_query)
+    bridged = double(streaming)
+    answer = gateway.post(streaming, bridged.inbound_form(to=BRIDGED_NUMBER))
+    stream_url, _ = bridged.connected_url(answer.text)
+    token = query_value(stream_url, "token")
+    expiry, _, signature = token.partition(".")
+    # The same token, percent-encoded (decoded, the gateway reads it as `token=...`).
+    respelled = local(gateway, stream_url).replace(f"token={token}", f"%74oken={expiry}%2E{signature}")
+
+    async def open_and_close():
+        with contextlib.suppress(Exception):  # accepted or refused: either way uvicorn logs the line
+            async with websockets.connect(respelled, open_timeout=10, additional_headers=bridged.stream_headers(
+                    stream_url)):
+                pass
+
+    asyncio.run(open_and_close())
+    callback = gateway.client.get(f"/{streaming}/status?call=c1&%74={signature}")
+    assert callback.status_code < 500
+    stderr, _ = process.output()
+    assert "WebSocket /media" in stderr and f"/{streaming}/status" in stderr
+    assert signature not in stderr and token not in stderr
