@@ -401,6 +401,7 @@ def test_a_replica_killed_mid_run_loses_no_record_and_creates_no_second_call(
             assert victim.wait(10) == -signal.SIGKILL
             fake_ultravox.delay = 0.0
             deliveries = {carrier_call_id(carrier, f): o.result() for f, o in zip(during, outcomes)}
+            last_retry = {call_id: ds[-1] for call_id, ds in deliveries.items()}  # of each carrier's retries
         replicas.balancer.wait_for_status(victim.name, "DOWN")
 
         # After: every call is delivered once more; only the survivors answer now.
@@ -425,10 +426,13 @@ def test_a_replica_killed_mid_run_loses_no_record_and_creates_no_second_call(
     assert broken <= during_ids
     assert {d.replica for ds in deliveries.values() for d in ds if not d.answered} <= {victim.name, None}
     assert all(deliveries[call_id][0].replica == victim.name for call_id in broken)
-    # Retries right after the kill, before the health check saw it, were redispatched, never refused.
-    twice_broken = {call_id: deliveries[call_id] for call_id in broken
-                    if sum(not d.answered for d in deliveries[call_id]) != 1}
-    assert not twice_broken, twice_broken
+    # Every broken call was answered in the end, by a survivor. (A retry sent after the kill but before
+    # the health check saw it is redispatched by HAProxy when the connection is refused, but gets a 502
+    # when it reached the dying process first; on a loaded machine that window is wide enough to hit,
+    # so the number of broken deliveries per call is not asserted: the carrier retries each.)
+    unanswered = {call_id: deliveries[call_id] for call_id in broken
+                  if not (last_retry[call_id].answered and last_retry[call_id].replica in survivors)}
+    assert not unanswered, unanswered
 
     for call_id, ds in deliveries.items():
         (record,) = records_for(postgres_database_url, call_id)  # none lost, none doubled
@@ -507,7 +511,10 @@ def test_a_replica_killed_mid_warm_transfer_does_not_strand_its_caller(make_repl
         victim.kill()
         assert victim.wait(10) == -signal.SIGKILL
         # No operator callback ever comes. A survivor fires the leg's deadline and moves the caller back.
-        wait_until(lambda: len(moves()) == 2, "the caller to be moved back to the agent", timeout=30)
+        # Alone this takes ~3 s. On a loaded machine (the suite's workers) the victim may already have
+        # claimed the leg's deadline when it died: a survivor then takes it when that claim's 15 s
+        # lease runs out (a likely cause of one 30 s timeout seen under -n 4; not confirmed).
+        wait_until(lambda: len(moves()) == 2, "the caller to be moved back to the agent", timeout=60)
         answer = fake.callback(moves()[1], fake.form_for(call_id))
         join_url, _ = carrier_double.connected_url(answer.text)
     back = fake_ultravox.requests[-1]
