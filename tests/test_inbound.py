@@ -32,6 +32,7 @@ from .conftest import (
     INLINE_NUMBER,
     PUBLIC_URL,
     SUPPORT_NUMBER,
+    UNREACHABLE,
     URL_SIGNING_CARRIERS,
     gateway_environ,
 )
@@ -348,10 +349,9 @@ def test_hanging_ultravox_gets_the_apology_inside_the_deadline(gateway, fake_ult
 @pytest.mark.parametrize("carrier", CARRIER_NAMES)
 def test_unreachable_ultravox_is_retried_then_apologised_for(make_gateway, fake_ultravox, carrier):
 
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-    gateway = make_gateway(ULTRAVOX_BASE_URL=f"http://127.0.0.1:{closed_port}")
+    # Port 9 (discard), which nothing here listens on: a port picked free and closed again could be
+    # taken by another worker's server before the gateway tries it.
+    gateway = make_gateway(ULTRAVOX_BASE_URL=UNREACHABLE)
     started = time.monotonic()
     response = gateway.post(carrier, form_for(carrier))
     assert time.monotonic() - started < gateway.settings.ultravox.inbound_deadline_seconds + 0.5
