@@ -645,7 +645,11 @@ def test_gateway_dial_follows_the_call_until_it_ends(gateway, fake_carriers, cap
     assert parse_qs(urlparse(placed.answer_url).query)["call"][0] in output
 
 
-def test_a_dial_a_dead_process_left_unplaced_is_failed_and_never_dialled_again(gateway, fake_carriers):
+@pytest.mark.parametrize("carrier, reason", [
+    ("twilio", "the gateway stopped before the carrier placed the call"),  # its call list has none
+    ("plivo", "the gateway stopped while placing the call"),  # not asked: it may have rung
+])
+def test_a_dial_a_dead_process_left_unplaced_is_failed_and_never_dialled_again(gateway, fake_carriers, carrier, reason):
     import asyncio
 
     import sqlalchemy as sa
@@ -660,7 +664,7 @@ def test_a_dial_a_dead_process_left_unplaced_is_failed_and_never_dialled_again(g
         store = CallStore.open(gateway.settings.database_url)
         try:
             inserted = await store.create_outbound(
-                dict(carrier="twilio", via="carrier", from_number="+15550009999", to_number=CALLEE, route="support",
+                dict(carrier=carrier, via="carrier", from_number="+15550009999", to_number=CALLEE, route="support",
                      api_key_id=api_key_id(API_KEY), idempotency_key="killed-1", request_hash="x"),
                 request={}, max_recent=100, window=dt.timedelta(seconds=60))
             long_ago = utcnow() - dt.timedelta(minutes=5)
@@ -675,5 +679,5 @@ def test_a_dial_a_dead_process_left_unplaced_is_failed_and_never_dialled_again(g
     sweep = app.webhooks.outbound_flow.settle_abandoned(None)
     asyncio.run_coroutine_threadsafe(sweep, gateway.server.server._loop).result(10)
     view = call_of(gateway, call_id)
-    assert view["status"] == "failed" and view["failure_reason"] == "the gateway stopped while placing the call"
+    assert view["status"] == "failed" and view["failure_reason"] == reason
     assert placed_calls(fake_carriers) == 0

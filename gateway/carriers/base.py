@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -108,6 +109,24 @@ class MachineDetection:
     # A machine is reported once its greeting has ended (to speak after the beep), where the
     # carrier can tell (reports_greeting_end).
     greeting_end: bool = False
+
+
+@dataclass(frozen=True)
+class PlacedCallQuery:
+    """A dial whose process died before it recorded the carrier's answer: which of the carrier's
+    calls could be it (to `to`, from `from_`, created at `since` or later)."""
+
+    to: str
+    from_: str
+    since: dt.datetime
+
+
+@dataclass(frozen=True)
+class PlacedCall:
+    """One of the carrier's calls, as its call list has it."""
+
+    carrier_call_id: str
+    status: str | None  # neutral (gateway.statuses); None: a word the gateway does not know
 
 
 @dataclass(frozen=True)
@@ -543,6 +562,15 @@ class Carrier(ABC):
 
         Raises gateway.http.RemoteError; retries only what cannot dial twice.
         """
+
+    # Whether `find_placed_calls` can ask the carrier (else a dial left unrecorded by a dead process
+    # stays unknown: failed, never placed again).
+    finds_placed_calls: ClassVar[bool] = False
+
+    async def find_placed_calls(self, http: httpx.AsyncClient, query: PlacedCallQuery, *,
+                                deadline: float) -> list[PlacedCall]:
+        """The carrier's calls that match `query`, newest first. Raises RemoteError."""
+        raise NotImplementedError(f"{self.title} cannot be asked for the calls it placed")
 
     def parse_answer(self, webhook: Webhook) -> AnsweredCall:
         params = webhook.flat_params()

@@ -9,8 +9,10 @@ that attempt's Idempotency-Key. A run that finds a dialing row looks its call up
 * found and final: the row takes the call's status, or waits for a retry per the campaign's
   `retry` rules;
 * found and live: it is one of the campaign's live calls (counted against `max_concurrency`);
-* found failed because a process died placing it (the carrier may have dialled): failed, never
-  retried;
+* found failed because a process died placing it: the outbound sweep asked the carrier (where the
+  carrier can be asked). The carrier had the call: it was adopted, and the row follows it. It had
+  none (NEVER_PLACED): the row is pending again, the attempt not counted, and is claimed under a
+  new key. The carrier could not say (ABANDONED_UNPLACED): failed, never retried (it may have rung);
 * not found long after the claim: the process died before recording the call, so no carrier
   was asked; the dial is made again under the same key (a slow first attempt would be found).
 
@@ -46,7 +48,9 @@ from ..store.campaigns import (
     NewRow, RowChange, RowRecord,
 )
 from ..work import Work
-from .outbound import ABANDONED_UNPLACED, INLINE_CALL_FIELDS, PLACE_DEADLINE_SECONDS, DialRejected, DialRequest, OutboundFlow
+from .outbound import (
+    ABANDONED_UNPLACED, INLINE_CALL_FIELDS, NEVER_PLACED, PLACE_DEADLINE_SECONDS, DialRejected, DialRequest, OutboundFlow,
+)
 
 log = logging.getLogger("gateway.campaigns")
 
@@ -421,6 +425,8 @@ class CampaignFlow:
         live = 0
         now = utcnow()
         for attempt in await self.store.attempts(campaign.id):
+            if attempt.call is not None and attempt.row.call_id is None:  # its dialler died before noting it
+                await self.store.attach_call(attempt.row, attempt.call.id)
             change = self._outcome(campaign, spec, attempt, now)
             if change is not None:
                 changes.append((attempt.row, change))
@@ -444,6 +450,9 @@ class CampaignFlow:
         status = call.status
         if status == statuses.FAILED and call.failure_reason == ABANDONED_UNPLACED:
             return RowChange(status, "the gateway stopped while placing the call; not retried (it may have rung)")
+        if status == statuses.FAILED and call.failure_reason == NEVER_PLACED:
+            return RowChange(PENDING, f"attempt {attempt.row.attempts} never placed (the gateway stopped); "
+                             "dialled again, not counted", due_at=now, give_back=True)
         rule = spec.retry.get(cast(RETRYABLE, status))  # a status that is not RETRYABLE finds no rule
         if rule is not None and attempt.row.attempts < rule.attempts and campaign.status != CANCELED:
             return RowChange(PENDING, f"attempt {attempt.row.attempts}: {status}",

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .. import numbers, statuses
 from ..carriers import CarrierName
-from ..carriers.base import Carrier, MachineDetection, MachineVerdict, OutboundDial, Webhook
+from ..carriers.base import Carrier, MachineDetection, MachineVerdict, OutboundDial, PlacedCallQuery, Webhook
 from ..http import RemoteError
 from ..logs import bind, bind_call
 from ..settings import RouteSettings, Settings, VoicemailPolicy
@@ -52,6 +52,12 @@ ABANDONED_AFTER_SECONDS = PLACE_DEADLINE_SECONDS + 20
 SWEEP_SECONDS = 30.0
 # Why such a call failed: the carrier may or may not have dialled it (a campaign never retries it).
 ABANDONED_UNPLACED = "the gateway stopped while placing the call"
+# ... and why when the carrier, asked, has no such call: it never dialled (a campaign dials the row
+# again, without counting the attempt).
+NEVER_PLACED = "the gateway stopped before the carrier placed the call"
+# A carrier that does not answer the question this long after the dial: the call is failed as
+# ABANDONED_UNPLACED (it may have rung), never placed again.
+LOOKUP_GIVE_UP_SECONDS = ABANDONED_AFTER_SECONDS + 300
 
 
 @dataclass(frozen=True)
@@ -165,13 +171,16 @@ class OutboundFlow:
         work.register(AbandonedOutboundSweep, self.settle_abandoned, every=SWEEP_SECONDS)
 
     async def settle_abandoned(self, _: AbandonedOutboundSweep) -> None:
-        """Calls a dead process left half-made are failed, so a retry with their Idempotency-Key
+        """Calls a dead process left half-made are settled, so a retry with their Idempotency-Key
         answers instead of waiting. A dial is never placed again here: the carrier may have
-        accepted it just before the process died, and dialling twice is worse than failing once.
+        accepted it just before the process died. Where the carrier can be asked, its call list
+        says: the call it has is adopted (the record follows it), and with none the record fails
+        as NEVER_PLACED; otherwise it fails as ABANDONED_UNPLACED (it may have rung).
         (An Ultravox call created for such a dial ends by itself at its joinTimeout.)"""
-        before = utcnow() - dt.timedelta(seconds=ABANDONED_AFTER_SECONDS)
-        for record in await self.store.fail_abandoned("unplaced", before=before, reason=ABANDONED_UNPLACED):
-            log.warning("outbound %s: left unplaced by a stopped process; marked failed", record.id)
+        now = utcnow()
+        before = now - dt.timedelta(seconds=ABANDONED_AFTER_SECONDS)
+        for record in await self.store.abandoned("unplaced", before=before):
+            await self._settle_unplaced(record, now)
         for record in await self.store.fail_abandoned(
             "unjoined", before=before, reason="the gateway stopped while connecting the agent",
         ):
@@ -180,6 +189,37 @@ class OutboundFlow:
                 with contextlib.suppress(RemoteError):
                     await self.carriers[record.carrier].hang_up(
                         self.http, record.carrier_call_id, deadline=self._clock() + PLACE_DEADLINE_SECONDS)
+
+    async def _settle_unplaced(self, record: CallRecord, now: dt.datetime) -> None:
+        carrier = self.carriers.get(record.carrier)
+        reason = ABANDONED_UNPLACED
+        if record.via == "carrier" and carrier is not None and carrier.finds_placed_calls:
+            query = PlacedCallQuery(record.to_number, record.from_number, record.created_at)
+            try:
+                found = await carrier.find_placed_calls(self.http, query, deadline=self._clock() + PLACE_DEADLINE_SECONDS)
+            except RemoteError as error:
+                if now - record.created_at < dt.timedelta(seconds=LOOKUP_GIVE_UP_SECONDS):
+                    log.warning("outbound %s: left unplaced; %s could not say whether it has the call (%s); "
+                                "asking again later", record.id, carrier.title, error.reason)
+                    return
+                log.warning("outbound %s: %s never said whether it has the call (%s)", record.id, carrier.title,
+                            error.reason)
+            else:
+                known = await self.store.known_carrier_calls(carrier.name, [call.carrier_call_id for call in found])
+                # The oldest call to that number that no record has: the dead process's dial.
+                unrecorded = [call for call in found if call.carrier_call_id not in known]
+                if unrecorded:
+                    call = unrecorded[-1]
+                    adopted = CallUpdate(status=call.status, carrier_call_id=call.carrier_call_id, placed=True)
+                    await self.store.update(record.id, adopted)
+                    log.warning("outbound %s: left unplaced by a stopped process; %s has it (%s, %s): adopted",
+                                record.id, carrier.title, call.carrier_call_id, call.status)
+                    return
+                reason = NEVER_PLACED
+        failed = await self.store.fail_abandoned("unplaced", before=record.created_at + dt.timedelta(seconds=1),
+                                                 reason=reason, call_id=record.id)
+        if failed:
+            log.warning("outbound %s: left unplaced by a stopped process; failed: %s", record.id, reason)
 
     # --- placing the call ---------------------------------------------------------------------------
     def check(self, request: DialRequest) -> None:

@@ -341,10 +341,29 @@ class CallStore:
         return await self._observed(_settle_creating, record, ultravox_call_id, join_url,
                                     failure_reason[:MAX_REASON] if failure_reason else None, retake_for, lease, utcnow())
 
-    async def fail_abandoned(self, stage: str, *, before: dt.datetime, reason: str) -> list[CallRecord]:
+    async def fail_abandoned(self, stage: str, *, before: dt.datetime, reason: str,
+                             call_id: str | None = None) -> list[CallRecord]:
         """Calls left half-made at `stage` (see ABANDONED) since before `before` by a process that
-        died: failed now, with `reason`. Returns them as they were."""
-        return await self._observed(_fail_abandoned, ABANDONED[stage], before, reason[:MAX_REASON], utcnow())
+        died (only `call_id`, if given): failed now, with `reason`. Returns them as they were."""
+        condition = ABANDONED[stage]
+        if call_id is not None:
+            stage_condition = condition
+            condition = lambda cutoff: sa.and_(stage_condition(cutoff), calls.c.id == call_id)  # noqa: E731
+        return await self._observed(_fail_abandoned, condition, before, reason[:MAX_REASON], utcnow())
+
+    async def abandoned(self, stage: str, *, before: dt.datetime, limit: int = 100) -> builtins.list[CallRecord]:
+        """Calls left half-made at `stage` since before `before`, as they are (nothing changed)."""
+        return await self.database.transaction(
+            lambda connection: [_record(row) for row in connection.execute(
+                sa.select(calls).where(ABANDONED[stage](before)).order_by(calls.c.created_at).limit(limit))])
+
+    async def known_carrier_calls(self, carrier: str, carrier_call_ids: builtins.list[str]) -> set[str]:
+        """Which of the carrier's call ids some record has."""
+        if not carrier_call_ids:
+            return set()
+        return await self.database.transaction(lambda connection: set(connection.execute(
+            sa.select(calls.c.carrier_call_id).where(calls.c.carrier == carrier,
+                                                     calls.c.carrier_call_id.in_(carrier_call_ids))).scalars()))
 
     async def find_by_ultravox_call_id(self, ultravox_call_id: str) -> CallRecord | None:
         return await self.database.transaction(_find_by, calls.c.ultravox_call_id == ultravox_call_id)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 import json
+import secrets
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -93,6 +94,8 @@ class RowChange:
     status: str
     reason: str | None = None
     due_at: dt.datetime | None = None
+    # Pending again without the attempt counted: its call was never placed (the carrier said so).
+    give_back: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,9 @@ def _row(row: sa.Row) -> RowRecord:
 
 
 def attempt_key(campaign_id: str, row_id: str, attempt: int) -> str:
-    return f"campaign:{campaign_id}:{row_id}:{attempt}"
+    # A claim of its own: an attempt given back (never placed) is claimed again under a new key,
+    # since its old key names the failed call.
+    return f"campaign:{campaign_id}:{row_id}:{attempt}:{secrets.token_hex(4)}"
 
 
 class CampaignStore:
@@ -312,6 +317,8 @@ def _settle(connection: sa.Connection, changes: list[tuple[RowRecord, RowChange]
         values: dict[str, Any] = dict(status=change.status, reason=change.reason, updated_at=now)
         if change.due_at is not None:
             values["due_at"] = change.due_at
+        if change.give_back:
+            values["attempts"] = row.attempts - 1
         settled += connection.execute(
             sa.update(campaign_rows).where(campaign_rows.c.id == row.id, campaign_rows.c.status == DIALING,
                                            campaign_rows.c.attempts == row.attempts).values(**values)

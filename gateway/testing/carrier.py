@@ -9,6 +9,7 @@ carrier's name, so a new carrier is a new module and no table is edited.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import datetime as _dt
@@ -74,6 +75,7 @@ class PlacedCarrierCall:
     status_url: str | None
     params: dict[str, Any]  # the create-call parameters as the carrier understood them
     call_uuid: str | None = None  # Plivo only: the CallUUID, which differs from request_uuid
+    created_at: _dt.datetime = dataclasses.field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +261,7 @@ class FakeCarrier:
     update_status: int = 200  # the carrier's status for an accepted update
     update_fields: frozenset[str] = frozenset()  # the parameters the update endpoint takes
     account_path: str = ""  # route template of the account read `gateway check --online` makes
+    list_path: str = ""  # route template of the GET that lists placed calls (filtered by To and From)
 
     def __init__(
         self,
@@ -275,6 +278,7 @@ class FakeCarrier:
         self.calls: list[PlacedCarrierCall] = []
         self.updates: list[CallUpdate] = []
         self.live_calls: set[str] = set()  # ids of calls the fake did not place (e.g. inbound)
+        self.held_requests = 0  # create-call requests that reached a FakeResponse(hold=…)
         self._states: dict[str, str] = {}  # live id -> state (see the class docs)
         self._script: deque[FakeResponse] = deque()
         self._update_script: deque[FakeResponse] = deque()
@@ -287,6 +291,7 @@ class FakeCarrier:
                 Route(self.create_path, self._create_call, methods=["POST"]),
                 *self._update_routes(),
                 *([Route(self.account_path, self._account, methods=["GET"])] if self.account_path else []),
+                *([Route(self.list_path, self._list_calls, methods=["GET"])] if self.list_path else []),
                 Route("/{path:path}", self._unknown_path, methods=_ALL_METHODS),
             ]
         )
@@ -317,6 +322,7 @@ class FakeCarrier:
             self.calls.clear()
             self.updates.clear()
             self.live_calls.clear()
+            self.held_requests = 0
             self._states.clear()
             self._sequence.clear()
 
@@ -380,6 +386,11 @@ class FakeCarrier:
 
         if await _hold(scripted, self._release):
             return JSONResponse(self._error_body(503, "fake carrier shutting down"), status_code=503)
+        if scripted.hold is not None:  # answered as scripted once set, whether the client waited or not
+            with self._lock:
+                self.held_requests += 1
+            while not scripted.hold.is_set() and not self._release.is_set():
+                await asyncio.sleep(0.02)
 
         if not self._authorized(request):
             return JSONResponse(self._error_body(401, "Authentication failed"), status_code=401)
@@ -410,6 +421,19 @@ class FakeCarrier:
         if not self._account_authorized(request):
             return JSONResponse(self._error_body(401, "Authentication failed"), status_code=401)
         return JSONResponse(self._account_body())
+
+    async def _list_calls(self, request: Request) -> JSONResponse:
+        self._record(request, await request.body())
+        if not self._authorized(request):
+            return JSONResponse(self._error_body(401, "Authentication failed"), status_code=401)
+        to, from_ = request.query_params.get("To"), request.query_params.get("From")
+        with self._lock:
+            calls = [call for call in reversed(self.calls)
+                     if (to is None or call.to == to) and (from_ is None or call.from_ == from_)]
+        return JSONResponse(self._listed_body(calls))
+
+    def _listed_body(self, calls: list[PlacedCarrierCall]) -> dict[str, Any]:
+        raise NotImplementedError
 
     def _scripted_failure(self, scripted: FakeResponse) -> JSONResponse | None:
         if scripted.status < 300:

@@ -7,6 +7,7 @@ Twilio with (`TwilioDouble`).
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 import secrets
 from typing import Any
 
@@ -107,6 +108,7 @@ class FakeTwilio(FakeCarrier):
     create_path = "/2010-04-01/Accounts/{account_sid}/Calls.json"
     update_path = "/2010-04-01/Accounts/{account_sid}/Calls/{call_id}.json"
     account_path = "/2010-04-01/Accounts/{account_sid}.json"  # Twilio's "Fetch an Account resource"
+    list_path = create_path  # "Read multiple Call resources" (GET), To and From filters
     update_fields = frozenset(
         {
             "Url",
@@ -195,6 +197,11 @@ class FakeTwilio(FakeCarrier):
             "direction": "outbound-api",
             "api_version": "2010-04-01",
         }
+
+    def _listed_body(self, calls: list[PlacedCarrierCall]) -> dict[str, Any]:
+        return {"calls": [{**self._created_body(call), "status": self.state(self._live_id(call)) or "queued",
+                           "date_created": email.utils.format_datetime(call.created_at, usegmt=True)}
+                          for call in calls], "page": 0, "page_size": 50}
 
     def _error_body(self, status: int, message: str, code: int | None = None) -> dict[str, Any]:
         code = code or {401: 20003, 404: 20404, 429: 20429}.get(status, status)
