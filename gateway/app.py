@@ -146,13 +146,14 @@ class Gateway:
             outbound=outbound, tracking=tracking, transfer=self.transfer, transfers=transfers,
             handover=self.handover, replays=ReplayMemory(settings, store, work=work),
         )
-        self.callbacks = UltravoxCallbacks(settings, self.transfer, tracking)
         self.api = CallsApi(settings, store, outbound, transfers)
         # Campaign dispatch has a loop of its own too: a burst of dials never holds a transfer's timer.
         self.campaign_work = Work(jobs)
         campaign_store = CampaignStore(store.database)
         campaigns = CampaignFlow(settings, campaign_store, store, outbound, work=self.campaign_work, clock=clock,
                                  on_row_outcome=self.metrics.campaign_row_outcome)
+        outbound.on_over_capacity = campaigns.over_capacity
+        self.callbacks = UltravoxCallbacks(settings, self.transfer, tracking, campaigns)
         self.campaigns_api = CampaignsApi(settings, campaign_store, campaigns)
         CallEndedReports(settings, store, transfers, ultravox, outbox, events, urls, clock=clock)
         self.control = CallControlApi(settings, store, carriers, control, self.transfer)
@@ -315,6 +316,7 @@ class Gateway:
             Route("/tools/transfer", later(lambda g: g.callbacks.cold_tool), methods=["POST"], name="tool-transfer"),
             Route("/tools/warm-transfer", later(lambda g: g.callbacks.warm_tool), methods=["POST"],
                   name="tool-warm-transfer"),
+            Route("/tools/opt-out", later(lambda g: g.callbacks.opt_out_tool), methods=["POST"], name="tool-opt-out"),
             Route("/healthz", self.healthz, methods=["GET"], name="healthz"),
             Route("/readyz", self.readyz, methods=["GET"], name="readyz"),
             Route("/metrics", self.metrics_endpoint, methods=["GET"], name="metrics"),

@@ -28,11 +28,14 @@ MIN_ATTEMPT_SECONDS = 0.5
 
 
 class RemoteError(Exception):
-    """A remote API call failed; `reason` is short and safe to store."""
+    """A remote API call failed; `reason` is short and safe to store. `over_capacity`: the service's
+    last answer was 429/503 (it did not act), with its Retry-After in seconds when it gave one."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, *, over_capacity: bool = False, retry_after: float | None = None):
         super().__init__(reason)
         self.reason = reason
+        self.over_capacity = over_capacity
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -60,6 +63,7 @@ async def request_with_retries(
     """
     backoff = FIRST_BACKOFF_SECONDS
     problem = "no attempt made"
+    busy, after = False, None
     for attempt in range(1, policy.max_attempts + 1):
         remaining = deadline - policy.clock()
         if remaining <= 0:
@@ -74,13 +78,14 @@ async def request_with_retries(
             if not request_never_sent(error):
                 raise RemoteError(f"request to {service} failed ({type(error).__name__})") from None
             problem = f"cannot reach {service} ({type(error).__name__})"
+            busy, after = False, None
             wait = backoff
             backoff *= 2
         else:
             if response.status_code not in RETRYABLE_STATUSES:
                 return response
             problem = f"{service} answered {response.status_code}"
-            after = retry_after_seconds(response.headers.get("retry-after"))
+            busy, after = True, retry_after_seconds(response.headers.get("retry-after"))
             if after is None:
                 wait = backoff
                 backoff *= 2
@@ -93,7 +98,7 @@ async def request_with_retries(
             break
         log.info("%s attempt %d failed (%s); retrying in %.2fs", service, attempt, problem, wait)
         await asyncio.sleep(wait)
-    raise RemoteError(problem)
+    raise RemoteError(problem, over_capacity=busy, retry_after=after)
 
 
 @functools.cache

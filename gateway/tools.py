@@ -1,4 +1,4 @@
-"""The transfer tools the gateway serves, as Ultravox tool definitions.
+"""The tools the gateway serves (operator transfers, opt-out), as Ultravox tool definitions.
 
 The model picks an operator by name from an enum; numbers never reach it. Ultravox adds the call
 id itself (an automatic parameter) and the tool secret as a header (a security requirement
@@ -21,8 +21,12 @@ SECRET_HEADER = "X-Gateway-Tool-Secret"
 SECRET_REQUIREMENT = "gatewayToolSecret"
 # Durable tool names for `gateway tools sync`.
 DURABLE_NAMES = {COLD_TOOL: "gateway-transfer", WARM_TOOL: "gateway-warm-transfer"}
+# Offered on the calls a campaign (or a dial asking for it) places: the callee asks never to be
+# called again, and the gateway adds the number it called (never one the model names) to the
+# suppression list.
+OPT_OUT_TOOL = "optOutOfCalls"
 # The gateway's routes serving them (see gateway.app).
-TOOL_ROUTES = {COLD_TOOL: "tool-transfer", WARM_TOOL: "tool-warm-transfer"}
+TOOL_ROUTES = {COLD_TOOL: "tool-transfer", WARM_TOOL: "tool-warm-transfer", OPT_OUT_TOOL: "tool-opt-out"}
 # Ultravox's built-in tool that leaves a voicemail (its `message`, model-written), then ends the call
 # (docs.ultravox.ai/tools/built-in-tools, per research/operations-and-voicemail.md A4; built-in
 # tools are not in the OpenAPI schema, which only says a SelectedTool may name one by toolName).
@@ -76,6 +80,33 @@ def transfer_tools(settings: Settings, urls: Urls, operators: list[str]) -> list
          "authTokens": {SECRET_REQUIREMENT: settings.tool_secret}}
         for tool in (COLD_TOOL, WARM_TOOL)
     ]
+
+
+def _authenticated(definition: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """A SelectedTool of `definition`, presenting the tool secret as the gateway's tools require."""
+    return {"temporaryTool": {
+        **definition,
+        "automaticParameters": [
+            {"name": "callId", "location": "PARAMETER_LOCATION_BODY", "knownValue": "KNOWN_PARAM_CALL_ID"}
+        ],
+        "requirements": {"httpSecurityOptions": {"options": [
+            {"requirements": {SECRET_REQUIREMENT: {"headerApiKey": {"name": SECRET_HEADER}}}}
+        ]}},
+    }, "authTokens": {SECRET_REQUIREMENT: settings.tool_secret}}
+
+
+def opt_out_tools(settings: Settings, urls: Urls) -> list[dict[str, Any]]:
+    """The opt-out tool as a SelectedTool (none without a tool secret and public URL)."""
+    if not settings.tool_secret or not settings.public_url:
+        return []
+    return [_authenticated({
+        "modelToolName": OPT_OUT_TOOL,
+        "description": ("The person asks not to be called again (or to be taken off the list): record it. "
+                        "Then confirm they will not be called again, and say goodbye."),
+        "dynamicParameters": [_body("reason", "What they said, in a few words", {"type": "string"}, required=False)],
+        "http": {"baseUrlPattern": urls.tool(TOOL_ROUTES[OPT_OUT_TOOL]), "httpMethod": "POST"},
+        "timeout": "5s",
+    }, settings)]
 
 
 def voicemail_tool() -> dict[str, Any]:

@@ -32,6 +32,12 @@ class UltravoxCallInactive(UltravoxError):
 
 
 @dataclass(frozen=True)
+class AccountCapacity:
+    allowed: int | None  # allowedConcurrentCalls
+    active: int  # activeCalls
+
+
+@dataclass(frozen=True)
 class CreatedCall:
     call_id: str
     join_url: str
@@ -69,7 +75,7 @@ class UltravoxClient:
                 params=params,
             )
         except RemoteError as error:
-            raise UltravoxError(error.reason) from None
+            raise UltravoxError(error.reason, over_capacity=error.over_capacity, retry_after=error.retry_after) from None
         return _created_call(response)
 
     async def tell_agent(self, call_id: str, text: str, *, deadline: float) -> None:
@@ -135,6 +141,14 @@ class UltravoxClient:
                 return FoundCall(str(call["callId"]), join_url if isinstance(join_url, str) else None,
                                  ended=call.get("ended") is not None)
         return None
+
+    async def account_capacity(self, *, deadline: float) -> "AccountCapacity":
+        """The account's concurrent-call limit (None: Ultravox states none) and its live calls."""
+        account = await self._get("/api/accounts/me", deadline=deadline)
+        if not isinstance(account, dict):
+            raise UltravoxError("Ultravox sent no account")
+        allowed = account.get("allowedConcurrentCalls")
+        return AccountCapacity(allowed if isinstance(allowed, int) else None, int(account.get("activeCalls") or 0))
 
     async def _get(self, path: str, *, deadline: float, params: dict[str, Any] | None = None) -> Any:
         if not self._settings.api_key:

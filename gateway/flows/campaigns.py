@@ -41,15 +41,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .. import numbers, statuses
 from ..carriers import CarrierName
 from ..settings import OpeningSpan, Settings, VoicemailPolicy, known_zone, parse_hours
-from ..store import CallStore
+from ..store import CallRecord, CallStore
 from ..store.calls import utcnow
 from ..store.campaigns import (
     CAMPAIGN_KEY_ID, CANCELED, COMPLETED, PAUSED, PENDING, REJECTED, RUNNING, Attempt, CampaignRecord, CampaignStore,
-    NewRow, RowChange, RowRecord,
+    NewRow, RowChange, RowRecord, campaign_of_attempt,
 )
+from ..ultravox import AccountCapacity, UltravoxError
 from ..work import Work
 from .outbound import (
-    ABANDONED_UNPLACED, INLINE_CALL_FIELDS, NEVER_PLACED, PLACE_DEADLINE_SECONDS, DialRejected, DialRequest, OutboundFlow,
+    ABANDONED_UNPLACED, INLINE_CALL_FIELDS, NEVER_PLACED, PLACE_DEADLINE_SECONDS, ULTRAVOX_OVER_CAPACITY, DialRejected,
+    DialRequest, OutboundFlow,
 )
 
 log = logging.getLogger("gateway.campaigns")
@@ -59,6 +61,16 @@ SETTLE_SECONDS = 1.0  # how often live calls are looked at while nothing can be 
 MAX_SLEEP_SECONDS = 60.0  # a campaign waiting for its window still looks at itself this often
 # A dialing row whose call is not recorded this long after its claim was left by a dead process.
 REDIAL_AFTER_SECONDS = PLACE_DEADLINE_SECONDS + 10
+# Ultravox over capacity (429/503): the campaign waits out Retry-After (this long without one, at
+# most the cap), and its pace drops by the factor (not below the floor), then rises again by the
+# step with each dispatch run (about a second) that dialled: additive increase, multiplicative decrease.
+# How often a dispatcher reads Ultravox's account (its allowedConcurrentCalls and activeCalls).
+ACCOUNT_READ_SECONDS = 5.0
+DEFAULT_HOLD_SECONDS = 5.0
+MAX_HOLD_SECONDS = 600.0
+BACK_OFF_FACTOR = 0.5
+PACE_FLOOR = 0.05
+PACE_STEP = 0.05
 RETRYABLE = Literal["busy", "no-answer", "failed", "machine-detected"]
 MAX_CAMPAIGN_LIST = 200
 
@@ -114,6 +126,8 @@ class CampaignSpec(BaseModel):
     voicemail: VoicemailPolicy | None = None
     max_duration: float | None = Field(default=None, gt=0)
     greeting: str | None = None
+    opt_out_tool: bool = Field(default=True, description="The agent may record an opt-out (the optOutOfCalls "
+                               "tool): the number joins the suppression list, and no later row dials it")
 
     @field_validator("from_")
     @classmethod
@@ -175,7 +189,7 @@ class CampaignSpec(BaseModel):
             "route": self.route, "agent_id": self.agent_id, "call": self.call,
             "template_context": row.template_context, "metadata": row.metadata,
             "answering_machine_detection": self.answering_machine_detection, "voicemail": self.voicemail,
-            "max_duration": self.max_duration, "greeting": self.greeting,
+            "max_duration": self.max_duration, "greeting": self.greeting, "opt_out_tool": self.opt_out_tool,
         })
 
 
@@ -268,6 +282,12 @@ class Window:
 
 # --- durable work -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class OptOut:
+    call: CallRecord  # the call on which the callee asked
+    added: bool  # False: the number was listed already
+
+
+@dataclass(frozen=True)
 class DispatchCampaign:
     campaign_id: str
 
@@ -290,6 +310,9 @@ class CampaignFlow:
         self.work = work
         self._on_row_outcome = on_row_outcome
         self._clock = clock
+        # This process's own note of a refusal, so a run stops dialling at once (the row has it too).
+        self._held: dict[str, float] = {}
+        self._capacity: tuple[float, AccountCapacity | None] = (-ACCOUNT_READ_SECONDS, None)
         # Never given up on: a campaign stalls only while its store does not answer.
         work.register(DispatchCampaign, self.dispatch, max_attempts=1_000_000)
 
@@ -371,10 +394,13 @@ class CampaignFlow:
             return SETTLE_SECONDS
         if campaign.starts_at is not None and now < campaign.starts_at:
             return min((campaign.starts_at - now).total_seconds(), MAX_SLEEP_SECONDS)
+        if campaign.held_until is not None and now < campaign.held_until:  # Ultravox's Retry-After
+            return min((campaign.held_until - now).total_seconds(), SETTLE_SECONDS if live else MAX_SLEEP_SECONDS)
         room = min(spec.max_concurrency - live, await self._account_room())
         if room <= 0:
             return SETTLE_SECONDS
-        burst = max(1, math.floor(spec.calls_per_second * TICK_SECONDS))
+        rate = spec.calls_per_second * campaign.pace
+        burst = max(1, math.floor(rate * TICK_SECONDS))
         window = spec.opening
         limit = min(room, burst)
         rows = await self.store.claim(campaign.id, limit=limit, scan=max(50, 4 * limit),
@@ -389,20 +415,70 @@ class CampaignFlow:
         started = self._clock()
         placing = []
         for index, row in enumerate(rows):
-            pause = started + index / spec.calls_per_second - self._clock()
+            pause = started + index / rate - self._clock()
             if pause > 0:
                 await asyncio.sleep(pause)
+            if self._held.get(campaign.id, 0.0) > self._clock():  # refused meanwhile: the rest wait too
+                await self._settled(campaign.id, [(later, RowChange(PENDING, "held off: Ultravox was over capacity",
+                                                                    due_at=utcnow(), give_back=True))
+                                                  for later in rows[index:]])
+                break
             placing.append(asyncio.create_task(self._place(spec, row)))
         await asyncio.gather(*placing)
-        return max(0.0, started + len(rows) / spec.calls_per_second - self._clock())
+        if campaign.pace < 1.0:  # recovering from a refusal (not raised while a new hold is on)
+            await self.store.speed_up(campaign.id, step=PACE_STEP)
+        return max(0.0, started + len(rows) / rate - self._clock())
+
+    async def opt_out(self, ultravox_call_id: str, reason: str) -> OptOut | None:
+        """The callee of the call the gateway placed under `ultravox_call_id` asked not to be
+        called again: its number joins the suppression list (None: no such outbound call)."""
+        call = await self.calls.find_by_ultravox_call_id(ultravox_call_id) if ultravox_call_id else None
+        if call is None or call.direction != "outbound":
+            return None
+        added = await self.store.suppress([call.to_number], reason=reason or "asked on the call", source="opt-out")
+        log.info("outbound %s: the callee opted out (%s)", call.id, "added" if added else "already listed")
+        return OptOut(call, bool(added))
+
+    async def over_capacity(self, call: CallRecord, retry_after: float | None) -> None:
+        """Ultravox refused the agent of `call` with 429/503: if it is a campaign's, the campaign
+        holds off for Retry-After and slows down (in its row, so every replica does)."""
+        if call.api_key_id != CAMPAIGN_KEY_ID or not call.idempotency_key:
+            return
+        campaign_id = campaign_of_attempt(call.idempotency_key)
+        hold = min(MAX_HOLD_SECONDS, DEFAULT_HOLD_SECONDS if retry_after is None else retry_after)
+        self._held[campaign_id] = self._clock() + hold
+        await self.store.back_off(campaign_id, until=utcnow() + dt.timedelta(seconds=hold), factor=BACK_OFF_FACTOR,
+                                  floor=PACE_FLOOR)
+        log.warning("campaign %s: Ultravox is over capacity; holding off %.1fs and slowing down", campaign_id, hold)
 
     async def _account_room(self) -> int:
-        """Calls the account can still take with `inbound_headroom` kept free (no limit: unbounded)."""
+        """Calls the account can still take with `inbound_headroom` kept free (no limit: unbounded).
+        The limit is `account_concurrency`, else (with a headroom to keep) the allowedConcurrentCalls
+        Ultravox states for the account; live are the calls in the store, or Ultravox's activeCalls
+        if more (the account's calls made elsewhere count too)."""
         limits = self.settings.campaigns
-        if not limits.account_concurrency:
+        allowed, active = limits.account_concurrency or None, 0
+        if allowed is None and limits.inbound_headroom:
+            capacity = await self._account_capacity()
+            if capacity is not None:
+                allowed, active = capacity.allowed, capacity.active
+        if allowed is None:
             return 1_000_000
         live = sum(count for _, _, count in await self.calls.live_calls(utcnow() - dt.timedelta(hours=12)))
-        return limits.account_concurrency - limits.inbound_headroom - live
+        return allowed - limits.inbound_headroom - max(live, active)
+
+    async def _account_capacity(self) -> AccountCapacity | None:
+        """Ultravox's word on the account, read at most every ACCOUNT_READ_SECONDS (None: not known)."""
+        read_at, capacity = self._capacity
+        if self._clock() - read_at < ACCOUNT_READ_SECONDS:
+            return capacity
+        try:
+            capacity = await self.outbound.ultravox.account_capacity(deadline=self._clock() + PLACE_DEADLINE_SECONDS)
+        except UltravoxError as error:
+            log.warning("campaigns: Ultravox's account limit not read (%s); inbound_headroom not applied", error.reason)
+            capacity = None
+        self._capacity = (self._clock(), capacity)
+        return capacity
 
     async def _place(self, spec: CampaignSpec, row: RowRecord) -> None:
         request = spec.dial_request(row, row.attempts, row.position)
@@ -450,6 +526,9 @@ class CampaignFlow:
         status = call.status
         if status == statuses.FAILED and call.failure_reason == ABANDONED_UNPLACED:
             return RowChange(status, "the gateway stopped while placing the call; not retried (it may have rung)")
+        if status == statuses.FAILED and call.failure_reason == ULTRAVOX_OVER_CAPACITY:
+            return RowChange(PENDING, f"attempt {attempt.row.attempts}: Ultravox was over capacity; dialled again, "
+                             "not counted", due_at=now, give_back=True)
         if status == statuses.FAILED and call.failure_reason == NEVER_PLACED:
             return RowChange(PENDING, f"attempt {attempt.row.attempts} never placed (the gateway stopped); "
                              "dialled again, not counted", due_at=now, give_back=True)

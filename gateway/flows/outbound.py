@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Awaitable, Callable, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -24,7 +24,7 @@ from ..settings import RouteSettings, Settings, VoicemailPolicy
 from ..store import CallRecord, CallStore, CallUpdate
 from ..ultravox import CreatedCall, UltravoxClient, UltravoxError
 from ..store.calls import utcnow
-from ..tools import LEAVE_VOICEMAIL, voicemail_tool
+from ..tools import LEAVE_VOICEMAIL, opt_out_tools, voicemail_tool
 from ..urls import Urls
 from ..work import Work
 from .call_request import CallBodies, CallIdentity
@@ -55,6 +55,9 @@ ABANDONED_UNPLACED = "the gateway stopped while placing the call"
 # ... and why when the carrier, asked, has no such call: it never dialled (a campaign dials the row
 # again, without counting the attempt).
 NEVER_PLACED = "the gateway stopped before the carrier placed the call"
+# Why a call failed when Ultravox refused to create its agent call with 429/503 (over capacity):
+# a campaign dials such a row again later without counting the attempt.
+ULTRAVOX_OVER_CAPACITY = "Ultravox was over capacity (429/503)"
 # A carrier that does not answer the question this long after the dial: the call is failed as
 # ABANDONED_UNPLACED (it may have rung), never placed again.
 LOOKUP_GIVE_UP_SECONDS = ABANDONED_AFTER_SECONDS + 300
@@ -88,6 +91,8 @@ class DialRequest(BaseModel):
         "after the greeting) or agent (the agent leaves one); implies answering_machine_detection. Default: the route's")
     max_duration: float | None = Field(default=None, gt=0, description="Seconds")
     greeting: str | None = Field(default=None, description="Said by the agent if the callee stays silent")
+    opt_out_tool: bool = Field(default=False, description="Give the agent the optOutOfCalls tool: the callee "
+                               "asks not to be called again, and the number is added to the suppression list")
 
     @field_validator("to", "from_")
     @classmethod
@@ -126,7 +131,10 @@ class DialRequest(BaseModel):
         return self.answering_machine_detection or self.voicemail is not None
 
     def fingerprint(self) -> str:
-        canonical = json.dumps(self.model_dump(by_alias=True), sort_keys=True, separators=(",", ":"))
+        asked = self.model_dump(by_alias=True)
+        if not asked["opt_out_tool"]:  # as hashed before the field existed: a retry across the upgrade matches
+            del asked["opt_out_tool"]
+        canonical = json.dumps(asked, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -168,6 +176,8 @@ class OutboundFlow:
         self.connector = connector
         self._clock = clock
         self._answering: dict[str, asyncio.Future[str | None]] = {}
+        # Told when Ultravox refuses a call's agent for capacity (the call, Retry-After seconds).
+        self.on_over_capacity: Callable[[CallRecord, float | None], Awaitable[None]] | None = None
         work.register(AbandonedOutboundSweep, self.settle_abandoned, every=SWEEP_SECONDS)
 
     async def settle_abandoned(self, _: AbandonedOutboundSweep) -> None:
@@ -398,7 +408,7 @@ class OutboundFlow:
             created = await self.ultravox.create_call(call_request, deadline=deadline)
         except UltravoxError as error:
             log.warning("outbound %s via Ultravox: not placed, %s", record.id, error.reason)
-            return (await self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=error.reason))).existing
+            return await self._ultravox_refused(record, error)
         bind(ultravox_call_id=created.call_id)
         return (await self.store.update(record.id, CallUpdate(ultravox_call_id=created.call_id, placed=True))).existing
 
@@ -415,7 +425,10 @@ class OutboundFlow:
             extra_metadata=request.metadata,
             join_timeout_seconds=join_timeout_seconds,
             # Told to leave a message should a machine answer (machine_detected), it needs the tool.
-            extra_tools=[voicemail_tool()] if request.detects_machines and route.voicemail == "agent" else (),
+            extra_tools=[
+                *([voicemail_tool()] if request.detects_machines and route.voicemail == "agent" else []),
+                *(opt_out_tools(self.settings, self.urls) if request.opt_out_tool else []),
+            ],
         )
 
     async def _create_agent_call(
@@ -429,11 +442,22 @@ class OutboundFlow:
             created = await self.ultravox.create_call(call_request, deadline=deadline)
         except UltravoxError as error:
             log.warning("outbound %s: no agent, %s", record.id, error.reason)
-            await self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=error.reason))
+            await self._ultravox_refused(record, error)
             return None
         bind(ultravox_call_id=created.call_id)
         await self.store.update(record.id, CallUpdate(ultravox_call_id=created.call_id, join_url=created.join_url))
         return created
+
+    async def _ultravox_refused(self, record: CallRecord, error: UltravoxError) -> CallRecord:
+        """The call failed for want of its Ultravox call; a refusal for capacity is told on."""
+        reason = ULTRAVOX_OVER_CAPACITY if error.over_capacity else error.reason
+        failed = (await self.store.update(record.id, CallUpdate(status=statuses.FAILED, failure_reason=reason))).existing
+        if error.over_capacity and self.on_over_capacity is not None:
+            try:
+                await self.on_over_capacity(failed, error.retry_after)
+            except Exception:
+                log.exception("outbound %s: telling of Ultravox's capacity failed", record.id)
+        return failed
 
     # --- carrier callbacks --------------------------------------------------------------------------
     async def answer(self, carrier: Carrier, webhook: Webhook, call_id: str, deadline: float) -> str:

@@ -48,6 +48,8 @@ class CampaignRecord:
     created_at: dt.datetime
     updated_at: dt.datetime
     ended_at: dt.datetime | None
+    pace: float = 1.0  # the share of calls_per_second dispatched now (lowered by Ultravox's 429/503)
+    held_until: dt.datetime | None = None  # no dial before (Ultravox's Retry-After)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ def _campaign(row: sa.Row) -> CampaignRecord:
         starts_at=as_utc(row.starts_at) if row.starts_at else None, ends_at=as_utc(row.ends_at) if row.ends_at else None,
         created_at=as_utc(row.created_at), updated_at=as_utc(row.updated_at),
         ended_at=as_utc(row.ended_at) if row.ended_at else None,
+        pace=row.pace if row.pace is not None else 1.0, held_until=as_utc(row.held_until) if row.held_until else None,
     )
 
 
@@ -124,6 +127,11 @@ def _row(row: sa.Row) -> RowRecord:
         claimed_at=as_utc(row.claimed_at) if row.claimed_at else None, call_id=row.call_id, reason=row.reason,
         updated_at=as_utc(row.updated_at),
     )
+
+
+def campaign_of_attempt(key: str) -> str:
+    """The campaign of an attempt's key (see attempt_key)."""
+    return key.split(":")[1]
 
 
 def attempt_key(campaign_id: str, row_id: str, attempt: int) -> str:
@@ -166,6 +174,16 @@ class CampaignStore:
     async def complete_if_done(self, campaign_id: str) -> bool:
         """Running, with no row pending or dialing: completed now (True once)."""
         return await self.database.transaction(_complete_if_done, campaign_id, utcnow())
+
+    # --- pace (AIMD, shared by every replica through the row) ------------------------------------------
+    async def back_off(self, campaign_id: str, *, until: dt.datetime, factor: float, floor: float) -> None:
+        """Ultravox is over capacity: no dial before `until`, and the pace times `factor` (once per
+        hold: the 429s of calls already under way lower it no further)."""
+        await self.database.transaction(_back_off, campaign_id, until, factor, floor, utcnow())
+
+    async def speed_up(self, campaign_id: str, *, step: float) -> None:
+        """A dispatch run went by without a refusal: the pace `step` higher, up to all of it."""
+        await self.database.transaction(_speed_up, campaign_id, step, utcnow())
 
     # --- rows -----------------------------------------------------------------------------------------
     async def attempts(self, campaign_id: str) -> builtins.list[Attempt]:
@@ -242,6 +260,25 @@ def _get(connection: sa.Connection, campaign_id: str, *, lock: bool = False) -> 
     query = sa.select(campaigns).where(campaigns.c.id == campaign_id)
     row = connection.execute(query.with_for_update() if lock else query).first()
     return _campaign(row) if row else None
+
+
+def _back_off(connection: sa.Connection, campaign_id: str, until: dt.datetime, factor: float, floor: float,
+              now: dt.datetime) -> None:
+    pace = sa.func.coalesce(campaigns.c.pace, 1.0)
+    holding = sa.and_(campaigns.c.held_until.is_not(None), campaigns.c.held_until > now)
+    lowered = sa.case((pace * factor < floor, floor), else_=pace * factor)
+    connection.execute(sa.update(campaigns).where(campaigns.c.id == campaign_id).values(
+        pace=sa.case((holding, pace), else_=lowered),
+        held_until=sa.case((sa.and_(holding, campaigns.c.held_until > until), campaigns.c.held_until), else_=until),
+        updated_at=now))
+
+
+def _speed_up(connection: sa.Connection, campaign_id: str, step: float, now: dt.datetime) -> None:
+    raised = campaigns.c.pace + step
+    connection.execute(sa.update(campaigns).where(
+        campaigns.c.id == campaign_id, campaigns.c.pace.is_not(None), campaigns.c.pace < 1.0,
+        sa.or_(campaigns.c.held_until.is_(None), campaigns.c.held_until <= now),
+    ).values(pace=sa.case((raised >= 1.0, sa.null()), else_=raised)))
 
 
 def _list(connection: sa.Connection, limit: int) -> list[CampaignRecord]:

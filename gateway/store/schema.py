@@ -223,6 +223,11 @@ campaigns = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("ended_at", sa.DateTime(timezone=True)),
+    # (Migration 13.) The dispatch rate as a fraction of calls_per_second (NULL: all of it), lowered
+    # when Ultravox answers 429/503 and raised again slowly; no dial before held_until (Retry-After).
+    # In the row, so every replica's dispatcher paces alike.
+    sa.Column("pace", sa.Float),
+    sa.Column("held_until", sa.DateTime(timezone=True)),
     sa.Index("ix_campaigns_created", "created_at", "id"),
 )
 
@@ -366,8 +371,15 @@ _add_lease_columns = _add_call_columns(lease_owner="VARCHAR(64)", lease_until="T
                                        stream_expires="BIGINT")
 
 
+def _add_campaign_pace(connection: sa.Connection) -> None:
+    existing = {column["name"] for column in sa.inspect(connection).get_columns("campaigns")}
+    for name, sql_type in (("pace", "DOUBLE PRECISION"), ("held_until", "TIMESTAMP WITH TIME ZONE")):
+        if name not in existing:
+            connection.execute(sa.text(f"ALTER TABLE campaigns ADD COLUMN {name} {sql_type}"))
+
+
 # Append new migrations; never edit one that has shipped. (Version 1 grew the outbound columns
 # before the first release.)
 MIGRATIONS = [_create_v1, _create_transfers, _add_media_columns, _add_media_token_column, _add_placed_column,
               _create_jobs, _add_live_indexes, _create_events, _create_campaigns,
-              _add_delivery_dispatch, _create_webhook_replays, _add_lease_columns]
+              _add_delivery_dispatch, _create_webhook_replays, _add_lease_columns, _add_campaign_pace]

@@ -362,6 +362,9 @@ class FakeUltravox:
         self.ended_calls: set[str] = set()  # call ids whose data messages get 422
         self.call_reports: dict[str, dict[str, Any]] = {}  # call id -> its end (see end_call)
         self.tools: dict[str, dict[str, Any]] = {}  # tool id -> Tool JSON
+        # GET /api/accounts/me: allowedConcurrentCalls, and live calls beyond its own sessions.
+        self.allowed_concurrent_calls: int | None = None
+        self.other_active_calls = 0
         # serverWebSocket medium: see the "serverWebSocket side" section below.
         self.base_url: str | None = None  # http://host:port, set by serve()
         self.sessions: dict[str, FakeUltravoxSession] = {}  # call id -> its socket session
@@ -442,6 +445,8 @@ class FakeUltravox:
             self.ended_calls.clear()
             self.call_reports.clear()
             self.tools.clear()
+            self.allowed_concurrent_calls = None
+            self.other_active_calls = 0
             self.delay = 0.0
             self.sessions.clear()
             self._socket_calls.clear()
@@ -731,7 +736,8 @@ class FakeUltravox:
         with self._lock:
             live = sum(1 for session in self.sessions.values() if not session.closed.is_set())
         return JSONResponse({"accountId": "00000000-0000-4000-8000-000000000000", "name": self.account_name,
-                             "activeCalls": live, "hasActiveSubscription": True})
+                             "activeCalls": live + self.other_active_calls, "hasActiveSubscription": True,
+                             "allowedConcurrentCalls": self.allowed_concurrent_calls})
 
     async def _known_call(self, request: Request) -> tuple[dict[str, Any] | None, JSONResponse | None]:
         """(the created call the path names, None), or (None, the refusal: 401 or 404)."""
