@@ -27,7 +27,7 @@ from .drain import Drain
 from .flows.call_request import CallBodies
 from .flows.campaigns import CampaignFlow
 from .flows.connect import Connector
-from .flows.events import IN_FLIGHT_PER_ENDPOINT, CallEndedReports, EventDelivery, EventOutbox
+from .flows.events import IN_FLIGHT_PER_ENDPOINT, CallEndedReports, CampaignEvents, EventDelivery, EventOutbox
 from .flows.control import CallControl
 from .flows.handover import HandoverFlow
 from .flows.inbound import InboundFlow
@@ -40,7 +40,7 @@ from .logs import RequestIds
 from .media.admission import MediaSockets
 from .media.bridge import MediaBridge
 from .media.recording import RecordingUpkeep, recording_dirs, recording_file
-from .metrics import LiveCounts, Metrics
+from .metrics import MAX_CAMPAIGN_SERIES, CampaignFigures, LiveCounts, Metrics
 from .security import match_api_key
 from .settings import Settings
 from .store import CallRecord, CallStore, TransferStore
@@ -84,6 +84,7 @@ class Gateway:
         self.delivery: EventDelivery | None = None
         self.campaign_work: Work | None = None
         self.campaigns_api: CampaignsApi | None = None
+        self.campaign_store: CampaignStore | None = None
         self.events_http: httpx.AsyncClient | None = None
         self.events_api: EventsApi | None = None
         self.handover: HandoverFlow | None = None
@@ -149,9 +150,11 @@ class Gateway:
         self.api = CallsApi(settings, store, outbound, transfers)
         # Campaign dispatch has a loop of its own too: a burst of dials never holds a transfer's timer.
         self.campaign_work = Work(jobs)
-        campaign_store = CampaignStore(store.database)
+        self.campaign_store = campaign_store = CampaignStore(
+            store.database, observer=CampaignEvents(outbox) if outbox.active else None)
         campaigns = CampaignFlow(settings, campaign_store, store, outbound, work=self.campaign_work, clock=clock,
-                                 on_row_outcome=self.metrics.campaign_row_outcome)
+                                 on_row_outcome=self.metrics.campaign_row_outcome,
+                                 on_capacity_refusal=lambda _: self.metrics.campaign_refusals.inc())
         outbound.on_over_capacity = campaigns.over_capacity
         self.callbacks = UltravoxCallbacks(settings, self.transfer, tracking, campaigns)
         self.campaigns_api = CampaignsApi(settings, campaign_store, campaigns)
@@ -238,6 +241,7 @@ class Gateway:
             return JSONResponse({"detail": "send Authorization: Bearer <GATEWAY_METRICS_TOKEN>"}, status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})
         self.metrics.live.show(await self._live_counts())
+        self.metrics.campaigns.show(await self._campaign_figures())
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def _live_counts(self) -> LiveCounts | None:
@@ -262,6 +266,16 @@ class Gateway:
             key = (carrier, self.connector.mode(route))
             by_mode[key] = by_mode.get(key, 0) + count
         return LiveCounts(calls=by_mode, transfers=dict(transfers))
+
+    async def _campaign_figures(self) -> list[CampaignFigures] | None:
+        assert self.campaign_store is not None
+        try:
+            found = await asyncio.wait_for(self.campaign_store.unfinished(MAX_CAMPAIGN_SERIES),
+                                           timeout=LIVE_COUNTS_TIMEOUT_SECONDS)
+        except Exception as error:
+            log.warning("/metrics without campaign series: the store did not answer (%s)", type(error).__name__)
+            return None
+        return [CampaignFigures(campaign.id, campaign.status, counts, campaign.pace) for campaign, counts in found]
 
     # --- the route table: every URL the gateway serves, by name -------------------------------------
     def routes(self) -> list[BaseRoute]:

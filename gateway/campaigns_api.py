@@ -19,7 +19,8 @@ from .api import (
 from .flows.campaigns import MAX_CAMPAIGN_LIST, CampaignConflict, CampaignFlow, CampaignRequest
 from .flows.outbound import DialRejected
 from .settings import Settings
-from .store.campaigns import CampaignRecord, CampaignStore, RowRecord, Suppression
+from .store.campaigns import CampaignRecord, CampaignStore, Suppression
+from .views import campaign_view, row_view
 
 # Row positions are a 32-bit integer column (PostgreSQL refuses a larger bound: a 500 before).
 MAX_POSITION = 2**31 - 1
@@ -39,28 +40,6 @@ class SuppressionRequest(BaseModel):
     @classmethod
     def _e164(cls, value: list[str]) -> list[str]:
         return [numbers.e164(number) for number in value]
-
-
-def campaign_view(campaign: CampaignRecord, counts: dict[str, int]) -> dict[str, Any]:
-    spec = campaign.spec
-    return {
-        "id": campaign.id, "name": campaign.name, "status": campaign.status,
-        "created_at": campaign.created_at.isoformat(), "updated_at": campaign.updated_at.isoformat(),
-        "ended_at": campaign.ended_at.isoformat() if campaign.ended_at else None,
-        "rows": sum(counts.values()), "counts": counts,
-        # Ultravox's 429/503 slow a campaign down: the share of calls_per_second it dials at now,
-        # and until when it dials nothing (Retry-After).
-        "pace": campaign.pace, "held_until": campaign.held_until.isoformat() if campaign.held_until else None,
-        **{name: spec.get(name) for name in ("route", "agent_id", "carrier", "from", "max_concurrency",
-                                             "calls_per_second", "window", "timezone", "starts_at", "ends_at",
-                                             "retry")},
-    }
-
-
-def row_view(row: RowRecord) -> dict[str, Any]:
-    return {"position": row.position, "to": row.to_number, "status": row.status, "attempts": row.attempts,
-            "call_id": row.call_id, "reason": row.reason, "timezones": list(row.timezones),
-            "due_at": row.due_at.isoformat(), "metadata": row.metadata, "updated_at": row.updated_at.isoformat()}
 
 
 def suppression_view(entry: Suppression) -> dict[str, Any]:

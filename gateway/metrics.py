@@ -62,6 +62,50 @@ class LiveGauges:
         yield transfers
 
 
+# Campaign series are per campaign, so their number must stay bounded: only campaigns running or
+# paused have them (a campaign's series go when it ends), and at most this many, the newest.
+MAX_CAMPAIGN_SERIES = 50
+
+
+@dataclass(frozen=True)
+class CampaignFigures:
+    campaign_id: str
+    status: str  # running | paused
+    rows: dict[str, int]  # rows by status
+    pace: float  # the share of calls_per_second dispatched now
+
+
+class CampaignGauges:
+    """gateway_campaign_rows and gateway_campaign_pace, read from the store at each scrape (as
+    LiveGauges: the same on every replica, aggregate with max)."""
+
+    def __init__(self) -> None:
+        self._figures: list[CampaignFigures] | None = None
+
+    def show(self, figures: list[CampaignFigures] | None) -> None:
+        self._figures = figures
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        figures = self._figures
+        if figures is None:
+            return
+        rows = GaugeMetricFamily(
+            "gateway_campaign_rows", f"Rows of each running or paused campaign (at most the {MAX_CAMPAIGN_SERIES} "
+            "newest) by status, from the shared store: aggregate with max", labels=["campaign", "status"])
+        pace = GaugeMetricFamily(
+            "gateway_campaign_pace", "The share of calls_per_second a running or paused campaign dials at now "
+            "(below 1 after Ultravox answered 429/503)", labels=["campaign"])
+        for figure in figures:
+            for status, count in sorted(figure.rows.items()):
+                rows.add_metric([figure.campaign_id, status], count)
+            pace.add_metric([figure.campaign_id], figure.pace)
+        yield rows
+        yield pace
+
+
 class Metrics:
     def __init__(self, carriers: list[str]) -> None:
         self.registry = CollectorRegistry()
@@ -101,18 +145,25 @@ class Metrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 21600, 86400),
         )
         self.live = LiveGauges(carriers)
-        # Campaign rows settled by this process, by campaign and outcome (pending: a retry is due).
+        # Campaign rows settled by this process, by outcome (pending: a retry is due). No campaign
+        # label: campaigns come and go without bound, and a counter's series stay (see CampaignGauges).
         self.campaign_rows = Counter(
-            "gateway_campaign_rows_total", "Campaign row attempts settled, by outcome", ["campaign", "status"],
+            "gateway_campaign_rows_total", "Campaign row attempts settled by this process, by outcome",
+            ["status"], registry=self.registry,
+        )
+        self.campaign_refusals = Counter(
+            "gateway_campaign_capacity_refusals_total", "Campaign calls Ultravox refused for capacity (429/503)",
             registry=self.registry,
         )
+        self.campaigns = CampaignGauges()
         self.registry.register(self.live)
+        self.registry.register(self.campaigns)
         for carrier in carriers:  # every carrier's series exists from the start, at zero
             self.webhooks.labels(carrier, "connected")
             self.webhook_seconds.labels(carrier)
 
     def campaign_row_outcome(self, campaign_id: str, status: str) -> None:
-        self.campaign_rows.labels(campaign_id, status).inc()
+        self.campaign_rows.labels(status).inc()
 
     def add_media_stats(self, stats) -> None:
         self.media_frames.labels("caller_to_agent").inc(stats.frames_in)

@@ -301,7 +301,8 @@ class TransferSettings(_Section):
 
 # What events there are (gateway.flows.events); an endpoint's `events` filter names these, or
 # a family with a wildcard ("call.*").
-EVENT_TYPES = ("call.started", "call.status_changed", "call.ended", "transfer.started", "transfer.ended")
+EVENT_TYPES = ("call.started", "call.status_changed", "call.ended", "transfer.started", "transfer.ended",
+               "campaign.started", "campaign.ended", "campaign.row_finished")
 ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # A Standard Webhooks secret: "whsec_" and base64 of 24 to 64 random bytes (the spec's range).
 MIN_SECRET_BYTES, MAX_SECRET_BYTES = 24, 64

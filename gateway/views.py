@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .store import CallRecord, TransferRecord
+from .store.campaigns import CampaignRecord, RowRecord
 
 
 class CallView(BaseModel):
@@ -75,3 +76,25 @@ class TransferView(BaseModel):
             duration_seconds=(end - transfer.created_at).total_seconds() if end else None,
             **{name: getattr(transfer, name) for name in cls.model_fields if name not in ("operators_tried", "duration_seconds")},
         ).model_dump(mode="json")
+
+
+def campaign_view(campaign: CampaignRecord, counts: dict[str, int]) -> dict[str, Any]:
+    spec = campaign.spec
+    return {
+        "id": campaign.id, "name": campaign.name, "status": campaign.status,
+        "created_at": campaign.created_at.isoformat(), "updated_at": campaign.updated_at.isoformat(),
+        "ended_at": campaign.ended_at.isoformat() if campaign.ended_at else None,
+        "rows": sum(counts.values()), "counts": counts,
+        # Ultravox's 429/503 slow a campaign down: the share of calls_per_second it dials at now,
+        # and until when it dials nothing (Retry-After).
+        "pace": campaign.pace, "held_until": campaign.held_until.isoformat() if campaign.held_until else None,
+        **{name: spec.get(name) for name in ("route", "agent_id", "carrier", "from", "max_concurrency",
+                                             "calls_per_second", "window", "timezone", "starts_at", "ends_at",
+                                             "retry")},
+    }
+
+
+def row_view(row: RowRecord) -> dict[str, Any]:
+    return {"position": row.position, "to": row.to_number, "status": row.status, "attempts": row.attempts,
+            "call_id": row.call_id, "reason": row.reason, "timezones": list(row.timezones),
+            "due_at": row.due_at.isoformat(), "metadata": row.metadata, "updated_at": row.updated_at.isoformat()}

@@ -302,13 +302,15 @@ class CampaignConflict(Exception):
 
 class CampaignFlow:
     def __init__(self, settings: Settings, store: CampaignStore, calls: CallStore, outbound: OutboundFlow, *,
-                 work: Work, on_row_outcome=lambda campaign_id, status: None, clock=time.monotonic):
+                 work: Work, on_row_outcome=lambda campaign_id, status: None,
+                 on_capacity_refusal=lambda campaign_id: None, clock=time.monotonic):
         self.settings = settings
         self.store = store
         self.calls = calls
         self.outbound = outbound
         self.work = work
         self._on_row_outcome = on_row_outcome
+        self._on_capacity_refusal = on_capacity_refusal
         self._clock = clock
         # This process's own note of a refusal, so a run stops dialling at once (the row has it too).
         self._held: dict[str, float] = {}
@@ -447,6 +449,7 @@ class CampaignFlow:
         campaign_id = campaign_of_attempt(call.idempotency_key)
         hold = min(MAX_HOLD_SECONDS, DEFAULT_HOLD_SECONDS if retry_after is None else retry_after)
         self._held[campaign_id] = self._clock() + hold
+        self._on_capacity_refusal(campaign_id)
         await self.store.back_off(campaign_id, until=utcnow() + dt.timedelta(seconds=hold), factor=BACK_OFF_FACTOR,
                                   floor=PACE_FLOOR)
         log.warning("campaign %s: Ultravox is over capacity; holding off %.1fs and slowing down", campaign_id, hold)

@@ -24,7 +24,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, cast
 
 import httpx
 import sqlalchemy as sa
@@ -35,6 +35,7 @@ from ..http import retry_after_seconds
 from ..settings import EVENT_TYPES, Settings, WebhookSettings
 from ..store import CallRecord, CallStore, CallUpdate, TransferRecord, TransferStore
 from ..store.calls import utcnow
+from ..store.campaigns import CANCELED as CAMPAIGN_CANCELED, COMPLETED as CAMPAIGN_COMPLETED, CampaignChange
 from ..store.events import (
     DELIVERED, FAILED, PENDING, Attempt, EventStore, NewEvent, Pending, insert_events, lock_calls, redeliver,
 )
@@ -42,7 +43,7 @@ from ..store.jobs import NewJob, schedule_job
 from ..store.transfers import CONNECTED, RETURNED
 from ..ultravox import CallReport, UltravoxClient, UltravoxError
 from ..urls import Urls
-from ..views import CallView, TransferView
+from ..views import CallView, TransferView, campaign_view, row_view
 from ..work import Work
 
 log = logging.getLogger("gateway.events")
@@ -125,9 +126,31 @@ class TransferEndedData(BaseModel):
     reason: str | None
 
 
+class CampaignStartedData(BaseModel):
+    """A campaign was created: it dispatches from its starts_at."""
+
+    campaign: dict[str, Any]  # as GET /v1/campaigns/{id} shows it
+
+
+class CampaignEndedData(BaseModel):
+    """A campaign ended: every row done (completed), or canceled (its live calls go on to their end)."""
+
+    campaign: dict[str, Any]
+    status: Literal["completed", "canceled"]
+
+
+class CampaignRowFinishedData(BaseModel):
+    """A campaign row reached its final status (a call's final status, suppressed, rejected, expired, canceled)."""
+
+    campaign_id: str
+    row: dict[str, Any]  # as GET /v1/campaigns/{id}/rows shows it
+
+
 EVENT_DATA: dict[str, type[BaseModel]] = {
     "call.started": CallStartedData, "call.status_changed": CallStatusChangedData, "call.ended": CallEndedData,
     "transfer.started": TransferStartedData, "transfer.ended": TransferEndedData,
+    "campaign.started": CampaignStartedData, "campaign.ended": CampaignEndedData,
+    "campaign.row_finished": CampaignRowFinishedData,
 }
 assert tuple(EVENT_DATA) == EVENT_TYPES
 
@@ -236,6 +259,39 @@ class EventOutbox:
         event = await store.database.transaction(redeliver, event_id, endpoints)
         self.committed()
         return event
+
+
+class CampaignEvents:
+    """A campaign's changes as events, written in their transactions (the CampaignStore's observer).
+    One stream per campaign: its rows' events come after campaign.started, in the order they happened."""
+
+    def __init__(self, outbox: EventOutbox):
+        self.outbox = outbox
+
+    def campaign_changed(self, connection: sa.Connection, change: CampaignChange) -> None:
+        campaign = change.campaign
+        route, stream = campaign.spec.get("route"), f"campaign:{campaign.id}"
+        new: list[NewEvent] = []
+
+        def add(event_type: str, data: BaseModel, call_id: str | None = None) -> None:
+            endpoints = self.outbox.endpoints_for(event_type, route)
+            if endpoints:
+                new.append(NewEvent(event_type, data.model_dump(mode="json"), endpoints, call_id=call_id,
+                                    stream_id=stream))
+
+        if change.started:
+            add("campaign.started", CampaignStartedData(campaign=campaign_view(campaign, change.counts or {})))
+        for row in change.finished:
+            add("campaign.row_finished", CampaignRowFinishedData(campaign_id=campaign.id, row=row_view(row)),
+                call_id=row.call_id)
+        if change.ended and campaign.status in (CAMPAIGN_COMPLETED, CAMPAIGN_CANCELED):
+            add("campaign.ended", CampaignEndedData(campaign=campaign_view(campaign, change.counts or {}),
+                                                    status=cast(Literal["completed", "canceled"], campaign.status)))
+        if new:
+            insert_events(connection, new)
+
+    def committed(self) -> None:
+        self.outbox.committed()
 
 
 # --- call.ended: the call as it ended, and what Ultravox made of it ------------------------------

@@ -11,12 +11,13 @@ a crash — reads the attempt's call instead of dialling again. PostgreSQL picks
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import datetime as dt
 import json
 import secrets
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import sqlalchemy as sa
 
@@ -108,6 +109,42 @@ class Suppression:
     created_at: dt.datetime
 
 
+@dataclass(frozen=True)
+class CampaignChange:
+    """What a transaction did to a campaign that its observer (the event outbox) reports."""
+
+    campaign: CampaignRecord  # as it is now
+    counts: dict[str, int] | None = None  # rows by status, with started / ended
+    started: bool = False
+    ended: bool = False
+    finished: tuple[RowRecord, ...] = ()  # rows that reached their final status
+
+
+class CampaignObserver(Protocol):
+    def campaign_changed(self, connection: sa.Connection, change: CampaignChange) -> None:
+        """Inside the transaction of the change: write what it means (events)."""
+
+    def committed(self) -> None:
+        """After the commit of a transaction that called campaign_changed."""
+
+
+def _report(connection: sa.Connection, observer: CampaignObserver | None, campaign_id: str, *,
+            started: bool = False, ended: bool = False, finished: Iterable[RowRecord] = ()) -> None:
+    """Tell `observer` (if any) of the change, holding the campaign's row lock so that the campaign's
+    events get their order (seq) in commit order, as a call's do (see store.events.lock_calls)."""
+    finished = tuple(finished)
+    if observer is None or not (started or ended or finished):
+        return
+    campaign = _get(connection, campaign_id, lock=True)
+    assert campaign is not None  # changed in this transaction
+    counts = _counts(connection, campaign_id) if started or ended else None
+    observer.campaign_changed(connection, CampaignChange(campaign, counts, started, ended, finished))
+
+
+def _finished(row: RowRecord, now: dt.datetime, **values: Any) -> RowRecord:
+    return dataclasses.replace(row, updated_at=now, **values)
+
+
 def _campaign(row: sa.Row) -> CampaignRecord:
     return CampaignRecord(
         id=row.id, name=row.name, status=row.status, api_key_id=row.api_key_id, spec=json.loads(row.spec_json),
@@ -134,6 +171,17 @@ def campaign_of_attempt(key: str) -> str:
     return key.split(":")[1]
 
 
+def _row_of(values: dict[str, Any]) -> RowRecord:
+    """A row as _create inserts it (its values), read back without a query."""
+    return RowRecord(
+        id=values["id"], campaign_id=values["campaign_id"], position=values["position"], to_number=values["to_number"],
+        timezones=tuple(zone for zone in values["timezones"].split(",") if zone),
+        template_context=json.loads(values["template_context_json"] or "{}"),
+        metadata=json.loads(values["metadata_json"] or "{}"), status=values["status"], attempts=0,
+        due_at=values["due_at"], attempt_key=None, claimed_at=None, call_id=None, reason=values["reason"],
+        updated_at=values["updated_at"])
+
+
 def attempt_key(campaign_id: str, row_id: str, attempt: int) -> str:
     # A claim of its own: an attempt given back (never placed) is claimed again under a new key,
     # since its old key names the failed call.
@@ -141,14 +189,21 @@ def attempt_key(campaign_id: str, row_id: str, attempt: int) -> str:
 
 
 class CampaignStore:
-    def __init__(self, database: Database):
+    def __init__(self, database: Database, observer: CampaignObserver | None = None):
         self.database = database
+        self.observer = observer
+
+    async def _observed(self, work, *args):
+        result = await self.database.transaction(work, *args, self.observer)
+        if self.observer is not None:
+            self.observer.committed()
+        return result
 
     # --- campaigns ------------------------------------------------------------------------------------
     async def create(self, *, name: str, api_key_id: str, spec: dict[str, Any], starts_at: dt.datetime | None,
                      ends_at: dt.datetime | None, rows: list[NewRow], job: Callable[[str], NewJob]) -> CampaignRecord:
         """The campaign, its rows and its dispatch job (`job(campaign_id)`), in one transaction."""
-        return await self.database.transaction(_create, name, api_key_id, spec, starts_at, ends_at, rows, job)
+        return await self._observed(_create, name, api_key_id, spec, starts_at, ends_at, rows, job)
 
     async def get(self, campaign_id: str) -> CampaignRecord | None:
         return await self.database.transaction(_get, campaign_id)
@@ -169,11 +224,15 @@ class CampaignStore:
                             job: NewJob | None = None) -> tuple[CampaignRecord | None, bool]:
         """Move the campaign to `to` if it is in one of `allowed_from` (cancel: its pending rows are
         canceled too); `job` is scheduled with the change. (the campaign, whether it changed)."""
-        return await self.database.transaction(_change_status, campaign_id, tuple(allowed_from), to, job)
+        return await self._observed(_change_status, campaign_id, tuple(allowed_from), to, job)
 
     async def complete_if_done(self, campaign_id: str) -> bool:
         """Running, with no row pending or dialing: completed now (True once)."""
-        return await self.database.transaction(_complete_if_done, campaign_id, utcnow())
+        return await self._observed(_complete_if_done, campaign_id, utcnow())
+
+    async def unfinished(self, limit: int) -> builtins.list[tuple[CampaignRecord, dict[str, int]]]:
+        """The newest `limit` campaigns running or paused, each with its rows by status (for /metrics)."""
+        return await self.database.transaction(_unfinished, limit)
 
     # --- pace (AIMD, shared by every replica through the row) ------------------------------------------
     async def back_off(self, campaign_id: str, *, until: dt.datetime, factor: float, floor: float) -> None:
@@ -192,14 +251,14 @@ class CampaignStore:
 
     async def settle(self, changes: builtins.list[tuple[RowRecord, RowChange]]) -> int:
         """Apply what attempts came to; a row that moved on meanwhile (another settler) is left alone."""
-        return await self.database.transaction(_settle, changes, utcnow())
+        return await self._observed(_settle, changes, utcnow())
 
     async def claim(self, campaign_id: str, *, limit: int, scan: int,
                     not_before: Callable[[RowRecord], dt.datetime | None]) -> builtins.list[RowRecord]:
         """Up to `limit` due pending rows, now dialing (their attempt counted and keyed). Of the first
         `scan` due rows, a suppressed number is suppressed instead, and a row whose window is closed
         (`not_before` gives when it opens; None: open now) waits until then."""
-        return await self.database.transaction(_claim, campaign_id, limit, scan, not_before, utcnow())
+        return await self._observed(_claim, campaign_id, limit, scan, not_before, utcnow())
 
     async def attach_call(self, row: RowRecord, call_id: str) -> None:
         await self.database.transaction(_attach_call, row, call_id)
@@ -213,7 +272,7 @@ class CampaignStore:
 
     async def expire(self, campaign_id: str) -> int:
         """Pending rows of a campaign past its ends_at: expired."""
-        return await self.database.transaction(_end_pending, campaign_id, EXPIRED, "not dialled before ends_at",
+        return await self._observed(_end_pending, campaign_id, EXPIRED, "not dialled before ends_at",
                                                utcnow())
 
     # --- the suppression list -----------------------------------------------------------------------
@@ -235,7 +294,7 @@ class CampaignStore:
 
 
 def _create(connection: sa.Connection, name: str, api_key_id: str, spec: dict[str, Any], starts_at, ends_at,
-            rows: list[NewRow], job: Callable[[str], NewJob]) -> CampaignRecord:
+            rows: list[NewRow], job: Callable[[str], NewJob], observer: CampaignObserver | None) -> CampaignRecord:
     now, campaign_id = utcnow(), str(uuid.uuid4())
     connection.execute(sa.insert(campaigns).values(
         id=campaign_id, name=name, status=RUNNING, api_key_id=api_key_id, spec_json=json.dumps(spec),
@@ -251,6 +310,8 @@ def _create(connection: sa.Connection, name: str, api_key_id: str, spec: dict[st
     for start in range(0, len(values), INSERT_CHUNK):
         connection.execute(sa.insert(campaign_rows), values[start:start + INSERT_CHUNK])
     schedule_job(connection, job(campaign_id))
+    finished = [_row_of(values) for values in values if values["status"] != PENDING] if observer else []
+    _report(connection, observer, campaign_id, started=True, finished=finished)
     created = _get(connection, campaign_id)
     assert created is not None  # inserted in this transaction
     return created
@@ -281,6 +342,20 @@ def _speed_up(connection: sa.Connection, campaign_id: str, step: float, now: dt.
     ).values(pace=sa.case((raised >= 1.0, sa.null()), else_=raised)))
 
 
+def _unfinished(connection: sa.Connection, limit: int) -> list[tuple[CampaignRecord, dict[str, int]]]:
+    found = [_campaign(row) for row in connection.execute(
+        sa.select(campaigns).where(campaigns.c.status.in_([RUNNING, PAUSED]))
+        .order_by(campaigns.c.created_at.desc()).limit(limit))]
+    counts: dict[str, dict[str, int]] = {campaign.id: {} for campaign in found}
+    if found:
+        for campaign_id, status, count in connection.execute(
+                sa.select(campaign_rows.c.campaign_id, campaign_rows.c.status, sa.func.count())
+                .where(campaign_rows.c.campaign_id.in_(list(counts)))
+                .group_by(campaign_rows.c.campaign_id, campaign_rows.c.status)):
+            counts[campaign_id][status] = count
+    return [(campaign, counts[campaign.id]) for campaign in found]
+
+
 def _list(connection: sa.Connection, limit: int) -> list[CampaignRecord]:
     query = sa.select(campaigns).order_by(campaigns.c.created_at.desc(), campaigns.c.id.desc()).limit(limit)
     return [_campaign(row) for row in connection.execute(query)]
@@ -300,7 +375,7 @@ def _rows(connection: sa.Connection, campaign_id: str, status: str | None, after
 
 
 def _change_status(connection: sa.Connection, campaign_id: str, allowed_from: tuple[str, ...], to: str,
-                   job: NewJob | None) -> tuple[CampaignRecord | None, bool]:
+                   job: NewJob | None, observer: CampaignObserver | None) -> tuple[CampaignRecord | None, bool]:
     now = utcnow()
     values: dict[str, Any] = dict(status=to, updated_at=now)
     if to in (CANCELED, COMPLETED):
@@ -309,19 +384,23 @@ def _change_status(connection: sa.Connection, campaign_id: str, allowed_from: tu
         sa.update(campaigns).where(campaigns.c.id == campaign_id, campaigns.c.status.in_(allowed_from)).values(**values)
     ).rowcount == 1
     if changed and to == CANCELED:
-        _end_pending(connection, campaign_id, ROW_CANCELED, "the campaign was canceled", now)
+        _end_pending(connection, campaign_id, ROW_CANCELED, "the campaign was canceled", now, observer, ended=True)
     if changed and job is not None:
         schedule_job(connection, job)
     return _get(connection, campaign_id), changed
 
 
-def _complete_if_done(connection: sa.Connection, campaign_id: str, now: dt.datetime) -> bool:
+def _complete_if_done(connection: sa.Connection, campaign_id: str, now: dt.datetime,
+                      observer: CampaignObserver | None) -> bool:
     unfinished = sa.select(campaign_rows.c.id).where(
         campaign_rows.c.campaign_id == campaign_id, campaign_rows.c.status.in_([PENDING, DIALING])).limit(1)
-    return connection.execute(
+    completed = connection.execute(
         sa.update(campaigns).where(campaigns.c.id == campaign_id, campaigns.c.status == RUNNING, ~sa.exists(unfinished))
         .values(status=COMPLETED, updated_at=now, ended_at=now)
     ).rowcount == 1
+    if completed:
+        _report(connection, observer, campaign_id, ended=True)
+    return completed
 
 
 def _attempts(connection: sa.Connection, campaign_id: str) -> list[Attempt]:
@@ -348,23 +427,32 @@ class _Columns:
         self._mapping = values
 
 
-def _settle(connection: sa.Connection, changes: list[tuple[RowRecord, RowChange]], now: dt.datetime) -> int:
+def _settle(connection: sa.Connection, changes: list[tuple[RowRecord, RowChange]], now: dt.datetime,
+            observer: CampaignObserver | None) -> int:
     settled = 0
+    finished: dict[str, list[RowRecord]] = {}
     for row, change in changes:
         values: dict[str, Any] = dict(status=change.status, reason=change.reason, updated_at=now)
         if change.due_at is not None:
             values["due_at"] = change.due_at
         if change.give_back:
             values["attempts"] = row.attempts - 1
-        settled += connection.execute(
+        changed = connection.execute(
             sa.update(campaign_rows).where(campaign_rows.c.id == row.id, campaign_rows.c.status == DIALING,
                                            campaign_rows.c.attempts == row.attempts).values(**values)
         ).rowcount
+        settled += changed
+        if changed and change.status != PENDING:
+            finished.setdefault(row.campaign_id, []).append(
+                _finished(row, now, status=change.status, reason=change.reason))
+    for campaign_id, rows in finished.items():
+        _report(connection, observer, campaign_id, finished=rows)
     return settled
 
 
 def _claim(connection: sa.Connection, campaign_id: str, limit: int, scan: int,
-           not_before: Callable[[RowRecord], dt.datetime | None], now: dt.datetime) -> list[RowRecord]:
+           not_before: Callable[[RowRecord], dt.datetime | None], now: dt.datetime,
+           observer: CampaignObserver | None) -> list[RowRecord]:
     due = connection.execute(
         sa.select(campaign_rows)
         .where(campaign_rows.c.campaign_id == campaign_id, campaign_rows.c.status == PENDING,
@@ -376,9 +464,12 @@ def _claim(connection: sa.Connection, campaign_id: str, limit: int, scan: int,
     rows = [_row(row) for row in due]
     blocked = _suppressed(connection, [row.to_number for row in rows])
     claimed: list[RowRecord] = []
+    suppressed: list[RowRecord] = []
     for row in rows:
         if row.to_number in blocked:
-            _set_row(connection, row, status=SUPPRESSED, reason="the number is on the suppression list", updated_at=now)
+            reason = "the number is on the suppression list"
+            if _set_row(connection, row, status=SUPPRESSED, reason=reason, updated_at=now):
+                suppressed.append(_finished(row, now, status=SUPPRESSED, reason=reason))
             continue
         if len(claimed) >= limit:
             continue
@@ -391,6 +482,7 @@ def _claim(connection: sa.Connection, campaign_id: str, limit: int, scan: int,
         if _set_row(connection, row, status=DIALING, attempts=attempt, attempt_key=key, claimed_at=now, call_id=None,
                     updated_at=now):
             claimed.append(_get_row(connection, row.id))
+    _report(connection, observer, campaign_id, finished=suppressed)
     return claimed
 
 
@@ -426,11 +518,15 @@ def _next_due(connection: sa.Connection, campaign_id: str) -> dt.datetime | None
     return as_utc(due) if due is not None else None
 
 
-def _end_pending(connection: sa.Connection, campaign_id: str, status: str, reason: str, now: dt.datetime) -> int:
-    return connection.execute(
-        sa.update(campaign_rows).where(campaign_rows.c.campaign_id == campaign_id, campaign_rows.c.status == PENDING)
-        .values(status=status, reason=reason, updated_at=now)
-    ).rowcount
+def _end_pending(connection: sa.Connection, campaign_id: str, status: str, reason: str, now: dt.datetime,
+                 observer: CampaignObserver | None, *, ended: bool = False) -> int:
+    pending = sa.and_(campaign_rows.c.campaign_id == campaign_id, campaign_rows.c.status == PENDING)
+    rows = [_row(row) for row in connection.execute(sa.select(campaign_rows).where(pending))] if observer else []
+    count = connection.execute(
+        sa.update(campaign_rows).where(pending).values(status=status, reason=reason, updated_at=now)).rowcount
+    _report(connection, observer, campaign_id, ended=ended,
+            finished=[_finished(row, now, status=status, reason=reason) for row in rows])
+    return count
 
 
 def _suppress(connection: sa.Connection, numbers: list[str], reason: str | None, source: str, now: dt.datetime) -> int:

@@ -42,10 +42,12 @@ class NewEvent:
     key: str | None = None  # at most one event per key
     occurred_at: dt.datetime = field(default_factory=utcnow)
     id: str = field(default_factory=new_event_id)
+    # The deliveries' order: the call's (by default), or another (a campaign's events, its rows' too).
+    stream_id: str | None = None
 
     @property
     def stream(self) -> str:
-        return self.call_id or self.id
+        return self.stream_id or self.call_id or self.id
 
     def body(self) -> str:
         envelope = {"type": self.type, "timestamp": self.occurred_at.isoformat().replace("+00:00", "Z"),
@@ -86,9 +88,10 @@ def insert_events(connection: sa.Connection, new: list[NewEvent]) -> set[tuple[s
     if not rows:
         return set()
     # Only the head of a stream is due; a delivery behind another of its stream still pending waits
-    # (due_at NULL) until that one is settled (see _attempted_all). The call's row lock, which the
-    # caller holds, keeps this read and that hand-over from crossing.
-    call_streams = {(event.stream, endpoint) for event in written if event.call_id for endpoint in event.endpoints}
+    # (due_at NULL) until that one is settled (see _attempted_all). The call's (or campaign's) row
+    # lock, which the caller holds, keeps this read and that hand-over from crossing.
+    call_streams = {(event.stream, endpoint) for event in written if event.call_id or event.stream_id
+                    for endpoint in event.endpoints}
     behind: set[tuple[str, str]] = set()
     if call_streams:
         behind = {(row.endpoint, row.stream) for row in connection.execute(_PENDING_STREAMS, dict(
