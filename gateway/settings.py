@@ -397,8 +397,8 @@ class CampaignSettings(_Section):
     # [gateway] max_body_bytes).
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_rows: int = Field(default=100_000, ge=1)
-    # The concurrency the Ultravox account allows (0: not known, not enforced): campaigns then
-    # dial only while the live calls in the store leave `inbound_headroom` of it free for callers.
+    # The concurrency the Ultravox account allows (0: Ultravox's allowedConcurrentCalls, read when
+    # `inbound_headroom` is set): campaigns dial only while live calls leave `inbound_headroom` free.
     account_concurrency: int = Field(default=0, ge=0)
     inbound_headroom: int = Field(default=0, ge=0)
 

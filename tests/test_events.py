@@ -298,7 +298,7 @@ def test_events_list_pages_newest_first(events_gateway, receiver):
 def test_openapi_documents_every_event_and_the_events_routes(events_gateway):
     document = events_gateway.client.get("/v1/openapi.json").json()
     assert set(document["webhooks"]) == {"call.started", "call.status_changed", "call.ended", "transfer.started",
-                                         "transfer.ended"}
+                                         "transfer.ended", "campaign.started", "campaign.ended", "campaign.row_finished"}
     ended = document["components"]["schemas"]["CallEndedData"]
     assert {"summary", "transcript", "durations", "recordings", "transfers"} <= set(ended["properties"])
     assert {"/v1/events", "/v1/events/{event_id}", "/v1/events/{event_id}/redeliver", "/v1/webhooks"} <= set(
