@@ -396,6 +396,8 @@ class CampaignFlow:
             return SETTLE_SECONDS
         if campaign.starts_at is not None and now < campaign.starts_at:
             return min((campaign.starts_at - now).total_seconds(), MAX_SLEEP_SECONDS)
+        if self._held.get(campaign.id, float("inf")) <= self._clock():
+            del self._held[campaign.id]
         if campaign.held_until is not None and now < campaign.held_until:  # Ultravox's Retry-After
             return min((campaign.held_until - now).total_seconds(), SETTLE_SECONDS if live else MAX_SLEEP_SECONDS)
         room = min(spec.max_concurrency - live, await self._account_room())
