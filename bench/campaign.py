@@ -114,7 +114,11 @@ agent_id = "6f1c2d3e-4b5a-4c6d-8e7f-9a0b1c2d3e4f"
                 victim, killed_at = None, 0.0
                 cpu_victim = 0.0
                 while True:
-                    view = client.get(f"/v1/campaigns/{campaign_id}", headers=auth).json()
+                    response = client.get(f"/v1/campaigns/{campaign_id}", headers=auth)
+                    if response.status_code != 200:  # the balancer sent it to the replica just killed (502)
+                        time.sleep(0.5)
+                        continue
+                    view = response.json()
                     if view["status"] == "completed":
                         break
                     if victim is None and len(callees.dialled) >= args.kill_after * args.rows:
