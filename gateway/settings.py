@@ -498,6 +498,11 @@ class Settings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    # A client gets this long to send a request's line and headers, then its body (plus a second
+    # for each 500 bytes of it), before it is answered 408 and closed: slow senders would otherwise
+    # hold their connections for ever (gateway/read_timeouts.py).
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    body_timeout_seconds: float = Field(default=20.0, gt=0, le=3600)
     # For local development only: accept webhooks without checking carrier signatures.
     insecure_skip_signature_verification: bool = False
     # On SIGTERM: how long live bridged calls may go on before they are handed over to another
