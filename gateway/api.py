@@ -422,6 +422,10 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
             },
+            "/v1/openapi.json": {"get": {
+                "summary": "This document (no API key needed)", "security": [],
+                "responses": {"200": {"description": "the OpenAPI document", "content": {"application/json": {}}}},
+            }},
             "/v1/calls/{call_id}": {
                 "get": {
                     "summary": "One call",

@@ -509,7 +509,7 @@ class ApiKeySettings(_Section):
     key_env: str | None = None
     # Names the key in `gateway check`, logs and refusals; default: its id (a hash, never the key).
     name: str | None = None
-    permissions: list[Permission] = Field(default_factory=lambda: list(PERMISSIONS))
+    permissions: list[Permission] = Field(default_factory=lambda: list(PERMISSIONS), min_length=1)
     # Scope: only calls (and campaigns, events) of these routes / carriers; empty: every one.
     routes: list[str] = Field(default_factory=list)
     carriers: list[str] = Field(default_factory=list)
@@ -550,6 +550,15 @@ class ApiKeySettings(_Section):
     @property
     def scoped(self) -> bool:
         return bool(self.routes or self.carriers or self.own_calls_only)
+
+    def describe(self) -> str:
+        """What the key may do, in a line (its name, never the key)."""
+        granted = ("every permission" if set(self.permissions) == set(PERMISSIONS)
+                   else ", ".join(self.permissions) or "no permission")
+        scope = [f"routes {', '.join(self.routes)}" if self.routes else "",
+                 f"carriers {', '.join(self.carriers)}" if self.carriers else "",
+                 "its own calls only" if self.own_calls_only else ""]
+        return f"API key {self.name}: {granted}; " + ("; ".join(part for part in scope if part) or "every call")
 
 
 class Settings(_Section):
@@ -615,22 +624,6 @@ class Settings(_Section):
             value = [key.strip() for key in value.split(",") if key.strip()]
         if isinstance(value, list):  # a plain string is a key with every permission
             return [{"key": entry} if isinstance(entry, str) else entry for entry in value]
-        return value
-
-    @field_validator("api_keys")
-    @classmethod
-    def _distinct_keys(cls, value: list[ApiKeySettings]) -> list[ApiKeySettings]:
-        problems = []
-        keys = [entry.key for entry in value]
-        for index, entry in enumerate(value):
-            if entry.key in keys[:index]:  # named, never shown
-                problems.append(f"API key {entry.name} is configured twice")
-        names = [entry.name for entry in value]
-        problems += [f"two API keys are named {name}; give each its own name"
-                     for name in sorted({name for name in names if names.count(name) > 1 and name is not None})
-                     if not any(p.startswith(f"API key {name} ") for p in problems)]
-        if problems:
-            raise ValueError("; ".join(problems))
         return value
 
     @field_validator("database_url")
@@ -775,13 +768,33 @@ def reference_problems(data: Mapping[str, Any]) -> list[str]:
         if unknown:
             problems.append(f"webhook {webhook.get('name', 'default')} names routes that are not configured: "
                             f"{_unknown_names(unknown, [name for name in route_names if isinstance(name, str)])}")
-    for index, key in enumerate(tables(data.get("api_keys"))):
-        unknown = [name for name in names(key.get("routes")) if name not in route_names]
+    keys = data.get("api_keys") if isinstance(data.get("api_keys"), list) else []
+    secrets_seen: list[Any] = []
+    labels: list[str] = []
+    for index, key in enumerate(keys):
+        entry = key if isinstance(key, Mapping) else {"key": key}
+        label = api_key_label(entry, index)
+        if entry.get("key") not in (None, UNSET_KEY_PLACEHOLDER) and entry["key"] in secrets_seen:  # named, never shown
+            problems.append(f"API key {label} is the same key as one before it: each key is configured once")
+        secrets_seen.append(entry.get("key"))
+        if isinstance(entry.get("name"), str):
+            if entry["name"] in labels:
+                problems.append(f"two API keys are named {entry['name']}; give each its own name")
+            labels.append(entry["name"])
+        unknown = [name for name in names(entry.get("routes")) if name not in route_names]
         if unknown:
-            name = key.get("name") or key.get("key_env") or f"api_keys[{index}]"
-            problems.append(f"API key {name} is scoped to routes that are not configured: "
+            problems.append(f"API key {label} is scoped to routes that are not configured: "
                             f"{_unknown_names(unknown, [name for name in route_names if isinstance(name, str)])}")
     return problems
+
+
+def api_key_label(entry: Mapping[str, Any], index: int) -> str:
+    """How a problem names an API key: its name, its key_env, or its place; never the key."""
+    if isinstance(entry.get("name"), str):
+        return entry["name"]
+    if isinstance(entry.get("key_env"), str):
+        return f"api_keys[{index}] (key_env {entry['key_env']})"
+    return f"api_keys[{index}]"
 
 
 # Environment variable -> (section or None for top level, key). Environment wins over the file.
@@ -872,14 +885,15 @@ def load_settings(path: str | os.PathLike | None = None, environ: Mapping[str, s
 
 # Read by _api_keys_from_environment, not set over the file's value like the others.
 API_KEY_VARIABLES = ("GATEWAY_API_KEYS",)
+UNSET_KEY_PLACEHOLDER = "key_env-is-not-set"
 
 
 def _api_keys_from_environment(data: dict[str, Any], environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
     """GATEWAY_API_KEYS takes the place of the file's plain keys (every permission), and each
     [[api_keys]] table's `key_env` is read into its `key`. Problems name keys, never show them."""
     entries = data.get("api_keys", [])
-    if isinstance(entries, str):
-        entries = [entries]
+    if isinstance(entries, str):  # api_keys = "KEY,KEY" reads as the variable does
+        entries = [key.strip() for key in entries.split(",") if key.strip()]
     if not isinstance(entries, list):
         return data, []  # the settings model says what is wrong with it
     problems: list[str] = []
@@ -888,14 +902,15 @@ def _api_keys_from_environment(data: dict[str, Any], environ: Mapping[str, str])
     if environ.get("GATEWAY_API_KEYS"):
         plain = [key.strip() for key in environ["GATEWAY_API_KEYS"].split(",") if key.strip()]
     resolved = []
-    for index, entry in enumerate(tables):
+    for index, entry in enumerate(tables, start=len(plain)):
         if isinstance(entry, Mapping) and "key_env" in entry:
-            variable, name = entry["key_env"], entry.get("name") or f"api_keys[{index}]"
+            variable, name = entry["key_env"], api_key_label(entry, index)
             if "key" in entry:
                 problems.append(f"API key {name}: set key or key_env, not both")
             elif not isinstance(variable, str) or not environ.get(variable):
                 problems.append(f"API key {name}: key_env names {variable!r}, which is not set in the environment")
-                continue
+                # Kept in its place (the settings are refused anyway) so later problems name the right index.
+                entry = {**entry, "key": UNSET_KEY_PLACEHOLDER}
             else:
                 entry = {**entry, "key": environ[variable]}
         resolved.append(entry)
@@ -1022,6 +1037,11 @@ def _location(loc: tuple, data: Mapping[str, Any]) -> str:
                 routes = data.get("routes") or []
                 number = routes[part].get("number") if part < len(routes) and isinstance(routes[part], dict) else None
                 parts[-1] = f"routes[{part}]" + (f" (number {number})" if number else "")
+            elif loc[:i] == ("api_keys",):
+                keys = data.get("api_keys") or []
+                entry = keys[part] if part < len(keys) and isinstance(keys[part], Mapping) else {}
+                named = next((f" ({field} {entry[field]})" for field in ("name", "key_env") if entry.get(field)), "")
+                parts[-1] = f"api_keys[{part}]{named}"
             else:
                 parts[-1] = f"{parts[-1]}[{part}]"
         else:
