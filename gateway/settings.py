@@ -706,7 +706,7 @@ class Settings(_Section):
         if any(route.operators for route in self.routes) and not self.tool_secret:
             notes.append("GATEWAY_TOOL_SECRET is not set: routes name operators, but no transfer tool is attached")
         if not self.api_keys:
-            notes.append("GATEWAY_API_KEYS is not set: the /v1 dialer API refuses every request")
+            notes.append("GATEWAY_API_KEYS is not set (nor [[api_keys]]): the /v1 dialer API refuses every request")
         if not self.ultravox.webhook_secret:
             notes.append(
                 "ULTRAVOX_WEBHOOK_SECRET is not set: calls are not told when they end (POST /ultravox/events refuses)"
