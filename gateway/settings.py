@@ -768,7 +768,7 @@ def reference_problems(data: Mapping[str, Any]) -> list[str]:
         if unknown:
             problems.append(f"webhook {webhook.get('name', 'default')} names routes that are not configured: "
                             f"{_unknown_names(unknown, [name for name in route_names if isinstance(name, str)])}")
-    keys = data.get("api_keys") if isinstance(data.get("api_keys"), list) else []
+    keys: list[Any] = data["api_keys"] if isinstance(data.get("api_keys"), list) else []
     secrets_seen: list[Any] = []
     labels: list[str] = []
     for index, key in enumerate(keys):
