@@ -507,7 +507,7 @@ class ApiKeySettings(_Section):
     # the file (a ConfigMap) can name a key whose value lives in a Secret.
     key: str = Field(repr=False)
     key_env: str | None = None
-    # Names the key in `gateway check`, logs and refusals; default: its id (a hash, never the key).
+    # Names the key in `gateway check` and refusals; default: its id (a hash, never the key).
     name: str | None = None
     permissions: list[Permission] = Field(default_factory=lambda: list(PERMISSIONS), min_length=1)
     # Scope: only calls (and campaigns, events) of these routes / carriers; empty: every one.
@@ -553,8 +553,7 @@ class ApiKeySettings(_Section):
 
     def describe(self) -> str:
         """What the key may do, in a line (its name, never the key)."""
-        granted = ("every permission" if set(self.permissions) == set(PERMISSIONS)
-                   else ", ".join(self.permissions) or "no permission")
+        granted = "every permission" if set(self.permissions) == set(PERMISSIONS) else ", ".join(self.permissions)
         scope = [f"routes {', '.join(self.routes)}" if self.routes else "",
                  f"carriers {', '.join(self.carriers)}" if self.carriers else "",
                  "its own calls only" if self.own_calls_only else ""]
