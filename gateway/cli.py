@@ -336,6 +336,8 @@ def check_command(args) -> int:
     for route in settings.routes:
         target = f"agent {route.agent_id}" if route.agent_id else "inline call"
         print(f"  {route.number:>16}  {route.name}: {target}")
+    for key in settings.api_keys:
+        print(f"  {key.describe()}")
     for note in settings.warnings():
         print(f"warning: {note}")
     if not args.online:

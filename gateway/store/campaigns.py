@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 
 import sqlalchemy as sa
 
-from .calls import CallRecord, _record as _call_record, as_utc, insert_for, utcnow
+from .calls import CAMPAIGN_KEY_ID, CAMPAIGN_KEY_PREFIX, CallRecord, _record as _call_record, as_utc, insert_for, utcnow
 from .database import Database
 from .jobs import NewJob, schedule_job
 from .schema import calls, campaign_rows, campaigns, suppressions
@@ -30,8 +30,6 @@ CAMPAIGN_STATUSES = (RUNNING, PAUSED, CANCELED, COMPLETED)
 # Row statuses beyond a call's final ones (completed, busy, no-answer, failed, …).
 PENDING, DIALING = "pending", "dialing"
 SUPPRESSED, REJECTED, EXPIRED, ROW_CANCELED = "suppressed", "rejected", "expired", "canceled"
-# The calls of every campaign are recorded under this API key id (never a real one: those are hex).
-CAMPAIGN_KEY_ID = "campaigns"
 INSERT_CHUNK = 1000
 
 
@@ -124,7 +122,7 @@ def _row(row: sa.Row) -> RowRecord:
 
 
 def attempt_key(campaign_id: str, row_id: str, attempt: int) -> str:
-    return f"campaign:{campaign_id}:{row_id}:{attempt}"
+    return f"{CAMPAIGN_KEY_PREFIX}{campaign_id}:{row_id}:{attempt}"
 
 
 class CampaignStore:
