@@ -102,7 +102,9 @@ class InboundFlow:
         UltravoxError when Ultravox cannot say (then nothing is created)."""
         found = await self.ultravox.find_call(RECORD_METADATA_KEY, record.id, deadline=deadline)
         if found is not None and found.join_url and not found.ended:
-            return await self.store.settle_creating(record, ultravox_call_id=found.call_id, join_url=found.join_url)
+            # Bridged, the adopted call gets its one media token now: every later answer repeats it.
+            return await self.store.settle_creating(record, ultravox_call_id=found.call_id, join_url=found.join_url,
+                                                    stream_expires=self.connector.stream_expiry(record.route, record.id))
         if found is not None:
             return await self.store.settle_creating(
                 record, ultravox_call_id=found.call_id,

@@ -341,13 +341,15 @@ class CallStore:
         return await self.database.transaction(_lapsed_creating, now, stale_after, limit)
 
     async def settle_creating(self, record: CallRecord, *, ultravox_call_id: str | None = None,
-                              join_url: str | None = None, failure_reason: str | None = None,
-                              retake_for: str | None = None, lease: dt.timedelta | None = None) -> Claim:
+                              join_url: str | None = None, stream_expires: int | None = None,
+                              failure_reason: str | None = None, retake_for: str | None = None,
+                              lease: dt.timedelta | None = None) -> Claim:
         """Settle a lapsed `creating` record, if nobody did meanwhile (a compare-and-set on its
-        attempt): adopt the Ultravox call found for it (`ultravox_call_id`, `join_url`), fail it
+        attempt): adopt the Ultravox call found for it (`ultravox_call_id`, `join_url`; bridged,
+        `stream_expires`: its one media token from now on), fail it
         (`failure_reason`), or hand it to `retake_for` (a process: no Ultravox call was made) for
         `lease`. Returns the record as it is now, owned when this caller retook it."""
-        return await self._observed(_settle_creating, record, ultravox_call_id, join_url,
+        return await self._observed(_settle_creating, record, ultravox_call_id, join_url, stream_expires,
                                     failure_reason[:MAX_REASON] if failure_reason else None, retake_for, lease, utcnow())
 
     async def fail_abandoned(self, stage: str, *, before: dt.datetime, reason: str) -> list[CallRecord]:
@@ -727,15 +729,16 @@ def _lapsed_creating(connection: sa.Connection, now: dt.datetime, stale_after: d
 
 
 def _settle_creating(connection: sa.Connection, record: CallRecord, ultravox_call_id: str | None,
-                     join_url: str | None, failure_reason: str | None, retake_for: str | None,
-                     lease: dt.timedelta | None, now: dt.datetime, observer: ChangeObserver | None) -> Claim:
+                     join_url: str | None, stream_expires: int | None, failure_reason: str | None,
+                     retake_for: str | None, lease: dt.timedelta | None, now: dt.datetime,
+                     observer: ChangeObserver | None) -> Claim:
     values: dict[str, Any] = {"updated_at": now, "lease_until": None}
     if retake_for is not None:
         assert lease is not None
         values.update(attempts=calls.c.attempts + 1, lease_owner=retake_for, lease_until=now + lease)
     elif join_url is not None:
         values.update(status=IN_PROGRESS, status_rank=STATUS_RANK[IN_PROGRESS], ultravox_call_id=ultravox_call_id,
-                      join_url=join_url)
+                      join_url=join_url, stream_expires=stream_expires)
     else:
         values.update(status=FAILED, status_rank=STATUS_RANK[FAILED], failure_reason=failure_reason,
                       ultravox_call_id=ultravox_call_id, ended_at=sa.func.coalesce(calls.c.ended_at, now))
