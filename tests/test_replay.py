@@ -155,3 +155,25 @@ def test_a_bridged_call_adopted_after_a_crash_keeps_one_media_token_for_every_re
     assert fake_ultravox.calls_created == 1  # adopted, not made again
     adopted = call.record()
     assert adopted.status == "in-progress" and adopted.stream_expires is not None
+
+
+def test_deliveries_to_two_replicas_during_a_store_outage_create_one_ultravox_call(make_gateway, fake_ultravox):
+    """Issue 14 item 3: the carrier retries on another replica while the store is out; that replica
+    finds the call made unrecorded for it at Ultravox (by its carrier call id) and joins it."""
+    replicas = [make_gateway(), make_gateway()]
+
+    async def broken(*args, **kwargs):
+        raise OSError("the store is down")
+
+    for replica in replicas:
+        replica.server.app.state.gateway.store.claim_inbound = broken
+    form = double("twilio").inbound_form(to=SUPPORT_NUMBER)
+    other = double("twilio").inbound_form(to=SUPPORT_NUMBER)  # another caller, on the second replica
+    answers = [replicas[0].post("twilio", form), replicas[1].post("twilio", form), replicas[1].post("twilio", other)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert answers[0].text == answers[1].text
+    assert fake_ultravox.calls_created == 2  # one per carrier call
+    fake_ultravox.list_status = 503  # Ultravox cannot say: a call is still made, never silence
+    third = double("twilio").inbound_form(to=SUPPORT_NUMBER)
+    assert double("twilio").spoken(replicas[0].post("twilio", third).text) == []
+    assert fake_ultravox.calls_created == 3
