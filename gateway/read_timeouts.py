@@ -73,16 +73,15 @@ class TimedHttpProtocol(HttpToolsProtocol):
 
     def _timed_out(self) -> None:
         phase, self._phase = self._phase, None
-        cycle = self.cycle
-        reading_body = phase == "body" and cycle is not None and not cycle.response_complete
         if phase == "headers" and not self._request_began:
             self.transport.close()  # nothing was asked: nothing to answer
             return
+        cycle = self.cycle if phase == "body" else None
         client = "%s:%d" % self.client if self.client else "a client"
         log.info("%s sent its request %s too slowly: 408, connection closed", client, phase)
-        if not (reading_body and cycle.response_started):
+        if cycle is None or not cycle.response_started:  # the app may have answered before reading it all
             self.transport.write(_TIMEOUT_RESPONSE)
-        if reading_body:
+        if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # the app's receive() returns http.disconnect; its send() is a no-op
             cycle.message_event.set()
         self.transport.close()

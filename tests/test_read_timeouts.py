@@ -122,3 +122,13 @@ def test_a_kept_alive_connection_serves_requests_on_either_side_of_a_pause(serve
         sock.sendall(request)
         second = one_response(sock)
     assert first.startswith(b"HTTP/1.1 200 ") and second.startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_body_left_unsent_after_an_early_answer_gets_no_second_answer(served):
+    """Refused before its body is read (no signature header): the connection is closed when the body
+    time is up, without a 408 after the answer already given."""
+    with connect(served) as sock:
+        sock.sendall(b"POST /twilio/inbound HTTP/1.1\r\nHost: gateway\r\n"
+                     b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nCallSid=CA")
+        received = answer(sock)
+    assert received.startswith(b"HTTP/1.1 403 ") and b" 408 " not in received
