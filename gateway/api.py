@@ -13,12 +13,12 @@ from starlette.concurrency import iterate_in_threadpool
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from . import inputs
+from .access import ApiAccess, access_of, openapi_refusals
 from .carriers import CARRIERS
 from .flows.events import EVENT_DATA, EventOutbox
 from .flows.outbound import DialRejected, DialRequest, OutboundFlow
 from .logs import bind_call
 from .media.recording import recording_dirs, snapshot
-from .security import api_key_id, match_api_key
 from .settings import EVENT_TYPES, Settings
 from .statuses import STATUSES
 from .store import CallFilters, CallRecord, CallStore, TransferStore
@@ -46,22 +46,19 @@ class CallsApi:
         self.transfers = transfers
         self.recording_dirs = [directory.path for directory in recording_dirs(settings.routes)]
 
-    def _key_id(self, request: Request) -> str | None:
-        return request_key_id(request, self.settings)
-
     async def create(self, request: Request) -> Response:
-        key_id = self._key_id(request)
-        if key_id is None:
-            return _unauthorized()
+        access = access_of(request)
         try:
             dial = await json_body(request, DialRequest, self.settings.max_body_bytes, what="the dial request")
         except ApiRefusal as rejection:
             return rejection.response
+        if refusal := access.dial_refusal(dial.route, dial.carrier or self.settings.outbound.carrier):
+            return problem(403, refusal)
         idempotency_key = request.headers.get("idempotency-key")
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             return problem(400, "Idempotency-Key must be 1 to 255 characters")
         try:
-            record, created = await self.outbound.dial(dial, api_key_id=key_id, idempotency_key=idempotency_key)
+            record, created = await self.outbound.dial(dial, api_key_id=access.key_id, idempotency_key=idempotency_key)
         except DialRejected as rejection:
             headers = {"Retry-After": "60"} if rejection.status == 429 else {}
             return problem(rejection.status, rejection.reason, **headers)
@@ -71,8 +68,6 @@ class CallsApi:
         return JSONResponse(CallView.of(record), status_code=201, headers=headers)
 
     async def get(self, request: Request) -> Response:
-        if self._key_id(request) is None:
-            return _unauthorized()
         record = await self._record(request)
         if record is None:
             return problem(404, "no such call")
@@ -83,8 +78,6 @@ class CallsApi:
 
     async def recording(self, request: Request) -> Response:
         """One stretch of a call's recording, as a WAV streamed from disk (?part=N, default 0)."""
-        if self._key_id(request) is None:
-            return _unauthorized()
         try:
             part = inputs.whole_number(request.query_params.get("part", "0"), name="part", maximum=MAX_RECORDINGS)
         except inputs.InvalidInput:
@@ -111,11 +104,10 @@ class CallsApi:
         })
 
     async def list(self, request: Request) -> Response:
-        if self._key_id(request) is None:
-            return _unauthorized()
         query = request.query_params
         try:
             filters = CallFilters(
+                scope=access_of(request).scope,
                 status=_choice(query.get("status"), STATUSES, "status"),
                 carrier=_choice(query.get("carrier"), list(CARRIERS), "carrier"),
                 direction=_choice(query.get("direction"), ["inbound", "outbound"], "direction"),
@@ -134,8 +126,7 @@ class CallsApi:
         return JSONResponse(openapi_document())
 
     async def _record(self, request: Request) -> CallRecord | None:
-        call_id = path_text(request, "call_id")
-        return None if call_id is None else await self.store.get(call_id)
+        return await call_in_scope(request, self.store)
 
 
 class EventsApi:
@@ -147,11 +138,10 @@ class EventsApi:
         self.outbox = outbox
 
     async def list(self, request: Request) -> Response:
-        if request_key_id(request, self.settings) is None:
-            return _unauthorized()
         query = request.query_params
         try:
             filters = EventFilters(
+                scope=access_of(request).scope,
                 call_id=_optional_text(query.get("call_id"), "call_id"),
                 type=_choice(query.get("type"), list(EVENT_TYPES), "type"),
                 delivery_status=_choice(query.get("status"), DELIVERY_STATUSES, "status"),
@@ -170,18 +160,14 @@ class EventsApi:
                              "next_cursor": str(found[-1].seq) if more and found else None})
 
     async def get(self, request: Request) -> Response:
-        if request_key_id(request, self.settings) is None:
-            return _unauthorized()
-        event_id = path_text(request, "event_id")
-        event = None if event_id is None else await self.events.get(event_id)
+        event = await self._event(request, access_of(request))
         if event is None:
             return problem(404, "no such event")
         return JSONResponse(EventView.of(event))
 
     async def redeliver(self, request: Request) -> Response:
         """Send an event again: to every endpoint configured now, or to `{"endpoint": name}`."""
-        if request_key_id(request, self.settings) is None:
-            return _unauthorized()
+        access = access_of(request)
         try:
             name = (await json_body(request, Redelivery, self.settings.max_body_bytes, what='{"endpoint": NAME}',
                                     optional=True)).endpoint
@@ -198,20 +184,21 @@ class EventsApi:
             if state.disabled_at is not None:
                 return problem(409, f"endpoint {target} is disabled ({state.disabled_reason}); enable it first with "
                                     f"POST /v1/webhooks/{target}/enable")
-        event_id = path_text(request, "event_id")
-        event = None if event_id is None else await self.outbox.redeliver(self.events, event_id, targets)
+        visible = await self._event(request, access)
+        event = None if visible is None else await self.outbox.redeliver(self.events, visible.id, targets)
         if event is None:
             return problem(404, "no such event")
         return JSONResponse(EventView.of(event), status_code=202)
 
+    async def _event(self, request: Request, access: ApiAccess) -> StoredEvent | None:
+        """The event in the path, if it is one of the calls the key sees (else None, as for no event)."""
+        event_id = path_text(request, "event_id")
+        return None if event_id is None else await self.events.get(event_id, access.scope)
+
     async def webhooks(self, request: Request) -> Response:
-        if request_key_id(request, self.settings) is None:
-            return _unauthorized()
         return JSONResponse({"webhooks": [await self._webhook_view(webhook.name) for webhook in self.settings.webhooks]})
 
     async def enable(self, request: Request) -> Response:
-        if request_key_id(request, self.settings) is None:
-            return _unauthorized()
         name = request.path_params["name"]
         if self.settings.webhook_named(name) is None:
             return problem(404, "no such endpoint")
@@ -268,14 +255,11 @@ def path_text(request: Request, name: str) -> str | None:
     return None if len(value) > MAX_ID_LENGTH or inputs.has_control_characters(value) else value
 
 
-def _unauthorized() -> JSONResponse:
-    return problem(401, "send Authorization: Bearer <one of GATEWAY_API_KEYS>", **{"WWW-Authenticate": "Bearer"})
-
-
-def request_key_id(request: Request, settings: Settings) -> str | None:
-    """The id of the API key the request presents (Authorization: Bearer), None without a known one."""
-    key = match_api_key(request.headers.get("authorization"), settings.api_keys)
-    return api_key_id(key) if key else None
+async def call_in_scope(request: Request, store: CallStore) -> CallRecord | None:
+    """The call named in the path, if the request's API key may see it: None (answered 404) for a
+    call outside its scope as for an id that names none, so a key learns nothing of other calls."""
+    call_id = path_text(request, "call_id")
+    return None if call_id is None else await store.get_within(call_id, access_of(request).scope)
 
 
 class ApiRefusal(Exception):
@@ -360,7 +344,8 @@ def openapi_document() -> dict[str, Any]:
     call_schema["required"] = ["from" if name == "from_" else name for name in call_schema.get("required", [])]
     errors = {
         "401": {"description": "missing or unknown API key"},
-        "403": {"description": "refused by the dial policy (destination, from number)"},
+        "403": {"description": "refused by the dial policy (destination, from number), or a route or carrier "
+                               "outside the API key's scope"},
         "422": {"description": "invalid request, unknown route, or carrier not configured"},
         "429": {"description": "dial rate for this API key exceeded"},
     }
@@ -370,9 +355,9 @@ def openapi_document() -> dict[str, Any]:
 
     schemas = {"DialRequest": dial_schema, "Call": call_schema, **control.openapi_schemas(),
                **campaigns_api.openapi_schemas()}
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
-        "info": {"title": "Ultravox telephony gateway dialer API", "version": "1"},
+        "info": {"title": "Ultravox telephony gateway dialer API", "version": "1", "description": API_DESCRIPTION},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": schemas,
@@ -437,6 +422,10 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
             },
+            "/v1/openapi.json": {"get": {
+                "summary": "This document (no API key needed)", "security": [],
+                "responses": {"200": {"description": "the OpenAPI document", "content": {"application/json": {}}}},
+            }},
             "/v1/calls/{call_id}": {
                 "get": {
                     "summary": "One call",
@@ -447,6 +436,17 @@ def openapi_document() -> dict[str, Any]:
             },
         },
     }
+    openapi_refusals(document["paths"])
+    return document
+
+
+API_DESCRIPTION = (
+    "Every operation takes `Authorization: Bearer KEY`. A key may be limited ([[api_keys]] in the "
+    "configuration) to some permissions (each operation's `x-permission`: read, recordings, dial, control, "
+    "campaigns, events, suppressions; without it: 403) and to a scope of calls (routes, carriers, its own "
+    "calls): a call, campaign or event outside its scope answers 404, as one that does not exist; dialling "
+    "outside it answers 403."
+)
 
 
 def _event_webhooks(schemas: dict[str, Any]) -> dict[str, Any]:

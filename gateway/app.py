@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 
+from .access import guarded
 from .api import CallsApi, EventsApi
 from .callbacks import UltravoxCallbacks
 from .campaigns_api import CampaignsApi
@@ -286,6 +287,10 @@ class Gateway:
 
             return endpoint
 
+        def api(path: str, endpoint_of, method: str, name: str) -> Route:
+            # The /v1 API: each operation behind the permission gateway.access.OPERATIONS names for it.
+            return Route(path, guarded(self.settings, method, path, later(endpoint_of)), methods=[method], name=name)
+
         # Which methods a carrier's webhooks use is the carrier's to say (its webhook_formats).
         webhook = ["GET", "POST"]
         return [
@@ -300,32 +305,27 @@ class Gateway:
             *[Route(f"/{{carrier}}/transfer/{step.name}", later(lambda g, step=step: g.webhooks.transfer_steps[step.name]),
                     methods=webhook, name=f"transfer-{step.name}") for step in TRANSFER_STEPS],
             WebSocketRoute("/media/{carrier}", later(lambda g: g.media.serve), name="media"),
-            Route("/v1/calls", later(lambda g: g.api.create), methods=["POST"], name="calls-create"),
-            Route("/v1/calls", later(lambda g: g.api.list), methods=["GET"], name="calls-list"),
-            Route("/v1/calls/{call_id}", later(lambda g: g.api.get), methods=["GET"], name="call"),
-            Route("/v1/calls/{call_id}/recording", later(lambda g: g.api.recording), methods=["GET"],
-                  name="call-recording"),
-            Route("/v1/events", later(lambda g: g.events_api.list), methods=["GET"], name="events"),
-            Route("/v1/events/{event_id}", later(lambda g: g.events_api.get), methods=["GET"], name="event"),
-            Route("/v1/events/{event_id}/redeliver", later(lambda g: g.events_api.redeliver), methods=["POST"],
-                  name="event-redeliver"),
-            Route("/v1/webhooks", later(lambda g: g.events_api.webhooks), methods=["GET"], name="webhooks"),
-            Route("/v1/webhooks/{name}/enable", later(lambda g: g.events_api.enable), methods=["POST"],
-                  name="webhook-enable"),
-            *[Route(f"/v1/calls/{{call_id}}/{action}", later(lambda g, action=action: getattr(g.control, action)),
-                    methods=["POST"], name=f"call-{action}") for action in ("hangup", "transfer", "messages")],
-            Route("/v1/campaigns", later(lambda g: g.campaigns_api.create), methods=["POST"], name="campaigns-create"),
-            Route("/v1/campaigns", later(lambda g: g.campaigns_api.list), methods=["GET"], name="campaigns-list"),
-            Route("/v1/campaigns/{campaign_id}", later(lambda g: g.campaigns_api.get), methods=["GET"], name="campaign"),
-            Route("/v1/campaigns/{campaign_id}/rows", later(lambda g: g.campaigns_api.rows), methods=["GET"],
-                  name="campaign-rows"),
-            *[Route(f"/v1/campaigns/{{campaign_id}}/{action}", later(lambda g, action=action: getattr(g.campaigns_api, action)),
-                    methods=["POST"], name=f"campaign-{action}") for action in ("pause", "resume", "cancel")],
-            Route("/v1/suppressions", later(lambda g: g.campaigns_api.suppress), methods=["POST"], name="suppressions-add"),
-            Route("/v1/suppressions", later(lambda g: g.campaigns_api.suppressions), methods=["GET"], name="suppressions"),
-            Route("/v1/suppressions/{number}", later(lambda g: g.campaigns_api.unsuppress), methods=["DELETE"],
-                  name="suppression"),
-            Route("/v1/openapi.json", later(lambda g: g.api.openapi), methods=["GET"], name="openapi"),
+            api("/v1/calls", lambda g: g.api.create, "POST", "calls-create"),
+            api("/v1/calls", lambda g: g.api.list, "GET", "calls-list"),
+            api("/v1/calls/{call_id}", lambda g: g.api.get, "GET", "call"),
+            api("/v1/calls/{call_id}/recording", lambda g: g.api.recording, "GET", "call-recording"),
+            api("/v1/events", lambda g: g.events_api.list, "GET", "events"),
+            api("/v1/events/{event_id}", lambda g: g.events_api.get, "GET", "event"),
+            api("/v1/events/{event_id}/redeliver", lambda g: g.events_api.redeliver, "POST", "event-redeliver"),
+            api("/v1/webhooks", lambda g: g.events_api.webhooks, "GET", "webhooks"),
+            api("/v1/webhooks/{name}/enable", lambda g: g.events_api.enable, "POST", "webhook-enable"),
+            *[api(f"/v1/calls/{{call_id}}/{action}", lambda g, action=action: getattr(g.control, action), "POST",
+                  f"call-{action}") for action in ("hangup", "transfer", "messages")],
+            api("/v1/campaigns", lambda g: g.campaigns_api.create, "POST", "campaigns-create"),
+            api("/v1/campaigns", lambda g: g.campaigns_api.list, "GET", "campaigns-list"),
+            api("/v1/campaigns/{campaign_id}", lambda g: g.campaigns_api.get, "GET", "campaign"),
+            api("/v1/campaigns/{campaign_id}/rows", lambda g: g.campaigns_api.rows, "GET", "campaign-rows"),
+            *[api(f"/v1/campaigns/{{campaign_id}}/{action}", lambda g, action=action: getattr(g.campaigns_api, action),
+                  "POST", f"campaign-{action}") for action in ("pause", "resume", "cancel")],
+            api("/v1/suppressions", lambda g: g.campaigns_api.suppress, "POST", "suppressions-add"),
+            api("/v1/suppressions", lambda g: g.campaigns_api.suppressions, "GET", "suppressions"),
+            api("/v1/suppressions/{number}", lambda g: g.campaigns_api.unsuppress, "DELETE", "suppression"),
+            api("/v1/openapi.json", lambda g: g.api.openapi, "GET", "openapi"),
             Route("/ultravox/events", later(lambda g: g.callbacks.events), methods=["POST"], name="ultravox-events"),
             Route("/tools/transfer", later(lambda g: g.callbacks.cold_tool), methods=["POST"], name="tool-transfer"),
             Route("/tools/warm-transfer", later(lambda g: g.callbacks.warm_tool), methods=["POST"],

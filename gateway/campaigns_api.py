@@ -12,10 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import inputs, numbers
-from .api import (
-    ApiRefusal, _limit, _optional_text, _unauthorized, json_body, path_text, problem, read_limited,
-    request_key_id,
-)
+from .access import ApiAccess, access_of
+from .api import ApiRefusal, _limit, _optional_text, json_body, path_text, problem, read_limited
 from .flows.campaigns import MAX_CAMPAIGN_LIST, CampaignConflict, CampaignFlow, CampaignRequest
 from .flows.outbound import DialRejected
 from .settings import Settings
@@ -53,16 +51,17 @@ class CampaignsApi:
         self.store = store
         self.flow = flow
 
-    def _authorized(self, request: Request) -> str:
-        key_id = request_key_id(request, self.settings)
-        if key_id is None:
-            raise ApiRefusal(_unauthorized())
-        return key_id
+    def _sees(self, access: ApiAccess, campaign: CampaignRecord) -> bool:
+        """Whether the key's scope covers the campaign (its route, carrier and, own calls only, its creator)."""
+        return access.sees_campaign(route=campaign.spec.get("route"),
+                                    carrier=campaign.spec.get("carrier") or self.settings.outbound.carrier,
+                                    owner_key_id=campaign.api_key_id)
 
     async def _campaign(self, request: Request) -> CampaignRecord:
+        """The campaign in the path; 404 for one outside the key's scope, as for an unknown id."""
         campaign_id = path_text(request, "campaign_id")
         campaign = None if campaign_id is None else await self.store.get(campaign_id)
-        if campaign is None:
+        if campaign is None or not self._sees(access_of(request), campaign):
             raise ApiRefusal(problem(404, "no such campaign"))
         return campaign
 
@@ -70,10 +69,12 @@ class CampaignsApi:
         return campaign_view(campaign, await self.store.counts(campaign.id))
 
     async def create(self, request: Request) -> Response:
+        access = access_of(request)
         try:
-            key_id = self._authorized(request)
             body = await json_body(request, CampaignRequest, self.settings.campaigns.max_body_bytes, what="the campaign")
-            campaign = await self.flow.create(body, api_key_id=key_id)
+            if refusal := access.dial_refusal(body.route, body.carrier or self.settings.outbound.carrier):
+                return problem(403, refusal)
+            campaign = await self.flow.create(body, api_key_id=access.key_id)
         except ApiRefusal as refusal:
             return refusal.response
         except DialRejected as rejection:
@@ -83,17 +84,17 @@ class CampaignsApi:
 
     async def list(self, request: Request) -> Response:
         try:
-            self._authorized(request)
             limit = min(_limit(request.query_params.get("limit")), MAX_CAMPAIGN_LIST)
-        except ApiRefusal as refusal:
-            return refusal.response
         except ValueError as error:
             return problem(400, str(error))
-        return JSONResponse({"campaigns": [await self._view(c) for c in await self.store.list(limit)]})
+        access = access_of(request)
+        # A scoped key's are among the newest MAX_CAMPAIGN_LIST of all.
+        found = await self.store.list(limit if access.scope is None else MAX_CAMPAIGN_LIST)
+        visible = [campaign for campaign in found if self._sees(access, campaign)][:limit]
+        return JSONResponse({"campaigns": [await self._view(c) for c in visible]})
 
     async def get(self, request: Request) -> Response:
         try:
-            self._authorized(request)
             return JSONResponse(await self._view(await self._campaign(request)))
         except ApiRefusal as refusal:
             return refusal.response
@@ -103,7 +104,6 @@ class CampaignsApi:
         (?format=csv)."""
         query = request.query_params
         try:
-            self._authorized(request)
             campaign = await self._campaign(request)
             try:
                 after = inputs.whole_number(query.get("after", "-1"), name="after", minimum=-1, maximum=MAX_POSITION)
@@ -149,8 +149,7 @@ class CampaignsApi:
 
     async def _lifecycle(self, request: Request, change) -> Response:
         try:
-            self._authorized(request)
-            campaign = await change(request.path_params["campaign_id"])
+            campaign = await change((await self._campaign(request)).id)
         except ApiRefusal as refusal:
             return refusal.response
         except LookupError:
@@ -162,7 +161,6 @@ class CampaignsApi:
     # --- the suppression list ----------------------------------------------------------------------
     async def suppress(self, request: Request) -> Response:
         try:
-            self._authorized(request)
             content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
             if content_type == "text/csv":
                 body = await read_limited(request, self.settings.campaigns.max_body_bytes)
@@ -184,11 +182,8 @@ class CampaignsApi:
 
     async def suppressions(self, request: Request) -> Response:
         try:
-            self._authorized(request)
             limit = _limit(request.query_params.get("limit"))
             after = _optional_text(request.query_params.get("after"), "after")
-        except ApiRefusal as refusal:
-            return refusal.response
         except ValueError as error:
             return problem(400, str(error))
         found = await self.store.suppressions(after=after, limit=limit + 1)
@@ -198,10 +193,6 @@ class CampaignsApi:
                              "next_after": found[-1].number if more and found else None})
 
     async def unsuppress(self, request: Request) -> Response:
-        try:
-            self._authorized(request)
-        except ApiRefusal as refusal:
-            return refusal.response
         number = path_text(request, "number")
         if number is None or not await self.store.unsuppress(number):
             return problem(404, "the number is not on the suppression list")

@@ -161,7 +161,8 @@ def serve_command(args) -> int:
     # uvicorn applies log_config (dictConfig) in this process and again in each worker process.
     log_config = logs.log_config(args.log_format or settings.log_format, args.log_level, settings.secrets())
     config = server_config(app, host=args.host or settings.host, port=args.port if args.port is not None else settings.port,
-                           log_level=args.log_level, log_config=log_config)
+                           log_level=args.log_level, log_config=log_config,
+                           header_timeout=settings.header_timeout_seconds, body_timeout=settings.body_timeout_seconds)
     return serve(config, workers=args.workers)
 
 
@@ -335,6 +336,8 @@ def check_command(args) -> int:
     for route in settings.routes:
         target = f"agent {route.agent_id}" if route.agent_id else "inline call"
         print(f"  {route.number:>16}  {route.name}: {target}")
+    for key in settings.api_keys:
+        print(f"  {key.describe()}")
     for note in settings.warnings():
         print(f"warning: {note}")
     if not args.online:

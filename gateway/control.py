@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .api import ApiRefusal, _unauthorized, json_body, problem, request_key_id
+from .api import ApiRefusal, call_in_scope, json_body, problem
 from .carriers.base import Carrier
 from .flows.control import CallConflict, CallControl, Urgency
 from .flows.transfer import MAX_REASON, MAX_SUMMARY, Refusal, TransferFlow, TransferOutcome, TransferRequest
@@ -70,10 +70,8 @@ class CallControlApi:
 
     async def _target(self, request: Request, model: type[BaseModel], *, what: str, optional: bool = False):
         """(the call named in the path, the request body); raises ApiRefusal."""
-        if request_key_id(request, self.settings) is None:
-            raise ApiRefusal(_unauthorized())
         body = await json_body(request, model, self.settings.max_body_bytes, what=what, optional=optional)
-        record = await self.store.get(request.path_params["call_id"])
+        record = await call_in_scope(request, self.store)
         if record is None:
             raise ApiRefusal(problem(404, "no such call"))
         bind_call(record)

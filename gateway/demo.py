@@ -66,7 +66,7 @@ class Demo:
 
     @property
     def api_key(self) -> str:
-        return self.settings.api_keys[0]
+        return self.settings.api_keys[0].key
 
     def stop(self) -> None:
         _stop(self.servers, self.callees, self.fakes, self.directory)

@@ -16,10 +16,11 @@ import os
 import re
 import secrets
 import sys
+import time
 import traceback
 from contextvars import ContextVar
 from types import MappingProxyType
-from typing import Any, Iterable, Literal, Mapping, Protocol
+from typing import Any, Hashable, Iterable, Literal, Mapping, Protocol
 from urllib.parse import quote, unquote_plus
 
 LogFormat = Literal["text", "json"]
@@ -115,6 +116,31 @@ class RequestIds:
 
 
 # --- filters --------------------------------------------------------------------------------------------
+
+
+class Throttled:
+    """Lines of one kind logged at most once per `every` seconds each: a flood of refused requests
+    must not cost a log line each (the first says everything; later ones say how many were left
+    out). Metrics still count every one. Kinds must be few (not built from what a client sends)."""
+
+    def __init__(self, logger: logging.Logger, every: float = 10.0, clock: Any = time.monotonic) -> None:
+        self.logger = logger
+        self.every = every
+        self.clock = clock
+        self._quiet_until: dict[Hashable, float] = {}
+        self._left_out: dict[Hashable, int] = {}
+
+    def warning(self, kind: Hashable, message: str, *args: Any) -> None:
+        now = self.clock()
+        if now < self._quiet_until.get(kind, float("-inf")):
+            self._left_out[kind] = self._left_out.get(kind, 0) + 1
+            return
+        self._quiet_until[kind] = now + self.every
+        left_out = self._left_out.pop(kind, 0)
+        if left_out:
+            message += " (and %d more like it in the %g s before, not logged)"
+            args = (*args, left_out, self.every)
+        self.logger.warning(message, *args)
 
 
 class ContextFilter(logging.Filter):

@@ -25,6 +25,8 @@ from typing import Any
 
 import uvicorn
 
+from .read_timeouts import timed_protocol
+
 log = logging.getLogger("gateway.serving")
 
 # After a drain, requests still open (a carrier webhook, say) get this long before they are cut.
@@ -32,15 +34,18 @@ GRACEFUL_SECONDS = 15
 STARTUP_FAILURE = 3  # uvicorn's exit code for a server that could not start (bad config, port)
 
 
-def server_config(app: Any, *, host: str, port: int, log_level: str, log_config: Any = None) -> uvicorn.Config:
-    """`app`: the ASGI app, or (for several workers) the import string of a factory of it."""
+def server_config(app: Any, *, host: str, port: int, log_level: str, log_config: Any = None,
+                  header_timeout: float = 10.0, body_timeout: float = 20.0) -> uvicorn.Config:
+    """`app`: the ASGI app, or (for several workers) the import string of a factory of it;
+    `header_timeout`, `body_timeout`: see gateway/read_timeouts.py."""
     options: dict[str, Any] = {}
     if log_config is not None:
         options["log_config"] = log_config
     return uvicorn.Config(
         app, host=host, port=port, log_level=log_level, factory=isinstance(app, str), lifespan="on",
         # Carriers sign the public URL (GATEWAY_PUBLIC_URL), so proxy headers are not needed for that.
-        proxy_headers=False, timeout_graceful_shutdown=GRACEFUL_SECONDS, **options,
+        proxy_headers=False, timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        http=timed_protocol(header_timeout, body_timeout), **options,
     )
 
 

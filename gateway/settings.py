@@ -493,12 +493,85 @@ class RouteSettings(_Section):
         return self
 
 
+# What an API key may do on /v1 (gateway.access names the operations each one opens).
+Permission = Literal["read", "recordings", "dial", "control", "campaigns", "events", "suppressions"]
+PERMISSIONS: tuple[Permission, ...] = typing.get_args(Permission)
+KEY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MIN_API_KEY_LENGTH = 16
+
+
+class ApiKeySettings(_Section):
+    """One key of the /v1 API ([[api_keys]]): a plain string in `api_keys` is one with every
+    permission and no scope."""
+
+    # The secret, or `key_env`: the environment variable holding it (load_settings reads it), so
+    # the file (a ConfigMap) can name a key whose value lives in a Secret.
+    key: str = Field(repr=False)
+    key_env: str | None = None
+    # Names the key in `gateway check` and refusals; default: its id (a hash, never the key).
+    name: str | None = None
+    permissions: list[Permission] = Field(default_factory=lambda: list(PERMISSIONS), min_length=1)
+    # Scope: only calls (and campaigns, events) of these routes / carriers; empty: every one.
+    routes: list[str] = Field(default_factory=list)
+    carriers: list[str] = Field(default_factory=list)
+    # Only the calls this key placed (POST /v1/calls) or its campaigns dialled.
+    own_calls_only: bool = False
+
+    @field_validator("key")
+    @classmethod
+    def _long_key(cls, value: str) -> str:
+        if len(value) < MIN_API_KEY_LENGTH:
+            raise ValueError(f"API keys must be at least {MIN_API_KEY_LENGTH} characters (they guard who may place calls)")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not KEY_NAME.match(value):
+            raise ValueError(f"key name {value!r} must be 1 to 64 letters, digits, ., - or _")
+        return value
+
+    @field_validator("carriers")
+    @classmethod
+    def _carriers(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in carrier_names()]
+        if unknown:
+            raise ValueError(f"names carriers this gateway does not speak: {_unknown_names(unknown, carrier_names())} "
+                             f"(it speaks {', '.join(carrier_names())})")
+        return value
+
+    @model_validator(mode="after")
+    def _default_name(self) -> "ApiKeySettings":
+        if self.name is None:
+            from .security import api_key_id
+
+            self.name = api_key_id(self.key)
+        return self
+
+    @property
+    def scoped(self) -> bool:
+        return bool(self.routes or self.carriers or self.own_calls_only)
+
+    def describe(self) -> str:
+        """What the key may do, in a line (its name, never the key)."""
+        granted = "every permission" if set(self.permissions) == set(PERMISSIONS) else ", ".join(self.permissions)
+        scope = [f"routes {', '.join(self.routes)}" if self.routes else "",
+                 f"carriers {', '.join(self.carriers)}" if self.carriers else "",
+                 "its own calls only" if self.own_calls_only else ""]
+        return f"API key {self.name}: {granted}; " + ("; ".join(part for part in scope if part) or "every call")
+
+
 class Settings(_Section):
     public_url: str | None = None
     database_url: str = "sqlite:///./gateway.db"
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    # A client gets this long to send a request's line and headers, then its body (plus a second
+    # for each 500 bytes of it), before it is answered 408 and closed: slow senders would otherwise
+    # hold their connections for ever (gateway/read_timeouts.py).
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    body_timeout_seconds: float = Field(default=20.0, gt=0, le=3600)
     # For local development only: accept webhooks without checking carrier signatures.
     insecure_skip_signature_verification: bool = False
     # On SIGTERM: how long live bridged calls may go on before they are handed over to another
@@ -515,8 +588,10 @@ class Settings(_Section):
     # Each carrier's section ([twilio], …) is added from the registry: see settings_class().
     fallback: FallbackSettings = Field(default_factory=FallbackSettings)
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
-    # Keys accepted as `Authorization: Bearer KEY` on /v1/* (env GATEWAY_API_KEYS, comma-separated).
-    api_keys: list[str] = Field(default_factory=list)
+    # Keys accepted as `Authorization: Bearer KEY` on /v1/*: plain strings (every permission, every
+    # call) or [[api_keys]] tables with permissions and a scope. Env GATEWAY_API_KEYS (comma-separated
+    # plain keys) takes the place of the file's plain keys; its tables stay.
+    api_keys: list[ApiKeySettings] = Field(default_factory=list)
     # What Ultravox presents when it invokes the gateway's transfer tools (env GATEWAY_TOOL_SECRET).
     tool_secret: str | None = None
     # When set, GET /metrics answers only `Authorization: Bearer TOKEN` (env GATEWAY_METRICS_TOKEN):
@@ -549,17 +624,11 @@ class Settings(_Section):
 
     @field_validator("api_keys", mode="before")
     @classmethod
-    def _comma_separated(cls, value: Any) -> Any:
+    def _plain_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
-        return value
-
-    @field_validator("api_keys")
-    @classmethod
-    def _long_keys(cls, value: list[str]) -> list[str]:
-        for key in value:
-            if len(key) < 16:
-                raise ValueError("API keys must be at least 16 characters (they guard who may place calls)")
+            value = [key.strip() for key in value.split(",") if key.strip()]
+        if isinstance(value, list):  # a plain string is a key with every permission
+            return [{"key": entry} if isinstance(entry, str) else entry for entry in value]
         return value
 
     @field_validator("database_url")
@@ -586,7 +655,7 @@ class Settings(_Section):
     def _references(self, info: ValidationInfo) -> "Settings":
         # load_settings checks them on the file's data, with every other problem, in one pass.
         if not (info.context or {}).get("references_checked"):
-            problems = reference_problems(self.model_dump(include={"routes", "operators", "webhooks"}))
+            problems = reference_problems(self.model_dump(include={"routes", "operators", "webhooks", "api_keys"}))
             if problems:
                 raise ValueError("; ".join(problems))
         return self
@@ -619,7 +688,7 @@ class Settings(_Section):
         """Every configured value that must never be written to a log: the gateway's own keys and
         secrets, then each carrier's credentials (its `secret_keys`)."""
         values = [self.ultravox.api_key, self.ultravox.webhook_secret, self.tool_secret, self.metrics_token,
-                  *self.api_keys,
+                  *(entry.key for entry in self.api_keys),
                   *(webhook.secret for webhook in self.webhooks)]
         from .carriers import CARRIERS
 
@@ -642,7 +711,7 @@ class Settings(_Section):
         if any(route.operators for route in self.routes) and not self.tool_secret:
             notes.append("GATEWAY_TOOL_SECRET is not set: routes name operators, but no transfer tool is attached")
         if not self.api_keys:
-            notes.append("GATEWAY_API_KEYS is not set: the /v1 dialer API refuses every request")
+            notes.append("GATEWAY_API_KEYS is not set (nor [[api_keys]]): the /v1 dialer API refuses every request")
         if not self.ultravox.webhook_secret:
             notes.append(
                 "ULTRAVOX_WEBHOOK_SECRET is not set: calls are not told when they end (POST /ultravox/events refuses)"
@@ -704,7 +773,33 @@ def reference_problems(data: Mapping[str, Any]) -> list[str]:
         if unknown:
             problems.append(f"webhook {webhook.get('name', 'default')} names routes that are not configured: "
                             f"{_unknown_names(unknown, [name for name in route_names if isinstance(name, str)])}")
+    keys: list[Any] = data["api_keys"] if isinstance(data.get("api_keys"), list) else []
+    secrets_seen: list[Any] = []
+    labels: list[str] = []
+    for index, key in enumerate(keys):
+        entry = key if isinstance(key, Mapping) else {"key": key}
+        label = api_key_label(entry, index)
+        if entry.get("key") not in (None, UNSET_KEY_PLACEHOLDER) and entry["key"] in secrets_seen:  # named, never shown
+            problems.append(f"API key {label} is the same key as one before it: each key is configured once")
+        secrets_seen.append(entry.get("key"))
+        if isinstance(entry.get("name"), str):
+            if entry["name"] in labels:
+                problems.append(f"two API keys are named {entry['name']}; give each its own name")
+            labels.append(entry["name"])
+        unknown = [name for name in names(entry.get("routes")) if name not in route_names]
+        if unknown:
+            problems.append(f"API key {label} is scoped to routes that are not configured: "
+                            f"{_unknown_names(unknown, [name for name in route_names if isinstance(name, str)])}")
     return problems
+
+
+def api_key_label(entry: Mapping[str, Any], index: int) -> str:
+    """How a problem names an API key: its name, its key_env, or its place; never the key."""
+    if isinstance(entry.get("name"), str):
+        return entry["name"]
+    if isinstance(entry.get("key_env"), str):
+        return f"api_keys[{index}] (key_env {entry['key_env']})"
+    return f"api_keys[{index}]"
 
 
 # Environment variable -> (section or None for top level, key). Environment wins over the file.
@@ -772,11 +867,11 @@ def load_settings(path: str | os.PathLike | None = None, environ: Mapping[str, s
             raise ConfigError([f"config file {path} is not valid TOML: {error}"]) from None
     data = _flatten_gateway_table(data)
     data = _webhook_from_environment(data, environ)
-    problems: list[str] = []
+    data, problems = _api_keys_from_environment(data, environ)
     applied: dict[tuple[str | None, str], str] = {}  # (section, key) -> the variable that set it
     for variable, (section, key) in _settings_environment().items():
         value = environ.get(variable)
-        if value:
+        if value and variable not in API_KEY_VARIABLES:
             target = data if section is None else data.setdefault(section, {})
             if not isinstance(target, dict):
                 problems.append(f"[{section}] in the config file must be a table (it is set by {variable} too)")
@@ -791,6 +886,40 @@ def load_settings(path: str | os.PathLike | None = None, environ: Mapping[str, s
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+# Read by _api_keys_from_environment, not set over the file's value like the others.
+API_KEY_VARIABLES = ("GATEWAY_API_KEYS",)
+UNSET_KEY_PLACEHOLDER = "key_env-is-not-set"
+
+
+def _api_keys_from_environment(data: dict[str, Any], environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """GATEWAY_API_KEYS takes the place of the file's plain keys (every permission), and each
+    [[api_keys]] table's `key_env` is read into its `key`. Problems name keys, never show them."""
+    entries = data.get("api_keys", [])
+    if isinstance(entries, str):  # api_keys = "KEY,KEY" reads as the variable does
+        entries = [key.strip() for key in entries.split(",") if key.strip()]
+    if not isinstance(entries, list):
+        return data, []  # the settings model says what is wrong with it
+    problems: list[str] = []
+    tables = [entry for entry in entries if not isinstance(entry, str)]
+    plain = [entry for entry in entries if isinstance(entry, str)]
+    if environ.get("GATEWAY_API_KEYS"):
+        plain = [key.strip() for key in environ["GATEWAY_API_KEYS"].split(",") if key.strip()]
+    resolved = []
+    for index, entry in enumerate(tables, start=len(plain)):
+        if isinstance(entry, Mapping) and "key_env" in entry:
+            variable, name = entry["key_env"], api_key_label(entry, index)
+            if "key" in entry:
+                problems.append(f"API key {name}: set key or key_env, not both")
+            elif not isinstance(variable, str) or not environ.get(variable):
+                problems.append(f"API key {name}: key_env names {variable!r}, which is not set in the environment")
+                # Kept in its place (the settings are refused anyway) so later problems name the right index.
+                entry = {**entry, "key": UNSET_KEY_PLACEHOLDER}
+            else:
+                entry = {**entry, "key": environ[variable]}
+        resolved.append(entry)
+    return dict(data, api_keys=[*plain, *resolved]), problems
 
 
 def _webhook_from_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
@@ -814,7 +943,10 @@ def _flatten_gateway_table(data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(gateway, dict):
         raise ConfigError(["[gateway] in the config file must be a table"])
     for key, value in gateway.items():
-        data.setdefault(key, value)
+        if key == "api_keys" and isinstance(value, list) and isinstance(data.get(key), list):
+            data[key] = [*value, *data[key]]  # [gateway] api_keys = [...] and [[api_keys]] tables: both count
+        else:
+            data.setdefault(key, value)
     return data
 
 
@@ -910,6 +1042,11 @@ def _location(loc: tuple, data: Mapping[str, Any]) -> str:
                 routes = data.get("routes") or []
                 number = routes[part].get("number") if part < len(routes) and isinstance(routes[part], dict) else None
                 parts[-1] = f"routes[{part}]" + (f" (number {number})" if number else "")
+            elif loc[:i] == ("api_keys",):
+                keys = data.get("api_keys") or []
+                entry = keys[part] if part < len(keys) and isinstance(keys[part], Mapping) else {}
+                named = next((f" ({field} {entry[field]})" for field in ("name", "key_env") if entry.get(field)), "")
+                parts[-1] = f"api_keys[{part}]{named}"
             else:
                 parts[-1] = f"{parts[-1]}[{part}]"
         else:

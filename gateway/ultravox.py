@@ -129,14 +129,18 @@ class UltravoxClient:
             transcript=tuple(transcript),
         )
 
-    async def find_call(self, metadata_key: str, value: str, *, deadline: float) -> "FoundCall | None":
+    async def find_call(self, metadata_key: str, value: str, *, deadline: float,
+                        also: dict[str, str] | None = None) -> "FoundCall | None":
         """The Ultravox call whose metadata has `metadata_key` = `value` (the gateway writes its own
-        record id into each call's metadata), found with the list's metadata filter; None: none."""
+        record id into each call's metadata), found with the list's metadata filter; None: none.
+        `also`: more metadata the call must have (checked here, not filtered by Ultravox)."""
         page = await self._get("/api/calls", deadline=deadline, params={f"metadata.{metadata_key}": value, "pageSize": 5})
         results = page.get("results") if isinstance(page, dict) else None
+        wanted = {metadata_key: value, **(also or {})}
         for call in results if isinstance(results, list) else []:
             # Checked here too: a filter the service ignored must not adopt some other call.
-            if isinstance(call, dict) and (call.get("metadata") or {}).get(metadata_key) == value and call.get("callId"):
+            metadata = (call.get("metadata") or {}) if isinstance(call, dict) else {}
+            if isinstance(metadata, dict) and all(metadata.get(k) == v for k, v in wanted.items()) and call.get("callId"):
                 join_url = call.get("joinUrl")
                 return FoundCall(str(call["callId"]), join_url if isinstance(join_url, str) else None,
                                  ended=call.get("ended") is not None)

@@ -19,7 +19,7 @@ from .api import read_limited
 from .carriers.base import QUERY, Carrier, RequestRejected, SignatureRejected, Webhook
 from .flows.inbound import InboundFlow
 from .flows.handover import HandoverFlow
-from .logs import bind
+from .logs import Throttled, bind
 from .flows.outbound import OutboundFlow
 from .flows.replays import Replayed, ReplayMemory
 from .flows.tracking import CallTracking
@@ -125,6 +125,8 @@ class CarrierWebhooks:
         self.replays = replays
         self.clock = clock
         self.in_flight = 0  # carrier webhooks being answered now (deliveries give way to them)
+        # Every refusal is counted in the metrics; logged, one line per carrier and status every 10 s.
+        self.refusals_log = Throttled(log, clock=clock)
         self._endpoints()
 
     async def _verified(self, carrier: Carrier, request: Request, *, callback: bool = True,
@@ -148,11 +150,12 @@ class CarrierWebhooks:
 
     def _refused(self, carrier: Carrier, rejection: RequestRejected) -> Response:
         self.metrics.webhooks.labels(carrier.name, f"http_{rejection.status}").inc()
+        kind = (carrier.name, rejection.status)
         if rejection.explanation:
-            log.warning("%s webhook refused (%d): %s; %s", carrier.name, rejection.status, rejection.detail,
-                        rejection.explanation)
+            self.refusals_log.warning(kind, "%s webhook refused (%d): %s; %s", carrier.name, rejection.status,
+                                      rejection.detail, rejection.explanation)
         else:
-            log.warning("%s webhook refused (%d): %s", carrier.name, rejection.status, rejection.detail)
+            self.refusals_log.warning(kind, "%s webhook refused (%d): %s", carrier.name, rejection.status, rejection.detail)
         return PlainTextResponse(rejection.detail + "\n", status_code=rejection.status)
 
     def _endpoint(self, handler: Callable[[Carrier, Request], Awaitable[Response]]):

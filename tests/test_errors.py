@@ -67,6 +67,20 @@ def test_a_webhook_from_another_account_logs_the_credential_to_check(gateway, ca
     assert not gateway.records()
 
 
+def test_a_flood_of_refused_webhooks_logs_one_line_and_counts_each(gateway, caplog):
+    """Issue 14: each forged request cost a warning line (about a sixth of its refusal)."""
+    caplog.set_level(logging.WARNING, logger="gateway")
+    for _ in range(20):
+        response = gateway.post("twilio", double("twilio").inbound_form(to=INLINE_NUMBER),
+                                public_url="https://forged.example")
+        assert response.status_code == 403
+    (line,) = refusals(caplog)
+    assert "checked against" in line  # the first line says everything
+    metrics = gateway.client.get("/metrics").text
+    assert 'gateway_inbound_webhooks_total{carrier="twilio",outcome="http_403"} 20.0' in metrics
+    assert not gateway.records()
+
+
 # --- gateway check: every problem at once, in plain words ----------------------------------------------
 
 

@@ -374,3 +374,19 @@ def test_request_lines_never_show_a_media_or_callback_token_however_it_is_spelle
     stderr, _ = process.output()
     assert "WebSocket /media" in stderr and f"/{streaming}/status" in stderr
     assert signature not in stderr and token not in stderr
+
+
+def test_throttled_lines_are_logged_once_per_interval_per_kind_saying_how_many_were_left_out(caplog):
+    from gateway.logs import Throttled
+
+    now = [100.0]
+    throttled = Throttled(logging.getLogger("gateway.test-throttled"), every=10.0, clock=lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="gateway.test-throttled")
+    for _ in range(500):  # a flood of one kind, and one line of another
+        throttled.warning(("twilio", 403), "refused %s", "twilio")
+    throttled.warning(("plivo", 403), "refused %s", "plivo")
+    now[0] += 10.5
+    throttled.warning(("twilio", 403), "refused %s", "twilio")
+    throttled.warning(("twilio", 403), "refused %s", "twilio")
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused twilio", "refused plivo", "refused twilio (and 499 more like it in the 10 s before, not logged)"]

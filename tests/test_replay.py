@@ -116,3 +116,64 @@ def test_deliveries_of_one_call_during_a_store_outage_create_one_ultravox_call(m
     assert all(a.status_code == 200 for a in answers)
     assert len({a.text for a in answers}) == 1
     assert fake_ultravox.calls_created == 1
+
+
+def test_a_bridged_call_adopted_after_a_crash_keeps_one_media_token_for_every_retry(bridged, fake_ultravox):  # noqa: F811
+    """Issue 14 items 5 and 7: a record a dead process left `creating` (its Ultravox call made) is
+    adopted by the carrier's retry, once Ultravox can say it has the call (until then, the apology and
+    no second call); the retries after it carry the adopted call's one token."""
+    import sqlalchemy as sa
+
+    call = bridged("twilio")
+    record = call.record()
+    left = utcnow() - dt.timedelta(minutes=5)
+
+    async def as_a_dead_process_left_it():
+        store = CallStore.open(call.gateway.settings.database_url)
+        try:
+            await store.database.transaction(lambda connection: connection.execute(
+                sa.text("UPDATE calls SET status = 'creating', status_rank = 0, join_url = NULL, "
+                        "ultravox_call_id = NULL, stream_expires = NULL, lease_owner = 'dead', "
+                        "lease_until = :left WHERE id = :id"), {"left": left, "id": record.id}))
+        finally:
+            await store.close()
+
+    asyncio.run(as_a_dead_process_left_it())
+    fake_ultravox.list_status = 503  # Ultravox cannot say whether the call exists: nothing is made
+    unsure = call.gateway.post("twilio", call.form)
+    assert unsure.status_code == 200
+    assert call.double.spoken(unsure.text) == [call.gateway.settings.fallback.message]  # the apology
+    assert call.record().status == "creating" and fake_ultravox.calls_created == 1
+    fake_ultravox.list_status = None
+    answers = []
+    for _ in range(2):
+        time.sleep(1.1)  # a fresh token would carry another expiry
+        retry = call.gateway.post("twilio", call.form)
+        assert retry.status_code == 200
+        answers.append((call.double.connected_url(retry.text)[0], call.double.stream_parameters(retry.text)))
+    assert answers[0] == answers[1]
+    assert fake_ultravox.calls_created == 1  # adopted, not made again
+    adopted = call.record()
+    assert adopted.status == "in-progress" and adopted.stream_expires is not None
+
+
+def test_deliveries_to_two_replicas_during_a_store_outage_create_one_ultravox_call(make_gateway, fake_ultravox):
+    """Issue 14 item 3: the carrier retries on another replica while the store is out; that replica
+    finds the call made unrecorded for it at Ultravox (by its carrier call id) and joins it."""
+    replicas = [make_gateway(), make_gateway()]
+
+    async def broken(*args, **kwargs):
+        raise OSError("the store is down")
+
+    for replica in replicas:
+        replica.server.app.state.gateway.store.claim_inbound = broken
+    form = double("twilio").inbound_form(to=SUPPORT_NUMBER)
+    other = double("twilio").inbound_form(to=SUPPORT_NUMBER)  # another caller, on the second replica
+    answers = [replicas[0].post("twilio", form), replicas[1].post("twilio", form), replicas[1].post("twilio", other)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert answers[0].text == answers[1].text
+    assert fake_ultravox.calls_created == 2  # one per carrier call
+    fake_ultravox.list_status = 503  # Ultravox cannot say: a call is still made, never silence
+    third = double("twilio").inbound_form(to=SUPPORT_NUMBER)
+    assert double("twilio").spoken(replicas[0].post("twilio", third).text) == []
+    assert fake_ultravox.calls_created == 3

@@ -33,9 +33,12 @@ SWEEP_SECONDS = 30.0
 LOOKUP_SECONDS = 5.0
 # The metadata key carrying the gateway's record id on each Ultravox call (CallIdentity).
 RECORD_METADATA_KEY = "gateway.call_id"
+CARRIER_METADATA_KEY = "gateway.carrier"
+CARRIER_CALL_METADATA_KEY = "gateway.carrier_call_id"
 # Calls created without a record (the store down or stalled), remembered in this process so that
 # the carrier's retries of one call join it instead of creating one each: how long, how many.
-# Only a stopgap for an outage: another replica, or this one restarted, does not know them.
+# Another replica, or this one restarted, asks Ultravox (for at most UNRECORDED_LOOKUP_SECONDS).
+UNRECORDED_LOOKUP_SECONDS = 1.0
 UNRECORDED_MEMORY_SECONDS = 600.0
 UNRECORDED_MEMORY_SIZE = 10_000
 
@@ -102,7 +105,9 @@ class InboundFlow:
         UltravoxError when Ultravox cannot say (then nothing is created)."""
         found = await self.ultravox.find_call(RECORD_METADATA_KEY, record.id, deadline=deadline)
         if found is not None and found.join_url and not found.ended:
-            return await self.store.settle_creating(record, ultravox_call_id=found.call_id, join_url=found.join_url)
+            # Bridged, the adopted call gets its one media token now: every later answer repeats it.
+            return await self.store.settle_creating(record, ultravox_call_id=found.call_id, join_url=found.join_url,
+                                                    stream_expires=self.connector.stream_expiry(record.route, record.id))
         if found is not None:
             return await self.store.settle_creating(
                 record, ultravox_call_id=found.call_id,
@@ -165,6 +170,8 @@ class InboundFlow:
             log.warning("%s call %s: store unavailable; joining the call created unrecorded for an earlier delivery",
                         carrier.name, call.call_id)
             return remembered
+        if claim is None and (made := await self._made_unrecorded_elsewhere(carrier, call, route, deadline)) is not None:
+            return made
         gateway_call_id = claim.record.id if claim else None
         bind(call_id=gateway_call_id)
         request = self.bodies.for_route(
@@ -205,6 +212,27 @@ class InboundFlow:
                 stream_expires=stream_expires)))
         else:
             self._remember_unrecorded(carrier.name, call.call_id, joined)
+        return joined
+
+    async def _made_unrecorded_elsewhere(self, carrier: Carrier, call: InboundCall, route: RouteSettings,
+                                         deadline: float) -> Joined | None:
+        """The store is out, and this process made no call for this carrier call: another replica
+        (or this one before a restart) may have, unrecorded. Ultravox is asked by the carrier call id
+        every call carries in its metadata; if it cannot say, the call is made (never silence)."""
+        try:
+            found = await self.ultravox.find_call(CARRIER_CALL_METADATA_KEY, call.call_id, also={
+                CARRIER_METADATA_KEY: carrier.name}, deadline=min(deadline - RESPONSE_MARGIN_SECONDS,
+                                                                  self._clock() + UNRECORDED_LOOKUP_SECONDS))
+        except UltravoxError as error:
+            log.warning("%s call %s: store unavailable and Ultravox cannot say whether a call was made for it "
+                        "elsewhere (%s); making one", carrier.name, call.call_id, error.reason)
+            return None
+        if found is None or found.ended or not found.join_url:
+            return None
+        log.warning("%s call %s: store unavailable; joining Ultravox call %s, created unrecorded elsewhere",
+                    carrier.name, call.call_id, found.call_id)
+        joined = Joined(found.join_url, None, self.connector.stream_expiry(route.name, None))
+        self._remember_unrecorded(carrier.name, call.call_id, joined)
         return joined
 
     def _lapsed(self, record: CallRecord) -> bool:

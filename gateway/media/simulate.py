@@ -185,10 +185,11 @@ async def _why_not_connected(client: httpx.AsyncClient, settings: Settings, carr
         if any("no routes" in problem for problem in problems):
             return "the gateway has no [[routes]]: every call hears its no-route message"
     reason = None
-    if settings.api_keys:
+    reader = next((key for key in settings.api_keys if "read" in key.permissions and not key.scoped), None)
+    if reader is not None:
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
             listed = await client.get("/v1/calls", params={"carrier": carrier.name, "direction": "inbound"},
-                                      headers={"Authorization": f"Bearer {settings.api_keys[0]}"})
+                                      headers={"Authorization": f"Bearer {reader.key}"})
             record = next((c for c in listed.json()["calls"] if c.get("carrier_call_id") == call_id), None)
             reason = record and record.get("failure_reason")
     async with create_client(pool_size=1, timeout=10) as http:

@@ -18,7 +18,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ..statuses import ANSWERED, CREATING, FAILED, FINAL_STATUSES, IN_PROGRESS, QUEUED, STATUS_RANK
 from .database import MIGRATION_LOCK_KEY, Database
-from .schema import MIGRATIONS, calls, schema_version, webhook_replays
+from .schema import MIGRATIONS, calls, campaigns, schema_version, webhook_replays
+
+# The calls of every campaign are recorded under this API key id (never a real one: those are hex),
+# with idempotency keys "campaign:{campaign id}:…" (gateway.store.campaigns).
+CAMPAIGN_KEY_ID = "campaigns"
+CAMPAIGN_KEY_PREFIX = "campaign:"
 
 
 @dataclass(frozen=True)
@@ -271,6 +276,10 @@ class CallStore:
     async def get(self, call_id: str) -> CallRecord | None:
         return await self.database.transaction(_get, call_id)
 
+    async def get_within(self, call_id: str, scope: CallScope | None) -> CallRecord | None:
+        """The call if `scope` (an API key's) covers it; None as for an unknown id (existence does not leak)."""
+        return await self.database.transaction(_get_within, call_id, scope)
+
     async def existing(self, call_id: str) -> CallRecord:
         """A call the gateway has recorded (calls are never deleted: LookupError means a wrong id)."""
         record = await self.get(call_id)
@@ -332,13 +341,15 @@ class CallStore:
         return await self.database.transaction(_lapsed_creating, now, stale_after, limit)
 
     async def settle_creating(self, record: CallRecord, *, ultravox_call_id: str | None = None,
-                              join_url: str | None = None, failure_reason: str | None = None,
-                              retake_for: str | None = None, lease: dt.timedelta | None = None) -> Claim:
+                              join_url: str | None = None, stream_expires: int | None = None,
+                              failure_reason: str | None = None, retake_for: str | None = None,
+                              lease: dt.timedelta | None = None) -> Claim:
         """Settle a lapsed `creating` record, if nobody did meanwhile (a compare-and-set on its
-        attempt): adopt the Ultravox call found for it (`ultravox_call_id`, `join_url`), fail it
+        attempt): adopt the Ultravox call found for it (`ultravox_call_id`, `join_url`; bridged,
+        `stream_expires`: its one media token from now on), fail it
         (`failure_reason`), or hand it to `retake_for` (a process: no Ultravox call was made) for
         `lease`. Returns the record as it is now, owned when this caller retook it."""
-        return await self._observed(_settle_creating, record, ultravox_call_id, join_url,
+        return await self._observed(_settle_creating, record, ultravox_call_id, join_url, stream_expires,
                                     failure_reason[:MAX_REASON] if failure_reason else None, retake_for, lease, utcnow())
 
     async def fail_abandoned(self, stage: str, *, before: dt.datetime, reason: str,
@@ -424,7 +435,34 @@ class Updated:
 
 
 @dataclass(frozen=True)
+class CallScope:
+    """The calls an API key may see and act on (gateway.access): the one predicate every read of a
+    call through /v1 goes through. Empty routes / carriers: any."""
+
+    routes: tuple[str, ...] = ()
+    carriers: tuple[str, ...] = ()
+    # Own calls only: the calls placed with this key id, and those of the campaigns it created.
+    api_key_id: str | None = None
+
+    def clause(self) -> sa.ColumnElement[bool]:
+        conditions: list[sa.ColumnElement[bool]] = []
+        if self.routes:
+            conditions.append(calls.c.route.in_(self.routes))
+        if self.carriers:
+            conditions.append(calls.c.carrier.in_(self.carriers))
+        if self.api_key_id is not None:
+            owned_campaigns = sa.select(campaigns.c.id).where(campaigns.c.api_key_id == self.api_key_id)
+            campaign_id = sa.func.substr(calls.c.idempotency_key, len(CAMPAIGN_KEY_PREFIX) + 1, 36)
+            conditions.append(sa.or_(
+                calls.c.api_key_id == self.api_key_id,
+                sa.and_(calls.c.api_key_id == CAMPAIGN_KEY_ID, campaign_id.in_(owned_campaigns)),
+            ))
+        return sa.and_(sa.true(), *conditions)
+
+
+@dataclass(frozen=True)
 class CallFilters:
+    scope: CallScope | None = None  # None: every call
     status: str | None = None
     carrier: str | None = None
     direction: str | None = None
@@ -576,6 +614,8 @@ def _find_by(connection: sa.Connection, condition) -> CallRecord | None:
 
 def _list(connection: sa.Connection, filters: CallFilters, limit: int, cursor):
     query = sa.select(calls)
+    if filters.scope is not None:
+        query = query.where(filters.scope.clause())
     for column, value in (("status", filters.status), ("carrier", filters.carrier), ("direction", filters.direction)):
         if value is not None:
             query = query.where(calls.c[column] == value)
@@ -611,6 +651,14 @@ def _live_calls(connection: sa.Connection, since: dt.datetime) -> list[tuple[str
 def _get(connection: sa.Connection, call_id: str, *, lock: bool = False) -> CallRecord | None:
     query = sa.select(calls).where(calls.c.id == call_id)
     row = connection.execute(query.with_for_update() if lock else query).first()
+    return _record(row) if row else None
+
+
+def _get_within(connection: sa.Connection, call_id: str, scope: CallScope | None) -> CallRecord | None:
+    query = sa.select(calls).where(calls.c.id == call_id)
+    if scope is not None:
+        query = query.where(scope.clause())
+    row = connection.execute(query).first()
     return _record(row) if row else None
 
 
@@ -700,15 +748,16 @@ def _lapsed_creating(connection: sa.Connection, now: dt.datetime, stale_after: d
 
 
 def _settle_creating(connection: sa.Connection, record: CallRecord, ultravox_call_id: str | None,
-                     join_url: str | None, failure_reason: str | None, retake_for: str | None,
-                     lease: dt.timedelta | None, now: dt.datetime, observer: ChangeObserver | None) -> Claim:
+                     join_url: str | None, stream_expires: int | None, failure_reason: str | None,
+                     retake_for: str | None, lease: dt.timedelta | None, now: dt.datetime,
+                     observer: ChangeObserver | None) -> Claim:
     values: dict[str, Any] = {"updated_at": now, "lease_until": None}
     if retake_for is not None:
         assert lease is not None
         values.update(attempts=calls.c.attempts + 1, lease_owner=retake_for, lease_until=now + lease)
     elif join_url is not None:
         values.update(status=IN_PROGRESS, status_rank=STATUS_RANK[IN_PROGRESS], ultravox_call_id=ultravox_call_id,
-                      join_url=join_url)
+                      join_url=join_url, stream_expires=stream_expires)
     else:
         values.update(status=FAILED, status_rank=STATUS_RANK[FAILED], failure_reason=failure_reason,
                       ultravox_call_id=ultravox_call_id, ended_at=sa.func.coalesce(calls.c.ended_at, now))

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 import sqlalchemy as sa
 
-from .calls import CallRecord, _record as _call_record, as_utc, insert_for, utcnow
+from .calls import CAMPAIGN_KEY_ID, CAMPAIGN_KEY_PREFIX, CallRecord, _record as _call_record, as_utc, insert_for, utcnow
 from .database import Database
 from .jobs import NewJob, schedule_job
 from .schema import calls, campaign_rows, campaigns, suppressions
@@ -32,8 +32,6 @@ CAMPAIGN_STATUSES = (RUNNING, PAUSED, CANCELED, COMPLETED)
 # Row statuses beyond a call's final ones (completed, busy, no-answer, failed, …).
 PENDING, DIALING = "pending", "dialing"
 SUPPRESSED, REJECTED, EXPIRED, ROW_CANCELED = "suppressed", "rejected", "expired", "canceled"
-# The calls of every campaign are recorded under this API key id (never a real one: those are hex).
-CAMPAIGN_KEY_ID = "campaigns"
 INSERT_CHUNK = 1000
 
 
@@ -168,7 +166,7 @@ def _row(row: sa.Row) -> RowRecord:
 
 def campaign_of_attempt(key: str) -> str:
     """The campaign of an attempt's key (see attempt_key)."""
-    return key.split(":")[1]
+    return key.removeprefix(CAMPAIGN_KEY_PREFIX).split(":")[0]
 
 
 def _row_of(values: dict[str, Any]) -> RowRecord:
@@ -185,7 +183,7 @@ def _row_of(values: dict[str, Any]) -> RowRecord:
 def attempt_key(campaign_id: str, row_id: str, attempt: int) -> str:
     # A claim of its own: an attempt given back (never placed) is claimed again under a new key,
     # since its old key names the failed call.
-    return f"campaign:{campaign_id}:{row_id}:{attempt}:{secrets.token_hex(4)}"
+    return f"{CAMPAIGN_KEY_PREFIX}{campaign_id}:{row_id}:{attempt}:{secrets.token_hex(4)}"
 
 
 class CampaignStore:

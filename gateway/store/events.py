@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .calls import MAX_REASON, as_utc, insert_for, utcnow
+from .calls import MAX_REASON, CallScope, as_utc, insert_for, utcnow
 from .database import Database
 from .schema import calls, deliveries, delivery_attempts, events, webhook_endpoints
 
@@ -171,6 +171,8 @@ class StoredEvent:
 
 @dataclass(frozen=True)
 class EventFilters:
+    # Only events of calls an API key sees (None: every event, those of no call included).
+    scope: CallScope | None = None
     call_id: str | None = None
     type: str | None = None
     delivery_status: str | None = None
@@ -228,8 +230,9 @@ class EventStore:
     async def endpoint(self, name: str) -> EndpointState:
         return await self.database.transaction(_endpoint, name)
 
-    async def get(self, event_id: str) -> StoredEvent | None:
-        return await self.database.transaction(_get, event_id)
+    async def get(self, event_id: str, scope: CallScope | None = None) -> StoredEvent | None:
+        """The event; with `scope`, only if it is of a call the scope covers (else None, as for no event)."""
+        return await self.database.transaction(_get, event_id, scope)
 
     async def prune(self, before: dt.datetime, limit: int = 1000) -> int:
         """Delete up to `limit` events older than `before` whose deliveries are all settled (none
@@ -402,15 +405,21 @@ def _stored(row: sa.Row, delivered: list[Delivery]) -> StoredEvent:
     return StoredEvent(row.seq, row.id, row.type, row.call_id, as_utc(row.occurred_at), row.body, tuple(delivered))
 
 
-def _get(connection: sa.Connection, event_id: str) -> StoredEvent | None:
-    row = connection.execute(sa.select(events).where(events.c.id == event_id)).first()
+def _within(query: sa.Select, scope: CallScope | None) -> sa.Select:
+    if scope is None:
+        return query
+    return query.where(events.c.call_id.in_(sa.select(calls.c.id).where(scope.clause())))
+
+
+def _get(connection: sa.Connection, event_id: str, scope: CallScope | None = None) -> StoredEvent | None:
+    row = connection.execute(_within(sa.select(events).where(events.c.id == event_id), scope)).first()
     if row is None:
         return None
     return _stored(row, _deliveries_of(connection, [row.seq], with_history=True)[row.seq])
 
 
 def _list(connection: sa.Connection, filters: EventFilters, limit: int, before_seq: int | None):
-    query = sa.select(events)
+    query = _within(sa.select(events), filters.scope)
     if filters.call_id is not None:
         query = query.where(events.c.call_id == filters.call_id)
     if filters.type is not None:

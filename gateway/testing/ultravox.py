@@ -357,6 +357,7 @@ class FakeUltravox:
         self.calls_created = 0
         self.held_requests = 0  # create requests that reached a FakeResponse(hold=…)
         self.list_requests = 0  # GET /api/calls
+        self.list_status: int | None = None  # set: GET /api/calls answers this error status instead
         self.created_calls: list[dict[str, Any]] = []  # the Call JSON of each 201
         self.data_messages: list[tuple[str, dict[str, Any]]] = []  # (call_id, body)
         self.ended_calls: set[str] = set()  # call ids whose data messages get 422
@@ -440,6 +441,7 @@ class FakeUltravox:
             self.calls_created = 0
             self.held_requests = 0
             self.list_requests = 0
+            self.list_status = None
             self.created_calls.clear()
             self.data_messages.clear()
             self.ended_calls.clear()
@@ -762,6 +764,8 @@ class FakeUltravox:
                   if name.startswith("metadata.")}
         with self._lock:
             self.list_requests += 1
+            if self.list_status is not None:
+                return JSONResponse({"detail": "Scripted failure."}, status_code=self.list_status)
             found = [dict(call) for call in reversed(self.created_calls)
                      if all((call.get("metadata") or {}).get(key) == value for key, value in wanted.items())]
             reports = {call["callId"]: dict(self.call_reports.get(call["callId"]) or {}) for call in found}
