@@ -37,7 +37,8 @@ from ..store import CallRecord, CallStore, CallUpdate, TransferRecord, TransferS
 from ..store.calls import utcnow
 from ..store.campaigns import CANCELED as CAMPAIGN_CANCELED, COMPLETED as CAMPAIGN_COMPLETED, CampaignChange
 from ..store.events import (
-    DELIVERED, FAILED, PENDING, Attempt, EventStore, NewEvent, Pending, insert_events, lock_calls, redeliver,
+    DELIVERED, FAILED, PENDING, Attempt, EventStore, NewEvent, Pending, campaign_stream, insert_events, lock_calls,
+    redeliver,
 )
 from ..store.jobs import NewJob, schedule_job
 from ..store.transfers import CONNECTED, RETURNED
@@ -270,7 +271,7 @@ class CampaignEvents:
 
     def campaign_changed(self, connection: sa.Connection, change: CampaignChange) -> None:
         campaign = change.campaign
-        route, stream = campaign.spec.get("route"), f"campaign:{campaign.id}"
+        route, stream = campaign.spec.get("route"), campaign_stream(campaign.id)
         new: list[NewEvent] = []
 
         def add(event_type: str, data: BaseModel, call_id: str | None = None) -> None:

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from .calls import MAX_REASON, CallScope, as_utc, insert_for, utcnow
 from .database import Database
-from .schema import calls, deliveries, delivery_attempts, events, webhook_endpoints
+from .schema import calls, campaigns, deliveries, delivery_attempts, events, webhook_endpoints
 
 PENDING, DELIVERED, FAILED, SKIPPED = "pending", "delivered", "failed", "skipped"
 DELIVERY_STATUSES = [PENDING, DELIVERED, FAILED, SKIPPED]
@@ -53,6 +53,25 @@ class NewEvent:
         envelope = {"type": self.type, "timestamp": self.occurred_at.isoformat().replace("+00:00", "Z"),
                     "data": self.data}
         return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False)
+
+
+# A campaign's events (its rows' too) are one stream, named so (see flows.events.CampaignEvents).
+CAMPAIGN_STREAM_PREFIX = "campaign:"
+
+
+def campaign_stream(campaign_id: str) -> str:
+    return f"{CAMPAIGN_STREAM_PREFIX}{campaign_id}"
+
+
+def lock_streams(connection: sa.Connection, streams: list[str]) -> None:
+    """lock_calls for the streams that are calls', and the campaign's row for a campaign's stream
+    (which its writers hold too: see store.campaigns), so a hand-over to a stream's next delivery
+    never crosses the insert of one behind it."""
+    lock_calls(connection, [stream for stream in streams if not stream.startswith(CAMPAIGN_STREAM_PREFIX)])
+    campaign_ids = sorted(stream.removeprefix(CAMPAIGN_STREAM_PREFIX) for stream in streams
+                          if stream.startswith(CAMPAIGN_STREAM_PREFIX))
+    if campaign_ids:
+        connection.execute(sa.select(campaigns.c.id).where(campaigns.c.id.in_(campaign_ids)).with_for_update())
 
 
 def lock_calls(connection: sa.Connection, call_ids: list[str]) -> None:
@@ -324,7 +343,7 @@ def _attempted_all(connection: sa.Connection, owner: str, outcomes) -> None:
     # goes again) change nothing here; the attempt itself is kept either way.
     settled = sorted({(o.pending.endpoint, o.pending.stream) for o in outcomes if o.status != PENDING})
     # Before anything else, as every writer of a call's events: see insert_events.
-    lock_calls(connection, [stream for _, stream in settled])
+    lock_streams(connection, [stream for _, stream in settled])
     connection.execute(_RECORD_ATTEMPT, rows)
     connection.execute(_INSERT_ATTEMPT, [
         {name: row[name] for name in ("delivery_id", "attempted_at", "status_code", "error", "duration_ms")}
