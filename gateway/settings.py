@@ -377,6 +377,9 @@ class EventSettings(_Section):
     # While an endpoint is failing, its soonest retry is sent early this often (a probe): the moment
     # it answers again, everything waiting goes, not at the next retry the schedule puts minutes away.
     probe_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # A claimed delivery is held for timeout_seconds and this much more: a process killed while
+    # sending loses its claims that long after, and another process sends them again.
+    lease_margin_seconds: float = Field(default=10.0, gt=0, le=600)
     # Events (and their delivery records) are deleted this many days after they happened, once
     # no delivery is pending.
     retention_days: int = Field(default=30, ge=1)
