@@ -506,6 +506,9 @@ class Settings(_Section):
     # On SIGTERM: how long live bridged calls may go on before they are handed over to another
     # replica (env GATEWAY_DRAIN_SECONDS). Kubernetes' terminationGracePeriodSeconds must exceed it.
     drain_seconds: float = Field(default=120.0, ge=0, le=24 * 3600)
+    # Durable work (gateway/work.py): a claimed job is leased this long, renewed a third of the way
+    # through; a job held by a process that died is run by another once its lease runs out.
+    work_lease_seconds: float = Field(default=15.0, ge=1, le=600)
     # What `gateway serve` writes to stderr: "text" lines, or "json" (one object a line) for a log
     # collector (env GATEWAY_LOG_FORMAT; `--log-format` wins).
     log_format: Literal["text", "json"] = "text"
