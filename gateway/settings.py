@@ -403,6 +403,9 @@ class CampaignSettings(_Section):
     # dial only while the live calls in the store leave `inbound_headroom` of it free for callers.
     account_concurrency: int = Field(default=0, ge=0)
     inbound_headroom: int = Field(default=0, ge=0)
+    # While a campaign cannot dial more (at its max_concurrency, or waiting on its last calls), it
+    # looks at its live calls this often.
+    settle_seconds: float = Field(default=1.0, gt=0, le=60)
 
 
 class RouteSettings(_Section):

@@ -35,7 +35,8 @@ from gateway.testing import (
     haproxy_path,
 )
 
-from .conftest import AGENT_ID, API_KEY, BASE_CONFIG, CARRIER_NAMES, PUBLIC_URL, SUPPORT_NUMBER, gateway_environ, stored_calls
+from .conftest import (AGENT_ID, API_KEY, BASE_CONFIG, CARRIER_NAMES, PUBLIC_URL, SUPPORT_NUMBER, gateway_environ,
+                       new_postgres_database, stored_calls)
 
 BRIDGED_NUMBER = "+15550005555"
 BRIDGE_ROUTE = f"""
@@ -108,10 +109,19 @@ def replicas(make_replicas) -> Replicas:
 
 
 @pytest.fixture(scope="module")
-def _shared_replicas(tmp_path_factory, _fake_ultravox_server, _fake_carrier_servers, postgres_database_url):
+def shared_replicas_database_url():
+    """The shared replicas' own database: with worksteal, other modules' tests run on this worker while
+    they live, and the session's database would have them claim those tests' durable work (a campaign's
+    dispatch, a transfer's deadline)."""
+    with new_postgres_database("shared_replicas") as (url, _, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def _shared_replicas(tmp_path_factory, _fake_ultravox_server, _fake_carrier_servers, shared_replicas_database_url):
     require_haproxy()
     fake_ultravox, _ = _fake_ultravox_server
-    environ = gateway_environ(fake_ultravox, postgres_database_url, _fake_carrier_servers)
+    environ = gateway_environ(fake_ultravox, shared_replicas_database_url, _fake_carrier_servers)
     config = BASE_CONFIG + BRIDGE_ROUTE
     with start_replicas(tmp_path_factory.mktemp("shared") / "replicas", 3, config, environ) as replicas:
         yield replicas
@@ -221,7 +231,8 @@ def served_counts(deliveries: list[Delivery]) -> Counter:
 
 
 @pytest.mark.parametrize("carrier", CARRIER_NAMES)
-def test_signed_retries_on_every_replica_create_one_ultravox_call(shared_replicas, fake_ultravox, postgres_database_url, carrier):
+def test_signed_retries_on_every_replica_create_one_ultravox_call(shared_replicas, fake_ultravox, shared_replicas_database_url,
+                                                                  carrier):
     replicas = shared_replicas
     names = {p.name for p in replicas.processes}
     def answered_with_the_call(process) -> float:
@@ -248,7 +259,7 @@ def test_signed_retries_on_every_replica_create_one_ultravox_call(shared_replica
         call_id = carrier_call_id(carrier, sent)
         (created,) = ultravox_calls_for(fake_ultravox, call_id)
         assert created["joinUrl"] == join_url
-        (record,) = records_for(postgres_database_url, call_id)
+        (record,) = records_for(shared_replicas_database_url, call_id)
         assert record.status == "in-progress" and record.join_url == join_url
         # One replica created it; the others answered from the store.
         assert len(replicas.logged(f"{carrier} call {call_id} joined Ultravox call {created['callId']}")) == 1

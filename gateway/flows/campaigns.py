@@ -51,7 +51,6 @@ from .outbound import ABANDONED_UNPLACED, INLINE_CALL_FIELDS, PLACE_DEADLINE_SEC
 log = logging.getLogger("gateway.campaigns")
 
 TICK_SECONDS = 1.0  # a dispatch run starts at most calls_per_second × this many dials
-SETTLE_SECONDS = 1.0  # how often live calls are looked at while nothing can be dialled
 MAX_SLEEP_SECONDS = 60.0  # a campaign waiting for its window still looks at itself this often
 # A dialing row whose call is not recorded this long after its claim was left by a dead process.
 REDIAL_AFTER_SECONDS = PLACE_DEADLINE_SECONDS + 10
@@ -358,18 +357,18 @@ class CampaignFlow:
         spec = CampaignSpec.model_validate(campaign.spec)
         live = await self._settle(campaign, spec)
         if campaign.status != RUNNING:
-            return SETTLE_SECONDS if live else None
+            return self.settings.campaigns.settle_seconds if live else None
         now = utcnow()
         if campaign.ends_at is not None and now >= campaign.ends_at:
             await self.store.expire(campaign.id)
             if not live and await self.store.complete_if_done(campaign.id):
                 return None
-            return SETTLE_SECONDS
+            return self.settings.campaigns.settle_seconds
         if campaign.starts_at is not None and now < campaign.starts_at:
             return min((campaign.starts_at - now).total_seconds(), MAX_SLEEP_SECONDS)
         room = min(spec.max_concurrency - live, await self._account_room())
         if room <= 0:
-            return SETTLE_SECONDS
+            return self.settings.campaigns.settle_seconds
         burst = max(1, math.floor(spec.calls_per_second * TICK_SECONDS))
         window = spec.opening
         limit = min(room, burst)
@@ -381,7 +380,7 @@ class CampaignFlow:
                 return None
             due = await self.store.next_due(campaign.id)
             wait = MAX_SLEEP_SECONDS if due is None else (due - utcnow()).total_seconds()
-            return max(0.05, min(wait, SETTLE_SECONDS if live else MAX_SLEEP_SECONDS))
+            return max(0.05, min(wait, self.settings.campaigns.settle_seconds if live else MAX_SLEEP_SECONDS))
         started = self._clock()
         placing = []
         for index, row in enumerate(rows):

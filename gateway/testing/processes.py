@@ -24,6 +24,7 @@ import contextlib
 import csv
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -52,6 +53,8 @@ __all__ = [
 REPLICA_HEADER = "X-Gateway-Replica"
 
 _POLL_SECONDS = 0.05
+# What uvicorn logs (at info) once it listens, with the port it bound; in a JSON line too.
+_LISTENING = re.compile(r"Uvicorn running on https?://[^\s:\]]+(?::|\]:)(\d+)")
 _TAIL_CHARS = 4000
 
 
@@ -188,9 +191,12 @@ class GatewayProcess(_ChildProcess):
     """The real ``gateway serve`` command in a child process, on a free loopback port.
 
     `start` launches it and returns at once (so several can start in parallel); `wait_ready`
-    waits until ``/healthz`` answers. Its environment is this process's (PATH and the like)
-    without the GATEWAY_* variables (a developer's own GATEWAY_CONFIG must not steer a test's
-    replicas), with ``environ`` on top.
+    waits until ``/healthz`` answers. Without a `port`, it serves on port 0 (the kernel's pick,
+    bound by the process itself: no port picked free here that another process could take
+    first), and `port` and `url` are known once it logged where it listens (at info level or
+    below, the default); `wait_ready` waits for that too. Its environment is this process's (PATH
+    and the like) without the GATEWAY_* variables (a developer's own GATEWAY_CONFIG must not
+    steer a test's replicas), with ``environ`` on top.
     """
 
     def __init__(
@@ -208,11 +214,21 @@ class GatewayProcess(_ChildProcess):
         super().__init__(name, Path(work_dir))
         self.config_path = Path(config_path)
         self.host = host
-        self.port = port or free_port(host)
+        self._requested_port = port or 0
+        self._port: int | None = port or None
         self.extra_args = list(extra_args)
         base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} if inherit_environ else {}
         # Unbuffered: a line the gateway logged is in the file when a test reads it, and survives a SIGKILL.
         self.environ = {**base, "PYTHONUNBUFFERED": "1", **environ}
+
+    @property
+    def port(self) -> int:
+        """The port it listens on: the one asked for, or the one it logged it bound (see `wait_ready`)."""
+        if self._port is None:
+            self._port = self._logged_port()
+            if self._port is None:
+                raise RuntimeError(f"{self.name} has not said yet which port it listens on (wait_ready first)")
+        return self._port
 
     @property
     def url(self) -> str:
@@ -221,11 +237,16 @@ class GatewayProcess(_ChildProcess):
     @property
     def command(self) -> list[str]:
         return [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path),
-                "--host", self.host, "--port", str(self.port), *self.extra_args]
+                "--host", self.host, "--port", str(self._requested_port), *self.extra_args]
 
     def start(self) -> "GatewayProcess":
         self._spawn(self.command, self.environ)
         return self
+
+    def _logged_port(self) -> int | None:
+        """The port of uvicorn's "Uvicorn running on http://HOST:PORT" line (text or JSON), if logged."""
+        found = _LISTENING.search(self.stderr_text())
+        return int(found.group(1)) if found else None
 
     def wait_ready(self, timeout: float = 30.0) -> "GatewayProcess":
         """Wait until GET /healthz answers 200; ProcessFailed (with its stderr) if it exits or takes too long."""
@@ -233,13 +254,17 @@ class GatewayProcess(_ChildProcess):
         with httpx.Client(timeout=1.0, trust_env=False) as client:
             while True:
                 self._check_running("before answering /healthz")
-                try:
-                    if client.get(self.url + "/healthz").status_code == 200:
-                        return self
-                except httpx.TransportError:
-                    pass
+                if self._port is None:
+                    self._port = self._logged_port()
+                if self._port is not None:
+                    try:
+                        if client.get(self.url + "/healthz").status_code == 200:
+                            return self
+                    except httpx.TransportError:
+                        pass
                 if time.monotonic() > deadline:
-                    raise self._failure(f"did not answer {self.url}/healthz within {timeout:g} s")
+                    where = self.url if self._port is not None else "its port (no 'Uvicorn running on' line logged)"
+                    raise self._failure(f"did not answer {where}/healthz within {timeout:g} s")
                 time.sleep(_POLL_SECONDS)
 
     def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
@@ -268,7 +293,8 @@ class GatewayProcess(_ChildProcess):
 
     def __repr__(self) -> str:
         state = "running" if self.running else f"exited {self._process.returncode}" if self._process else "not started"
-        return f"<GatewayProcess {self.name} {self.url} {state}>"
+        where = self.url if self._port is not None else f"{self.host}:?"
+        return f"<GatewayProcess {self.name} {where} {state}>"
 
 
 @dataclass(frozen=True)
@@ -430,18 +456,25 @@ class Replicas:
             GatewayProcess(config_path, environ, work_dir=work_dir, name=f"replica-{i}", extra_args=extra_args)
             for i in range(count)
         ]
-        balancer = LoadBalancer([Backend(p.name, p.host, p.port) for p in processes], work_dir=work_dir)
-        replicas = cls(processes, balancer)
+        started: list[GatewayProcess] = []
         try:
             for process in processes:
                 process.start()
+                started.append(process)
             # Each waits on its own: a failure names the replica that failed, with its stderr.
             with concurrent.futures.ThreadPoolExecutor(count) as pool:
                 for ready in [pool.submit(p.wait_ready, timeout) for p in processes]:
                     ready.result()
-            balancer.start(timeout=timeout)
+            # Their ports are known now (each bound its own).
+            replicas = cls(processes, LoadBalancer([Backend(p.name, p.host, p.port) for p in processes], work_dir=work_dir))
+            try:
+                replicas.balancer.start(timeout=timeout)
+            except BaseException:
+                replicas.close()
+                raise
         except BaseException:
-            replicas.close()
+            for process in started:
+                process.close()
             raise
         return replicas
 
