@@ -22,6 +22,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import csv
+import functools
 import io
 import os
 import re
@@ -71,6 +72,14 @@ def _kill_leftovers() -> None:
 
 class ProcessFailed(RuntimeError):
     """A child process exited, or did not become ready in time; the message quotes its stderr."""
+
+
+@functools.cache
+def _loopback() -> httpx.Client:
+    """One client for the polls and reads of this module (health, metrics, HAProxy's statistics):
+    each new client builds a TLS context (~20 ms of CPU), and a wait polls every 50 ms. Not from
+    the environment: a proxy must not see loopback traffic."""
+    return httpx.Client(trust_env=False, timeout=5.0)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -251,21 +260,21 @@ class GatewayProcess(_ChildProcess):
     def wait_ready(self, timeout: float = 30.0) -> "GatewayProcess":
         """Wait until GET /healthz answers 200; ProcessFailed (with its stderr) if it exits or takes too long."""
         deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=1.0, trust_env=False) as client:
-            while True:
-                self._check_running("before answering /healthz")
-                if self._port is None:
-                    self._port = self._logged_port()
-                if self._port is not None:
-                    try:
-                        if client.get(self.url + "/healthz").status_code == 200:
-                            return self
-                    except httpx.TransportError:
-                        pass
-                if time.monotonic() > deadline:
-                    where = self.url if self._port is not None else "its port (no 'Uvicorn running on' line logged)"
-                    raise self._failure(f"did not answer {where}/healthz within {timeout:g} s")
-                time.sleep(_POLL_SECONDS)
+        client = _loopback()
+        while True:
+            self._check_running("before answering /healthz")
+            if self._port is None:
+                self._port = self._logged_port()
+            if self._port is not None:
+                try:
+                    if client.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+            if time.monotonic() > deadline:
+                where = self.url if self._port is not None else "its port (no 'Uvicorn running on' line logged)"
+                raise self._failure(f"did not answer {where}/healthz within {timeout:g} s")
+            time.sleep(_POLL_SECONDS)
 
     def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
         """Wait until a line of its stderr (where the gateway logs) contains `text`; that line."""
@@ -283,7 +292,7 @@ class GatewayProcess(_ChildProcess):
         sums every series of that name whose labels include these."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        text = httpx.get(self.url + "/metrics", timeout=5, trust_env=False).text
+        text = _loopback().get(self.url + "/metrics", timeout=5).text
         return sum(
             sample.value
             for family in text_string_to_metric_families(text)
@@ -407,7 +416,7 @@ listen stats
 
     def statuses(self) -> dict[str, str]:
         """Each backend's status as HAProxy's health checks see it: "UP", "DOWN", "MAINT", "no check"…"""
-        text = httpx.get(f"http://{self.host}:{self.stats_port}/;csv", timeout=2, trust_env=False).text
+        text = _loopback().get(f"http://{self.host}:{self.stats_port}/;csv", timeout=2).text
         rows = csv.DictReader(io.StringIO(text.removeprefix("# ")))
         return {row["svname"]: row["status"] for row in rows if row["pxname"] == "replicas"
                 and row["svname"] not in ("FRONTEND", "BACKEND")}
