@@ -7,6 +7,8 @@ import contextlib
 import json
 import os
 import shutil
+import sys
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,19 @@ from gateway.http import tls_context
 from gateway.settings import Settings, load_settings
 from gateway.store import CallRecord, CallStore
 from gateway.testing import FakeCarrier, FakeUltravox, ServerThread, double
+
+# Where the environment asks for no bytecode beside the sources (PYTHONDONTWRITEBYTECODE), each
+# xdist worker of each run rewrote and compiled every test module afresh (~3 s of CPU a worker).
+# Their bytecode is kept under the temporary directory instead, out of the tree, while the suite is
+# collected (the libraries above were imported as the environment asks; the flags come back after).
+_BYTECODE_FLAGS = (sys.dont_write_bytecode, sys.pycache_prefix)
+if sys.dont_write_bytecode and not sys.pycache_prefix:
+    sys.pycache_prefix = os.path.join(tempfile.gettempdir(), "ultravox-gateway-test-bytecode")
+    sys.dont_write_bytecode = False
+
+
+def pytest_collection_finish(session):
+    sys.dont_write_bytecode, sys.pycache_prefix = _BYTECODE_FLAGS
 
 # Carriers by what a scenario needs of them; every per-carrier fact comes from double(name).
 CARRIER_NAMES = list(CARRIERS)  # every carrier the gateway speaks
