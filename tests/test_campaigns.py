@@ -271,7 +271,13 @@ def test_two_replicas_share_a_campaign_and_one_killed_mid_run_dials_no_row_twice
         deadline = time.monotonic() + WAIT_SECONDS
         while len(fake.calls) < 15 and time.monotonic() < deadline:
             time.sleep(0.01)
-        (job,) = [j for j in dispatch_jobs(postgres_database_url) if j.key == f"campaign:{campaign_id}"]
+        # The replica running the dispatch: between runs (waiting for its calls to settle) the job is
+        # pending and held by no one, so look until a run of it holds it.
+        while time.monotonic() < deadline:
+            (job,) = [j for j in dispatch_jobs(postgres_database_url) if j.key == f"campaign:{campaign_id}"]
+            if job.lease_owner:
+                break
+            time.sleep(0.01)
         (victim,) = [p for p in replicas.processes if job.lease_owner and f":{p.pid}:" in job.lease_owner]
         victim.kill()
         assert victim.wait(10) == -signal.SIGKILL
