@@ -406,6 +406,9 @@ class CampaignSettings(_Section):
     # While a campaign cannot dial more (at its max_concurrency, or waiting on its last calls), it
     # looks at its live calls this often.
     settle_seconds: float = Field(default=1.0, gt=0, le=60)
+    # A row being dialled whose call is still not recorded this long after a dial's deadline (10 s)
+    # from its claim was left by a process that died: it is placed again, under the same attempt.
+    redial_margin_seconds: float = Field(default=10.0, gt=0, le=600)
 
 
 class RouteSettings(_Section):

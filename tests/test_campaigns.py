@@ -257,7 +257,8 @@ def test_invalid_campaign_fields_are_refused(gateway, field, value):
 def test_two_replicas_share_a_campaign_and_one_killed_mid_run_dials_no_row_twice(make_replicas, fake_carriers,  # noqa: F811
                                                                                  postgres_database_url):
     # The survivor takes the campaign's dispatch over once the victim's lease on it runs out (15 s by default).
-    replicas = make_replicas(2, SETTLE, work_lease_seconds=4)
+    # The rows the victim was dialling are placed again 10 s + 1 s after their claim (10 s + 10 s by default).
+    replicas = make_replicas(2, SETTLE + "redial_margin_seconds = 1\n", work_lease_seconds=4)
     client = httpx.Client(base_url=replicas.url, timeout=30)
     listed = numbers(60, start=1000)
     fake = fake_carriers[CARRIER]

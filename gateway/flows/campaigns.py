@@ -52,8 +52,6 @@ log = logging.getLogger("gateway.campaigns")
 
 TICK_SECONDS = 1.0  # a dispatch run starts at most calls_per_second × this many dials
 MAX_SLEEP_SECONDS = 60.0  # a campaign waiting for its window still looks at itself this often
-# A dialing row whose call is not recorded this long after its claim was left by a dead process.
-REDIAL_AFTER_SECONDS = PLACE_DEADLINE_SECONDS + 10
 RETRYABLE = Literal["busy", "no-answer", "failed", "machine-detected"]
 MAX_CAMPAIGN_LIST = 200
 
@@ -426,7 +424,9 @@ class CampaignFlow:
                 continue
             live += 1
             claimed_at = attempt.row.claimed_at
-            if attempt.call is None and claimed_at and now - claimed_at > dt.timedelta(seconds=REDIAL_AFTER_SECONDS):
+            # A dialing row whose call is not recorded this long after its claim was left by a dead process.
+            redial_after = PLACE_DEADLINE_SECONDS + self.settings.campaigns.redial_margin_seconds
+            if attempt.call is None and claimed_at and now - claimed_at > dt.timedelta(seconds=redial_after):
                 redial.append(attempt.row)
         if changes:
             await self._settled(campaign.id, changes)
