@@ -64,6 +64,9 @@ class UltravoxSettings(_Section):
     # Total time an inbound webhook may spend getting a join URL, retries included.
     # Twilio gives up after 15 s, so the default leaves room for the network both ways.
     inbound_deadline_seconds: float = Field(default=11.0, gt=0, le=60)
+    # A call being created is held by its process for inbound_deadline_seconds and this more: past
+    # that, its process is taken for dead, and another settles the call by what Ultravox has for it.
+    creating_lease_margin_seconds: float = Field(default=5.0, gt=0, le=600)
     request_timeout_seconds: float = Field(default=8.0, gt=0)
     max_attempts: int = Field(default=5, ge=1, le=20)
     pool_size: int = Field(default=100, ge=1)
