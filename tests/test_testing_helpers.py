@@ -510,3 +510,5 @@ def test_a_gateway_process_without_a_port_binds_its_own_and_says_which(tmp_path)
     as_json.stderr_path.write_text(json.dumps({"message": "Uvicorn running on http://127.0.0.1:43211 (Press CTRL+C to quit)"}))
     assert as_json.port == 43211
     assert GatewayProcess(tmp_path / "gateway.toml", {}, work_dir=tmp_path, name="fixed", port=8123).url.endswith(":8123")
+    quiet = GatewayProcess(tmp_path / "gateway.toml", {}, work_dir=tmp_path, name="quiet", extra_args=["--log-level", "warning"])
+    assert quiet.port > 0 and quiet.command[quiet.command.index("--port") + 1] == str(quiet.port)  # it would not say

@@ -13,7 +13,8 @@ process, `LoadBalancer` runs HAProxy in front of several of them, and `Replicas`
 Each process writes its stdout and stderr to files in the work directory, which tests read
 (`GatewayProcess.stderr_text`). HAProxy comes from the operating system's packages
 (Debian: ``apt-get install haproxy``); `haproxy_path` says whether it is there. Nothing here
-needs root: every port is a free loopback port picked when the process starts.
+needs root: each gateway binds a loopback port of its own (port 0, read back from its log),
+and HAProxy's are free loopback ports picked when it starts.
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ def _loopback() -> httpx.Client:
     each new client builds a TLS context (~20 ms of CPU), and a wait polls every 50 ms. Not from
     the environment: a proxy must not see loopback traffic."""
     return httpx.Client(trust_env=False, timeout=5.0)
+
+
+def _logs_where_it_listens(serve_args: Sequence[str]) -> bool:
+    """Whether `gateway serve` with these arguments logs uvicorn's "running on" line (info level)."""
+    args = list(serve_args)
+    level = next((value for flag, value in zip(args, args[1:]) if flag == "--log-level"), "info")
+    return level in ("debug", "info")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -202,8 +210,9 @@ class GatewayProcess(_ChildProcess):
     `start` launches it and returns at once (so several can start in parallel); `wait_ready`
     waits until ``/healthz`` answers. Without a `port`, it serves on port 0 (the kernel's pick,
     bound by the process itself: no port picked free here that another process could take
-    first), and `port` and `url` are known once it logged where it listens (at info level or
-    below, the default); `wait_ready` waits for that too. Its environment is this process's (PATH
+    first), and `port` and `url` are known once it logged where it listens; `wait_ready` waits
+    for that too. (With ``--log-level warning`` or above it would not say: a port is picked free
+    here then.) Its environment is this process's (PATH
     and the like) without the GATEWAY_* variables (a developer's own GATEWAY_CONFIG must not
     steer a test's replicas), with ``environ`` on top.
     """
@@ -223,9 +232,11 @@ class GatewayProcess(_ChildProcess):
         super().__init__(name, Path(work_dir))
         self.config_path = Path(config_path)
         self.host = host
+        self.extra_args = list(extra_args)
+        if not port and not _logs_where_it_listens(self.extra_args):
+            port = free_port(host)  # it will not say which port it bound: one picked free here
         self._requested_port = port or 0
         self._port: int | None = port or None
-        self.extra_args = list(extra_args)
         base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} if inherit_environ else {}
         # Unbuffered: a line the gateway logged is in the file when a test reads it, and survives a SIGKILL.
         self.environ = {**base, "PYTHONUNBUFFERED": "1", **environ}
