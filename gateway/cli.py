@@ -128,8 +128,6 @@ def _load(path: str | None):
 
 def serve_command(args) -> int:
     from . import logs
-    from .app import create_app
-    from .serving import serve, server_config
 
     # Until the settings are read, the format is the flag's or the environment's: configuration
     # problems are logged in it too.
@@ -151,6 +149,11 @@ def serve_command(args) -> int:
         log.error("Cannot open the store at %s: %s. Check GATEWAY_DATABASE_URL ([gateway] database_url).",
                   _without_password(settings.database_url), problem)
         return 2
+    # Imported once the configuration and the store are known good: a problem is said without
+    # loading the app and its libraries (most of a start's time).
+    from .app import create_app
+    from .serving import serve, server_config
+
     if args.workers > 1:
         # Each worker process builds its own app from the same configuration.
         if args.config:

@@ -64,6 +64,9 @@ class UltravoxSettings(_Section):
     # Total time an inbound webhook may spend getting a join URL, retries included.
     # Twilio gives up after 15 s, so the default leaves room for the network both ways.
     inbound_deadline_seconds: float = Field(default=11.0, gt=0, le=60)
+    # A call being created is held by its process for inbound_deadline_seconds and this more: past
+    # that, its process is taken for dead, and another settles the call by what Ultravox has for it.
+    creating_lease_margin_seconds: float = Field(default=5.0, gt=0, le=600)
     request_timeout_seconds: float = Field(default=8.0, gt=0)
     max_attempts: int = Field(default=5, ge=1, le=20)
     pool_size: int = Field(default=100, ge=1)
@@ -378,6 +381,9 @@ class EventSettings(_Section):
     # While an endpoint is failing, its soonest retry is sent early this often (a probe): the moment
     # it answers again, everything waiting goes, not at the next retry the schedule puts minutes away.
     probe_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # A claimed delivery is held for timeout_seconds and this much more: a process killed while
+    # sending loses its claims that long after, and another process sends them again.
+    lease_margin_seconds: float = Field(default=10.0, gt=0, le=600)
     # Events (and their delivery records) are deleted this many days after they happened, once
     # no delivery is pending.
     retention_days: int = Field(default=30, ge=1)
@@ -401,6 +407,12 @@ class CampaignSettings(_Section):
     # `inbound_headroom` is set): campaigns dial only while live calls leave `inbound_headroom` free.
     account_concurrency: int = Field(default=0, ge=0)
     inbound_headroom: int = Field(default=0, ge=0)
+    # While a campaign cannot dial more (at its max_concurrency, or waiting on its last calls), it
+    # looks at its live calls this often.
+    settle_seconds: float = Field(default=1.0, gt=0, le=60)
+    # A row being dialled whose call is still not recorded this long after a dial's deadline (10 s)
+    # from its claim was left by a process that died: it is placed again, under the same attempt.
+    redial_margin_seconds: float = Field(default=10.0, gt=0, le=600)
 
 
 class RouteSettings(_Section):
@@ -577,6 +589,9 @@ class Settings(_Section):
     # On SIGTERM: how long live bridged calls may go on before they are handed over to another
     # replica (env GATEWAY_DRAIN_SECONDS). Kubernetes' terminationGracePeriodSeconds must exceed it.
     drain_seconds: float = Field(default=120.0, ge=0, le=24 * 3600)
+    # Durable work (gateway/work.py): a claimed job is leased this long, renewed a third of the way
+    # through; a job held by a process that died is run by another once its lease runs out.
+    work_lease_seconds: float = Field(default=15.0, ge=1, le=600)
     # What `gateway serve` writes to stderr: "text" lines, or "json" (one object a line) for a log
     # collector (env GATEWAY_LOG_FORMAT; `--log-format` wins).
     log_format: Literal["text", "json"] = "text"

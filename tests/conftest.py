@@ -6,6 +6,9 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
+import sys
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +23,19 @@ from gateway.http import tls_context
 from gateway.settings import Settings, load_settings
 from gateway.store import CallRecord, CallStore
 from gateway.testing import FakeCarrier, FakeUltravox, ServerThread, double
+
+# Where the environment asks for no bytecode beside the sources (PYTHONDONTWRITEBYTECODE), each
+# xdist worker of each run rewrote and compiled every test module afresh (~3 s of CPU a worker).
+# Their bytecode is kept under the temporary directory instead, out of the tree, while the suite is
+# collected (the libraries above were imported as the environment asks; the flags come back after).
+_BYTECODE_FLAGS = (sys.dont_write_bytecode, sys.pycache_prefix)
+if sys.dont_write_bytecode and not sys.pycache_prefix:
+    sys.pycache_prefix = os.path.join(tempfile.gettempdir(), "ultravox-gateway-test-bytecode")
+    sys.dont_write_bytecode = False
+
+
+def pytest_collection_finish(session):
+    sys.dont_write_bytecode, sys.pycache_prefix = _BYTECODE_FLAGS
 
 # Carriers by what a scenario needs of them; every per-carrier fact comes from double(name).
 CARRIER_NAMES = list(CARRIERS)  # every carrier the gateway speaks
@@ -223,14 +239,38 @@ def fake_carriers(_fake_carrier_servers) -> dict[str, FakeCarrier]:
     return _fake_carrier_servers
 
 
+@pytest.fixture(scope="session")
+def _migrated_sqlite(tmp_path_factory) -> Path:
+    """An SQLite database file with every migration applied and no rows, made once per process:
+    a copy of it is a new store without the migrations' cost (tens of ms and several fsyncs each)."""
+    path = tmp_path_factory.mktemp("template") / "migrated.db"
+
+    async def migrate():
+        store = CallStore.open(f"sqlite:///{path}")
+        try:
+            await store.migrate()
+        finally:
+            await store.close()  # the last connection closed: the WAL is folded into the file
+
+    asyncio.run(migrate())
+    return path
+
+
+def new_sqlite_url(path: Path, migrated: Path) -> str:
+    """The URL of an empty, migrated SQLite store at `path` (left as it is if it exists already)."""
+    if not path.exists():
+        shutil.copyfile(migrated, path)
+    return f"sqlite:///{path}"
+
+
 @pytest.fixture
-def make_gateway(tmp_path: Path, fake_ultravox: FakeUltravox, _fake_carrier_servers):
+def make_gateway(tmp_path: Path, fake_ultravox: FakeUltravox, _fake_carrier_servers, _migrated_sqlite):
     started: list[Gateway] = []
 
     def make(extra_config: str = "", *, database_url: str | None = None, config: str | None = None, **environ: str):
         config_path = tmp_path / f"gateway-{uuid.uuid4().hex[:8]}.toml"
         config_path.write_text((BASE_CONFIG if config is None else config) + extra_config)
-        database_url = database_url or f"sqlite:///{tmp_path / 'gateway.db'}"
+        database_url = database_url or new_sqlite_url(tmp_path / "gateway.db", _migrated_sqlite)
         environ = gateway_environ(fake_ultravox, database_url, _fake_carrier_servers, **environ)
         settings = load_settings(config_path, environ)
         server = ServerThread(create_app(settings)).start()
@@ -309,10 +349,10 @@ def postgres_database_url():
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
+def database_url(request, tmp_path, _migrated_sqlite):
     """The store on SQLite and on PostgreSQL, from empty tables."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
+        return new_sqlite_url(tmp_path / "store.db", _migrated_sqlite)
     url = request.getfixturevalue("postgres_database_url")
     # Each test starts from empty tables on the session's database.
     async def clear():

@@ -25,6 +25,14 @@ from .test_replicas import make_replicas  # noqa: F401  (the fixture: replicas o
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CARRIER = CARRIER_NAMES[0]
 WAIT_SECONDS = 60
+# A campaign at its concurrency looks at its live calls again after this (1 s by default): the
+# callees here hang up within 0.4 s.
+SETTLE = "\n[campaigns]\nsettle_seconds = 0.2\n"
+
+
+@pytest.fixture
+def gateway(make_gateway):
+    return make_gateway(SETTLE)
 
 
 def numbers(count: int, start: int = 0) -> list[str]:
@@ -77,7 +85,7 @@ def dispatch_jobs(database_url):
 
 def test_a_campaign_dials_each_row_once_within_its_concurrency_retries_and_suppressions(
         make_gateway, fake_carriers, database_url):
-    gateway = make_gateway(database_url=database_url)
+    gateway = make_gateway(SETTLE, database_url=database_url)
     listed = numbers(12)
     busy_once, always_busy, denied, suppressed = listed[1], listed[2], "+33612345678", listed[3]
     response = gateway.client.post("/v1/suppressions", json={"numbers": [suppressed], "reason": "asked"}, headers=AUTH)
@@ -129,7 +137,7 @@ def test_csv_rows_carry_template_context_metadata_and_a_time_zone(gateway, fake_
 
 
 def test_pause_stops_dialling_resume_goes_on_cancel_ends_it(make_gateway, fake_carriers, database_url):
-    gateway = make_gateway(database_url=database_url)
+    gateway = make_gateway(SETTLE, database_url=database_url)
     hold = {"seconds": 30.0}
     with Callees(fake_carriers[CARRIER], hold=lambda: hold["seconds"]) as callees:
         created = create(gateway, numbers(5), max_concurrency=1)
@@ -249,7 +257,9 @@ def test_invalid_campaign_fields_are_refused(gateway, field, value):
 
 def test_two_replicas_share_a_campaign_and_one_killed_mid_run_dials_no_row_twice(make_replicas, fake_carriers,  # noqa: F811
                                                                                  postgres_database_url):
-    replicas = make_replicas(2)
+    # The survivor takes the campaign's dispatch over once the victim's lease on it runs out (15 s by default).
+    # The rows the victim was dialling are placed again 10 s + 1 s after their claim (10 s + 10 s by default).
+    replicas = make_replicas(2, SETTLE + "redial_margin_seconds = 1\n", work_lease_seconds=4)
     client = httpx.Client(base_url=replicas.url, timeout=30)
     listed = numbers(60, start=1000)
     fake = fake_carriers[CARRIER]
@@ -263,7 +273,13 @@ def test_two_replicas_share_a_campaign_and_one_killed_mid_run_dials_no_row_twice
         deadline = time.monotonic() + WAIT_SECONDS
         while len(fake.calls) < 15 and time.monotonic() < deadline:
             time.sleep(0.01)
-        (job,) = [j for j in dispatch_jobs(postgres_database_url) if j.key == f"campaign:{campaign_id}"]
+        # The replica running the dispatch: between runs (waiting for its calls to settle) the job is
+        # pending and held by no one, so look until a run of it holds it.
+        while time.monotonic() < deadline:
+            (job,) = [j for j in dispatch_jobs(postgres_database_url) if j.key == f"campaign:{campaign_id}"]
+            if job.lease_owner:
+                break
+            time.sleep(0.01)
         (victim,) = [p for p in replicas.processes if job.lease_owner and f":{p.pid}:" in job.lease_owner]
         victim.kill()
         assert victim.wait(10) == -signal.SIGKILL
@@ -307,7 +323,7 @@ def test_the_campaign_command_creates_and_follows_a_campaign(gateway, fake_carri
 
 
 def test_inbound_headroom_keeps_account_capacity_free_for_callers(make_gateway, fake_carriers):
-    gateway = make_gateway("\n[campaigns]\naccount_concurrency = 3\ninbound_headroom = 2\n")
+    gateway = make_gateway(SETTLE + "account_concurrency = 3\ninbound_headroom = 2\n")
     with Callees(fake_carriers[CARRIER], hold=lambda: 0.1) as callees:
         created = create(gateway, numbers(4), max_concurrency=4)
         wait_for(gateway, created["id"], lambda view: view["status"] == "completed", "completed")

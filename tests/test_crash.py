@@ -57,7 +57,8 @@ def wait_for(predicate, timeout: float = 30.0):
 def test_calls_being_created_when_the_gateway_is_killed_are_adopted_or_failed_never_made_twice(
         tmp_path: Path, fake_ultravox, fake_carriers, database_url):
     config = tmp_path / "gateway.toml"
-    config.write_text(BASE_CONFIG)
+    # The creations the victim held lapse 1 s after the inbound deadline (5 s by default).
+    config.write_text(BASE_CONFIG.replace("[ultravox]\n", "[ultravox]\ncreating_lease_margin_seconds = 1\n", 1))
     environ = gateway_environ(fake_ultravox, database_url, fake_carriers, GATEWAY_PUBLIC_URL="https://gateway.example.test")
     release = threading.Event()
     fake_ultravox.script(*[FakeResponse(hold=release) for _ in range(3)])

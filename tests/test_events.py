@@ -28,11 +28,11 @@ TRANSCRIPT = [
 
 
 def webhooks_config(*receivers: tuple[str, EventReceiver], retries: str = FAST_RETRIES, extra: str = "",
-                    probe_interval: float = 5.0) -> str:
+                    probe_interval: float = 5.0, lease_margin: float = 10.0) -> str:
     tables = "".join(f'\n[[webhooks]]\nname = "{name}"\nurl = "{receiver.url}"\nsecret = "{receiver.secret}"\n{extra}'
                      for name, receiver in receivers)
     return tables + (f"\n[events]\nretry_schedule_seconds = {retries}\ntimeout_seconds = 2\nartifacts_wait_seconds = 3\n"
-                     f"probe_interval_seconds = {probe_interval}\n")
+                     f"probe_interval_seconds = {probe_interval}\nlease_margin_seconds = {lease_margin}\n")
 
 
 @pytest.fixture
@@ -355,7 +355,8 @@ def test_events_owed_by_a_gateway_killed_with_sigkill_are_delivered_by_the_next(
     from .conftest import gateway_environ
 
     config = tmp_path / "events.toml"
-    config.write_text(BASE_CONFIG + webhooks_config(("crm", receiver)))
+    # The claims the killed process held run out a second after their send's timeout (10 s by default).
+    config.write_text(BASE_CONFIG + webhooks_config(("crm", receiver), lease_margin=1.0))
     environ = gateway_environ(fake_ultravox, database_url, fake_carriers)
 
     def serve(name):

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import socket
-import subprocess
-import sys
 import time
 from urllib.parse import urlencode
 
@@ -494,29 +490,15 @@ def test_store_outage_still_connects_the_caller(gateway, fake_ultravox, carrier)
 
 
 def test_gateway_serve_command_answers_a_signed_webhook(tmp_path, fake_ultravox):
+    from gateway.testing.processes import GatewayProcess
 
     config = tmp_path / "gateway.toml"
     config.write_text(BASE_CONFIG)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, **gateway_environ(fake_ultravox, f"sqlite:///{tmp_path / 'cli.db'}")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port), "--log-level", "warning"],
-        env=env,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                if httpx.get(base + "/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    environ = gateway_environ(fake_ultravox, f"sqlite:///{tmp_path / 'cli.db'}")
+    # `gateway serve --port 0`: the port it bound is read from its log (none picked free here first).
+    with GatewayProcess(config, environ, work_dir=tmp_path, name="serve") as process:
+        process.start().wait_ready()
         request = double("twilio").inbound_request(PUBLIC_URL, "/twilio/inbound", form_for("twilio"))
-        response = httpx.post(base + "/twilio/inbound", content=request.body, headers=request.headers)
+        response = httpx.post(process.url + "/twilio/inbound", content=request.body, headers=request.headers)
         assert response.status_code == 200
         stream_of("twilio", response.text)
-    finally:
-        process.terminate()
-        process.wait(10)

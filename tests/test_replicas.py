@@ -35,7 +35,8 @@ from gateway.testing import (
     haproxy_path,
 )
 
-from .conftest import AGENT_ID, API_KEY, BASE_CONFIG, CARRIER_NAMES, PUBLIC_URL, SUPPORT_NUMBER, gateway_environ, stored_calls
+from .conftest import (AGENT_ID, API_KEY, BASE_CONFIG, CARRIER_NAMES, PUBLIC_URL, SUPPORT_NUMBER, gateway_environ,
+                       new_postgres_database, stored_calls)
 
 BRIDGED_NUMBER = "+15550005555"
 BRIDGE_ROUTE = f"""
@@ -72,14 +73,19 @@ def start_replicas(work_dir: Path, count: int, config: str, environ: dict[str, s
 
 @pytest.fixture
 def make_replicas(tmp_path: Path, fake_ultravox, fake_carriers, postgres_database_url):
-    """Start `count` replicas of BASE_CONFIG (+ `extra_config`, `environ`) on the session's PostgreSQL
-    database behind HAProxy; the fake carriers call back through the balancer. Stopped after the test."""
+    """Start `count` replicas of BASE_CONFIG (+ `extra_config`, `environ`; `work_lease_seconds` in its
+    [gateway] table) on the session's PostgreSQL database behind HAProxy; the fake carriers call back
+    through the balancer. Stopped after the test."""
     require_haproxy()
     started: list[Replicas] = []
 
-    def make(count: int = 3, extra_config: str = "", **environ: str) -> Replicas:
+    def make(count: int = 3, extra_config: str = "", *, work_lease_seconds: float | None = None,
+             **environ: str) -> Replicas:
+        config = BASE_CONFIG
+        if work_lease_seconds is not None:
+            config = config.replace("[gateway]\n", f"[gateway]\nwork_lease_seconds = {work_lease_seconds}\n", 1)
         replicas = start_replicas(
-            tmp_path / f"replicas-{len(started)}", count, BASE_CONFIG + extra_config,
+            tmp_path / f"replicas-{len(started)}", count, config + extra_config,
             gateway_environ(fake_ultravox, postgres_database_url, fake_carriers, **environ),
         )
         started.append(replicas)
@@ -103,10 +109,19 @@ def replicas(make_replicas) -> Replicas:
 
 
 @pytest.fixture(scope="module")
-def _shared_replicas(tmp_path_factory, _fake_ultravox_server, _fake_carrier_servers, postgres_database_url):
+def shared_replicas_database_url():
+    """The shared replicas' own database: with worksteal, other modules' tests run on this worker while
+    they live, and the session's database would have them claim those tests' durable work (a campaign's
+    dispatch, a transfer's deadline)."""
+    with new_postgres_database("shared_replicas") as (url, _, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def _shared_replicas(tmp_path_factory, _fake_ultravox_server, _fake_carrier_servers, shared_replicas_database_url):
     require_haproxy()
     fake_ultravox, _ = _fake_ultravox_server
-    environ = gateway_environ(fake_ultravox, postgres_database_url, _fake_carrier_servers)
+    environ = gateway_environ(fake_ultravox, shared_replicas_database_url, _fake_carrier_servers)
     config = BASE_CONFIG + BRIDGE_ROUTE
     with start_replicas(tmp_path_factory.mktemp("shared") / "replicas", 3, config, environ) as replicas:
         yield replicas
@@ -216,7 +231,8 @@ def served_counts(deliveries: list[Delivery]) -> Counter:
 
 
 @pytest.mark.parametrize("carrier", CARRIER_NAMES)
-def test_signed_retries_on_every_replica_create_one_ultravox_call(shared_replicas, fake_ultravox, postgres_database_url, carrier):
+def test_signed_retries_on_every_replica_create_one_ultravox_call(shared_replicas, fake_ultravox, shared_replicas_database_url,
+                                                                  carrier):
     replicas = shared_replicas
     names = {p.name for p in replicas.processes}
     def answered_with_the_call(process) -> float:
@@ -243,7 +259,7 @@ def test_signed_retries_on_every_replica_create_one_ultravox_call(shared_replica
         call_id = carrier_call_id(carrier, sent)
         (created,) = ultravox_calls_for(fake_ultravox, call_id)
         assert created["joinUrl"] == join_url
-        (record,) = records_for(postgres_database_url, call_id)
+        (record,) = records_for(shared_replicas_database_url, call_id)
         assert record.status == "in-progress" and record.join_url == join_url
         # One replica created it; the others answered from the store.
         assert len(replicas.logged(f"{carrier} call {call_id} joined Ultravox call {created['callId']}")) == 1
@@ -489,7 +505,8 @@ def test_a_replica_killed_mid_warm_transfer_does_not_strand_its_caller(make_repl
     to the agent, and the new agent continues the conversation."""
     from .conftest import TOOL_SECRET
 
-    replicas = make_replicas(3, "[transfer]\nleg_timeout_seconds = 2.0\n")
+    # A deadline the victim had claimed when it died is a survivor's once that claim's lease runs out.
+    replicas = make_replicas(3, "[transfer]\nleg_timeout_seconds = 2.0\n", work_lease_seconds=4)
     carrier, victim = "twilio", replicas.processes[0]
     fake, carrier_double = fake_carriers[carrier], double(carrier)
     form = carrier_double.inbound_form(to=SUPPORT_NUMBER)
@@ -512,8 +529,8 @@ def test_a_replica_killed_mid_warm_transfer_does_not_strand_its_caller(make_repl
         assert victim.wait(10) == -signal.SIGKILL
         # No operator callback ever comes. A survivor fires the leg's deadline and moves the caller back.
         # Alone this takes ~3 s. On a loaded machine (the suite's workers) the victim may already have
-        # claimed the leg's deadline when it died: a survivor then takes it when that claim's 15 s
-        # lease runs out (a likely cause of one 30 s timeout seen under -n 4; not confirmed).
+        # claimed the leg's deadline when it died: a survivor then takes it when that claim's lease
+        # (4 s here) runs out.
         wait_until(lambda: len(moves()) == 2, "the caller to be moved back to the agent", timeout=60)
         answer = fake.callback(moves()[1], fake.form_for(call_id))
         join_url, _ = carrier_double.connected_url(answer.text)

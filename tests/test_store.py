@@ -113,7 +113,10 @@ def test_same_call_id_on_two_carriers_is_two_calls(database_url):
     run(database_url, scenario)
 
 
-def test_migrations_run_once_and_are_recorded(database_url):
+def test_migrations_run_once_and_are_recorded(database_url, tmp_path):
+    if database_url.startswith("sqlite"):
+        database_url = f"sqlite:///{tmp_path / 'fresh.db'}"  # every migration from none (not the migrated copy)
+
     async def scenario(store):
         assert await store.migrate() == await store.migrate()
         versions = await store.database.transaction(

@@ -491,3 +491,24 @@ def test_tool_definition_is_validated_strictly(fake, client, definition, expecte
     assert response.status_code == 400
     assert fake.schema_errors and expected in fake.schema_errors[0]
     assert fake.tools == {}
+
+
+def test_a_gateway_process_without_a_port_binds_its_own_and_says_which(tmp_path):
+    """`gateway serve --port 0`, the port read from uvicorn's line (text or JSON): none is picked
+    free here and closed for another process to take before the gateway binds it."""
+    import json
+
+    from gateway.testing.processes import GatewayProcess
+
+    process = GatewayProcess(tmp_path / "gateway.toml", {}, work_dir=tmp_path, name="portless")
+    assert process.command[process.command.index("--port") + 1] == "0"
+    with pytest.raises(RuntimeError, match="wait_ready first"):
+        _ = process.url
+    process.stderr_path.write_text("INFO uvicorn.error: Uvicorn running on http://127.0.0.1:43210 (Press CTRL+C to quit)\n")
+    assert process.url == "http://127.0.0.1:43210"
+    as_json = GatewayProcess(tmp_path / "gateway.toml", {}, work_dir=tmp_path, name="json")
+    as_json.stderr_path.write_text(json.dumps({"message": "Uvicorn running on http://127.0.0.1:43211 (Press CTRL+C to quit)"}))
+    assert as_json.port == 43211
+    assert GatewayProcess(tmp_path / "gateway.toml", {}, work_dir=tmp_path, name="fixed", port=8123).url.endswith(":8123")
+    quiet = GatewayProcess(tmp_path / "gateway.toml", {}, work_dir=tmp_path, name="quiet", extra_args=["--log-level", "warning"])
+    assert quiet.port > 0 and quiet.command[quiet.command.index("--port") + 1] == str(quiet.port)  # it would not say

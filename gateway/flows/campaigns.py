@@ -57,10 +57,7 @@ from .outbound import (
 log = logging.getLogger("gateway.campaigns")
 
 TICK_SECONDS = 1.0  # a dispatch run starts at most calls_per_second × this many dials
-SETTLE_SECONDS = 1.0  # how often live calls are looked at while nothing can be dialled
 MAX_SLEEP_SECONDS = 60.0  # a campaign waiting for its window still looks at itself this often
-# A dialing row whose call is not recorded this long after its claim was left by a dead process.
-REDIAL_AFTER_SECONDS = PLACE_DEADLINE_SECONDS + 10
 # Ultravox over capacity (429/503): the campaign waits out Retry-After (this long without one, at
 # most the cap), and its pace drops by the factor (not below the floor), then rises again by the
 # step with each dispatch run (about a second) that dialled: additive increase, multiplicative decrease.
@@ -387,22 +384,23 @@ class CampaignFlow:
         spec = CampaignSpec.model_validate(campaign.spec)
         live = await self._settle(campaign, spec)
         if campaign.status != RUNNING:
-            return SETTLE_SECONDS if live else None
+            return self.settings.campaigns.settle_seconds if live else None
         now = utcnow()
         if campaign.ends_at is not None and now >= campaign.ends_at:
             await self.store.expire(campaign.id)
             if not live and await self.store.complete_if_done(campaign.id):
                 return None
-            return SETTLE_SECONDS
+            return self.settings.campaigns.settle_seconds
         if campaign.starts_at is not None and now < campaign.starts_at:
             return min((campaign.starts_at - now).total_seconds(), MAX_SLEEP_SECONDS)
         if self._held.get(campaign.id, float("inf")) <= self._clock():
             del self._held[campaign.id]
         if campaign.held_until is not None and now < campaign.held_until:  # Ultravox's Retry-After
-            return min((campaign.held_until - now).total_seconds(), SETTLE_SECONDS if live else MAX_SLEEP_SECONDS)
+            settle = self.settings.campaigns.settle_seconds
+            return min((campaign.held_until - now).total_seconds(), settle if live else MAX_SLEEP_SECONDS)
         room = min(spec.max_concurrency - live, await self._account_room())
         if room <= 0:
-            return SETTLE_SECONDS
+            return self.settings.campaigns.settle_seconds
         rate = spec.calls_per_second * campaign.pace
         burst = max(1, math.floor(rate * TICK_SECONDS))
         window = spec.opening
@@ -415,7 +413,7 @@ class CampaignFlow:
                 return None
             due = await self.store.next_due(campaign.id)
             wait = MAX_SLEEP_SECONDS if due is None else (due - utcnow()).total_seconds()
-            return max(0.05, min(wait, SETTLE_SECONDS if live else MAX_SLEEP_SECONDS))
+            return max(0.05, min(wait, self.settings.campaigns.settle_seconds if live else MAX_SLEEP_SECONDS))
         started = self._clock()
         placing = []
         for index, row in enumerate(rows):
@@ -514,7 +512,9 @@ class CampaignFlow:
                 continue
             live += 1
             claimed_at = attempt.row.claimed_at
-            if attempt.call is None and claimed_at and now - claimed_at > dt.timedelta(seconds=REDIAL_AFTER_SECONDS):
+            # A dialing row whose call is not recorded this long after its claim was left by a dead process.
+            redial_after = PLACE_DEADLINE_SECONDS + self.settings.campaigns.redial_margin_seconds
+            if attempt.call is None and claimed_at and now - claimed_at > dt.timedelta(seconds=redial_after):
                 redial.append(attempt.row)
         if changes:
             await self._settled(campaign.id, changes)

@@ -73,7 +73,6 @@ PACE_PROBE_SECONDS = 0.05
 LOOP_BEHIND_SECONDS = 0.005  # how late the probe's timer may fire (smoothed) before that
 IN_FLIGHT_WHILE_BEHIND = 4
 PAUSE_WHILE_BEHIND_SECONDS = 0.25
-LEASE_MARGIN_SECONDS = 10.0  # a claim's lease: the send's timeout and this
 STORE_RETRY_SECONDS = 1.0  # the store failed a claim or a record: again after this
 JITTER = 0.2
 USER_AGENT = "ultravox-telephony-gateway"
@@ -436,7 +435,7 @@ class EventDelivery:
             pass
 
     def lease(self) -> dt.timedelta:
-        return dt.timedelta(seconds=self.settings.events.timeout_seconds + LEASE_MARGIN_SECONDS)
+        return dt.timedelta(seconds=self.settings.events.timeout_seconds + self.settings.events.lease_margin_seconds)
 
     async def record(self, endpoint: WebhookSettings, outcomes: list[Outcome]) -> None:
         """What the attempts came to, in one transaction (a crash before it sends them again: at

@@ -296,7 +296,8 @@ class InboundFlow:
     @property
     def _stale_after(self) -> dt.timedelta:
         # Past this, a `creating` record's owner is gone (its carrier stopped waiting long ago).
-        return dt.timedelta(seconds=self.settings.ultravox.inbound_deadline_seconds + 5)
+        ultravox = self.settings.ultravox
+        return dt.timedelta(seconds=ultravox.inbound_deadline_seconds + ultravox.creating_lease_margin_seconds)
 
     @staticmethod
     async def _quietly(operation) -> None:

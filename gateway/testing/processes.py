@@ -13,7 +13,8 @@ process, `LoadBalancer` runs HAProxy in front of several of them, and `Replicas`
 Each process writes its stdout and stderr to files in the work directory, which tests read
 (`GatewayProcess.stderr_text`). HAProxy comes from the operating system's packages
 (Debian: ``apt-get install haproxy``); `haproxy_path` says whether it is there. Nothing here
-needs root: every port is a free loopback port picked when the process starts.
+needs root: each gateway binds a loopback port of its own (port 0, read back from its log),
+and HAProxy's are free loopback ports picked when it starts.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import atexit
 import concurrent.futures
 import contextlib
 import csv
+import functools
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -52,6 +55,8 @@ __all__ = [
 REPLICA_HEADER = "X-Gateway-Replica"
 
 _POLL_SECONDS = 0.05
+# What uvicorn logs (at info) once it listens, with the port it bound; in a JSON line too.
+_LISTENING = re.compile(r"Uvicorn running on https?://[^\s:\]]+(?::|\]:)(\d+)")
 _TAIL_CHARS = 4000
 
 
@@ -68,6 +73,21 @@ def _kill_leftovers() -> None:
 
 class ProcessFailed(RuntimeError):
     """A child process exited, or did not become ready in time; the message quotes its stderr."""
+
+
+@functools.cache
+def _loopback() -> httpx.Client:
+    """One client for the polls and reads of this module (health, metrics, HAProxy's statistics):
+    each new client builds a TLS context (~20 ms of CPU), and a wait polls every 50 ms. Not from
+    the environment: a proxy must not see loopback traffic."""
+    return httpx.Client(trust_env=False, timeout=5.0)
+
+
+def _logs_where_it_listens(serve_args: Sequence[str]) -> bool:
+    """Whether `gateway serve` with these arguments logs uvicorn's "running on" line (info level)."""
+    args = list(serve_args)
+    level = next((value for flag, value in zip(args, args[1:]) if flag == "--log-level"), "info")
+    return level in ("debug", "info")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -188,9 +208,13 @@ class GatewayProcess(_ChildProcess):
     """The real ``gateway serve`` command in a child process, on a free loopback port.
 
     `start` launches it and returns at once (so several can start in parallel); `wait_ready`
-    waits until ``/healthz`` answers. Its environment is this process's (PATH and the like)
-    without the GATEWAY_* variables (a developer's own GATEWAY_CONFIG must not steer a test's
-    replicas), with ``environ`` on top.
+    waits until ``/healthz`` answers. Without a `port`, it serves on port 0 (the kernel's pick,
+    bound by the process itself: no port picked free here that another process could take
+    first), and `port` and `url` are known once it logged where it listens; `wait_ready` waits
+    for that too. (With ``--log-level warning`` or above it would not say: a port is picked free
+    here then.) Its environment is this process's (PATH
+    and the like) without the GATEWAY_* variables (a developer's own GATEWAY_CONFIG must not
+    steer a test's replicas), with ``environ`` on top.
     """
 
     def __init__(
@@ -208,11 +232,23 @@ class GatewayProcess(_ChildProcess):
         super().__init__(name, Path(work_dir))
         self.config_path = Path(config_path)
         self.host = host
-        self.port = port or free_port(host)
         self.extra_args = list(extra_args)
+        if not port and not _logs_where_it_listens(self.extra_args):
+            port = free_port(host)  # it will not say which port it bound: one picked free here
+        self._requested_port = port or 0
+        self._port: int | None = port or None
         base = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} if inherit_environ else {}
         # Unbuffered: a line the gateway logged is in the file when a test reads it, and survives a SIGKILL.
         self.environ = {**base, "PYTHONUNBUFFERED": "1", **environ}
+
+    @property
+    def port(self) -> int:
+        """The port it listens on: the one asked for, or the one it logged it bound (see `wait_ready`)."""
+        if self._port is None:
+            self._port = self._logged_port()
+            if self._port is None:
+                raise RuntimeError(f"{self.name} has not said yet which port it listens on (wait_ready first)")
+        return self._port
 
     @property
     def url(self) -> str:
@@ -221,26 +257,35 @@ class GatewayProcess(_ChildProcess):
     @property
     def command(self) -> list[str]:
         return [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path),
-                "--host", self.host, "--port", str(self.port), *self.extra_args]
+                "--host", self.host, "--port", str(self._requested_port), *self.extra_args]
 
     def start(self) -> "GatewayProcess":
         self._spawn(self.command, self.environ)
         return self
 
+    def _logged_port(self) -> int | None:
+        """The port of uvicorn's "Uvicorn running on http://HOST:PORT" line (text or JSON), if logged."""
+        found = _LISTENING.search(self.stderr_text())
+        return int(found.group(1)) if found else None
+
     def wait_ready(self, timeout: float = 30.0) -> "GatewayProcess":
         """Wait until GET /healthz answers 200; ProcessFailed (with its stderr) if it exits or takes too long."""
         deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=1.0, trust_env=False) as client:
-            while True:
-                self._check_running("before answering /healthz")
+        client = _loopback()
+        while True:
+            self._check_running("before answering /healthz")
+            if self._port is None:
+                self._port = self._logged_port()
+            if self._port is not None:
                 try:
-                    if client.get(self.url + "/healthz").status_code == 200:
+                    if client.get(self.url + "/healthz", timeout=1.0).status_code == 200:
                         return self
                 except httpx.TransportError:
                     pass
-                if time.monotonic() > deadline:
-                    raise self._failure(f"did not answer {self.url}/healthz within {timeout:g} s")
-                time.sleep(_POLL_SECONDS)
+            if time.monotonic() > deadline:
+                where = self.url if self._port is not None else "its port (no 'Uvicorn running on' line logged)"
+                raise self._failure(f"did not answer {where}/healthz within {timeout:g} s")
+            time.sleep(_POLL_SECONDS)
 
     def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
         """Wait until a line of its stderr (where the gateway logs) contains `text`; that line."""
@@ -258,7 +303,7 @@ class GatewayProcess(_ChildProcess):
         sums every series of that name whose labels include these."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        text = httpx.get(self.url + "/metrics", timeout=5, trust_env=False).text
+        text = _loopback().get(self.url + "/metrics", timeout=5).text
         return sum(
             sample.value
             for family in text_string_to_metric_families(text)
@@ -268,7 +313,8 @@ class GatewayProcess(_ChildProcess):
 
     def __repr__(self) -> str:
         state = "running" if self.running else f"exited {self._process.returncode}" if self._process else "not started"
-        return f"<GatewayProcess {self.name} {self.url} {state}>"
+        where = self.url if self._port is not None else f"{self.host}:?"
+        return f"<GatewayProcess {self.name} {where} {state}>"
 
 
 @dataclass(frozen=True)
@@ -381,7 +427,7 @@ listen stats
 
     def statuses(self) -> dict[str, str]:
         """Each backend's status as HAProxy's health checks see it: "UP", "DOWN", "MAINT", "no check"…"""
-        text = httpx.get(f"http://{self.host}:{self.stats_port}/;csv", timeout=2, trust_env=False).text
+        text = _loopback().get(f"http://{self.host}:{self.stats_port}/;csv", timeout=2).text
         rows = csv.DictReader(io.StringIO(text.removeprefix("# ")))
         return {row["svname"]: row["status"] for row in rows if row["pxname"] == "replicas"
                 and row["svname"] not in ("FRONTEND", "BACKEND")}
@@ -430,18 +476,25 @@ class Replicas:
             GatewayProcess(config_path, environ, work_dir=work_dir, name=f"replica-{i}", extra_args=extra_args)
             for i in range(count)
         ]
-        balancer = LoadBalancer([Backend(p.name, p.host, p.port) for p in processes], work_dir=work_dir)
-        replicas = cls(processes, balancer)
+        started: list[GatewayProcess] = []
         try:
             for process in processes:
                 process.start()
+                started.append(process)
             # Each waits on its own: a failure names the replica that failed, with its stderr.
             with concurrent.futures.ThreadPoolExecutor(count) as pool:
                 for ready in [pool.submit(p.wait_ready, timeout) for p in processes]:
                     ready.result()
-            balancer.start(timeout=timeout)
+            # Their ports are known now (each bound its own).
+            replicas = cls(processes, LoadBalancer([Backend(p.name, p.host, p.port) for p in processes], work_dir=work_dir))
+            try:
+                replicas.balancer.start(timeout=timeout)
+            except BaseException:
+                replicas.close()
+                raise
         except BaseException:
-            replicas.close()
+            for process in started:
+                process.close()
             raise
         return replicas
 
