@@ -213,6 +213,10 @@ _PLAIN = re.compile(r"[\w.:-]*")
 _STANDARD_ATTRIBUTES = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
+# Configured secrets shorter than this are matched as whole tokens only.
+WHOLE_TOKEN_BELOW = 8
+
+
 class RedactingFilter(logging.Filter):
     """The safety net: removes configured secret values and anything shaped like a credential from a
     record's message, arguments, extra fields and traceback before any handler writes it."""
@@ -220,8 +224,11 @@ class RedactingFilter(logging.Filter):
     def __init__(self, secrets: Iterable[str] = ()):
         super().__init__()
         values = {value for secret in secrets if secret for value in (secret, quote(secret, safe=""))}
-        # Longest first, so that a secret containing another is removed whole.
-        alternatives = "|".join(re.escape(value) for value in sorted(values, key=len, reverse=True))
+        # Longest first, so that a secret containing another is removed whole. A short one (a test
+        # key such as "x") only where it stands alone: inside words it would blank every log line.
+        alternatives = "|".join(
+            re.escape(value) if len(value) >= WHOLE_TOKEN_BELOW else rf"(?<![A-Za-z0-9]){re.escape(value)}(?![A-Za-z0-9])"
+            for value in sorted(values, key=len, reverse=True))
         self._secrets = re.compile(alternatives) if alternatives else None
 
     def redact(self, text: str) -> str:

@@ -52,7 +52,7 @@ async def read_webhook(
         if len(query) > max_bytes:
             raise RequestRejected(f"query longer than {max_bytes} bytes", 414)
         return Webhook(url=url, method=request.method, headers=request.headers, body=b"",
-                       params=_fields(query, max_fields), client=_client(request), format=QUERY)
+                       params=form_fields(query, max_fields), client=_client(request), format=QUERY)
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     chosen = next((f for f in formats if f.content_type == content_type), None)
     if chosen is None:
@@ -61,7 +61,7 @@ async def read_webhook(
     body = await read_limited(request, max_bytes)
     if body is None:
         raise RequestRejected(f"body larger than {max_bytes} bytes", 413)
-    params = _json_fields(body, max_fields) if chosen.name == "json" else _fields(body, max_fields)
+    params = _json_fields(body, max_fields) if chosen.name == "json" else form_fields(body, max_fields)
     return Webhook(url=url, method=request.method, headers=request.headers, body=body, params=params,
                    client=_client(request), format=chosen)
 
@@ -71,7 +71,9 @@ async def read_webhook(
 _CONTROL = inputs.CONTROL_CHARACTERS
 
 
-def _fields(raw: bytes | str, max_fields: int) -> dict[str, list[str]]:
+def form_fields(raw: bytes | str, max_fields: int) -> dict[str, list[str]]:
+    """A URL-encoded form (body or query) as fields; RequestRejected when it is not one, has more than
+    `max_fields` fields or holds control characters."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         # parse_qsl counts the separators before it splits anything: too many fields cost one count.

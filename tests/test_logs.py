@@ -321,6 +321,13 @@ def test_the_redacting_filter_knows_credentials_by_value_and_by_shape():
     assert record.headers == {"authorization": "[redacted]", "nested": ["[redacted]"]}
 
 
+def test_a_short_secret_is_redacted_where_it_stands_alone_not_inside_words():
+    redacting = logs.RedactingFilter(["x", "k3y"])
+    assert (redacting.redact("Bearer x, key=x; the k3y x-ray exists k3ys")
+            == "Bearer [redacted], key=[redacted]; the [redacted] [redacted]-ray exists k3ys")
+    assert redacting.redact("exotel proxy next") == "exotel proxy next"
+
+
 def test_every_worker_process_writes_json_lines(tmp_path, fake_ultravox):
     config = tmp_path / "gateway.toml"
     config.write_text(BASE_CONFIG)
