@@ -312,3 +312,26 @@ def test_a_database_of_version_9_gets_deliveries_claimed_directly_and_keeps_what
         assert pending.event_type == "call.started"
 
     run(database_url, scenario)
+
+
+def test_only_the_head_of_a_stream_is_due_and_the_next_is_due_once_it_is_settled(database_url):
+    from gateway.flows.events import Outcome
+    from gateway.store.events import DELIVERED, Attempt, EventStore, NewEvent, insert_events
+
+    async def scenario(store):
+        events = EventStore(store.database)
+        first = NewEvent("call.started", {}, ("crm",), call_id="c1")
+        second = NewEvent("call.status_changed", {}, ("crm",), call_id="c1")
+        other = NewEvent("call.started", {}, ("crm",), call_id="c2")
+        await store.database.transaction(insert_events, [first, second, other])  # one transaction, two streams
+        later = NewEvent("call.ended", {}, ("crm",), call_id="c2")
+        await store.database.transaction(insert_events, [later])  # behind c2's pending head
+        claim = lambda: events.claim("crm", "p1", lease=dt.timedelta(seconds=30), limit=10)  # noqa: E731
+        heads = await claim()
+        assert sorted(p.event_id for p in heads) == sorted([first.id, other.id])
+        assert await claim() == []  # the rest wait for their heads
+        now = dt.datetime.now(dt.timezone.utc)
+        await events.attempted("p1", [Outcome(p, Attempt(now, 204, None, 1), DELIVERED) for p in heads])
+        assert sorted(p.event_id for p in await claim()) == sorted([second.id, later.id])
+
+    run(database_url, scenario)

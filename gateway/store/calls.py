@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import time
 import uuid
+import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import PurePath
 from typing import Any, Mapping, Protocol
@@ -662,9 +663,13 @@ def _get_within(connection: sa.Connection, call_id: str, scope: CallScope | None
     return _record(row) if row else None
 
 
+# Built once: constructing the IN clause costs about as much as running the query on SQLite.
+_GET_MANY = sa.select(calls).where(calls.c.id.in_(sa.bindparam("ids", expanding=True))).order_by(calls.c.id)
+_GET_MANY_LOCKED = _GET_MANY.with_for_update()  # locks taken in one order (by id)
+
+
 def _get_many(connection: sa.Connection, call_ids: list[str], *, lock: bool = False) -> dict[str, CallRecord]:
-    query = sa.select(calls).where(calls.c.id.in_(call_ids)).order_by(calls.c.id)  # locks taken in one order
-    return {row.id: _record(row) for row in connection.execute(query.with_for_update() if lock else query)}
+    return {row.id: _record(row) for row in connection.execute(_GET_MANY_LOCKED if lock else _GET_MANY, {"ids": call_ids})}
 
 
 def _list_all(connection: sa.Connection) -> list[CallRecord]:
@@ -680,12 +685,18 @@ def _apply_batch(connection: sa.Connection, batch: list["_Write"], observer: Cha
     if answers:
         connection.execute(_REMEMBER_ANSWER, answers)
     if outcomes:
-        ids = [outcome["call_id"] for outcome in outcomes]
-        before = _get_many(connection, ids, lock=True) if observer is not None else {}
+        if observer is not None:
+            # Read under the rows' locks; what the update makes of them follows from it (no second read).
+            rows = connection.execute(_GET_MANY_LOCKED, {"ids": [outcome["call_id"] for outcome in outcomes]}).all()
+            before = {row.id: _record(row) for row in rows}
+            after, ranks = dict(before), {row.id: row.status_rank for row in rows}
+            for outcome in outcomes:
+                call_id = outcome["call_id"]
+                if call_id in after and ranks[call_id] < outcome["new_rank"]:
+                    after[call_id], ranks[call_id] = _with_outcome(after[call_id], outcome), outcome["new_rank"]
         connection.execute(_SET_OUTCOME, outcomes)
         if observer is not None:
-            after = _get_many(connection, ids)
-            _observe(connection, observer, [(before[i], after[i]) for i in dict.fromkeys(ids) if i in before])
+            _observe(connection, observer, [(before[i], after[i]) for i in before if after[i] is not before[i]])
     results: dict[int, Any] = _claim_all(connection, claims, observer) if claims else {}
     results.update(seen)
     return [results.get(id(write)) for write in batch]
@@ -816,6 +827,14 @@ def _claim_existing(connection: sa.Connection, write: "_Write", observer: Change
     if taken.rowcount == 1:
         _observe(connection, observer, [(existing, now_record)])
     return Claim(now_record, owned=taken.rowcount == 1)
+
+
+def _with_outcome(record: CallRecord, outcome: dict[str, Any]) -> CallRecord:
+    """`record` as _SET_OUTCOME leaves it when its rank is below the outcome's (the same rules, in
+    Python, for the observer)."""
+    kept = {name: outcome[f"new_{name}"] if outcome[f"new_{name}"] is not None else getattr(record, name)
+            for name in ("ultravox_call_id", "join_url", "failure_reason", "stream_expires")}
+    return dataclasses.replace(record, status=outcome["new_status"], lease_until=None, updated_at=outcome["now"], **kept)
 
 
 # One statement for every outcome in a batch (executemany); NULL keeps what is stored.

@@ -100,37 +100,36 @@ def insert_events(connection: sa.Connection, new: list[NewEvent]) -> set[tuple[s
                 statement = statement.on_conflict_do_nothing(index_elements=["key"])
             if connection.execute(statement).rowcount == 1:
                 written.append(event)
-    rows: list[dict[str, Any]] = [
-        dict(id=str(uuid.uuid4()), event_id=event.id, endpoint=endpoint, stream=event.stream, status=PENDING,
-             attempts=0, created_at=now, due_at=now)
-        for event in written for endpoint in event.endpoints]
-    if not rows:
-        return set()
     # Only the head of a stream is due; a delivery behind another of its stream still pending waits
-    # (due_at NULL) until that one is settled (see _attempted_all). The call's (or campaign's) row
-    # lock, which the caller holds, keeps this read and that hand-over from crossing.
-    call_streams = {(event.stream, endpoint) for event in written if event.call_id or event.stream_id
-                    for endpoint in event.endpoints}
-    behind: set[tuple[str, str]] = set()
-    if call_streams:
-        behind = {(row.endpoint, row.stream) for row in connection.execute(_PENDING_STREAMS, dict(
-            streams=sorted({stream for stream, _ in call_streams}),
-            endpoints=sorted({endpoint for _, endpoint in call_streams})))}
-    for row in rows:
-        stream = (row["endpoint"], row["stream"])
-        if stream in behind:
-            row["due_at"] = None
-        behind.add(stream)
-    connection.execute(_INSERT_DELIVERY, rows)
-    return {(row["endpoint"], row["stream"]) for row in rows}
+    # (due_at NULL) until that one is settled (see _attempted_all). The insert asks whether the
+    # stream has one pending (the call's or campaign's row lock, which the caller holds, keeps that
+    # read and the hand-over from crossing). Both drivers run an executemany row by row, so a row
+    # sees the ones before it; `first` keeps that so were the rows sent as one multi-row INSERT.
+    rows: list[dict[str, Any]] = []
+    streams: set[tuple[str, str]] = set()
+    for event in written:
+        for endpoint in event.endpoints:
+            first = (endpoint, event.stream) not in streams
+            streams.add((endpoint, event.stream))
+            rows.append(dict(id=str(uuid.uuid4()), event_id=event.id, endpoint=endpoint, stream=event.stream,
+                             status=PENDING, attempts=0, created_at=now, head_due_at=now if first else None,
+                             head_endpoint=endpoint, head_stream=event.stream))
+    if rows:
+        connection.execute(_INSERT_DELIVERY, rows)
+    return streams
 
 
 _INSERT_EVENT = sa.insert(events)
+_earlier = deliveries.alias("earlier")
 _INSERT_DELIVERY = sa.insert(deliveries).values(
-    event_seq=sa.select(events.c.seq).where(events.c.id == sa.bindparam("event_id")).scalar_subquery())
-_PENDING_STREAMS = sa.select(deliveries.c.endpoint, deliveries.c.stream).distinct().where(
-    deliveries.c.endpoint.in_(sa.bindparam("endpoints", expanding=True)),
-    deliveries.c.stream.in_(sa.bindparam("streams", expanding=True)), deliveries.c.status == PENDING)
+    event_seq=sa.select(events.c.seq).where(events.c.id == sa.bindparam("event_id")).scalar_subquery(),
+    due_at=sa.case(
+        # (The row's own endpoint and stream again: an insert's bound values cannot be read in it.)
+        (~sa.exists().where(_earlier.c.endpoint == sa.bindparam("head_endpoint"),
+                            _earlier.c.stream == sa.bindparam("head_stream"), _earlier.c.status == PENDING),
+         sa.bindparam("head_due_at", type_=deliveries.c.due_at.type)),
+        else_=sa.null()),
+)
 
 
 def _event_row(event: NewEvent) -> dict[str, Any]:
