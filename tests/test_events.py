@@ -174,6 +174,8 @@ def test_a_receiver_down_for_a_while_gets_every_event_once_in_order_across_a_res
     end_call(first, fake_ultravox, records[0])
     pending = events_of(first, status="pending")["events"]
     assert len(pending) >= 2 * len(records)
+    # Refused at least once before the gateway goes away (else nothing here was tried yet).
+    _wait(lambda: any(e["deliveries"][0]["attempts"] >= 1 for e in events_of(first, status="pending")["events"]))
     first.close()  # the gateway goes away with every delivery still owed
 
     second = make_gateway(config, database_url=database_url)

@@ -437,10 +437,16 @@ class EventDelivery:
     def lease(self) -> dt.timedelta:
         return dt.timedelta(seconds=self.settings.events.timeout_seconds + self.settings.events.lease_margin_seconds)
 
-    async def record(self, endpoint: WebhookSettings, outcomes: list[Outcome]) -> None:
-        """What the attempts came to, in one transaction (a crash before it sends them again: at
-        least once, the same webhook-id); then what they mean for the endpoint."""
-        await self.events.attempted(self.owner, outcomes)
+    async def record(self, endpoint: WebhookSettings, outcomes: list[Outcome], *, claim: int = 0) -> list[Pending]:
+        """What the attempts came to, and a claim of up to `claim` due deliveries (those the attempts
+        freed included), in one transaction (a crash before it sends them again: at least once, the
+        same webhook-id). Nothing is claimed for an endpoint that just answered 410. Then `recorded`."""
+        gone = any(o.gone for o in outcomes)
+        return await self.events.attempted_and_claim(self.owner, outcomes, endpoint.name, lease=self.lease(),
+                                                     limit=0 if gone else claim)
+
+    async def recorded(self, endpoint: WebhookSettings, outcomes: list[Outcome]) -> None:
+        """What recorded attempts mean for the endpoint: back after failures, or gone (410)."""
         if any(o.status == DELIVERED and o.pending.attempts for o in outcomes):
             await self._recovered(endpoint)
         gone = next((o for o in outcomes if o.gone), None)
@@ -598,34 +604,38 @@ class _Dispatcher:
                 self._look = True
 
     async def _turn(self) -> None:
-        if self._finished:
-            finished, self._finished = self._finished, []
-            try:
-                await self.delivery.record(self.endpoint, finished)
-            except Exception:
-                self._finished[:0] = finished  # recorded with the next ones
-                raise
-            if any(o.status != PENDING for o in finished):
-                self._look = True  # their streams' next deliveries are due now
-            last = finished[-1]
-            self._failing = last.status == PENDING or (last.status == FAILED and not last.gone)
+        finished, self._finished = self._finished, []
+        if any(o.status != PENDING for o in finished):
+            self._look = True  # their streams' next deliveries are due once these are recorded
         behind = self.delivery.giving_way()
         room = (IN_FLIGHT_WHILE_BEHIND if behind else IN_FLIGHT_PER_ENDPOINT) - len(self._sending)
-        if self._look and room > 0 and not self._stopping:
+        claiming = self._look and room > 0 and not self._stopping
+        if claiming:
             self._look = False
-            if await self.delivery.disabled(self.endpoint.name) is not None:
+        try:
+            if claiming and await self.delivery.disabled(self.endpoint.name) is not None:
                 await self.delivery.events.skip_endpoint(self.endpoint.name, "the endpoint is disabled")
-            else:
+                claiming = False
+            # One transaction records what finished and claims what is due next.
+            claimed = (await self.delivery.record(self.endpoint, finished, claim=room if claiming else 0)
+                       if finished or claiming else [])
+        except Exception:
+            self._finished[:0] = finished  # recorded with the next ones
+            raise
+        if finished:
+            last = finished[-1]
+            self._failing = last.status == PENDING or (last.status == FAILED and not last.gone)
+        if claiming:
+            if not claimed and self._failing and self._probe_due():
                 claimed = await self.delivery.events.claim(self.endpoint.name, self.delivery.owner,
-                                                           lease=self.delivery.lease(), limit=room)
-                if not claimed and self._failing and self._probe_due():
-                    claimed = await self.delivery.events.claim(self.endpoint.name, self.delivery.owner,
-                                                               lease=self.delivery.lease(), limit=1, early=True)
-                for pending in claimed:
-                    task = asyncio.get_running_loop().create_task(self._send(pending))
-                    self._sending.add(task)
-                    task.add_done_callback(self._sending.discard)
-                self._look = len(claimed) == room  # a full claim: there may be more
+                                                           lease=self.delivery.lease(), limit=1, early=True)
+            for pending in claimed:
+                task = asyncio.get_running_loop().create_task(self._send(pending))
+                self._sending.add(task)
+                task.add_done_callback(self._sending.discard)
+            self._look = len(claimed) == room  # a full claim: there may be more
+        if finished:
+            await self.delivery.recorded(self.endpoint, finished)
         if behind and not self._stopping:
             await asyncio.sleep(PAUSE_WHILE_BEHIND_SECONDS)
             self._look = True

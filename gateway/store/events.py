@@ -225,6 +225,13 @@ class EventStore:
         if outcomes:
             await self.database.transaction(_attempted_all, owner, outcomes)
 
+    async def attempted_and_claim(self, owner: str, outcomes, endpoint: str, *, lease: dt.timedelta,
+                                  limit: int) -> list[Pending]:
+        """`attempted`, then `claim` (the deliveries they freed included) in the same transaction:
+        a dispatcher's turn is one transaction, not two."""
+        now = utcnow()
+        return await self.database.transaction(_attempted_and_claim, owner, outcomes, endpoint, now, now + lease, limit)
+
     async def skip_endpoint(self, endpoint: str, reason: str) -> int:
         """Give up the endpoint's undelivered deliveries that no one is sending (it is disabled)."""
         return await self.database.transaction(_skip_endpoint, endpoint, reason, utcnow())
@@ -351,6 +358,13 @@ def _attempted_all(connection: sa.Connection, owner: str, outcomes) -> None:
         now = utcnow()
         connection.execute(_HAND_ON, [dict(for_endpoint=endpoint, for_stream=stream, handed_at=now)
                                       for endpoint, stream in settled])
+
+
+def _attempted_and_claim(connection: sa.Connection, owner: str, outcomes, endpoint: str, now: dt.datetime,
+                         until: dt.datetime, limit: int) -> list[Pending]:
+    if outcomes:
+        _attempted_all(connection, owner, outcomes)
+    return _claim(connection, endpoint, owner, now, until, limit, early=False) if limit > 0 else []
 
 
 def _skip_endpoint(connection: sa.Connection, endpoint: str, reason: str, now: dt.datetime) -> int:
