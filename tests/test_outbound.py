@@ -645,39 +645,200 @@ def test_gateway_dial_follows_the_call_until_it_ends(gateway, fake_carriers, cap
     assert parse_qs(urlparse(placed.answer_url).query)["call"][0] in output
 
 
-@pytest.mark.parametrize("carrier, reason", [
-    ("twilio", "the gateway stopped before the carrier placed the call"),  # its call list has none
-    ("plivo", "the gateway stopped while placing the call"),  # not asked: it may have rung
-])
-def test_a_dial_a_dead_process_left_unplaced_is_failed_and_never_dialled_again(gateway, fake_carriers, carrier, reason):
+# --- a dial a dead process left unrecorded: the outbound sweep asks the carrier ----------------------
+
+NEVER_PLACED = "the gateway stopped before the carrier placed the call"
+ABANDONED_UNPLACED = "the gateway stopped while placing the call"
+DEAD_PROCESS_NUMBER = "+15550009999"
+
+
+def on_the_gateway(gateway, coroutine):
+    """Run `coroutine` on the gateway's own loop (its HTTP clients live there)."""
     import asyncio
 
-    import sqlalchemy as sa
+    return asyncio.run_coroutine_threadsafe(coroutine, gateway.server.server._loop).result(10)
+
+
+def sweep(gateway) -> None:
+    """The outbound sweep, now (it runs every 30 s)."""
+    on_the_gateway(gateway, gateway.server.app.state.gateway.webhooks.outbound_flow.settle_abandoned(None))
+
+
+def new_dial(gateway, carrier: str, *, placed: bool = False) -> str:
+    """The record of a dial, `queued` (placed: its dial sent, no carrier call id yet)."""
+    import asyncio
 
     from gateway.security import api_key_id
-    from gateway.store import CallStore
-    from gateway.store.calls import utcnow
-    from gateway.store.schema import calls
+    from gateway.store import CallStore, CallUpdate
 
-    # What a process killed between accepting a dial and placing it leaves: `queued`, never placed.
-    async def leave_unplaced():
+    async def create():
         store = CallStore.open(gateway.settings.database_url)
         try:
             inserted = await store.create_outbound(
-                dict(carrier=carrier, via="carrier", from_number="+15550009999", to_number=CALLEE, route="support",
-                     api_key_id=api_key_id(API_KEY), idempotency_key="killed-1", request_hash="x"),
+                dict(carrier=carrier, via="carrier", from_number=DEAD_PROCESS_NUMBER, to_number=CALLEE, route="support",
+                     api_key_id=api_key_id(API_KEY), idempotency_key=f"killed-{uuid.uuid4().hex[:8]}", request_hash="x"),
                 request={}, max_recent=100, window=dt.timedelta(seconds=60))
-            long_ago = utcnow() - dt.timedelta(minutes=5)
-            await store.database.transaction(lambda connection: connection.execute(
-                sa.update(calls).where(calls.c.id == inserted.record.id).values(created_at=long_ago)))
+            if placed:
+                await store.update(inserted.record.id, CallUpdate(placed=True))
             return inserted.record.id
         finally:
             await store.close()
 
-    call_id = asyncio.run(leave_unplaced())
-    app = gateway.server.app.state.gateway
-    sweep = app.webhooks.outbound_flow.settle_abandoned(None)
-    asyncio.run_coroutine_threadsafe(sweep, gateway.server.server._loop).result(10)
+    return asyncio.run(create())
+
+
+def age_record(gateway, call_id: str, by: dt.timedelta) -> None:
+    """Make the record as old as `by`: what waiting would do. (Only then may a sweep take it for
+    one a dead process left: the gateway's own sweeps run too.)"""
+    import asyncio
+
+    import sqlalchemy as sa
+
+    from gateway.store import CallStore
+    from gateway.store.calls import utcnow
+    from gateway.store.schema import calls
+
+    async def update():
+        store = CallStore.open(gateway.settings.database_url)
+        try:
+            await store.database.transaction(lambda connection: connection.execute(
+                sa.update(calls).where(calls.c.id == call_id).values(created_at=utcnow() - by)))
+        finally:
+            await store.close()
+
+    asyncio.run(update())
+
+
+def leave_unplaced(gateway, carrier: str, *, age: dt.timedelta) -> str:
+    """What a process killed between accepting a dial and placing it leaves: `queued`, never placed."""
+    call_id = new_dial(gateway, carrier)
+    age_record(gateway, call_id, age)
+    return call_id
+
+
+def dial_reaching_the_carrier(gateway, carrier: str, call_id: str):
+    """The dial of record `call_id` as its process sent it (its callback URLs name the record),
+    accepted by the carrier; what the carrier answered never recorded."""
+    import time as clock
+
+    from gateway.carriers.base import OutboundDial
+
+    flow = gateway.server.app.state.gateway.webhooks.outbound_flow
+    dial = OutboundDial(
+        to=CALLEE, from_=DEAD_PROCESS_NUMBER, ring_timeout_seconds=25,
+        answer_url=flow.urls.call_callback("outbound-answer", carrier, call_id),
+        status_url=flow.urls.call_callback("status", carrier, call_id),
+        stream_url="wss://media.example.test/stream" if CARRIERS[carrier].dials_into_stream else None,
+    )
+    on_the_gateway(gateway, flow.carriers[carrier].place_call(flow.http, dial, deadline=clock.monotonic() + 5))
+
+
+def record_of(gateway, call_id):
+    import asyncio
+
+    from gateway.store import CallStore
+
+    async def read():
+        store = CallStore.open(gateway.settings.database_url)
+        try:
+            return await store.existing(call_id)
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+def lists_calls_going_on(carrier: str) -> bool:
+    """Whether the carrier's call list shows calls still ringing or going on (Exotel's, ended ones only)."""
+    return CARRIERS[carrier].lists_placed_calls_within is not None
+
+
+# A call still going on, for carriers that list those; an ended one (unbeknown to the gateway) for the others.
+def state_at_the_carrier(carrier: str) -> tuple[str, str]:
+    return ("ringing", "ringing") if lists_calls_going_on(carrier) else ("busy", "busy")
+
+
+def lookups(fake) -> list:
+    """The carrier's call-list requests (GETs other than the account read)."""
+    return [request for request in fake.requests if request.method == "GET"]
+
+
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+def test_a_dial_a_dead_process_left_unplaced_and_the_carrier_never_placed_is_failed_so_that_it_may_be_dialled_again(
+        gateway, fake_carriers, carrier):
+    """The carrier's call list has no such call: never placed, so a campaign may dial the row again.
+    A carrier whose list shows ended calls only (Exotel) cannot tell: asked again until the lookup
+    gives up, then failed as possibly rung, never dialled again."""
+    call_id = leave_unplaced(gateway, carrier, age=dt.timedelta(minutes=4))
+    sweep(gateway)
+    assert lookups(fake_carriers[carrier])  # the carrier was asked
     view = call_of(gateway, call_id)
-    assert view["status"] == "failed" and view["failure_reason"] == reason
+    if lists_calls_going_on(carrier):
+        assert view["status"] == "failed" and view["failure_reason"] == NEVER_PLACED
+    else:
+        assert view["status"] == "queued"  # asked again at the next sweep
+        given_up = leave_unplaced(gateway, carrier, age=dt.timedelta(minutes=6))
+        sweep(gateway)
+        view = call_of(gateway, given_up)
+        assert view["status"] == "failed" and view["failure_reason"] == ABANDONED_UNPLACED
     assert placed_calls(fake_carriers) == 0
+
+
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+def test_a_dial_a_dead_process_left_unrecorded_is_adopted_from_the_carriers_call_list(gateway, fake_carriers, carrier):
+    fake = fake_carriers[carrier]
+    call_id = new_dial(gateway, carrier)
+    dial_reaching_the_carrier(gateway, carrier, call_id)
+    (placed,) = fake.calls
+    state, status = state_at_the_carrier(carrier)
+    fake.set_state(fake.live_id(placed), state)  # the callbacks saying so were lost with the process
+    age_record(gateway, call_id, dt.timedelta(seconds=40))
+    sweep(gateway)
+    record = record_of(gateway, call_id)
+    assert record.carrier_call_id == fake.live_id(placed) and record.status == status
+    assert record.placed_at is not None
+    assert len(fake.calls) == 1  # adopted, not dialled again
+
+
+def test_a_dial_still_queued_at_plivo_is_adopted_and_named_by_its_first_callback(gateway, fake_carriers):
+    """Plivo's queued calls have a request_uuid, not yet the CallUUID callbacks and call control use:
+    the record is adopted without one and learns it from the call's first callback."""
+    fake = fake_carriers["plivo"]
+    call_id = new_dial(gateway, "plivo")
+    dial_reaching_the_carrier(gateway, "plivo", call_id)
+    (placed,) = fake.calls
+    age_record(gateway, call_id, dt.timedelta(seconds=40))
+    sweep(gateway)
+    record = record_of(gateway, call_id)
+    assert record.status == "queued" and record.placed_at is not None and record.carrier_call_id is None
+    asked = len(lookups(fake))
+    sweep(gateway)  # placed now: not looked up again
+    assert len(lookups(fake)) == asked
+    assert fake.send_status(placed, "ringing").status_code < 300
+    record = record_of(gateway, call_id)
+    assert record.status == "ringing" and record.carrier_call_id == placed.call_uuid
+
+
+@pytest.mark.parametrize("carrier", CARRIER_NAMES)
+def test_a_call_to_the_same_number_still_waiting_for_its_carrier_id_is_not_adopted_by_a_dead_dial(
+        gateway, fake_carriers, carrier):
+    """The carrier's list names calls by numbers and times only. Another dial between the same
+    numbers, alive and not yet told its carrier call id (its first callback not in), may own the
+    call found: the dead process's record waits rather than take it."""
+    fake = fake_carriers[carrier]
+    dead = new_dial(gateway, carrier)
+    alive = new_dial(gateway, carrier, placed=True)
+    dial_reaching_the_carrier(gateway, carrier, alive)
+    (placed,) = fake.calls
+    state, _ = state_at_the_carrier(carrier)
+    fake.set_state(fake.live_id(placed), state)
+    age_record(gateway, dead, dt.timedelta(seconds=40))
+    sweep(gateway)
+    assert lookups(fake)
+    waiting = record_of(gateway, dead)
+    assert waiting.status == "queued" and waiting.carrier_call_id is None and waiting.placed_at is None
+    assert fake.send_status(placed, state).status_code < 300  # the live dial's callback names its call
+    assert record_of(gateway, alive).carrier_call_id == fake.live_id(placed)
+    sweep(gateway)
+    assert record_of(gateway, dead).carrier_call_id is None
+    assert len(fake.calls) == 1

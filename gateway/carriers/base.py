@@ -114,18 +114,21 @@ class MachineDetection:
 @dataclass(frozen=True)
 class PlacedCallQuery:
     """A dial whose process died before it recorded the carrier's answer: which of the carrier's
-    calls could be it (to `to`, from `from_`, created at `since` or later)."""
+    calls could be it (to `to`, from `from_`, created from `since` to `until`)."""
 
     to: str
     from_: str
     since: dt.datetime
+    until: dt.datetime
 
 
 @dataclass(frozen=True)
 class PlacedCall:
     """One of the carrier's calls, as its call list has it."""
 
-    carrier_call_id: str
+    # None: a dial the carrier still holds in its queue, which it names with its first callback
+    # (to the URLs of the dial, so the record learns it then).
+    carrier_call_id: str | None
     status: str | None  # neutral (gateway.statuses); None: a word the gateway does not know
 
 
@@ -566,10 +569,16 @@ class Carrier(ABC):
     # Whether `find_placed_calls` can ask the carrier (else a dial left unrecorded by a dead process
     # stays unknown: failed, never placed again).
     finds_placed_calls: ClassVar[bool] = False
+    # How long after a dial the carrier's call list surely shows the call it placed, whatever its
+    # state (a list written a little after the fact shows it late): a dial found in none of its
+    # lists after that was never placed. None: the list may not show a call still going on
+    # (Exotel lists ended calls only), so finding none proves nothing.
+    lists_placed_calls_within: ClassVar[float | None] = 0.0
 
     async def find_placed_calls(self, http: httpx.AsyncClient, query: PlacedCallQuery, *,
                                 deadline: float) -> list[PlacedCall]:
-        """The carrier's calls that match `query`, newest first. Raises RemoteError."""
+        """The carrier's calls that match `query`, newest first. Raises RemoteError, also when it
+        cannot tell (more calls than it reads)."""
         raise NotImplementedError(f"{self.title} cannot be asked for the calls it placed")
 
     def parse_answer(self, webhook: Webhook) -> AnsweredCall:

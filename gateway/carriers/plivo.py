@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import re
 import hashlib
 import hmac
@@ -17,6 +18,7 @@ from plivo import plivoxml
 from plivo.utils.signature_v3 import construct_post_url
 
 from .. import inputs, statuses
+from ..http import RemoteError
 from ..settings import CarrierSettings
 from .base import (
     MAX_DURATION_SECONDS,
@@ -27,6 +29,8 @@ from .base import (
     ReplayKey,
     MalformedFrame,
     OutboundDial,
+    PlacedCall,
+    PlacedCallQuery,
     SignatureRejected,
     SimulatedCall,
     StatusUpdate,
@@ -61,6 +65,17 @@ CALL_STATUSES = {
     "no-answer": statuses.NO_ANSWER,
     "cancel": statuses.CANCELED,
 }
+
+# A live call's call_status (Retrieve a live call); a queued one's is "queued".
+LIVE_CALL_STATUSES = {"ringing": statuses.RINGING, "in-progress": statuses.ANSWERED}
+# Plivo's lists answer at most 20 calls a page; a lookup reads this many pages of each at most
+# (more calls than that: it cannot tell, and asks again later).
+PAGE_LIMIT = 20
+MAX_PAGES = 5
+# An ended call's record has no status word: it is read from its hangup cause (Plivo's list of
+# hangup causes: 1000 "Canceled", by the Hangup API before the answer). The callee's busy and
+# no-answer causes are recognised by their names here, not their codes [unverified].
+CANCELED_CAUSE = 1000
 
 # Longest wait for a voicemail's beep before the message is left anyway (peers wait about 30 s:
 # less cuts long greetings short).
@@ -189,6 +204,129 @@ class PlivoCarrier(Carrier):
         # Plivo answers with a request_uuid; the call's own CallUUID (what its call-control API
         # wants) arrives with the first callback.
         return None
+
+    # --- the calls it placed (a dial a dead process left unrecorded) --------------------------------
+    # Plivo keeps a dial in one of three lists as it goes: queued (over the account's calls per
+    # second: "Retrieve all queued calls", request_uuids only, no filters), live ("Retrieve all live
+    # calls", call_uuids, filtered by numbers and direction) and, once over, its call detail
+    # records ("Retrieve details of all calls"). They are read in that order, so a call moving on
+    # meanwhile is met in the next. None of them returns the dial's URLs or anything else of the
+    # gateway's own (caller_name would carry a value, but the callee's phone shows it): a call is
+    # matched by its numbers and its creation time.
+    finds_placed_calls = True
+    # How soon an ended call's record is listed Plivo does not say: a dial is taken as never placed
+    # only once it has been missing from all three lists for this long [unverified].
+    lists_placed_calls_within = 120.0
+
+    async def find_placed_calls(self, http: httpx.AsyncClient, query: PlacedCallQuery, *,
+                                deadline: float) -> list[PlacedCall]:
+        found: list[PlacedCall] = []
+        for request_uuid in await self._listed_ids(http, {"status": "queued"}, deadline=deadline):
+            queued = await self._listed_call(http, request_uuid, "queued", deadline=deadline)
+            if queued is not None and self._dialled(queued.get("from"), queued.get("to"), query):
+                found.append(PlacedCall(None, statuses.QUEUED))  # its CallUUID comes with its first callback
+        numbers = {"call_direction": "outbound", "from_number": query.from_.lstrip("+"),
+                   "to_number": query.to.lstrip("+")}
+        for call_uuid in await self._listed_ids(http, {"status": "live", **numbers}, deadline=deadline):
+            live = await self._listed_call(http, call_uuid, "live", deadline=deadline)
+            if live is not None and self._dialled(live.get("from"), live.get("to"), query):
+                found.append(self.live_call(live))
+        since = query.since.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        ended = await self._pages(http, {**numbers, "end_time__gte": since}, deadline=deadline)
+        found += self.ended_calls(ended, query)
+        return found
+
+    def live_call(self, call: Mapping[str, Any]) -> PlacedCall:
+        """One call of "Retrieve a live call"."""
+        return PlacedCall(str(call.get("call_uuid") or "") or None,
+                          LIVE_CALL_STATUSES.get(str(call.get("call_status") or "")))
+
+    def ended_calls(self, records: list[Any], query: PlacedCallQuery) -> list[PlacedCall]:
+        """The call detail records ("Retrieve details of all calls") of calls initiated in the
+        query's window, newest first (an initiation time that cannot be read counts)."""
+        since, until = query.since.replace(microsecond=0), query.until
+        found = []
+        for record in records:
+            if not isinstance(record, dict) or not record.get("call_uuid"):
+                continue
+            if not self._dialled(record.get("from_number"), record.get("to_number"), query):
+                continue
+            initiated = _local_time_or_none(record.get("initiation_time"))
+            if initiated is None or since <= initiated <= until:
+                found.append(PlacedCall(str(record["call_uuid"]), self._ended_status(record)))
+        return found
+
+    @staticmethod
+    def _ended_status(record: Mapping[str, Any]) -> str:
+        """How an ended call ended, from its call detail record (which has no status word)."""
+        if record.get("answer_time") or _count(record.get("bill_duration")):
+            return statuses.COMPLETED
+        if _count(record.get("hangup_cause_code")) == CANCELED_CAUSE:
+            return statuses.CANCELED
+        cause = str(record.get("hangup_cause_name") or "").lower()
+        if "busy" in cause:
+            return statuses.BUSY
+        if "no answer" in cause or "timeout" in cause:
+            return statuses.NO_ANSWER
+        return statuses.FAILED
+
+    def _dialled(self, from_: Any, to: Any, query: PlacedCallQuery) -> bool:
+        """Whether a listed call went from and to the query's numbers (Plivo writes them with or
+        without the "+", and its filters match prefixes too)."""
+        return (isinstance(from_, str) and isinstance(to, str) and self.normalize_number(from_) == query.from_
+                and self.normalize_number(to) == query.to)
+
+    async def _listed_ids(self, http: httpx.AsyncClient, params: dict[str, str], *, deadline: float) -> list[str]:
+        """The ids a queued or live list names, page by page: {"api_id", "calls": [id, …]}."""
+        ids: list[str] = []
+        for page in range(MAX_PAGES):
+            body = await self._json(http, self._calls, deadline=deadline,
+                                    params={**params, "limit": str(PAGE_LIMIT), "offset": str(page * PAGE_LIMIT)})
+            listed = body.get("calls")
+            if not isinstance(listed, list):
+                raise RemoteError(f"{self.title} answered its call list without a list of calls")
+            ids += [str(call_id) for call_id in listed if isinstance(call_id, str) and call_id]
+            if len(listed) < PAGE_LIMIT:
+                return ids
+        raise RemoteError(f"{self.title} lists more than {MAX_PAGES * PAGE_LIMIT} {params['status']} calls")
+
+    async def _listed_call(self, http: httpx.AsyncClient, call_id: str, status: str, *,
+                           deadline: float) -> Mapping[str, Any] | None:
+        """One queued or live call; None once it has left that list (it is met in the next)."""
+        if not self.call_id_pattern.fullmatch(call_id):
+            return None
+        response = await self.rest(http, "GET", f"{self._calls}{call_id}/", deadline=deadline, gone_ok=True,
+                                   params={"status": status})
+        if response.status_code in self.gone_statuses:
+            return None
+        return self._body(response)
+
+    async def _pages(self, http: httpx.AsyncClient, params: dict[str, str], *, deadline: float) -> list[Any]:
+        """Call detail records, page by page: {"meta": {"next", …}, "objects": […]}."""
+        records: list[Any] = []
+        for page in range(MAX_PAGES):
+            body = await self._json(http, self._calls, deadline=deadline,
+                                    params={**params, "limit": str(PAGE_LIMIT), "offset": str(page * PAGE_LIMIT)})
+            objects = body.get("objects")
+            if not isinstance(objects, list):
+                raise RemoteError(f"{self.title} answered its call records without a list of them")
+            records += objects
+            meta = body.get("meta")
+            if not (isinstance(meta, dict) and meta.get("next")):
+                return records
+        raise RemoteError(f"{self.title} has more than {MAX_PAGES * PAGE_LIMIT} call records to read")
+
+    async def _json(self, http: httpx.AsyncClient, path: str, *, deadline: float, params: dict[str, str]) -> Mapping[str, Any]:
+        return self._body(await self.rest(http, "GET", path, deadline=deadline, params=params))
+
+    def _body(self, response: httpx.Response) -> Mapping[str, Any]:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise RemoteError(f"{self.title} answered with a body that is not a JSON object")
+        return body
 
     def detection_params(self, detection: MachineDetection) -> dict[str, Any]:
         """Plivo's machine detection (its Call API and asynchronous machine detection pages): with a
@@ -368,3 +506,22 @@ class PlivoCarrier(Carrier):
         if data["event"] == "checkpoint":
             return StreamMark(str(data.get("name", "")))
         return StreamOther(data["event"])
+
+
+def _count(value: Any) -> int | None:
+    """A whole number a JSON body writes as a number or as digits; None otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return inputs.whole_number_or_none(value, maximum=MAX_DURATION_SECONDS)
+
+
+def _local_time_or_none(value: Any) -> dt.datetime | None:
+    """A call detail record's time, written in the console's time zone with its offset
+    ("2015-07-26 15:44:49+05:30"); None where it is not one (or carries no offset)."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None

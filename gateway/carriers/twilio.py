@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import email.utils
 import re
 import hashlib
 import hmac
@@ -28,7 +27,7 @@ from twilio.twiml.voice_response import VoiceResponse
 from ..http import as_websocket_url
 from ..settings import CarrierSettings
 from .base import (
-    MalformedFrame, OutboundDial, PlacedCall, PlacedCallQuery, sample_rate, SignatureRejected, SimulatedCall, StreamStart,
+    MalformedFrame, OutboundDial, sample_rate, SignatureRejected, SimulatedCall, StreamStart,
     Webhook,
 )
 from .twiml import STATUS_CALLBACK_EVENTS, TwimlCarrier
@@ -149,21 +148,9 @@ class TwilioCarrier(TwimlCarrier):
         )
         return response.json().get("sid")
 
-    finds_placed_calls = True
-
-    async def find_placed_calls(self, http: httpx.AsyncClient, query: PlacedCallQuery, *,
-                                deadline: float) -> list[PlacedCall]:
-        # "Read multiple Call resources", filtered by To and From (newest first; queued calls too).
-        # date_created has whole seconds: a call created in the second of `since` counts.
-        response = await self.rest(http, "GET", f"{self._calls}.json", deadline=deadline,
-                                   params={"To": query.to, "From": query.from_, "PageSize": "50"})
-        since = query.since.replace(microsecond=0)
-        found = []
-        for call in response.json().get("calls") or []:
-            created = email.utils.parsedate_to_datetime(call["date_created"]) if call.get("date_created") else None
-            if call.get("sid") and (created is None or created >= since):
-                found.append(PlacedCall(call["sid"], self.call_statuses.get(call.get("status") or "")))
-        return found
+    @property
+    def placed_calls_path(self) -> str:
+        return f"{self._calls}.json"  # "Read multiple Call resources": queued calls too, newest first
 
     async def redirect(self, http: httpx.AsyncClient, carrier_call_id: str, url: str, *, deadline: float) -> None:
         await self.rest(http, "POST", f"{self._calls}/{carrier_call_id}.json", deadline=deadline,

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
 import xml.etree.ElementTree as ET
 from typing import Any, ClassVar, Mapping
 
+import httpx
 from twilio.twiml.voice_response import VoiceResponse
 
 from .. import inputs, statuses
-from .base import MAX_DURATION_SECONDS, DialResult, MachineDetection, StatusUpdate, Webhook
+from ..http import RemoteError
+from .base import (
+    MAX_DURATION_SECONDS, DialResult, MachineDetection, PlacedCall, PlacedCallQuery, StatusUpdate, Webhook,
+)
 from .event_stream import EventStreamCarrier
 
 # CallStatus values of Twilio and of Telnyx's TwiML-compatible callbacks.
@@ -146,6 +152,46 @@ class TwimlCarrier(EventStreamCarrier):
             answered_by=self.answered_by(params),
         )
 
+    # --- the calls it placed (a dial a dead process left unrecorded) --------------------------------
+    finds_placed_calls = True
+    # Twilio's "Read multiple Call resources" and Telnyx's TeXML "Fetch multiple call resources"
+    # take the same filters and answer the same page: {"calls": [{"sid", "status", "date_created"
+    # (RFC 2822, whole seconds), ...}], newest first. Neither returns the dial's URLs or anything
+    # else of the gateway's own, so a call is matched by its numbers and its creation time.
+    placed_calls_page_size: ClassVar[int] = 50
+
+    @property
+    def placed_calls_path(self) -> str:
+        """The call list (under api_base_url)."""
+        raise NotImplementedError
+
+    async def find_placed_calls(self, http: httpx.AsyncClient, query: PlacedCallQuery, *,
+                                deadline: float) -> list[PlacedCall]:
+        response = await self.rest(http, "GET", self.placed_calls_path, deadline=deadline, params={
+            "To": query.to, "From": query.from_, "PageSize": str(self.placed_calls_page_size)})
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise RemoteError(f"{self.title} answered its call list with a body that is not a JSON object")
+        return self.placed_calls(body, query)
+
+    def placed_calls(self, body: Mapping[str, Any], query: PlacedCallQuery) -> list[PlacedCall]:
+        """The calls of a call-list page created in the query's window (a call whose creation time
+        cannot be read counts: better adopted than dialled twice)."""
+        # date_created has whole seconds: a call created in the second of `since` counts.
+        since, until = query.since.replace(microsecond=0), query.until
+        found = []
+        calls = body.get("calls")
+        for call in calls if isinstance(calls, list) else []:
+            if not isinstance(call, dict) or not isinstance(call.get("sid"), str) or not call["sid"]:
+                continue
+            created = _rfc2822_or_none(call.get("date_created"))
+            if created is None or since <= created <= until:
+                found.append(PlacedCall(call["sid"], self.call_statuses.get(str(call.get("status") or ""))))
+        return found
+
     # --- the carrier's own side (gateway simulate) -------------------------------------------------
     def connected_stream(self, answer: str) -> tuple[str, dict[str, str]] | None:
         stream = ET.fromstring(answer).find("Connect/Stream")
@@ -153,3 +199,14 @@ class TwimlCarrier(EventStreamCarrier):
         if stream is None or not url:
             return None
         return url, {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
+
+
+def _rfc2822_or_none(value: Any) -> dt.datetime | None:
+    """An RFC 2822 date with its zone ("Thu, 15 Jun 2023 09:56:45 +0000"); None where it is not one."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return parsed if parsed.tzinfo is not None else None

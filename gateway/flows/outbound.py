@@ -61,6 +61,9 @@ ULTRAVOX_OVER_CAPACITY = "Ultravox was over capacity (429/503)"
 # A carrier that does not answer the question this long after the dial: the call is failed as
 # ABANDONED_UNPLACED (it may have rung), never placed again.
 LOOKUP_GIVE_UP_SECONDS = ABANDONED_AFTER_SECONDS + 300
+# A dial reaches the carrier within its deadline of its record; a minute more covers the carrier's
+# clock (a call of the carrier's created later is not this dial's).
+DIAL_WINDOW_SECONDS = PLACE_DEADLINE_SECONDS + 60
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,9 @@ class OutboundFlow:
         answers instead of waiting. A dial is never placed again here: the carrier may have
         accepted it just before the process died. Where the carrier can be asked, its call list
         says: the call it has is adopted (the record follows it), and with none the record fails
-        as NEVER_PLACED; otherwise it fails as ABANDONED_UNPLACED (it may have rung).
+        as NEVER_PLACED; while it cannot tell, it is asked again at the next sweep, and past
+        LOOKUP_GIVE_UP_SECONDS (or where it cannot be asked) the record fails as
+        ABANDONED_UNPLACED (it may have rung).
         (An Ultravox call created for such a dial ends by itself at its joinTimeout.)"""
         now = utcnow()
         before = now - dt.timedelta(seconds=ABANDONED_AFTER_SECONDS)
@@ -204,32 +209,59 @@ class OutboundFlow:
         carrier = self.carriers.get(record.carrier)
         reason = ABANDONED_UNPLACED
         if record.via == "carrier" and carrier is not None and carrier.finds_placed_calls:
-            query = PlacedCallQuery(record.to_number, record.from_number, record.created_at)
-            try:
-                found = await carrier.find_placed_calls(self.http, query, deadline=self._clock() + PLACE_DEADLINE_SECONDS)
-            except RemoteError as error:
-                if now - record.created_at < dt.timedelta(seconds=LOOKUP_GIVE_UP_SECONDS):
-                    log.warning("outbound %s: left unplaced; %s could not say whether it has the call (%s); "
-                                "asking again later", record.id, carrier.title, error.reason)
-                    return
-                log.warning("outbound %s: %s never said whether it has the call (%s)", record.id, carrier.title,
-                            error.reason)
-            else:
-                known = await self.store.known_carrier_calls(carrier.name, [call.carrier_call_id for call in found])
-                # The oldest call to that number that no record has: the dead process's dial.
-                unrecorded = [call for call in found if call.carrier_call_id not in known]
-                if unrecorded:
-                    call = unrecorded[-1]
-                    adopted = CallUpdate(status=call.status, carrier_call_id=call.carrier_call_id, placed=True)
-                    await self.store.update(record.id, adopted)
-                    log.warning("outbound %s: left unplaced by a stopped process; %s has it (%s, %s): adopted",
-                                record.id, carrier.title, call.carrier_call_id, call.status)
-                    return
-                reason = NEVER_PLACED
+            settled = await self._look_up_unplaced(carrier, record, now)
+            if settled is None:
+                return
+            reason = settled
         failed = await self.store.fail_abandoned("unplaced", before=record.created_at + dt.timedelta(seconds=1),
                                                  reason=reason, call_id=record.id)
         if failed:
             log.warning("outbound %s: left unplaced by a stopped process; failed: %s", record.id, reason)
+
+    async def _look_up_unplaced(self, carrier: Carrier, record: CallRecord, now: dt.datetime) -> str | None:
+        """Ask the carrier whether it has the call a dead process was placing: it has (the call is
+        adopted) or cannot tell yet (asked again at the next sweep), None; it never placed it,
+        NEVER_PLACED; no answer for too long, ABANDONED_UNPLACED."""
+        query = PlacedCallQuery(record.to_number, record.from_number, record.created_at,
+                                record.created_at + dt.timedelta(seconds=DIAL_WINDOW_SECONDS))
+        try:
+            found = await carrier.find_placed_calls(self.http, query, deadline=self._clock() + PLACE_DEADLINE_SECONDS)
+        except RemoteError as error:
+            return self._ask_again(record, now, f"{carrier.title} could not say whether it has the call ({error.reason})")
+        known = await self.store.known_carrier_calls(
+            carrier.name, [call.carrier_call_id for call in found if call.carrier_call_id])
+        unrecorded = [call for call in found if call.carrier_call_id not in known]
+        if not unrecorded:
+            within = carrier.lists_placed_calls_within
+            if within is None or now - record.created_at < dt.timedelta(seconds=within):
+                return self._ask_again(record, now, f"{carrier.title}'s call list shows no such call, which does not "
+                                                    "prove it never placed one")
+            return NEVER_PLACED
+        # The carrier names calls by their numbers and times, not by anything of the gateway's:
+        # while another call between the same numbers has not learnt its carrier call id yet
+        # (placing, or waiting for its first callback), the call found may be that one's.
+        others = await self.store.unnamed_calls(
+            record.carrier, record.from_number, record.to_number, excluding=record.id,
+            abandoned_before=now - dt.timedelta(seconds=ABANDONED_AFTER_SECONDS))
+        if others:
+            return self._ask_again(record, now, f"{carrier.title} has a call to that number, which may be that of "
+                                                f"{', '.join(other.id for other in others[:3])}")
+        # The oldest call to that number that no record has: the dead process's dial.
+        call = unrecorded[-1]
+        adopted = CallUpdate(status=call.status, carrier_call_id=call.carrier_call_id, placed=True)
+        await self.store.update(record.id, adopted)
+        log.warning("outbound %s: left unplaced by a stopped process; %s has it (%s, %s): adopted",
+                    record.id, carrier.title, call.carrier_call_id or "queued, named by its first callback", call.status)
+        return None
+
+    def _ask_again(self, record: CallRecord, now: dt.datetime, why: str) -> str | None:
+        """None (ask again at the next sweep) while the lookup may still settle; ABANDONED_UNPLACED
+        once it has not for LOOKUP_GIVE_UP_SECONDS."""
+        if now - record.created_at < dt.timedelta(seconds=LOOKUP_GIVE_UP_SECONDS):
+            log.warning("outbound %s: left unplaced; %s; asking again later", record.id, why)
+            return None
+        log.warning("outbound %s: left unplaced; %s, for too long", record.id, why)
+        return ABANDONED_UNPLACED
 
     # --- placing the call ---------------------------------------------------------------------------
     def check(self, request: DialRequest) -> None:

@@ -377,6 +377,20 @@ class CallStore:
             sa.select(calls.c.carrier_call_id).where(calls.c.carrier == carrier,
                                                      calls.c.carrier_call_id.in_(carrier_call_ids))).scalars()))
 
+    async def unnamed_calls(self, carrier: str, from_number: str, to_number: str, *, excluding: str,
+                            abandoned_before: dt.datetime) -> builtins.list[CallRecord]:
+        """Outbound calls on `carrier` from `from_number` to `to_number` (but `excluding`), not over,
+        whose carrier call id is not known yet: a call the carrier lists between those numbers may
+        be theirs. Those a dead process left unplaced before `abandoned_before` are not counted:
+        they are settled in turn, oldest first, by the same sweep."""
+        left_by_the_dead = ABANDONED["unplaced"](abandoned_before)
+        return await self.database.transaction(lambda connection: [_record(row) for row in connection.execute(
+            sa.select(calls).where(
+                calls.c.status.in_(LIVE_STATUSES), calls.c.direction == "outbound", calls.c.carrier == carrier,
+                calls.c.from_number == from_number, calls.c.to_number == to_number,
+                calls.c.carrier_call_id.is_(None), calls.c.id != excluding, sa.not_(left_by_the_dead),
+            ).order_by(calls.c.created_at).limit(100))])
+
     async def find_by_ultravox_call_id(self, ultravox_call_id: str) -> CallRecord | None:
         return await self.database.transaction(_find_by, calls.c.ultravox_call_id == ultravox_call_id)
 

@@ -280,6 +280,7 @@ class FakeCarrier:
         self.live_calls: set[str] = set()  # ids of calls the fake did not place (e.g. inbound)
         self.held_requests = 0  # create-call requests that reached a FakeResponse(hold=…)
         self._states: dict[str, str] = {}  # live id -> state (see the class docs)
+        self._ended_at: dict[str, _dt.datetime] = {}  # live id -> when it reached a state past LIVE_STATES
         self._script: deque[FakeResponse] = deque()
         self._update_script: deque[FakeResponse] = deque()
         self._sequence: dict[str, int] = {}
@@ -324,6 +325,7 @@ class FakeCarrier:
             self.live_calls.clear()
             self.held_requests = 0
             self._states.clear()
+            self._ended_at.clear()
             self._sequence.clear()
 
     def serve(self, **kwargs: Any) -> ServerThread:
@@ -411,7 +413,7 @@ class FakeCarrier:
         with self._lock:
             self.calls.append(call)
             self._sequence[call.call_id] = 0
-            self._states[self._live_id(call)] = "queued"
+            self._set(self._live_id(call), "queued")
         headers = {"Retry-After": scripted.retry_after} if scripted.retry_after else None
         content = scripted.body if scripted.body is not None else self._created_body(call)
         return JSONResponse(content, status_code=self.create_status, headers=headers)
@@ -481,7 +483,18 @@ class FakeCarrier:
     def set_state(self, call_id: str, state: str) -> None:
         """Put the call in ``state`` without telling the gateway (e.g. answered unbeknown to it)."""
         with self._lock:
-            self._states[call_id] = state
+            self._set(call_id, state)
+
+    def _set(self, call_id: str, state: str) -> None:
+        # Under the lock.
+        self._states[call_id] = state
+        if state not in LIVE_STATES:
+            self._ended_at.setdefault(call_id, _dt.datetime.now(_dt.timezone.utc))
+
+    def ended_at(self, call_id: str) -> _dt.datetime | None:
+        """When the call ended (None: it has not, or the fake does not know it)."""
+        with self._lock:
+            return self._ended_at.get(call_id)
 
     def _end(self, call_id: str, asked: str) -> str | None:
         """A hang-up asking for ``asked`` ("completed": end the call; "canceled": stop it if not
@@ -490,7 +503,8 @@ class FakeCarrier:
             answered = self._states.get(call_id, "in-progress" if call_id in self.live_calls else None) == "in-progress"
             if asked == "canceled" and answered:
                 return None
-            self._states[call_id] = ended = "completed" if answered else "canceled"
+            ended = "completed" if answered else "canceled"
+            self._set(call_id, ended)
             return ended
 
     def _reported(self, call: PlacedCarrierCall, status: str) -> None:
@@ -499,7 +513,7 @@ class FakeCarrier:
         if status in ("initiated", "queued"):
             state = "queued"
         with self._lock:
-            self._states[self._live_id(call)] = state
+            self._set(self._live_id(call), state)
 
     def _parse_update(self, request: Request, raw: bytes) -> dict[str, Any]:
         return self._parse(request, raw)

@@ -15,8 +15,10 @@ import secrets
 from typing import Any
 
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from .carrier import (
+    LIVE_STATES,
     CarrierDouble,
     Declined,
     Dialled,
@@ -34,6 +36,10 @@ __all__ = ["ExotelDouble", "FakeExotel", "exotel_basic_auth", "exotel_inbound_pa
 # Exotel's StreamUrl limit, and its rule for audio sent back: multiples of 320 bytes.
 MAX_STREAM_URL = 600
 CHUNK_MULTIPLE = 320
+# Call details write times without a zone, in the account's (IST here: Exotel's docs do not say
+# which [unverified]).
+CALL_TIMES = _dt.timezone(_dt.timedelta(hours=5, minutes=30))
+EXOTEL_TIME = "%Y-%m-%d %H:%M:%S"
 
 
 def exotel_basic_auth(username: str, password: str) -> dict[str, str]:
@@ -61,6 +67,29 @@ def exotel_inbound_params(call_sid: str | None = None, from_: str = "+9198765432
     return params
 
 
+def _same_number(wanted: str | None, number: str) -> bool:
+    """A filter's number (E.164, as Exotel documents its filters, or as Exotel writes numbers) is
+    `number`; no filter matches any."""
+    if wanted is None:
+        return True
+    return {wanted, _written(wanted)} & {number, _written(number)} != set()
+
+
+def _created_range(text: str | None) -> tuple[_dt.datetime | None, _dt.datetime | None]:
+    """DateCreated's "gte:…;lte:…" (times in the account's zone) as aware datetimes."""
+    earliest = latest = None
+    for part in (text or "").split(";") if text else []:
+        operator, _, moment = part.partition(":")
+        parsed = _dt.datetime.strptime(moment, EXOTEL_TIME).replace(tzinfo=CALL_TIMES)
+        if operator == "gte":
+            earliest = parsed
+        elif operator == "lte":
+            latest = parsed
+        else:
+            raise ValueError(f"DateCreated takes gte and lte, not {operator!r}")
+    return earliest, latest
+
+
 class FakeExotel(FakeCarrier):
     """Exotel's ``POST /v1/Accounts/{sid}/Calls/connect.json`` (form, HTTP Basic key:token).
 
@@ -71,6 +100,10 @@ class FakeExotel(FakeCarrier):
 
     create_path = "/v1/Accounts/{account_sid}/Calls/connect.json"
     account_path = "/v1/Accounts/{account_sid}/ActiveStreams"  # Exotel's Active Stream Monitoring
+    # Bulk Call Details: "will not provide ongoing calls' details", so ended calls only; filtered by
+    # From (the number called first: the callee), PhoneNumber (the ExoPhone), Direction and
+    # DateCreated ("gte:2019-01-01 00:00:00;lte:2019-01-31 23:59:59"), newest first, PageSize up to 100.
+    list_path = "/v1/Accounts/{account_sid}/Calls.json"
     create_status = 200
     body_kind = "form"
     EVENTS = frozenset({"ringing", "answered", "terminal"})
@@ -123,6 +156,44 @@ class FakeExotel(FakeCarrier):
 
     def _error_body(self, status: int, message: str, code: int | None = None) -> dict[str, Any]:
         return {"RestException": {"Status": status, "Message": message, "Code": code}}
+
+    async def _list_calls(self, request: Request) -> JSONResponse:
+        self._record(request, await request.body())
+        if not self._authorized(request):
+            return JSONResponse(self._error_body(401, "Authentication failed"), status_code=401)
+        query = request.query_params
+        try:
+            page_size = int(query.get("PageSize", 50))
+            earliest, latest = _created_range(query.get("DateCreated"))
+        except ValueError as error:
+            return JSONResponse(self._error_body(400, str(error)), status_code=400)
+        if not 0 < page_size <= 100:
+            return JSONResponse(self._error_body(400, "PageSize must be 1 to 100"), status_code=400)
+        with self._lock:
+            calls = list(self.calls)
+        listed = [call for call in calls if self.state(call.call_id) not in LIVE_STATES
+                  and _same_number(query.get("From"), call.to) and _same_number(query.get("PhoneNumber"), call.from_)
+                  and query.get("Direction") in (None, "outbound-api")
+                  and (earliest is None or call.created_at >= earliest) and (latest is None or call.created_at <= latest)]
+        listed.sort(key=lambda call: call.created_at, reverse=query.get("SortBy") != "DateCreated:asc")
+        path = f"/v1/Accounts/{self.account_sid}/Calls.json"
+        return JSONResponse({
+            "Metadata": {"Total": len(listed), "PageSize": page_size, "FirstPageUri": path, "PrevPageUri": None,
+                         "NextPageUri": None},
+            "Calls": [self._call_details(call) for call in listed[:page_size]],
+        })
+
+    def _call_details(self, call: PlacedCarrierCall) -> dict[str, Any]:
+        ended = self.ended_at(call.call_id) or call.created_at
+        return {
+            "Sid": call.call_id, "ParentCallSid": None, "AccountSid": self.account_sid,
+            "DateCreated": call.created_at.astimezone(CALL_TIMES).strftime(EXOTEL_TIME),
+            "DateUpdated": ended.astimezone(CALL_TIMES).strftime(EXOTEL_TIME),
+            "To": _written(call.from_), "From": _written(call.to), "PhoneNumberSid": _written(call.from_),
+            "Status": self.state(call.call_id), "StartTime": call.created_at.astimezone(CALL_TIMES).strftime(EXOTEL_TIME),
+            "EndTime": ended.astimezone(CALL_TIMES).strftime(EXOTEL_TIME), "Duration": "0", "Price": "0.000",
+            "Direction": "outbound-api", "AnsweredBy": None, "RecordingUrl": None,
+        }
 
     def _account_body(self) -> dict[str, Any]:
         live = sum(1 for call in self.calls if self.is_live(call.call_id))

@@ -6,6 +6,7 @@ dialect `CarrierStream` uses for ``"plivo"``) and the double the tests play Pliv
 
 from __future__ import annotations
 
+import datetime as _dt
 import secrets
 import string
 import time
@@ -21,6 +22,7 @@ from .carrier import (
     _HTTP_METHODS,
     CallUpdate,
     Detection,
+    LIVE_STATES,
     FakeCarrier,
     PlacedCarrierCall,
     XmlDouble,
@@ -111,6 +113,23 @@ class FakePlivo(FakeCarrier):
     account_path = "/v1/Account/{auth_id}/"  # "Retrieve account details"
     update_status = 202
     update_fields = frozenset({"legs", "aleg_url", "aleg_method", "bleg_url", "bleg_method", "blegs"})
+    # GET: "Retrieve all queued calls" (?status=queued: request_uuids, no filters), "Retrieve all
+    # live calls" (?status=live: CallUUIDs; call_direction, from_number, to_number) or, without a
+    # status, "Retrieve details of all calls" (the records of ended calls, filtered likewise and by
+    # end_time). GET of one call (update_path) retrieves it the same three ways.
+    list_path = create_path
+    MAX_LIMIT = 20  # "The maximum number of results that you can fetch with a single API call is 20"
+    # The record of an ended call, by how it ended: hangup cause code and name (Plivo's list of
+    # hangup causes; the callee-side codes are [unverified]).
+    _ENDED_CAUSES = {
+        "completed": (4000, "Normal Hangup", "Callee"),
+        "busy": (3010, "Busy Line", "Callee"),
+        "no-answer": (3000, "No Answer", "Callee"),
+        "timeout": (3000, "No Answer", "Callee"),
+        "failed": (2010, "Destination Out Of Service", "Carrier"),
+        "cancel": (1000, "Canceled", "API Request"),
+        "canceled": (1000, "Canceled", "API Request"),
+    }
 
     # Plivo's hangup_url gets these CallStatus values.
     FINAL_STATUSES = ("completed", "busy", "failed", "timeout", "no-answer", "cancel")
@@ -238,6 +257,98 @@ class FakePlivo(FakeCarrier):
             return self.send_status(call, "completed", Machine="true")
         return self.answer(call, Machine="true")
 
+    # -- the call lists ------------------------------------------------------
+
+    async def _list_calls(self, request: Request) -> JSONResponse:
+        self._record(request, await request.body())
+        if not self._authorized(request):
+            return JSONResponse(self._error_body(401, "Authentication failed"), status_code=401)
+        query = request.query_params
+        try:
+            limit = int(query.get("limit", self.MAX_LIMIT))
+            offset = int(query.get("offset", 0))
+        except ValueError:
+            return JSONResponse(self._error_body(400, "limit and offset must be integers"), status_code=400)
+        if not 0 < limit <= self.MAX_LIMIT or offset < 0:
+            return JSONResponse(self._error_body(400, f"limit must be 1 to {self.MAX_LIMIT}"), status_code=400)
+        status = query.get("status")
+        with self._lock:
+            calls = list(reversed(self.calls))  # newest first
+        if status == "queued":
+            ids = [call.call_id for call in calls if self.state(self._live_id(call)) == "queued"]
+            return JSONResponse({"api_id": str(uuid.uuid4()), "calls": ids[offset:offset + limit]})
+        calls = [call for call in calls if self._filtered_in(call, query)]
+        if status == "live":
+            ids = [call.call_uuid or "" for call in calls if self.state(self._live_id(call)) in ("ringing", "in-progress")]
+            return JSONResponse({"api_id": str(uuid.uuid4()), "calls": ids[offset:offset + limit]})
+        if status is not None:
+            return JSONResponse(self._error_body(400, "status must be live or queued"), status_code=400)
+        since = _utc_or_none(query.get("end_time__gte"))
+        ended = [call for call in calls if self.state(self._live_id(call)) not in LIVE_STATES
+                 and (since is None or (self.ended_at(self._live_id(call)) or since) >= since)]
+        page = ended[offset:offset + limit]
+        more = offset + limit < len(ended)
+        path = f"/v1/Account/{self.auth_id}/Call/"
+        return JSONResponse({
+            "api_id": str(uuid.uuid4()),
+            "meta": {"limit": limit, "offset": offset, "total_count": len(ended), "previous": None,
+                     "next": f"{path}?limit={limit}&offset={offset + limit}" if more else None},
+            "objects": [self._call_record(call) for call in page],
+        })
+
+    @staticmethod
+    def _filtered_in(call: PlacedCarrierCall, query: Any) -> bool:
+        """The live list's and the call records' filters: direction, and numbers by exact value or prefix."""
+        if query.get("call_direction") not in (None, "outbound"):
+            return False
+        for name, number in (("from_number", call.from_), ("to_number", call.to)):
+            wanted = query.get(name)
+            if wanted is not None and not number.lstrip("+").startswith(wanted.lstrip("+")):
+                return False
+        return True
+
+    def _call_record(self, call: PlacedCarrierCall) -> dict[str, Any]:
+        """"Retrieve a call": the record of an ended call, times in the account's zone with their offset."""
+        state = self.state(self._live_id(call)) or "completed"
+        code, cause, source = self._ENDED_CAUSES.get(state, (4000, "Normal Hangup", "Callee"))
+        ended = self.ended_at(self._live_id(call)) or call.created_at
+        answered = state == "completed"
+        duration = max(int((ended - call.created_at).total_seconds()), 0)
+        return {
+            "answer_time": _plivo_time(call.created_at) if answered else None,
+            "api_id": str(uuid.uuid4()), "bill_duration": duration if answered else 0,
+            "billed_duration": 60 if answered else 0, "call_direction": "outbound", "call_duration": duration,
+            "call_uuid": call.call_uuid, "end_time": _plivo_time(ended), "from_number": "+" + call.from_.lstrip("+"),
+            "hangup_cause_code": code, "hangup_cause_name": cause, "hangup_source": source,
+            "initiation_time": _plivo_time(call.created_at), "parent_call_uuid": None,
+            "resource_uri": f"/v1/Account/{self.auth_id}/Call/{call.call_uuid}/", "to_number": call.to.lstrip("+"),
+            "total_amount": "0.00850" if answered else "0.00000", "total_rate": "0.00850",
+        }
+
+    async def _retrieve(self, request: Request) -> JSONResponse:
+        self._record(request, await request.body())
+        if not self._authorized(request):
+            return JSONResponse(self._error_body(401, "Authentication failed"), status_code=401)
+        call_id = request.path_params["call_id"]
+        status = request.query_params.get("status")
+        with self._lock:
+            placed = list(self.calls)
+        for call in placed:
+            state = self.state(self._live_id(call))
+            if status == "queued" and call.call_id == call_id and state == "queued":
+                return JSONResponse({"api_id": str(uuid.uuid4()), "call_status": "queued", "direction": "outbound",
+                                     "from": call.from_.lstrip("+"), "request_uuid": call.call_id,
+                                     "to": call.to.lstrip("+"), "caller_name": ""})
+            if status == "live" and call.call_uuid == call_id and state in ("ringing", "in-progress"):
+                # As Plivo's own example writes them: "from" with its "+", "to" without.
+                return JSONResponse({"api_id": str(uuid.uuid4()), "call_status": state, "call_uuid": call.call_uuid,
+                                     "caller_name": "", "direction": "outbound", "from": "+" + call.from_.lstrip("+"),
+                                     "request_uuid": call.call_id, "to": call.to.lstrip("+"),
+                                     "session_start": call.created_at.strftime("%Y-%m-%d %H:%M:%S.%f")})
+            if status is None and call.call_uuid == call_id and state not in LIVE_STATES:
+                return JSONResponse(self._call_record(call))
+        return self._not_found(request)
+
     # A live Plivo call is addressed by its CallUUID, not the request_uuid.
     def _live_id(self, call: PlacedCarrierCall) -> str:
         return call.call_uuid or ""
@@ -250,9 +361,11 @@ class FakePlivo(FakeCarrier):
         return None
 
     def _update_routes(self) -> list[Route]:
-        return [Route(self.update_path, self._update_or_hangup, methods=["POST", "DELETE"])]
+        return [Route(self.update_path, self._update_or_hangup, methods=["GET", "POST", "DELETE"])]
 
     async def _update_or_hangup(self, request: Request) -> Response:
+        if request.method == "GET":
+            return await self._retrieve(request)
         if request.method == "POST":
             return await self._update_call(request)
         # DELETE hangs the call up.
@@ -303,6 +416,22 @@ class FakePlivo(FakeCarrier):
         for name in ("From", "To"):  # Plivo reports numbers as bare digits
             form[name] = form[name].lstrip("+")
         return form
+
+
+def _plivo_time(moment: _dt.datetime) -> str:
+    """A call record's time: "2015-07-26 15:44:49+05:30" (here in UTC)."""
+    return moment.astimezone(_dt.timezone.utc).replace(microsecond=0).isoformat(sep=" ")
+
+
+def _utc_or_none(text: str | None) -> _dt.datetime | None:
+    """A filter's time, "YYYY-MM-DD HH:MM[:ss[.uuuuuu]]" in UTC."""
+    if not text:
+        return None
+    try:
+        moment = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=_dt.timezone.utc)
 
 
 # ---------------------------------------------------------------------------
