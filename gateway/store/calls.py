@@ -173,9 +173,9 @@ class CallStore:
         # Set before the first write (the outbox needs the durable work, which needs the store).
         self.observer = observer
 
-    async def _observed(self, work, *args):
+    async def _observed(self, work, *args, urgent: bool = False):
         """A transaction whose changes the observer sees (and whose effects it then looks for)."""
-        result = await self.database.transaction(work, *args, self.observer)
+        result = await self.database.transaction(work, *args, self.observer, urgent=urgent)
         if self.observer is not None:
             self.observer.committed()
         return result
@@ -413,7 +413,8 @@ class CallStore:
 
     # --- group commit ---------------------------------------------------------------------------------
     async def _apply(self, batch: builtins.list["_Write"]) -> builtins.list[Claim | None]:
-        return await self._observed(_apply_batch, batch)
+        # Callers wait on these (the inbound path): ahead of queued background work.
+        return await self._observed(_apply_batch, batch, urgent=True)
 
 
 @dataclass(frozen=True)

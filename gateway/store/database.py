@@ -10,8 +10,10 @@ the whole transaction in one hop to a thread of its own.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import queue
 import socket
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from typing import Any, Callable, TypeVar
 
 import sqlalchemy as sa
@@ -66,8 +68,9 @@ class Database:
         url = engine_url(url)
         return ThreadedSQLite(url) if url.startswith("sqlite") else AsyncPostgres(url)
 
-    async def transaction(self, work: Work[T], *args: Any) -> T:
-        """Run `work(connection, *args)` in a transaction that commits when it returns."""
+    async def transaction(self, work: Work[T], *args: Any, urgent: bool = False) -> T:
+        """Run `work(connection, *args)` in a transaction that commits when it returns. `urgent`: a
+        caller is waiting on it (the inbound path), so where transactions queue it goes first."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -95,7 +98,8 @@ class AsyncPostgres(Database):
             if sock is not None:
                 keep_alive(sock)
 
-    async def transaction(self, work: Work[T], *args: Any) -> T:
+    async def transaction(self, work: Work[T], *args: Any, urgent: bool = False) -> T:
+        # Each transaction has a connection of its own from the pool: none waits behind another here.
         async with self.engine.begin() as connection:
             return await connection.run_sync(work, *args)
 
@@ -106,9 +110,15 @@ class AsyncPostgres(Database):
 class ThreadedSQLite(Database):
     dialect = "sqlite"
 
+    URGENT, NORMAL, STOP = 0, 1, 2  # the queue's order: urgent transactions first, then in turn
+
     def __init__(self, url: str):
         # One thread: SQLite has one writer at a time anyway, and a connection stays on its thread.
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        # Its queue lets an urgent transaction (a caller waits on it) pass the background work
+        # queued before it (event deliveries, sweeps); the one running finishes first.
+        self._queue: queue.PriorityQueue[tuple[int, int, Callable[[], None]]] = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._thread = threading.Thread(target=self._serve, name="sqlite", daemon=True)
         self.engine = sa.create_engine(url, connect_args={"timeout": 5}, pool_reset_on_return=None)
 
         @sa.event.listens_for(self.engine, "connect")
@@ -118,13 +128,49 @@ class ThreadedSQLite(Database):
             cursor.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; a power cut may lose the last commit
             cursor.close()
 
-    async def transaction(self, work: Work[T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._run, work, args)
+        self._thread.start()
+
+    async def transaction(self, work: Work[T], *args: Any, urgent: bool = False) -> T:
+        return await self._submit(lambda: self._run(work, args), self.URGENT if urgent else self.NORMAL)
 
     def _run(self, work: Work[T], args: tuple) -> T:
         with self.engine.begin() as connection:
             return work(connection, *args)
 
+    async def _submit(self, call: Callable[[], T], priority: int) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def run() -> None:
+            if future.cancelled():  # its caller gave up before it started: as an executor would, skip it
+                return
+            try:
+                result = call()
+            except BaseException as error:  # handed to the caller, as run_in_executor would
+                loop.call_soon_threadsafe(_settle, future, None, error)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+        self._queue.put((priority, next(self._order), run))
+        return await future
+
+    def _serve(self) -> None:
+        while True:
+            priority, _, run = self._queue.get()
+            run()
+            if priority == self.STOP:
+                return
+
     async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._thread, self.engine.dispose)
-        self._thread.shutdown(wait=True)
+        # After everything queued: what was asked for is done, then the connections go.
+        await self._submit(self.engine.dispose, self.STOP)
+        self._thread.join()
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
