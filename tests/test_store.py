@@ -335,3 +335,33 @@ def test_only_the_head_of_a_stream_is_due_and_the_next_is_due_once_it_is_settled
         assert sorted(p.event_id for p in await claim()) == sorted([second.id, later.id])
 
     run(database_url, scenario)
+
+
+def test_on_sqlite_an_urgent_transaction_goes_ahead_of_queued_ones(tmp_path):
+    import threading
+
+    from gateway.store.database import Database
+
+    async def scenario():
+        database = Database.open(f"sqlite:///{tmp_path / 'order.db'}")
+        ran: list[str] = []
+        running = threading.Event()
+        release = threading.Event()
+
+        def hold(connection):
+            running.set()
+            release.wait(5)
+            ran.append("running")
+
+        first = asyncio.ensure_future(database.transaction(hold))
+        await asyncio.get_running_loop().run_in_executor(None, running.wait, 5)
+        queued = [asyncio.ensure_future(database.transaction(lambda c, name=name: ran.append(name)))
+                  for name in ("background-1", "background-2")]
+        urgent = asyncio.ensure_future(database.transaction(lambda c: ran.append("urgent"), urgent=True))
+        await asyncio.sleep(0.05)  # all three queued behind the one running
+        release.set()
+        await asyncio.gather(first, *queued, urgent)
+        await database.close()
+        assert ran == ["running", "urgent", "background-1", "background-2"]
+
+    asyncio.run(scenario())
