@@ -50,6 +50,16 @@ UNREACHABLE = "http://127.0.0.1:9"  # a REST API base URL for carriers no fake s
 # callees hang up within a fraction of a second. Its [campaigns] table takes more keys after it.
 CAMPAIGN_SETTLE = "\n[campaigns]\nsettle_seconds = 0.2\n"
 
+
+def in_gateway_table(config: str, lines: str) -> str:
+    """`config` with `lines` (TOML keys) at the top of its [gateway] table."""
+    return config.replace("[gateway]\n", "[gateway]\n" + lines, 1)
+
+
+# For `gateway serve` processes on one store that take work over from each other (one killed, a
+# test ageing a job): each sees a job another wrote or left within 0.2 s, not 1 s.
+SHARED_WORK = "work_poll_seconds = 0.2\n"
+
 API_KEY = "test-api-key-0123456789"
 OTHER_API_KEY = "other-api-key-9876543210"
 WEBHOOK_SECRET = "ultravox-webhook-secret"

@@ -22,7 +22,7 @@ from gateway.testing.callees import Callees
 from gateway.testing.processes import GatewayProcess
 from gateway.testing.ultravox import FakeResponse
 
-from .conftest import API_KEY, BASE_CONFIG, CAMPAIGN_SETTLE, gateway_environ, stored_calls
+from .conftest import API_KEY, BASE_CONFIG, CAMPAIGN_SETTLE, SHARED_WORK, gateway_environ, in_gateway_table, stored_calls
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CARRIER = "twilio"  # its call list is what the gateway asks
@@ -65,7 +65,7 @@ def test_dials_in_flight_when_the_gateway_is_killed_are_adopted_or_redialled_nev
         tmp_path: Path, fake_ultravox, fake_carriers, database_url):
     fake = fake_carriers[CARRIER]
     config = tmp_path / "gateway.toml"
-    config.write_text(BASE_CONFIG + CAMPAIGN_SETTLE)
+    config.write_text(in_gateway_table(BASE_CONFIG, SHARED_WORK) + CAMPAIGN_SETTLE)
     environ = gateway_environ(fake_ultravox, database_url, fake_carriers)
     release = threading.Event()
     # Both dials reach the carrier and wait there; then the carrier places the first (its answer

@@ -35,8 +35,8 @@ from gateway.testing import (
     haproxy_path,
 )
 
-from .conftest import (AGENT_ID, API_KEY, BASE_CONFIG, CARRIER_NAMES, PUBLIC_URL, SUPPORT_NUMBER, gateway_environ,
-                       new_postgres_database, stored_calls)
+from .conftest import (AGENT_ID, API_KEY, BASE_CONFIG, CARRIER_NAMES, PUBLIC_URL, SHARED_WORK, SUPPORT_NUMBER,
+                       gateway_environ, in_gateway_table, new_postgres_database, stored_calls)
 
 BRIDGED_NUMBER = "+15550005555"
 BRIDGE_ROUTE = f"""
@@ -75,15 +75,15 @@ def start_replicas(work_dir: Path, count: int, config: str, environ: dict[str, s
 def make_replicas(tmp_path: Path, fake_ultravox, fake_carriers, postgres_database_url):
     """Start `count` replicas of BASE_CONFIG (+ `extra_config`, `environ`; `work_lease_seconds` in its
     [gateway] table) on the session's PostgreSQL database behind HAProxy; the fake carriers call back
-    through the balancer. Stopped after the test."""
+    through the balancer. They take work over from each other (SHARED_WORK). Stopped after the test."""
     require_haproxy()
     started: list[Replicas] = []
 
     def make(count: int = 3, extra_config: str = "", *, work_lease_seconds: float | None = None,
              **environ: str) -> Replicas:
-        config = BASE_CONFIG
+        config = in_gateway_table(BASE_CONFIG, SHARED_WORK)
         if work_lease_seconds is not None:
-            config = config.replace("[gateway]\n", f"[gateway]\nwork_lease_seconds = {work_lease_seconds}\n", 1)
+            config = in_gateway_table(config, f"work_lease_seconds = {work_lease_seconds}\n")
         replicas = start_replicas(
             tmp_path / f"replicas-{len(started)}", count, config + extra_config,
             gateway_environ(fake_ultravox, postgres_database_url, fake_carriers, **environ),
