@@ -168,15 +168,17 @@ def serve_command(args) -> int:
         return 2
     # Imported once the configuration and the store are known good: a problem is said without
     # loading the app and its libraries (most of a start's time).
-    from .app import create_app
     from .serving import serve, server_config
 
     if args.workers > 1:
-        # Each worker process builds its own app from the same configuration.
+        # Each worker process builds (and imports) its own app from the same configuration; the
+        # supervisor here never loads it.
         if args.config:
             os.environ["GATEWAY_CONFIG"] = os.path.abspath(args.config)
         app: Any = "gateway.app:create_app_from_environment"
     else:
+        from .app import create_app
+
         app = create_app(settings)
     # uvicorn applies log_config (dictConfig) in this process and again in each worker process.
     log_config = logs.log_config(args.log_format or settings.log_format, args.log_level, settings.secrets())
