@@ -68,8 +68,9 @@ def test_dials_in_flight_when_the_gateway_is_killed_are_adopted_or_redialled_nev
     config.write_text(in_gateway_table(BASE_CONFIG, SHARED_WORK) + CAMPAIGN_SETTLE)
     environ = gateway_environ(fake_ultravox, database_url, fake_carriers)
     release = threading.Event()
-    # Both dials reach the carrier and wait there; then the carrier places the first (its answer
-    # goes to a dead process) and refuses the second (no call).
+    # Both dials reach the carrier and wait there; then the carrier places the first to have come
+    # (its answer goes to a dead process) and refuses the other (no call). Which row's came first is
+    # the machine's choice: the rows are told apart below by the call the carrier placed.
     fake.script(FakeResponse(hold=release), FakeResponse(status=500, hold=release))
     listed = ["+15557009001", "+15557009002"]
     with GatewayProcess(config, environ, work_dir=tmp_path, name="victim") as victim:
@@ -107,6 +108,6 @@ def test_dials_in_flight_when_the_gateway_is_killed_are_adopted_or_redialled_nev
     assert not callees.errors
     by_number = {row["to"]: row for row in rows}
     assert by_number[listed[0]]["attempts"] == 1 and by_number[listed[1]]["attempts"] == 1  # the redial not counted
-    assert by_number[listed[0]]["call_id"] == adopted.id
+    assert by_number[placed.to]["call_id"] == adopted.id
     asked = [r for r in fake.requests if r.method == "GET" and r.path.endswith("/Calls.json")]
     assert len(asked) >= 2  # the carrier's call list, once per unplaced dial
