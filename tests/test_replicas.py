@@ -441,7 +441,11 @@ def test_a_replica_killed_mid_run_loses_no_record_and_creates_no_second_call(
     assert broken, "the kill hit no call in flight"
     assert broken <= during_ids
     assert {d.replica for ds in deliveries.values() for d in ds if not d.answered} <= {victim.name, None}
-    assert all(deliveries[call_id][0].replica == victim.name for call_id in broken)
+    # Each broken call's first delivery went to the victim. (Or its connection was dropped with no answer
+    # at all, replica None: HAProxy may close the client's connection when the dying process drops the
+    # request, rather than answer 502; seen on a loaded machine. No survivor leaves one unanswered: above.)
+    assert all(deliveries[call_id][0].replica in (victim.name, None) for call_id in broken), {
+        c: deliveries[c] for c in broken}
     # Every broken call was answered in the end, by a survivor. (A retry sent after the kill but before
     # the health check saw it is redispatched by HAProxy when the connection is refused, but gets a 502
     # when it reached the dying process first; on a loaded machine that window is wide enough to hit,
