@@ -118,7 +118,7 @@ class Gateway:
         # to the user's endpoints are not jobs: each endpoint has a dispatcher of its own (so a
         # slow endpoint never holds a transfer's timer), claiming the deliveries themselves.
         jobs = JobStore(store.database)
-        self.work = work = Work(jobs, lease_seconds=settings.work_lease_seconds)
+        self.work = work = Work(jobs, lease_seconds=settings.work_lease_seconds, poll_seconds=settings.work_poll_seconds)
         events = EventStore(store.database)
         # Connections for every endpoint's sends at once: a slow endpoint holding its own must not
         # leave another's sends waiting for one (the wait counts against their timeout).
@@ -150,7 +150,8 @@ class Gateway:
         )
         self.api = CallsApi(settings, store, outbound, transfers)
         # Campaign dispatch has a loop of its own too: a burst of dials never holds a transfer's timer.
-        self.campaign_work = Work(jobs, lease_seconds=settings.work_lease_seconds)
+        self.campaign_work = Work(jobs, lease_seconds=settings.work_lease_seconds,
+                                  poll_seconds=settings.work_poll_seconds)
         self.campaign_store = campaign_store = CampaignStore(
             store.database, observer=CampaignEvents(outbox) if outbox.active else None)
         campaigns = CampaignFlow(settings, campaign_store, store, outbound, work=self.campaign_work, clock=clock,

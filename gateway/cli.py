@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--url", default=os.environ.get("GATEWAY_URL", "http://127.0.0.1:8080"),
                           help="where the running gateway listens (default $GATEWAY_URL or http://127.0.0.1:8080)")
     simulate.add_argument("--tail-seconds", type=float, default=3.0, help="keep listening after the input ends")
+    simulate.add_argument("--pace", type=_pace, default=1.0,
+                          help="play the input this many times faster than real time (default 1); for a stand-in "
+                          "agent that speaks as fast, as `gateway demo --pace` runs one")
     simulate.add_argument("--private-key", help="for carriers signing with a private key (the gateway holds the "
                           "public half): that key, base64")
 
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         "demo", help="try the gateway with no account: it runs with a local stand-in for Ultravox and the carriers "
         "faked on loopback, and prints commands to try")
     demo.add_argument("--port", type=int, default=8080, help="port the gateway listens on (default 8080)")
+    demo.add_argument("--pace", type=_pace, default=1.0,
+                      help="the stand-in agent speaks, and the simulate commands printed play the caller, this many "
+                      "times faster than real time (default 1: as on a phone)")
 
     from . import campaign_cli
 
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(args.port)
+        return run_demo(args.port, pace=args.pace)
     if args.command == "tools":
         return tools_sync_command(args)
     if args.command == "serve":
@@ -104,6 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dial":
         return dial_command(args)
     return check_command(args)
+
+
+def _pace(text: str) -> float:
+    """A --pace: times real time, from 1 (real time) to 16."""
+    try:
+        pace = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 1 <= pace <= 16:
+        raise argparse.ArgumentTypeError("must be from 1 (real time) to 16")
+    return pace
 
 
 def installed_version() -> str:
@@ -151,15 +168,17 @@ def serve_command(args) -> int:
         return 2
     # Imported once the configuration and the store are known good: a problem is said without
     # loading the app and its libraries (most of a start's time).
-    from .app import create_app
     from .serving import serve, server_config
 
     if args.workers > 1:
-        # Each worker process builds its own app from the same configuration.
+        # Each worker process builds (and imports) its own app from the same configuration; the
+        # supervisor here never loads it.
         if args.config:
             os.environ["GATEWAY_CONFIG"] = os.path.abspath(args.config)
         app: Any = "gateway.app:create_app_from_environment"
     else:
+        from .app import create_app
+
         app = create_app(settings)
     # uvicorn applies log_config (dictConfig) in this process and again in each worker process.
     log_config = logs.log_config(args.log_format or settings.log_format, args.log_level, settings.secrets())
@@ -322,7 +341,7 @@ def simulate_command(args) -> int:
         summary = asyncio.run(simulate_call(
             settings, carrier=args.carrier, to=args.to, from_=args.from_, input_path=args.input,
             output_path=args.output, gateway_url=args.url, tail_seconds=args.tail_seconds,
-            private_key=args.private_key,
+            private_key=args.private_key, pace=args.pace,
         ))
     except SimulationError as error:
         print(f"Simulation failed: {error}", file=sys.stderr)

@@ -63,6 +63,7 @@ class Demo:
     doubles: dict[str, CarrierDouble]
     servers: list[ServerThread]
     callees: list[Callees]
+    pace: float = 1.0  # times real time, for the stand-in agent and the printed simulate commands
 
     @property
     def api_key(self) -> str:
@@ -75,12 +76,14 @@ class Demo:
     def simulate_command(self, carrier: str, output: str = "agent.wav") -> list[str]:
         """`gateway simulate` playing the shipped caller into the bridged route as `carrier`'s call."""
         answer = self.ultravox.answer
-        # After the caller's last word: the pause that ends the utterance, the answer, and some slack.
+        # After the caller's last word: the pause that ends the utterance, the answer (both at the
+        # demo's pace), and some slack.
         answer_seconds = answer.seconds if isinstance(answer, Speech) else 0.0
-        tail = math.ceil(PAUSE_MS / 1000 + answer_seconds + 1.5)
+        tail = math.ceil((PAUSE_MS / 1000 + answer_seconds) / self.pace + 1.5)
+        pace = ["--pace", f"{self.pace:g}"] if self.pace != 1 else []
         return [*_unset_environment(), *gateway_command(), "simulate", "--config", str(self.config_path),
                 "--url", self.url, "--carrier", carrier, "--to", BRIDGE_NUMBER,
-                "--input", str(shipped_wav("caller")), "--output", output, "--tail-seconds", str(tail),
+                "--input", str(shipped_wav("caller")), "--output", output, "--tail-seconds", str(tail), *pace,
                 *self.doubles[carrier].simulate_arguments()]
 
     def inbound_curl(self, carrier: str) -> list[str]:
@@ -172,15 +175,16 @@ def _carrier_section(name: str, d: CarrierDouble, api_base_url: str) -> dict[str
     return section
 
 
-def start_demo(port: int = 8080, host: str = "127.0.0.1") -> Demo:
-    """Start the fakes and the gateway; raises DemoError (with everything stopped) when it cannot."""
+def start_demo(port: int = 8080, host: str = "127.0.0.1", *, pace: float = 1.0) -> Demo:
+    """Start the fakes and the gateway; raises DemoError (with everything stopped) when it cannot.
+    `pace`: the stand-in agent speaks that many times faster than real time (see FakeUltravox.converse)."""
     from .app import create_app
 
     directory = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
     url = f"http://{host}:{port}"
     # Without schema validation: its validator is in the [test] extra, and the suite checks the very
     # bodies the gateway sends.
-    ultravox = FakeUltravox(api_key="uv_demo_" + secrets.token_urlsafe(24), validate=False).converse()
+    ultravox = FakeUltravox(api_key="uv_demo_" + secrets.token_urlsafe(24), validate=False).converse(pace=pace)
     doubles = {name: double(name).for_session() for name in CARRIERS}
     fakes = {name: d.fake_api(public_url=url, deliver_to=url) for name, d in doubles.items()}
     servers: list[ServerThread] = []
@@ -203,7 +207,7 @@ def start_demo(port: int = 8080, host: str = "127.0.0.1") -> Demo:
     except BaseException:
         _stop(servers, callees, fakes, directory)
         raise
-    return Demo(directory, config_path, settings, url, ultravox, fakes, doubles, servers, callees)
+    return Demo(directory, config_path, settings, url, ultravox, fakes, doubles, servers, callees, pace)
 
 
 def _configuration(directory: Path, url: str, host: str, port: int, ultravox: FakeUltravox,
@@ -227,12 +231,12 @@ def _configuration(directory: Path, url: str, host: str, port: int, ultravox: Fa
     }
 
 
-def run_demo(port: int = 8080) -> int:
+def run_demo(port: int = 8080, *, pace: float = 1.0) -> int:
     """`gateway demo`: start, print what to try, run until Ctrl-C or SIGTERM."""
     from . import logs
 
     try:
-        demo = start_demo(port)
+        demo = start_demo(port, pace=pace)
     except DemoError as error:
         print(f"gateway demo: {error}", file=sys.stderr)
         return 2

@@ -592,6 +592,8 @@ class Settings(_Section):
     # Durable work (gateway/work.py): a claimed job is leased this long, renewed a third of the way
     # through; a job held by a process that died is run by another once its lease runs out.
     work_lease_seconds: float = Field(default=15.0, ge=1, le=600)
+    # How soon a process sees a job another process wrote or left behind (its own it runs at once).
+    work_poll_seconds: float = Field(default=1.0, ge=0.05, le=60)
     # What `gateway serve` writes to stderr: "text" lines, or "json" (one object a line) for a log
     # collector (env GATEWAY_LOG_FORMAT; `--log-format` wins).
     log_format: Literal["text", "json"] = "text"

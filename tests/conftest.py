@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,18 +23,12 @@ from gateway.settings import Settings, load_settings
 from gateway.store import CallRecord, CallStore
 from gateway.testing import FakeCarrier, FakeUltravox, ServerThread, double
 
-# Where the environment asks for no bytecode beside the sources (PYTHONDONTWRITEBYTECODE), each
-# xdist worker of each run rewrote and compiled every test module afresh (~3 s of CPU a worker).
-# Their bytecode is kept under the temporary directory instead, out of the tree, while the suite is
-# collected (the libraries above were imported as the environment asks; the flags come back after).
-_BYTECODE_FLAGS = (sys.dont_write_bytecode, sys.pycache_prefix)
-if sys.dont_write_bytecode and not sys.pycache_prefix:
-    sys.pycache_prefix = os.path.join(tempfile.gettempdir(), "ultravox-gateway-test-bytecode")
-    sys.dont_write_bytecode = False
+from . import BYTECODE_FLAGS
 
 
 def pytest_collection_finish(session):
-    sys.dont_write_bytecode, sys.pycache_prefix = _BYTECODE_FLAGS
+    sys.dont_write_bytecode, sys.pycache_prefix = BYTECODE_FLAGS  # see tests/__init__.py
+
 
 # Carriers by what a scenario needs of them; every per-carrier fact comes from double(name).
 CARRIER_NAMES = list(CARRIERS)  # every carrier the gateway speaks
@@ -53,6 +46,19 @@ FORM_SIGNING_CARRIERS = [name for name in CARRIERS if double(name).signs_form]
 # The gateway hangs their calls up through the REST API (not only by closing the media stream).
 REST_HANGUP_CARRIERS = [name for name in CARRIERS if double(name).hangs_up_through_api]
 UNREACHABLE = "http://127.0.0.1:9"  # a REST API base URL for carriers no fake serves
+# A campaign at its concurrency looks at its live calls again after this (1 s by default): a test's
+# callees hang up within a fraction of a second. Its [campaigns] table takes more keys after it.
+CAMPAIGN_SETTLE = "\n[campaigns]\nsettle_seconds = 0.2\n"
+
+
+def in_gateway_table(config: str, lines: str) -> str:
+    """`config` with `lines` (TOML keys) at the top of its [gateway] table."""
+    return config.replace("[gateway]\n", "[gateway]\n" + lines, 1)
+
+
+# For `gateway serve` processes on one store that take work over from each other (one killed, a
+# test ageing a job): each sees a job another wrote or left within 0.2 s, not 1 s.
+SHARED_WORK = "work_poll_seconds = 0.2\n"
 
 API_KEY = "test-api-key-0123456789"
 OTHER_API_KEY = "other-api-key-9876543210"

@@ -20,13 +20,13 @@ from gateway.testing import double
 from gateway.testing.callees import Callees
 from gateway.testing.ultravox import FakeResponse
 
-from .conftest import API_KEY, BASE_CONFIG, CARRIER_NAMES, stored_calls
+from .conftest import API_KEY, BASE_CONFIG, CAMPAIGN_SETTLE, CARRIER_NAMES, stored_calls
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CARRIER = CARRIER_NAMES[0]
 WAIT_SECONDS = 60
 # One try per Ultravox request: the 429 reaches the flow at once instead of being waited out.
-ONE_TRY = BASE_CONFIG.replace("[ultravox]\n", "[ultravox]\nmax_attempts = 1\n", 1)
+ONE_TRY = BASE_CONFIG.replace("[ultravox]\n", "[ultravox]\nmax_attempts = 1\n", 1) + CAMPAIGN_SETTLE
 
 
 def create(gateway, listed, **fields):
@@ -119,7 +119,7 @@ def test_the_pace_in_the_row_halves_once_per_hold_and_rises_additively(database_
 def test_inbound_headroom_uses_the_limit_ultravox_states_without_account_concurrency(
         make_gateway, fake_carriers, fake_ultravox):
     fake_ultravox.allowed_concurrent_calls = 3
-    gateway = make_gateway("\n[campaigns]\ninbound_headroom = 2\n")
+    gateway = make_gateway(CAMPAIGN_SETTLE + "inbound_headroom = 2\n")
     with Callees(fake_carriers[CARRIER], hold=lambda: 0.1) as callees:
         created = create(gateway, ["+15557008201", "+15557008202", "+15557008203", "+15557008204"],
                          max_concurrency=4)

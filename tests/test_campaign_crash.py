@@ -26,7 +26,7 @@ from gateway.testing.callees import Callees
 from gateway.testing.processes import GatewayProcess
 from gateway.testing.ultravox import FakeResponse
 
-from .conftest import API_KEY, BASE_CONFIG, gateway_environ, stored_calls
+from .conftest import API_KEY, BASE_CONFIG, CAMPAIGN_SETTLE, SHARED_WORK, gateway_environ, in_gateway_table, stored_calls
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 WAIT_SECONDS = 60
@@ -84,7 +84,7 @@ def test_dials_in_flight_when_the_gateway_is_killed_are_adopted_or_redialled_nev
     patient = BASE_CONFIG.replace("[ultravox]\ninbound_deadline_seconds = 2.0\nrequest_timeout_seconds = 1.5",
                                   "[ultravox]\ninbound_deadline_seconds = 2.0\nrequest_timeout_seconds = 5")
     assert patient != BASE_CONFIG
-    config.write_text(patient)
+    config.write_text(in_gateway_table(patient, SHARED_WORK) + CAMPAIGN_SETTLE)
     environ = gateway_environ(fake_ultravox, database_url, fake_carriers)
     release = threading.Event()
     # Both dials reach the carrier and wait there; then the carrier places the first (its answer

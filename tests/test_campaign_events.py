@@ -10,7 +10,7 @@ import time
 from gateway.testing import EventReceiver
 from gateway.testing.callees import Callees
 
-from .conftest import API_KEY, CARRIER_NAMES
+from .conftest import API_KEY, CAMPAIGN_SETTLE, CARRIER_NAMES
 from .test_events import webhooks_config
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -19,7 +19,7 @@ CARRIER = CARRIER_NAMES[0]
 
 def test_a_campaign_sends_started_each_rows_outcome_and_ended_in_order(make_gateway, fake_carriers, database_url):
     with EventReceiver() as receiver:
-        gateway = make_gateway(webhooks_config(("crm", receiver)), database_url=database_url)
+        gateway = make_gateway(webhooks_config(("crm", receiver)) + CAMPAIGN_SETTLE, database_url=database_url)
         answered, busy, suppressed, denied = "+15557005001", "+15557005002", "+15557005003", "+33612345678"
         response = gateway.client.post("/v1/suppressions", json={"numbers": [suppressed]}, headers=AUTH)
         assert response.status_code == 201

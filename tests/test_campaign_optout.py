@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 from gateway.testing import double
 from gateway.testing.callees import Callees
 
-from .conftest import API_KEY, CARRIER_NAMES, TOOL_SECRET, stored_calls
+from .conftest import API_KEY, CAMPAIGN_SETTLE, CARRIER_NAMES, TOOL_SECRET, stored_calls
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CARRIER = CARRIER_NAMES[0]
@@ -29,7 +29,7 @@ def wait_for(predicate, what: str):
 
 def test_the_agent_records_an_opt_out_and_later_rows_for_the_number_are_suppressed(
         make_gateway, fake_carriers, fake_ultravox, database_url):
-    gateway = make_gateway(database_url=database_url)
+    gateway = make_gateway(CAMPAIGN_SETTLE, database_url=database_url)
     opting, other = "+15557006001", "+15557006002"
     holds = iter([3.0, 0.05, 0.05])
     with Callees(fake_carriers[CARRIER], answer_with=double(CARRIER), hold=lambda: next(holds, 0.05)) as callees:

@@ -19,15 +19,12 @@ from gateway.store.jobs import JobStore
 from gateway.store.calls import CallStore
 from gateway.testing.callees import Callees
 
-from .conftest import API_KEY, CARRIER_NAMES
+from .conftest import API_KEY, CAMPAIGN_SETTLE as SETTLE, CARRIER_NAMES
 from .test_replicas import make_replicas  # noqa: F401  (the fixture: replicas on PostgreSQL behind HAProxy)
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CARRIER = CARRIER_NAMES[0]
 WAIT_SECONDS = 60
-# A campaign at its concurrency looks at its live calls again after this (1 s by default): the
-# callees here hang up within 0.4 s.
-SETTLE = "\n[campaigns]\nsettle_seconds = 0.2\n"
 
 
 @pytest.fixture

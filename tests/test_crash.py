@@ -18,7 +18,7 @@ from gateway.testing import double
 from gateway.testing.processes import GatewayProcess
 from gateway.testing.ultravox import FakeResponse
 
-from .conftest import BASE_CONFIG, SUPPORT_NUMBER, gateway_environ, stored_calls
+from .conftest import BASE_CONFIG, SHARED_WORK, SUPPORT_NUMBER, gateway_environ, in_gateway_table, stored_calls
 
 CARRIER = "twilio"
 
@@ -58,7 +58,8 @@ def test_calls_being_created_when_the_gateway_is_killed_are_adopted_or_failed_ne
         tmp_path: Path, fake_ultravox, fake_carriers, database_url):
     config = tmp_path / "gateway.toml"
     # The creations the victim held lapse 1 s after the inbound deadline (5 s by default).
-    config.write_text(BASE_CONFIG.replace("[ultravox]\n", "[ultravox]\ncreating_lease_margin_seconds = 1\n", 1))
+    config.write_text(in_gateway_table(BASE_CONFIG, SHARED_WORK).replace(
+        "[ultravox]\n", "[ultravox]\ncreating_lease_margin_seconds = 1\n", 1))
     environ = gateway_environ(fake_ultravox, database_url, fake_carriers, GATEWAY_PUBLIC_URL="https://gateway.example.test")
     release = threading.Event()
     fake_ultravox.script(*[FakeResponse(hold=release) for _ in range(3)])

@@ -7,9 +7,6 @@ import asyncio
 import io
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import wave
 from pathlib import Path
@@ -20,7 +17,7 @@ import pytest
 
 from gateway.media.recording import STALE_SECONDS, read_layout
 from gateway.store import CallStore
-from gateway.testing import CarrierStream, double
+from gateway.testing import CarrierStream, GatewayProcess, double
 
 from .conftest import AGENT_ID, API_KEY, BASE_CONFIG, PUBLIC_URL, TOOL_SECRET, gateway_environ, stored_calls
 from .test_bridge import BRIDGED_NUMBER, BridgedCall, local, speech, wait_until
@@ -185,12 +182,6 @@ def test_a_call_back_from_a_transfer_has_a_second_recording(bridged, fake_carrie
     assert call.gateway.client.get(url, headers=AUTH).content == first.content  # the first by default
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_a_recording_survives_its_process_being_killed_mid_call(make_gateway, fake_ultravox, fake_carriers, tmp_path):
     """A real `gateway serve` is SIGKILLed in the middle of a bridged call; the file it was writing is
     findable from the call, and a gateway starting later leaves it a valid WAV of what was said."""
@@ -198,25 +189,18 @@ def test_a_recording_survives_its_process_being_killed_mid_call(make_gateway, fa
     config = tmp_path / "killed.toml"
     config.write_text(BASE_CONFIG + bridged_route(recordings))
     database_url = f"sqlite:///{tmp_path / 'gateway.db'}"
-    port = free_port()
-    environ = {**os.environ, **gateway_environ(fake_ultravox, database_url, fake_carriers)}
-    log = open(tmp_path / "serve.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from gateway.cli import main; sys.exit(main())",
-         "serve", "--config", str(config), "--port", str(port), "--log-level", "warning"],
-        env=environ, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=base, timeout=10) as client:
-            assert wait_until(lambda: _healthy(client), timeout=30), (tmp_path / "serve.log").read_text()
+    environ = gateway_environ(fake_ultravox, database_url, fake_carriers)
+    # On port 0: the port it bound is read from its log (none picked free here that another could take).
+    with GatewayProcess(config, environ, work_dir=tmp_path, name="killed") as server:
+        server.start().wait_ready()
+        with httpx.Client(base_url=server.url, timeout=10) as client:
             carrier = double("twilio")
             form = carrier.inbound_form(to=BRIDGED_NUMBER)
             request = carrier.inbound_request(PUBLIC_URL, "/twilio/inbound", form)
             answer = client.request(request.method, "/twilio/inbound", content=request.body, headers=request.headers)
             assert answer.status_code == 200, answer.text
         public_stream_url, _ = carrier.connected_url(answer.text)
-        stream_url = public_stream_url.replace("wss://gateway.example.test", f"ws://127.0.0.1:{port}")
+        stream_url = public_stream_url.replace("wss://gateway.example.test", server.url.replace("http", "ws"))
         sent = speech(8000, 4.0)
 
         def the_record():
@@ -232,17 +216,12 @@ def test_a_recording_survives_its_process_being_killed_mid_call(make_gateway, fa
                 assert await asyncio.to_thread(wait_until, lambda: the_record().recording_path is not None)
                 path = (await asyncio.to_thread(the_record)).recording_path
                 assert await asyncio.to_thread(wait_until, lambda: frames_on_disk(path) >= 8000 * 1.5)
-                server.send_signal(signal.SIGKILL)
-                server.wait(timeout=10)
+                server.kill()
+                assert server.wait(timeout=10) == -signal.SIGKILL
                 playing.cancel()
                 return path
 
         path = Path(asyncio.run(call_then_kill()))
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-        log.close()
     killed_at_frames = frames_on_disk(path)
     assert the_record().status != "completed"  # nobody ended the call: its process died
     # Each write patches the header, so even as the kill left it the file is a WAV of what was
@@ -270,13 +249,6 @@ def test_a_recording_survives_its_process_being_killed_mid_call(make_gateway, fa
     # What the caller said before the kill is there: speech in the left channel up to near the end.
     assert np.abs(caller[-8000:]).mean() > 1000
     assert not read_layout(live).consistent
-
-
-def _healthy(client: httpx.Client) -> bool:
-    try:
-        return client.get("/healthz").status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_recordings_past_their_routes_retention_are_deleted_and_taken_off_their_calls(bridged, make_gateway, tmp_path):

@@ -35,8 +35,8 @@ from gateway.testing import (
     haproxy_path,
 )
 
-from .conftest import (AGENT_ID, API_KEY, BASE_CONFIG, CARRIER_NAMES, PUBLIC_URL, SUPPORT_NUMBER, gateway_environ,
-                       new_postgres_database, stored_calls)
+from .conftest import (AGENT_ID, API_KEY, BASE_CONFIG, CARRIER_NAMES, PUBLIC_URL, SHARED_WORK, SUPPORT_NUMBER,
+                       gateway_environ, in_gateway_table, new_postgres_database, stored_calls)
 
 BRIDGED_NUMBER = "+15550005555"
 BRIDGE_ROUTE = f"""
@@ -75,15 +75,15 @@ def start_replicas(work_dir: Path, count: int, config: str, environ: dict[str, s
 def make_replicas(tmp_path: Path, fake_ultravox, fake_carriers, postgres_database_url):
     """Start `count` replicas of BASE_CONFIG (+ `extra_config`, `environ`; `work_lease_seconds` in its
     [gateway] table) on the session's PostgreSQL database behind HAProxy; the fake carriers call back
-    through the balancer. Stopped after the test."""
+    through the balancer. They take work over from each other (SHARED_WORK). Stopped after the test."""
     require_haproxy()
     started: list[Replicas] = []
 
     def make(count: int = 3, extra_config: str = "", *, work_lease_seconds: float | None = None,
              **environ: str) -> Replicas:
-        config = BASE_CONFIG
+        config = in_gateway_table(BASE_CONFIG, SHARED_WORK)
         if work_lease_seconds is not None:
-            config = config.replace("[gateway]\n", f"[gateway]\nwork_lease_seconds = {work_lease_seconds}\n", 1)
+            config = in_gateway_table(config, f"work_lease_seconds = {work_lease_seconds}\n")
         replicas = start_replicas(
             tmp_path / f"replicas-{len(started)}", count, config + extra_config,
             gateway_environ(fake_ultravox, postgres_database_url, fake_carriers, **environ),
@@ -441,7 +441,11 @@ def test_a_replica_killed_mid_run_loses_no_record_and_creates_no_second_call(
     assert broken, "the kill hit no call in flight"
     assert broken <= during_ids
     assert {d.replica for ds in deliveries.values() for d in ds if not d.answered} <= {victim.name, None}
-    assert all(deliveries[call_id][0].replica == victim.name for call_id in broken)
+    # Each broken call's first delivery went to the victim. (Or its connection was dropped with no answer
+    # at all, replica None: HAProxy may close the client's connection when the dying process drops the
+    # request, rather than answer 502; seen on a loaded machine. No survivor leaves one unanswered: above.)
+    assert all(deliveries[call_id][0].replica in (victim.name, None) for call_id in broken), {
+        c: deliveries[c] for c in broken}
     # Every broken call was answered in the end, by a survivor. (A retry sent after the kill but before
     # the health check saw it is redispatched by HAProxy when the connection is refused, but gets a 502
     # when it reached the dying process first; on a loaded machine that window is wide enough to hit,

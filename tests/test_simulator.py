@@ -451,3 +451,37 @@ def test_fake_ultravox_converses_greets_then_answers_each_utterance(ultravox, fa
         assert session.utterances == 1
         assert abs(len(received) - heard - len(answer.at(16000))) <= 640
     assert session.closed.wait(2)
+
+
+def test_an_utterance_ends_after_its_pause_in_audio_or_in_time_whatever_the_pace():
+    """`Utterances` (the stand-in agent's ears): a pause is the silence the caller sent, however fast
+    it was sent, plus the time since anything came; frames held up on the way are no pause."""
+    from gateway.testing import Utterances
+
+    frame_ms, silent = 20, bytes(320)
+    voiced = [sine(8000, 0.02, freq=300)] * 20  # 0.4 s of speech, as 20 ms frames
+
+    def played(pace: float, frames: list[bytes], ears: Utterances, start: float) -> float:
+        now = start
+        for frame in frames:
+            ears.hear(frame, now)
+            now += frame_ms / 1000 / pace
+        return now
+
+    for pace in (1, 4, 16):  # speech, then 0.6 s of silence sent at that pace: the utterance is over
+        ears = Utterances(8000)
+        now = played(pace, voiced, ears, 0.0)
+        now = played(pace, [silent] * 28, ears, now)
+        assert not ears.finished(now), pace  # 0.56 s of pause sent so far
+        now = played(pace, [silent] * 2, ears, now)
+        assert ears.finished(now) and not ears.finished(now), pace  # once
+    # A caller who stops sending has paused as long as nothing came.
+    ears = Utterances(8000)
+    now = played(1, voiced, ears, 0.0)
+    assert not ears.finished(now + 0.5) and ears.finished(now + 0.61)
+    # Speech held up on the way for 0.3 s, then the rest of it: one utterance still under way.
+    ears = Utterances(8000)
+    now = played(4, voiced[:10], ears, 0.0)
+    assert not ears.finished(now + 0.3)
+    now = played(4, voiced[10:], ears, now + 0.3)
+    assert not ears.finished(now)

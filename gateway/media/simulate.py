@@ -80,9 +80,9 @@ async def _inbound_webhook(
 
 
 async def _play(carrier: Carrier, url: str, headers: dict[str, str], call_id: str, parameters: dict[str, str],
-                caller_pcm: bytes, tail_seconds: float) -> tuple[bytes, int]:
-    """The carrier's media stream: the caller's audio at real-time pace; returns the agent's audio
-    (s16le at the carrier's rate) and the number of barge-in clears."""
+                caller_pcm: bytes, tail_seconds: float, pace: float = 1.0) -> tuple[bytes, int]:
+    """The carrier's media stream: the caller's audio at real-time pace (`pace` times faster); returns
+    the agent's audio (s16le at the carrier's rate) and the number of barge-in clears."""
     audio_format = AudioFormat(carrier.media_encoding, carrier.media_rate)
     stream_id = secrets.token_hex(16)
     agent, clears = bytearray(), 0
@@ -109,7 +109,8 @@ async def _play(carrier: Carrier, url: str, headers: dict[str, str], call_id: st
         for sequence, offset in enumerate(range(0, len(caller_pcm), frame), start=2):
             chunk = encode(audio_format, caller_pcm[offset:offset + frame])
             await socket.send(carrier.simulated_audio(stream_id, chunk, sequence, offset // frame * FRAME_MS))
-            await asyncio.sleep(max(0.0, started + (offset + frame) / 2 / carrier.media_rate - time.monotonic()))
+            due = started + (offset + frame) / 2 / carrier.media_rate / pace
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
         await asyncio.sleep(tail_seconds)
         with contextlib.suppress(websockets.ConnectionClosed):
             await socket.send(carrier.simulated_stop(stream_id))
@@ -121,7 +122,7 @@ async def _play(carrier: Carrier, url: str, headers: dict[str, str], call_id: st
 
 async def simulate_call(
     settings: Settings, *, carrier: str, to: str, from_: str, input_path: str, output_path: str,
-    gateway_url: str, tail_seconds: float = 3.0, private_key: str | None = None,
+    gateway_url: str, tail_seconds: float = 3.0, private_key: str | None = None, pace: float = 1.0,
 ) -> str:
     from ..app import create_app
 
@@ -163,7 +164,7 @@ async def simulate_call(
     local_url = as_websocket_url(gateway_url).rstrip("/") + stream_url[len(public_ws):]
     # The upgrade is signed (where the carrier signs it) for the public URL it was given.
     agent_audio, clears = await _play(speaker, local_url, speaker.simulated_upgrade_headers(stream_url), call_id,
-                                      parameters, caller_audio, tail_seconds)
+                                      parameters, caller_audio, tail_seconds, pace)
     write_wav(output_path, agent_audio, rate)
     return (f"played {len(caller_audio) / 2 / rate:.1f} s as a caller on {speaker.title} to {to}; "
             f"the agent said {len(agent_audio) / 2 / rate:.1f} s (written to {output_path}), with {clears} barge-in clear(s)")

@@ -65,8 +65,10 @@ class Speech:
 
 class Utterances:
     """Tells when a caller has said something and stopped: at least `min_speech_ms` of frames louder
-    than `threshold` (RMS of 16-bit samples), then `silence_ms` with none. Time is the caller's
-    clock (`now`), so a caller who stops sending audio at all has stopped speaking too."""
+    than `threshold` (RMS of 16-bit samples), then `silence_ms` of quiet. Quiet is the silence the
+    caller sent (counted in audio, so a caller sending faster than real time pauses as long) plus
+    the time since it last sent anything (the caller's clock, `now`): a caller who stops sending
+    audio at all has stopped speaking too, and frames held up on the way are no pause."""
 
     def __init__(self, rate: int, *, threshold: float = 500.0, min_speech_ms: float = 200.0,
                  silence_ms: float = PAUSE_MS) -> None:
@@ -75,18 +77,27 @@ class Utterances:
         self.min_speech_ms = min_speech_ms
         self.silence_ms = silence_ms
         self._voiced_ms = 0.0  # of the utterance under way
-        self._last_voiced: float | None = None
+        self._quiet_ms = 0.0  # of audio heard since its last voiced frame
+        self._last_voiced: float | None = None  # when the utterance under way was last heard voiced
+        self._last_heard: float | None = None  # when the last frame came
 
     def hear(self, pcm: bytes, now: float) -> None:
         samples = np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2").astype(np.float64)
+        duration_ms = 1000.0 * samples.size / self.rate
+        self._last_heard = now
         if samples.size and float(np.sqrt(np.mean(samples**2))) >= self.threshold:
-            self._voiced_ms += 1000.0 * samples.size / self.rate
+            self._voiced_ms += duration_ms
+            self._quiet_ms = 0.0
             self._last_voiced = now
+        elif self._last_voiced is not None:
+            self._quiet_ms += duration_ms
 
     def finished(self, now: float) -> bool:
         """True once for each utterance, when its closing silence has lasted long enough."""
-        if self._last_voiced is None or (now - self._last_voiced) * 1000.0 < self.silence_ms:
+        if self._last_voiced is None or self._last_heard is None:
+            return False
+        if self._quiet_ms + (now - self._last_heard) * 1000.0 < self.silence_ms:
             return False
         done = self._voiced_ms >= self.min_speech_ms
-        self._voiced_ms, self._last_voiced = 0.0, None
+        self._voiced_ms, self._quiet_ms, self._last_voiced = 0.0, 0.0, None
         return done

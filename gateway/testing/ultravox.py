@@ -374,6 +374,8 @@ class FakeUltravox:
         self.greeting: bytes | Speech | None = None
         # "converse": sent (paced) after each thing the caller says.
         self.answer: bytes | Speech | None = None
+        # What the sessions say goes out this many times faster than real time (see `converse`).
+        self.pace = 1.0
         self.account_name = "Fake Ultravox account"
         self._socket_calls: dict[str, dict[str, Any]] = {}  # call id -> serverWebSocket medium
         self._sessions_changed = threading.Condition(self._lock)
@@ -400,14 +402,20 @@ class FakeUltravox:
 
     # -- configuration (called from the test thread) -----------------------
 
-    def converse(self, greeting: Speech | None = None, answer: Speech | None = None) -> "FakeUltravox":
+    def converse(self, greeting: Speech | None = None, answer: Speech | None = None, *,
+                 pace: float = 1.0) -> "FakeUltravox":
         """Hold a conversation on serverWebSocket calls, standing in for a real agent: say
         `greeting` once the call connects, then `answer` after each thing the caller says (a
         stretch of speech followed by a pause, see `Utterances`); by default the WAVs shipped in
-        gateway/testing/sounds. Returns the fake."""
+        gateway/testing/sounds. With `pace` above 1 it speaks that many times faster than real
+        time (the same audio, its 20 ms frames sent closer together), for a caller who does too
+        (`gateway simulate --pace`). Returns the fake."""
+        if not pace > 0:
+            raise ValueError("pace must be above 0")
         self.media_mode = "converse"
         self.greeting = greeting or Speech.shipped("greeting")
         self.answer = answer or Speech.shipped("answer")
+        self.pace = pace
         return self
 
     def script(self, *responses: FakeResponse) -> None:
@@ -455,6 +463,7 @@ class FakeUltravox:
             self.media_mode = "echo"
             self.greeting = None
             self.answer = None
+            self.pace = 1.0
 
     @property
     def connections_seen(self) -> int:
@@ -997,7 +1006,7 @@ class FakeUltravoxSession:
     def send_audio(
         self, pcm: bytes, *, realtime: bool = False, timeout: float = _SOCKET_CALL_TIMEOUT
     ) -> None:
-        """Send agent audio: one binary frame, or 20 ms frames in real time with ``realtime``."""
+        """Send agent audio: one binary frame, or 20 ms frames in real time (at the fake's `pace`) with ``realtime``."""
         if realtime:
             duration = len(pcm) / (2 * self.output_sample_rate)
             self._call(self._paced(bytes(pcm)), timeout + duration)
@@ -1065,11 +1074,12 @@ class FakeUltravoxSession:
         return True
 
     async def _paced(self, pcm: bytes) -> None:
-        """Send ``pcm`` as 20 ms frames on an absolute schedule (no drift)."""
+        """Send ``pcm`` as 20 ms frames on an absolute schedule (no drift), at the fake's pace."""
         size = self.frame_bytes
+        interval = 0.02 / self.fake.pace
         start = self._loop.time()
         for k, offset in enumerate(range(0, len(pcm), size)):
-            delay = start + k * 0.02 - self._loop.time()
+            delay = start + k * interval - self._loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             if not await self._send(pcm[offset : offset + size]):
