@@ -378,6 +378,9 @@ class EventSettings(_Section):
     # call.ended waits this long after the call ended for Ultravox's summary and transcript; then it
     # goes without what is still missing.
     artifacts_wait_seconds: float = Field(default=120.0, ge=0, le=3600)
+    # A final status may still be corrected by the carrier's own a moment later (CallUpdate's
+    # `provisional`): call.ended reports the status this long after the call ended.
+    ended_settle_seconds: float = Field(default=2.0, ge=0, le=60)
     # While an endpoint is failing, its soonest retry is sent early this often (a probe): the moment
     # it answers again, everything waiting goes, not at the next retry the schedule puts minutes away.
     probe_interval_seconds: float = Field(default=5.0, gt=0, le=3600)

@@ -32,6 +32,7 @@ def webhooks_config(*receivers: tuple[str, EventReceiver], retries: str = FAST_R
     tables = "".join(f'\n[[webhooks]]\nname = "{name}"\nurl = "{receiver.url}"\nsecret = "{receiver.secret}"\n{extra}'
                      for name, receiver in receivers)
     return tables + (f"\n[events]\nretry_schedule_seconds = {retries}\ntimeout_seconds = 2\nartifacts_wait_seconds = 3\n"
+                     "ended_settle_seconds = 0.3\n"
                      f"probe_interval_seconds = {probe_interval}\nlease_margin_seconds = {lease_margin}\n")
 
 

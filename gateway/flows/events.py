@@ -49,9 +49,6 @@ from ..work import Work
 
 log = logging.getLogger("gateway.events")
 
-# A final status may still be corrected by the carrier's own a moment later (see CallUpdate's
-# `provisional`): call.ended reports the status after this.
-ENDED_SETTLE_SECONDS = 2.0
 ARTIFACTS_POLL_SECONDS = 10.0
 ULTRAVOX_DEADLINE_SECONDS = 10.0
 PRUNE_EVERY_SECONDS = 3600.0
@@ -206,7 +203,7 @@ class EventOutbox:
             effects += self.event("call.status_changed", after, CallStatusChangedData(
                 call=view, previous_status=previous, status=after.status))
         if after.is_final and (before is None or not before.is_final) and self.endpoints_for("call.ended", after.route):
-            effects.append(self.calls_work.job(ReportCallEnded(after.id), delay=ENDED_SETTLE_SECONDS,
+            effects.append(self.calls_work.job(ReportCallEnded(after.id), delay=self.settings.events.ended_settle_seconds,
                                                key=f"call-ended:{after.id}"))
         return effects
 
