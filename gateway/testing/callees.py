@@ -54,9 +54,10 @@ class Callees:
         while not self._stop.is_set():
             calls = list(self.fake.calls)
             for call in calls[self._seen:]:
-                outcomes = self.script.get(call.to, ["completed"])
-                outcome = outcomes[min(self.dialled[call.to], len(outcomes) - 1)]
-                self.dialled[call.to] += 1
+                number = "+" + call.to.lstrip("+")  # in E.164 whichever way the carrier writes it (Plivo: no "+")
+                outcomes = self.script.get(number, ["completed"])
+                outcome = outcomes[min(self.dialled[number], len(outcomes) - 1)]
+                self.dialled[number] += 1
                 if self.answer_with is not None:
                     self._pick_up(call)
                 self._ending.append((time.monotonic() + self.hold(), call, outcome))
