@@ -48,6 +48,13 @@ class Relay:
         self.carriers = {name: carrier(settings) for name, carrier in CARRIERS.items()}
         self.app = Starlette(routes=[WebSocketRoute("/media/{carrier}", self.handle)])
 
+    def forget(self) -> None:
+        """Start the logs afresh: the relay is shared by the module's tests, which run in any order."""
+        with self.lock:
+            self.log.clear()
+            self.events.clear()
+            self.headers.clear()
+
     def messages(self, carrier: str, event: str | None = None) -> list[dict]:
         with self.lock:
             return [m for c, m in self.log if c == carrier and (event is None or m.get("event") == event)]
@@ -125,6 +132,8 @@ async def until(predicate, timeout: float = 2.0) -> None:
 
 @pytest.mark.parametrize("carrier", CARRIER_NAMES)
 def test_carrier_stream_round_trip(relay, carrier):
+    relay.forget()  # what this test's stream sent, only (another test's marks and starts came before it)
+
     async def main() -> None:
         rate = CARRIERS[carrier].media_rate  # the rate the gateway asks the carrier to stream at
         pcm = sine(rate, 0.2)
