@@ -365,3 +365,26 @@ def test_on_sqlite_an_urgent_transaction_goes_ahead_of_queued_ones(tmp_path):
         assert ran == ["running", "urgent", "background-1", "background-2"]
 
     asyncio.run(scenario())
+
+
+def test_on_sqlite_the_store_thread_outlives_a_loop_closed_while_it_worked(tmp_path):
+    import threading
+
+    from gateway.store.database import Database
+
+    database = Database.open(f"sqlite:///{tmp_path / 'loops.db'}")
+    release = threading.Event()
+
+    async def leave_one_running():
+        asyncio.ensure_future(database.transaction(lambda connection: release.wait(5)))
+        await asyncio.sleep(0.05)
+
+    asyncio.run(leave_one_running())  # the loop closes while its transaction runs
+    release.set()
+
+    async def next_loop():
+        one = await asyncio.wait_for(database.transaction(lambda c: c.exec_driver_sql("SELECT 1").scalar()), 5)
+        await database.close()
+        return one
+
+    assert asyncio.run(next_loop()) == 1

@@ -145,11 +145,13 @@ class ThreadedSQLite(Database):
             if future.cancelled():  # its caller gave up before it started: as an executor would, skip it
                 return
             try:
-                result = call()
+                outcome: tuple[Any, BaseException | None] = (call(), None)
             except BaseException as error:  # handed to the caller, as run_in_executor would
-                loop.call_soon_threadsafe(_settle, future, None, error)
-            else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
+                outcome = (None, error)
+            try:
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+            except RuntimeError:  # its loop has closed: nobody waits for it, and the thread goes on
+                pass
 
         self._queue.put((priority, next(self._order), run))
         return await future
