@@ -388,3 +388,39 @@ def test_on_sqlite_the_store_thread_outlives_a_loop_closed_while_it_worked(tmp_p
         return one
 
     assert asyncio.run(next_loop()) == 1
+
+
+def test_the_observer_sees_an_outcome_as_the_store_then_holds_it(database_url):
+    class Watching:
+        def __init__(self):
+            self.seen = []
+
+        def call_changed(self, before, after):
+            self.seen.append((before, after))
+            return []
+
+        def transfer_changed(self, before, after, route):
+            return []
+
+        def write(self, connection, effects):
+            pass
+
+        def committed(self):
+            pass
+
+    async def scenario(store):
+        watching = store.observer = Watching()
+        connected = (await claim(store, "CA1")).record
+        failed = (await claim(store, "CA2")).record
+        await store.mark_connected(connected.id, ultravox_call_id="uv-1", join_url="wss://join/1", stream_expires=99)
+        await store.mark_failed(failed.id, "Ultravox answered 500")
+        # The same rank again changes nothing, and is not observed.
+        await store.mark_connected(connected.id, ultravox_call_id="uv-2", join_url="wss://join/2")
+        observed = {after.id: (before, after) for before, after in watching.seen if before is not None}
+        assert set(observed) == {connected.id, failed.id}
+        for call_id, (before, after) in observed.items():
+            assert before.status == CREATING
+            assert after == await store.get(call_id)  # every field, as a fresh read gives it
+        assert observed[connected.id][1].status == IN_PROGRESS and observed[connected.id][1].lease_until is None
+
+    run(database_url, scenario)
