@@ -229,8 +229,7 @@ class EventStore:
                                   limit: int) -> list[Pending]:
         """`attempted`, then `claim` (the deliveries they freed included) in the same transaction:
         a dispatcher's turn is one transaction, not two."""
-        now = utcnow()
-        return await self.database.transaction(_attempted_and_claim, owner, outcomes, endpoint, now, now + lease, limit)
+        return await self.database.transaction(_attempted_and_claim, owner, outcomes, endpoint, lease, limit)
 
     async def skip_endpoint(self, endpoint: str, reason: str) -> int:
         """Give up the endpoint's undelivered deliveries that no one is sending (it is disabled)."""
@@ -360,11 +359,14 @@ def _attempted_all(connection: sa.Connection, owner: str, outcomes) -> None:
                                       for endpoint, stream in settled])
 
 
-def _attempted_and_claim(connection: sa.Connection, owner: str, outcomes, endpoint: str, now: dt.datetime,
-                         until: dt.datetime, limit: int) -> list[Pending]:
+def _attempted_and_claim(connection: sa.Connection, owner: str, outcomes, endpoint: str, lease: dt.timedelta,
+                         limit: int) -> list[Pending]:
     if outcomes:
         _attempted_all(connection, owner, outcomes)
-    return _claim(connection, endpoint, owner, now, until, limit, early=False) if limit > 0 else []
+    if limit <= 0:
+        return []
+    now = utcnow()  # after the hand-over's: the deliveries it made due are claimed too
+    return _claim(connection, endpoint, owner, now, now + lease, limit, early=False)
 
 
 def _skip_endpoint(connection: sa.Connection, endpoint: str, reason: str, now: dt.datetime) -> int:
