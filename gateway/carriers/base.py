@@ -529,13 +529,17 @@ class Carrier(ABC):
                               + " and ".join(self.variables(self.rest_keys)))
         if not 200 <= response.status_code < 300:
             raise RemoteError(f"{self.title} answered {response.status_code}: {response.text[:200]}")
+        return self.describe_account(self.json_object(response, url))
+
+    def json_object(self, response: httpx.Response, what: str = "") -> dict[str, Any]:
+        """The body of a REST answer (to `what`, for the message) as a JSON object; RemoteError if not."""
         try:
             body = response.json()
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            raise RemoteError(f"{self.title} answered {url} with a body that is not a JSON object")
-        return self.describe_account(body)
+            raise RemoteError(f"{self.title} answered {what + ' ' if what else ''}with a body that is not a JSON object")
+        return body
 
     # --- Ultravox -------------------------------------------------------------------------------
     def ultravox_medium(self) -> dict[str, Any]:

@@ -270,13 +270,7 @@ class ExotelCarrier(EventStreamCarrier):
         }
         response = await self.rest(http, "GET", f"/v1/Accounts/{self.config.account_sid}/Calls.json",
                                    deadline=deadline, params=params)
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            raise RemoteError("Exotel answered its call details with a body that is not a JSON object")
-        return self.placed_calls(body, query)
+        return self.placed_calls(self.json_object(response, "its call details"), query)
 
     def placed_calls(self, body: dict[str, Any], query: PlacedCallQuery) -> list[PlacedCall]:
         """The ended calls of a Bulk Call Details page ({"Metadata", "Calls": [{"Sid", "DateCreated",

@@ -299,7 +299,7 @@ class PlivoCarrier(Carrier):
                                    params={"status": status})
         if response.status_code in self.gone_statuses:
             return None
-        return self._body(response)
+        return self.json_object(response)
 
     async def _pages(self, http: httpx.AsyncClient, params: dict[str, str], *, deadline: float) -> list[Any]:
         """Call detail records, page by page: {"meta": {"next", …}, "objects": […]}."""
@@ -317,16 +317,8 @@ class PlivoCarrier(Carrier):
         raise RemoteError(f"{self.title} has more than {MAX_PAGES * PAGE_LIMIT} call records to read")
 
     async def _json(self, http: httpx.AsyncClient, path: str, *, deadline: float, params: dict[str, str]) -> Mapping[str, Any]:
-        return self._body(await self.rest(http, "GET", path, deadline=deadline, params=params))
+        return self.json_object(await self.rest(http, "GET", path, deadline=deadline, params=params))
 
-    def _body(self, response: httpx.Response) -> Mapping[str, Any]:
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            raise RemoteError(f"{self.title} answered with a body that is not a JSON object")
-        return body
 
     def detection_params(self, detection: MachineDetection) -> dict[str, Any]:
         """Plivo's machine detection (its Call API and asynchronous machine detection pages): with a

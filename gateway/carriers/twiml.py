@@ -11,7 +11,6 @@ import httpx
 from twilio.twiml.voice_response import VoiceResponse
 
 from .. import inputs, statuses
-from ..http import RemoteError
 from .base import (
     MAX_DURATION_SECONDS, DialResult, MachineDetection, PlacedCall, PlacedCallQuery, StatusUpdate, Webhook,
 )
@@ -169,13 +168,7 @@ class TwimlCarrier(EventStreamCarrier):
                                 deadline: float) -> list[PlacedCall]:
         response = await self.rest(http, "GET", self.placed_calls_path, deadline=deadline, params={
             "To": query.to, "From": query.from_, "PageSize": str(self.placed_calls_page_size)})
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            raise RemoteError(f"{self.title} answered its call list with a body that is not a JSON object")
-        return self.placed_calls(body, query)
+        return self.placed_calls(self.json_object(response, "its call list"), query)
 
     def placed_calls(self, body: Mapping[str, Any], query: PlacedCallQuery) -> list[PlacedCall]:
         """The calls of a call-list page created in the query's window (a call whose creation time
