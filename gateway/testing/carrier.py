@@ -424,10 +424,16 @@ class FakeCarrier:
             return JSONResponse(self._error_body(401, "Authentication failed"), status_code=401)
         return JSONResponse(self._account_body())
 
-    async def _list_calls(self, request: Request) -> JSONResponse:
+    async def _recorded_unless_unauthorized(self, request: Request) -> JSONResponse | None:
+        """Record a REST request; the 401 to answer when its credentials are not the account's."""
         self._record(request, await request.body())
         if not self._authorized(request):
             return JSONResponse(self._error_body(401, "Authentication failed"), status_code=401)
+        return None
+
+    async def _list_calls(self, request: Request) -> JSONResponse:
+        if (refused := await self._recorded_unless_unauthorized(request)) is not None:
+            return refused
         to, from_ = request.query_params.get("To"), request.query_params.get("From")
         with self._lock:
             calls = [call for call in reversed(self.calls)

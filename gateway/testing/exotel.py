@@ -158,9 +158,8 @@ class FakeExotel(FakeCarrier):
         return {"RestException": {"Status": status, "Message": message, "Code": code}}
 
     async def _list_calls(self, request: Request) -> JSONResponse:
-        self._record(request, await request.body())
-        if not self._authorized(request):
-            return JSONResponse(self._error_body(401, "Authentication failed"), status_code=401)
+        if (refused := await self._recorded_unless_unauthorized(request)) is not None:
+            return refused
         query = request.query_params
         try:
             page_size = int(query.get("PageSize", 50))

@@ -260,9 +260,8 @@ class FakePlivo(FakeCarrier):
     # -- the call lists ------------------------------------------------------
 
     async def _list_calls(self, request: Request) -> JSONResponse:
-        self._record(request, await request.body())
-        if not self._authorized(request):
-            return JSONResponse(self._error_body(401, "Authentication failed"), status_code=401)
+        if (refused := await self._recorded_unless_unauthorized(request)) is not None:
+            return refused
         query = request.query_params
         try:
             limit = int(query.get("limit", self.MAX_LIMIT))
@@ -326,9 +325,8 @@ class FakePlivo(FakeCarrier):
         }
 
     async def _retrieve(self, request: Request) -> JSONResponse:
-        self._record(request, await request.body())
-        if not self._authorized(request):
-            return JSONResponse(self._error_body(401, "Authentication failed"), status_code=401)
+        if (refused := await self._recorded_unless_unauthorized(request)) is not None:
+            return refused
         call_id = request.path_params["call_id"]
         status = request.query_params.get("status")
         with self._lock:
