@@ -679,12 +679,8 @@ def _get_within(connection: sa.Connection, call_id: str, scope: CallScope | None
 
 
 # Built once: constructing the IN clause costs about as much as running the query on SQLite.
-_GET_MANY = sa.select(calls).where(calls.c.id.in_(sa.bindparam("ids", expanding=True))).order_by(calls.c.id)
-_GET_MANY_LOCKED = _GET_MANY.with_for_update()  # locks taken in one order (by id)
-
-
-def _get_many(connection: sa.Connection, call_ids: list[str], *, lock: bool = False) -> dict[str, CallRecord]:
-    return {row.id: _record(row) for row in connection.execute(_GET_MANY_LOCKED if lock else _GET_MANY, {"ids": call_ids})}
+_GET_MANY_LOCKED = (sa.select(calls).where(calls.c.id.in_(sa.bindparam("ids", expanding=True)))
+                    .order_by(calls.c.id).with_for_update())  # locks taken in one order (by id)
 
 
 def _list_all(connection: sa.Connection) -> list[CallRecord]:
