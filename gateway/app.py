@@ -28,12 +28,13 @@ from .drain import Drain
 from .flows.call_request import CallBodies
 from .flows.campaigns import CampaignFlow
 from .flows.connect import Connector
-from .flows.events import IN_FLIGHT_PER_ENDPOINT, CallEndedReports, CampaignEvents, EventDelivery, EventOutbox
+from .flows.events import CallEndedReports, CampaignEvents, EventDelivery, EventOutbox
 from .flows.control import CallControl
 from .flows.handover import HandoverFlow
 from .flows.inbound import InboundFlow
 from .flows.replays import ReplayMemory
 from .flows.outbound import OutboundFlow
+from .flows.sending import HttpSender
 from .flows.tracking import CallTracking
 from .flows.transfer import TRANSFER_STEPS, TransferFlow
 from .http import create_client
@@ -86,7 +87,6 @@ class Gateway:
         self.campaign_work: Work | None = None
         self.campaigns_api: CampaignsApi | None = None
         self.campaign_store: CampaignStore | None = None
-        self.events_http: httpx.AsyncClient | None = None
         self.events_api: EventsApi | None = None
         self.handover: HandoverFlow | None = None
         self.drainer: Drain | None = None
@@ -120,12 +120,9 @@ class Gateway:
         jobs = JobStore(store.database)
         self.work = work = Work(jobs, lease_seconds=settings.work_lease_seconds, poll_seconds=settings.work_poll_seconds)
         events = EventStore(store.database)
-        # Connections for every endpoint's sends at once: a slow endpoint holding its own must not
-        # leave another's sends waiting for one (the wait counts against their timeout).
-        self.events_http = create_client(pool_size=IN_FLIGHT_PER_ENDPOINT * max(1, len(settings.webhooks)),
-                                         timeout=settings.events.timeout_seconds)
+        sender = HttpSender(settings.webhooks, settings.events.timeout_seconds)
         self.delivery = EventDelivery(
-            settings, events, work, self.events_http, metrics=self.metrics,
+            settings, events, work, sender, metrics=self.metrics,
             callers_waiting=lambda: self.webhooks is not None and self.webhooks.in_flight > 0)
         outbox = EventOutbox(settings, urls, calls_work=work, wake=self.delivery.wake)
         if outbox.active:  # no endpoint: no events written at all
@@ -202,7 +199,7 @@ class Gateway:
         for loop in (self.work, self.campaign_work):
             if loop is not None:
                 await loop.stop()
-        for client in (self.http, self.carrier_http, self.events_http):
+        for client in (self.http, self.carrier_http):
             if client is not None:
                 await client.aclose()
         if self.store is not None:

@@ -10,7 +10,7 @@
   It claims and records in batches (one transaction for many deliveries), which is what keeps
   the cost per event small. Signed per Standard Webhooks (the `standardwebhooks` library), the
   same `webhook-id` on every attempt; 2xx is delivered, 410 disables the endpoint, anything else
-  is retried per `[events] retry_schedule_seconds` with jitter.
+  is retried per `[events] retry_schedule_seconds` with jitter. The requests are sending.py's.
 """
 
 from __future__ import annotations
@@ -26,12 +26,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, cast
 
-import httpx
 import sqlalchemy as sa
 from pydantic import BaseModel
-from standardwebhooks import Webhook
 
-from ..http import retry_after_seconds
 from ..settings import EVENT_TYPES, Settings, WebhookSettings
 from ..store import CallRecord, CallStore, CallUpdate, TransferRecord, TransferStore
 from ..store.calls import utcnow
@@ -46,6 +43,7 @@ from ..ultravox import CallReport, UltravoxClient, UltravoxError
 from ..urls import Urls
 from ..views import CallView, TransferView, campaign_view, row_view
 from ..work import Work
+from .sending import IN_FLIGHT_PER_ENDPOINT, HttpSender
 
 log = logging.getLogger("gateway.events")
 
@@ -55,7 +53,6 @@ PRUNE_EVERY_SECONDS = 3600.0
 # How long a replica trusts having read an endpoint as enabled: one another replica disabled meanwhile
 # gets at most a few more attempts from it, each answered 410 again.
 ENDPOINT_STATE_SECONDS = 5.0
-IN_FLIGHT_PER_ENDPOINT = 64  # deliveries one process sends to one endpoint at once (distinct streams)
 # A dispatcher woken by a commit waits this long before it claims, and one whose sends finished
 # before it records them: one transaction then covers the deliveries of many calls. It adds this
 # much to each delivery's lag, which is not the caller's wait.
@@ -72,7 +69,6 @@ IN_FLIGHT_WHILE_BEHIND = 4
 PAUSE_WHILE_BEHIND_SECONDS = 0.25
 STORE_RETRY_SECONDS = 1.0  # the store failed a claim or a record: again after this
 JITTER = 0.2
-USER_AGENT = "ultravox-telephony-gateway"
 
 
 # --- the events' data, as receivers get it (and /v1/openapi.json documents it) -------------------
@@ -360,18 +356,6 @@ def _durations(record: CallRecord) -> Durations:
 
 # --- delivery ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Sent:
-    status_code: int | None
-    error: str | None
-    retry_after: float | None
-    duration_ms: int
-
-    @property
-    def delivered(self) -> bool:
-        return self.status_code is not None and 200 <= self.status_code < 300
-
-
-@dataclass(frozen=True)
 class Outcome:
     pending: Pending
     attempt: Attempt
@@ -384,19 +368,18 @@ class Outcome:
 class EventDelivery:
     """Sends the events: one `_Dispatcher` per configured endpoint in this process (see the module doc)."""
 
-    def __init__(self, settings: Settings, events: EventStore, work: Work, http: httpx.AsyncClient,
+    def __init__(self, settings: Settings, events: EventStore, work: Work, sender: HttpSender,
                  *, callers_waiting: Callable[[], bool] = lambda: False, metrics=None, clock=time.monotonic,
                  now=utcnow, rng: random.Random | None = None):
         self.settings = settings
         self.callers_waiting = callers_waiting  # carrier webhooks are being answered
         self.events = events
-        self.http = http
+        self.sender = sender
         self.metrics = metrics
         self.clock = clock
         self._now = now
         self._random = rng or random.Random()
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # whose claims these are
-        self._signers = {webhook.name: Webhook(webhook.secret) for webhook in settings.webhooks}
         self._enabled_seen: dict[str, float] = {}  # endpoint -> when it was last read as enabled
         self._expedited: dict[str, float] = {}  # endpoint -> when its waiting deliveries were last expedited
         self._dispatchers = [_Dispatcher(self, webhook) for webhook in settings.webhooks]
@@ -415,6 +398,7 @@ class EventDelivery:
 
     async def start(self) -> None:
         if self._dispatchers:
+            await self.sender.start()
             self.pace.start()
         for dispatcher in self._dispatchers:
             dispatcher.start()
@@ -422,6 +406,7 @@ class EventDelivery:
     async def stop(self) -> None:
         await asyncio.gather(*(dispatcher.stop() for dispatcher in self._dispatchers))
         await self.pace.stop()
+        await self.sender.stop()  # after the dispatchers: their last sends are answered first
 
     async def prune(self, _: PruneEvents) -> None:
         before = self._now() - dt.timedelta(days=self.settings.events.retention_days)
@@ -466,7 +451,7 @@ class EventDelivery:
     async def deliver(self, endpoint: WebhookSettings, pending: Pending) -> Outcome:
         """Send one delivery; what it comes to (delivered, failed for good, or pending a retry)."""
         sent_at = self._now()
-        sent = await self._send(endpoint, pending)
+        sent = await self.sender.send(endpoint.name, pending.event_id, pending.body)
         attempt = Attempt(self._now(), sent.status_code, sent.error, sent.duration_ms)
         if sent.delivered:
             self._count(endpoint, "delivered")
@@ -511,32 +496,6 @@ class EventDelivery:
         self._count(endpoint, "disabled")
         log.warning("endpoint %s disabled: it %s; enable it with POST /v1/webhooks/%s/enable",
                     endpoint.name, reason, endpoint.name)
-
-    async def _send(self, endpoint: WebhookSettings, pending: Pending) -> Sent:
-        now = self._now()
-        # The timestamp is this attempt's (receivers refuse old ones); the id and the body are the event's.
-        headers = {
-            "webhook-id": pending.event_id,
-            "webhook-timestamp": str(int(now.timestamp())),
-            "webhook-signature": self._signers[endpoint.name].sign(pending.event_id, now, pending.body),
-            "content-type": "application/json",
-            "user-agent": USER_AGENT,
-        }
-        started = self.clock()
-        status_code, error, retry_after = None, None, None
-        try:
-            async with asyncio.timeout(self.settings.events.timeout_seconds):
-                # Streamed and not read: what the receiver says beyond its status is not ours to keep.
-                async with self.http.stream("POST", endpoint.url, content=pending.body.encode(), headers=headers) as response:
-                    status_code = response.status_code
-                    retry_after = retry_after_seconds(response.headers.get("retry-after"))
-        except TimeoutError:
-            error = f"no answer within {self.settings.events.timeout_seconds:g} s"
-        except httpx.HTTPError as failure:
-            error = f"{type(failure).__name__}: {failure}"[:200]
-        if status_code is not None and not 200 <= status_code < 300:
-            error = f"answered {status_code}"
-        return Sent(status_code, error, retry_after, round((self.clock() - started) * 1000))
 
     def _count(self, endpoint: WebhookSettings, result: str) -> None:
         if self.metrics is not None:
