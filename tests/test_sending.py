@@ -70,6 +70,7 @@ def send_to(paths: dict[str, str], endpoint: str, *, times: int = 1, timeout: fl
 
     async def scenario():
         sender = HttpSender(webhooks, timeout)
+        await sender.start()
         try:
             return [await sender.send(endpoint, f"evt_{n}", BODY) for n in range(times)]
         finally:
@@ -79,7 +80,7 @@ def send_to(paths: dict[str, str], endpoint: str, *, times: int = 1, timeout: fl
 
 
 def test_a_delivery_is_signed_per_standard_webhooks_and_keeps_its_connection(receiver):
-    sent = send_to({"crm": receiver.url + "/ok", "talky": receiver.url + "/chatty"}, "crm", times=3)
+    sent = send_to({"crm": receiver.url + "/ok"}, "crm", times=3)
     assert all(s.delivered and s.status_code == 204 and s.error is None for s in sent)
     for number, (_, headers, body) in enumerate(receiver.requests):
         assert body.decode() == BODY and headers["content-type"] == "application/json"

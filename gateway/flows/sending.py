@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime as dt
 import time
 from typing import Iterable
 
@@ -21,6 +20,7 @@ from standardwebhooks import Webhook
 
 from ..http import retry_after_seconds, tls_context
 from ..settings import WebhookSettings
+from ..store.calls import utcnow
 
 USER_AGENT = "ultravox-telephony-gateway"
 IN_FLIGHT_PER_ENDPOINT = 64  # deliveries one process sends to one endpoint at once (distinct streams)
@@ -41,19 +41,14 @@ class Sent:
 class HttpSender:
     """Sends to the configured endpoints, on one pool of keep-alive connections."""
 
-    def __init__(self, webhooks: Iterable[WebhookSettings], timeout_seconds: float, *, clock=time.monotonic,
-                 now=lambda: dt.datetime.now(dt.timezone.utc)):
+    def __init__(self, webhooks: Iterable[WebhookSettings], timeout_seconds: float):
         webhooks = list(webhooks)
         self.urls = {webhook.name: yarl.URL(webhook.url) for webhook in webhooks}  # parsed once
         self.timeout_seconds = timeout_seconds
         self._signers = {webhook.name: Webhook(webhook.secret) for webhook in webhooks}
-        self._clock = clock
-        self._now = now
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        if self._session is not None:
-            return
         # Connections for every endpoint's sends at once: a slow endpoint holding its own must not
         # leave another's sends waiting for one (the wait counts against their timeout).
         connector = aiohttp.TCPConnector(limit=IN_FLIGHT_PER_ENDPOINT * max(1, len(self.urls)), ssl=tls_context())
@@ -66,10 +61,9 @@ class HttpSender:
             self._session = None
 
     async def send(self, endpoint: str, event_id: str, body: str) -> Sent:
-        """POST `body` to the endpoint named `endpoint`, signed as event `event_id`."""
-        await self.start()
+        """POST `body` to the endpoint named `endpoint`, signed as event `event_id` (after `start`)."""
         assert self._session is not None
-        now = self._now()
+        now = utcnow()
         # The timestamp is this attempt's (receivers refuse old ones); the id and the body are the event's.
         headers = {
             "webhook-id": event_id,
@@ -78,7 +72,7 @@ class HttpSender:
             "content-type": "application/json",
             "user-agent": USER_AGENT,
         }
-        started = self._clock()
+        started = time.monotonic()
         status_code, error, retry_after = None, None, None
         try:
             async with asyncio.timeout(self.timeout_seconds):
@@ -95,4 +89,4 @@ class HttpSender:
             error = f"{type(failure).__name__}: {failure}"[:200]
         if status_code is not None and not 200 <= status_code < 300:
             error = f"answered {status_code}"
-        return Sent(status_code, error, retry_after, round((self._clock() - started) * 1000))
+        return Sent(status_code, error, retry_after, round((time.monotonic() - started) * 1000))

@@ -63,11 +63,17 @@ def campaign_stream(campaign_id: str) -> str:
     return f"{CAMPAIGN_STREAM_PREFIX}{campaign_id}"
 
 
+def _row_locks(connection: sa.Connection) -> bool:
+    """Whether the database has row locks to take: SQLite has one writer at a time instead, and
+    there the locking read would only be a read."""
+    return connection.dialect.name != "sqlite"
+
+
 def lock_streams(connection: sa.Connection, streams: list[str]) -> None:
     """lock_calls for the streams that are calls', and the campaign's row for a campaign's stream
     (which its writers hold too: see store.campaigns), so a hand-over to a stream's next delivery
     never crosses the insert of one behind it."""
-    if connection.dialect.name == "sqlite":  # one writer at a time: nothing to lock, nothing to read
+    if not _row_locks(connection):
         return
     lock_calls(connection, [stream for stream in streams if not stream.startswith(CAMPAIGN_STREAM_PREFIX)])
     campaign_ids = sorted(stream.removeprefix(CAMPAIGN_STREAM_PREFIX) for stream in streams
@@ -80,7 +86,7 @@ def lock_calls(connection: sa.Connection, call_ids: list[str]) -> None:
     """Take the calls' row locks (PostgreSQL; SQLite has one writer at a time), as every change of a
     call does before it writes events: a call's events then get their `seq` in commit order, so a
     stream read never finds a later event committed before an earlier one."""
-    if call_ids and connection.dialect.name != "sqlite":  # SQLite: one writer at a time already
+    if call_ids and _row_locks(connection):
         connection.execute(sa.select(calls.c.id).where(calls.c.id.in_(sorted(call_ids))).with_for_update())
 
 
