@@ -510,12 +510,15 @@ BENCH_WEBHOOK_SECRET = "whsec_" + "QmVuY2hXZWJob29rU2VjcmV0S2V5MDEyMzQ1Njc4OQ=="
 
 def start_gateway(workdir: Path, fake: Child, agent_id: str, pool_size: int, database_url: str | None,
                   carrier_double, workers: int = 1, webhook_url: str | None = None, source: Path | None = None,
-                  name: str = "gateway") -> Child:
+                  name: str = "gateway", inline_deliveries: bool = False) -> Child:
     """`gateway serve` on a free port; `source`: the gateway's code from that directory (another
-    revision's tree) instead of the installed one."""
+    revision's tree) instead of the installed one; `inline_deliveries`: the server process sends the
+    events itself ([events] delivery_process = false) instead of its delivery process."""
     config = workdir / "gateway.toml"
     webhook = (f'\n[[webhooks]]\nname = "bench"\nurl = "{webhook_url}"\nsecret = "{BENCH_WEBHOOK_SECRET}"\n'
                if webhook_url else "")
+    if inline_deliveries:
+        webhook += "\n[events]\ndelivery_process = false\n"
     config.write_text(
         f'[ultravox]\npool_size = {pool_size}\n\n[[routes]]\nnumber = "{CALLED_NUMBER}"\nagent_id = "{agent_id}"\n'
         + webhook + carrier_double.config_toml()
@@ -550,14 +553,14 @@ def measure(name: str, args, workdir: Path, children: list[Child], carrier_doubl
     children.append(fake)
     fake.wait_ready("/_bench/stats")
     receiver = None
-    if name == "gateway+webhook":
+    if name.startswith("gateway+webhook"):
         receiver_port = free_port()
         receiver = Child("receiver", [sys.executable, HERE, "_receiver", str(receiver_port)], receiver_port, workdir,
                          child_env())
         children.append(receiver)
         receiver.wait_ready("/_bench/stats")
         server = start_gateway(workdir, fake, agent_id, args.pool_size, args.database_url, carrier_double,
-                               webhook_url=receiver.url + "/events")
+                               webhook_url=receiver.url + "/events", inline_deliveries=name.endswith("inline"))
     elif name.startswith("gateway"):
         workers = int(name.partition("x")[2] or 1)
         server = start_gateway(workdir, fake, agent_id, args.pool_size, args.database_url, carrier_double, workers)
@@ -723,6 +726,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="`gateway serve --workers` counts to measure, each in turn (default 1)")
     parser.add_argument("--webhook", action="store_true",
                         help="also measure the gateway with one [[webhooks]] endpoint receiving every event")
+    parser.add_argument("--inline-deliveries", action="store_true",
+                        help="with --webhook, also measure the server process sending the events itself "
+                             "([events] delivery_process = false)")
     parser.add_argument("--rate", type=float,
                         help="send webhooks at this many per second (an open loop; at most --concurrency in "
                              "flight) instead of back-to-back: the overhead at a load the gateway carries")
@@ -751,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
             names = [f"gateway x{count}" if count > 1 else "gateway" for count in args.workers]
             if args.webhook:
                 names.append("gateway+webhook")
+                if args.inline_deliveries:
+                    names.append("gateway+webhook inline")
             results = [measure(name, args, Path(tmp), children, carrier_double) for name in (*names, "baseline")]
         except KeyboardInterrupt:
             print("\ninterrupted")
@@ -762,26 +770,33 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.workers) > 1:
         report_workers(args, results[:len(args.workers)])
     if args.webhook:
-        report_webhook(results[0], results[-2])
+        report_webhook(results[0], [result for result in results if result.name.startswith("gateway+webhook")])
     return 1 if any(result.failures for result in results) else 0
 
 
-def report_webhook(plain: Result, hooked: Result) -> None:
-    events = hooked.events or {}
+def report_webhook(plain: Result, hooked: list[Result]) -> None:
+    """The runs with one endpoint next to the plain one: `hooked` is the delivery process's run,
+    then (--inline-deliveries) the server process's own."""
+    labels = {"gateway+webhook": "delivery process", "gateway+webhook inline": "inline"}
     print()
     print("  one [[webhooks]] endpoint: every call writes call.started and call.status_changed, delivered meanwhile")
-    print(f"  {'':<28}{'no webhook':>14}{'one webhook':>14}{'ratio':>8}")
-    for label, a, b in (
-        ("throughput req/s", plain.throughput, hooked.throughput),
-        ("overhead p50 ms", plain.overhead_ms["p50"], hooked.overhead_ms["p50"]),
-        ("overhead p99 ms", plain.overhead_ms["p99"], hooked.overhead_ms["p99"]),
-        ("server CPU ms/req", plain.server_cpu_ms, hooked.server_cpu_ms),
+    print(f"  {'':<28}{'no webhook':>14}" + "".join(f"{labels[r.name]:>18}{'ratio':>8}" for r in hooked))
+    for label, figure in (
+        ("throughput req/s", lambda r: r.throughput),
+        ("overhead p50 ms", lambda r: r.overhead_ms["p50"]),
+        ("overhead p99 ms", lambda r: r.overhead_ms["p99"]),
+        ("server CPU ms/req", lambda r: r.server_cpu_ms),
     ):
-        print(f"  {label:<28}{a:>14.2f}{b:>14.2f}{b / a if a else float('nan'):>7.2f}x")
-    if events:
-        print(f"  {'CPU ms/req incl. deliveries':<28}{'':>14}{events['server_cpu_ms_with_deliveries']:>14.2f}")
-        print(f"  events received {events['unique']} of {events['expected']} ({events['deliveries']} deliveries), "
-              f"the last {events['drain_seconds']:.1f} s after the load ended")
+        base = figure(plain)
+        print(f"  {label:<28}{base:>14.2f}" + "".join(
+            f"{figure(r):>18.2f}{figure(r) / base if base else float('nan'):>7.2f}x" for r in hooked))
+    for result in hooked:
+        events = result.events or {}
+        if events:
+            print(f"  {labels[result.name]}: CPU ms/req until every event is delivered "
+                  f"{events['server_cpu_ms_with_deliveries']:.2f}; events received {events['unique']} of "
+                  f"{events['expected']} ({events['deliveries']} deliveries), the last "
+                  f"{events['drain_seconds']:.1f} s after the load ended")
 
 
 def report_workers(args, gateways: list[Result]) -> None:

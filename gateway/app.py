@@ -28,7 +28,8 @@ from .drain import Drain
 from .flows.call_request import CallBodies
 from .flows.campaigns import CampaignFlow
 from .flows.connect import Connector
-from .flows.events import CallEndedReports, CampaignEvents, EventDelivery, EventOutbox
+from .delivery_process import DeliveryProcess
+from .flows.events import CallEndedReports, CampaignEvents, EventDelivery, EventOutbox, EventUpkeep
 from .flows.control import CallControl
 from .flows.handover import HandoverFlow
 from .flows.inbound import InboundFlow
@@ -83,7 +84,7 @@ class Gateway:
         self.api: CallsApi | None = None
         self.control: CallControlApi | None = None
         self.work: Work | None = None
-        self.delivery: EventDelivery | None = None
+        self.delivery: EventDelivery | DeliveryProcess | None = None
         self.campaign_work: Work | None = None
         self.campaigns_api: CampaignsApi | None = None
         self.campaign_store: CampaignStore | None = None
@@ -120,10 +121,13 @@ class Gateway:
         jobs = JobStore(store.database)
         self.work = work = Work(jobs, lease_seconds=settings.work_lease_seconds, poll_seconds=settings.work_poll_seconds)
         events = EventStore(store.database)
-        sender = HttpSender(settings.webhooks, settings.events.timeout_seconds)
-        self.delivery = EventDelivery(
-            settings, events, work, sender, metrics=self.metrics,
-            callers_waiting=lambda: self.webhooks is not None and self.webhooks.in_flight > 0)
+        EventUpkeep(settings, events, work)
+        if settings.webhooks and settings.events.delivery_process:
+            self.delivery = DeliveryProcess(settings, metrics=self.metrics)
+        else:
+            self.delivery = EventDelivery(
+                settings, events, HttpSender(settings.webhooks, settings.events.timeout_seconds), metrics=self.metrics,
+                callers_waiting=lambda: self.webhooks is not None and self.webhooks.in_flight > 0)
         outbox = EventOutbox(settings, urls, calls_work=work, wake=self.delivery.wake)
         if outbox.active:  # no endpoint: no events written at all
             store.observer = transfers.observer = outbox

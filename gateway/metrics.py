@@ -162,6 +162,12 @@ class Metrics:
             self.webhooks.labels(carrier, "connected")
             self.webhook_seconds.labels(carrier)
 
+    def delivery_counted(self, endpoint: str, result: str, count: int = 1) -> None:
+        self.deliveries.labels(endpoint, result).inc(count)
+
+    def delivery_lag_seen(self, endpoint: str, seconds: float) -> None:
+        self.delivery_lag.labels(endpoint).observe(seconds)
+
     def campaign_row_outcome(self, campaign_id: str, status: str) -> None:
         self.campaign_rows.labels(status).inc()
 

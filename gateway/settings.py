@@ -390,6 +390,10 @@ class EventSettings(_Section):
     # Events (and their delivery records) are deleted this many days after they happened, once
     # no delivery is pending.
     retention_days: int = Field(default=30, ge=1)
+    # `gateway serve` sends the deliveries from a process of their own beside each server process
+    # (gateway/delivery_process.py), so that they never compete with answering calls; false: the
+    # server process sends them itself.
+    delivery_process: bool = True
 
     @field_validator("retry_schedule_seconds")
     @classmethod
@@ -831,6 +835,7 @@ ENVIRONMENT: dict[str, tuple[str | None, str]] = {
     "GATEWAY_METRICS_TOKEN": (None, "metrics_token"),
     "GATEWAY_DRAIN_SECONDS": (None, "drain_seconds"),
     "GATEWAY_LOG_FORMAT": (None, "log_format"),
+    "GATEWAY_DELIVERY_PROCESS": ("events", "delivery_process"),
     "ULTRAVOX_API_KEY": ("ultravox", "api_key"),
     "ULTRAVOX_BASE_URL": ("ultravox", "base_url"),
     "ULTRAVOX_WEBHOOK_SECRET": ("ultravox", "webhook_secret"),

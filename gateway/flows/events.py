@@ -4,9 +4,11 @@
   it, and answers with what that change implies: events (written in the same transaction, so an
   event exists if and only if its change does) and durable work (call.ended waits for Ultravox's
   summary and transcript). The inbound webhook never waits for a delivery: it only writes rows.
-* `EventDelivery` sends them: in every process, one dispatcher per endpoint claims the deliveries
-  that are due and head their stream (one endpoint, one call), so a call's deliveries go out one
-  at a time in the order they happened, by whichever replica claims them; many streams at once.
+* `EventDelivery` sends them: in every process that delivers (the delivery process beside each
+  server process, gateway/delivery_process.py, or the server process itself), one dispatcher per
+  endpoint claims the deliveries that are due and head their stream (one endpoint, one call), so
+  a call's deliveries go out one at a time in the order they happened, by whichever replica
+  claims them; many streams at once.
   It claims and records in batches (one transaction for many deliveries), which is what keeps
   the cost per event small. Signed per Standard Webhooks (the `standardwebhooks` library), the
   same `webhook-id` on every attempt; 2xx is delivered, 410 disables the endpoint, anything else
@@ -24,7 +26,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, cast
+from typing import Any, Callable, Literal, Protocol, cast
 
 import sqlalchemy as sa
 from pydantic import BaseModel
@@ -365,17 +367,48 @@ class Outcome:
     probe_failed: bool = False  # sent before its retry was due, and failed: it counts for no retry
 
 
-class EventDelivery:
-    """Sends the events: one `_Dispatcher` per configured endpoint in this process (see the module doc)."""
+class DeliveryMetrics(Protocol):
+    """Where EventDelivery counts its attempts: this process's /metrics (gateway.metrics.Metrics), or
+    the serving process's, relayed from a delivery process (gateway.delivery_process)."""
 
-    def __init__(self, settings: Settings, events: EventStore, work: Work, sender: HttpSender,
-                 *, callers_waiting: Callable[[], bool] = lambda: False, metrics=None, clock=time.monotonic,
-                 now=utcnow, rng: random.Random | None = None):
+    def delivery_counted(self, endpoint: str, result: str, count: int = 1) -> None: ...
+
+    def delivery_lag_seen(self, endpoint: str, seconds: float) -> None: ...
+
+
+class EventUpkeep:
+    """The events' periodic durable work (PruneEvents), in every serving process whoever delivers."""
+
+    def __init__(self, settings: Settings, events: EventStore, work: Work, *, now=utcnow):
+        self.settings = settings
+        self.events = events
+        self._now = now
+        work.register(PruneEvents, self.prune, every=PRUNE_EVERY_SECONDS)
+        work.register(DeliverEvents, _nothing_left)
+
+    async def prune(self, _: PruneEvents) -> None:
+        before = self._now() - dt.timedelta(days=self.settings.events.retention_days)
+        skipped = await self.events.skip_unconfigured([webhook.name for webhook in self.settings.webhooks], before)
+        if skipped:
+            log.warning("%d old event deliveries given up: their endpoints are no longer configured", skipped)
+        while await self.events.prune(before) > 0:
+            pass
+
+
+class EventDelivery:
+    """Sends the events: one `_Dispatcher` per configured endpoint in this process (see the module doc).
+    `gather_seconds`: how long a dispatcher lets commits and sends gather before a transaction."""
+
+    def __init__(self, settings: Settings, events: EventStore, sender: HttpSender,
+                 *, callers_waiting: Callable[[], bool] = lambda: False, metrics: DeliveryMetrics | None = None,
+                 gather_seconds: float = GATHER_SECONDS, clock=time.monotonic, now=utcnow,
+                 rng: random.Random | None = None):
         self.settings = settings
         self.callers_waiting = callers_waiting  # carrier webhooks are being answered
         self.events = events
         self.sender = sender
         self.metrics = metrics
+        self.gather_seconds = gather_seconds
         self.clock = clock
         self._now = now
         self._random = rng or random.Random()
@@ -384,8 +417,6 @@ class EventDelivery:
         self._expedited: dict[str, float] = {}  # endpoint -> when its waiting deliveries were last expedited
         self._dispatchers = [_Dispatcher(self, webhook) for webhook in settings.webhooks]
         self.pace = LoopPace()
-        work.register(PruneEvents, self.prune, every=PRUNE_EVERY_SECONDS)
-        work.register(DeliverEvents, _nothing_left)
 
     def wake(self) -> None:
         for dispatcher in self._dispatchers:
@@ -407,14 +438,6 @@ class EventDelivery:
         await asyncio.gather(*(dispatcher.stop() for dispatcher in self._dispatchers))
         await self.pace.stop()
         await self.sender.stop()  # after the dispatchers: their last sends are answered first
-
-    async def prune(self, _: PruneEvents) -> None:
-        before = self._now() - dt.timedelta(days=self.settings.events.retention_days)
-        skipped = await self.events.skip_unconfigured([webhook.name for webhook in self.settings.webhooks], before)
-        if skipped:
-            log.warning("%d old event deliveries given up: their endpoints are no longer configured", skipped)
-        while await self.events.prune(before) > 0:
-            pass
 
     def lease(self) -> dt.timedelta:
         return dt.timedelta(seconds=self.settings.events.timeout_seconds + self.settings.events.lease_margin_seconds)
@@ -456,8 +479,8 @@ class EventDelivery:
         if sent.delivered:
             self._count(endpoint, "delivered")
             if self.metrics is not None:
-                self.metrics.delivery_lag.labels(endpoint.name).observe(
-                    max(0.0, (attempt.attempted_at - pending.occurred_at).total_seconds()))
+                self.metrics.delivery_lag_seen(
+                    endpoint.name, max(0.0, (attempt.attempted_at - pending.occurred_at).total_seconds()))
             return Outcome(pending, attempt, DELIVERED)
         if sent.status_code == 410:
             return Outcome(pending, attempt, FAILED, gone=True)
@@ -499,7 +522,7 @@ class EventDelivery:
 
     def _count(self, endpoint: WebhookSettings, result: str) -> None:
         if self.metrics is not None:
-            self.metrics.deliveries.labels(endpoint.name, result).inc()
+            self.metrics.delivery_counted(endpoint.name, result)
 
 
 async def _nothing_left(_: DeliverEvents) -> None:
@@ -597,7 +620,7 @@ class _Dispatcher:
             self._look = True
             return
         if self._finished or self._look and len(self._sending) < IN_FLIGHT_PER_ENDPOINT:
-            await asyncio.sleep(GATHER_SECONDS)
+            await asyncio.sleep(self.delivery.gather_seconds)
             return
         self._wake.clear()
         try:
@@ -606,7 +629,7 @@ class _Dispatcher:
         except TimeoutError:
             self._look = True
         else:
-            await asyncio.sleep(GATHER_SECONDS)  # let more commits and sends gather
+            await asyncio.sleep(self.delivery.gather_seconds)  # let more commits and sends gather
 
     def _probe_due(self) -> bool:
         now = self.delivery.clock()
