@@ -339,6 +339,22 @@ def test_only_the_head_of_a_stream_is_due_and_the_next_is_due_once_it_is_settled
     run(database_url, scenario)
 
 
+def test_an_event_whose_key_exists_is_left_out_with_its_deliveries(database_url):
+    from gateway.store.events import EventFilters, EventStore, NewEvent, insert_events
+
+    async def scenario(store):
+        events = EventStore(store.database)
+        ended = lambda: NewEvent("call.ended", {}, ("crm", "bi"), call_id="c1", key="call.ended:c1")  # noqa: E731
+        started = NewEvent("call.started", {}, ("crm",), call_id="c2")
+        assert await store.database.transaction(insert_events, [ended()]) == {("crm", "c1"), ("bi", "c1")}
+        # Once per key, however often it is written; the other events of the same write go in.
+        assert await store.database.transaction(insert_events, [ended(), started]) == {("crm", "c2")}
+        listed, _ = await events.list(EventFilters(), limit=10, before_seq=None)
+        assert sorted((e.type, len(e.deliveries)) for e in listed) == [("call.ended", 2), ("call.started", 1)]
+
+    run(database_url, scenario)
+
+
 def test_on_sqlite_an_urgent_transaction_goes_ahead_of_queued_ones(tmp_path):
     import threading
 
