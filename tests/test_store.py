@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import datetime as dt
 
 
@@ -353,6 +354,30 @@ def test_an_event_whose_key_exists_is_left_out_with_its_deliveries(database_url)
         assert sorted((e.type, len(e.deliveries)) for e in listed) == [("call.ended", 2), ("call.started", 1)]
 
     run(database_url, scenario)
+
+
+def test_on_sqlite_a_thread_of_its_own_checkpoints_the_wal_into_the_database_file(tmp_path):
+    import sqlalchemy as sa
+
+    from gateway.store.database import BACKSTOP_CHECKPOINT_PAGES, CHECKPOINT_SECONDS, Database
+
+    async def scenario():
+        database = Database.open(f"sqlite:///{tmp_path / 'wal.db'}")
+
+        def write(connection):
+            connection.exec_driver_sql("CREATE TABLE filler (data TEXT)")
+            for _ in range(400):  # about 1.6 MB, far below the writer's own checkpoint
+                connection.exec_driver_sql("INSERT INTO filler VALUES (?)", (os.urandom(2000).hex(),))
+
+        await database.transaction(write)
+        assert (tmp_path / "wal.db").stat().st_size < 100_000  # all of it in the WAL so far
+        await asyncio.sleep(CHECKPOINT_SECONDS * 2.5)
+        assert (tmp_path / "wal.db").stat().st_size > 1_000_000  # copied into the file, not by the writer
+        assert BACKSTOP_CHECKPOINT_PAGES * 4096 > 10 * 1_600_000
+        assert await database.transaction(lambda c: c.execute(sa.text("SELECT count(*) FROM filler")).scalar()) == 400
+        await database.close()
+
+    asyncio.run(scenario())
 
 
 def test_on_sqlite_an_urgent_transaction_goes_ahead_of_queued_ones(tmp_path):

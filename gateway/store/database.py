@@ -13,7 +13,9 @@ import asyncio
 import itertools
 import queue
 import socket
+import sqlite3
 import threading
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import sqlalchemy as sa
@@ -107,6 +109,17 @@ class AsyncPostgres(Database):
         await self.engine.dispose()
 
 
+# SQLite's automatic checkpoint (at 1000 pages of WAL) runs in the connection that commits past
+# them: it copied the WAL into the database file and synced it on the store's one thread, where
+# every transaction waited behind it. A thread of its own checkpoints every CHECKPOINT_SECONDS
+# instead, on a connection of its own (PASSIVE: it never waits for a writer, nor holds one up, and
+# sqlite3 lets go of the GIL meanwhile); the writer's automatic one stays, at a longer WAL, should
+# that thread fall behind. (bench: 0.08 to 0.1 ms less of the store thread per inbound call with
+# an events endpoint, whose rows are most of the pages written.)
+CHECKPOINT_SECONDS = 1.0
+BACKSTOP_CHECKPOINT_PAGES = 10000
+
+
 class ThreadedSQLite(Database):
     dialect = "sqlite"
 
@@ -126,9 +139,16 @@ class ThreadedSQLite(Database):
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; a power cut may lose the last commit
+            cursor.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_CHECKPOINT_PAGES}")
             cursor.close()
 
         self._thread.start()
+        self._checkpoints_stop = threading.Event()
+        path = self.engine.url.database
+        self._checkpointer = (threading.Thread(target=self._checkpoint, args=(path,), name="sqlite-checkpoint",
+                                               daemon=True) if path and path != ":memory:" else None)
+        if self._checkpointer is not None:
+            self._checkpointer.start()
 
     async def transaction(self, work: Work[T], *args: Any, urgent: bool = False) -> T:
         return await self._submit(lambda: self._run(work, args), self.URGENT if urgent else self.NORMAL)
@@ -156,6 +176,19 @@ class ThreadedSQLite(Database):
         self._queue.put((priority, next(self._order), run))
         return await future
 
+    def _checkpoint(self, path: str) -> None:
+        connection = None
+        while not self._checkpoints_stop.wait(CHECKPOINT_SECONDS):
+            try:
+                if connection is None:  # (mode=rw: never the one to create the file)
+                    uri = f"{Path(path).absolute().as_uri()}?mode=rw"
+                    connection = sqlite3.connect(uri, uri=True, timeout=0, check_same_thread=False)
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error:  # not there yet, or another process is checkpointing: next time
+                pass
+        if connection is not None:
+            connection.close()
+
     def _serve(self) -> None:
         while True:
             priority, _, run = self._queue.get()
@@ -167,6 +200,9 @@ class ThreadedSQLite(Database):
         # After everything queued: what was asked for is done, then the connections go.
         await self._submit(self.engine.dispose, self.STOP)
         self._thread.join()
+        self._checkpoints_stop.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
