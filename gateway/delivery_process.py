@@ -38,6 +38,7 @@ REPORT_SECONDS = 1.0  # how often the delivery process sends its figures to the 
 WATCH_SECONDS = 1.0  # how often the server looks whether its delivery process is alive
 STOP_MARGIN_SECONDS = 5.0  # past the send timeout, how long a stop waits before SIGKILL
 PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
+NICENESS = 10
 
 
 @dataclass
@@ -119,11 +120,15 @@ class DeliveryProcess:
             end.close()
 
     def _spawn(self) -> None:
-        level = logging.getLogger("gateway").getEffectiveLevel()
+        from . import logs
+
+        # Its log lines like the server's: the format and level the server was started with.
+        level = logging.getLevelName(logging.getLogger("gateway").getEffectiveLevel())
         process = self._process = self._context.Process(
             # The settings as data: their class is made at run time (one section per carrier), which
             # pickle cannot name; the child validates them again into its own.
-            target=run, args=(self.settings.model_dump(), logging.getLevelName(level), self._wake_in, self._reports_out),
+            target=run, args=(self.settings.model_dump(), logs.current_format(), level, self._wake_in,
+                              self._reports_out),
             name="gateway-deliveries", daemon=False)
         process.start()
         log.info("delivery process %d started", process.pid)
@@ -147,7 +152,7 @@ class DeliveryProcess:
 
 
 # --- the delivery process ---------------------------------------------------------------------------
-def run(settings_data: dict, log_level: str, wake: Connection, reports: Connection) -> None:
+def run(settings_data: dict, log_format: str, log_level: str, wake: Connection, reports: Connection) -> None:
     """The delivery process's main: EventDelivery until SIGTERM, or until its server is gone."""
     _end_with_parent()
     from .settings import settings_class
@@ -156,9 +161,13 @@ def run(settings_data: dict, log_level: str, wake: Connection, reports: Connecti
     # Ctrl-C in a terminal reaches the whole process group: the server drains on it, and stops
     # this process when done, so it is not for this one.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Callers first: where the CPU is short, the server process gets it before this one (which
+    # catches up when there is some to spare); an idle machine runs both as fast.
+    with contextlib.suppress(OSError):
+        os.nice(NICENESS)
     from . import logs
 
-    logs.configure(settings.log_format, log_level, settings.secrets())
+    logs.configure("json" if log_format == "json" else "text", log_level, settings.secrets())
     asyncio.run(_deliver(settings, wake, reports))
 
 

@@ -365,6 +365,14 @@ def log_config(log_format: LogFormat = "text", level: str = "info", secrets: Ite
     }
 
 
+def current_format() -> LogFormat:
+    """The format this process logs in, as configured (for a process it starts to log in the same)."""
+    from pythonjsonlogger.json import JsonFormatter
+
+    json_handlers = (h for h in logging.getLogger().handlers if isinstance(h.formatter, JsonFormatter))
+    return "json" if next(json_handlers, None) is not None else "text"
+
+
 def apply(config: dict[str, Any]) -> None:
     """Configure this process's logging with a log_config dict (what uvicorn does with it)."""
     import logging.config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ from .conftest import BASE_CONFIG, PUBLIC_URL, SUPPORT_NUMBER, gateway_environ
 from .test_events import _wait, receiver, webhooks_config  # noqa: F401  (receiver: a fixture)
 
 STARTED = re.compile(r"delivery process (\d+) started")
+DELIVERING = re.compile(r"delivering events to crm")
 
 
 def alive(pid: int) -> bool:
@@ -47,8 +49,9 @@ def serve(tmp_path, fake_ultravox, fake_carriers, receiver):  # noqa: F811
     environ = gateway_environ(fake_ultravox, f"sqlite:///{tmp_path / 'gateway.db'}", fake_carriers)
     started: list[GatewayProcess] = []
 
-    def start(name: str = "gateway") -> GatewayProcess:
-        gateway = GatewayProcess(config, environ, work_dir=tmp_path, name=name).start().wait_ready()
+    def start(name: str = "gateway", *extra_args: str) -> GatewayProcess:
+        gateway = GatewayProcess(config, environ, work_dir=tmp_path, name=name,
+                                 extra_args=("--log-level", "info", *extra_args)).start().wait_ready()
         started.append(gateway)
         return gateway
 
@@ -58,9 +61,13 @@ def serve(tmp_path, fake_ultravox, fake_carriers, receiver):  # noqa: F811
 
 
 def test_the_delivery_process_sends_is_counted_in_metrics_and_is_restarted_when_it_dies(serve, receiver):  # noqa: F811
-    gateway = serve()
+    gateway = serve("gateway", "--log-format", "json")
     (first,) = _wait(lambda: delivery_pids(gateway))
     assert alive(first) and first != gateway.pid
+    # It logs as the server does (here JSON, as the server was told on its command line).
+    line = json.loads(_wait(lambda: next((line for line in gateway.stderr_text().splitlines()
+                                          if DELIVERING.search(line)), None)))
+    assert (line["logger"], line["pid"]) == ("gateway.deliveries", first)
     call_in(gateway)
     receiver.wait_for(lambda r: len(r.order) >= 2)
     assert [receiver.events[id].type for id in receiver.order] == ["call.started", "call.status_changed"]
