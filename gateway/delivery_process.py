@@ -2,10 +2,11 @@
 
 Sending an event and recording what came of it cost CPU and store transactions. In the server
 process they compete with answering calls for its event loop, its GIL and, on SQLite, its store
-thread; bench/inbound.py measured what that does to the inbound webhooks (bench/README.md). So
-each server process starts a delivery process, which runs the same `EventDelivery`: its
-dispatchers claim the deliveries from the store, so either process may die at any moment and
-nothing is lost (a dead process's claims run out, and they are claimed again).
+thread; bench/inbound.py measured what that does to the inbound webhooks (bench/README.md: on
+SQLite mostly to the slowest of them, p99). So each server process starts a delivery process,
+which runs the same `EventDelivery`: its dispatchers claim the deliveries from the store, so
+either process may die at any moment and nothing is lost (a dead process's claims run out, and
+they are claimed again).
 
 The two talk through two pipes: the server writes a byte when it committed new events (look
 now, instead of at the next poll), and the delivery process sends back what its attempts came

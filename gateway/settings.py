@@ -390,8 +390,8 @@ class EventSettings(_Section):
     # Events (and their delivery records) are deleted this many days after they happened, once
     # no delivery is pending.
     retention_days: int = Field(default=30, ge=1)
-    # `gateway serve` sends the deliveries from a process of their own beside each server process
-    # (gateway/delivery_process.py), so that they never compete with answering calls; false: the
+    # The deliveries are sent from a process of their own beside each server process
+    # (gateway/delivery_process.py), off the server's event loop and store thread; false: the
     # server process sends them itself.
     delivery_process: bool = True
 
