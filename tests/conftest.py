@@ -277,7 +277,11 @@ def make_gateway(tmp_path: Path, fake_ultravox: FakeUltravox, _fake_carrier_serv
         config_path = tmp_path / f"gateway-{uuid.uuid4().hex[:8]}.toml"
         config_path.write_text((BASE_CONFIG if config is None else config) + extra_config)
         database_url = database_url or new_sqlite_url(tmp_path / "gateway.db", _migrated_sqlite)
-        environ = gateway_environ(fake_ultravox, database_url, _fake_carrier_servers, **environ)
+        # These gateways send their events themselves: a delivery process per test would take a
+        # second or more to start (seconds on a busy machine) before the first delivery. The
+        # delivery process is tested on `gateway serve` (test_delivery_process.py, the kill tests).
+        environ = gateway_environ(fake_ultravox, database_url, _fake_carrier_servers,
+                                  **{"GATEWAY_DELIVERY_PROCESS": "false", **environ})
         settings = load_settings(config_path, environ)
         server = ServerThread(create_app(settings)).start()
         gateway = Gateway(server=server, settings=settings)

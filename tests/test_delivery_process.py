@@ -19,6 +19,8 @@ from .test_events import _wait, receiver, webhooks_config  # noqa: F401  (receiv
 
 STARTED = re.compile(r"delivery process (\d+) started")
 DELIVERING = re.compile(r"delivering events to crm")
+# A delivery process imports the gateway before its first delivery: seconds on a busy machine.
+STARTUP = 30.0
 
 
 def alive(pid: int) -> bool:
@@ -62,24 +64,26 @@ def serve(tmp_path, fake_ultravox, fake_carriers, receiver):  # noqa: F811
 
 def test_the_delivery_process_sends_is_counted_in_metrics_and_is_restarted_when_it_dies(serve, receiver):  # noqa: F811
     gateway = serve("gateway", "--log-format", "json")
-    (first,) = _wait(lambda: delivery_pids(gateway))
+    (first,) = _wait(lambda: delivery_pids(gateway), timeout=STARTUP)
     assert alive(first) and first != gateway.pid
     # It logs as the server does (here JSON, as the server was told on its command line).
     line = json.loads(_wait(lambda: next((line for line in gateway.stderr_text().splitlines()
-                                          if DELIVERING.search(line)), None)))
+                                          if DELIVERING.search(line)), None), timeout=STARTUP))
     assert (line["logger"], line["pid"]) == ("gateway.deliveries", first)
     call_in(gateway)
-    receiver.wait_for(lambda r: len(r.order) >= 2)
+    receiver.wait_for(lambda r: len(r.order) >= 2, timeout=STARTUP)
     assert [receiver.events[id].type for id in receiver.order] == ["call.started", "call.status_changed"]
     # Its attempts, counted in the server's /metrics (relayed about once a second).
-    _wait(lambda: gateway.metric("gateway_event_deliveries_total", endpoint="crm", result="delivered") == 2)
+    _wait(lambda: gateway.metric("gateway_event_deliveries_total", endpoint="crm", result="delivered") == 2,
+          timeout=STARTUP)
     assert gateway.metric("gateway_event_delivery_lag_seconds_count", endpoint="crm") == 2
 
     os.kill(first, signal.SIGKILL)
-    (_, second) = _wait(lambda: delivery_pids(gateway)[:2] if len(delivery_pids(gateway)) >= 2 else None)
+    (_, second) = _wait(lambda: delivery_pids(gateway)[:2] if len(delivery_pids(gateway)) >= 2 else None,
+                        timeout=STARTUP)
     assert alive(second) and not alive(first)
     call_in(gateway, "telnyx")
-    receiver.wait_for(lambda r: len(r.order) >= 4)
+    receiver.wait_for(lambda r: len(r.order) >= 4, timeout=STARTUP)
     assert receiver.repeats == 0
 
     gateway.terminate()  # a drain, then the delivery process is stopped, then the server exits 0
@@ -89,7 +93,7 @@ def test_the_delivery_process_sends_is_counted_in_metrics_and_is_restarted_when_
 
 def test_a_server_killed_outright_takes_its_delivery_process_along(serve):
     gateway = serve()
-    (pid,) = _wait(lambda: delivery_pids(gateway))
+    (pid,) = _wait(lambda: delivery_pids(gateway), timeout=STARTUP)
     gateway.kill()
     gateway.wait(10)
     _wait(lambda: not alive(pid), timeout=20)  # PR_SET_PDEATHSIG: SIGTERM, and it stops as on any

@@ -375,7 +375,8 @@ def test_events_owed_by_a_gateway_killed_with_sigkill_are_delivered_by_the_next(
             url = f"{first.url}/{carrier}/inbound" + (f"?{request.query}" if request.query else "")
             assert httpx.request(request.method, url, content=request.body, headers=request.headers).status_code == 200
             carrier_call_ids.append(form[double(carrier).call_id_param])
-        first.wait_for_log("attempt 2 in")  # it tried, and is waiting to try again
+        # It tried, and is waiting to try again (from its delivery process: seconds to start when busy).
+        first.wait_for_log("attempt 2 in", timeout=30)
     finally:
         first.kill()
         first.wait(10)

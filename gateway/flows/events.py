@@ -513,9 +513,8 @@ class EventDelivery:
     async def _disable(self, endpoint: WebhookSettings, pending: Pending) -> None:
         """The endpoint answered 410 Gone: nothing more goes to it until it is enabled again."""
         reason = f"answered 410 Gone to {pending.event_id}"
-        await self.events.disable(endpoint.name, reason)
+        await self.events.disable(endpoint.name, reason)  # its waiting deliveries given up with it
         self._enabled_seen.pop(endpoint.name, None)
-        await self.events.skip_endpoint(endpoint.name, f"the endpoint is disabled: {reason}")
         self._count(endpoint, "disabled")
         log.warning("endpoint %s disabled: it %s; enable it with POST /v1/webhooks/%s/enable",
                     endpoint.name, reason, endpoint.name)

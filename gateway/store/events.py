@@ -322,8 +322,10 @@ class EventStore:
         an endpoint the new one added.)"""
         return await self.database.transaction(_skip_unconfigured, configured, before, utcnow())
 
-    async def disable(self, endpoint: str, reason: str) -> None:
-        await self.database.transaction(_set_endpoint, endpoint, utcnow(), reason)
+    async def disable(self, endpoint: str, reason: str) -> int:
+        """Disable the endpoint and give up its undelivered deliveries that no one is sending, in one
+        transaction: whoever reads it disabled finds them settled. Returns how many were given up."""
+        return await self.database.transaction(_disable, endpoint, reason, utcnow())
 
     async def enable(self, endpoint: str) -> None:
         await self.database.transaction(_set_endpoint, endpoint, None, None)
@@ -469,6 +471,11 @@ def _skip_unconfigured(connection: sa.Connection, configured: list[str], before:
                deliveries.c.created_at < before, _not_held(now))
         .values(status=SKIPPED, last_error="the endpoint is no longer configured", last_attempt_at=now)
     ).rowcount
+
+
+def _disable(connection: sa.Connection, endpoint: str, reason: str, now: dt.datetime) -> int:
+    _set_endpoint(connection, endpoint, now, reason)
+    return _skip_endpoint(connection, endpoint, f"the endpoint is disabled: {reason}", now)
 
 
 def _set_endpoint(connection: sa.Connection, name: str, disabled_at: dt.datetime | None, reason: str | None) -> None:
