@@ -62,7 +62,7 @@ def serve(tmp_path, fake_ultravox, fake_carriers, receiver):  # noqa: F811
         gateway.close(grace_seconds=20)
 
 
-def test_the_delivery_process_sends_is_counted_in_metrics_and_is_restarted_when_it_dies(serve, receiver):  # noqa: F811
+def test_the_delivery_process_sends_counts_in_metrics_and_is_restarted_when_it_dies(serve, receiver):  # noqa: F811
     gateway = serve("gateway", "--log-format", "json")
     (first,) = _wait(lambda: delivery_pids(gateway), timeout=STARTUP)
     assert alive(first) and first != gateway.pid
