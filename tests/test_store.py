@@ -315,6 +315,26 @@ def test_a_database_of_version_9_gets_deliveries_claimed_directly_and_keeps_what
     run(database_url, scenario)
 
 
+def test_a_database_of_version_13_loses_the_unused_delivery_status_index(database_url):
+    import sqlalchemy as sa
+
+    async def scenario(store):
+        def indexes(connection):
+            return {index["name"] for index in sa.inspect(connection).get_indexes("deliveries")}
+
+        def back_to_13(connection):
+            connection.exec_driver_sql("CREATE INDEX ix_deliveries_status ON deliveries (status, event_seq)")
+            connection.exec_driver_sql("DELETE FROM schema_version WHERE version >= 14")
+
+        await store.database.transaction(back_to_13)
+        assert "ix_deliveries_status" in await store.database.transaction(indexes)
+        assert await store.migrate() == len(MIGRATIONS)
+        assert "ix_deliveries_status" not in await store.database.transaction(indexes)
+        assert "ix_deliveries_due" in await store.database.transaction(indexes)
+
+    run(database_url, scenario)
+
+
 def test_only_the_head_of_a_stream_is_due_and_the_next_is_due_once_it_is_settled(database_url):
     from gateway.flows.events import Outcome
     from gateway.store.events import DELIVERED, Attempt, EventStore, NewEvent, insert_events
