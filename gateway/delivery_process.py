@@ -68,16 +68,19 @@ class DeliveryReport:
 
 class DeliveryProcess:
     """The server's side: starts, watches and stops its delivery process, wakes it, and counts its
-    reports into `metrics`. The same start/wake/stop as EventDelivery, for the Gateway."""
+    reports into `metrics`. The same start/wake/stop as EventDelivery, for the Gateway.
+
+    Each delivery process gets pipes of its own, and the server keeps only its own ends of them:
+    when the process dies, its reports pipe ends (EOF), so a report it was writing as it died
+    cannot leave the server waiting for the rest."""
 
     def __init__(self, settings: Settings, metrics=None):
         self.settings = settings
         self.metrics = metrics
         self._context = multiprocessing.get_context("spawn")  # a fresh interpreter: no loop, no threads copied
-        self._wake_in, self._wake_out = self._context.Pipe(duplex=False)
-        self._reports_in, self._reports_out = self._context.Pipe(duplex=False)
-        os.set_blocking(self._wake_out.fileno(), False)
         self._process: multiprocessing.process.BaseProcess | None = None
+        self._wake_out: Connection | None = None  # the server's ends of the running process's pipes
+        self._reports_in: Connection | None = None
         self._watch: asyncio.Task | None = None
         self._stopping = False
 
@@ -86,16 +89,15 @@ class DeliveryProcess:
         return self._process.pid if self._process is not None else None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self._reports_in.fileno(), self._read_reports)
         self._spawn()
-        self._watch = loop.create_task(self._keep_running(), name="delivery-process")
+        self._watch = asyncio.get_running_loop().create_task(self._keep_running(), name="delivery-process")
 
     def wake(self) -> None:
         """New events were committed: the delivery process looks at once (one byte; a full pipe
         means it has not read the last ones yet, which say the same)."""
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_out.fileno(), b"\0")
+        if self._wake_out is not None:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._wake_out.fileno(), b"\0")
 
     async def stop(self) -> None:
         if self._stopping:
@@ -115,24 +117,39 @@ class DeliveryProcess:
                             "and are sent again)", process.pid, wait)
                 process.kill()
                 await asyncio.get_running_loop().run_in_executor(None, process.join)
-        self._read_reports()  # its last figures
-        asyncio.get_running_loop().remove_reader(self._reports_in.fileno())
-        for end in (self._wake_in, self._wake_out, self._reports_in, self._reports_out):
-            end.close()
+        self._let_go()
 
     def _spawn(self) -> None:
         from . import logs
 
+        self._let_go()  # the pipes of the process before, if any
+        wake_in, wake_out = self._context.Pipe(duplex=False)
+        reports_in, reports_out = self._context.Pipe(duplex=False)
         # Its log lines like the server's: the format and level the server was started with.
         level = logging.getLevelName(logging.getLogger("gateway").getEffectiveLevel())
         process = self._process = self._context.Process(
             # The settings as data: their class is made at run time (one section per carrier), which
             # pickle cannot name; the child validates them again into its own.
-            target=run, args=(self.settings.model_dump(), logs.current_format(), level, self._wake_in,
-                              self._reports_out),
+            target=run, args=(self.settings.model_dump(), logs.current_format(), level, wake_in, reports_out),
             name="gateway-deliveries", daemon=False)
         process.start()
+        wake_in.close()  # the child's ends, which it has its own copies of now
+        reports_out.close()
+        os.set_blocking(wake_out.fileno(), False)
+        self._wake_out, self._reports_in = wake_out, reports_in
+        asyncio.get_running_loop().add_reader(reports_in.fileno(), self._read_reports, reports_in)
         log.info("delivery process %d started", process.pid)
+
+    def _let_go(self) -> None:
+        """Count what the process's pipe still holds, and close the server's ends of its pipes."""
+        if self._reports_in is not None:
+            self._read_reports(self._reports_in)
+            if not self._reports_in.closed:
+                asyncio.get_running_loop().remove_reader(self._reports_in.fileno())
+                self._reports_in.close()
+        if self._wake_out is not None:
+            self._wake_out.close()
+        self._wake_out = self._reports_in = None
 
     async def _keep_running(self) -> None:
         while not self._stopping:
@@ -142,14 +159,17 @@ class DeliveryProcess:
                 log.warning("delivery process %d exited (%s); starting another", process.pid, process.exitcode)
                 self._spawn()
 
-    def _read_reports(self) -> None:
+    def _read_reports(self, reports: Connection) -> None:
+        if reports.closed:
+            return
         try:
-            while self._reports_in.poll():
-                report: DeliveryReport = self._reports_in.recv()
+            while reports.poll():
+                report: DeliveryReport = reports.recv()
                 if self.metrics is not None:
                     report.count_into(self.metrics)
-        except (EOFError, OSError):  # no writer left (every delivery process gone): nothing to read
-            pass
+        except (EOFError, OSError):  # its process is gone (a report cut short with it is dropped)
+            asyncio.get_running_loop().remove_reader(reports.fileno())
+            reports.close()
 
 
 # --- the delivery process ---------------------------------------------------------------------------
