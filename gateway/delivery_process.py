@@ -84,10 +84,6 @@ class DeliveryProcess:
         self._watch: asyncio.Task | None = None
         self._stopping = False
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
     async def start(self) -> None:
         self._spawn()
         self._watch = asyncio.get_running_loop().create_task(self._keep_running(), name="delivery-process")
@@ -212,9 +208,8 @@ async def _deliver(settings: Settings, wake: Connection, reports: Connection) ->
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     database = Database.open(settings.database_url)
-    report = DeliveryReport()
     delivery = EventDelivery(settings, EventStore(database), HttpSender(settings.webhooks, settings.events.timeout_seconds),
-                             metrics=report, gather_seconds=GATHER_SECONDS)
+                             metrics=DeliveryReport(), gather_seconds=GATHER_SECONDS)
 
     def woken() -> None:
         try:
@@ -234,15 +229,16 @@ async def _deliver(settings: Settings, wake: Connection, reports: Connection) ->
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), REPORT_SECONDS)
-            _send(reports, report)
-            report = delivery.metrics = DeliveryReport()
+            _send(reports, delivery)
     finally:
         await delivery.stop()
-        _send(reports, delivery.metrics)
+        _send(reports, delivery)
         await database.close()
 
 
-def _send(reports: Connection, report) -> None:
+def _send(reports: Connection, delivery) -> None:
+    """What the attempts came to since the last report, to the server; the next report starts."""
+    report, delivery.metrics = delivery.metrics, DeliveryReport()
     if report:
         with contextlib.suppress(OSError):  # the server is gone: nobody to count them
             reports.send(report)

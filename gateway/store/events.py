@@ -178,6 +178,15 @@ _EVENT_COLUMNS = ("id", "type", "call_id", "key", "occurred_at", "body")
 _DELIVERY_COLUMNS = ("id", "event_id", "endpoint", "stream", "first")
 
 
+def _none_pending(endpoint, stream) -> sa.ColumnElement[bool]:
+    """Whether the stream has no delivery pending to the endpoint: a new one is its head. (SELECT 1
+    and the status as a literal: on SQLite the check took a quarter of the time of SELECT * with a
+    bound status, 4 to 6 us against 15 to 24.)"""
+    earlier = deliveries.alias("earlier")
+    return ~sa.exists(sa.literal_column("1")).where(
+        earlier.c.endpoint == endpoint, earlier.c.stream == stream, earlier.c.status == _PENDING)
+
+
 def _insert_events_and_deliveries() -> sa.Insert:
     def arrays(prefix: str, types: dict[str, Any]):
         return sa.func.unnest(*(sa.bindparam(f"{prefix}_{name}", type_=postgresql.ARRAY(type_))
@@ -198,9 +207,7 @@ def _insert_events_and_deliveries() -> sa.Insert:
         "id": sa.String(), "event_id": sa.String(), "endpoint": sa.String(), "stream": sa.String(), "first": sa.Boolean()}
     rows = arrays("delivery", delivery_types).table_valued(
         *(sa.column(n, t) for n, t in delivery_types.items())).render_derived(name="planned")
-    earlier = deliveries.alias("earlier")
-    head = sa.and_(rows.c.first, ~sa.exists(sa.literal_column("1")).where(
-        earlier.c.endpoint == rows.c.endpoint, earlier.c.stream == rows.c.stream, earlier.c.status == _PENDING))
+    head = sa.and_(rows.c.first, _none_pending(rows.c.endpoint, rows.c.stream))
     now = sa.bindparam("now", type_=deliveries.c.created_at.type)
     select = sa.select(
         rows.c.id, written.c.seq, rows.c.endpoint, rows.c.stream, _PENDING,
@@ -215,16 +222,11 @@ _INSERT_EVENTS_AND_DELIVERIES = _insert_events_and_deliveries()
 
 
 _INSERT_EVENT = sa.insert(events)
-_earlier = deliveries.alias("earlier")
 _INSERT_DELIVERY = sa.insert(deliveries).values(
     event_seq=sa.select(events.c.seq).where(events.c.id == sa.bindparam("event_id")).scalar_subquery(),
     due_at=sa.case(
-        # (The row's own endpoint and stream again: an insert's bound values cannot be read in it.
-        # SELECT 1 and the status as a literal: on SQLite the check took a quarter of the time of
-        # SELECT * with a bound status, 4 to 6 us against 15 to 24.)
-        (~sa.exists(sa.literal_column("1")).where(
-            _earlier.c.endpoint == sa.bindparam("head_endpoint"), _earlier.c.stream == sa.bindparam("head_stream"),
-            _earlier.c.status == _PENDING),
+        # (The row's own endpoint and stream again: an insert's bound values cannot be read in it.)
+        (_none_pending(sa.bindparam("head_endpoint"), sa.bindparam("head_stream")),
          sa.bindparam("head_due_at", type_=deliveries.c.due_at.type)),
         else_=sa.null()),
 )
